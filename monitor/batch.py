@@ -1,0 +1,140 @@
+"""Batch work over files: the all-pairs ``match`` of inputs against a library."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from . import kernel
+from .library import Library
+from .matcher import Matcher, Tier
+from .scan import FileResult, FingerprintCache, fingerprint_files, iter_image_files
+from .store import Store
+
+# Exit codes of `match` (README, "Exit codes").
+EXIT_MATCHES = 0
+EXIT_NO_MATCH = 1
+EXIT_ERROR = 2
+EXIT_UNREADABLE = 3
+
+
+def open_library(spec: str | Path, cache: FingerprintCache | None,
+                 progress: bool | None = None, log: TextIO = sys.stderr) -> Library:
+    """A library from a store file, or built in memory from a folder."""
+    path = Path(spec)
+    if path.is_dir():
+        lib = Library(Store(":memory:"))
+        report = lib.add_files([path], cache=cache, progress=progress)
+        for source, why in report.skipped:
+            print(f"[skip] {source}: {why}", file=log)
+        print(f"[ok] fingerprinted {len(report.added):,} library images", file=log)
+        return lib
+    if not path.is_file():
+        raise FileNotFoundError(f"library not found: {path} (a store file or a folder of images)")
+    with open(path, "rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":
+            raise ValueError(f"{path} is neither a folder nor a repost-monitor store")
+    lib = Library(Store(path))
+    print(f"[ok] loaded {len(lib.index):,} library images from {path}", file=log)
+    return lib
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRow:
+    input: str
+    library: str
+    label: str
+    tier: str
+    dhash_distance: int
+    phash_distance: int
+    mirrored: bool
+
+
+def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
+                best: bool = False, cache: FingerprintCache | None = None,
+                progress: bool | None = None, log: TextIO = sys.stderr
+                ) -> tuple[list[MatchRow], list[FileResult]]:
+    """Fingerprint inputs, compare all pairs, return rows and unreadable files."""
+    files = list(iter_image_files(inputs))
+    results = fingerprint_files(files, cache, progress=progress, desc="inputs")
+    good = [r for r in results if r.fingerprint is not None and r.fingerprint.degenerate is None]
+    bad = [r for r in results if r.fingerprint is None]
+    for r in bad:
+        print(f"[skip] {r.path}: {r.error}", file=log)
+    for r in results:
+        if r.fingerprint is not None and r.fingerprint.degenerate:
+            print(f"[skip] {r.path}: degenerate image ({r.fingerprint.degenerate}), "
+                  "its hash would match anything", file=log)
+    print(f"[ok] fingerprinted {len(good):,} input images", file=log)
+
+    def column(field):
+        return np.array([getattr(r.fingerprint, field) for r in good], dtype=np.uint64)
+
+    matcher = Matcher(library.index, tiers)
+    kernel.warm_up()
+    start = time.perf_counter()
+    pairs = matcher.match_batch(column("dhash"), column("phash"), column("dhash_mirror"),
+                                column("phash_mirror"), best_only=best)
+    elapsed = time.perf_counter() - start
+    comparisons = 2 * len(good) * len(library.index)  # plain and mirrored
+    print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
+    entries = library.entries_by_id(pairs.entry_id.tolist())
+    rows = []
+    for i in range(pairs.query.size):
+        entry = entries[int(pairs.entry_id[i])]
+        rows.append(MatchRow(str(good[int(pairs.query[i])].path), entry.source, entry.label,
+                             tiers[int(pairs.tier[i])].name, int(pairs.dhash_distance[i]),
+                             int(pairs.phash_distance[i]), bool(pairs.mirrored[i])))
+    return rows, bad
+
+
+def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
+    if fmt == "table":
+        for r in rows:
+            flip = " mirrored" if r.mirrored else ""
+            print(f"[match] dist={r.dhash_distance}/64 bits (pHash {r.phash_distance}/64, "
+                  f"{r.tier}{flip}) {r.library} -> {r.input}", file=out)
+    elif fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["input", "library", "label", "tier", "dhash_distance",
+                         "phash_distance", "mirrored"])
+        for r in rows:
+            writer.writerow([r.input, r.library, r.label, r.tier, r.dhash_distance,
+                             r.phash_distance, int(r.mirrored)])
+    elif fmt == "jsonl":
+        for r in rows:
+            out.write(json.dumps({"input": r.input, "library": r.library, "label": r.label,
+                                  "tier": r.tier, "dhash_distance": r.dhash_distance,
+                                  "phash_distance": r.phash_distance, "mirrored": r.mirrored,
+                                  "bits": 64}) + "\n")
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def run_match(inputs: list[str], library_spec: str, tiers: tuple[Tier, ...], *, best: bool,
+              fmt: str, output: str | None, cache: FingerprintCache | None,
+              progress: bool | None, log: TextIO = sys.stderr) -> int:
+    library = open_library(library_spec, cache, progress, log)
+    rows, bad = match_files(inputs, library, tiers, best=best, cache=cache,
+                            progress=progress, log=log)
+    if output:
+        with open(output, "w", encoding="utf-8", newline="") as fh:
+            write_rows(rows, fmt, fh)
+    else:
+        buf = io.StringIO()
+        write_rows(rows, fmt, buf)
+        sys.stdout.write(buf.getvalue())
+    limit = max(t.dhash_max for t in tiers)
+    print(f"[done] {len(rows):,} matches under threshold ({limit}/64 bits)"
+          + (f", {len(bad):,} inputs unreadable" if bad else ""), file=log)
+    if bad:
+        return EXIT_UNREADABLE
+    return EXIT_MATCHES if rows else EXIT_NO_MATCH

@@ -1,0 +1,192 @@
+"""The ``repost-monitor`` command: parse arguments, call one function per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import UTC, datetime
+
+from . import __version__
+
+DEFAULT_DB = os.environ.get("REPOST_MONITOR_DB", "repost-monitor.sqlite")
+
+
+def _cache(args):
+    from .scan import FingerprintCache, default_cache_path
+    if args.no_cache:
+        return None
+    return FingerprintCache(args.cache or default_cache_path())
+
+
+def _progress(args):
+    return True if args.progress else (False if args.no_progress else None)
+
+
+def cmd_hash(args) -> int:
+    from .scan import fingerprint_files, iter_image_files
+    results = fingerprint_files(list(iter_image_files(args.files)), _cache(args),
+                                progress=_progress(args))
+    failed = 0
+    for r in results:
+        if r.fingerprint is None:
+            failed += 1
+            print(f"[error] {r.path}: {r.error}", file=sys.stderr)
+            continue
+        fp = r.fingerprint
+        if args.format == "jsonl":
+            print(json.dumps({"path": str(r.path), "dhash": fp.dhash_hex, "phash": fp.phash_hex,
+                              "width": fp.width, "height": fp.height,
+                              "degenerate": fp.degenerate}))
+        else:
+            note = f"  degenerate:{fp.degenerate}" if fp.degenerate else ""
+            print(f"{fp.dhash_hex}  {fp.phash_hex}  {fp.width}x{fp.height}  {r.path}{note}")
+    return 3 if failed else 0
+
+
+def _library(args):
+    from .library import Library
+    from .store import Store
+    return Library(Store(args.db))
+
+
+def cmd_library(args) -> int:
+    lib = _library(args)
+    if args.library_cmd == "add":
+        report = lib.add_files(args.paths, label=args.label, cache=_cache(args),
+                               progress=_progress(args))
+        for source, why in report.skipped:
+            print(f"[skip] {source}: {why}", file=sys.stderr)
+        print(f"[ok] added {len(report.added):,} images to {args.db} "
+              f"({len(lib.index):,} indexed)")
+        return 3 if any(not why.startswith("degenerate") for _, why in report.skipped) else 0
+    if args.library_cmd == "import":
+        report = lib.import_csv(args.csv, label=args.label)
+        for source, why in report.skipped:
+            print(f"[skip] {source}: {why}", file=sys.stderr)
+        print(f"[ok] imported {len(report.added):,} hashes into {args.db}")
+        return 3 if report.skipped else 0
+    if args.library_cmd == "remove":
+        missing = [i for i in args.ids if not lib.remove(i)]
+        for i in missing:
+            print(f"[error] no library entry {i}", file=sys.stderr)
+        print(f"[ok] removed {len(args.ids) - len(missing)} entries")
+        return 1 if missing else 0
+    if args.library_cmd == "list":
+        for e in lib.entries(limit=args.limit, offset=args.offset):
+            added = datetime.fromtimestamp(e.added_at, UTC).isoformat(timespec="seconds")
+            if args.format == "jsonl":
+                print(json.dumps({"id": e.id, "source": e.source, "label": e.label,
+                                  "width": e.width, "height": e.height,
+                                  "dhash": f"{e.dhash:016x}", "phash": f"{e.phash:016x}",
+                                  "degenerate": e.degenerate, "added_at": added}))
+            else:
+                print(f"{e.id}\t{e.dhash:016x}\t{e.width}x{e.height}\t{e.label}\t{e.source}"
+                      + (f"\tdegenerate:{e.degenerate}" if e.degenerate else ""))
+        return 0
+    if args.library_cmd == "stats":
+        print(json.dumps(lib.stats(), indent=2))
+        return 0
+    raise AssertionError(args.library_cmd)
+
+
+def cmd_match(args) -> int:
+    from .batch import run_match
+    from .matcher import PRESETS, threshold_tiers
+    tiers = threshold_tiers(args.threshold) if args.threshold is not None else PRESETS[args.tier]
+    return run_match(args.inputs, args.library, tiers, best=args.best, fmt=args.format,
+                     output=args.output, cache=_cache(args), progress=_progress(args))
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_batch_demo
+    return run_batch_demo()
+
+
+def _add_scan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", help="fingerprint cache file (default: $REPOST_MONITOR_CACHE or "
+                                   "~/.cache/repost-monitor/fingerprints.sqlite)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    p.add_argument("--progress", action="store_true", help="always show a progress bar")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repost-monitor",
+        description="Find reposts of a protected image library: a streaming daemon and "
+                    "batch tools built on 64-bit perceptual fingerprints.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("hash", help="print the fingerprints of image files",
+                       description="Print dHash and pHash (imagehash's hex form) of each image.")
+    p.add_argument("files", nargs="+", help="image files or folders")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text")
+    _add_scan_options(p)
+    p.set_defaults(func=cmd_hash)
+
+    p = sub.add_parser("library", help="manage the protected library",
+                       description="Manage the protected library stored in a SQLite file.")
+    p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s, "
+                                                    "or $REPOST_MONITOR_DB)")
+    lsub = p.add_subparsers(dest="library_cmd", required=True, metavar="ACTION")
+    a = lsub.add_parser("add", help="add image files or folders (recursive)")
+    a.add_argument("paths", nargs="+")
+    a.add_argument("--label", help="label for the added entries (default: file name)")
+    _add_scan_options(a)
+    a = lsub.add_parser("import", help="import imagehash hex hashes from CSV",
+                        description="CSV with a header: source, dhash and optionally phash, "
+                                    "label, width, height. Hex as str(imagehash.dhash(img)).")
+    a.add_argument("csv")
+    a.add_argument("--label")
+    a = lsub.add_parser("remove", help="remove entries by id")
+    a.add_argument("ids", nargs="+", type=int)
+    a = lsub.add_parser("list", help="list entries")
+    a.add_argument("--limit", type=int, default=-1)
+    a.add_argument("--offset", type=int, default=0)
+    a.add_argument("--format", choices=("text", "jsonl"), default="text")
+    lsub.add_parser("stats", help="entry counts and index size")
+    p.set_defaults(func=cmd_library)
+
+    p = sub.add_parser(
+        "match", help="match input images against a library (all pairs)",
+        description="Fingerprint inputs and library, compare all pairs, print matches. "
+                    "Distances are bits out of 64. Exit codes: 0 matches found, 1 no match, "
+                    "2 error, 3 some inputs could not be read.")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--library", required=True, help="store file or folder of images")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tier", choices=("exact", "near", "loose"), default="near",
+                   help="preset: report matches up to this tier (default: %(default)s)")
+    g.add_argument("--threshold", type=int,
+                   help="dHash distance limit in bits, without pHash verification (seed mode)")
+    p.add_argument("--best", action="store_true", help="only the nearest library image per input")
+    p.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
+    p.add_argument("--output", help="write matches here instead of stdout")
+    _add_scan_options(p)
+    p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("demo", help="run the self-contained demo (no network needed)",
+                       description="Match a stream of generated reposts against the sample "
+                                   "library shipped with the package.")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"repost-monitor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("repost-monitor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The protected library: entries in SQLite, contiguous arrays for the kernel.
+
+:class:`LibraryIndex` holds the hashes as numpy arrays and changes them in
+place (amortised O(1) add, swap-with-last remove), so adding an image to a
+library of a million never rebuilds anything. :class:`Library` keeps the
+index and the ``library_entries`` table in step.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .fingerprint import Fingerprint, from_hex
+from .scan import FingerprintCache, fingerprint_files, iter_image_files
+from .store import Store, sql_to_u64, u64_to_sql
+
+HASH_FIELDS = ("dhash", "phash", "dhash_mirror", "phash_mirror")
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryEntry:
+    id: int
+    source: str
+    label: str
+    width: int
+    height: int
+    dhash: int
+    phash: int
+    dhash_mirror: int
+    phash_mirror: int
+    degenerate: str | None
+    added_at: float
+
+
+class LibraryIndex:
+    """Hashes of every usable entry as uint64 arrays, plus entry ids.
+
+    Degenerate entries (flat, tiny) are kept in the store but left out of
+    the index: their hashes would match almost anything.
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self.lock = threading.RLock()
+        self._n = 0
+        self._ids = np.empty(capacity, np.int64)
+        self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
+        self._row_of: dict[int, int] = {}
+        self.version = 0  # bumped on every change; lets callers notice them
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids[:self._n]
+
+    def hashes(self, field: str = "dhash") -> np.ndarray:
+        return self._hashes[field][:self._n]
+
+    def _grow(self, need: int) -> None:
+        if need <= self._ids.shape[0]:
+            return
+        size = max(need, 2 * self._ids.shape[0])
+        ids = np.empty(size, np.int64)
+        ids[:self._n] = self._ids[:self._n]
+        self._ids = ids
+        for f, arr in self._hashes.items():
+            grown = np.empty(size, np.uint64)
+            grown[:self._n] = arr[:self._n]
+            self._hashes[f] = grown
+
+    def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray]) -> None:
+        with self.lock:
+            n = ids.shape[0]
+            self._ids = np.array(ids, np.int64)
+            self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
+            self._n = n
+            self._row_of = {int(i): r for r, i in enumerate(self._ids)}
+            self.version += 1
+
+    def add(self, entry_id: int, fp) -> None:
+        with self.lock:
+            if entry_id in self._row_of:
+                return
+            self._grow(self._n + 1)
+            row = self._n
+            self._ids[row] = entry_id
+            for f in HASH_FIELDS:
+                self._hashes[f][row] = getattr(fp, f)
+            self._row_of[entry_id] = row
+            self._n += 1
+            self.version += 1
+
+    def remove(self, entry_id: int) -> bool:
+        with self.lock:
+            row = self._row_of.pop(entry_id, None)
+            if row is None:
+                return False
+            last = self._n - 1
+            if row != last:
+                moved = int(self._ids[last])
+                self._ids[row] = moved
+                for arr in self._hashes.values():
+                    arr[row] = arr[last]
+                self._row_of[moved] = row
+            self._n = last
+            self.version += 1
+            return True
+
+
+def _entry(row: tuple) -> LibraryEntry:
+    (eid, source, label, w, h, d, p, dm, pm, degenerate, added) = row
+    return LibraryEntry(eid, source, label, w, h, sql_to_u64(d), sql_to_u64(p),
+                        sql_to_u64(dm), sql_to_u64(pm), degenerate, added)
+
+
+_COLUMNS = ("id, source, label, width, height, dhash, phash, dhash_mirror, phash_mirror, "
+            "degenerate, added_at")
+
+
+@dataclass(frozen=True, slots=True)
+class AddReport:
+    added: list[LibraryEntry]
+    skipped: list[tuple[str, str]]  # (source, why)
+
+
+class Library:
+    def __init__(self, store: Store):
+        self.store = store
+        self.index = LibraryIndex()
+        self.reload()
+
+    def reload(self) -> None:
+        """(Re)build the index from the table: one query, vectorised."""
+        rows = self.store.query(
+            "SELECT id, dhash, phash, dhash_mirror, phash_mirror FROM library_entries "
+            "WHERE degenerate IS NULL ORDER BY id")
+        table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        hashes = {f: table[:, i + 1].view(np.uint64) for i, f in enumerate(HASH_FIELDS)}
+        self.index.load(table[:, 0], hashes)
+
+    # -- writes ---------------------------------------------------------------
+    def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None) -> LibraryEntry:
+        """Insert (or replace, for the same source) one entry."""
+        label = label if label is not None else Path(source).stem or source
+        now = time.time()
+        with self.store.transaction() as conn:
+            old = conn.execute("SELECT id FROM library_entries WHERE source=?", (source,)).fetchone()
+            if old:
+                conn.execute("DELETE FROM library_entries WHERE id=?", old)
+            cur = conn.execute(
+                "INSERT INTO library_entries (source, label, width, height, dhash, phash, "
+                "dhash_mirror, phash_mirror, degenerate, added_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (source, label, fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
+                 u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate, now))
+            entry_id = cur.lastrowid
+        if old:
+            self.index.remove(old[0])
+        if fp.degenerate is None:
+            self.index.add(entry_id, fp)
+        return LibraryEntry(entry_id, source, label, fp.width, fp.height, fp.dhash, fp.phash,
+                            fp.dhash_mirror, fp.phash_mirror, fp.degenerate, now)
+
+    def add_files(self, paths: Iterable[str | Path], *, label: str | None = None,
+                  cache: FingerprintCache | None = None, progress: bool | None = None) -> AddReport:
+        files = list(iter_image_files(paths))
+        results = fingerprint_files(files, cache, progress=progress, desc="library")
+        added, skipped = [], []
+        for r in results:
+            source = str(r.path.resolve())
+            if r.fingerprint is None:
+                skipped.append((source, str(r.error)))
+                continue
+            entry = self.add_fingerprint(source, r.fingerprint, label)
+            added.append(entry)
+            if entry.degenerate:
+                skipped.append((source, f"degenerate ({entry.degenerate}): stored, never matched"))
+        return AddReport(added, skipped)
+
+    def import_csv(self, path: str | Path, label: str | None = None) -> AddReport:
+        """Import imagehash hex hashes: columns source, dhash[, phash, label].
+
+        Hashes made elsewhere carry no mirror hashes, so mirrors are derived:
+        a mirrored picture's dHash is its own dHash with each row reversed
+        and inverted, its pHash flips the sign of odd DCT columns (both
+        exact up to ties, checked in tests).
+        """
+        added, skipped = [], []
+        with open(path, newline="", encoding="utf-8") as fh:
+            for lineno, row in enumerate(csv.DictReader(fh), start=2):
+                try:
+                    source = (row.get("source") or row.get("path") or "").strip()
+                    if not source:
+                        raise ValueError("missing 'source' column value")
+                    dhash = from_hex(row["dhash"])
+                    phash = from_hex(row["phash"]) if row.get("phash") else 0
+                    fp = Fingerprint(dhash, phash, mirror_dhash(dhash),
+                                     mirror_phash(phash) if row.get("phash") else 0,
+                                     int(row.get("width") or 0), int(row.get("height") or 0))
+                except (KeyError, ValueError) as exc:
+                    skipped.append((f"{path}:{lineno}", f"bad row: {exc}"))
+                    continue
+                added.append(self.add_fingerprint(source, fp, row.get("label") or label))
+        return AddReport(added, skipped)
+
+    def remove(self, entry_id: int) -> bool:
+        with self.store.transaction() as conn:
+            gone = conn.execute("DELETE FROM library_entries WHERE id=?", (entry_id,)).rowcount
+        self.index.remove(entry_id)
+        return bool(gone)
+
+    # -- reads ----------------------------------------------------------------
+    def get(self, entry_id: int) -> LibraryEntry | None:
+        rows = self.store.query(f"SELECT {_COLUMNS} FROM library_entries WHERE id=?", (entry_id,))
+        return _entry(rows[0]) if rows else None
+
+    def entries(self, *, limit: int = -1, offset: int = 0) -> list[LibraryEntry]:
+        rows = self.store.query(f"SELECT {_COLUMNS} FROM library_entries ORDER BY id "
+                                "LIMIT ? OFFSET ?", (limit, offset))
+        return [_entry(r) for r in rows]
+
+    def entries_by_id(self, ids: Iterable[int]) -> dict[int, LibraryEntry]:
+        ids = sorted({int(i) for i in ids})
+        out: dict[int, LibraryEntry] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self.store.query(f"SELECT {_COLUMNS} FROM library_entries "
+                                      f"WHERE id IN ({marks})", chunk):
+                out[r[0]] = _entry(r)
+        return out
+
+    def stats(self) -> dict:
+        total, degenerate, first, last = self.store.query(
+            "SELECT COUNT(*), COUNT(degenerate), MIN(added_at), MAX(added_at) "
+            "FROM library_entries")[0]
+        labels = self.store.query("SELECT label, COUNT(*) FROM library_entries GROUP BY label "
+                                  "ORDER BY COUNT(*) DESC LIMIT 20")
+        return {"entries": total, "indexed": len(self.index), "degenerate": degenerate,
+                "first_added": first, "last_added": last, "index_bytes": len(self.index) * 40,
+                "top_labels": dict(labels)}
+
+
+def mirror_dhash(value: int) -> int:
+    """dHash of the mirrored picture: each 8-bit row reversed and inverted."""
+    out = 0
+    for r in range(8):
+        row = (value >> (56 - 8 * r)) & 0xFF
+        rev = int(f"{row:08b}"[::-1], 2) ^ 0xFF
+        out |= rev << (56 - 8 * r)
+    return out
+
+
+def mirror_phash(value: int) -> int:
+    """pHash of the mirrored picture, from the hash alone.
+
+    Mirroring negates DCT coefficients of odd columns; the median of the
+    8x8 block moves too, so this is close but not always exact.
+    """
+    bits = np.unpackbits(np.frombuffer(value.to_bytes(8, "big"), np.uint8)).reshape(8, 8)
+    bits[:, 1::2] ^= 1
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")

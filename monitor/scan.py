@@ -1,0 +1,164 @@
+"""Fingerprint files on disk: folder walking, a resumable cache, all cores.
+
+The cache is keyed by (path, size, mtime, algorithm version): a re-run over
+the same folder reads nothing but directory entries, and an interrupted run
+resumes where it stopped because results are committed in small batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .fingerprint import (
+    ALGORITHM_VERSION,
+    DEFAULT_MAX_PIXELS,
+    Fingerprint,
+    ImageError,
+    fingerprint_bytes,
+)
+from .store import sql_to_u64, u64_to_sql
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+COMMIT_EVERY = 200
+
+
+def default_cache_path() -> Path:
+    env = os.environ.get("REPOST_MONITOR_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "repost-monitor" / "fingerprints.sqlite"
+
+
+def iter_image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Image files named directly or found recursively under folders, sorted."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = []
+            for root, dirs, files in os.walk(path):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                found.extend(Path(root) / f for f in files
+                             if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."))
+            yield from sorted(found)
+        elif path.exists():
+            yield path
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    path: Path
+    fingerprint: Fingerprint | None
+    error: ImageError | None = None
+    cached: bool = False
+
+
+class FingerprintCache:
+    """SQLite cache of fingerprints of files; safe to share between threads."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = str(path) if path else ":memory:"
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._lock = threading.Lock()
+        self._pending: list[tuple] = []
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS fingerprints (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                "algorithm TEXT, dhash INTEGER, phash INTEGER, dhash_mirror INTEGER, "
+                "phash_mirror INTEGER, width INTEGER, height INTEGER, degenerate TEXT, "
+                "PRIMARY KEY (path, size, mtime_ns, algorithm))")
+            self._conn.commit()
+
+    @staticmethod
+    def _key(path: Path) -> tuple:
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns, ALGORITHM_VERSION)
+
+    def get(self, path: Path) -> Fingerprint | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate "
+                "FROM fingerprints WHERE path=? AND size=? AND mtime_ns=? AND algorithm=?",
+                self._key(path)).fetchone()
+        if row is None:
+            return None
+        return Fingerprint(*(sql_to_u64(v) for v in row[:4]), row[4], row[5], row[6])
+
+    def put(self, path: Path, fp: Fingerprint) -> None:
+        row = self._key(path) + (u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
+                                 u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror),
+                                 fp.width, fp.height, fp.degenerate)
+        with self._lock:
+            self._pending.append(row)
+            if len(self._pending) >= COMMIT_EVERY:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            self._conn.executemany("INSERT OR REPLACE INTO fingerprints VALUES "
+                                   "(?,?,?,?,?,?,?,?,?,?,?)", self._pending)
+            self._conn.commit()
+            self._pending.clear()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            self._conn.close()
+
+
+def fingerprint_file(path: Path, cache: FingerprintCache | None = None, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> FileResult:
+    """Fingerprint one file, from the cache when its key still matches."""
+    try:
+        if cache is not None:
+            hit = cache.get(path)
+            if hit is not None:
+                return FileResult(path, hit, cached=True)
+        fp = fingerprint_bytes(path.read_bytes(), max_pixels=max_pixels)
+    except ImageError as exc:
+        return FileResult(path, None, exc)
+    except OSError as exc:
+        return FileResult(path, None, ImageError("unreadable", f"{path}: {exc.strerror or exc}"))
+    if cache is not None:
+        cache.put(path, fp)
+    return FileResult(path, fp)
+
+
+def fingerprint_files(paths: list[Path], cache: FingerprintCache | None = None, *,
+                      workers: int | None = None, progress: bool | None = None,
+                      desc: str = "fingerprinting",
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> list[FileResult]:
+    """Fingerprint many files on all cores (Pillow releases the GIL while
+    decoding and resizing, so threads scale). Results keep input order."""
+    workers = workers or os.cpu_count() or 1
+    if progress is None:
+        progress = sys.stderr.isatty()
+    results: list[FileResult] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
+                 file=sys.stderr) as bar:
+        for result in pool.map(lambda p: fingerprint_file(p, cache, max_pixels=max_pixels),
+                               paths, chunksize=16):
+            results.append(result)
+            bar.update(1)
+    if cache is not None:
+        cache.flush()
+    return results

@@ -1,0 +1,95 @@
+"""SQLite: one database file per deployment, schema migrations, transactions.
+
+SQLite integers are signed 64-bit, so uint64 hashes are stored as their
+two's-complement int64 view (:func:`u64_to_sql` / :func:`sql_to_u64`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+# Append-only: each entry runs once, in order, tracked by PRAGMA user_version.
+_MIGRATIONS: list[str] = [
+    # 1: the protected library
+    """
+    CREATE TABLE library_entries (
+        id            INTEGER PRIMARY KEY,
+        source        TEXT NOT NULL UNIQUE,   -- file path or URL
+        label         TEXT NOT NULL,
+        width         INTEGER NOT NULL,
+        height        INTEGER NOT NULL,
+        dhash         INTEGER NOT NULL,
+        phash         INTEGER NOT NULL,
+        dhash_mirror  INTEGER NOT NULL,
+        phash_mirror  INTEGER NOT NULL,
+        degenerate    TEXT,
+        added_at      REAL NOT NULL
+    );
+    """,
+]
+
+
+def u64_to_sql(value: int) -> int:
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def sql_to_u64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+class Store:
+    """A SQLite connection shared by threads, serialised by a lock.
+
+    WAL lets readers (the HTTP API, a second CLI process) work while the
+    daemon writes; ``synchronous=NORMAL`` in WAL mode still never corrupts
+    the file and loses at most the last transactions on power loss, not on
+    a process kill.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, check_same_thread=False,
+                                    isolation_level=None, timeout=30)
+        self.lock = threading.RLock()
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, sql in enumerate(_MIGRATIONS[version:], start=version + 1):
+                for statement in _split_sql(sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params=()) -> list[tuple]:
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def _split_sql(script: str) -> list[str]:
+    # executescript() would COMMIT our transaction; run statements one by one.
+    return [s.strip() for s in script.split(";") if s.strip()]

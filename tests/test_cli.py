@@ -1,0 +1,120 @@
+"""The repost-monitor command run as a user would: a subprocess on real files."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import imagehash
+import pytest
+from PIL import Image, ImageOps
+
+
+def run(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "monitor", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, samples):
+    root = tmp_path_factory.mktemp("tree")
+    lib, inp = root / "library", root / "input"
+    lib.mkdir()
+    inp.mkdir()
+    for p in samples.glob("library-*.jpg"):
+        shutil.copy(p, lib / p.name)
+    for p in samples.glob("other-*.jpg"):
+        shutil.copy(p, inp / p.name)
+    with Image.open(samples / "library-chelsea.jpg") as img:
+        img = img.convert("RGB")
+        img.resize((img.width // 2, img.height // 2)).save(inp / "small.jpg", quality=60)
+        ImageOps.mirror(img).save(inp / "flipped.webp", quality=80)
+        img.save(inp / "as.png")
+    with Image.open(samples / "library-rocket.jpg") as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        img.crop((w // 40, h // 40, w - w // 40, h - h // 40)).save(inp / "crop.jpg", quality=85)
+    (inp / "broken.jpg").write_bytes((samples / "other-home.jpg").read_bytes()[:2000])
+    return root
+
+
+def test_match_finds_reposts_and_reports_unreadable(tree):
+    r = run("match", tree / "input", "--library", tree / "library", "--no-cache")
+    assert r.returncode == 3, r.stderr  # one unreadable input
+    found = {line.rsplit("/", 1)[-1] for line in r.stdout.splitlines() if line.startswith("[match]")}
+    assert found == {"small.jpg", "flipped.webp", "as.png", "crop.jpg"}
+    assert "[ok] fingerprinted 6 library images" in r.stderr
+    assert "pair comparisons in" in r.stderr
+    assert "[skip]" in r.stderr and "broken.jpg: truncated" in r.stderr
+    assert "/64 bits" in r.stdout and "mirrored" in r.stdout
+
+
+def test_exit_codes_and_formats(tree, tmp_path):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    shutil.copy(tree / "input" / "small.jpg", clean)
+    out = tmp_path / "out.jsonl"
+    r = run("match", clean, "--library", tree / "library", "--format", "jsonl",
+            "--output", out, "--best", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["library"].endswith("library-chelsea.jpg")
+    assert rows[0]["bits"] == 64 and rows[0]["tier"] in ("exact", "near")
+
+    shutil.copy(tree / "input" / "other-baboon.jpg", tmp_path / "alone.jpg")
+    r = run("match", tmp_path / "alone.jpg", "--library", tree / "library", "--no-cache")
+    assert r.returncode == 1 and r.stdout == ""
+
+    r = run("match", tmp_path / "nope", "--library", tree / "library")
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+    r = run("match", clean, "--library", tree / "library", "--format", "csv", "--threshold", "64",
+            "--no-cache")
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("input,library,label,tier,dhash_distance")
+    assert len(lines) == 1 + 6  # threshold 64 without verification: every entry
+
+
+def test_library_commands_and_store(tree, tmp_path):
+    db = tmp_path / "lib.sqlite"
+    cache = tmp_path / "cache.sqlite"
+    r = run("library", "--db", db, "add", tree / "library", "--cache", cache)
+    assert r.returncode == 0 and "added 6 images" in r.stdout
+    r = run("library", "--db", db, "list", "--format", "jsonl")
+    entries = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(entries) == 6
+    with Image.open(tree / "library" / "library-chelsea.jpg") as img:
+        chelsea = next(e for e in entries if e["label"] == "library-chelsea")
+        assert chelsea["dhash"] == str(imagehash.dhash(img)) or \
+            (int(chelsea["dhash"], 16) ^ int(str(imagehash.dhash(img)), 16)).bit_count() <= 2
+    r = run("match", tree / "input" / "small.jpg", "--library", db, "--cache", cache)
+    assert r.returncode == 0 and "library-chelsea.jpg" in r.stdout
+    r = run("library", "--db", db, "remove", chelsea["id"])
+    assert r.returncode == 0
+    r = run("match", tree / "input" / "small.jpg", "--library", db, "--cache", cache)
+    assert r.returncode == 1
+    stats = json.loads(run("library", "--db", db, "stats").stdout)
+    assert stats["entries"] == 5
+
+
+def test_hash_prints_imagehash_hex(samples):
+    path = samples / "other-home.jpg"
+    r = run("hash", path, "--no-cache", "--format", "jsonl")
+    row = json.loads(r.stdout)
+    with Image.open(path) as img:
+        ref = str(imagehash.dhash(img))
+    assert (int(row["dhash"], 16) ^ int(ref, 16)).bit_count() <= 2
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["match", "--help"], ["library", "--help"],
+                 ["library", "add", "--help"], ["hash", "--help"]):
+        r = run(*args)
+        assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_demo_runs_and_finds_reposts():
+    r = run("demo")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[match]") >= 8
+    assert "[done]" in r.stderr

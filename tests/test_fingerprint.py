@@ -1,0 +1,186 @@
+"""Fingerprints of real images: imagehash parity, formats, degenerate and bad input."""
+
+import io
+import struct
+import zlib
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from monitor.fingerprint import Fingerprint, ImageError, fingerprint_bytes, from_hex, to_hex
+from tests.conftest import encode
+
+
+def bits(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def test_full_decode_is_identical_to_imagehash(samples):
+    files = sorted(samples.glob("*.jpg"))
+    assert len(files) >= 10
+    for path in files:
+        fp = fingerprint_bytes(path.read_bytes(), fast=False)
+        with Image.open(path) as img:
+            assert fp.dhash_hex == str(imagehash.dhash(img)), path
+            assert fp.phash_hex == str(imagehash.phash(img)), path
+
+
+def test_hex_round_trips_through_imagehash(samples):
+    fp = fingerprint_bytes((samples / "library-chelsea.jpg").read_bytes())
+    assert from_hex(fp.dhash_hex) == fp.dhash
+    assert str(imagehash.hex_to_hash(fp.dhash_hex)) == fp.dhash_hex
+    assert to_hex(1) == "0000000000000001"
+    with pytest.raises(ValueError):
+        from_hex("abc")
+
+
+def test_fast_path_drift_is_small(samples):
+    drift = []
+    for path in sorted(samples.glob("*.jpg")):
+        data = path.read_bytes()
+        drift.append(bits(fingerprint_bytes(data).dhash, fingerprint_bytes(data, fast=False).dhash))
+    assert np.mean(drift) <= 1.0
+    assert max(drift) <= 4
+
+
+def test_mirror_hashes_equal_hashes_of_the_mirrored_picture(library_images):
+    for path in library_images:
+        with Image.open(path) as img:
+            flipped = encode(ImageOps.mirror(img.convert("RGB")), "PNG")
+            plain = encode(img.convert("RGB"), "PNG")
+        fp, fpm = fingerprint_bytes(plain), fingerprint_bytes(flipped)
+        assert bits(fp.dhash_mirror, fpm.dhash) <= 1
+        assert bits(fp.phash_mirror, fpm.phash) <= 2
+        assert bits(fp.dhash, fpm.dhash) > 16  # without the mirror hash it would be missed
+
+
+@pytest.fixture(scope="module")
+def picture():
+    from tests.conftest import SAMPLES
+    with Image.open(SAMPLES / "library-astronaut.jpg") as img:
+        return img.convert("RGB")
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("WEBP", {"quality": 90}), ("BMP", {}),
+                                    ("TIFF", {}), ("GIF", {}), ("JPEG", {"quality": 60})])
+def test_every_format_hashes_close_to_the_original(picture, fmt, kw):
+    ref = fingerprint_bytes(encode(picture, "PNG"))
+    fp = fingerprint_bytes(encode(picture, fmt, **kw))
+    assert bits(ref.dhash, fp.dhash) <= 6, fmt
+    assert fp.degenerate is None
+
+
+def test_gif_uses_first_frame(picture):
+    other = Image.new("RGB", picture.size, (10, 200, 30))
+    buf = io.BytesIO()
+    picture.save(buf, "GIF", save_all=True, append_images=[other])
+    fp = fingerprint_bytes(buf.getvalue())
+    assert bits(fp.dhash, fingerprint_bytes(encode(picture, "GIF")).dhash) == 0
+
+
+def test_exif_orientation_is_applied(picture):
+    picture = picture.crop((0, 0, 480, 300))
+    rotated = picture.rotate(90, expand=True)  # stored sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and tagged "rotate 90 CW to display"
+    data = encode(rotated, "JPEG", quality=95, exif=exif.tobytes())
+    fp = fingerprint_bytes(data)
+    upright = fingerprint_bytes(encode(picture, "JPEG", quality=95))
+    assert bits(fp.dhash, upright.dhash) <= 4
+    assert (fp.width, fp.height) == picture.size
+
+
+def test_transparency_is_composited_on_white(picture):
+    rgba = picture.convert("RGBA")
+    alpha = Image.new("L", picture.size, 0)
+    alpha.paste(255, (0, 0, picture.width // 2, picture.height))
+    rgba.putalpha(alpha)
+    on_white = Image.new("RGB", picture.size, "white")
+    on_white.paste(picture.crop((0, 0, picture.width // 2, picture.height)), (0, 0))
+    assert bits(fingerprint_bytes(encode(rgba, "PNG")).dhash,
+                fingerprint_bytes(encode(on_white, "PNG")).dhash) <= 1
+
+
+@pytest.mark.parametrize("mode", ["P", "CMYK", "L", "LA", "1"])
+def test_other_modes(picture, mode):
+    img = picture.convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    fp = fingerprint_bytes(encode(img, fmt))
+    ref = fingerprint_bytes(encode(picture, "PNG"))
+    assert bits(fp.dhash, ref.dhash) <= (20 if mode == "1" else 6), mode
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(picture):
+    grey = np.asarray(picture.convert("L"), dtype=np.uint16) * 257
+    img16 = Image.fromarray(grey)
+    assert img16.mode.startswith("I")
+    fp = fingerprint_bytes(encode(img16, "PNG"))
+    ref = fingerprint_bytes(encode(picture.convert("L"), "PNG"))
+    assert fp.degenerate is None
+    assert bits(fp.dhash, ref.dhash) <= 2
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: Image.new("RGB", (400, 300), (120, 40, 200)), "flat"),
+    (lambda: Image.effect_noise((400, 300), 2).convert("RGB"), "flat"),
+    (lambda: Image.new("RGB", (12, 300), (1, 2, 3)), "tiny"),
+    (lambda: Image.linear_gradient("L").transpose(Image.ROTATE_90).resize((400, 300)),
+     "low_detail"),
+])
+def test_degenerate_images_are_flagged(make, reason):
+    fp = fingerprint_bytes(encode(make(), "PNG"))
+    assert fp.degenerate == reason
+
+
+def test_real_pictures_are_not_degenerate(samples):
+    for path in samples.glob("*.jpg"):
+        assert fingerprint_bytes(path.read_bytes()).degenerate is None, path
+
+
+def _zero_idat(jpeg: bytes) -> bytes:
+    png = encode(Image.open(io.BytesIO(jpeg)).convert("RGB"), "PNG")
+    at = png.find(b"IDAT") + 4
+    return png[:at] + bytes(50) + png[at + 50:]
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("data_fn,reason", [
+    (lambda s: b"", "empty"),
+    (lambda s: b"<html><body>not found</body></html>", "not_an_image"),
+    (lambda s: s[: len(s) // 2], "truncated"),
+    (lambda s: _zero_idat(s), "corrupt"),
+    (lambda s: _png_header_only(100_000, 100_000), "too_many_pixels"),
+    (lambda s: _png_header_only(30_000, 20_000), "too_many_pixels"),
+])
+def test_bad_input_raises_one_clear_error(samples, data_fn, reason):
+    jpeg = (samples / "other-baboon.jpg").read_bytes()
+    data = data_fn(jpeg)
+    with pytest.raises(ImageError) as err:
+        fingerprint_bytes(data, fast=False)
+        fingerprint_bytes(data)
+    assert err.value.reason == reason
+    assert str(err.value).startswith(reason + ":")
+
+
+def test_truncated_png_is_an_image_error(picture):
+    data = encode(picture, "PNG")
+    with pytest.raises(ImageError) as err:
+        fingerprint_bytes(data[: len(data) // 3])
+    assert err.value.reason in ("truncated", "corrupt")
+
+
+def test_pixel_limit_is_configurable(picture):
+    data = encode(picture, "PNG")
+    with pytest.raises(ImageError, match="too_many_pixels"):
+        fingerprint_bytes(data, max_pixels=1000)
+    assert isinstance(fingerprint_bytes(data, max_pixels=10**7), Fingerprint)

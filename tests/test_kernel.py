@@ -1,0 +1,85 @@
+"""Kernels against a plain numpy reference (hypothesis property tests)."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from monitor import kernel
+
+u64 = st.integers(0, 2**64 - 1)
+libs = arrays(np.uint64, st.integers(0, 300), elements=u64)
+radii = st.one_of(st.sampled_from([0, 64]), st.integers(0, 64))
+
+
+def ref_dist(q, lib):
+    return np.bitwise_count(np.asarray(lib, np.uint64) ^ np.uint64(q)).astype(np.int64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(q=u64, lib=libs)
+def test_nearest(q, lib):
+    j, d = kernel.nearest(np.uint64(q), lib)
+    if lib.size == 0:
+        assert (j, d) == (-1, kernel.NO_MATCH)
+        return
+    ref = ref_dist(q, lib)
+    assert d == ref.min()
+    assert j == int(np.argmin(ref))  # first index among ties
+
+
+@settings(max_examples=200, deadline=None)
+@given(q=u64, lib=libs, radius=radii)
+def test_within(q, lib, radius):
+    idx, dist = kernel.within(np.uint64(q), lib, radius)
+    ref = ref_dist(q, lib)
+    want = np.flatnonzero(ref <= radius)
+    assert idx.tolist() == want.tolist()
+    assert dist.tolist() == ref[want].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(q=u64, lib=libs)
+def test_distances(q, lib):
+    assert kernel.distances(np.uint64(q), lib).tolist() == ref_dist(q, lib).tolist()
+
+
+@settings(max_examples=120, deadline=None)
+@given(queries=arrays(np.uint64, st.integers(0, 40), elements=u64), lib=libs, radius=radii,
+       threads=st.sampled_from([1, 2]))
+def test_batch_matches_reference(queries, lib, radius, threads):
+    # Plant near copies so small radii have hits too.
+    if lib.size and queries.size:
+        queries = queries.copy()
+        queries[::2] = lib[np.arange(0, queries.size, 2) % lib.size] ^ np.uint64(5)
+    best_j, best_d, pq, pl, pd = kernel.batch(queries, lib, radius, threads=threads)
+    ref = np.bitwise_count(queries[:, None] ^ lib[None, :]).astype(np.int64).reshape(
+        queries.size, lib.size)
+    if lib.size == 0:
+        assert best_j.tolist() == [-1] * queries.size
+        assert best_d.tolist() == [kernel.NO_MATCH] * queries.size
+    else:
+        assert best_d.tolist() == ref.min(axis=1).tolist()
+        assert best_j.tolist() == ref.argmin(axis=1).tolist()
+    qi, li = np.nonzero(ref <= radius)
+    assert pq.tolist() == qi.tolist()
+    assert pl.tolist() == li.tolist()
+    assert pd.tolist() == ref[qi, li].tolist()
+
+
+def test_batch_spans_many_library_blocks_and_threads():
+    rng = np.random.default_rng(7)
+    lib = rng.integers(0, 2**64, size=3 * kernel.LIB_BLOCK + 17, dtype=np.uint64)
+    queries = lib[rng.integers(0, lib.size, 300)] ^ np.uint64(3)
+    for threads in (1, 2):
+        _best_j, best_d, pq, pl, _pd = kernel.batch(queries, lib, 8, threads=threads)
+        ref = np.bitwise_count(queries[:, None] ^ lib[None, :]).astype(np.int64)
+        assert best_d.tolist() == ref.min(axis=1).tolist()
+        qi, li = np.nonzero(ref <= 8)
+        assert (pq.tolist(), pl.tolist()) == (qi.tolist(), li.tolist())
+
+
+def test_best_only_skips_pairs():
+    lib = np.arange(100, dtype=np.uint64)
+    _best_j, best_d, pq, _pl, _pd = kernel.batch(lib[:5], lib, -1)
+    assert best_d.tolist() == [0] * 5 and pq.size == 0

@@ -1,0 +1,136 @@
+"""The protected library in a real SQLite file, its arrays and the fingerprint cache."""
+
+import csv
+import shutil
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps
+
+from monitor.fingerprint import fingerprint_bytes
+from monitor.library import Library, LibraryIndex, mirror_dhash, mirror_phash
+from monitor.matcher import Matcher
+from monitor.scan import FingerprintCache, fingerprint_files, iter_image_files
+from monitor.store import Store
+from tests.conftest import encode
+
+
+def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):
+    db = tmp_path / "lib.sqlite"
+    lib = Library(Store(db))
+    report = lib.add_files([samples], cache=None, progress=False)
+    assert len(report.added) == 16 and not report.skipped
+    assert len(lib.index) == 16
+    victim = report.added[3].id
+    assert lib.remove(victim)
+    assert not lib.remove(victim)
+    assert len(lib.index) == 15 and victim not in lib.index.ids.tolist()
+    # A second process (here: a new Library on the same file) sees the same arrays.
+    again = Library(Store(db))
+    order = np.argsort(lib.index.ids)
+    assert again.index.ids.tolist() == lib.index.ids[order].tolist()
+    assert again.index.hashes("dhash").tolist() == lib.index.hashes("dhash")[order].tolist()
+    stats = again.stats()
+    assert stats["entries"] == 15 and stats["indexed"] == 15
+
+
+def test_index_incremental_add_and_swap_remove():
+    index = LibraryIndex(capacity=2)
+
+    class FP:
+        def __init__(self, v):
+            self.dhash = self.phash = self.dhash_mirror = self.phash_mirror = v
+
+    for i in range(10):
+        index.add(i, FP(i * 3))
+    assert len(index) == 10
+    index.remove(0)
+    index.remove(5)
+    got = dict(zip(index.ids.tolist(), index.hashes("dhash").tolist(), strict=True))
+    assert got == {i: i * 3 for i in range(10) if i not in (0, 5)}
+
+
+def test_degenerate_entries_are_stored_but_not_indexed(tmp_path):
+    img = tmp_path / "flat.png"
+    Image.new("RGB", (300, 200), (90, 90, 90)).save(img)
+    lib = Library(Store(tmp_path / "lib.sqlite"))
+    report = lib.add_files([img], progress=False)
+    assert report.added[0].degenerate == "flat"
+    assert len(lib.index) == 0
+    assert "degenerate" in report.skipped[0][1]
+
+
+def test_bad_files_are_skipped_with_reason(tmp_path, samples):
+    (tmp_path / "broken.jpg").write_bytes((samples / "other-home.jpg").read_bytes()[:3000])
+    (tmp_path / "page.png").write_text("<html>404</html>")
+    shutil.copy(samples / "library-rocket.jpg", tmp_path / "ok.jpg")
+    lib = Library(Store(":memory:"))
+    report = lib.add_files([tmp_path], progress=False)
+    assert [e.label for e in report.added] == ["ok"]
+    reasons = {src.rsplit("/", 1)[-1]: why for src, why in report.skipped}
+    assert reasons["broken.jpg"].startswith("truncated")
+    assert reasons["page.png"].startswith("not_an_image")
+
+
+def test_import_imagehash_csv_matches_reposts(tmp_path, library_images):
+    rows = []
+    for path in library_images:
+        with Image.open(path) as img:
+            rows.append({"source": f"https://example.org/{path.name}",
+                         "dhash": str(imagehash.dhash(img)), "phash": str(imagehash.phash(img))})
+    csv_path = tmp_path / "hashes.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["source", "dhash", "phash"])
+        writer.writeheader()
+        writer.writerows(rows)
+        fh.write("bad,zz,\n")
+    lib = Library(Store(tmp_path / "lib.sqlite"))
+    report = lib.import_csv(csv_path)
+    assert len(report.added) == len(library_images) and len(report.skipped) == 1
+    matcher = Matcher(lib.index)
+    with Image.open(library_images[0]) as img:
+        small = img.convert("RGB").resize((img.width // 2, img.height // 2))
+        mirrored = ImageOps.mirror(small)
+    hit = matcher.match(fingerprint_bytes(encode(small, "JPEG", quality=70)))
+    assert hit and lib.get(hit[0].entry_id).source.endswith(library_images[0].name)
+    hit = matcher.match(fingerprint_bytes(encode(mirrored, "JPEG", quality=70)))
+    assert hit and hit[0].mirrored
+
+
+def test_mirror_from_hash_alone(library_images):
+    for path in library_images:
+        fp = fingerprint_bytes(path.read_bytes())
+        assert mirror_dhash(fp.dhash) == fp.dhash_mirror or \
+            (mirror_dhash(fp.dhash) ^ fp.dhash_mirror).bit_count() <= 2
+        assert (mirror_phash(fp.phash) ^ fp.phash_mirror).bit_count() <= 8
+
+
+def test_cache_makes_rerun_cheap_and_notices_changes(tmp_path, samples):
+    folder = tmp_path / "imgs"
+    shutil.copytree(samples, folder)
+    cache = FingerprintCache(tmp_path / "cache.sqlite")
+    files = list(iter_image_files([folder]))
+    first = fingerprint_files(files, cache, progress=False)
+    assert not any(r.cached for r in first)
+    cache.close()
+    cache = FingerprintCache(tmp_path / "cache.sqlite")  # a new run, same file
+    second = fingerprint_files(files, cache, progress=False)
+    assert all(r.cached for r in second)
+    assert [r.fingerprint for r in first] == [r.fingerprint for r in second]
+    # Rewrite one file with other content: its key (size, mtime) changes.
+    target = folder / "library-coffee.jpg"
+    target.write_bytes((samples / "other-baboon.jpg").read_bytes())
+    third = {r.path.name: r for r in fingerprint_files(files, cache, progress=False)}
+    assert not third["library-coffee.jpg"].cached
+    assert third["library-coffee.jpg"].fingerprint == \
+        fingerprint_bytes((samples / "other-baboon.jpg").read_bytes())
+
+
+def test_interrupted_run_resumes_from_committed_batches(tmp_path, samples):
+    cache = FingerprintCache(tmp_path / "cache.sqlite")
+    files = list(iter_image_files([samples]))
+    fingerprint_files(files[:9], cache, progress=False)
+    # No close(): the batch was committed by fingerprint_files itself.
+    again = FingerprintCache(tmp_path / "cache.sqlite")
+    results = fingerprint_files(files, again, progress=False)
+    assert [r.cached for r in results] == [True] * 9 + [False] * (len(files) - 9)
