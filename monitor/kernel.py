@@ -105,13 +105,16 @@ def _scan_tile(queries, block, l0, q0, q1, radius, best_d, best_j, counts, bi):
     """One query tile x one library block: best match and hit counts."""
     for q in range(q0, q1):
         qv = queries[q]
+        # Min only: the cheapest vectorised loop. Hits are rare, so they are
+        # counted in a second pass only for a block whose min is in range.
         block_min = NO_MATCH
-        hits = 0
         for j in range(block.shape[0]):
-            d = popcount64(qv ^ block[j])
-            block_min = min(block_min, d)
-            hits += np.int64(d <= radius)
-        counts[q, bi] = hits
+            block_min = min(block_min, popcount64(qv ^ block[j]))
+        if block_min <= radius:
+            hits = 0
+            for j in range(block.shape[0]):
+                hits += np.int64(popcount64(qv ^ block[j]) <= radius)
+            counts[q, bi] = hits
         if block_min < best_d[q]:
             best_d[q] = block_min
             for j in range(block.shape[0]):
