@@ -100,8 +100,33 @@ def cmd_match(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_batch_demo
-    return run_batch_demo()
+    import asyncio
+
+    from .demo import run_batch_demo, run_daemon_demo
+    from .logs import setup_logging
+    if args.batch:
+        return run_batch_demo()
+    setup_logging("text", "warning" if not args.verbose else "info")
+    return asyncio.run(run_daemon_demo(args.posts, args.rate, args.forever, args.port))
+
+
+def cmd_run(args) -> int:
+    import asyncio
+
+    from .config import load_config
+    from .daemon import run_daemon
+    from .logs import setup_logging
+    config = load_config(args.config)
+    setup_logging(args.log_format or config.log.format, config.log.level)
+    asyncio.run(run_daemon(config))
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    from .config import load_config
+    config = load_config(args.config)
+    print(f"{args.config}: ok ({len(config.feeds)} feeds, store {config.store.path})")
+    return 0
 
 
 def _add_scan_options(p: argparse.ArgumentParser) -> None:
@@ -169,9 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_match)
 
     p = sub.add_parser("demo", help="run the self-contained demo (no network needed)",
-                       description="Match a stream of generated reposts against the sample "
-                                   "library shipped with the package.")
+                       description="Start a feed host on loopback publishing posts (some are "
+                                   "reposts of the sample library), run the real daemon against "
+                                   "it and print each detection as it happens.")
+    p.add_argument("--posts", type=int, default=40, help="posts to publish (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=4.0, help="posts per second (default: %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="port for /metrics and /healthz (default: any)")
+    p.add_argument("--forever", action="store_true", help="keep running after the last post")
+    p.add_argument("--batch", action="store_true", help="run `match` on the posts instead of the daemon")
+    p.add_argument("--verbose", action="store_true", help="show the daemon's log")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run the monitoring daemon",
+                       description="Watch the configured feeds, match new images against the "
+                                   "library and record matches. SIGINT/SIGTERM stop it cleanly.")
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--log-format", choices=("text", "json"), help="override log.format")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file",
+                       description="Validate a TOML config; each problem names its key.")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
     return parser
 
 
@@ -180,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"repost-monitor: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

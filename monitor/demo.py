@@ -1,13 +1,26 @@
-"""The self-contained demo: sample library, generated reposts, real matching."""
+"""The self-contained demo: a feed host on loopback, a sample library, the real daemon.
+
+No network is needed: the feed host publishes posts (mostly unrelated
+pictures, some reposts of library images: resized, recompressed, cropped,
+flipped, captioned) on an RSS feed and a JSON Feed, a few per second, and
+the daemon watches both and prints each detection as it happens.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
 import random
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from email.utils import format_datetime
+from datetime import datetime, UTC
 from importlib import resources
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from PIL import Image, ImageDraw, ImageOps
 
@@ -97,3 +110,160 @@ def run_batch_demo() -> int:
             (posts / item.name).write_bytes(item.data)
         return run_match([str(posts)], str(library), PRESETS["near"], best=True,
                          fmt="table", output=None, cache=None, progress=False)
+
+
+class DemoFeedHost:
+    """An aiohttp app playing a photo site: /rss.xml, /feed.json, /img/NAME.
+
+    Posts appear over time (``rate`` per second), alternately on each feed;
+    both feeds answer conditional GETs with 304 when nothing changed.
+    """
+
+    def __init__(self, posts: list[DemoImage], rate: float = 4.0):
+        self.posts = posts
+        self.rate = rate
+        self.started = time.time()
+        self.images = {p.name: p.data for p in posts}
+        self.base = ""
+
+    def published(self) -> list[tuple[int, DemoImage, float]]:
+        count = min(len(self.posts), 2 + int((time.time() - self.started) * self.rate))
+        # Post i appears once (i - 1) / rate seconds have passed.
+        return [(i, p, self.started + max(0.0, (i - 1) / self.rate))
+                for i, p in enumerate(self.posts[:count])]
+
+    @property
+    def done_publishing(self) -> bool:
+        return len(self.published()) == len(self.posts)
+
+    def app(self):
+        from aiohttp import web
+
+        async def image(request):
+            data = self.images.get(request.match_info["name"])
+            if data is None:
+                raise web.HTTPNotFound()
+            return web.Response(body=data, content_type="image/jpeg")
+
+        def conditional(request, body: str, content_type: str):
+            etag = '"' + hashlib.sha1(body.encode()).hexdigest()[:16] + '"'
+            if request.headers.get("If-None-Match") == etag:
+                return web.Response(status=304, headers={"ETag": etag})
+            return web.Response(text=body, content_type=content_type, headers={"ETag": etag})
+
+        async def rss(request):
+            items = []
+            for i, post, when in self.published()[::-1][:30]:
+                if i % 2:
+                    continue
+                url = f"{self.base}/img/{post.name}"
+                items.append(
+                    f"<item><title>post {i}</title><link>{self.base}/post/{i}</link>"
+                    f"<guid>{self.base}/post/{i}</guid><author>user{i % 7}@example.org (user{i % 7})</author>"
+                    f"<pubDate>{format_datetime(datetime.fromtimestamp(when, UTC))}</pubDate>"
+                    f'<media:content url="{escape(url)}" medium="image" type="image/jpeg"/></item>')
+            body = ('<?xml version="1.0" encoding="utf-8"?><rss version="2.0" '
+                    'xmlns:media="http://search.yahoo.com/mrss/"><channel><title>demo photos</title>'
+                    f"<link>{self.base}/</link><description>demo</description>{''.join(items)}"
+                    "</channel></rss>")
+            return conditional(request, body, "application/rss+xml")
+
+        async def jsonfeed(request):
+            import json
+            items = [{"id": f"j{i}", "url": f"{self.base}/post/{i}", "title": f"post {i}",
+                      "image": f"{self.base}/img/{post.name}",
+                      "authors": [{"name": f"artist{i % 5}"}],
+                      "date_published": datetime.fromtimestamp(when, UTC).isoformat()}
+                     for i, post, when in self.published()[::-1][:30] if i % 2]
+            body = json.dumps({"version": "https://jsonfeed.org/version/1.1", "title": "demo",
+                               "home_page_url": f"{self.base}/", "items": items})
+            return conditional(request, body, "application/feed+json")
+
+        app = web.Application()
+        app.router.add_get("/rss.xml", rss)
+        app.router.add_get("/feed.json", jsonfeed)
+        app.router.add_get("/img/{name}", image)
+        return app
+
+
+async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool = False,
+                          port: int = 0, out=None) -> int:
+    """Start the feed host and the real daemon; print detections; summarise."""
+    from aiohttp import web
+
+    from .config import parse_config
+    from .daemon import run_daemon
+    from .library import Library
+    from .store import Store
+
+    out = out or sys.stdout
+    stream = demo_stream(posts)
+    host = DemoFeedHost(stream, rate)
+    runner = web.AppRunner(host.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # noqa: SLF001
+    with tempfile.TemporaryDirectory(prefix="repost-monitor-demo-") as tmp:
+        db = Path(tmp) / "demo.sqlite"
+        library = Library(Store(db))
+        library.add_files(sample_library(), progress=False)
+        library.store.close()
+        config = parse_config({
+            "store": {"path": str(db)},
+            "match": {"tier": "near"},
+            "limits": {"allowed_networks": ["127.0.0.0/8"], "per_host_rate": 50},
+            "feeds": [{"name": "demo-rss", "type": "rss", "url": f"{host.base}/rss.xml",
+                       "interval": 1.0},
+                      {"name": "demo-jsonfeed", "type": "jsonfeed", "url": f"{host.base}/feed.json",
+                       "interval": 1.0}],
+            "server": {"host": "127.0.0.1", "port": port},
+        })
+        stop = asyncio.Event()
+        detected: dict[str, str] = {}
+
+        def on_match(rec):
+            name = rec.work.image_url.rsplit("/", 1)[-1]
+            detected[name] = rec.entry.label
+            lag = f", {rec.lag_seconds:.1f}s after publication" if rec.lag_seconds is not None else ""
+            flip = " mirrored" if rec.match.mirrored else ""
+            print(f"[detected] {rec.match.tier}{flip} dist={rec.match.dhash_distance}/64 "
+                  f"(pHash {rec.match.phash_distance}/64): {rec.work.image_url} is a repost of "
+                  f"library '{rec.entry.label}' (feed {rec.work.feed}, by {rec.work.author}{lag})",
+                  file=out, flush=True)
+
+        def on_ready(running):
+            print(f"[demo] feed host on {host.base} (/rss.xml, /feed.json); {len(stream)} posts, "
+                  f"{rate:g} per second", file=out)
+            print(f"[demo] library: {len(running.library.index)} images; metrics on "
+                  f"http://127.0.0.1:{running.port}/metrics, health on "
+                  f"http://127.0.0.1:{running.port}/healthz", file=out, flush=True)
+            asyncio.get_running_loop().create_task(watch(running))
+
+        async def watch(running):
+            # Stop once every post is out and every image has been processed.
+            while not keep_running:
+                await asyncio.sleep(0.5)
+                pending = running.store.query(
+                    "SELECT COUNT(*) FROM work WHERE state='pending'")[0][0]
+                seen = running.store.query("SELECT COUNT(*) FROM work")[0][0]
+                if host.done_publishing and seen >= len(stream) and pending == 0:
+                    stop.set()
+
+        try:
+            await run_daemon(config, stop=stop, on_match=on_match, on_ready=on_ready)
+        finally:
+            await runner.cleanup()
+    reposts = {p.name: p.repost_of for p in stream if p.repost_of}
+    caught = {n for n in detected if n in reposts}
+    false_alarms = [n for n in detected if n not in reposts]
+    by_kind: dict[str, list[int]] = {}
+    for p in stream:
+        if p.repost_of:
+            by_kind.setdefault(p.kind, [0, 0])
+            by_kind[p.kind][1] += 1
+            by_kind[p.kind][0] += p.name in caught
+    kinds = ", ".join(f"{k} {c}/{n}" for k, (c, n) in sorted(by_kind.items()))
+    print(f"[demo] done: {len(stream)} posts, {len(reposts)} reposts, {len(caught)} detected "
+          f"({kinds}); {len(false_alarms)} false alarms", file=out)
+    return 0

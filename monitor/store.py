@@ -29,6 +29,75 @@ _MIGRATIONS: list[str] = [
         added_at      REAL NOT NULL
     );
     """,
+    # 2: the streaming pipeline
+    """
+    CREATE TABLE feed_state (
+        feed                  TEXT PRIMARY KEY,
+        etag                  TEXT,
+        last_modified         TEXT,
+        last_poll             REAL,
+        last_success          REAL,
+        consecutive_failures  INTEGER NOT NULL DEFAULT 0,
+        last_error            TEXT
+    );
+    CREATE TABLE seen_items (
+        feed     TEXT NOT NULL,
+        item_id  TEXT NOT NULL,
+        seen_at  REAL NOT NULL,
+        PRIMARY KEY (feed, item_id)
+    ) WITHOUT ROWID;
+    -- One row per (feed, item, image URL): written before any download, so a
+    -- restart resumes every pending row and repeats no finished one.
+    CREATE TABLE work (
+        id             INTEGER PRIMARY KEY,
+        feed           TEXT NOT NULL,
+        item_id        TEXT NOT NULL,
+        image_url      TEXT NOT NULL,
+        page_url       TEXT,
+        author         TEXT,
+        published      REAL,
+        discovered_at  REAL NOT NULL,
+        state          TEXT NOT NULL DEFAULT 'pending',   -- pending | done | failed
+        error          TEXT,
+        finished_at    REAL,
+        UNIQUE (feed, item_id, image_url)
+    );
+    CREATE INDEX work_pending ON work (id) WHERE state = 'pending';
+    -- Fingerprints of every image URL fetched: the same URL from two feeds is
+    -- fetched once, and retroactive matching can reuse them.
+    CREATE TABLE images (
+        url           TEXT PRIMARY KEY,
+        state         TEXT NOT NULL,    -- ok | failed
+        dhash         INTEGER,
+        phash         INTEGER,
+        dhash_mirror  INTEGER,
+        phash_mirror  INTEGER,
+        width         INTEGER,
+        height        INTEGER,
+        degenerate    TEXT,
+        error         TEXT,
+        fetched_at    REAL NOT NULL
+    );
+    CREATE INDEX images_fetched ON images (fetched_at);
+    CREATE TABLE matches (
+        id              INTEGER PRIMARY KEY,
+        work_id         INTEGER NOT NULL REFERENCES work (id),
+        image_url       TEXT NOT NULL,
+        entry_id        INTEGER NOT NULL,
+        tier            TEXT NOT NULL,
+        dhash_distance  INTEGER NOT NULL,
+        phash_distance  INTEGER NOT NULL,
+        mirrored        INTEGER NOT NULL,
+        feed            TEXT NOT NULL,
+        item_id         TEXT NOT NULL,
+        page_url        TEXT,
+        author          TEXT,
+        published       REAL,
+        detected_at     REAL NOT NULL,
+        UNIQUE (image_url, entry_id)
+    );
+    CREATE INDEX matches_detected ON matches (detected_at);
+    """,
 ]
 
 

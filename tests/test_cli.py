@@ -113,8 +113,18 @@ def test_help_everywhere():
         assert r.returncode == 0 and "usage:" in r.stdout
 
 
-def test_demo_runs_and_finds_reposts():
-    r = run("demo")
+def test_batch_demo_runs_and_finds_reposts():
+    r = run("demo", "--batch")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("[match]") >= 8
     assert "[done]" in r.stderr
+
+
+def test_daemon_demo_prints_detections_and_exits():
+    r = run("demo", "--posts", "16", "--rate", "8")
+    assert r.returncode == 0, r.stderr
+    assert "metrics on http://127.0.0.1:" in r.stdout
+    detections = [line for line in r.stdout.splitlines() if line.startswith("[detected]")]
+    assert len(detections) >= 4
+    summary = r.stdout.splitlines()[-1]
+    assert summary.startswith("[demo] done: 16 posts") and "0 false alarms" in summary

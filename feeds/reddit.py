@@ -1,0 +1,71 @@
+"""Reddit listings: the /r/NAME/new.json shape (Listing -> children -> t3 posts).
+
+Images come from the post preview (a resolution near thumbnail size, not the
+full source), gallery media_metadata, or a direct image link. Without
+``raw_json=1`` Reddit HTML-escapes ``&`` as ``&amp;`` in URLs: unescaped here.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime, UTC
+
+from .base import FeedError, FeedItem, HttpSource, clean_urls, looks_like_image_url
+from .jsonfeed import load_json
+
+THUMB_WIDTH = 320
+
+
+def _pick(source: dict, resolutions: list) -> str | None:
+    for res in sorted((r for r in resolutions or [] if isinstance(r, dict)),
+                      key=lambda r: r.get("width") or 0):
+        if (res.get("width") or 0) >= THUMB_WIDTH and res.get("url"):
+            return res["url"]
+    return (source or {}).get("url")
+
+
+def post_images(post: dict) -> list[str]:
+    urls = []
+    for image in (post.get("preview") or {}).get("images") or []:
+        urls.append(_pick(image.get("source"), image.get("resolutions")))
+    meta = post.get("media_metadata") or {}
+    order = [g.get("media_id") for g in (post.get("gallery_data") or {}).get("items") or []]
+    for media_id in order or list(meta):
+        m = meta.get(media_id) or {}
+        if m.get("status") != "valid" or m.get("e") not in ("Image", "AnimatedImage"):
+            continue
+        urls.append(_pick(m.get("s"), [{"url": p.get("u"), "width": p.get("x")} for p in m.get("p") or []])
+                    or (m.get("s") or {}).get("u") or (m.get("s") or {}).get("gif"))
+    direct = post.get("url_overridden_by_dest") or post.get("url")
+    if isinstance(direct, str) and looks_like_image_url(direct):
+        urls.append(direct)
+    for parent in post.get("crosspost_parent_list") or []:
+        if not urls:
+            urls += post_images(parent)
+    return [html.unescape(u) for u in urls if isinstance(u, str)]
+
+
+class RedditListing(HttpSource):
+    kind = "reddit"
+    accept = "application/json"
+
+    def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
+        doc = load_json(body)
+        if not isinstance(doc, dict) or doc.get("kind") != "Listing":
+            if isinstance(doc, dict) and "error" in doc:
+                raise FeedError("api_error", f"Reddit error {doc.get('error')}: {doc.get('message')}")
+            raise FeedError("not_a_feed", "not a Reddit Listing")
+        out = []
+        for child in (doc.get("data") or {}).get("children") or []:
+            if not isinstance(child, dict) or child.get("kind") != "t3":
+                continue
+            post = child.get("data") or {}
+            created = post.get("created_utc")
+            permalink = post.get("permalink")
+            out.append(FeedItem(
+                self.name, str(post.get("name") or post.get("id")), clean_urls(post_images(post)),
+                f"https://www.reddit.com{permalink}" if permalink else post.get("url"),
+                post.get("author"),
+                datetime.fromtimestamp(created, UTC) if isinstance(created, (int, float)) else None,
+                post.get("title")))
+        return out

@@ -1,0 +1,206 @@
+"""The daemon's TOML config: schema, validation, secrets from the environment.
+
+Validation is pydantic's, with every error reported as ``key.path: problem``.
+Any string value may be ``"${NAME}"`` (or contain it): it is replaced by the
+environment variable NAME, and a missing variable is an error, so secrets
+never need to be written into the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from feeds.registry import SOURCE_TYPES
+
+from .fetch import FetchLimits
+from .fingerprint import DEFAULT_MAX_PIXELS
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    """Every problem in a config file, one per line, each naming its key."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        super().__init__(f"{source}: " + "\n  ".join(["invalid config:"] + problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Model):
+    path: str = "repost-monitor.sqlite"
+
+
+class LibraryConfig(_Model):
+    # Folders and files added (or refreshed) at start-up; the library can also
+    # be managed with `repost-monitor library` while the daemon runs.
+    paths: list[str] = []
+    label: str | None = None
+    reload_check_seconds: Annotated[float, Field(gt=0)] = 2.0
+
+
+class MatchConfig(_Model):
+    tier: Literal["exact", "near", "loose"] = "near"
+
+
+class LimitsConfig(_Model):
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 16
+    per_host_rate: Annotated[float, Field(gt=0)] = 8.0
+    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout: Annotated[float, Field(gt=0)] = 15.0
+    total_timeout: Annotated[float, Field(gt=0)] = 60.0
+    max_image_bytes: Annotated[int, Field(ge=1024)] = 10_000_000
+    max_feed_bytes: Annotated[int, Field(ge=1024)] = 5_000_000
+    max_pixels: Annotated[int, Field(ge=1)] = DEFAULT_MAX_PIXELS
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    queue_size: Annotated[int, Field(ge=1)] = 1000
+    fingerprint_workers: Annotated[int, Field(ge=1)] = max(1, os.cpu_count() or 1)
+    allow_private_addresses: bool = False
+    allowed_networks: list[str] = []
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+        for net in value:
+            ipaddress.ip_network(net, strict=False)  # raises ValueError with the reason
+        return value
+
+    def fetch_limits(self, local_roots: tuple[str, ...] = ()) -> FetchLimits:
+        return FetchLimits(
+            concurrency=self.concurrency, per_host_rate=self.per_host_rate,
+            connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+            total_timeout=self.total_timeout, max_image_bytes=self.max_image_bytes,
+            max_feed_bytes=self.max_feed_bytes, retries=self.retries,
+            allow_private=self.allow_private_addresses,
+            allowed_networks=tuple(self.allowed_networks), local_roots=local_roots)
+
+
+class FeedConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    type: str
+    url: str | None = None
+    path: str | None = None
+    interval: Annotated[float, Field(gt=0)] = 300.0
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.1   # share of the interval
+    max_backoff: Annotated[float, Field(gt=0)] = 3600.0
+    headers: dict[str, str] = {}
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in SOURCE_TYPES:
+            raise ValueError(f"unknown feed type {value!r}; one of {', '.join(sorted(SOURCE_TYPES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _target(self):
+        if self.type == "folder":
+            if not self.path:
+                raise ValueError("a folder feed needs 'path'")
+        elif not self.url or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"a {self.type} feed needs an http(s) 'url'")
+        return self
+
+
+class ServerConfig(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+
+
+class LogConfig(_Model):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Model):
+    store: StoreConfig = StoreConfig()
+    library: LibraryConfig = LibraryConfig()
+    match: MatchConfig = MatchConfig()
+    limits: LimitsConfig = LimitsConfig()
+    feeds: list[FeedConfig] = []
+    server: ServerConfig = ServerConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _unique_feed_names(self):
+        names = [f.name for f in self.feeds]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feed names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+def _expand_env(value, path: str, problems: list[str]):
+    if isinstance(value, str):
+        def sub(m):
+            name = m.group(1)
+            if name not in os.environ:
+                problems.append(f"{path}: environment variable {name} is not set")
+                return ""
+            return os.environ[name]
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else k, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _location(loc: tuple, data: dict) -> str:
+    parts = []
+    node = data
+    for key in loc:
+        if isinstance(key, int):
+            label = None
+            if isinstance(node, list) and key < len(node) and isinstance(node[key], dict):
+                label = node[key].get("name")
+            parts[-1] += f"[{key}]" + (f" ({label})" if label else "")
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+        else:
+            parts.append(str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def parse_config(data: dict, source: str = "config") -> Config:
+    problems: list[str] = []
+    data = _expand_env(data, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([f"{_location(e['loc'], data)}: {e['msg']}" for e in exc.errors()],
+                          source) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror or exc}"], str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    config = parse_config(data, str(path))
+    # Relative paths in the file are relative to the file, not to the cwd.
+    base = path.resolve().parent
+    return config.model_copy(update={
+        "store": StoreConfig(path=str(base / config.store.path)),
+        "library": config.library.model_copy(update={"paths": [str(base / p) for p in config.library.paths]}),
+        "feeds": [f.model_copy(update={"path": str(base / f.path)}) if f.path else f
+                  for f in config.feeds],
+    })

@@ -1,0 +1,95 @@
+"""`repost-monitor run`: wire config, store, library, sources, pipeline and server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from feeds import make_source
+
+from . import kernel
+from .config import Config
+from .fetch import Fetcher
+from .library import Library
+from .matcher import PRESETS, Matcher
+from .metrics import Metrics
+from .pipeline import FeedSettings, OnMatch, Pipeline
+from .scan import FingerprintCache, default_cache_path
+from .server import make_app, start_server
+from .store import Store
+
+log = logging.getLogger("repost_monitor.daemon")
+
+
+@dataclass
+class Running:
+    """What a started daemon exposes to its caller (the demo, tests)."""
+    config: Config
+    store: Store
+    library: Library
+    pipeline: Pipeline
+    metrics: Metrics
+    port: int | None = None
+    ready: dict = field(default_factory=dict)
+
+
+async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
+                     on_match: OnMatch | None = None,
+                     on_ready: Callable[[Running], None] | None = None,
+                     install_signals: bool = True) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+    metrics = Metrics()
+    ready = {"ready": False}
+    store = Store(config.store.path)
+    # Compile (or load from cache) every kernel before the first request.
+    await asyncio.to_thread(kernel.warm_up)
+    library = await asyncio.to_thread(Library, store)
+    if config.library.paths:
+        cache = FingerprintCache(default_cache_path())
+        report = await asyncio.to_thread(library.add_files, config.library.paths,
+                                         label=config.library.label, cache=cache, progress=False)
+        for source, why in report.skipped:
+            log.warning("library: skipped %s: %s", source, why)
+        cache.close()
+    log.info("library: %d entries indexed from %s", len(library.index), config.store.path)
+    matcher = Matcher(library.index, PRESETS[config.match.tier])
+    local_roots = tuple(f.path for f in config.feeds if f.type == "folder" and f.path)
+    runner = None
+    try:
+        async with Fetcher(config.limits.fetch_limits(local_roots)) as fetcher:
+            pipeline = Pipeline(store, library, matcher, fetcher, metrics,
+                                queue_size=config.limits.queue_size,
+                                workers=config.limits.concurrency,
+                                fingerprint_workers=config.limits.fingerprint_workers,
+                                max_pixels=config.limits.max_pixels, on_match=on_match,
+                                library_check_seconds=config.library.reload_check_seconds)
+            for feed in config.feeds:
+                opts = {"path": feed.path} if feed.path else {}
+                pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
+                                    FeedSettings(feed.interval, feed.jitter, feed.max_backoff))
+            running = Running(config, store, library, pipeline, metrics, ready=ready)
+            if config.server.enabled:
+                runner, running.port = await start_server(make_app(metrics, ready),
+                                                          config.server.host, config.server.port)
+                log.info("serving /metrics and /healthz on http://%s:%d", config.server.host,
+                         running.port)
+            ready.update(ready=True, feeds=len(config.feeds), library_entries=len(library.index))
+            log.info("watching %d feeds", len(config.feeds))
+            if on_ready:
+                on_ready(running)
+            await pipeline.run(stop)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        store.close()
+        log.info("stopped")

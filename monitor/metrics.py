@@ -1,0 +1,60 @@
+"""Every Prometheus metric of the daemon, defined in one place.
+
+Names follow Prometheus conventions: base units (seconds, bytes), ``_total``
+for counters, labels of low cardinality only (feed name, reason, tier,
+never a URL or item id). Each daemon gets its own registry so several can
+run in one process (tests, the demo).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from . import __version__
+from .fingerprint import ALGORITHM_VERSION
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LAG_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        p = "repost_monitor_"
+        self.build_info = Info(p + "build", "Version and hash algorithm", registry=r)
+        self.build_info.info({"version": __version__, "hash_algorithm": ALGORITHM_VERSION})
+        self.items_discovered = Counter(p + "items_discovered_total",
+                                        "New feed items seen", ["feed"], registry=r)
+        self.feed_polls = Counter(p + "feed_polls_total", "Feed polls by result "
+                                  "(ok, not_modified, error)", ["feed", "result"], registry=r)
+        self.feed_last_success = Gauge(p + "feed_last_success_timestamp_seconds",
+                                       "Unix time of the last successful poll", ["feed"], registry=r)
+        self.images_downloaded = Counter(p + "images_downloaded_total",
+                                         "Images downloaded", ["feed"], registry=r)
+        self.image_failures = Counter(p + "image_failures_total", "Images that could not be "
+                                      "fetched or decoded, by reason", ["stage", "reason"], registry=r)
+        self.download_bytes = Counter(p + "download_bytes_total", "Bytes of images downloaded",
+                                      registry=r)
+        self.download_seconds = Histogram(p + "download_duration_seconds", "Image download time",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.fingerprint_seconds = Histogram(p + "fingerprint_duration_seconds",
+                                             "Decode and hash time per image",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.match_seconds = Histogram(p + "match_duration_seconds",
+                                       "Library comparison time per image",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.pipeline_seconds = Histogram(p + "image_to_record_duration_seconds",
+                                          "From image downloaded to match recorded",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.library_entries = Gauge(p + "library_entries", "Library entries in the match index",
+                                     registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Work items waiting", ["queue"], registry=r)
+        self.queue_capacity = Gauge(p + "queue_capacity", "Queue size limit", ["queue"], registry=r)
+        self.matches = Counter(p + "matches_total", "Matches recorded", ["tier"], registry=r)
+        self.errors = Counter(p + "errors_total", "Errors by pipeline stage", ["stage"], registry=r)
+        self.detection_lag = Histogram(p + "detection_lag_seconds",
+                                       "From publication to match recorded",
+                                       buckets=LAG_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,403 @@
+"""sources -> bounded queue -> download -> fingerprint -> match -> match records.
+
+Every (feed, item, image URL) is written to the ``work`` table before it is
+queued, and marked done in the same transaction that records its matches,
+so a crash or kill at any moment loses nothing and repeats nothing: a
+restart re-queues exactly the pending rows. The queue is bounded, so a burst
+of items waits in the watchers (and the table) instead of in memory.
+
+Decoding, hashing and matching run in a thread pool (Pillow and the numba
+kernels release the GIL), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from feeds import FeedError, FeedItem, HttpSource, LocalSource
+
+from .fetch import FetchError, Fetcher
+from .fingerprint import Fingerprint, ImageError, fingerprint_bytes
+from .library import Library, LibraryEntry
+from .matcher import Match, Matcher
+from .metrics import Metrics
+from .store import Store, sql_to_u64, u64_to_sql
+
+log = logging.getLogger("repost_monitor.pipeline")
+
+# Failures that will not change on a retry: cached per URL, so the same bad
+# image reached through another feed is not fetched again.
+PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address", "bad_url",
+                          "blocked_path"}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    id: int
+    feed: str
+    item_id: str
+    image_url: str
+    page_url: str | None
+    author: str | None
+    published: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRecord:
+    id: int
+    work: WorkItem
+    entry: LibraryEntry
+    match: Match
+    detected_at: float
+
+    @property
+    def lag_seconds(self) -> float | None:
+        return self.detected_at - self.work.published if self.work.published else None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSettings:
+    interval: float = 300.0
+    jitter: float = 0.1
+    max_backoff: float = 3600.0
+    headers: tuple = ()
+
+
+OnMatch = Callable[[MatchRecord], Awaitable[None] | None]
+
+
+class Pipeline:
+    def __init__(self, store: Store, library: Library, matcher: Matcher, fetcher: Fetcher,
+                 metrics: Metrics, *, queue_size: int = 1000, workers: int = 16,
+                 fingerprint_workers: int = 2, max_pixels: int | None = None,
+                 on_match: OnMatch | None = None, library_check_seconds: float = 2.0):
+        self.store = store
+        self.library = library
+        self.matcher = matcher
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.queue: asyncio.Queue[WorkItem] = asyncio.Queue(queue_size)
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
+        self.max_pixels = max_pixels
+        self.on_match = on_match
+        self.library_check_seconds = library_check_seconds
+        self.sources: list[tuple[HttpSource | LocalSource, FeedSettings]] = []
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._active = 0
+        self.idle = asyncio.Event()
+        metrics.queue_capacity.labels("download").set(queue_size)
+
+    def add_source(self, source: HttpSource | LocalSource, settings: FeedSettings) -> None:
+        self.sources.append((source, settings))
+
+    # -- the whole thing -------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        watchers = [asyncio.create_task(self._watch(s, cfg, stop), name=f"watch:{s.name}")
+                    for s, cfg in self.sources]
+        workers = [asyncio.create_task(self._work(stop), name=f"worker:{i}")
+                   for i in range(self.workers)]
+        helpers = [asyncio.create_task(self._resume_pending(stop), name="resume"),
+                   asyncio.create_task(self._watch_library(stop), name="library")]
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: %d watchers, draining %d in-flight images", len(watchers), self._active)
+            for t in watchers + helpers:
+                t.cancel()
+            # Workers finish the image in hand; queued rows stay pending in the
+            # store and are resumed at the next start.
+            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(*watchers, *helpers, return_exceptions=True)
+            await loop.run_in_executor(None, self.executor.shutdown)
+
+    # -- sources ---------------------------------------------------------------
+    async def _watch(self, source, cfg: FeedSettings, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                new = await self.poll_once(source)
+                failures = 0
+                for work in new:
+                    await self.queue.put(work)
+                    self.metrics.queue_depth.labels("download").set(self.queue.qsize())
+                delay = cfg.interval
+            except asyncio.CancelledError:
+                raise
+            except (FetchError, FeedError) as exc:
+                failures += 1
+                delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
+                self._feed_failed(source.name, exc, failures)
+                log.warning("feed %s failed (%s); next poll in %.0fs", source.name, exc, delay,
+                            extra={"feed": source.name, "reason": exc.reason})
+            except Exception as exc:  # noqa: BLE001 - a bug in one adapter must not stop the rest
+                failures += 1
+                delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
+                self.metrics.errors.labels("poll").inc()
+                self._feed_failed(source.name, exc, failures)
+                log.exception("feed %s: unexpected error; next poll in %.0fs", source.name, delay,
+                              extra={"feed": source.name})
+            delay *= 1 + random.uniform(-cfg.jitter, cfg.jitter)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=max(0.05, delay))
+            except TimeoutError:
+                pass
+
+    def _feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
+        self.metrics.feed_polls.labels(feed, "error").inc()
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO feed_state (feed, last_poll, consecutive_failures, last_error) "
+                         "VALUES (?,?,?,?) ON CONFLICT (feed) DO UPDATE SET last_poll=excluded.last_poll, "
+                         "consecutive_failures=excluded.consecutive_failures, "
+                         "last_error=excluded.last_error", (feed, time.time(), failures, str(exc)))
+
+    async def poll_once(self, source) -> list[WorkItem]:
+        """Poll one source; returns the work rows it created (already stored)."""
+        now = time.time()
+        if isinstance(source, LocalSource):
+            self.fetcher.add_local_root(source.options["path"])
+            items = await asyncio.to_thread(source.scan)
+            etag = last_modified = None
+        else:
+            state = self.store.query("SELECT etag, last_modified FROM feed_state WHERE feed=?",
+                                     (source.name,))
+            etag, last_modified = state[0] if state else (None, None)
+            resp = await self.fetcher.fetch_feed(source.url, etag=etag, last_modified=last_modified,
+                                                 accept=source.accept)
+            if resp.not_modified:
+                self._feed_ok(source.name, now, etag, last_modified, "not_modified")
+                return []
+            # Parsing can be heavy (feedparser on a 5 MB feed): off the loop.
+            items = await asyncio.to_thread(source.parse, resp.body, resp.content_type)
+            etag, last_modified = resp.etag, resp.last_modified
+        work = self._record_items(source.name, items, now)
+        self._feed_ok(source.name, now, etag, last_modified, "ok")
+        if work:
+            log.info("feed %s: %d new images in %d items", source.name, len(work),
+                     len({w.item_id for w in work}), extra={"feed": source.name})
+        return work
+
+    def _feed_ok(self, feed, now, etag, last_modified, result) -> None:
+        self.metrics.feed_polls.labels(feed, result).inc()
+        self.metrics.feed_last_success.labels(feed).set(now)
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO feed_state (feed, etag, last_modified, last_poll, last_success, "
+                "consecutive_failures, last_error) VALUES (?,?,?,?,?,0,NULL) ON CONFLICT (feed) DO "
+                "UPDATE SET etag=excluded.etag, last_modified=excluded.last_modified, "
+                "last_poll=excluded.last_poll, last_success=excluded.last_success, "
+                "consecutive_failures=0, last_error=NULL", (feed, etag, last_modified, now, now))
+
+    def _record_items(self, feed: str, items: list[FeedItem], now: float) -> list[WorkItem]:
+        work: list[WorkItem] = []
+        with self.store.transaction() as conn:
+            for item in items:
+                cur = conn.execute("INSERT OR IGNORE INTO seen_items VALUES (?,?,?)",
+                                   (feed, item.id, now))
+                if cur.rowcount == 0:
+                    continue
+                self.metrics.items_discovered.labels(feed).inc()
+                published = item.published.timestamp() if item.published else None
+                for url in item.image_urls:
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO work (feed, item_id, image_url, page_url, author, "
+                        "published, discovered_at) VALUES (?,?,?,?,?,?,?)",
+                        (feed, item.id, url, item.page_url, item.author, published, now))
+                    if cur.rowcount:
+                        work.append(WorkItem(cur.lastrowid, feed, item.id, url, item.page_url,
+                                             item.author, published))
+        return work
+
+    async def submit(self, feed: str, items: list[FeedItem]) -> list[WorkItem]:
+        """Queue items pushed to us (the ingest API) like polled ones."""
+        work = self._record_items(feed, items, time.time())
+        for w in work:
+            await self.queue.put(w)
+        return work
+
+    async def _resume_pending(self, stop: asyncio.Event) -> None:
+        rows = self.store.query("SELECT id, feed, item_id, image_url, page_url, author, published "
+                                "FROM work WHERE state='pending' ORDER BY id")
+        if rows:
+            log.info("resuming %d pending images from the last run", len(rows))
+        for row in rows:
+            if stop.is_set():
+                return
+            await self.queue.put(WorkItem(*row))
+
+    async def _watch_library(self, stop: asyncio.Event) -> None:
+        """Reload the index when another process (the CLI) changed the table."""
+        def signature():
+            return self.store.query("SELECT COUNT(*), COALESCE(MAX(id), 0), "
+                                    "COALESCE(SUM(id), 0) FROM library_entries "
+                                    "WHERE degenerate IS NULL")[0]
+        known = await asyncio.to_thread(signature)
+        self.metrics.library_entries.set(len(self.library.index))
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.library_check_seconds)
+                return
+            except TimeoutError:
+                pass
+            now = await asyncio.to_thread(signature)
+            if now != known:
+                await asyncio.to_thread(self.library.reload)
+                known = now
+                log.info("library changed: %d entries indexed", len(self.library.index))
+            self.metrics.library_entries.set(len(self.library.index))
+
+    # -- per image -----------------------------------------------------------
+    async def _work(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            get = asyncio.ensure_future(self.queue.get())
+            stopping = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                stopping.cancel()
+                return
+            stopping.cancel()
+            work = get.result()
+            self.metrics.queue_depth.labels("download").set(self.queue.qsize())
+            self._active += 1
+            self.idle.clear()
+            try:
+                # Shielded: a stop while downloading still finishes this image.
+                await asyncio.shield(self.process(work))
+            except Exception:  # noqa: BLE001 - one bad image never stops a worker
+                self.metrics.errors.labels("process").inc()
+                log.exception("processing %s failed", work.image_url,
+                              extra={"feed": work.feed, "item_id": work.item_id, "url": work.image_url})
+            finally:
+                self._active -= 1
+                self.queue.task_done()
+                if self._active == 0 and self.queue.empty():
+                    self.idle.set()
+
+    async def process(self, work: WorkItem) -> list[MatchRecord]:
+        ctx = {"feed": work.feed, "item_id": work.item_id, "url": work.image_url, "work_id": work.id}
+        try:
+            fp, downloaded_at = await self._fingerprint_url(work)
+        except (FetchError, ImageError) as exc:
+            self._finish(work, [], error=str(exc))
+            log.warning("image skipped: %s", exc, extra={**ctx, "reason": exc.reason})
+            return []
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        matches = await loop.run_in_executor(self.executor, self.matcher.match, fp)
+        self.metrics.match_seconds.observe(time.perf_counter() - start)
+        records = self._finish(work, matches)
+        self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
+        for rec in records:
+            self.metrics.matches.labels(rec.match.tier).inc()
+            if rec.lag_seconds is not None:
+                self.metrics.detection_lag.observe(max(0.0, rec.lag_seconds))
+            log.info("match %s: %s dist=%d/64 -> library %d (%s)", rec.id, rec.match.tier,
+                     rec.match.dhash_distance, rec.entry.id, rec.entry.label,
+                     extra={**ctx, "match_id": rec.id, "entry_id": rec.entry.id, "tier": rec.match.tier})
+            if self.on_match is not None:
+                result = self.on_match(rec)
+                if asyncio.iscoroutine(result):
+                    await result
+        return records
+
+    async def _fingerprint_url(self, work: WorkItem) -> tuple[Fingerprint, float]:
+        """The fingerprint of an image URL: from the store if any feed already
+        fetched it, from a concurrent fetch of the same URL, or fetched now."""
+        cached = self._cached_image(work.image_url)
+        if cached is not None:
+            return cached, time.perf_counter()
+        pending = self._inflight.get(work.image_url)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[work.image_url] = fut
+        try:
+            result = await self._download_and_hash(work)
+            fut.set_result(result)
+            return result
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[work.image_url]
+
+    def _cached_image(self, url: str) -> Fingerprint | None:
+        rows = self.store.query("SELECT state, dhash, phash, dhash_mirror, phash_mirror, width, "
+                                "height, degenerate, error FROM images WHERE url=?", (url,))
+        if not rows:
+            return None
+        state, d, p, dm, pm, w, h, degenerate, error = rows[0]
+        if state != "ok":
+            reason, _, message = (error or "failed: earlier failure").partition(": ")
+            raise FetchError(reason, f"{message} (cached)")
+        return Fingerprint(sql_to_u64(d), sql_to_u64(p), sql_to_u64(dm), sql_to_u64(pm), w, h,
+                           degenerate)
+
+    async def _download_and_hash(self, work: WorkItem) -> tuple[Fingerprint, float]:
+        start = time.perf_counter()
+        try:
+            data = await self.fetcher.fetch_image(work.image_url)
+        except FetchError as exc:
+            self.metrics.image_failures.labels("download", exc.reason).inc()
+            if exc.reason in PERMANENT_FETCH_ERRORS:
+                self._store_image_failure(work.image_url, exc)
+            raise
+        downloaded = time.perf_counter()
+        self.metrics.download_seconds.observe(downloaded - start)
+        self.metrics.download_bytes.inc(len(data))
+        self.metrics.images_downloaded.labels(work.feed).inc()
+        loop = asyncio.get_running_loop()
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        try:
+            fp = await loop.run_in_executor(self.executor, lambda: fingerprint_bytes(data, **kwargs))
+        except ImageError as exc:
+            self.metrics.image_failures.labels("decode", exc.reason).inc()
+            self._store_image_failure(work.image_url, exc)
+            raise
+        self.metrics.fingerprint_seconds.observe(time.perf_counter() - downloaded)
+        if fp.degenerate:
+            self.metrics.image_failures.labels("decode", "degenerate").inc()
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                         (work.image_url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
+                          u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.width,
+                          fp.height, fp.degenerate, None, time.time()))
+        return fp, downloaded
+
+    def _store_image_failure(self, url: str, exc: Exception) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO images (url, state, error, fetched_at) "
+                         "VALUES (?,?,?,?)", (url, "failed", str(exc), time.time()))
+
+    def _finish(self, work: WorkItem, matches: list[Match], error: str | None = None
+                ) -> list[MatchRecord]:
+        """Record matches and close the work row in one transaction."""
+        now = time.time()
+        entries = self.library.entries_by_id(m.entry_id for m in matches) if matches else {}
+        records = []
+        with self.store.transaction() as conn:
+            for m in matches:
+                entry = entries.get(m.entry_id)
+                if entry is None:
+                    continue  # removed from the library a moment ago
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, "
+                    "dhash_distance, phash_distance, mirrored, feed, item_id, page_url, author, "
+                    "published, detected_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance,
+                     m.phash_distance, int(m.mirrored), work.feed, work.item_id, work.page_url,
+                     work.author, work.published, now))
+                if cur.rowcount:  # the same image URL via another feed: already recorded
+                    records.append(MatchRecord(cur.lastrowid, work, entry, m, now))
+            conn.execute("UPDATE work SET state=?, error=?, finished_at=? WHERE id=?",
+                         ("failed" if error else "done", error, now, work.id))
+        return records
