@@ -51,6 +51,9 @@ class RedditListing(HttpSource):
 
     def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
         doc = load_json(body)
+        if isinstance(doc, list):
+            # A post's own page (/comments/ID.json): [post listing, comments listing].
+            doc = next((d for d in doc if isinstance(d, dict) and d.get("kind") == "Listing"), {})
         if not isinstance(doc, dict) or doc.get("kind") != "Listing":
             if isinstance(doc, dict) and "error" in doc:
                 raise FeedError("api_error", f"Reddit error {doc.get('error')}: {doc.get('message')}")

@@ -69,7 +69,8 @@ def entry_images(entry, base: str | None) -> list[str]:
 
 class XmlFeed(HttpSource):
     kind = "rss"
-    accept = "application/rss+xml, application/atom+xml, application/rdf+xml, application/xml;q=0.9, */*;q=0.5"
+    accept = ("application/rss+xml, application/atom+xml, application/rdf+xml, "
+              "application/xml;q=0.9, */*;q=0.5")
 
     def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
         if not body.strip():
@@ -78,9 +79,12 @@ class XmlFeed(HttpSource):
         headers = {"content-type": content_type} if content_type else {}
         parsed = feedparser.parse(body, response_headers=headers, sanitize_html=False,
                                   resolve_relative_uris=True)
+        why = parsed.get("bozo_exception")
         if not parsed.get("version") and not parsed.entries:
-            why = parsed.get("bozo_exception")
             raise FeedError("not_a_feed", f"no RSS/Atom feed found ({why or 'unknown format'})")
+        if parsed.get("bozo") and not parsed.entries:
+            # A cut-off or broken document with nothing salvageable.
+            raise FeedError("malformed_xml", f"broken feed with no items: {why}")
         base = parsed.feed.get("link") or self.url
         items = []
         for n, entry in enumerate(parsed.entries):

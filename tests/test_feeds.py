@@ -1,0 +1,109 @@
+"""Source adapters on real payloads from public test suites."""
+
+from datetime import datetime
+
+import pytest
+
+from feeds import FeedError, make_source
+from feeds.folder import FolderSource
+from tests.conftest import PAYLOADS
+
+
+def parse(kind, rel):
+    return make_source(kind, "t", "https://feeds.example.org/feed").parse((PAYLOADS / rel).read_bytes())
+
+
+def test_rss_media_content_with_authors_and_dates():
+    items = parse("rss", "rss2/rss-parser__guardian.rss")
+    assert len(items) == 55
+    first = items[0]
+    assert first.id.startswith("https://www.theguardian.com/us-news/2018/jan/31/")
+    assert first.page_url == first.id
+    assert first.author == "David Smith in Washington"
+    assert isinstance(first.published, datetime) and first.published.year == 2018
+    assert all(u.startswith("https://i.guim.co.uk/img/media/") for u in first.image_urls)
+    assert len({i.id for i in items}) == 55
+
+
+def test_rss_image_enclosures_and_img_in_content():
+    (item,) = parse("rss", "rss2/feedparser__item_enclosure_multiple.xml")
+    assert item.image_urls == ("http://example.com/1", "http://example.com/2")
+    (post,) = parse("rss", "rss2/feed-rs__rss_2.0_cloudflare.xml")
+    assert post.author == "Luke Valenta"
+    assert len(post.image_urls) >= 2
+    assert all(u.startswith("https://blog.cloudflare.com/content/images/") for u in post.image_urls)
+
+
+def test_atom_media_thumbnail():
+    (item,) = parse("atom", "atom/feedparser__media_thumbnail.xml")
+    assert item.image_urls == ("http://example.com/thumbnail.jpg",)
+
+
+def test_json_feed_image_banner_and_attachments():
+    (item,) = parse("jsonfeed", "jsonfeed/gofeed__version_json_11.json")
+    assert "https://sample-json-feed.com/image.png" in item.image_urls
+    assert "https://sample-json-feed.com/banner_image.png" in item.image_urls
+    assert item.author == "author_name"
+    assert item.published.year == 2019
+
+
+def test_reddit_listing_previews_and_external_hosts():
+    items = parse("reddit", "reddit/praw__multireddit_photo_new_2016-07.json")
+    assert len(items) == 100
+    assert all(i.id.startswith("t3_") and i.page_url.startswith("https://www.reddit.com/r/")
+               for i in items)
+    urls = [u for i in items for u in i.image_urls]
+    assert any("imgur.com" in u for u in urls)
+    assert not any("&amp;" in u for u in urls)
+
+
+def test_reddit_gallery_post_page():
+    (post,) = parse("reddit", "reddit/praw__gallery_post_2020-07.json")
+    assert len(post.image_urls) >= 3  # every gallery image, not only the first
+
+
+def test_mastodon_reblogs_and_media():
+    items = parse("mastodon", "mastodon/mastodon-api__timeline_home_2016-10.json")
+    assert len(items) == 20 and all(i.author for i in items)
+    tagged = parse("mastodon", "mastodon/bigbone__timeline_tag_2017-04.json")
+    with_media = [i for i in tagged if i.image_urls]
+    assert with_media, "the hashtag timeline carries image attachments"
+    assert all(u.startswith("https://") for i in with_media for u in i.image_urls)
+
+
+@pytest.mark.parametrize("name", ["defusedxml__xmlbomb.xml", "defusedxml__quadratic.xml",
+                                  "defusedxml__external.xml", "defusedxml__external_file.xml"])
+def test_entity_attacks_are_refused(name):
+    with pytest.raises(FeedError) as err:
+        parse("rss", f"malformed/{name}")
+    assert err.value.reason == "forbidden_xml"
+
+
+@pytest.mark.parametrize("kind,name,reason", [
+    ("rss", "node-feedparser__notafeed.html", "not_a_feed"),
+    ("rss", "feed-rs__rss_2.0_invalid_1.xml", "malformed_xml"),
+    ("jsonfeed", "gofeed__invalid.json", "malformed_json"),
+    ("reddit", "gofeed__invalid.json", "malformed_json"),
+    ("mastodon", "node-feedparser__notafeed.html", "malformed_json"),
+])
+def test_malformed_payloads_raise_feed_error(kind, name, reason):
+    with pytest.raises(FeedError) as err:
+        parse(kind, f"malformed/{name}")
+    assert err.value.reason == reason
+
+
+def test_broken_xml_keeps_the_good_items():
+    items = parse("rss", "malformed/node-feedparser__saxerror.xml")
+    assert [i.id for i in items][:1] == ["http://example.com/good"]
+
+
+def test_folder_source_sees_new_and_changed_files(tmp_path, samples):
+    src = FolderSource("inbox", {"path": str(tmp_path)})
+    assert src.scan() == []
+    (tmp_path / "a.jpg").write_bytes((samples / "other-home.jpg").read_bytes())
+    (tmp_path / "notes.txt").write_text("not an image")
+    first = src.scan()
+    assert [i.image_urls[0].rsplit("/", 1)[-1] for i in first] == ["a.jpg"]
+    (tmp_path / "a.jpg").write_bytes((samples / "other-apple.jpg").read_bytes())
+    second = src.scan()
+    assert second[0].id != first[0].id  # changed content is a new item
