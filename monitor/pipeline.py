@@ -284,15 +284,11 @@ class Pipeline:
     async def process(self, work: WorkItem) -> list[MatchRecord]:
         ctx = {"feed": work.feed, "item_id": work.item_id, "url": work.image_url, "work_id": work.id}
         try:
-            fp, downloaded_at = await self._fingerprint_url(work)
+            fp, matches, downloaded_at = await self._fingerprint_and_match(work)
         except (FetchError, ImageError) as exc:
             self._finish(work, [], error=str(exc))
             log.warning("image skipped: %s", exc, extra={**ctx, "reason": exc.reason})
             return []
-        loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-        matches = await loop.run_in_executor(self.executor, self.matcher.match, fp)
-        self.metrics.match_seconds.observe(time.perf_counter() - start)
         records = self._finish(work, matches)
         self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
         for rec in records:
@@ -308,15 +304,30 @@ class Pipeline:
                     await result
         return records
 
-    async def _fingerprint_url(self, work: WorkItem) -> tuple[Fingerprint, float]:
-        """The fingerprint of an image URL: from the store if any feed already
-        fetched it, from a concurrent fetch of the same URL, or fetched now."""
+    def _match_timed(self, fp: Fingerprint) -> list[Match]:
+        start = time.perf_counter()
+        matches = self.matcher.match(fp)
+        self.metrics.match_seconds.observe(time.perf_counter() - start)
+        return matches
+
+    async def _fingerprint_and_match(self, work: WorkItem):
+        loop = asyncio.get_running_loop()
+        fp, matches, downloaded_at = await self._fingerprint_url(work)
+        if matches is None:  # fingerprint from the store: match it now
+            matches = await loop.run_in_executor(self.executor, self._match_timed, fp)
+        return fp, matches, downloaded_at
+
+    async def _fingerprint_url(self, work: WorkItem):
+        """(fingerprint, matches or None, time downloaded) of an image URL: from
+        the store if any feed already fetched it, from a concurrent fetch of
+        the same URL, or fetched now."""
         cached = self._cached_image(work.image_url)
         if cached is not None:
-            return cached, time.perf_counter()
+            return cached, None, time.perf_counter()
         pending = self._inflight.get(work.image_url)
         if pending is not None:
-            return await asyncio.shield(pending)
+            fp, _, downloaded = await asyncio.shield(pending)
+            return fp, None, downloaded
         fut = asyncio.get_running_loop().create_future()
         self._inflight[work.image_url] = fut
         try:
@@ -342,7 +353,15 @@ class Pipeline:
         return Fingerprint(sql_to_u64(d), sql_to_u64(p), sql_to_u64(dm), sql_to_u64(pm), w, h,
                            degenerate)
 
-    async def _download_and_hash(self, work: WorkItem) -> tuple[Fingerprint, float]:
+    def _hash_and_match(self, data: bytes):
+        """Decode, hash and match in one worker-thread call (one hop, not two)."""
+        start = time.perf_counter()
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        fp = fingerprint_bytes(data, **kwargs)
+        self.metrics.fingerprint_seconds.observe(time.perf_counter() - start)
+        return fp, self._match_timed(fp)
+
+    async def _download_and_hash(self, work: WorkItem):
         start = time.perf_counter()
         try:
             data = await self.fetcher.fetch_image(work.image_url)
@@ -356,14 +375,12 @@ class Pipeline:
         self.metrics.download_bytes.inc(len(data))
         self.metrics.images_downloaded.labels(work.feed).inc()
         loop = asyncio.get_running_loop()
-        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         try:
-            fp = await loop.run_in_executor(self.executor, lambda: fingerprint_bytes(data, **kwargs))
+            fp, matches = await loop.run_in_executor(self.executor, self._hash_and_match, data)
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()
             self._store_image_failure(work.image_url, exc)
             raise
-        self.metrics.fingerprint_seconds.observe(time.perf_counter() - downloaded)
         if fp.degenerate:
             self.metrics.image_failures.labels("decode", "degenerate").inc()
         with self.store.transaction() as conn:
@@ -371,7 +388,7 @@ class Pipeline:
                          (work.image_url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                           u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.width,
                           fp.height, fp.degenerate, None, time.time()))
-        return fp, downloaded
+        return fp, matches, downloaded
 
     def _store_image_failure(self, url: str, exc: Exception) -> None:
         with self.store.transaction() as conn:

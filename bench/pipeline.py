@@ -1,0 +1,192 @@
+"""End-to-end daemon benchmark: a loopback feed host with N posts of real thumbnails.
+
+    python3 bench/pipeline.py ../shared/corpus [--posts 20000] [--library 100000]
+
+The host (a separate process) serves a JSON Feed that hands out the next batch of posts on every
+poll, and the posts' 320 px JPEG thumbnails made from the corpus. The daemon runs with the real
+config, store and pipeline. Printed: posts/s end to end, time from image downloaded to match
+recorded (p50/p99 from the metrics histogram), resident memory over the run, and the CPU split
+between download, decode/fingerprint and match (sums of the per-stage histograms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def make_thumbs(corpus: Path, limit: int) -> list[bytes]:
+    from PIL import Image
+    out = []
+    for f in sorted(corpus.glob("*.jpg"))[:limit]:
+        img = Image.open(f).convert("RGB")
+        img.thumbnail((320, 320))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def host_process(thumbs: list[bytes], posts: int, batch: int, port_q) -> None:
+    from aiohttp import web
+    served = {"next": 0}
+
+    async def feed(request):
+        start = served["next"]
+        stop = min(posts, start + batch)
+        served["next"] = stop
+        base = f"http://{request.host}"
+        items = [{"id": f"p{i}", "url": f"{base}/p/{i}", "image": f"{base}/img/{i}.jpg"}
+                 for i in range(start, stop)]
+        return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "bench",
+                                  "items": items})
+
+    async def image(request):
+        i = int(request.match_info["n"])
+        return web.Response(body=thumbs[i % len(thumbs)], content_type="image/jpeg")
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/feed.json", feed)
+        app.router.add_get("/img/{n}.jpg", image)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port_q.put(site._server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def histogram_quantile(metrics_text: str, name: str, q: float) -> float:
+    buckets = []
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return float("inf")
+
+
+def metric_sum(metrics_text: str, name: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "_sum"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+async def run(args, port: int, lib_path: str) -> None:
+    from monitor.config import parse_config
+    from monitor.daemon import run_daemon
+    config = parse_config({
+        "store": {"path": lib_path},
+        "limits": {"allowed_networks": ["127.0.0.0/8"], "per_host_rate": 100000,
+                   "concurrency": args.concurrency, "queue_size": 2000},
+        "feeds": [{"name": "bench", "type": "jsonfeed", "url": f"http://127.0.0.1:{port}/feed.json",
+                   "interval": 0.05, "jitter": 0}],
+        "server": {"enabled": False}, "log": {"level": "warning"},
+    })
+    stop = asyncio.Event()
+    state = {}
+    memory = []
+
+    async def watch(r):
+        t0 = None
+        while True:
+            await asyncio.sleep(1)
+            done = r.store.query("SELECT COUNT(*) FROM work WHERE state!='pending'")[0][0]
+            memory.append(rss_mb())
+            if done and t0 is None:
+                t0 = time.perf_counter()
+                state["first"] = done
+            if done >= args.posts:
+                state["elapsed"] = time.perf_counter() - t0
+                state["metrics"] = r.metrics.render().decode()
+                state["matches"] = r.store.query("SELECT COUNT(*) FROM matches")[0][0]
+                stop.set()
+                return
+            print(f"  {done:,} posts processed, RSS {memory[-1]:.0f} MB", file=sys.stderr, flush=True)
+
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    await run_daemon(config, stop=stop, install_signals=False,
+                     on_ready=lambda r: asyncio.get_running_loop().create_task(watch(r)))
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    text = state["metrics"]
+    rate = (args.posts - state["first"]) / state["elapsed"]
+    print(f"posts: {args.posts:,}; library: {args.library:,} entries; matches recorded: {state['matches']:,}")
+    print(f"throughput: {rate:.0f} posts/s end to end (target >= 400)")
+    p50 = histogram_quantile(text, "repost_monitor_image_to_record_duration_seconds", 0.5)
+    p99 = histogram_quantile(text, "repost_monitor_image_to_record_duration_seconds", 0.99)
+    print(f"image downloaded -> match recorded: p50 <= {p50 * 1e3:.0f} ms, p99 <= {p99 * 1e3:.0f} ms "
+          f"(histogram bucket bounds; target p99 < 100 ms)")
+    steady = memory[len(memory) // 4:]
+    print(f"resident memory: start {memory[0]:.0f} MB, after warm-up {steady[0]:.0f} MB, end "
+          f"{memory[-1]:.0f} MB ({(memory[-1] - steady[0]) / steady[0]:+.1%} after warm-up)")
+    d = metric_sum(text, "repost_monitor_download_duration_seconds")
+    f = metric_sum(text, "repost_monitor_fingerprint_duration_seconds")
+    m = metric_sum(text, "repost_monitor_match_duration_seconds")
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    total = d + f + m
+    print(f"stage time (wall, summed over concurrent work): download {d:.1f}s ({d / total:.0%}), "
+          f"decode+fingerprint {f:.1f}s ({f / total:.0%}), match {m:.1f}s ({m / total:.0%}); "
+          f"daemon process CPU {cpu:.1f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("--posts", type=int, default=20000)
+    ap.add_argument("--library", type=int, default=100000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    args = ap.parse_args()
+    thumbs = make_thumbs(args.corpus, 1021)
+    print(f"{len(thumbs)} thumbnails, mean {np.mean([len(t) for t in thumbs]) / 1e3:.0f} KB")
+    q = mp.Queue()
+    host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q), daemon=True)
+    host.start()
+    port = q.get()
+    from monitor.fingerprint import fingerprint_bytes
+    from monitor.library import Library
+    from monitor.store import Store
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.sqlite")
+        store = Store(path)
+        lib = Library(store)
+        real = [fingerprint_bytes(t) for t in thumbs[:200]]  # some posts will match these
+        for i, fp in enumerate(real):
+            lib.add_fingerprint(f"corpus/{i}", fp)
+        rng = np.random.default_rng(5)
+        rand = rng.integers(-(2**63), 2**63 - 1, size=(args.library - len(real), 4), dtype=np.int64)
+        with store.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
+                "phash_mirror, degenerate, added_at) VALUES (?,?,?,?,?,?,?,?,NULL,0)",
+                ((f"random/{i}", "random", 320, 240, *map(int, rand[i])) for i in range(len(rand))))
+        store.close()
+        asyncio.run(run(args, port, path))
+    host.terminate()
+
+
+if __name__ == "__main__":
+    main()
