@@ -91,6 +91,25 @@ def cmd_library(args) -> int:
     raise AssertionError(args.library_cmd)
 
 
+def cmd_alerts(args) -> int:
+    from .alerts.outbox import list_alerts, resend_dead
+    from .store import Store
+    store = Store(args.db)
+    if args.alerts_cmd == "list":
+        for a in list_alerts(store, args.state, args.limit):
+            if args.format == "jsonl":
+                print(json.dumps(a))
+            else:
+                al = a["alert"]
+                print(f"{a['id']}\t{a['sink']}\t{a['state']}\tattempts={a['attempts']}\t{al['tier']}\t"
+                      f"{al['repost']['image_url']} -> {al['library']['label']}"
+                      + (f"\terror={a['last_error']}" if a["last_error"] else ""))
+        return 0
+    n = resend_dead(store, args.ids or None)
+    print(f"[ok] {n} dead alerts queued again; a running daemon delivers them")
+    return 0
+
+
 def cmd_match(args) -> int:
     from .batch import run_match
     from .matcher import PRESETS, threshold_tiers
@@ -174,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--format", choices=("text", "jsonl"), default="text")
     lsub.add_parser("stats", help="entry counts and index size")
     p.set_defaults(func=cmd_library)
+
+    p = sub.add_parser("alerts", help="list alerts, re-send dead ones",
+                       description="Inspect the alert outbox of a store.")
+    p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s)")
+    asub = p.add_subparsers(dest="alerts_cmd", required=True, metavar="ACTION")
+    a = asub.add_parser("list", help="list alerts, newest first")
+    a.add_argument("--state", choices=("pending", "delivered", "dead"))
+    a.add_argument("--limit", type=int, default=100)
+    a.add_argument("--format", choices=("text", "jsonl"), default="text")
+    a = asub.add_parser("resend", help="queue dead-lettered alerts again")
+    a.add_argument("ids", nargs="*", type=int, help="alert ids (default: every dead alert)")
+    p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser(
         "match", help="match input images against a library (all pairs)",

@@ -112,6 +112,30 @@ class FeedConfig(_Model):
         return self
 
 
+class AlertSinkConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    type: Literal["slack", "webhook", "discord", "file", "log"]
+    url: str | None = None
+    secret: str | None = None          # webhook HMAC-SHA256 key; use "${ENV_VAR}"
+    path: str | None = None            # file sink
+    tiers: list[Literal["exact", "near", "loose"]] = []
+    labels: list[str] = []
+    sources: list[str] = []
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    backoff_base: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max: Annotated[float, Field(gt=0)] = 300.0
+    timeout: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _target(self):
+        if self.type in ("slack", "webhook", "discord") and not (
+                self.url and self.url.startswith(("http://", "https://"))):
+            raise ValueError(f"a {self.type} sink needs an http(s) 'url'")
+        if self.type == "file" and not self.path:
+            raise ValueError("a file sink needs 'path'")
+        return self
+
+
 class ServerConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -129,15 +153,17 @@ class Config(_Model):
     match: MatchConfig = MatchConfig()
     limits: LimitsConfig = LimitsConfig()
     feeds: list[FeedConfig] = []
+    alerts: list[AlertSinkConfig] = []
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _unique_feed_names(self):
-        names = [f.name for f in self.feeds]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"feed names must be unique; repeated: {', '.join(dupes)}")
+        for kind, names in (("feed", [f.name for f in self.feeds]),
+                            ("alert sink", [a.name for a in self.alerts])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind} names must be unique; repeated: {', '.join(dupes)}")
         return self
 
 
@@ -203,4 +229,6 @@ def load_config(path: str | Path) -> Config:
         "library": config.library.model_copy(update={"paths": [str(base / p) for p in config.library.paths]}),
         "feeds": [f.model_copy(update={"path": str(base / f.path)}) if f.path else f
                   for f in config.feeds],
+        "alerts": [a.model_copy(update={"path": str(base / a.path)}) if a.path else a
+                   for a in config.alerts],
     })

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from feeds import make_source
 
 from . import kernel
-from .config import Config
+from .alerts.outbox import Outbox, SinkRule
+from .alerts.sinks import SINK_TYPES
+from .config import AlertSinkConfig, Config
 from .fetch import Fetcher
 from .library import Library
 from .matcher import PRESETS, Matcher
@@ -32,8 +34,23 @@ class Running:
     library: Library
     pipeline: Pipeline
     metrics: Metrics
+    outbox: Outbox | None = None
     port: int | None = None
     ready: dict = field(default_factory=dict)
+
+
+def make_sink(cfg: AlertSinkConfig):
+    cls = SINK_TYPES[cfg.type]
+    if cfg.type == "file":
+        sink = cls(cfg.name, cfg.path)
+    elif cfg.type == "log":
+        sink = cls(cfg.name)
+    elif cfg.type == "webhook":
+        sink = cls(cfg.name, cfg.url, cfg.timeout, cfg.secret)
+    else:
+        sink = cls(cfg.name, cfg.url, cfg.timeout)
+    return sink, SinkRule(frozenset(cfg.tiers), frozenset(cfg.labels), frozenset(cfg.sources),
+                          cfg.max_attempts, cfg.backoff_base, cfg.backoff_max)
 
 
 async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
@@ -64,6 +81,7 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
     log.info("library: %d entries indexed from %s", len(library.index), config.store.path)
     matcher = Matcher(library.index, PRESETS[config.match.tier])
     local_roots = tuple(f.path for f in config.feeds if f.type == "folder" and f.path)
+    outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics)
     runner = None
     try:
         async with Fetcher(config.limits.fetch_limits(local_roots)) as fetcher:
@@ -72,12 +90,13 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
                                 workers=config.limits.concurrency,
                                 fingerprint_workers=config.limits.fingerprint_workers,
                                 max_pixels=config.limits.max_pixels, on_match=on_match,
-                                library_check_seconds=config.library.reload_check_seconds)
+                                library_check_seconds=config.library.reload_check_seconds,
+                                outbox=outbox)
             for feed in config.feeds:
                 opts = {"path": feed.path} if feed.path else {}
                 pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
                                     FeedSettings(feed.interval, feed.jitter, feed.max_backoff))
-            running = Running(config, store, library, pipeline, metrics, ready=ready)
+            running = Running(config, store, library, pipeline, metrics, outbox, ready=ready)
             if config.server.enabled:
                 runner, running.port = await start_server(make_app(metrics, ready),
                                                           config.server.host, config.server.port)
@@ -87,7 +106,7 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
             log.info("watching %d feeds", len(config.feeds))
             if on_ready:
                 on_ready(running)
-            await pipeline.run(stop)
+            await asyncio.gather(pipeline.run(stop), outbox.run(stop))
     finally:
         if runner is not None:
             await runner.cleanup()

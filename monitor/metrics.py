@@ -56,5 +56,16 @@ class Metrics:
                                        "From publication to match recorded",
                                        buckets=LAG_BUCKETS, registry=r)
 
+        self.alerts = Counter(p + "alert_deliveries_total", "Alert delivery attempts by outcome "
+                              "(delivered, failed, dead)", ["sink", "outcome"], registry=r)
+        self.alerts_in_state = Gauge(p + "outbox_alerts", "Alerts in the outbox by state (pending, "
+                                     "delivered, dead)", ["sink", "state"], registry=r)
+        self.alert_delivery_seconds = Histogram(p + "alert_delivery_duration_seconds",
+                                                "Time of one successful delivery", ["sink"],
+                                                buckets=LATENCY_BUCKETS, registry=r)
+        self.alert_latency_seconds = Histogram(p + "alert_latency_seconds",
+                                               "From alert created to delivered", ["sink"],
+                                               buckets=LAG_BUCKETS, registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -76,7 +76,8 @@ class Pipeline:
     def __init__(self, store: Store, library: Library, matcher: Matcher, fetcher: Fetcher,
                  metrics: Metrics, *, queue_size: int = 1000, workers: int = 16,
                  fingerprint_workers: int = 2, max_pixels: int | None = None,
-                 on_match: OnMatch | None = None, library_check_seconds: float = 2.0):
+                 on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
+                 outbox=None):
         self.store = store
         self.library = library
         self.matcher = matcher
@@ -87,6 +88,7 @@ class Pipeline:
         self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
         self.max_pixels = max_pixels
         self.on_match = on_match
+        self.outbox = outbox  # alerts.outbox.Outbox: alerts join the match transaction
         self.library_check_seconds = library_check_seconds
         self.sources: list[tuple[HttpSource | LocalSource, FeedSettings]] = []
         self._inflight: dict[str, asyncio.Future] = {}
@@ -414,7 +416,12 @@ class Pipeline:
                      m.phash_distance, int(m.mirrored), work.feed, work.item_id, work.page_url,
                      work.author, work.published, now))
                 if cur.rowcount:  # the same image URL via another feed: already recorded
-                    records.append(MatchRecord(cur.lastrowid, work, entry, m, now))
+                    record = MatchRecord(cur.lastrowid, work, entry, m, now)
+                    records.append(record)
+                    if self.outbox is not None:
+                        self.outbox.enqueue(conn, record)
             conn.execute("UPDATE work SET state=?, error=?, finished_at=? WHERE id=?",
                          ("failed" if error else "done", error, now, work.id))
+        if records and self.outbox is not None:
+            self.outbox.committed()
         return records

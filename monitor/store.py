@@ -98,6 +98,24 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX matches_detected ON matches (detected_at);
     """,
+    # 3: the alert outbox, written in the transaction that records the match
+    """
+    CREATE TABLE alerts (
+        id               INTEGER PRIMARY KEY,
+        match_id         INTEGER NOT NULL REFERENCES matches (id),
+        sink             TEXT NOT NULL,
+        state            TEXT NOT NULL DEFAULT 'pending',   -- pending | delivered | dead
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt     REAL NOT NULL,
+        last_error       TEXT,
+        payload          TEXT NOT NULL,
+        idempotency_key  TEXT NOT NULL UNIQUE,
+        created_at       REAL NOT NULL,
+        delivered_at     REAL,
+        UNIQUE (match_id, sink)
+    );
+    CREATE INDEX alerts_due ON alerts (sink, id) WHERE state = 'pending';
+    """,
 ]
 
 

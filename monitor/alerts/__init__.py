@@ -1,0 +1,1 @@
+"""Alerts: the durable outbox and one small file per sink."""

@@ -1,0 +1,196 @@
+"""The durable alert outbox.
+
+A match and its alerts (one per sink whose filters accept it) are written in
+the same SQLite transaction, so an alert exists if and only if its match
+does. One sender per sink delivers its pending alerts strictly in order:
+exponential backoff with jitter on failure, ``Retry-After`` honoured, and
+after ``max_attempts`` the alert is dead-lettered (kept, visible, resendable)
+and the sender moves on. An alert is marked delivered only after the sink
+said so; a crash in between re-sends it with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, UTC
+
+import aiohttp
+
+from ..metrics import Metrics
+from ..store import Store
+from .sinks import DeliveryError
+
+log = logging.getLogger("repost_monitor.alerts")
+
+
+@dataclass(frozen=True)
+class SinkRule:
+    tiers: frozenset[str] = frozenset()    # empty: every tier
+    labels: frozenset[str] = frozenset()   # library labels; empty: all
+    sources: frozenset[str] = frozenset()  # feed names; empty: all
+    max_attempts: int = 8
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+
+    def accepts(self, tier: str, label: str, source: str) -> bool:
+        return ((not self.tiers or tier in self.tiers) and (not self.labels or label in self.labels)
+                and (not self.sources or source in self.sources))
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
+
+
+def alert_payload(record, key: str) -> dict:
+    m, w, e = record.match, record.work, record.entry
+    return {
+        "idempotency_key": key, "match_id": record.id, "tier": m.tier,
+        "distance_bits": m.dhash_distance, "phash_distance_bits": m.phash_distance, "bits": 64,
+        "decided_by": m.decided_by, "mirrored": m.mirrored,
+        "library": {"id": e.id, "label": e.label, "source": e.source},
+        "repost": {"image_url": w.image_url, "page_url": w.page_url, "source": w.feed,
+                   "item_id": w.item_id, "author": w.author, "published": _iso(w.published)},
+        "detected_at": _iso(record.detected_at),
+        "lag_seconds": round(record.lag_seconds, 3) if record.lag_seconds is not None else None,
+    }
+
+
+class Outbox:
+    def __init__(self, store: Store, sinks: list[tuple[object, SinkRule]], metrics: Metrics):
+        self.store = store
+        self.sinks = sinks
+        self.metrics = metrics
+        self._wake = {sink.name: asyncio.Event() for sink, _ in sinks}
+
+    # -- producer side: inside the match transaction ---------------------------
+    def enqueue(self, conn, record) -> int:
+        now = time.time()
+        count = 0
+        for sink, rule in self.sinks:
+            if not rule.accepts(record.match.tier, record.entry.label, record.work.feed):
+                continue
+            key = f"rm-{record.id}-{sink.name}"
+            conn.execute("INSERT OR IGNORE INTO alerts (match_id, sink, next_attempt, payload, "
+                         "idempotency_key, created_at) VALUES (?,?,?,?,?,?)",
+                         (record.id, sink.name, now, json.dumps(alert_payload(record, key)), key, now))
+            count += 1
+        return count
+
+    def committed(self) -> None:
+        """Wake the senders after the transaction that enqueued committed."""
+        for event in self._wake.values():
+            event.set()
+
+    # -- consumer side ---------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.sinks:
+            return
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(self._send_loop(session, sink, rule, stop)
+                                   for sink, rule in self.sinks))
+
+    async def _sleep(self, name: str, seconds: float, stop: asyncio.Event) -> None:
+        wake = self._wake[name]
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=max(0.0, seconds),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        wake.clear()
+
+    def _update_gauges(self, name: str) -> None:
+        for state, n in self.store.query("SELECT state, COUNT(*) FROM alerts WHERE sink=? "
+                                         "GROUP BY state", (name,)):
+            self.metrics.alerts_in_state.labels(name, state).set(n)
+
+    async def _send_loop(self, session, sink, rule: SinkRule, stop: asyncio.Event) -> None:
+        self._update_gauges(sink.name)
+        while not stop.is_set():
+            rows = self.store.query("SELECT id, attempts, next_attempt, payload, created_at FROM alerts "
+                                    "WHERE sink=? AND state='pending' ORDER BY id LIMIT 1",
+                                    (sink.name,))
+            if not rows:
+                await self._sleep(sink.name, 5.0, stop)
+                continue
+            alert_id, attempts, next_attempt, payload, created = rows[0]
+            wait = next_attempt - time.time()
+            if wait > 0:
+                await self._sleep(sink.name, wait, stop)
+                continue
+            alert = json.loads(payload) | {"alert_id": alert_id}
+            start = time.perf_counter()
+            try:
+                await sink.deliver(session, alert)
+            except DeliveryError as exc:
+                self._failed(sink.name, rule, alert_id, attempts + 1, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a sink bug must not kill the sender
+                log.exception("sink %s crashed on alert %d", sink.name, alert_id,
+                              extra={"sink": sink.name, "alert_id": alert_id})
+                self._failed(sink.name, rule, alert_id, attempts + 1, DeliveryError(repr(exc)))
+                continue
+            now = time.time()
+            with self.store.transaction() as conn:
+                conn.execute("UPDATE alerts SET state='delivered', attempts=?, delivered_at=?, "
+                             "last_error=NULL WHERE id=?", (attempts + 1, now, alert_id))
+            self.metrics.alerts.labels(sink.name, "delivered").inc()
+            self.metrics.alert_delivery_seconds.labels(sink.name).observe(time.perf_counter() - start)
+            self.metrics.alert_latency_seconds.labels(sink.name).observe(max(0.0, now - created))
+            self._update_gauges(sink.name)
+            log.info("alert %d delivered to %s", alert_id, sink.name,
+                     extra={"alert_id": alert_id, "sink": sink.name, "match_id": alert["match_id"]})
+
+    def _failed(self, name: str, rule: SinkRule, alert_id: int, attempts: int,
+                exc: DeliveryError) -> None:
+        dead = attempts >= rule.max_attempts
+        if exc.retry_after is not None:
+            delay = exc.retry_after
+        else:
+            delay = min(rule.backoff_max, rule.backoff_base * 2 ** (attempts - 1))
+            delay *= random.uniform(0.5, 1.0)
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE alerts SET attempts=?, last_error=?, next_attempt=?, state=? "
+                         "WHERE id=?", (attempts, str(exc)[:500], time.time() + delay,
+                                        "dead" if dead else "pending", alert_id))
+        self.metrics.alerts.labels(name, "dead" if dead else "failed").inc()
+        self._update_gauges(name)
+        if dead:
+            log.error("alert %d dead-lettered for %s after %d attempts: %s", alert_id, name,
+                      attempts, exc, extra={"alert_id": alert_id, "sink": name})
+        else:
+            log.warning("alert %d to %s failed (attempt %d): %s; retry in %.1fs", alert_id, name,
+                        attempts, exc, delay, extra={"alert_id": alert_id, "sink": name})
+
+
+def resend_dead(store: Store, alert_ids: list[int] | None = None) -> int:
+    """Put dead alerts back in the queue (all of them, or the given ids)."""
+    now = time.time()
+    with store.transaction() as conn:
+        if alert_ids:
+            marks = ",".join("?" * len(alert_ids))
+            cur = conn.execute(f"UPDATE alerts SET state='pending', attempts=0, next_attempt=? "
+                               f"WHERE state='dead' AND id IN ({marks})", (now, *alert_ids))
+        else:
+            cur = conn.execute("UPDATE alerts SET state='pending', attempts=0, next_attempt=? "
+                               "WHERE state='dead'", (now,))
+        return cur.rowcount
+
+
+def list_alerts(store: Store, state: str | None = None, limit: int = 100) -> list[dict]:
+    sql = ("SELECT id, sink, state, attempts, last_error, payload, created_at, delivered_at "
+           "FROM alerts")
+    params: tuple = ()
+    if state:
+        sql += " WHERE state=?"
+        params = (state,)
+    rows = store.query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+    return [{"id": r[0], "sink": r[1], "state": r[2], "attempts": r[3], "last_error": r[4],
+             "alert": json.loads(r[5]), "created_at": _iso(r[6]), "delivered_at": _iso(r[7])}
+            for r in rows]

@@ -1,0 +1,151 @@
+"""Alert delivery to real receivers on loopback: signed webhooks, a Slack-like host that
+rate-limits and fails, dead letters and re-sending, per-sink filters."""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+
+from aiohttp import web
+
+from monitor.daemon import run_daemon
+from monitor.store import Store
+from tests.hosts import serve
+from tests.test_daemon import PhotoSite, config_for, make_library, until
+
+SECRET = "whsec-test"
+
+
+class Receivers:
+    def __init__(self):
+        self.webhook: list[dict] = []
+        self.keys: list[str] = []
+        self.refused = 0
+        self.slack: list[dict] = []
+        self.slack_script = ["429", "500"]  # then 200 ok forever
+        self.down: list[int] = []
+
+    def app(self):
+        app = web.Application()
+
+        async def webhook(request):
+            body = await request.read()
+            ts = request.headers.get("X-Repost-Monitor-Timestamp", "")
+            want = "v1=" + hmac.new(SECRET.encode(), ts.encode() + b"." + body,
+                                    hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(want, request.headers.get("X-Repost-Monitor-Signature", "")):
+                self.refused += 1
+                return web.Response(status=401)
+            key = request.headers["Idempotency-Key"]
+            if key not in self.keys:  # honour the idempotency key
+                self.keys.append(key)
+                self.webhook.append(json.loads(body))
+            return web.Response(text="ok")
+
+        async def slack(request):
+            if self.slack_script:
+                step = self.slack_script.pop(0)
+                if step == "429":
+                    return web.Response(status=429, headers={"Retry-After": "1"}, text="rate_limited")
+                return web.Response(status=500, text="oops")
+            self.slack.append(await request.json())
+            return web.Response(text="ok")
+
+        async def down(request):
+            self.down.append(1)
+            return web.Response(status=503, text="down")
+
+        app.router.add_post("/hooks/repost", webhook)
+        app.router.add_post("/services/T0/B0/x", slack)
+        app.router.add_post("/down", down)
+        return app
+
+
+def alert_config(base_feeds, base_recv, db, tmp_path, **over):
+    cfg = config_for(base_feeds, db)
+    return cfg.model_copy(update={"alerts": [
+        __import__("monitor.config", fromlist=["AlertSinkConfig"]).AlertSinkConfig(**a)
+        for a in over.get("alerts", [
+            {"name": "hook", "type": "webhook", "url": f"{base_recv}/hooks/repost", "secret": SECRET,
+             "backoff_base": 0.1},
+            {"name": "slack", "type": "slack", "url": f"{base_recv}/services/T0/B0/x",
+             "backoff_base": 0.1},
+            {"name": "exact-only", "type": "file", "path": str(tmp_path / "alerts.jsonl"),
+             "tiers": ["exact"], "labels": ["library-rocket", "library-coffee"]},
+        ])]})
+
+
+async def test_alerts_reach_every_sink_once_with_signatures(tmp_path, samples):
+    site, recv = PhotoSite(samples), Receivers()
+    site.post("rss", 1, ["small-chelsea.jpg", "other-apple.jpg"])
+    site.post("json", 2, ["flip-rocket.jpg"])
+    site.post("reddit", 3, ["q30-coffee.jpg"])
+    site.post("mastodon", 4, ["small-chelsea.jpg"])
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    async with serve(site.app()) as feeds, serve(recv.app()) as receivers:
+        stop = asyncio.Event()
+        running = {}
+        task = asyncio.create_task(run_daemon(alert_config(feeds, receivers, db, tmp_path), stop=stop,
+                                              on_ready=lambda r: running.update(r=r),
+                                              install_signals=False))
+        await until(lambda: len(recv.webhook) == 3 and len(recv.slack) == 3, timeout=30)
+        await asyncio.sleep(0.5)
+        metrics = running["r"].metrics.render().decode()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert recv.refused == 0
+    labels = sorted(a["library"]["label"] for a in recv.webhook)
+    assert labels == ["library-chelsea", "library-coffee", "library-rocket"]
+    alert = next(a for a in recv.webhook if a["library"]["label"] == "library-rocket")
+    assert alert["mirrored"] and alert["bits"] == 64 and alert["decided_by"] == "dhash+phash"
+    assert alert["repost"]["image_url"].endswith("/img/flip-rocket.jpg")
+    assert alert["repost"]["source"] == "json" and alert["detected_at"]
+    assert set(alert["library"]) == {"id", "label", "source"}
+    # Slack got Block Kit messages, in match order, after a 429 and a 500.
+    assert all(m["blocks"][0]["type"] == "section" for m in recv.slack)
+    assert [m["blocks"][0]["accessory"]["image_url"].rsplit("/", 1)[-1] for m in recv.slack] == \
+        [a["repost"]["image_url"].rsplit("/", 1)[-1] for a in sorted(recv.webhook,
+                                                                     key=lambda a: a["match_id"])]
+    lines = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert sorted(x["library"]["label"] for x in lines) == ["library-coffee", "library-rocket"]
+    assert 'repost_monitor_alert_deliveries_total{outcome="delivered",sink="slack"} 3.0' in metrics
+    assert 'repost_monitor_alert_deliveries_total{outcome="failed",sink="slack"} 2.0' in metrics
+    states = Store(db).query("SELECT sink, state, COUNT(*) FROM alerts GROUP BY sink, state")
+    assert sorted(states) == [("exact-only", "delivered", 2), ("hook", "delivered", 3),
+                              ("slack", "delivered", 3)]
+
+
+async def test_dead_letters_are_kept_and_resendable(tmp_path, samples):
+    site, recv = PhotoSite(samples), Receivers()
+    site.post("rss", 1, ["small-chelsea.jpg"])
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    sinks = [{"name": "flaky", "type": "webhook", "url": "", "secret": SECRET,
+              "max_attempts": 2, "backoff_base": 0.05}]
+    async with serve(site.app()) as feeds, serve(recv.app()) as receivers:
+        sinks[0]["url"] = f"{receivers}/down"
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(alert_config(feeds, receivers, db, tmp_path, alerts=sinks),
+                                              stop=stop, install_signals=False))
+        await until(lambda: Store(db).query("SELECT state FROM alerts") == [("dead",)])
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert len(recv.down) == 2
+        run = [sys.executable, "-m", "monitor", "alerts", "--db", str(db)]
+        listed = subprocess.run(run + ["list", "--state", "dead"], capture_output=True, text=True)
+        assert "flaky\tdead\tattempts=2" in listed.stdout and "HTTP 503" in listed.stdout
+        resent = subprocess.run(run + ["resend"], capture_output=True, text=True)
+        assert "1 dead alerts queued again" in resent.stdout
+        # The receiver is fixed; the next start delivers the re-sent alert.
+        sinks[0]["url"] = f"{receivers}/hooks/repost"
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(alert_config(feeds, receivers, db, tmp_path, alerts=sinks),
+                                              stop=stop, install_signals=False))
+        await until(lambda: len(recv.webhook) == 1)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert recv.webhook[0]["library"]["label"] == "library-chelsea"
+    assert Store(db).query("SELECT state FROM alerts") == [("delivered",)]
