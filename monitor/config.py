@@ -136,10 +136,33 @@ class AlertSinkConfig(_Model):
         return self
 
 
+class AlertPolicyConfig(_Model):
+    flood_max: Annotated[int, Field(ge=1)] = 20           # alerts per library entry ...
+    flood_window_minutes: Annotated[float, Field(gt=0)] = 10  # ... within this window
+    retro_window_hours: Annotated[float, Field(ge=0)] = 72    # images re-checked against new entries
+
+
 class ServerConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    token: str | None = None            # bearer token for /v1; use "${ENV_VAR}"
+    hmac_secret: str | None = None      # lets /v1/ingest callers sign instead of a token
+    library_folders: list[str] = []     # server-side folders POST /v1/library may add
+    allow_unauthenticated: bool = False  # listen on a non-loopback address without auth
+
+    @model_validator(mode="after")
+    def _auth_off_loopback(self):
+        import ipaddress
+        try:
+            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if (self.enabled and not loopback and not (self.token or self.hmac_secret)
+                and not self.allow_unauthenticated):
+            raise ValueError(f"refusing to serve the API on non-loopback address {self.host} "
+                             "without server.token (or set allow_unauthenticated = true)")
+        return self
 
 
 class LogConfig(_Model):
@@ -154,6 +177,7 @@ class Config(_Model):
     limits: LimitsConfig = LimitsConfig()
     feeds: list[FeedConfig] = []
     alerts: list[AlertSinkConfig] = []
+    alert_policy: AlertPolicyConfig = AlertPolicyConfig()
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
 

@@ -20,7 +20,7 @@ from .matcher import PRESETS, Matcher
 from .metrics import Metrics
 from .pipeline import FeedSettings, OnMatch, Pipeline
 from .scan import FingerprintCache, default_cache_path
-from .server import make_app, start_server
+from .server import Services, make_app, start_server
 from .store import Store
 
 log = logging.getLogger("repost_monitor.daemon")
@@ -81,7 +81,9 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
     log.info("library: %d entries indexed from %s", len(library.index), config.store.path)
     matcher = Matcher(library.index, PRESETS[config.match.tier])
     local_roots = tuple(f.path for f in config.feeds if f.type == "folder" and f.path)
-    outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics)
+    policy = config.alert_policy
+    outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics,
+                    flood_max=policy.flood_max, flood_window=policy.flood_window_minutes * 60)
     runner = None
     try:
         async with Fetcher(config.limits.fetch_limits(local_roots)) as fetcher:
@@ -91,17 +93,23 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
                                 fingerprint_workers=config.limits.fingerprint_workers,
                                 max_pixels=config.limits.max_pixels, on_match=on_match,
                                 library_check_seconds=config.library.reload_check_seconds,
-                                outbox=outbox)
+                                outbox=outbox,
+                                retro_window=policy.retro_window_hours * 3600)
             for feed in config.feeds:
                 opts = {"path": feed.path} if feed.path else {}
                 pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
                                     FeedSettings(feed.interval, feed.jitter, feed.max_backoff))
             running = Running(config, store, library, pipeline, metrics, outbox, ready=ready)
             if config.server.enabled:
-                runner, running.port = await start_server(make_app(metrics, ready),
+                services = Services(store, library, pipeline, matcher, fetcher,
+                                    config.server.token, config.server.hmac_secret,
+                                    tuple(config.server.library_folders))
+                runner, running.port = await start_server(make_app(metrics, ready, services),
                                                           config.server.host, config.server.port)
-                log.info("serving /metrics and /healthz on http://%s:%d", config.server.host,
-                         running.port)
+                log.info("serving the API, /metrics and /healthz on http://%s:%d%s",
+                         config.server.host, running.port,
+                         "" if config.server.token or config.server.hmac_secret
+                         else " (no auth configured)")
             ready.update(ready=True, feeds=len(config.feeds), library_entries=len(library.index))
             log.info("watching %d feeds", len(config.feeds))
             if on_ready:

@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from feeds import FeedError, FeedItem, HttpSource, LocalSource
 
 from .fetch import FetchError, Fetcher
@@ -27,6 +29,7 @@ from .fingerprint import Fingerprint, ImageError, fingerprint_bytes
 from .library import Library, LibraryEntry
 from .matcher import Match, Matcher
 from .metrics import Metrics
+from .noise import suppression
 from .store import Store, sql_to_u64, u64_to_sql
 
 log = logging.getLogger("repost_monitor.pipeline")
@@ -55,6 +58,7 @@ class MatchRecord:
     entry: LibraryEntry
     match: Match
     detected_at: float
+    suppressed: str | None = None  # allow_list | false_positive: recorded, never alerted
 
     @property
     def lag_seconds(self) -> float | None:
@@ -77,7 +81,7 @@ class Pipeline:
                  metrics: Metrics, *, queue_size: int = 1000, workers: int = 16,
                  fingerprint_workers: int = 2, max_pixels: int | None = None,
                  on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
-                 outbox=None):
+                 outbox=None, retro_window: float = 72 * 3600):
         self.store = store
         self.library = library
         self.matcher = matcher
@@ -89,6 +93,7 @@ class Pipeline:
         self.max_pixels = max_pixels
         self.on_match = on_match
         self.outbox = outbox  # alerts.outbox.Outbox: alerts join the match transaction
+        self.retro_window = retro_window
         self.library_check_seconds = library_check_seconds
         self.sources: list[tuple[HttpSource | LocalSource, FeedSettings]] = []
         self._inflight: dict[str, asyncio.Future] = {}
@@ -179,7 +184,7 @@ class Pipeline:
             # Parsing can be heavy (feedparser on a 5 MB feed): off the loop.
             items = await asyncio.to_thread(source.parse, resp.body, resp.content_type)
             etag, last_modified = resp.etag, resp.last_modified
-        work = self._record_items(source.name, items, now)
+        work = self.record_items(source.name, items, now)
         self._feed_ok(source.name, now, etag, last_modified, "ok")
         if work:
             log.info("feed %s: %d new images in %d items", source.name, len(work),
@@ -197,7 +202,7 @@ class Pipeline:
                 "last_poll=excluded.last_poll, last_success=excluded.last_success, "
                 "consecutive_failures=0, last_error=NULL", (feed, etag, last_modified, now, now))
 
-    def _record_items(self, feed: str, items: list[FeedItem], now: float) -> list[WorkItem]:
+    def record_items(self, feed: str, items: list[FeedItem], now: float) -> list[WorkItem]:
         work: list[WorkItem] = []
         with self.store.transaction() as conn:
             for item in items:
@@ -219,7 +224,7 @@ class Pipeline:
 
     async def submit(self, feed: str, items: list[FeedItem]) -> list[WorkItem]:
         """Queue items pushed to us (the ingest API) like polled ones."""
-        work = self._record_items(feed, items, time.time())
+        work = self.record_items(feed, items, time.time())
         for w in work:
             await self.queue.put(w)
         return work
@@ -234,13 +239,14 @@ class Pipeline:
                 return
             await self.queue.put(WorkItem(*row))
 
+    def _library_signature(self) -> tuple:
+        return self.store.query("SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) "
+                                "FROM library_entries WHERE degenerate IS NULL")[0]
+
     async def _watch_library(self, stop: asyncio.Event) -> None:
-        """Reload the index when another process (the CLI) changed the table."""
-        def signature():
-            return self.store.query("SELECT COUNT(*), COALESCE(MAX(id), 0), "
-                                    "COALESCE(SUM(id), 0) FROM library_entries "
-                                    "WHERE degenerate IS NULL")[0]
-        known = await asyncio.to_thread(signature)
+        """Reload the index when the table changed (another process, the API),
+        and match recently seen images against the entries that are new."""
+        known = await asyncio.to_thread(self._library_signature)
         self.metrics.library_entries.set(len(self.library.index))
         while not stop.is_set():
             try:
@@ -248,12 +254,57 @@ class Pipeline:
                 return
             except TimeoutError:
                 pass
-            now = await asyncio.to_thread(signature)
+            now = await asyncio.to_thread(self._library_signature)
             if now != known:
                 await asyncio.to_thread(self.library.reload)
-                known = now
                 log.info("library changed: %d entries indexed", len(self.library.index))
+                if now[1] > known[1]:
+                    await self.retro_match(after_entry_id=known[1])
+                known = now
             self.metrics.library_entries.set(len(self.library.index))
+
+    async def retro_match(self, after_entry_id: int) -> list[MatchRecord]:
+        """Match images seen within ``retro_window`` against entries with a
+        larger id (the ones just added); matches alert as usual."""
+        if self.retro_window <= 0:
+            return []
+        pairs, fps = await asyncio.to_thread(self._retro_pairs, after_entry_id)
+        records: list[MatchRecord] = []
+        for url, matches in pairs.items():
+            rows = self.store.query("SELECT id, feed, item_id, image_url, page_url, author, published "
+                                    "FROM work WHERE image_url=? ORDER BY id LIMIT 1", (url,))
+            if rows:
+                records += self._finish(WorkItem(*rows[0]), matches, fps[url], close_work=False)
+        if records:
+            log.info("retroactive matching: %d new matches for entries added after id %d",
+                     len(records), after_entry_id)
+        for rec in records:
+            await self._announce(rec)
+        return records
+
+    def _retro_pairs(self, after_entry_id: int):
+        from .library import LibraryIndex
+        index = LibraryIndex()
+        for eid, d, p in self.store.query("SELECT id, dhash, phash FROM library_entries "
+                                          "WHERE id > ? AND degenerate IS NULL", (after_entry_id,)):
+            index.add(eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0))
+        rows = self.store.query(
+            "SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height FROM images "
+            "WHERE state='ok' AND degenerate IS NULL AND fetched_at > ?", (time.time() - self.retro_window,))
+        if not rows or not len(index):
+            return {}, {}
+        fps = {r[0]: Fingerprint(*(sql_to_u64(v) for v in r[1:5]), r[5], r[6]) for r in rows}
+        urls = list(fps)
+        cols = [np.array([getattr(fps[u], f) for u in urls], np.uint64)
+                for f in ("dhash", "phash", "dhash_mirror", "phash_mirror")]
+        found = Matcher(index, self.matcher.tiers).match_batch(*cols, threads=1)
+        pairs: dict[str, list[Match]] = {}
+        for i in range(found.query.size):
+            url = urls[int(found.query[i])]
+            pairs.setdefault(url, []).append(Match(
+                int(found.entry_id[i]), self.matcher.tiers[int(found.tier[i])].name,
+                int(found.dhash_distance[i]), int(found.phash_distance[i]), bool(found.mirrored[i])))
+        return pairs, fps
 
     # -- per image -----------------------------------------------------------
     async def _work(self, stop: asyncio.Event) -> None:
@@ -288,22 +339,38 @@ class Pipeline:
         try:
             fp, matches, downloaded_at = await self._fingerprint_and_match(work)
         except (FetchError, ImageError) as exc:
-            self._finish(work, [], error=str(exc))
+            self._finish(work, [], None, error=str(exc))
             log.warning("image skipped: %s", exc, extra={**ctx, "reason": exc.reason})
             return []
-        records = self._finish(work, matches)
+        records = self._finish(work, matches, fp)
         self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
         for rec in records:
-            self.metrics.matches.labels(rec.match.tier).inc()
-            if rec.lag_seconds is not None:
-                self.metrics.detection_lag.observe(max(0.0, rec.lag_seconds))
-            log.info("match %s: %s dist=%d/64 -> library %d (%s)", rec.id, rec.match.tier,
-                     rec.match.dhash_distance, rec.entry.id, rec.entry.label,
-                     extra={**ctx, "match_id": rec.id, "entry_id": rec.entry.id, "tier": rec.match.tier})
-            if self.on_match is not None:
-                result = self.on_match(rec)
-                if asyncio.iscoroutine(result):
-                    await result
+            await self._announce(rec)
+        return records
+
+    async def _announce(self, rec: MatchRecord) -> None:
+        """Metrics, the log line and the on_match callback of a new match."""
+        ctx = {"feed": rec.work.feed, "item_id": rec.work.item_id, "url": rec.work.image_url,
+               "work_id": rec.work.id}
+        self.metrics.matches.labels(rec.match.tier).inc()
+        if rec.lag_seconds is not None:
+            self.metrics.detection_lag.observe(max(0.0, rec.lag_seconds))
+        log.info("match %s: %s dist=%d/64 -> library %d (%s)%s", rec.id, rec.match.tier,
+                 rec.match.dhash_distance, rec.entry.id, rec.entry.label,
+                 f", no alert ({rec.suppressed})" if rec.suppressed else "",
+                 extra={**ctx, "match_id": rec.id, "entry_id": rec.entry.id, "tier": rec.match.tier})
+        if self.on_match is not None:
+            result = self.on_match(rec)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def process_fingerprint(self, work: WorkItem, fp: Fingerprint) -> list[MatchRecord]:
+        """Match and record an image fingerprinted elsewhere (an API upload)."""
+        loop = asyncio.get_running_loop()
+        matches = await loop.run_in_executor(self.executor, self._match_timed, fp)
+        records = self._finish(work, matches, fp)
+        for rec in records:
+            await self._announce(rec)
         return records
 
     def _match_timed(self, fp: Fingerprint) -> list[Match]:
@@ -397,9 +464,9 @@ class Pipeline:
             conn.execute("INSERT OR REPLACE INTO images (url, state, error, fetched_at) "
                          "VALUES (?,?,?,?)", (url, "failed", str(exc), time.time()))
 
-    def _finish(self, work: WorkItem, matches: list[Match], error: str | None = None
-                ) -> list[MatchRecord]:
-        """Record matches and close the work row in one transaction."""
+    def _finish(self, work: WorkItem, matches: list[Match], fp: Fingerprint | None = None,
+                error: str | None = None, close_work: bool = True) -> list[MatchRecord]:
+        """Record matches, their alerts, and close the work row: one transaction."""
         now = time.time()
         entries = self.library.entries_by_id(m.entry_id for m in matches) if matches else {}
         records = []
@@ -408,20 +475,24 @@ class Pipeline:
                 entry = entries.get(m.entry_id)
                 if entry is None:
                     continue  # removed from the library a moment ago
+                why = suppression(conn, m.entry_id, fp.dhash, feed=work.feed, author=work.author,
+                                  page_url=work.page_url, image_url=work.image_url)
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, "
                     "dhash_distance, phash_distance, mirrored, feed, item_id, page_url, author, "
-                    "published, detected_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "published, detected_at, repost_dhash, suppressed) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance,
                      m.phash_distance, int(m.mirrored), work.feed, work.item_id, work.page_url,
-                     work.author, work.published, now))
+                     work.author, work.published, now, u64_to_sql(fp.dhash), why))
                 if cur.rowcount:  # the same image URL via another feed: already recorded
-                    record = MatchRecord(cur.lastrowid, work, entry, m, now)
+                    record = MatchRecord(cur.lastrowid, work, entry, m, now, why)
                     records.append(record)
-                    if self.outbox is not None:
+                    if self.outbox is not None and why is None:
                         self.outbox.enqueue(conn, record)
-            conn.execute("UPDATE work SET state=?, error=?, finished_at=? WHERE id=?",
-                         ("failed" if error else "done", error, now, work.id))
+            if close_work:
+                conn.execute("UPDATE work SET state=?, error=?, finished_at=? WHERE id=?",
+                             ("failed" if error else "done", error, now, work.id))
         if records and self.outbox is not None:
             self.outbox.committed()
         return records

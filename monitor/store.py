@@ -116,6 +116,34 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX alerts_due ON alerts (sink, id) WHERE state = 'pending';
     """,
+    # 4: review verdicts and noise control
+    """
+    ALTER TABLE matches ADD COLUMN repost_dhash INTEGER;
+    ALTER TABLE matches ADD COLUMN verdict TEXT;      -- confirmed | false_positive | authorized
+    ALTER TABLE matches ADD COLUMN verdict_at REAL;
+    ALTER TABLE matches ADD COLUMN suppressed TEXT;   -- why no alert: allow_list | false_positive
+    ALTER TABLE alerts ADD COLUMN kind TEXT NOT NULL DEFAULT 'match';  -- match | flood_summary
+    CREATE INDEX matches_entry ON matches (entry_id, detected_at);
+    -- A match marked false positive never alerts again for (repost hash, entry).
+    CREATE TABLE suppressions (
+        repost_dhash  INTEGER NOT NULL,
+        entry_id      INTEGER NOT NULL,
+        created_at    REAL NOT NULL,
+        PRIMARY KEY (repost_dhash, entry_id)
+    ) WITHOUT ROWID;
+    -- Licensed use: an entry may appear on these domains, by these authors, in these sources.
+    CREATE TABLE allowances (
+        entry_id  INTEGER NOT NULL,
+        kind      TEXT NOT NULL,     -- domain | author | source
+        value     TEXT NOT NULL,
+        PRIMARY KEY (entry_id, kind, value)
+    ) WITHOUT ROWID;
+    -- Signatures of signed API requests already seen (replay protection).
+    CREATE TABLE api_nonces (
+        signature  TEXT PRIMARY KEY,
+        seen_at    REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

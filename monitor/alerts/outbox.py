@@ -61,10 +61,15 @@ def alert_payload(record, key: str) -> dict:
 
 
 class Outbox:
-    def __init__(self, store: Store, sinks: list[tuple[object, SinkRule]], metrics: Metrics):
+    def __init__(self, store: Store, sinks: list[tuple[object, SinkRule]], metrics: Metrics, *,
+                 flood_max: int = 20, flood_window: float = 600.0):
         self.store = store
         self.sinks = sinks
         self.metrics = metrics
+        # Past flood_max alerts for one entry within flood_window seconds, one
+        # summary alert replaces the storm until the window has passed.
+        self.flood_max = flood_max
+        self.flood_window = flood_window
         self._wake = {sink.name: asyncio.Event() for sink, _ in sinks}
 
     # -- producer side: inside the match transaction ---------------------------
@@ -75,9 +80,24 @@ class Outbox:
             if not rule.accepts(record.match.tier, record.entry.label, record.work.feed):
                 continue
             key = f"rm-{record.id}-{sink.name}"
+            payload = alert_payload(record, key)
+            kind = "match"
+            recent = conn.execute(
+                "SELECT COUNT(*), SUM(a.kind = 'flood_summary') FROM alerts a "
+                "JOIN matches m ON m.id = a.match_id WHERE a.sink=? AND m.entry_id=? "
+                "AND a.created_at > ?", (sink.name, record.entry.id, now - self.flood_window)
+            ).fetchone()
+            if recent[0] >= self.flood_max:
+                if recent[1]:  # the summary for this storm is already queued
+                    self.metrics.alerts.labels(sink.name, "flood_suppressed").inc()
+                    continue
+                payload["flood"] = {"alerts_in_window": recent[0], "window_seconds": self.flood_window,
+                                    "note": "further alerts for this library entry are held back "
+                                            "until the window has passed; see the matches API"}
+                kind = "flood_summary"
             conn.execute("INSERT OR IGNORE INTO alerts (match_id, sink, next_attempt, payload, "
-                         "idempotency_key, created_at) VALUES (?,?,?,?,?,?)",
-                         (record.id, sink.name, now, json.dumps(alert_payload(record, key)), key, now))
+                         "idempotency_key, created_at, kind) VALUES (?,?,?,?,?,?,?)",
+                         (record.id, sink.name, now, json.dumps(payload), key, now, kind))
             count += 1
         return count
 

@@ -38,6 +38,10 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 def summary(alert: dict) -> str:
     flip = ", mirrored" if alert["mirrored"] else ""
+    if alert.get("flood"):
+        return (f"Repost storm: {alert['flood']['alerts_in_window']}+ reposts of library "
+                f"'{alert['library']['label']}' within {alert['flood']['window_seconds'] / 60:g} "
+                f"minutes; further alerts held back. Latest: {alert['repost']['image_url']}")
     return (f"Repost found ({alert['tier']}, {alert['distance_bits']}/64 bits by {alert['decided_by']}"
             f"{flip}): {alert['repost']['image_url']} matches library '{alert['library']['label']}'")
 

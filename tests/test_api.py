@@ -1,0 +1,261 @@
+"""The HTTP API with real requests: auth, ingest (JSON, upload, signed), check, library,
+matches and verdicts, allow-lists, alerts, retroactive matching, flood control, and the
+OpenAPI document checked against every response seen here."""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import time
+
+import aiohttp
+import pytest
+from PIL import Image, ImageOps
+
+from monitor.config import AlertSinkConfig, ConfigError, parse_config
+from monitor.daemon import run_daemon
+from monitor.openapi import OPENAPI
+from monitor.store import Store
+from tests.hosts import serve
+from tests.test_alerts import Receivers
+from monitor.library import Library
+from tests.test_daemon import PhotoSite, config_for, jpeg, until
+
+TOKEN, SECRET = "t0k-e2e", "ingest-secret"
+SEEN: list[tuple[str, str, int, object]] = []  # (method, route, status, json body)
+
+
+class Api:
+    def __init__(self, base, http):
+        self.base, self.http = base, http
+
+    async def call(self, method, route, path=None, *, auth=True, json_body=None, data=None,
+                   headers=None, params=None):
+        h = dict(headers or {})
+        if auth:
+            h["Authorization"] = f"Bearer {TOKEN}"
+        async with self.http.request(method, self.base + (path or route), json=json_body, data=data,
+                                     headers=h, params=params) as resp:
+            body = await resp.json() if resp.content_type == "application/json" else await resp.text()
+            SEEN.append((method.lower(), route, resp.status, body))
+            return resp.status, body
+
+
+async def ingest_url(daemon, name, **fields):
+    return await daemon["api"].call("POST", "/v1/ingest", json_body={
+        "image_urls": [f"{daemon['feeds']}/img/{name}"], **fields})
+
+
+def upload(img_bytes, name="x.jpg", **fields):
+    form = aiohttp.FormData()
+    for k, v in fields.items():
+        form.add_field(k, v)
+    form.add_field("image", img_bytes, filename=name, content_type="image/jpeg")
+    return form
+
+
+@pytest.fixture
+async def daemon(tmp_path, samples):
+    site, recv = PhotoSite(samples), Receivers()
+    db = tmp_path / "m.sqlite"
+    lib = Library(Store(db))  # the rocket picture is added later, through the API
+    lib.add_files([p for p in sorted(samples.glob("library-*.jpg")) if "rocket" not in p.name],
+                  progress=False)
+    lib.store.close()
+    async with serve(site.app()) as feeds, serve(recv.app()) as receivers:
+        cfg = config_for(feeds, db).model_copy(update={
+            "server": parse_config({"server": {"port": 0, "token": TOKEN, "hmac_secret": SECRET,
+                                               "library_folders": [str(samples)]}}).server,
+            "alerts": [AlertSinkConfig(name="hook", type="webhook", url=f"{receivers}/hooks/repost",
+                                       secret="whsec-test", backoff_base=0.1)],
+            "alert_policy": parse_config({"alert_policy": {"flood_max": 3}}).alert_policy,
+        })
+        stop, running = asyncio.Event(), {}
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_ready=lambda r: running.update(r=r),
+                                              install_signals=False))
+        await until(lambda: "r" in running)
+        async with aiohttp.ClientSession() as http:
+            yield {"api": Api(f"http://127.0.0.1:{running['r'].port}", http), "site": site,
+                   "recv": recv, "feeds": feeds, "db": db, "running": running["r"]}
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_auth_is_required_and_errors_are_json(daemon):
+    api = daemon["api"]
+    status, body = await api.call("GET", "/v1/library", auth=False)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    status, body = await api.call("GET", "/v1/library", headers={"Authorization": "Bearer nope"},
+                                  auth=False)
+    assert status == 401
+    status, body = await api.call("GET", "/v1/library")
+    assert status == 200 and body["total"] == 5
+    status, body = await api.call("POST", "/v1/ingest", data=b"{not json",
+                                  headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["code"] == "bad_json"
+    status, body = await api.call("POST", "/v1/ingest", json_body={"image_urls": "x"})
+    assert status == 422
+    status, body = await api.call("GET", "/v1/alerts", params={"state": "sideways"})
+    assert status == 400
+    status, body = await api.call("GET", "/v1/nothing-here")
+    assert status == 404 and body["error"]["code"] == "not_found"
+    for route in ("/healthz", "/readyz"):
+        assert (await api.call("GET", route, auth=False))[0] == 200
+    status, text = await api.call("GET", "/metrics", auth=False)
+    assert status == 200 and "repost_monitor_build_info" in text
+    status, doc = await api.call("GET", "/v1/openapi.json")
+    assert status == 200 and doc == json.loads(json.dumps(OPENAPI))
+
+
+def test_refuses_open_api_off_loopback():
+    with pytest.raises(ConfigError, match="refusing to serve the API on non-loopback"):
+        parse_config({"server": {"host": "0.0.0.0"}})
+    assert parse_config({"server": {"host": "0.0.0.0", "token": "x"}}).server.token == "x"
+    assert parse_config({"server": {"host": "0.0.0.0", "allow_unauthenticated": True}})
+
+
+async def test_ingest_signed_replayed_and_uploaded(daemon, samples):
+    api, recv = daemon["api"], daemon["recv"]
+    body = json.dumps({"image_urls": [f"{daemon['feeds']}/img/small-chelsea.jpg"], "source": "partner-hook",
+                       "id": "post-1", "page_url": "https://social.example/p/1", "author": "someone",
+                       "published": "2026-11-22T05:00:00Z"}).encode()
+    ts = str(int(time.time()))
+    sig = "v1=" + hmac.new(SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    signed = {"Content-Type": "application/json", "X-Repost-Monitor-Timestamp": ts,
+              "X-Repost-Monitor-Signature": sig}
+    status, out = await api.call("POST", "/v1/ingest", data=body, headers=signed, auth=False)
+    assert status == 202 and out["status"] == "queued" and len(out["work_ids"]) == 1
+    status, out = await api.call("POST", "/v1/ingest", data=body, headers=signed, auth=False)
+    assert status == 401 and out["error"]["code"] == "bad_signature"  # replay
+    wrong = dict(signed, **{"X-Repost-Monitor-Signature": "v1=" + "0" * 64})
+    assert (await api.call("POST", "/v1/ingest", data=body, headers=wrong, auth=False))[0] == 401
+    old_ts = str(int(time.time()) - 3600)
+    old_sig = "v1=" + hmac.new(SECRET.encode(), old_ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    old = dict(signed, **{"X-Repost-Monitor-Timestamp": old_ts, "X-Repost-Monitor-Signature": old_sig})
+    assert (await api.call("POST", "/v1/ingest", data=body, headers=old, auth=False))[0] == 401
+    await until(lambda: len(recv.webhook) == 1)
+    alert = recv.webhook[0]
+    assert alert["repost"]["source"] == "partner-hook" and alert["repost"]["author"] == "someone"
+    assert alert["library"]["label"] == "library-chelsea" and alert["lag_seconds"] > 0
+    # A multipart upload is matched at once.
+    with Image.open(samples / "library-coffee.jpg") as img:
+        data = jpeg(ImageOps.mirror(img.convert("RGB")))
+    status, out = await api.call("POST", "/v1/ingest", data=upload(data, source="uploads", id="u1"))
+    assert status == 202 and out["status"] == "processed"
+    await until(lambda: len(recv.webhook) == 2)
+    assert recv.webhook[1]["mirrored"] and recv.webhook[1]["repost"]["image_url"].startswith("upload:sha256:")
+
+
+async def test_check_library_verdicts_and_allow_lists(daemon, samples):
+    api, site, recv = daemon["api"], daemon["site"], daemon["recv"]
+    apple = (samples / "other-apple.jpg").read_bytes()
+    status, out = await api.call("POST", "/v1/check", data=upload(apple))
+    assert status == 200 and out["matches"] == [] and len(out["dhash"]) == 16
+    status, out = await api.call("POST", "/v1/library", data=upload(apple, name="apple.jpg", label="fruit"))
+    assert status == 201 and out["added"][0]["label"] == "fruit"
+    apple_id = out["added"][0]["id"]
+    status, out = await api.call("POST", "/v1/check", data=upload(apple))
+    assert out["matches"][0]["entry_id"] == apple_id and out["matches"][0]["tier"] == "exact"
+    status, out = await api.call("POST", "/v1/check",
+                                 json_body={"url": f"{daemon['feeds']}/img/small-chelsea.jpg"})
+    assert status == 200 and out["matches"][0]["label"] == "library-chelsea"
+    assert Store(daemon["db"]).query("SELECT COUNT(*) FROM matches") == [(0,)]  # check records nothing
+    status, out = await api.call("POST", "/v1/check", data=upload(b"<html>no</html>"))
+    assert status == 422 and out["error"]["code"] == "image_not_an_image"
+    status, out = await api.call("POST", "/v1/library", json_body={"folder": "/etc"})
+    assert status == 403
+    status, out = await api.call("DELETE", "/v1/library/{id}", f"/v1/library/{apple_id}")
+    assert status == 200
+    assert (await api.call("DELETE", "/v1/library/{id}", f"/v1/library/{apple_id}"))[0] == 404
+
+    # A match marked false positive never alerts again for that (repost hash, entry).
+    await ingest_url(daemon, "q30-coffee.jpg", source="s1")
+    await until(lambda: len(recv.webhook) == 1)
+    status, out = await api.call("GET", "/v1/matches", params={"tier": "exact"})
+    assert status == 200 and out["total"] == 1
+    match_id = out["matches"][0]["id"]
+    assert (await api.call("POST", "/v1/matches/{id}/verdict", f"/v1/matches/{match_id}/verdict",
+                           json_body={"verdict": "maybe"}))[0] == 422
+    status, out = await api.call("POST", "/v1/matches/{id}/verdict", f"/v1/matches/{match_id}/verdict",
+                                 json_body={"verdict": "false_positive"})
+    assert status == 200
+    site.add_image("q30-coffee-again.jpg", site.images["q30-coffee.jpg"][0])
+    await ingest_url(daemon, "q30-coffee-again.jpg", source="s2")
+    await until(lambda: Store(daemon["db"]).query("SELECT COUNT(*) FROM matches")[0][0] == 2)
+    # Licensed use: the chelsea picture may appear in source "partner".
+    entries = (await api.call("GET", "/v1/library"))[1]["entries"]
+    chelsea = next(e for e in entries if e["label"] == "library-chelsea")
+    status, out = await api.call("POST", "/v1/library/{id}/allow", f"/v1/library/{chelsea['id']}/allow",
+                                 json_body={"sources": ["partner"], "domains": ["licensee.example"]})
+    assert status == 200 and out["allowed"]["source"] == ["partner"]
+    await ingest_url(daemon, "small-chelsea.jpg", source="partner")
+    await until(lambda: Store(daemon["db"]).query("SELECT COUNT(*) FROM matches")[0][0] == 3)
+    await asyncio.sleep(0.5)
+    status, out = await api.call("GET", "/v1/matches")
+    why = {m["image_url"].rsplit("/", 1)[-1]: m["suppressed"] for m in out["matches"]}
+    assert why == {"q30-coffee.jpg": None, "q30-coffee-again.jpg": "false_positive",
+                   "small-chelsea.jpg": "allow_list"}
+    assert len(recv.webhook) == 1  # neither suppressed match alerted
+    status, out = await api.call("GET", "/v1/alerts", params={"state": "delivered"})
+    assert status == 200 and len(out["alerts"]) == 1
+    status, out = await api.call("POST", "/v1/alerts/resend", json_body={})
+    assert status == 200 and out["requeued"] == 0
+
+
+async def test_new_library_entries_are_matched_retroactively(daemon, samples):
+    site, recv, api = daemon["site"], daemon["recv"], daemon["api"]
+    site.post("rss", 1, ["flip-rocket.jpg"])  # rocket is not in the library yet
+    db = daemon["db"]
+    await until(lambda: Store(db).query("SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 1)
+    assert recv.webhook == []
+    rocket = (samples / "library-rocket.jpg").read_bytes()
+    status, _ = await api.call("POST", "/v1/library", data=upload(rocket, name="rocket.jpg", label="rocket"))
+    assert status == 201
+    await until(lambda: len(recv.webhook) == 1, timeout=20)
+    assert recv.webhook[0]["library"]["label"] == "rocket"
+    assert recv.webhook[0]["repost"]["source"] == "rss" and recv.webhook[0]["mirrored"]
+
+
+async def test_flood_control_sends_one_summary(daemon, samples):
+    site, recv = daemon["site"], daemon["recv"]
+    with Image.open(samples / "library-astronaut.jpg") as img:
+        img = img.convert("RGB")
+        for i in range(6):
+            site.add_image(f"astro-{i}.jpg", jpeg(img.resize((300 - 10 * i, 300 - 10 * i)), 80 - i))
+    for i in range(6):
+        await ingest_url(daemon, f"astro-{i}.jpg", id=f"a{i}", source="spam")
+    await until(lambda: Store(daemon["db"]).query("SELECT COUNT(*) FROM matches")[0][0] == 6)
+    await until(lambda: len(recv.webhook) == 4)
+    await asyncio.sleep(0.5)
+    assert len(recv.webhook) == 4  # 3 alerts, then one summary replaces the storm
+    assert [bool(a.get("flood")) for a in recv.webhook] == [False, False, False, True]
+
+
+def test_openapi_matches_the_server_and_every_response_seen():
+    """Runs last in this file: checks every request the tests above made."""
+    from aiohttp import web
+
+    from monitor.metrics import Metrics
+    from monitor.server import Services, make_app
+    app = make_app(Metrics(), {}, Services(None, None, None, None, None))
+    served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
+              if r.method != "HEAD" and isinstance(r.resource, web.Resource)}
+    documented = {(m, p) for p, ops in OPENAPI["paths"].items() for m in ops}
+    assert served == documented
+    assert SEEN, "run with the other tests of this file"
+    for method, route, status, body in SEEN:
+        if route not in OPENAPI["paths"]:
+            assert status == 404
+            continue
+        op = OPENAPI["paths"][route][method]
+        assert str(status) in op["responses"], (method, route, status)
+        schema = op["responses"][str(status)].get("content", {}).get("application/json", {}).get("schema")
+        if schema and isinstance(body, dict):
+            if "$ref" in schema:
+                schema = OPENAPI["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+            assert set(schema.get("required", [])) <= set(body), (route, status, body)
+    routes_hit = {(m, r) for m, r, _, _ in SEEN if r in OPENAPI["paths"]}
+    missing = documented - routes_hit
+    assert not missing, missing
+    assert re.match(r"\d+\.\d+\.\d+", OPENAPI["info"]["version"])
