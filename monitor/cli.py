@@ -110,6 +110,23 @@ def cmd_alerts(args) -> int:
     return 0
 
 
+def cmd_matches(args) -> int:
+    from .noise import set_verdict
+    from .store import Store
+    store = Store(args.db)
+    if args.matches_cmd == "verdict":
+        if not set_verdict(store, args.id, args.verdict):
+            print(f"[error] no match {args.id}", file=sys.stderr)
+            return 1
+        print(f"[ok] match {args.id}: {args.verdict}")
+        return 0
+    rows = store.query("SELECT id, tier, dhash_distance, image_url, entry_id, feed, verdict, suppressed "
+                       "FROM matches ORDER BY id DESC LIMIT ?", (args.limit,))
+    for r in rows:
+        print("\t".join("" if v is None else str(v) for v in r))
+    return 0
+
+
 def cmd_match(args) -> int:
     from .batch import run_match
     from .matcher import PRESETS, threshold_tiers
@@ -205,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("resend", help="queue dead-lettered alerts again")
     a.add_argument("ids", nargs="*", type=int, help="alert ids (default: every dead alert)")
     p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("matches", help="list recorded matches, record verdicts",
+                       description="Review the matches the daemon recorded.")
+    p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s)")
+    msub = p.add_subparsers(dest="matches_cmd", required=True, metavar="ACTION")
+    a = msub.add_parser("list", help="newest first: id, tier, distance, image, entry, feed, verdict")
+    a.add_argument("--limit", type=int, default=50)
+    a = msub.add_parser("verdict", help="confirmed | false_positive | authorized")
+    a.add_argument("id", type=int)
+    a.add_argument("verdict", choices=("confirmed", "false_positive", "authorized"))
+    p.set_defaults(func=cmd_matches)
 
     p = sub.add_parser(
         "match", help="match input images against a library (all pairs)",
