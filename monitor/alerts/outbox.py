@@ -71,6 +71,7 @@ class Outbox:
         self.flood_max = flood_max
         self.flood_window = flood_window
         self._wake = {sink.name: asyncio.Event() for sink, _ in sinks}
+        self._gauged: dict[str, float] = {}
 
     # -- producer side: inside the match transaction ---------------------------
     def enqueue(self, conn, record) -> int:
@@ -125,47 +126,63 @@ class Outbox:
                 w.cancel()
         wake.clear()
 
-    def _update_gauges(self, name: str) -> None:
-        for state, n in self.store.query("SELECT state, COUNT(*) FROM alerts WHERE sink=? "
-                                         "GROUP BY state", (name,)):
-            self.metrics.alerts_in_state.labels(name, state).set(n)
+    def _update_gauges(self, name: str, force: bool = False) -> None:
+        # A GROUP BY over the sink's alerts: at most once a second, not per delivery.
+        now = time.monotonic()
+        if not force and now - self._gauged.get(name, 0.0) < 1.0:
+            return
+        self._gauged[name] = now
+        counts = dict(self.store.query("SELECT state, COUNT(*) FROM alerts WHERE sink=? "
+                                       "GROUP BY state", (name,)))
+        for state in ("pending", "delivered", "dead"):
+            self.metrics.alerts_in_state.labels(name, state).set(counts.get(state, 0))
 
     async def _send_loop(self, session, sink, rule: SinkRule, stop: asyncio.Event) -> None:
-        self._update_gauges(sink.name)
+        self._update_gauges(sink.name, force=True)
         while not stop.is_set():
+            # The head of this sink's queue, a batch at a time; delivered strictly in order.
             rows = self.store.query("SELECT id, attempts, next_attempt, payload, created_at FROM alerts "
-                                    "WHERE sink=? AND state='pending' ORDER BY id LIMIT 1",
+                                    "WHERE sink=? AND state='pending' ORDER BY id LIMIT 100",
                                     (sink.name,))
             if not rows:
+                self._update_gauges(sink.name, force=True)
                 await self._sleep(sink.name, 5.0, stop)
                 continue
-            alert_id, attempts, next_attempt, payload, created = rows[0]
-            wait = next_attempt - time.time()
-            if wait > 0:
-                await self._sleep(sink.name, wait, stop)
-                continue
-            alert = json.loads(payload) | {"alert_id": alert_id}
-            start = time.perf_counter()
-            try:
-                await sink.deliver(session, alert)
-            except DeliveryError as exc:
-                self._failed(sink.name, rule, alert_id, attempts + 1, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - a sink bug must not kill the sender
-                log.exception("sink %s crashed on alert %d", sink.name, alert_id,
-                              extra={"sink": sink.name, "alert_id": alert_id})
-                self._failed(sink.name, rule, alert_id, attempts + 1, DeliveryError(repr(exc)))
-                continue
-            now = time.time()
-            with self.store.transaction() as conn:
-                conn.execute("UPDATE alerts SET state='delivered', attempts=?, delivered_at=?, "
-                             "last_error=NULL WHERE id=?", (attempts + 1, now, alert_id))
-            self.metrics.alerts.labels(sink.name, "delivered").inc()
-            self.metrics.alert_delivery_seconds.labels(sink.name).observe(time.perf_counter() - start)
-            self.metrics.alert_latency_seconds.labels(sink.name).observe(max(0.0, now - created))
-            self._update_gauges(sink.name)
-            log.info("alert %d delivered to %s", alert_id, sink.name,
-                     extra={"alert_id": alert_id, "sink": sink.name, "match_id": alert["match_id"]})
+            for alert_id, attempts, next_attempt, payload, created in rows:
+                if stop.is_set():
+                    return
+                wait = next_attempt - time.time()
+                if wait > 0:
+                    await self._sleep(sink.name, wait, stop)
+                    break  # re-read: a resend or a newer head may have arrived
+                if not await self._deliver(session, sink, rule, alert_id, attempts, payload, created):
+                    break
+                self._update_gauges(sink.name)
+
+    async def _deliver(self, session, sink, rule: SinkRule, alert_id: int, attempts: int,
+                       payload: str, created: float) -> bool:
+        alert = json.loads(payload) | {"alert_id": alert_id}
+        start = time.perf_counter()
+        try:
+            await sink.deliver(session, alert)
+        except DeliveryError as exc:
+            self._failed(sink.name, rule, alert_id, attempts + 1, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a sink bug must not kill the sender
+            log.exception("sink %s crashed on alert %d", sink.name, alert_id,
+                          extra={"sink": sink.name, "alert_id": alert_id})
+            self._failed(sink.name, rule, alert_id, attempts + 1, DeliveryError(repr(exc)))
+            return False
+        now = time.time()
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE alerts SET state='delivered', attempts=?, delivered_at=?, "
+                         "last_error=NULL WHERE id=?", (attempts + 1, now, alert_id))
+        self.metrics.alerts.labels(sink.name, "delivered").inc()
+        self.metrics.alert_delivery_seconds.labels(sink.name).observe(time.perf_counter() - start)
+        self.metrics.alert_latency_seconds.labels(sink.name).observe(max(0.0, now - created))
+        log.info("alert %d delivered to %s", alert_id, sink.name,
+                 extra={"alert_id": alert_id, "sink": sink.name, "match_id": alert["match_id"]})
+        return True
 
     def _failed(self, name: str, rule: SinkRule, alert_id: int, attempts: int,
                 exc: DeliveryError) -> None:
@@ -180,7 +197,7 @@ class Outbox:
                          "WHERE id=?", (attempts, str(exc)[:500], time.time() + delay,
                                         "dead" if dead else "pending", alert_id))
         self.metrics.alerts.labels(name, "dead" if dead else "failed").inc()
-        self._update_gauges(name)
+        self._update_gauges(name, force=dead)
         if dead:
             log.error("alert %d dead-lettered for %s after %d attempts: %s", alert_id, name,
                       attempts, exc, extra={"alert_id": alert_id, "sink": name})
