@@ -66,6 +66,7 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
     metrics = Metrics()
+    metrics.init_labels([f.name for f in config.feeds], [a.name for a in config.alerts])
     ready = {"ready": False}
     store = Store(config.store.path)
     # Compile (or load from cache) every kernel before the first request.

@@ -218,6 +218,8 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
                       {"name": "demo-jsonfeed", "type": "jsonfeed", "url": f"{host.base}/feed.json",
                        "interval": 1.0}],
             "server": {"host": "127.0.0.1", "port": port},
+            # Alerts go through the real outbox to a file sink (the console shows detections).
+            "alerts": [{"name": "demo-archive", "type": "file", "path": str(Path(tmp) / "alerts.jsonl")}],
         })
         stop = asyncio.Event()
         detected: dict[str, str] = {}
@@ -235,9 +237,10 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
         def on_ready(running):
             print(f"[demo] feed host on {host.base} (/rss.xml, /feed.json); {len(stream)} posts, "
                   f"{rate:g} per second", file=out)
-            print(f"[demo] library: {len(running.library.index)} images; metrics on "
-                  f"http://127.0.0.1:{running.port}/metrics, health on "
-                  f"http://127.0.0.1:{running.port}/healthz", file=out, flush=True)
+            api = f"http://127.0.0.1:{running.port}"
+            print(f"[demo] library: {len(running.library.index)} images; API on {api}/v1/ "
+                  f"(OpenAPI: {api}/v1/openapi.json), metrics on {api}/metrics, health on "
+                  f"{api}/healthz", file=out, flush=True)
             asyncio.get_running_loop().create_task(watch(running))
 
         async def watch(running):

@@ -67,5 +67,28 @@ class Metrics:
                                                "From alert created to delivered", ["sink"],
                                                buckets=LAG_BUCKETS, registry=r)
 
+    def init_labels(self, feeds: list[str], sinks: list[str], tiers=("exact", "near", "loose")) -> None:
+        """Create the known label children at 0, so dashboards and rate() see
+        every series from the first scrape, not only after the first event."""
+        for feed in feeds:
+            self.items_discovered.labels(feed)
+            self.images_downloaded.labels(feed)
+            for result in ("ok", "not_modified", "error"):
+                self.feed_polls.labels(feed, result)
+        for sink in sinks:
+            for outcome in ("delivered", "failed", "dead", "flood_suppressed"):
+                self.alerts.labels(sink, outcome)
+            for state in ("pending", "delivered", "dead"):
+                self.alerts_in_state.labels(sink, state)
+            self.alert_delivery_seconds.labels(sink)
+            self.alert_latency_seconds.labels(sink)
+        for tier in tiers:
+            self.matches.labels(tier)
+        for stage in ("poll", "process"):
+            self.errors.labels(stage)
+        self.image_failures.labels("download", "timeout")
+        self.image_failures.labels("decode", "corrupt")
+        self.queue_depth.labels("download")
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
