@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NUMBA_CACHE_DIR=/var/cache/repost-monitor/numba \
     REPOST_MONITOR_CACHE=/var/cache/repost-monitor/fingerprints.sqlite
 
-RUN groupadd --system monitor && useradd --system --gid monitor --home-dir /var/lib/repost-monitor monitor
+RUN groupadd --system --gid 10001 monitor \
+    && useradd --system --uid 10001 --gid monitor --home-dir /var/lib/repost-monitor monitor
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -18,15 +19,15 @@ COPY monitor ./monitor
 COPY feeds ./feeds
 RUN pip install --no-compile . \
     && mkdir -p /var/lib/repost-monitor /var/cache/repost-monitor/numba /etc/repost-monitor \
-    && chown -R monitor:monitor /var/lib/repost-monitor /var/cache/repost-monitor
+    && chown -R 10001:10001 /var/lib/repost-monitor /var/cache/repost-monitor
 
-USER monitor
+USER 10001
 # Compile the numba kernels once into the image's cache, not on first request.
 RUN python -c "from monitor import kernel; kernel.warm_up()"
 
 VOLUME ["/var/lib/repost-monitor"]
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status == 200 else 1)"
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 
 ENTRYPOINT ["repost-monitor", "run", "--config", "/etc/repost-monitor/config.toml"]
