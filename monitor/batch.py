@@ -56,6 +56,8 @@ class MatchRow:
     dhash_distance: int
     phash_distance: int
     mirrored: bool
+    input_dhash: int = 0
+    library_dhash: int = 0   # of the side compared: the mirrored hash for a mirrored match
 
 
 def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
@@ -90,9 +92,12 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     rows = []
     for i in range(pairs.query.size):
         entry = entries[int(pairs.entry_id[i])]
+        fp = good[int(pairs.query[i])].fingerprint
+        mirrored = bool(pairs.mirrored[i])
         rows.append(MatchRow(str(good[int(pairs.query[i])].path), entry.source, entry.label,
                              tiers[int(pairs.tier[i])].name, int(pairs.dhash_distance[i]),
-                             int(pairs.phash_distance[i]), bool(pairs.mirrored[i])))
+                             int(pairs.phash_distance[i]), mirrored,
+                             fp.dhash_mirror if mirrored else fp.dhash, entry.dhash))
     return rows, bad
 
 
@@ -119,12 +124,28 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
         raise ValueError(f"unknown format {fmt!r}")
 
 
+def write_report(path: str, rows: list[MatchRow], bad) -> None:
+    from .report import Finding, thumbnail_uri, write
+    thumbs: dict[str, str | None] = {}
+
+    def thumb(p: str) -> str | None:
+        if p not in thumbs:
+            thumbs[p] = thumbnail_uri(p) if Path(p).exists() else None
+        return thumbs[p]
+    findings = [Finding(r.tier, r.library, thumb(r.library), r.input, thumb(r.input), r.library_dhash,
+                        r.input_dhash, r.dhash_distance, r.phash_distance,
+                        "mirrored copy" if r.mirrored else "") for r in rows]
+    write(path, "repost-monitor match", f"{len(rows):,} matches; {len(bad):,} inputs unreadable", findings)
+
+
 def run_match(inputs: list[str], library_spec: str, tiers: tuple[Tier, ...], *, best: bool,
               fmt: str, output: str | None, cache: FingerprintCache | None,
-              progress: bool | None, log: TextIO = sys.stderr) -> int:
+              progress: bool | None, log: TextIO = sys.stderr, report_path: str | None = None) -> int:
     library = open_library(library_spec, cache, progress, log)
     rows, bad = match_files(inputs, library, tiers, best=best, cache=cache,
                             progress=progress, log=log)
+    if report_path:
+        write_report(report_path, rows, bad)
     if output:
         with open(output, "w", encoding="utf-8", newline="") as fh:
             write_rows(rows, fmt, fh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import os
 import sys
@@ -127,12 +128,112 @@ def cmd_matches(args) -> int:
     return 0
 
 
+def _write_table(rows: list[dict], fmt: str, output: str | None) -> None:
+    import csv
+    import io
+    buf = io.StringIO()
+    if fmt == "csv":
+        if rows:
+            writer = csv.DictWriter(buf, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        for r in rows:
+            buf.write(json.dumps(r) + "\n")
+    if output:
+        Path(output).write_text(buf.getvalue(), encoding="utf-8")
+    else:
+        sys.stdout.write(buf.getvalue())
+
+
+def _group_findings(groups):
+    from .report import Finding, thumbnail_uri
+    thumbs: dict = {}
+
+    def thumb(p):
+        if p not in thumbs:
+            thumbs[p] = thumbnail_uri(p)
+        return thumbs[p]
+    findings = []
+    for g in groups:
+        for e in sorted(g.edges, key=lambda e: (str(e.a.path), str(e.b.path))):
+            findings.append(Finding(e.tier, str(e.a.path), thumb(e.a.path), str(e.b.path), thumb(e.b.path),
+                                    e.a.fp.dhash, e.b.fp.dhash, e.dhash_distance, e.phash_distance,
+                                    f"group {g.id}; keep {g.keep.path.name}"
+                                    + ("; mirrored" if e.mirrored else "")))
+    return findings
+
+
+def cmd_dedupe(args, grouping: bool = False) -> int:
+    from . import catalog, report
+    if grouping:
+        groups, images, bad = catalog.group(args.folders, _cache(args), tier=args.tier,
+                                            progress=_progress(args))
+    else:
+        groups, images, bad = catalog.dedupe(args.folders, _cache(args), tier=args.tier, keep=args.keep,
+                                             prefer=args.prefer, progress=_progress(args))
+    for b in bad:
+        print(f"[skip] {b.path}: {b.reason}", file=sys.stderr)
+    rows = []
+    for g in groups:
+        for im in g.members:
+            rows.append({"group": g.id, "path": str(im.path),
+                         "role": "keep" if im.path == g.keep.path else ("variant" if grouping else "duplicate"),
+                         "width": im.fp.width, "height": im.fp.height, "bytes": im.size,
+                         "dhash": im.fp.dhash_hex})
+    _write_table(rows, args.format, args.output)
+    extra = sum(len(g.members) - 1 for g in groups)
+    word = "variant groups" if grouping else "duplicate groups"
+    print(f"[done] {len(images):,} images, {len(groups):,} {word}, {extra:,} files beyond one per group"
+          + (f", {len(bad):,} unreadable" if bad else ""), file=sys.stderr)
+    if not grouping and args.action:
+        actions = catalog.apply_actions(groups, args.action, dest=args.move_to, dry_run=not args.apply)
+        for a in actions:
+            verb = {"move": "moved", "hardlink": "hard-linked", "delete": "deleted"}[a.kind]
+            print(f"[{'done' if a.done else 'dry-run'}] {verb if a.done else a.kind}: {a.path}"
+                  + (f" -> {a.target}" if a.target else ""), file=sys.stderr)
+        if not args.apply:
+            print("[dry-run] nothing changed; add --apply to act", file=sys.stderr)
+    if args.report:
+        report.write(args.report, "repost-monitor " + ("group" if grouping else "dedupe"),
+                     f"{len(images):,} images, {len(groups):,} groups", _group_findings(groups))
+    return 3 if bad else 0
+
+
+def cmd_group(args) -> int:
+    return cmd_dedupe(args, grouping=True)
+
+
+def cmd_audit(args) -> int:
+    from . import catalog, report
+    rows, old_root, new_root = catalog.audit(args.old, args.new, _cache(args), progress=_progress(args))
+    _write_table([{"status": r.status, "old": r.old or "", "new": r.new or "",
+                   "dhash_distance": "" if r.dhash_distance is None else r.dhash_distance,
+                   "note": r.note} for r in rows], args.format, args.output)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    order = ("intact", "re-encoded", "moved", "altered", "missing", "new")
+    print("[summary] " + ", ".join(f"{k} {counts.get(k, 0):,}" for k in order), file=sys.stderr)
+    if args.report:
+        from .report import Finding, thumbnail_uri
+        findings = [Finding(r.status, f"OLD/{r.old}" if r.old else "(none)",
+                            thumbnail_uri(old_root / r.old) if r.old else None,
+                            f"NEW/{r.new}" if r.new else "(none)",
+                            thumbnail_uri(new_root / r.new) if r.new else None,
+                            None, None, r.dhash_distance, None, r.note) for r in rows]
+        report.write(args.report, "repost-monitor audit", "[summary] " + ", ".join(
+            f"{k} {counts.get(k, 0)}" for k in order), findings)
+    return 1 if counts.get("missing") or counts.get("altered") else 0
+
+
 def cmd_match(args) -> int:
     from .batch import run_match
     from .matcher import PRESETS, threshold_tiers
     tiers = threshold_tiers(args.threshold) if args.threshold is not None else PRESETS[args.tier]
     return run_match(args.inputs, args.library, tiers, best=args.best, fmt=args.format,
-                     output=args.output, cache=_cache(args), progress=_progress(args))
+                     output=args.output, cache=_cache(args), progress=_progress(args),
+                     report_path=args.report)
 
 
 def cmd_demo(args) -> int:
@@ -249,8 +350,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="only the nearest library image per input")
     p.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
     p.add_argument("--output", help="write matches here instead of stdout")
+    p.add_argument("--report", metavar="FILE.html", help="also write a visual HTML report")
     _add_scan_options(p)
     p.set_defaults(func=cmd_match)
+
+    from .catalog import KEEP_POLICIES
+    for name, func, helptext, tier in (
+            ("dedupe", cmd_dedupe, "groups of exact and near duplicates, one file kept per group", "near"),
+            ("group", cmd_group, "variant groups at a looser tier (one shoot, edits of one picture)",
+             "loose")):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ". "
+                           "Group ids are deterministic whatever the input order.")
+        p.add_argument("folders", nargs="+")
+        p.add_argument("--tier", choices=("exact", "near", "loose"), default=tier,
+                       help="how close counts (default: %(default)s)")
+        p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+        p.add_argument("--output", help="write rows here instead of stdout")
+        p.add_argument("--report", metavar="FILE.html", help="also write a visual HTML report")
+        if name == "dedupe":
+            p.add_argument("--keep", choices=KEEP_POLICIES, default="largest-resolution",
+                           help="which file of a group to keep (default: %(default)s)")
+            p.add_argument("--prefer", metavar="PATH", help="for --keep prefer-prefix")
+            p.add_argument("--action", choices=("move", "hardlink", "delete"),
+                           help="what to do with the other files (a dry run unless --apply)")
+            p.add_argument("--move-to", metavar="DIR", help="for --action move")
+            p.add_argument("--apply", action="store_true", help="really act; the kept file is never touched")
+        _add_scan_options(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("audit", help="did every image of OLD survive the move to NEW?",
+                       description="Classify every image of OLD as intact, re-encoded, moved, altered or "
+                                   "missing in NEW, and list what NEW has that OLD lacks. Exit code 1 "
+                                   "when anything is missing or altered.")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    p.add_argument("--output", help="write rows here instead of stdout")
+    p.add_argument("--report", metavar="FILE.html", help="also write a visual HTML report")
+    _add_scan_options(p)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("demo", help="run the self-contained demo (no network needed)",
                        description="Start a feed host on loopback publishing posts (some are "

@@ -149,6 +149,17 @@ OPENAPI = {
             "responses": {"200": _ok("alerts", {"type": "object", "required": ["alerts"],
                                                 "properties": {"alerts": {"type": "array"}}}),
                           "400": _err("bad state"), "401": UNAUTH}}},
+        "/review": {"get": {
+            "summary": "the review page: latest matches side by side with verdict buttons (HTML); "
+                       "with server.token set, open it as /review?token=TOKEN",
+            "parameters": PAGING + [{"name": "token", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}},
+                          "400": _err("bad paging"), "401": UNAUTH}}},
+        "/review/library/{id}.jpg": {"get": {
+            "summary": "thumbnail of a library entry stored as a local file",
+            "parameters": [ID, {"name": "token", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "JPEG thumbnail", "content": {"image/jpeg": {}}},
+                          "401": UNAUTH, "404": _err("no such entry, or not a local file")}}},
         "/v1/alerts/resend": {"post": {
             "summary": "queue dead-lettered alerts again (all, or {ids: [...]})", "security": AUTH,
             "requestBody": {"content": {"application/json": {"schema": {

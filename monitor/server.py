@@ -410,6 +410,71 @@ async def alerts_resend(request: web.Request) -> web.Response:
     return web.json_response({"requeued": n})
 
 
+def _review_auth(request: web.Request) -> None:
+    """Browsers cannot send a bearer header on navigation: /review also takes ?token=."""
+    svc = request.app[SERVICES_KEY]
+    if not svc.token:
+        return
+    given = request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if not hmac.compare_digest(given.encode(), svc.token.encode()):
+        raise error(401, "unauthorized", "open /review?token=TOKEN")
+
+
+async def review(request: web.Request) -> web.Response:
+    """The latest matches side by side, with verdict buttons that call the API."""
+    from .report import Finding, render
+    _review_auth(request)
+    svc = request.app[SERVICES_KEY]
+    limit, offset = _page(request)
+    rows = svc.store.query("SELECT id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, "
+                           "feed, author, verdict, repost_dhash, suppressed FROM matches ORDER BY id DESC "
+                           "LIMIT ? OFFSET ?", (limit, offset))
+    entries = svc.library.entries_by_id(r[2] for r in rows)
+    token = request.query.get("token")
+    findings = []
+    for (mid, url, eid, tier, d, p, mirrored, feed, author, verdict, rd, suppressed) in rows:
+        e = entries.get(eid)
+        lib_src = f"/review/library/{eid}.jpg" + (f"?token={token}" if token else "") if e else None
+        from .store import sql_to_u64
+        findings.append(Finding(
+            tier, f"library: {e.label if e else eid}", lib_src,
+            f"{url} ({feed}{', by ' + author if author else ''})",
+            url if url.startswith(("http://", "https://")) else None,
+            (e.dhash_mirror if mirrored else e.dhash) if e else None,
+            sql_to_u64(rd) if rd is not None else None, d, p,
+            ("mirrored; " if mirrored else "") + (f"no alert: {suppressed}" if suppressed else ""),
+            mid, verdict))
+    page = render("repost-monitor review", f"latest {len(rows)} matches", findings, review=True)
+    if token:
+        page = page.replace("<script>", f"<script>sessionStorage.setItem('rmToken',{json.dumps(token)});", 1)
+    return web.Response(text=page, content_type="text/html")
+
+
+async def review_library_image(request: web.Request) -> web.Response:
+    from .report import THUMB
+    _review_auth(request)
+    svc = request.app[SERVICES_KEY]
+    entry = svc.library.get(_int(request.match_info["id"]))
+    if entry is None or not Path(entry.source).is_file():
+        raise error(404, "not_found", "no local image for this entry")
+
+    def thumb() -> bytes:
+        import io
+
+        from PIL import Image, ImageOps
+        with Image.open(entry.source) as img:
+            img = ImageOps.exif_transpose(img)
+            img.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, "JPEG", quality=80)
+            return buf.getvalue()
+    try:
+        data = await asyncio.to_thread(thumb)
+    except OSError:
+        raise error(404, "not_found", "the library file cannot be read") from None
+    return web.Response(body=data, content_type="image/jpeg")
+
+
 async def openapi(request: web.Request) -> web.Response:
     from .openapi import OPENAPI
     return web.json_response(OPENAPI)
@@ -436,6 +501,8 @@ def make_app(metrics_: Metrics, ready: dict, services: Services | None = None) -
         r.add_get("/v1/alerts", alerts_list)
         r.add_post("/v1/alerts/resend", alerts_resend)
         r.add_get("/v1/openapi.json", openapi)
+        r.add_get("/review", review)
+        r.add_get("/review/library/{id}.jpg", review_library_image)
     return app
 
 

@@ -37,7 +37,12 @@ class Api:
             h["Authorization"] = f"Bearer {TOKEN}"
         async with self.http.request(method, self.base + (path or route), json=json_body, data=data,
                                      headers=h, params=params) as resp:
-            body = await resp.json() if resp.content_type == "application/json" else await resp.text()
+            if resp.content_type == "application/json":
+                body = await resp.json()
+            elif resp.content_type.startswith("text/"):
+                body = await resp.text()
+            else:
+                body = await resp.read()
             SEEN.append((method.lower(), route, resp.status, body))
             return resp.status, body
 
@@ -104,6 +109,15 @@ async def test_auth_is_required_and_errors_are_json(daemon):
         assert (await api.call("GET", route, auth=False))[0] == 200
     status, text = await api.call("GET", "/metrics", auth=False)
     assert status == 200 and "repost_monitor_build_info" in text
+    assert (await api.call("GET", "/review", auth=False))[0] == 401
+    status, page = await api.call("GET", "/review", auth=False, params={"token": TOKEN})
+    assert status == 200 and "repost-monitor review" in page
+    entry_id = (await api.call("GET", "/v1/library"))[1]["entries"][0]["id"]
+    status, _ = await api.call("GET", "/review/library/{id}.jpg", f"/review/library/{entry_id}.jpg",
+                               auth=False, params={"token": TOKEN})
+    assert status == 200
+    assert (await api.call("GET", "/review/library/{id}.jpg", "/review/library/999.jpg", auth=False,
+                           params={"token": TOKEN}))[0] == 404
     status, doc = await api.call("GET", "/v1/openapi.json")
     assert status == 200 and doc == json.loads(json.dumps(OPENAPI))
 
