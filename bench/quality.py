@@ -1,0 +1,359 @@
+"""Match-quality benchmark on real images: our matchers vs imagehash dHash/pHash and PDQ.
+
+    python3 bench/quality.py ../shared/corpus [--library 100] [--distractors 300] [--seed 1]
+
+From the corpus (seeded) it picks a protected library and unrelated distractors, makes reposts
+of every library image with transformations people apply (Pillow; augly is not installed here),
+and scores every (image, library entry) pair with each system. For each system it picks the
+threshold where the false-positive rate over non-matching (repost, library) pairs is <= 0.1% and
+<= 0.01%, and reports the true-positive rate per transformation and per family there, plus the
+share of distractors that would raise any alert (and that share projected to a 100,000-entry
+library from the measured pair rate).
+
+Systems:
+- imagehash dHash, imagehash pHash: Hamming distance of one 64-bit hash.
+- PDQ (pdqhash): Hamming distance of the 256-bit hash (if installed).
+- ours (basic): dHash + pHash distance, best of plain and mirrored.
+- ours (robust): the same over every (query view, library view) pair: the query whole and inside
+  its detected frame (borders, letterbox, caption bands, screenshots); the library entry whole
+  and at centre crops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from monitor.fingerprint import decode_grey  # noqa: E402
+from monitor.variants import library_fingerprints, query_fingerprints  # noqa: E402
+
+try:
+    import pdqhash
+except ImportError:  # pragma: no cover
+    pdqhash = None
+
+import imagehash  # noqa: E402
+
+
+# -- transformations --------------------------------------------------------------
+def enc(img, fmt="JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def scale(img, f):
+    return img.resize((max(8, int(img.width * f)), max(8, int(img.height * f))), Image.LANCZOS)
+
+
+def crop_center(img, share):
+    dx, dy = int(img.width * share / 2), int(img.height * share / 2)
+    return img.crop((dx, dy, img.width - dx, img.height - dy))
+
+
+def border(img, share, color):
+    b = int(max(img.size) * share)
+    return ImageOps.expand(img, border=b, fill=color)
+
+
+def letterbox(img):
+    w = img.width
+    h = int(w * 9 / 16) if img.height < w * 9 / 16 else img.height
+    canvas = Image.new("RGB", (int(h * 16 / 9), h), "black")
+    canvas.paste(img, ((canvas.width - img.width) // 2, (canvas.height - img.height) // 2))
+    return canvas
+
+
+def pad_square(img):
+    s = max(img.size)
+    canvas = Image.new("RGB", (s, s), "white")
+    canvas.paste(img, ((s - img.width) // 2, (s - img.height) // 2))
+    return canvas
+
+
+def screenshot(img):
+    w = 390
+    pic = img.resize((w, int(img.height * w / img.width)))
+    canvas = Image.new("RGB", (w, 844), (250, 250, 250))
+    d = ImageDraw.Draw(canvas)
+    d.rectangle((0, 0, w, 44), fill=(240, 240, 240))
+    d.text((16, 14), "9:41", fill="black")
+    d.text((w - 60, 14), "5G 80%", fill="black")
+    d.text((16, 70), "@someone · 2h", fill=(30, 30, 30))
+    d.text((16, 92), "look at this amazing shot!!", fill=(30, 30, 30))
+    top = 130
+    canvas.paste(pic, (0, top))
+    y = top + pic.height + 20
+    d.text((16, y), "♥ 1.2k   ↻ 340   💬 87", fill=(60, 60, 60))
+    d.rectangle((0, 780, w, 844), fill=(245, 245, 245))
+    return canvas
+
+
+def caption(img, share=0.2):
+    band = max(20, int(img.height * share))
+    out = Image.new("RGB", (img.width, img.height + band), "white")
+    out.paste(img, (0, band))
+    d = ImageDraw.Draw(out)
+    d.text((10, band // 3), "WHEN THE CODE COMPILES ON THE FIRST TRY", fill="black")
+    return out
+
+
+def overlay_text(img):
+    out = img.copy()
+    d = ImageDraw.Draw(out)
+    for i in range(3):
+        d.text((10, 10 + i * img.height // 3), "REPOSTED BY @thief " * 3, fill="white")
+    return out
+
+
+def watermark(img):
+    out = img.copy().convert("RGBA")
+    logo = Image.new("RGBA", (img.width // 4, img.height // 8), (255, 255, 255, 0))
+    d = ImageDraw.Draw(logo)
+    d.rectangle((0, 0, logo.width - 1, logo.height - 1), fill=(255, 255, 255, 140))
+    d.text((6, 4), "LOGO", fill=(0, 0, 0, 200))
+    out.alpha_composite(logo, (img.width - logo.width - 8, img.height - logo.height - 8))
+    return out.convert("RGB")
+
+
+def emoji(img):
+    out = img.copy()
+    d = ImageDraw.Draw(out)
+    r = min(img.size) // 6
+    cx, cy = img.width // 3, img.height // 2
+    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 210, 0))
+    d.ellipse((cx - r // 3, cy - r // 3, cx - r // 6, cy - r // 6), fill="black")
+    return out
+
+
+def gamma(img, g):
+    lut = [int(255 * ((i / 255) ** g)) for i in range(256)] * 3
+    return img.point(lut)
+
+
+def noise(img, rng):
+    a = np.asarray(img, dtype=np.int16)
+    a = a + rng.normal(0, 12, a.shape).astype(np.int16)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def build_transforms(rng_np):
+    T = {}
+
+    def add(family, name, fn):
+        T[name] = (family, fn)
+    add("encode", "jpeg q30", lambda im: enc(im, quality=30))
+    add("encode", "jpeg q50", lambda im: enc(im, quality=50))
+    add("encode", "jpeg q95", lambda im: enc(im, quality=95))
+    add("encode", "webp", lambda im: enc(im, "WEBP", quality=75))
+    add("encode", "png", lambda im: enc(im, "PNG"))
+    add("scale", "down 25%", lambda im: enc(scale(im, 0.25)))
+    add("scale", "down 50%", lambda im: enc(scale(im, 0.5)))
+    add("scale", "down 75%", lambda im: enc(scale(im, 0.75)))
+    add("scale", "up 150%", lambda im: enc(scale(im, 1.5)))
+    add("scale", "aspect 4:3->wide", lambda im: enc(im.resize((int(im.width * 1.3), im.height))))
+    add("crop", "center crop 5%", lambda im: enc(crop_center(im, 0.05)))
+    add("crop", "center crop 10%", lambda im: enc(crop_center(im, 0.10)))
+    add("crop", "center crop 20%", lambda im: enc(crop_center(im, 0.20)))
+    add("crop", "center crop 30%", lambda im: enc(crop_center(im, 0.30)))
+    add("crop", "side crop 15%", lambda im: enc(im.crop((int(im.width * 0.15), 0, im.width, im.height))))
+    add("border", "white border", lambda im: enc(border(im, 0.06, "white")))
+    add("border", "colored border", lambda im: enc(border(im, 0.08, (200, 30, 60))))
+    add("border", "letterbox", lambda im: enc(letterbox(im)))
+    add("border", "pad to square", lambda im: enc(pad_square(im)))
+    add("screenshot", "phone screenshot", lambda im: enc(screenshot(im)))
+    add("color", "brightness", lambda im: enc(ImageEnhance.Brightness(im).enhance(1.3)))
+    add("color", "contrast", lambda im: enc(ImageEnhance.Contrast(im).enhance(1.4)))
+    add("color", "gamma", lambda im: enc(gamma(im, 0.7)))
+    add("color", "saturation", lambda im: enc(ImageEnhance.Color(im).enhance(0.3)))
+    add("color", "grayscale", lambda im: enc(ImageOps.grayscale(im)))
+    add("flip", "horizontal flip", lambda im: enc(ImageOps.mirror(im)))
+    add("rotate", "rotate 2", lambda im: enc(im.rotate(2, resample=Image.BICUBIC, expand=True, fillcolor="white")))
+    add("rotate", "rotate 5", lambda im: enc(im.rotate(5, resample=Image.BICUBIC, expand=True, fillcolor="white")))
+    add("overlay", "caption band", lambda im: enc(caption(im)))
+    add("overlay", "overlaid text", lambda im: enc(overlay_text(im)))
+    add("overlay", "logo watermark", lambda im: enc(watermark(im)))
+    add("overlay", "emoji", lambda im: enc(emoji(im)))
+    add("filter", "blur", lambda im: enc(im.filter(ImageFilter.GaussianBlur(2))))
+    add("filter", "noise", lambda im: enc(noise(im, rng_np)))
+    add("filter", "sharpen", lambda im: enc(im.filter(ImageFilter.SHARPEN)))
+    add("chain", "crop+down+jpeg", lambda im: enc(scale(crop_center(im, 0.15), 0.5), quality=50))
+    add("chain", "flip+crop+jpeg", lambda im: enc(crop_center(ImageOps.mirror(im), 0.1), quality=60))
+    add("chain", "caption+down+jpeg", lambda im: enc(scale(caption(im), 0.5), quality=50))
+    add("chain", "border+rotate+jpeg",
+        lambda im: enc(border(im, 0.05, "white").rotate(3, resample=Image.BICUBIC, expand=True,
+                                                         fillcolor="white"), quality=60))
+    return T
+
+
+# -- systems -----------------------------------------------------------------------
+def popcount_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamming distances between rows of a and rows of b (uint64 words, last axis)."""
+    out = np.zeros((a.shape[0], b.shape[0]), np.int32)
+    for w in range(a.shape[1]):
+        out += np.bitwise_count(a[:, None, w] ^ b[None, :, w]).astype(np.int32)
+    return out
+
+
+def ih(data: bytes):
+    img = Image.open(io.BytesIO(data))
+    d = int(str(imagehash.dhash(img)), 16)
+    p = int(str(imagehash.phash(img)), 16)
+    return d, p
+
+
+def pdq(data: bytes):
+    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    bits, _ = pdqhash.compute(img)
+    return np.packbits(bits.astype(np.uint8)).view(">u8").astype(np.uint64)
+
+
+def ours(data: bytes, library_side: bool):
+    grey, size = decode_grey(data)
+    fps = library_fingerprints(grey, size) if library_side else query_fingerprints(grey, size)
+    return fps
+
+
+class Scores:
+    """Score matrices [query x library] per system (lower = more similar)."""
+
+    def __init__(self):
+        self.rows = defaultdict(list)
+
+
+def score_ours(q_fps, l_fps, robust: bool) -> np.ndarray:
+    """min over views (robust) or whole views only, plain and mirrored, of dHash + pHash."""
+    nq, nl = len(q_fps), len(l_fps)
+    best = np.full((nq, nl), 1000, np.int32)
+    q_views = max(len(f) for f in q_fps) if robust else 1
+    l_views = max(len(f) for f in l_fps) if robust else 1
+    for qv in range(q_views):
+        qd = np.array([[f[min(qv, len(f) - 1)].dhash] for f in q_fps], np.uint64)
+        qp = np.array([[f[min(qv, len(f) - 1)].phash] for f in q_fps], np.uint64)
+        qdm = np.array([[f[min(qv, len(f) - 1)].dhash_mirror] for f in q_fps], np.uint64)
+        qpm = np.array([[f[min(qv, len(f) - 1)].phash_mirror] for f in q_fps], np.uint64)
+        for lv in range(l_views):
+            ld = np.array([[f[min(lv, len(f) - 1)].dhash] for f in l_fps], np.uint64)
+            lp = np.array([[f[min(lv, len(f) - 1)].phash] for f in l_fps], np.uint64)
+            plain = popcount_matrix(qd, ld) + popcount_matrix(qp, lp)
+            mirror = popcount_matrix(qdm, ld) + popcount_matrix(qpm, lp)
+            best = np.minimum(best, np.minimum(plain, mirror))
+    return best
+
+
+def threshold_at(neg: np.ndarray, fpr: float) -> float:
+    """Largest threshold t with share(neg <= t) <= fpr."""
+    s = np.sort(neg.ravel())
+    k = int(np.floor(fpr * s.size))
+    if k == 0:
+        return s[0] - 0.5
+    return s[k - 1] if s[k] > s[k - 1] else s[k - 1] - 0.5
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("--library", type=int, default=100)
+    ap.add_argument("--distractors", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--max-side", type=int, default=512, help="work at this size (feed thumbnails)")
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    files = sorted(args.corpus.glob("*.jpg"))
+    rng.shuffle(files)
+    lib_files = files[:args.library]
+    dis_files = files[args.library:args.library + args.distractors]
+    transforms = build_transforms(np.random.default_rng(args.seed))
+
+    def load(p):
+        img = Image.open(p).convert("RGB")
+        img.thumbnail((args.max_side, args.max_side))
+        return img
+
+    t0 = time.time()
+    lib_imgs = [load(p) for p in lib_files]
+    lib_bytes = [enc(im, quality=92) for im in lib_imgs]
+    queries, truth, kinds = [], [], []
+    for i, im in enumerate(lib_imgs):
+        for name, (_, fn) in transforms.items():
+            queries.append(fn(im))
+            truth.append(i)
+            kinds.append(name)
+    distractors = [enc(load(p), quality=85) for p in dis_files]
+    print(f"library {len(lib_bytes)}, reposts {len(queries)} ({len(transforms)} transformations), "
+          f"distractors {len(distractors)}; made in {time.time() - t0:.0f}s", flush=True)
+
+    systems = {}
+    t0 = time.time()
+    lib_ih = [ih(b) for b in lib_bytes]
+    q_ih = [ih(b) for b in queries]
+    d_ih = [ih(b) for b in distractors]
+    for k, name in ((0, "imagehash dHash"), (1, "imagehash pHash")):
+        la = np.array([[x[k]] for x in lib_ih], np.uint64)
+        systems[name] = (popcount_matrix(np.array([[x[k]] for x in q_ih], np.uint64), la),
+                         popcount_matrix(np.array([[x[k]] for x in d_ih], np.uint64), la))
+    if pdqhash is not None:
+        la = np.array([pdq(b) for b in lib_bytes])
+        systems["PDQ (256-bit)"] = (popcount_matrix(np.array([pdq(b) for b in queries]), la),
+                                    popcount_matrix(np.array([pdq(b) for b in distractors]), la))
+    t_peer = time.time() - t0
+    t0 = time.time()
+    lib_o = [ours(b, True) for b in lib_bytes]
+    t_lib = time.time() - t0
+    t0 = time.time()
+    q_o = [ours(b, False) for b in queries]
+    t_q = time.time() - t0
+    d_o = [ours(b, False) for b in distractors]
+    systems["ours (basic)"] = (score_ours(q_o, lib_o, False), score_ours(d_o, lib_o, False))
+    systems["ours (robust)"] = (score_ours(q_o, lib_o, True), score_ours(d_o, lib_o, True))
+    print(f"hashing: peers {t_peer:.0f}s; ours {t_q / len(queries) * 1e3:.1f} ms per query image "
+          f"({np.mean([len(f) for f in q_o]):.2f} views), {t_lib / len(lib_bytes) * 1e3:.1f} ms per library "
+          f"entry ({np.mean([len(f) for f in lib_o]):.2f} views, 16 bytes of hashes each)", flush=True)
+
+    truth_a = np.array(truth)
+    families = {name: fam for name, (fam, _) in transforms.items()}
+    for fpr in (1e-3, 1e-4):
+        print(f"\n== threshold at pair false-positive rate <= {fpr:.2%} ==")
+        results = {}
+        for name, (S, SD) in systems.items():
+            mask = np.ones_like(S, bool)
+            mask[np.arange(S.shape[0]), truth_a] = False
+            neg = np.concatenate([S[mask], SD.ravel()])
+            t = threshold_at(neg, fpr)
+            pos = S[np.arange(S.shape[0]), truth_a] <= t
+            pair_fpr = float((SD <= t).mean())
+            alarms = float((SD <= t).any(axis=1).mean())
+            proj = 1 - (1 - max(pair_fpr, 1e-12)) ** 100_000
+            by_kind = defaultdict(list)
+            for k, ok in zip(kinds, pos, strict=True):
+                by_kind[k].append(ok)
+            by_fam = defaultdict(list)
+            for k, v in by_kind.items():
+                by_fam[families[k]] += v
+            results[name] = (t, pos.mean(), by_kind, by_fam, alarms, pair_fpr, proj)
+        names = list(systems)
+        print(f"{'':24s}" + "".join(f"{n:>18s}" for n in names))
+        print(f"{'threshold':24s}" + "".join(f"{results[n][0]:>18.1f}" for n in names))
+        print(f"{'overall TPR':24s}" + "".join(f"{results[n][1]:>18.1%}" for n in names))
+        for fam in dict.fromkeys(families.values()):
+            print(f"{'  family ' + fam:24s}" + "".join(f"{np.mean(results[n][3][fam]):>18.1%}" for n in names))
+        for k in transforms:
+            print(f"{'    ' + k:24s}" + "".join(f"{np.mean(results[n][2][k]):>18.1%}" for n in names))
+        print(f"{'distractor alarm rate':24s}" + "".join(f"{results[n][4]:>18.2%}" for n in names))
+        print(f"{'  pair rate (distr.)':24s}" + "".join(f"{results[n][5]:>18.2e}" for n in names))
+        print(f"{'  projected @100k lib':24s}" + "".join(f"{results[n][6]:>18.1%}" for n in names))
+
+
+if __name__ == "__main__":
+    main()
