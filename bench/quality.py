@@ -252,6 +252,38 @@ def score_ours(q_fps, l_fps, robust: bool) -> np.ndarray:
     return best
 
 
+def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
+    """What ships: monitor.matcher.Matcher with its tiers on the same images."""
+    import dataclasses
+
+    from monitor.library import LibraryIndex
+    from monitor.matcher import PRESETS, Matcher, query_rows
+    index = LibraryIndex()
+    for i, views in enumerate(lib_o):
+        index.add(i, dataclasses.replace(views[0], views=tuple(views[1:])))
+    print("\n== the shipped matcher (monitor.matcher tiers: exact, near, loose) ==")
+    for tier in ("exact", "near", "loose"):
+        matcher = Matcher(index, PRESETS[tier])
+        qfps = [dataclasses.replace(v[0], views=tuple(v[1:])) for v in q_o]
+        found = matcher.match_batch(*query_rows(qfps)[:4], owners=query_rows(qfps)[4])
+        hit = np.zeros(len(q_o), bool)
+        wrong = 0
+        for q, e in zip(found.query.tolist(), found.entry_id.tolist(), strict=True):
+            if e == truth_a[q]:
+                hit[q] = True
+            else:
+                wrong += 1
+        dfps = [dataclasses.replace(v[0], views=tuple(v[1:])) for v in d_o]
+        dfound = matcher.match_batch(*query_rows(dfps)[:4], owners=query_rows(dfps)[4])
+        pairs = len(q_o) * (len(lib_o) - 1) + len(d_o) * len(lib_o)
+        fams = defaultdict(list)
+        for k, ok in zip(kinds, hit, strict=True):
+            fams[families[k]].append(ok)
+        print(f"up to {tier:5s}: TPR {hit.mean():.1%}; pair FPR {(wrong + dfound.query.size) / pairs:.2e}; "
+              f"distractors alarming {np.unique(dfound.query).size / len(d_o):.2%}; by family: "
+              + ", ".join(f"{f} {np.mean(v):.0%}" for f, v in fams.items()))
+
+
 def threshold_at(neg: np.ndarray, fpr: float) -> float:
     """Largest threshold t with share(neg <= t) <= fpr."""
     s = np.sort(neg.ravel())
@@ -323,6 +355,7 @@ def main() -> None:
 
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _) in transforms.items()}
+    product_tiers(lib_o, q_o, d_o, truth_a, kinds, families)
     for fpr in (1e-3, 1e-4):
         print(f"\n== threshold at pair false-positive rate <= {fpr:.2%} ==")
         results = {}

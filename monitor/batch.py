@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 
 from . import kernel
 from .library import Library
-from .matcher import Matcher, Tier
+from .matcher import Matcher, Tier, query_rows
 from .scan import FileResult, FingerprintCache, fingerprint_files, iter_image_files
 from .store import Store
 
@@ -66,7 +65,7 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
                 ) -> tuple[list[MatchRow], list[FileResult]]:
     """Fingerprint inputs, compare all pairs, return rows and unreadable files."""
     files = list(iter_image_files(inputs))
-    results = fingerprint_files(files, cache, progress=progress, desc="inputs")
+    results = fingerprint_files(files, cache, progress=progress, desc="inputs", views="query")
     good = [r for r in results if r.fingerprint is not None and r.fingerprint.degenerate is None]
     bad = [r for r in results if r.fingerprint is None]
     for r in bad:
@@ -77,16 +76,13 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
                   "its hash would match anything", file=log)
     print(f"[ok] fingerprinted {len(good):,} input images", file=log)
 
-    def column(field):
-        return np.array([getattr(r.fingerprint, field) for r in good], dtype=np.uint64)
-
     matcher = Matcher(library.index, tiers)
     kernel.warm_up()
+    d, p, dm, pm, owners = query_rows([r.fingerprint for r in good])
     start = time.perf_counter()
-    pairs = matcher.match_batch(column("dhash"), column("phash"), column("dhash_mirror"),
-                                column("phash_mirror"), best_only=best)
+    pairs = matcher.match_batch(d, p, dm, pm, owners=owners, best_only=best)
     elapsed = time.perf_counter() - start
-    comparisons = 2 * len(good) * len(library.index)  # plain and mirrored
+    comparisons = 2 * d.size * library.index.rows  # every view, plain and mirrored
     print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
     entries = library.entries_by_id(pairs.entry_id.tolist())
     rows = []

@@ -10,6 +10,7 @@ row-major and the first cell is the most significant bit, so
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import warnings
@@ -20,7 +21,7 @@ import scipy.fftpack
 from PIL import Image, ImageFile, ImageOps
 
 # Bumped whenever a change alters hash values; caches keyed on it go stale.
-ALGORITHM_VERSION = "dhash-phash-v1"
+ALGORITHM_VERSION = "dhash-phash-v2-views"
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any real thumbnail
 # JPEG covers MPO (phone multi-picture JPEGs): its opener returns them.
@@ -61,6 +62,10 @@ class Fingerprint:
     # None for a usable fingerprint, else why it would match almost anything
     # (tiny, flat, low_detail).
     degenerate: str | None = None
+    # Extra views of the same picture (monitor/variants.py): for a query, the
+    # picture inside its frame; for a library entry, centre crops and its own
+    # content box. Each is a Fingerprint without views.
+    views: tuple[Fingerprint, ...] = ()
 
     @property
     def dhash_hex(self) -> str:
@@ -212,8 +217,17 @@ def fingerprint_grey(grey: Image.Image, size: tuple[int, int]) -> Fingerprint:
     )
 
 
-def fingerprint_bytes(data: bytes, *, fast: bool = True,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprint:
-    """Fingerprint an encoded image. Raises ImageError for bad input."""
+def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      views: str | None = None) -> Fingerprint:
+    """Fingerprint an encoded image. Raises ImageError for bad input.
+
+    ``views="query"`` adds the view inside a detected frame, ``views="library"``
+    the centre crops and content box of a library entry (monitor/variants.py).
+    """
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
-    return fingerprint_grey(grey, size)
+    if views is None:
+        return fingerprint_grey(grey, size)
+    from .variants import library_fingerprints, query_fingerprints
+    make = {"query": query_fingerprints, "library": library_fingerprints}[views]
+    whole, *extra = make(grey, size)
+    return dataclasses.replace(whole, views=tuple(extra))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .fingerprint import Fingerprint, from_hex
-from .scan import FingerprintCache, fingerprint_files, iter_image_files
+from .scan import FingerprintCache, fingerprint_files, iter_image_files, pack_views
 from .store import Store, sql_to_u64, u64_to_sql
 
 # The index holds only what the kernel and verification read: queries bring
@@ -43,20 +43,28 @@ class LibraryEntry:
 
 
 class LibraryIndex:
-    """Hashes of every usable entry as uint64 arrays, plus entry ids.
+    """Hashes of every usable entry as uint64 arrays, one row per view.
 
-    Degenerate entries (flat, tiny) are kept in the store but left out of
-    the index: their hashes would match almost anything.
+    An entry has one row for the whole picture and one per extra view (centre
+    crops, content box); ``ids`` repeats the entry id on each of its rows and
+    the matcher keeps the best row per entry. Degenerate entries (flat, tiny)
+    are kept in the store but left out: their hashes would match anything.
     """
 
     def __init__(self, capacity: int = 1024):
         self.lock = threading.RLock()
         self._n = 0
+        self._entries = 0
         self._ids = np.empty(capacity, np.int64)
         self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
         self.version = 0  # bumped on every change; lets callers notice them
 
     def __len__(self) -> int:
+        """Entries indexed (not rows)."""
+        return self._entries
+
+    @property
+    def rows(self) -> int:
         return self._n
 
     @property
@@ -80,41 +88,46 @@ class LibraryIndex:
 
     def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray]) -> None:
         with self.lock:
-            n = ids.shape[0]
             self._ids = np.array(ids, np.int64)
             self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
-            self._n = n
+            self._n = self._ids.shape[0]
+            self._entries = int(np.unique(self._ids).size)
             self.version += 1
 
-    def _row(self, entry_id: int) -> int | None:
-        # A vectorised scan (~0.5 ms per million) instead of an id->row dict,
-        # which would cost ~100 bytes per entry and 0.4 s per million to load.
-        rows = np.flatnonzero(self._ids[:self._n] == entry_id)
-        return int(rows[0]) if rows.size else None
+    def _rows_of(self, entry_id: int) -> np.ndarray:
+        # A vectorised scan (~0.5 ms per million rows) instead of an id->row
+        # dict, which would cost ~100 bytes per entry and 0.4 s per million to load.
+        return np.flatnonzero(self._ids[:self._n] == entry_id)
 
     def add(self, entry_id: int, fp) -> None:
+        """Index an entry: its whole-picture hashes plus any ``fp.views``."""
         with self.lock:
-            if self._row(entry_id) is not None:
+            if self._rows_of(entry_id).size:
                 return
-            self._grow(self._n + 1)
-            row = self._n
-            self._ids[row] = entry_id
-            for f in HASH_FIELDS:
-                self._hashes[f][row] = getattr(fp, f)
-            self._n += 1
+            views = [fp, *getattr(fp, "views", ())]
+            self._grow(self._n + len(views))
+            for view in views:
+                row = self._n
+                self._ids[row] = entry_id
+                for f in HASH_FIELDS:
+                    self._hashes[f][row] = getattr(view, f)
+                self._n += 1
+            self._entries += 1
             self.version += 1
 
     def remove(self, entry_id: int) -> bool:
         with self.lock:
-            row = self._row(entry_id)
-            if row is None:
+            rows = self._rows_of(entry_id)
+            if rows.size == 0:
                 return False
-            last = self._n - 1
-            if row != last:
-                self._ids[row] = self._ids[last]
-                for arr in self._hashes.values():
-                    arr[row] = arr[last]
-            self._n = last
+            for row in rows[::-1]:  # from the end, so earlier row numbers stay valid
+                last = self._n - 1
+                if row != last:
+                    self._ids[row] = self._ids[last]
+                    for arr in self._hashes.values():
+                        arr[row] = arr[last]
+                self._n = last
+            self._entries -= 1
             self.version += 1
             return True
 
@@ -149,9 +162,20 @@ class Library:
                 f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL")
             # fromiter over the flattened cursor: no list of a million tuples.
             flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
+            view_rows = self.store.conn.execute(
+                "SELECT id, views FROM library_entries WHERE degenerate IS NULL AND views IS NOT NULL"
+            ).fetchall()
         table = flat.reshape(-1, width)
-        hashes = {f: table[:, i + 1].view(np.uint64) for i, f in enumerate(HASH_FIELDS)}
-        self.index.load(table[:, 0], hashes)
+        ids = [table[:, 0]]
+        hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}
+        if view_rows:
+            blobs = [b for _, b in view_rows]
+            words = np.frombuffer(b"".join(blobs), dtype="<u8").reshape(-1, 4)
+            ids.append(np.repeat(np.array([i for i, _ in view_rows], np.int64),
+                                 [len(b) // 32 for b in blobs]))
+            hashes["dhash"].append(words[:, 0].astype(np.uint64))
+            hashes["phash"].append(words[:, 1].astype(np.uint64))
+        self.index.load(np.concatenate(ids), {f: np.concatenate(v) for f, v in hashes.items()})
 
     # -- writes ---------------------------------------------------------------
     def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None) -> LibraryEntry:
@@ -164,9 +188,10 @@ class Library:
                 conn.execute("DELETE FROM library_entries WHERE id=?", old)
             cur = conn.execute(
                 "INSERT INTO library_entries (source, label, width, height, dhash, phash, "
-                "dhash_mirror, phash_mirror, degenerate, added_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "dhash_mirror, phash_mirror, degenerate, added_at, views) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (source, label, fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
-                 u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate, now))
+                 u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate, now,
+                 pack_views(fp.views)))
             entry_id = cur.lastrowid
         if old:
             self.index.remove(old[0])
@@ -178,7 +203,7 @@ class Library:
     def add_files(self, paths: Iterable[str | Path], *, label: str | None = None,
                   cache: FingerprintCache | None = None, progress: bool | None = None) -> AddReport:
         files = list(iter_image_files(paths))
-        results = fingerprint_files(files, cache, progress=progress, desc="library")
+        results = fingerprint_files(files, cache, progress=progress, desc="library", views="library")
         added, skipped = [], []
         for r in results:
             source = str(r.path.resolve())
@@ -252,7 +277,8 @@ class Library:
                                   "ORDER BY COUNT(*) DESC LIMIT 20")
         return {"entries": total, "indexed": len(self.index), "degenerate": degenerate,
                 "first_added": first, "last_added": last,
-                "index_bytes": len(self.index) * 8 * (1 + len(HASH_FIELDS)),
+                "index_rows": self.index.rows,
+                "index_bytes": self.index.rows * 8 * (1 + len(HASH_FIELDS)),
                 "top_labels": dict(labels)}
 
 

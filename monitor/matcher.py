@@ -1,9 +1,12 @@
 """The match decision: dHash kernel pass, pHash verification, tiers.
 
-First pass: the 64-bit dHash of the query (and of its mirror image) against
-the whole library with the numba kernel, at the loosest tier's radius.
-Second pass: each candidate's pHash distance, an independent hash, must be
-small too. A pair's tier is the strictest tier whose two limits it meets.
+First pass: the 64-bit dHash of each query view (the whole picture, the
+picture inside a detected frame) and of its mirror image against every
+library row (each entry whole, at centre crops, inside its own frame) with
+the numba kernel, at the loosest tier's radius. Second pass: each candidate's
+pHash distance, an independent hash, must be small too, and so must the sum
+of both. A pair's tier is the strictest tier whose limits it meets; an
+entry's match is its best row.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ from .library import LibraryIndex
 @dataclass(frozen=True, slots=True)
 class Tier:
     name: str
-    dhash_max: int  # bits out of 64
-    phash_max: int  # bits out of 64; 64 disables verification
+    dhash_max: int      # bits out of 64
+    phash_max: int      # bits out of 64; 64 disables verification
+    sum_max: int = 128  # dHash + pHash bits
 
 
-# Measured on the 1,021-image corpus (520,710 unrelated pairs, README "Match
-# tiers"): pair false-positive rate 0 for exact, 2.1e-5 for near, 2.2e-4
-# for loose (many corpus pictures are near-variants of one another).
-EXACT = Tier("exact", 4, 8)
-NEAR = Tier("near", 10, 12)
-LOOSE = Tier("loose", 14, 16)
+# From bench/quality.py on the corpus (README "Match tiers"): near is the
+# threshold on dHash + pHash where unrelated pairs match at <= 1e-4, loose
+# at <= 1e-3; the per-hash caps keep one hash from carrying a match alone.
+EXACT = Tier("exact", 4, 8, 10)
+NEAR = Tier("near", 16, 20, 26)
+LOOSE = Tier("loose", 20, 24, 31)
 PRESETS: dict[str, tuple[Tier, ...]] = {
     "exact": (EXACT,),
     "near": (EXACT, NEAR),
@@ -41,7 +45,7 @@ def threshold_tiers(threshold: int) -> tuple[Tier, ...]:
     """The seed's matcher: dHash distance only, no verification."""
     if not 0 <= threshold <= 64:
         raise ValueError(f"threshold must be 0..64 bits, got {threshold}")
-    return (Tier("exact", min(threshold, EXACT.dhash_max), 64), Tier("threshold", threshold, 64))
+    return (Tier("exact", min(threshold, EXACT.dhash_max), 64, 128), Tier("threshold", threshold, 64, 128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +85,12 @@ class Matcher:
         self.radius = max(t.dhash_max for t in tiers)
         self._d_max = np.array([t.dhash_max for t in tiers])
         self._p_max = np.array([t.phash_max for t in tiers])
+        self._s_max = np.array([t.sum_max for t in tiers])
 
     def _tier_of(self, d: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Index of the strictest tier each (d, p) meets; len(tiers) if none."""
-        ok = (d[:, None] <= self._d_max[None, :]) & (p[:, None] <= self._p_max[None, :])
+        ok = ((d[:, None] <= self._d_max[None, :]) & (p[:, None] <= self._p_max[None, :])
+              & ((d + p)[:, None] <= self._s_max[None, :]))
         return np.where(ok.any(axis=1), ok.argmax(axis=1), len(self.tiers))
 
     def match(self, fp: Fingerprint) -> list[Match]:
@@ -99,14 +105,15 @@ class Matcher:
             lib_d = self.index.hashes("dhash")
             lib_p = self.index.hashes("phash")
             rows, dists, phs, mirrored = [], [], [], []
-            for flip, (qd, qp) in enumerate(((fp.dhash, fp.phash),
-                                             (fp.dhash_mirror, fp.phash_mirror))):
-                idx, dist = kernel.within(np.uint64(qd), lib_d, self.radius)
-                if idx.size:
-                    rows.append(idx)
-                    dists.append(dist.astype(np.int64))
-                    phs.append(_popcount(lib_p[idx] ^ np.uint64(qp)))
-                    mirrored.append(np.full(idx.size, bool(flip)))
+            for view in (fp, *fp.views):
+                for flip, (qd, qp) in enumerate(((view.dhash, view.phash),
+                                                 (view.dhash_mirror, view.phash_mirror))):
+                    idx, dist = kernel.within(np.uint64(qd), lib_d, self.radius)
+                    if idx.size:
+                        rows.append(idx)
+                        dists.append(dist.astype(np.int64))
+                        phs.append(_popcount(lib_p[idx] ^ np.uint64(qp)))
+                        mirrored.append(np.full(idx.size, bool(flip)))
             if not rows:
                 return []
             row = np.concatenate(rows)
@@ -121,7 +128,8 @@ class Matcher:
         for i in np.flatnonzero(keep):
             m = Match(int(ids[i]), self.tiers[tier[i]].name, int(d[i]), int(p[i]), bool(mirrored[i]))
             old = best.get(m.entry_id)
-            if old is None or (tier[i], m.dhash_distance) < (self._rank(old), old.dhash_distance):
+            if old is None or (tier[i], m.dhash_distance + m.phash_distance) < (
+                    self._rank(old), old.dhash_distance + old.phash_distance):
                 best[m.entry_id] = m
         return sorted(best.values(), key=lambda m: (self._rank(m), m.dhash_distance, m.entry_id))
 
@@ -130,8 +138,12 @@ class Matcher:
 
     def match_batch(self, dhash: np.ndarray, phash: np.ndarray, dhash_mirror: np.ndarray,
                     phash_mirror: np.ndarray, *, best_only: bool = False,
-                    threads: int | None = None) -> PairMatches:
-        """All pairs (query, entry) that meet a tier, for M queries at once."""
+                    threads: int | None = None, owners: np.ndarray | None = None) -> PairMatches:
+        """All pairs (query, entry) that meet a tier, for M query rows at once.
+
+        ``owners`` maps each query row to the query it is a view of (see
+        :func:`query_rows`); results are per owner, best view kept.
+        """
         m = dhash.shape[0]
         with self.index.lock:
             lib_d = self.index.hashes("dhash").copy()
@@ -145,14 +157,29 @@ class Matcher:
         tier = self._tier_of(d, p)
         keep = tier < len(self.tiers)
         q = pq[keep] % m if m else pq[keep]
+        if owners is not None:
+            q = np.asarray(owners, np.int64)[q]
         res = PairMatches(q, ids[pl[keep]], tier[keep], d[keep], p[keep], pq[keep] >= m)
         return _best_per_pair(res, best_only)
+
+
+def query_rows(fps: list[Fingerprint]):
+    """(dhash, phash, dhash_mirror, phash_mirror, owners) arrays over every view
+    of every fingerprint, for :meth:`Matcher.match_batch`."""
+    rows, owners = [], []
+    for i, fp in enumerate(fps):
+        for view in (fp, *fp.views):
+            rows.append((view.dhash, view.phash, view.dhash_mirror, view.phash_mirror))
+            owners.append(i)
+    table = np.array(rows, np.uint64).reshape(-1, 4)
+    return (table[:, 0], table[:, 1], table[:, 2], table[:, 3], np.array(owners, np.int64))
 
 
 def _best_per_pair(res: PairMatches, best_only: bool) -> PairMatches:
     """One row per (query, entry) (the better of plain/mirrored), or one row
     per query with ``best_only``; sorted by query, tier, distance."""
-    order = np.lexsort((res.mirrored, res.dhash_distance, res.tier, res.entry_id, res.query))
+    order = np.lexsort((res.mirrored, res.dhash_distance + res.phash_distance, res.tier, res.entry_id,
+                        res.query))
     res = PairMatches(*(a[order] for a in (res.query, res.entry_id, res.tier,
                                            res.dhash_distance, res.phash_distance, res.mirrored)))
     if res.query.size:

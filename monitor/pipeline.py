@@ -30,6 +30,7 @@ from .library import Library, LibraryEntry
 from .matcher import Match, Matcher
 from .metrics import Metrics
 from .noise import suppression
+from .scan import unpack_views
 from .store import Store, sql_to_u64, u64_to_sql
 
 log = logging.getLogger("repost_monitor.pipeline")
@@ -285,9 +286,9 @@ class Pipeline:
     def _retro_pairs(self, after_entry_id: int):
         from .library import LibraryIndex
         index = LibraryIndex()
-        for eid, d, p in self.store.query("SELECT id, dhash, phash FROM library_entries "
-                                          "WHERE id > ? AND degenerate IS NULL", (after_entry_id,)):
-            index.add(eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0))
+        for eid, d, p, views in self.store.query("SELECT id, dhash, phash, views FROM library_entries "
+                                                 "WHERE id > ? AND degenerate IS NULL", (after_entry_id,)):
+            index.add(eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0, views=unpack_views(views)))
         rows = self.store.query(
             "SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height FROM images "
             "WHERE state='ok' AND degenerate IS NULL AND fetched_at > ?", (time.time() - self.retro_window,))
@@ -426,7 +427,7 @@ class Pipeline:
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
         start = time.perf_counter()
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-        fp = fingerprint_bytes(data, **kwargs)
+        fp = fingerprint_bytes(data, views="query", **kwargs)
         self.metrics.fingerprint_seconds.observe(time.perf_counter() - start)
         return fp, self._match_timed(fp)
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .fingerprint import (
@@ -77,31 +78,32 @@ class FingerprintCache:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS fingerprints (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                "CREATE TABLE IF NOT EXISTS fingerprints_v2 (path TEXT, size INTEGER, mtime_ns INTEGER, "
                 "algorithm TEXT, dhash INTEGER, phash INTEGER, dhash_mirror INTEGER, "
-                "phash_mirror INTEGER, width INTEGER, height INTEGER, degenerate TEXT, "
+                "phash_mirror INTEGER, width INTEGER, height INTEGER, degenerate TEXT, views BLOB, "
                 "PRIMARY KEY (path, size, mtime_ns, algorithm))")
             self._conn.commit()
 
     @staticmethod
-    def _key(path: Path) -> tuple:
+    def _key(path: Path, views: str | None) -> tuple:
         st = path.stat()
-        return (str(path.resolve()), st.st_size, st.st_mtime_ns, ALGORITHM_VERSION)
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns, f"{ALGORITHM_VERSION}/{views}")
 
-    def get(self, path: Path) -> Fingerprint | None:
+    def get(self, path: Path, views: str | None = None) -> Fingerprint | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate "
-                "FROM fingerprints WHERE path=? AND size=? AND mtime_ns=? AND algorithm=?",
-                self._key(path)).fetchone()
+                "SELECT dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, views "
+                "FROM fingerprints_v2 WHERE path=? AND size=? AND mtime_ns=? AND algorithm=?",
+                self._key(path, views)).fetchone()
         if row is None:
             return None
-        return Fingerprint(*(sql_to_u64(v) for v in row[:4]), row[4], row[5], row[6])
+        return Fingerprint(*(sql_to_u64(v) for v in row[:4]), row[4], row[5], row[6],
+                           unpack_views(row[7]))
 
-    def put(self, path: Path, fp: Fingerprint) -> None:
-        row = self._key(path) + (u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
-                                 u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror),
-                                 fp.width, fp.height, fp.degenerate)
+    def put(self, path: Path, fp: Fingerprint, views: str | None = None) -> None:
+        row = self._key(path, views) + (u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
+                                        u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror),
+                                        fp.width, fp.height, fp.degenerate, pack_views(fp.views))
         with self._lock:
             self._pending.append(row)
             if len(self._pending) >= COMMIT_EVERY:
@@ -109,8 +111,8 @@ class FingerprintCache:
 
     def _flush_locked(self) -> None:
         if self._pending:
-            self._conn.executemany("INSERT OR REPLACE INTO fingerprints VALUES "
-                                   "(?,?,?,?,?,?,?,?,?,?,?)", self._pending)
+            self._conn.executemany("INSERT OR REPLACE INTO fingerprints_v2 VALUES "
+                                   "(?,?,?,?,?,?,?,?,?,?,?,?)", self._pending)
             self._conn.commit()
             self._pending.clear()
 
@@ -124,28 +126,43 @@ class FingerprintCache:
             self._conn.close()
 
 
+def pack_views(views) -> bytes | None:
+    """Views as packed little-endian uint64 words: dhash, phash, dhash_mirror, phash_mirror."""
+    if not views:
+        return None
+    return np.array([[v.dhash, v.phash, v.dhash_mirror, v.phash_mirror] for v in views],
+                    dtype="<u8").tobytes()
+
+
+def unpack_views(blob: bytes | None) -> tuple[Fingerprint, ...]:
+    if not blob:
+        return ()
+    words = np.frombuffer(blob, dtype="<u8").reshape(-1, 4)
+    return tuple(Fingerprint(*(int(x) for x in w), 0, 0) for w in words)
+
+
 def fingerprint_file(path: Path, cache: FingerprintCache | None = None, *,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> FileResult:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, views: str | None = None) -> FileResult:
     """Fingerprint one file, from the cache when its key still matches."""
     try:
         if cache is not None:
-            hit = cache.get(path)
+            hit = cache.get(path, views)
             if hit is not None:
                 return FileResult(path, hit, cached=True)
-        fp = fingerprint_bytes(path.read_bytes(), max_pixels=max_pixels)
+        fp = fingerprint_bytes(path.read_bytes(), max_pixels=max_pixels, views=views)
     except ImageError as exc:
         return FileResult(path, None, exc)
     except OSError as exc:
         return FileResult(path, None, ImageError("unreadable", f"{path}: {exc.strerror or exc}"))
     if cache is not None:
-        cache.put(path, fp)
+        cache.put(path, fp, views)
     return FileResult(path, fp)
 
 
 def fingerprint_files(paths: list[Path], cache: FingerprintCache | None = None, *,
                       workers: int | None = None, progress: bool | None = None,
-                      desc: str = "fingerprinting",
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> list[FileResult]:
+                      desc: str = "fingerprinting", max_pixels: int = DEFAULT_MAX_PIXELS,
+                      views: str | None = None) -> list[FileResult]:
     """Fingerprint many files on all cores (Pillow releases the GIL while
     decoding and resizing, so threads scale). Results keep input order."""
     workers = workers or os.cpu_count() or 1
@@ -155,7 +172,7 @@ def fingerprint_files(paths: list[Path], cache: FingerprintCache | None = None, 
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
                  file=sys.stderr) as bar:
-        for result in pool.map(lambda p: fingerprint_file(p, cache, max_pixels=max_pixels),
+        for result in pool.map(lambda p: fingerprint_file(p, cache, max_pixels=max_pixels, views=views),
                                paths, chunksize=16):
             results.append(result)
             bar.update(1)

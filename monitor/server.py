@@ -154,12 +154,12 @@ def _is_multipart(request: web.Request) -> bool:
     return request.content_type.startswith("multipart/")
 
 
-async def _fingerprint(request: web.Request, data: bytes):
+async def _fingerprint(request: web.Request, data: bytes, views: str = "query"):
     svc = request.app[SERVICES_KEY]
     kwargs = {"max_pixels": svc.pipeline.max_pixels} if svc.pipeline.max_pixels else {}
     try:
         return await asyncio.get_running_loop().run_in_executor(
-            svc.pipeline.executor, lambda: fingerprint_bytes(data, **kwargs))
+            svc.pipeline.executor, lambda: fingerprint_bytes(data, views=views, **kwargs))
     except ImageError as exc:
         raise error(422, f"image_{exc.reason}", str(exc)) from None
 
@@ -282,7 +282,7 @@ async def library_add(request: web.Request) -> web.Response:
             raise error(400, "no_image", "upload at least one image file part")
         for name, data in files:
             try:
-                fp = await _fingerprint(request, data)
+                fp = await _fingerprint(request, data, "library")
             except web.HTTPException as exc:
                 skipped.append({"source": name, "error": json.loads(exc.text)["error"]["message"]})
                 continue
@@ -296,7 +296,7 @@ async def library_add(request: web.Request) -> web.Response:
                 data = await svc.fetcher.fetch_image(str(doc["url"]))
             except FetchError as exc:
                 raise error(422, f"fetch_{exc.reason}", str(exc)) from None
-            fp = await _fingerprint(request, data)
+            fp = await _fingerprint(request, data, "library")
             added.append(svc.library.add_fingerprint(str(doc["url"]), fp, doc.get("label")))
         elif "folder" in doc:
             folder = Path(str(doc["folder"])).resolve()

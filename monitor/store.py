@@ -144,6 +144,10 @@ _MIGRATIONS: list[str] = [
         seen_at    REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: extra views of each entry (centre crops, content box), packed uint64 words
+    """
+    ALTER TABLE library_entries ADD COLUMN views BLOB;
+    """,
 ]
 
 
