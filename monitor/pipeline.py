@@ -241,8 +241,9 @@ class Pipeline:
             await self.queue.put(WorkItem(*row))
 
     def _library_signature(self) -> tuple:
-        return self.store.query("SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) "
-                                "FROM library_entries WHERE degenerate IS NULL")[0]
+        # (version bumped by triggers on any change, largest id: new entries are above it)
+        return self.store.query("SELECT (SELECT value FROM library_meta WHERE key='version'), "
+                                "COALESCE(MAX(id), 0) FROM library_entries")[0]
 
     async def _watch_library(self, stop: asyncio.Event) -> None:
         """Reload the index when the table changed (another process, the API),

@@ -148,6 +148,25 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE library_entries ADD COLUMN views BLOB;
     """,
+    # 6: a packed snapshot of the index arrays, valid while the library version
+    # (bumped by triggers on every change) is the one it was taken at
+    """
+    CREATE TABLE library_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO library_meta VALUES ('version', 0);
+    CREATE TRIGGER library_version_ins AFTER INSERT ON library_entries
+    BEGIN UPDATE library_meta SET value = value + 1 WHERE key = 'version'; END;
+    CREATE TRIGGER library_version_del AFTER DELETE ON library_entries
+    BEGIN UPDATE library_meta SET value = value + 1 WHERE key = 'version'; END;
+    CREATE TRIGGER library_version_upd AFTER UPDATE ON library_entries
+    BEGIN UPDATE library_meta SET value = value + 1 WHERE key = 'version'; END;
+    CREATE TABLE index_snapshot (
+        id       INTEGER PRIMARY KEY CHECK (id = 1),
+        version  INTEGER NOT NULL,
+        ids      BLOB NOT NULL,
+        dhash    BLOB NOT NULL,
+        phash    BLOB NOT NULL
+    );
+    """,
 ]
 
 
@@ -210,5 +229,13 @@ class Store:
 
 
 def _split_sql(script: str) -> list[str]:
-    # executescript() would COMMIT our transaction; run statements one by one.
-    return [s.strip() for s in script.split(";") if s.strip()]
+    # executescript() would COMMIT our transaction; run statements one by one
+    # (complete_statement keeps a trigger's BEGIN ... END in one piece).
+    out, buf = [], ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n;"):
+                out.append(buf.strip())
+            buf = ""
+    return out
