@@ -82,13 +82,15 @@ OPENAPI = {
                                                                   "work_ids": {"type": "array"},
                                                                   "status": {"type": "string"}}}),
                           "400": _err("malformed body"), "401": UNAUTH,
-                          "422": _err("invalid fields or image")}}},
+                          "413": _err("body over 20 MiB"), "422": _err("invalid fields or image")}}},
         "/v1/check": {"post": {
-            "summary": "match one image now (upload or URL); records nothing, alerts nothing",
+            "summary": "match one image now (upload or URL); records and alerts only with alert: true",
             "security": AUTH,
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"type": "object", "required": ["url"],
-                                                 "properties": {"url": {"type": "string"}}}},
+                                                 "properties": {"url": {"type": "string"},
+                                                                "alert": {"type": "boolean"},
+                                                                "page_url": {"type": "string"}}}},
                 "multipart/form-data": {"schema": {"type": "object"}}}},
             "responses": {"200": _ok("fingerprint and matches", {"type": "object", "required": ["dhash", "matches"],
                                                                   "properties": {"dhash": {"type": "string"},

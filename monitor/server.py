@@ -218,6 +218,8 @@ async def ingest(request: web.Request) -> web.Response:
 
 
 async def check(request: web.Request) -> web.Response:
+    """Match one image now. Records and alerts nothing unless asked with
+    ``alert: true``, which records it like an ingested post (source ``check``)."""
     body = await authorize(request)
     svc = request.app[SERVICES_KEY]
     if _is_multipart(request):
@@ -225,8 +227,13 @@ async def check(request: web.Request) -> web.Response:
         if not files:
             raise error(400, "no_image", "multipart check needs an image file part")
         data = files[0][1]
+        want_alert = fields.get("alert", "").lower() in ("1", "true", "yes")
+        url = f"upload:sha256:{hashlib.sha256(data).hexdigest()}"
+        page_url = fields.get("page_url")
     else:
         doc = _json(body)
+        want_alert = doc.get("alert") is True
+        page_url = doc.get("page_url")
         url = doc.get("url")
         if not isinstance(url, str):
             raise error(422, "bad_url", "give an uploaded image or JSON {\"url\": ...}")
@@ -240,8 +247,14 @@ async def check(request: web.Request) -> web.Response:
     matches = await asyncio.get_running_loop().run_in_executor(
         svc.pipeline.executor, svc.matcher.match, fp)
     entries = svc.library.entries_by_id(m.entry_id for m in matches)
+    recorded = []
+    if want_alert:
+        item = FeedItem("check", hashlib.sha256(url.encode()).hexdigest()[:16], (url,), page_url)
+        for w in svc.pipeline.record_items("check", [item], time.time()):
+            recorded += [r.id for r in await svc.pipeline.process_fingerprint(w, fp)]
     return web.json_response({
         "dhash": fp.dhash_hex, "phash": fp.phash_hex, "degenerate": fp.degenerate,
+        "recorded_match_ids": recorded,
         "matches": [{"entry_id": m.entry_id, "label": entries[m.entry_id].label,
                      "source": entries[m.entry_id].source, "tier": m.tier,
                      "distance_bits": m.dhash_distance, "phash_distance_bits": m.phash_distance,

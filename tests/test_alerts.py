@@ -221,3 +221,45 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(tmp_path, samples)
     assert first_seen == sorted(first_seen, key=lambda k: int(k.split("-")[1]))
     assert len(received) - len(first_seen) <= 3
     assert query(db, "SELECT state, COUNT(*) FROM alerts GROUP BY state") == [("delivered", n)]
+
+
+async def test_discord_embed_and_a_stalled_receiver_times_out(tmp_path, samples):
+    site = PhotoSite(samples)
+    site.post("json", 1, ["flip-rocket.jpg"])
+    discord, stalled = [], []
+    app = web.Application()
+
+    async def discord_hook(request):
+        discord.append(await request.json())
+        return web.Response(status=204)
+
+    async def stall(request):
+        stalled.append(1)
+        await asyncio.sleep(3)  # far past the sink timeout
+        return web.Response(text="ok")
+
+    app.router.add_post("/api/webhooks/1/abc", discord_hook)
+    app.router.add_post("/stall", stall)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    async with serve(site.app()) as feeds, serve(app) as recv:
+        sinks = [{"name": "discord", "type": "discord", "url": f"{recv}/api/webhooks/1/abc",
+                  "sources": ["json"]},
+                 {"name": "slow", "type": "webhook", "url": f"{recv}/stall", "timeout": 0.5,
+                  "max_attempts": 2, "backoff_base": 0.05},
+                 {"name": "other-feeds-only", "type": "file", "path": str(tmp_path / "x.jsonl"),
+                  "sources": ["rss"]}]
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(alert_config(feeds, recv, db, tmp_path, alerts=sinks),
+                                              stop=stop, install_signals=False))
+        await until(lambda: len(discord) == 1 and Store(db).query(
+            "SELECT state FROM alerts WHERE sink='slow'") == [("dead",)], timeout=30)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    embed = discord[0]["embeds"][0]
+    assert embed["title"] == "Repost of library-rocket" and embed["thumbnail"]["url"].endswith("flip-rocket.jpg")
+    assert "mirrored" in discord[0]["content"]
+    assert len(stalled) == 2
+    err = Store(db).query("SELECT last_error FROM alerts WHERE sink='slow'")[0][0]
+    assert "timed out after 0.5s" in err
+    assert not (tmp_path / "x.jsonl").exists()  # its source filter let nothing through

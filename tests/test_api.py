@@ -175,6 +175,16 @@ async def test_check_library_verdicts_and_allow_lists(daemon, samples):
                                  json_body={"url": f"{daemon['feeds']}/img/small-chelsea.jpg"})
     assert status == 200 and out["matches"][0]["label"] == "library-chelsea"
     assert Store(daemon["db"]).query("SELECT COUNT(*) FROM matches") == [(0,)]  # check records nothing
+    assert out["recorded_match_ids"] == []
+    status, out = await api.call("POST", "/v1/check", json_body={
+        "url": f"{daemon['feeds']}/img/small-chelsea.jpg", "alert": True, "page_url": "https://x.example/1"})
+    assert status == 200 and len(out["recorded_match_ids"]) == 1  # asked: recorded, and it alerts
+    await until(lambda: len(daemon["recv"].webhook) == 1)
+    assert daemon["recv"].webhook[0]["repost"]["source"] == "check"
+    daemon["recv"].webhook.clear()
+    status, out = await api.call("POST", "/v1/ingest", data=b"x" * (21 * 1024 * 1024),
+                                 headers={"Content-Type": "application/json"})
+    assert status == 413 and out["error"]["code"] == "request_entity_too_large"
     status, out = await api.call("POST", "/v1/check", data=upload(b"<html>no</html>"))
     assert status == 422 and out["error"]["code"] == "image_not_an_image"
     status, out = await api.call("POST", "/v1/library", json_body={"folder": "/etc"})
@@ -186,7 +196,7 @@ async def test_check_library_verdicts_and_allow_lists(daemon, samples):
     # A match marked false positive never alerts again for that (repost hash, entry).
     await ingest_url(daemon, "q30-coffee.jpg", source="s1")
     await until(lambda: len(recv.webhook) == 1)
-    status, out = await api.call("GET", "/v1/matches", params={"tier": "exact"})
+    status, out = await api.call("GET", "/v1/matches", params={"tier": "exact", "feed": "s1"})
     assert status == 200 and out["total"] == 1
     match_id = out["matches"][0]["id"]
     assert (await api.call("POST", "/v1/matches/{id}/verdict", f"/v1/matches/{match_id}/verdict",
@@ -196,23 +206,28 @@ async def test_check_library_verdicts_and_allow_lists(daemon, samples):
     assert status == 200
     site.add_image("q30-coffee-again.jpg", site.images["q30-coffee.jpg"][0])
     await ingest_url(daemon, "q30-coffee-again.jpg", source="s2")
-    await until(lambda: Store(daemon["db"]).query("SELECT COUNT(*) FROM matches")[0][0] == 2)
+    await until(lambda: Store(daemon["db"]).query("SELECT COUNT(*) FROM matches")[0][0] == 3)
     # Licensed use: the chelsea picture may appear in source "partner".
     entries = (await api.call("GET", "/v1/library"))[1]["entries"]
     chelsea = next(e for e in entries if e["label"] == "library-chelsea")
     status, out = await api.call("POST", "/v1/library/{id}/allow", f"/v1/library/{chelsea['id']}/allow",
                                  json_body={"sources": ["partner"], "domains": ["licensee.example"]})
     assert status == 200 and out["allowed"]["source"] == ["partner"]
-    await ingest_url(daemon, "small-chelsea.jpg", source="partner")
-    await until(lambda: Store(daemon["db"]).query("SELECT COUNT(*) FROM matches")[0][0] == 3)
+    site.add_image("chelsea-partner.jpg", site.images["small-chelsea.jpg"][0])
+    await ingest_url(daemon, "chelsea-partner.jpg", source="partner")
+    site.add_image("chelsea-licensed.jpg", site.images["small-chelsea.jpg"][0])
+    await ingest_url(daemon, "chelsea-licensed.jpg", source="elsewhere", page_url="https://www.licensee.example/p/9")
+    await until(lambda: Store(daemon["db"]).query("SELECT COUNT(*) FROM matches")[0][0] == 5)
     await asyncio.sleep(0.5)
-    status, out = await api.call("GET", "/v1/matches")
-    why = {m["image_url"].rsplit("/", 1)[-1]: m["suppressed"] for m in out["matches"]}
-    assert why == {"q30-coffee.jpg": None, "q30-coffee-again.jpg": "false_positive",
-                   "small-chelsea.jpg": "allow_list"}
+    status, out = await api.call("GET", "/v1/matches", params={"limit": 10})
+    why = {(m["image_url"].rsplit("/", 1)[-1], m["feed"]): m["suppressed"] for m in out["matches"]}
+    assert why == {("small-chelsea.jpg", "check"): None, ("q30-coffee.jpg", "s1"): None,
+                   ("q30-coffee-again.jpg", "s2"): "false_positive",
+                   ("chelsea-partner.jpg", "partner"): "allow_list",
+                   ("chelsea-licensed.jpg", "elsewhere"): "allow_list"}
     assert len(recv.webhook) == 1  # neither suppressed match alerted
     status, out = await api.call("GET", "/v1/alerts", params={"state": "delivered"})
-    assert status == 200 and len(out["alerts"]) == 1
+    assert status == 200 and len(out["alerts"]) == 2  # the check that asked to alert, and s1
     status, out = await api.call("POST", "/v1/alerts/resend", json_body={})
     assert status == 200 and out["requeued"] == 0
 
