@@ -156,20 +156,29 @@ def _emit_pairs(queries, library, counts, offsets, radius, q0, q1, out_q, out_l,
 
 
 @njit(cache=True, nogil=True)
-def _batch_serial(queries, library, radius, want_pairs):
-    m = queries.shape[0]
-    nblocks = (library.shape[0] + LIB_BLOCK - 1) // LIB_BLOCK
-    best_d = np.full(m, NO_MATCH, np.int64)
-    best_j = np.full(m, -1, np.int64)
-    counts = np.zeros((m, nblocks), np.int32)
-    _scan_queries(queries, library, 0, m, radius, best_d, best_j, counts)
+def _batch_state(m, n):
+    """best distance, best index and per-(query, library block) hit counts."""
+    nblocks = (n + LIB_BLOCK - 1) // LIB_BLOCK
+    return np.full(m, NO_MATCH, np.int64), np.full(m, -1, np.int64), np.zeros((m, nblocks), np.int32)
+
+
+@njit(cache=True, nogil=True)
+def _pair_buffers(counts, want_pairs):
+    """Exact-size output arrays: each query's pairs start at offsets[q]."""
+    m = counts.shape[0]
     offsets = np.zeros(m + 1, np.int64)
     if want_pairs:
         offsets[1:] = np.cumsum(counts.sum(axis=1))
     total = offsets[m]
-    out_q = np.empty(total, np.int64)
-    out_l = np.empty(total, np.int64)
-    out_d = np.empty(total, np.uint8)
+    return offsets, np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.uint8)
+
+
+@njit(cache=True, nogil=True)
+def _batch_serial(queries, library, radius, want_pairs):
+    m = queries.shape[0]
+    best_d, best_j, counts = _batch_state(m, library.shape[0])
+    _scan_queries(queries, library, 0, m, radius, best_d, best_j, counts)
+    offsets, out_q, out_l, out_d = _pair_buffers(counts, want_pairs)
     if want_pairs:
         _emit_pairs(queries, library, counts, offsets, radius, 0, m, out_q, out_l, out_d)
     return best_j, best_d.astype(np.uint8), out_q, out_l, out_d
@@ -178,21 +187,12 @@ def _batch_serial(queries, library, radius, want_pairs):
 @njit(cache=True, nogil=True, parallel=True)
 def _batch_parallel(queries, library, radius, want_pairs, chunk):
     m = queries.shape[0]
-    nblocks = (library.shape[0] + LIB_BLOCK - 1) // LIB_BLOCK
-    best_d = np.full(m, NO_MATCH, np.int64)
-    best_j = np.full(m, -1, np.int64)
-    counts = np.zeros((m, nblocks), np.int32)
+    best_d, best_j, counts = _batch_state(m, library.shape[0])
     nchunks = (m + chunk - 1) // chunk
     for c in prange(nchunks):
         _scan_queries(queries, library, c * chunk, min(c * chunk + chunk, m),
                       radius, best_d, best_j, counts)
-    offsets = np.zeros(m + 1, np.int64)
-    if want_pairs:
-        offsets[1:] = np.cumsum(counts.sum(axis=1))
-    total = offsets[m]
-    out_q = np.empty(total, np.int64)
-    out_l = np.empty(total, np.int64)
-    out_d = np.empty(total, np.uint8)
+    offsets, out_q, out_l, out_d = _pair_buffers(counts, want_pairs)
     if want_pairs:
         for c in prange(nchunks):
             _emit_pairs(queries, library, counts, offsets, radius, c * chunk,
