@@ -99,7 +99,8 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
             for feed in config.feeds:
                 opts = {"path": feed.path} if feed.path else {}
                 pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
-                                    FeedSettings(feed.interval, feed.jitter, feed.max_backoff))
+                                    FeedSettings(feed.interval, feed.jitter, feed.max_backoff,
+                                                 tuple(feed.headers.items())))
             running = Running(config, store, library, pipeline, metrics, outbox, ready=ready)
             if config.server.enabled:
                 services = Services(store, library, pipeline, matcher, fetcher,

@@ -198,8 +198,9 @@ class Fetcher:
         return body
 
     async def fetch_feed(self, url: str, *, etag: str | None = None,
-                         last_modified: str | None = None, accept: str = "*/*") -> FeedResponse:
-        headers = {"Accept": accept}
+                         last_modified: str | None = None, accept: str = "*/*",
+                         headers: dict | None = None) -> FeedResponse:
+        headers = {**(headers or {}), "Accept": accept}
         if etag:
             headers["If-None-Match"] = etag
         if last_modified:

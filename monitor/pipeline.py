@@ -71,7 +71,7 @@ class FeedSettings:
     interval: float = 300.0
     jitter: float = 0.1
     max_backoff: float = 3600.0
-    headers: tuple = ()
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every poll (API tokens)
 
 
 OnMatch = Callable[[MatchRecord], Awaitable[None] | None]
@@ -99,7 +99,6 @@ class Pipeline:
         self.sources: list[tuple[HttpSource | LocalSource, FeedSettings]] = []
         self._inflight: dict[str, asyncio.Future] = {}
         self._active = 0
-        self.idle = asyncio.Event()
         metrics.queue_capacity.labels("download").set(queue_size)
 
     def add_source(self, source: HttpSource | LocalSource, settings: FeedSettings) -> None:
@@ -131,7 +130,7 @@ class Pipeline:
         failures = 0
         while not stop.is_set():
             try:
-                new = await self.poll_once(source)
+                new = await self.poll_once(source, dict(cfg.headers))
                 failures = 0
                 for work in new:
                     await self.queue.put(work)
@@ -166,7 +165,7 @@ class Pipeline:
                          "consecutive_failures=excluded.consecutive_failures, "
                          "last_error=excluded.last_error", (feed, time.time(), failures, str(exc)))
 
-    async def poll_once(self, source) -> list[WorkItem]:
+    async def poll_once(self, source, headers: dict | None = None) -> list[WorkItem]:
         """Poll one source; returns the work rows it created (already stored)."""
         now = time.time()
         if isinstance(source, LocalSource):
@@ -178,7 +177,7 @@ class Pipeline:
                                      (source.name,))
             etag, last_modified = state[0] if state else (None, None)
             resp = await self.fetcher.fetch_feed(source.url, etag=etag, last_modified=last_modified,
-                                                 accept=source.accept)
+                                                 accept=source.accept, headers=headers)
             if resp.not_modified:
                 self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return []
@@ -322,7 +321,6 @@ class Pipeline:
             work = get.result()
             self.metrics.queue_depth.labels("download").set(self.queue.qsize())
             self._active += 1
-            self.idle.clear()
             try:
                 # Shielded: a stop while downloading still finishes this image.
                 await asyncio.shield(self.process(work))
@@ -333,8 +331,6 @@ class Pipeline:
             finally:
                 self._active -= 1
                 self.queue.task_done()
-                if self._active == 0 and self.queue.empty():
-                    self.idle.set()
 
     async def process(self, work: WorkItem) -> list[MatchRecord]:
         ctx = {"feed": work.feed, "item_id": work.item_id, "url": work.image_url, "work_id": work.id}

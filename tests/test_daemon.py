@@ -35,6 +35,7 @@ class PhotoSite:
         self.images: dict[str, bytes] = {}
         self.posts: list[dict] = []
         self.feed_status: dict[str, int] = {}
+        self.mastodon_token: str | None = None
         lib = {p.stem: Image.open(p).convert("RGB") for p in samples.glob("library-*.jpg")}
         others = sorted(samples.glob("other-*.jpg"))
         self.expected: dict[str, str] = {}  # image name -> library label
@@ -122,6 +123,8 @@ class PhotoSite:
         async def mastodon(request):
             if (r := status_or(request, "mastodon")) is not None:
                 return r
+            if site.mastodon_token and request.headers.get("Authorization") != f"Bearer {site.mastodon_token}":
+                return web.json_response({"error": "The access token is invalid"}, status=401)
             base = f"http://{request.host}"
             return web.json_response([{"id": str(p["n"]), "url": f"{base}/@a/{p['n']}",
                                        "created_at": "2026-11-22T05:00:00.000Z",
@@ -252,6 +255,29 @@ async def test_failing_feeds_back_off_and_recover(tmp_path, samples):
         stop.set()
         await asyncio.wait_for(task, 30)
     assert query(db, "SELECT consecutive_failures FROM feed_state WHERE feed='rss'") == [(0,)]
+
+
+async def test_feed_headers_from_config_reach_the_host(tmp_path, samples, monkeypatch):
+    site = PhotoSite(samples)
+    site.mastodon_token = "s3cret"
+    site.post("mastodon", 1, ["small-chelsea.jpg"])
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    monkeypatch.setenv("MASTODON_TOKEN", "s3cret")
+    records = []
+    async with serve(site.app()) as base:
+        cfg = config_for(base, db)
+        feeds = [f.model_dump() for f in cfg.feeds if f.name != "mastodon"] + [{
+            "name": "mastodon", "type": "mastodon", "url": f"{base}/api/v1/timelines/public",
+            "interval": 0.2, "headers": {"Authorization": "Bearer ${MASTODON_TOKEN}"}}]
+        cfg = parse_config({**cfg.model_dump(), "feeds": feeds})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append, install_signals=False))
+        await until(lambda: len(records) == 1)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert records[0].work.feed == "mastodon"
+    assert query(db, "SELECT consecutive_failures FROM feed_state WHERE feed='mastodon'") == [(0,)]
 
 
 async def test_restart_repeats_nothing_and_skips_nothing(tmp_path, samples):
