@@ -2,7 +2,8 @@
 
     python3 bench/alerts.py [--rate 200] [--seconds 20] [--outage 300]
 
-Two receivers (a signed-webhook receiver and a Slack-like one) run in a child process. Detections
+Two receivers (a signed-webhook receiver and a Slack-like one) run in a child process; the sinks
+use the production retry policy and --batch (webhook batch_size, Slack digests of up to 40). Detections
 are recorded through the real outbox at --rate per second. Phase 1 measures whether delivery keeps
 up; phase 2 takes both receivers down (503) for --outage seconds while detections continue, then
 brings them back and measures how long until every alert is delivered, and checks per-sink order.
@@ -27,9 +28,10 @@ def receivers(port_q, down_flag, counts) -> None:
     async def handler(request):
         if down_flag.value:
             return web.Response(status=503, text="down")
-        key = request.headers["Idempotency-Key"]
         sink = request.match_info["sink"]
-        counts.put((sink, key, time.time()))
+        await request.read()
+        for key in request.headers["X-Repost-Monitor-Alert-Keys"].split(","):
+            counts.put((sink, key, time.time()))
         return web.Response(text="ok")
 
     async def main():
@@ -56,11 +58,11 @@ async def run(args, port, down_flag, counts) -> None:
 
     tmp = tempfile.mkdtemp()
     store = Store(os.path.join(tmp, "alerts.sqlite"))
-    rule = SinkRule(backoff_base=0.5, backoff_max=10.0, max_attempts=10_000)
-    outbox = Outbox(store, [(WebhookSink("hook", f"http://127.0.0.1:{port}/hook", secret="s"), rule),
-                            (SlackSink("slack", f"http://127.0.0.1:{port}/slack"), rule)], Metrics(),
-                    flood_max=10**9)
-    entry = LibraryEntry(1, "/photos/a.jpg", "a", 100, 100, 0, 0, 0, 0, None, 0.0)
+    rule = SinkRule(max_attempts=10_000)  # production backoff: 1 s doubling to 15 s
+    outbox = Outbox(store, [(WebhookSink("hook", f"http://127.0.0.1:{port}/hook", secret="s",
+                                         batch_size=args.batch), rule),
+                            (SlackSink("slack", f"http://127.0.0.1:{port}/slack",
+                                       batch_size=min(args.batch, 40)), rule)], Metrics())
     stop = asyncio.Event()
     sender = asyncio.create_task(outbox.run(stop))
     seq = {"n": 0}
@@ -76,8 +78,11 @@ async def run(args, port, down_flag, counts) -> None:
                 cur = conn.execute(
                     "INSERT INTO matches (work_id, image_url, entry_id, tier, dhash_distance, "
                     "phash_distance, mirrored, feed, item_id, detected_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (n, url, 1, "near", 3, 4, 0, "bench", str(n), time.time()))
+                    (n, url, n % 50_000, "near", 3, 4, 0, "bench", str(n), time.time()))
                 work = WorkItem(n, "bench", str(n), f"http://x/{n}.jpg", None, None, time.time() - 5)
+                # A stream of reposts of many different library images, as in a real feed.
+                entry = LibraryEntry(n % 50_000, f"/photos/{n % 50_000}.jpg", "photos", 100, 100,
+                                     0, 0, 0, 0, None, 0.0)
                 outbox.enqueue(conn, MatchRecord(cur.lastrowid, work, entry, Match(1, "near", 3, 4, False),
                                                  time.time()))
         outbox.committed()
@@ -135,6 +140,8 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--outage", type=float, default=300)
+    ap.add_argument("--batch", type=int, default=100,
+                    help="sink batch_size (Slack capped at 40); 1 = one request per alert")
     args = ap.parse_args()
     port_q, counts = mp.Queue(), mp.Queue()
     down = mp.Value("i", 0)

@@ -121,13 +121,25 @@ class AlertSinkConfig(_Model):
     tiers: list[Literal["exact", "near", "loose"]] = []
     labels: list[str] = []
     sources: list[str] = []
-    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    # Failures of the alert at the head of the queue before it is dead-lettered. While a sink is
+    # down only the head is retried, at most every backoff_max seconds: with these defaults a
+    # sink can be down ~7 minutes before one alert is dead-lettered, and a sink that comes back
+    # is noticed within backoff_max.
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 40
     backoff_base: Annotated[float, Field(gt=0)] = 1.0
-    backoff_max: Annotated[float, Field(gt=0)] = 300.0
+    backoff_max: Annotated[float, Field(gt=0)] = 15.0
     timeout: Annotated[float, Field(gt=0)] = 10.0
+    # Alerts per delivery when a backlog has built up; webhook bodies become {"alerts": [...]}
+    # when above 1, Slack gets digest messages. Default: 1 for HTTP sinks, 100 for file and log.
+    batch_size: Annotated[int, Field(ge=1, le=500)] | None = None
 
     @model_validator(mode="after")
     def _target(self):
+        if self.batch_size and self.batch_size > 1:
+            if self.type == "discord":
+                raise ValueError("discord sinks deliver one alert per message; drop batch_size")
+            if self.type == "slack" and self.batch_size > 40:
+                raise ValueError("batch_size for slack is at most 40 (Block Kit allows 50 blocks)")
         if self.type in ("slack", "webhook", "discord") and not (
                 self.url and self.url.startswith(("http://", "https://"))):
             raise ValueError(f"a {self.type} sink needs an http(s) 'url'")

