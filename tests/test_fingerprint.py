@@ -80,6 +80,36 @@ def test_gif_uses_first_frame(picture):
     assert bits(fp.dhash, fingerprint_bytes(encode(picture, "GIF")).dhash) == 0
 
 
+def test_turbo_decode_equals_pillows_draft_decode(samples):
+    from monitor import fingerprint as fpmod
+    for path in sorted(samples.glob("*.jpg")):
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            size = img.size
+            img.draft("L", (fpmod.DRAFT_MIN_SIDE, fpmod.DRAFT_MIN_SIDE))
+            pillow = np.asarray(img.convert("L"))
+        turbo = np.asarray(fpmod._turbo_grey(data, size))
+        assert turbo.shape == pillow.shape and (turbo == pillow).all(), path.name
+
+
+_STORE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+          6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("orientation", sorted(_STORE))
+def test_every_exif_orientation_is_made_upright(picture, orientation):
+    picture = picture.crop((0, 0, 480, 300))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(picture.transpose(_STORE[orientation]), "JPEG", quality=95, exif=exif.tobytes())
+    upright = fingerprint_bytes(encode(picture, "JPEG", quality=95))
+    for fast in (True, False):
+        fp = fingerprint_bytes(data, fast=fast)
+        assert bits(fp.dhash, upright.dhash) <= 4 and bits(fp.phash, upright.phash) <= 6
+        assert (fp.width, fp.height) == picture.size
+
+
 def test_exif_orientation_is_applied(picture):
     picture = picture.crop((0, 0, 480, 300))
     rotated = picture.rotate(90, expand=True)  # stored sideways ...
@@ -165,11 +195,11 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_bad_input_raises_one_clear_error(samples, data_fn, reason):
     jpeg = (samples / "other-baboon.jpg").read_bytes()
     data = data_fn(jpeg)
-    with pytest.raises(ImageError) as err:
-        fingerprint_bytes(data, fast=False)
-        fingerprint_bytes(data)
-    assert err.value.reason == reason
-    assert str(err.value).startswith(reason + ":")
+    for fast in (False, True):  # Pillow's full decode and the libjpeg-turbo reduced decode
+        with pytest.raises(ImageError) as err:
+            fingerprint_bytes(data, fast=fast)
+        assert err.value.reason == reason
+        assert str(err.value).startswith(reason + ":")
 
 
 def test_truncated_png_is_an_image_error(picture):
