@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernel
+from . import bitslice, kernel
 from .fingerprint import Fingerprint
 from .library import LibraryIndex
 
@@ -152,7 +152,7 @@ class Matcher:
             ids = self.index.ids.copy()
         queries = np.concatenate([dhash, dhash_mirror]).astype(np.uint64)
         qphash = np.concatenate([phash, phash_mirror]).astype(np.uint64)
-        _, _, pq, pl, pd = kernel.batch(queries, lib_d, self.radius, threads=threads)
+        pq, pl, pd = bitslice.pairs_within(queries, lib_d, self.radius, threads=threads)
         p = _popcount(qphash[pq] ^ lib_p[pl])
         d = pd.astype(np.int64)
         tier = self._tier_of(d, p)

@@ -83,3 +83,38 @@ def test_best_only_skips_pairs():
     lib = np.arange(100, dtype=np.uint64)
     _best_j, best_d, pq, _pl, _pd = kernel.batch(lib[:5], lib, -1)
     assert best_d.tolist() == [0] * 5 and pq.size == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(queries=arrays(np.uint64, st.integers(0, 40), elements=u64),
+       lib=arrays(np.uint64, st.integers(0, 1500), elements=u64), radius=radii,
+       threads=st.sampled_from([1, 2]))
+def test_bitsliced_pairs_match_reference(queries, lib, radius, threads):
+    from monitor import bitslice
+    if lib.size and queries.size:  # near copies, so small radii have hits too
+        queries = queries.copy()
+        queries[::2] = lib[np.arange(0, queries.size, 2) % lib.size] ^ np.uint64(5)
+    pq, pl, pd = bitslice.pairs_within(queries, lib, radius, threads=threads)
+    ref = np.bitwise_count(queries[:, None] ^ lib[None, :]).astype(np.int64).reshape(
+        queries.size, lib.size)
+    qi, li = np.nonzero(ref <= radius)
+    assert pq.tolist() == qi.tolist()
+    assert pl.tolist() == li.tolist()
+    assert pd.tolist() == ref[qi, li].tolist()
+
+
+def test_bitsliced_planes_hold_every_bit_and_many_hits_overflow_cleanly():
+    from monitor import bitslice
+    rng = np.random.default_rng(11)
+    lib = rng.integers(0, 2**64, size=5 * bitslice.BLOCK + 77, dtype=np.uint64)
+    planes = bitslice.to_planes(lib).reshape(-1, 64, bitslice.WORDS)
+    e = 3 * bitslice.BLOCK + 200  # block 3, word 3, lane 8
+    bits = [(int(planes[3, i, 3]) >> 8) & 1 for i in range(64)]
+    assert int("".join(map(str, reversed(bits))), 2) == int(lib[e])
+    # Radius 40 gives thousands of hits per query: past the per-query slots.
+    queries = lib[:5] ^ np.uint64(1)
+    pq, pl, pd = bitslice.pairs_within(queries, lib, 40, threads=1)
+    ref = np.bitwise_count(queries[:, None] ^ lib[None, :]).astype(np.int64)
+    qi, li = np.nonzero(ref <= 40)
+    assert np.bincount(pq).min() > bitslice.HIT_SLOTS
+    assert (pq.tolist(), pl.tolist(), pd.tolist()) == (qi.tolist(), li.tolist(), ref[qi, li].tolist())
