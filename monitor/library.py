@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bitslice
 from .fingerprint import Fingerprint, from_hex
 from .scan import FingerprintCache, fingerprint_files, iter_image_files, pack_views
 from .store import Store, sql_to_u64, u64_to_sql
@@ -57,6 +58,9 @@ class LibraryIndex:
         self._entries = 0
         self._ids = np.empty(capacity, np.int64)
         self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
+        # dHash rows again in bit-plane layout for the bit-sliced radius search
+        # (monitor/bitslice.py); kept in step with every add and remove.
+        self._planes = bitslice.to_planes(np.empty(0, np.uint64), capacity)
         self.version = 0  # bumped on every change; lets callers notice them
 
     def __len__(self) -> int:
@@ -74,6 +78,10 @@ class LibraryIndex:
     def hashes(self, field: str = "dhash") -> np.ndarray:
         return self._hashes[field][:self._n]
 
+    def planes(self) -> np.ndarray:
+        """The dHash rows as bit-planes (call under ``lock``, like :meth:`hashes`)."""
+        return self._planes[:bitslice.plane_words(self._n)]
+
     def _grow(self, need: int) -> None:
         if need <= self._ids.shape[0]:
             return
@@ -85,11 +93,15 @@ class LibraryIndex:
             grown = np.empty(size, np.uint64)
             grown[:self._n] = arr[:self._n]
             self._hashes[f] = grown
+        planes = np.zeros(bitslice.plane_words(size), np.uint64)
+        planes[:self._planes.shape[0]] = self._planes
+        self._planes = planes
 
     def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray]) -> None:
         with self.lock:
             self._ids = np.array(ids, np.int64)
             self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
+            self._planes = bitslice.to_planes(self._hashes["dhash"])
             self._n = self._ids.shape[0]
             self._entries = int(np.unique(self._ids).size)
             self.version += 1
@@ -111,6 +123,7 @@ class LibraryIndex:
                 self._ids[row] = entry_id
                 for f in HASH_FIELDS:
                     self._hashes[f][row] = getattr(view, f)
+                bitslice.set_lane(self._planes, row, np.uint64(view.dhash))
                 self._n += 1
             self._entries += 1
             self.version += 1
@@ -126,6 +139,8 @@ class LibraryIndex:
                     self._ids[row] = self._ids[last]
                     for arr in self._hashes.values():
                         arr[row] = arr[last]
+                    bitslice.set_lane(self._planes, row, self._hashes["dhash"][row])
+                bitslice.set_lane(self._planes, last, np.uint64(0))
                 self._n = last
             self._entries -= 1
             self.version += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import bitslice, kernel
+from . import bitslice
 from .fingerprint import Fingerprint
 from .library import LibraryIndex
 
@@ -102,25 +102,20 @@ class Matcher:
         """
         if fp.degenerate is not None:
             return []
+        # Every view, plain and mirrored, in one pass over the library: rows
+        # 2k and 2k+1 are view k and its mirror.
+        views = (fp, *fp.views)
+        qd = np.array([h for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
+        qp = np.array([h for v in views for h in (v.phash, v.phash_mirror)], np.uint64)
         with self.index.lock:
             lib_d = self.index.hashes("dhash")
-            lib_p = self.index.hashes("phash")
-            rows, dists, phs, mirrored = [], [], [], []
-            for view in (fp, *fp.views):
-                for flip, (qd, qp) in enumerate(((view.dhash, view.phash),
-                                                 (view.dhash_mirror, view.phash_mirror))):
-                    idx, dist = kernel.within(np.uint64(qd), lib_d, self.radius)
-                    if idx.size:
-                        rows.append(idx)
-                        dists.append(dist.astype(np.int64))
-                        phs.append(_popcount(lib_p[idx] ^ np.uint64(qp)))
-                        mirrored.append(np.full(idx.size, bool(flip)))
-            if not rows:
+            pq, pl, pd = bitslice.pairs_within(qd, lib_d, self.radius, planes=self.index.planes(),
+                                               threads=1)
+            if not pq.size:
                 return []
-            row = np.concatenate(rows)
-            ids = self.index.ids[row]
-        return self._decide(ids, np.concatenate(dists), np.concatenate(phs),
-                            np.concatenate(mirrored))
+            phs = _popcount(self.index.hashes("phash")[pl] ^ qp[pq])
+            ids = self.index.ids[pl]
+        return self._decide(ids, pd.astype(np.int64), phs, pq % 2 == 1)
 
     def _decide(self, ids, d, p, mirrored) -> list[Match]:
         tier = self._tier_of(d, p)

@@ -28,3 +28,15 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels():
+    """Compile (or load) the numba kernels once before any test runs.
+
+    On a fresh machine the first compile takes seconds; done here, it lands in
+    the on-disk cache before tests that time a daemon's start-up, as the
+    Dockerfile does at build time for deployments.
+    """
+    from monitor import kernel
+    kernel.warm_up()

@@ -4,6 +4,7 @@ import csv
 import shutil
 
 import imagehash
+import numpy as np
 from PIL import Image, ImageOps
 
 from monitor.fingerprint import fingerprint_bytes
@@ -50,6 +51,31 @@ def test_index_incremental_add_and_swap_remove():
     index.remove(5)
     got = dict(zip(index.ids.tolist(), index.hashes("dhash").tolist(), strict=True))
     assert got == {i: i * 3 for i in range(10) if i not in (0, 5)}
+
+
+def test_bit_planes_stay_in_step_through_growth_adds_and_removes():
+    from monitor import bitslice
+    rng = np.random.default_rng(5)
+    index = LibraryIndex(capacity=4)
+
+    class FP:
+        def __init__(self, v):
+            self.dhash, self.phash = v, v ^ 1
+            self.dhash_mirror = self.phash_mirror = v ^ 2
+
+    live = []
+    for step in range(1500):  # grows past several 512-entry blocks, removes from anywhere
+        if live and rng.random() < 0.3:
+            index.remove(live.pop(int(rng.integers(len(live)))))
+        else:
+            index.add(step, FP(int(rng.integers(0, 2**63))))
+            live.append(step)
+    assert (index.planes() == bitslice.to_planes(index.hashes("dhash"))).all()
+    # and the radius search over them agrees with a plain scan
+    q = index.hashes("dhash")[:7] ^ np.uint64(3)
+    pq, pl, _ = bitslice.pairs_within(q, index.hashes("dhash"), 6, planes=index.planes())
+    ref = np.bitwise_count(q[:, None] ^ index.hashes("dhash")[None, :]) <= 6
+    assert (pq.tolist(), pl.tolist()) == tuple(x.tolist() for x in np.nonzero(ref))
 
 
 def test_degenerate_entries_are_stored_but_not_indexed(tmp_path):
