@@ -52,6 +52,10 @@ class ImageError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # crosses process boundaries intact (fingerprint worker processes)
+        return (type(self), (self.reason, self.message))
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,3 +214,9 @@ def test_pixel_limit_is_configurable(picture):
     with pytest.raises(ImageError, match="too_many_pixels"):
         fingerprint_bytes(data, max_pixels=1000)
     assert isinstance(fingerprint_bytes(data, max_pixels=10**7), Fingerprint)
+
+
+def test_image_error_survives_pickling():
+    import pickle
+    err = pickle.loads(pickle.dumps(ImageError("truncated", "cannot decode: image file is truncated")))
+    assert (err.reason, str(err)) == ("truncated", "truncated: cannot decode: image file is truncated")
