@@ -34,7 +34,6 @@ WORDS = 8                 # 64-bit words per block vector
 BLOCK = 64 * WORDS        # entries per block: 512
 BLOCK_WORDS = 64 * WORDS  # uint64 words per block in the plane array
 CHUNK_BLOCKS = 64         # blocks per library chunk: 256 KiB of planes stays in L2
-HIT_SLOTS = 16            # hits kept per query in the first pass; more are found again
 
 
 def _adder_tree():
@@ -225,17 +224,22 @@ def _masks(q, radius, qmask, tmask):
 
 
 @njit(cache=True, nogil=True)
-def _scan(queries, library, planes, radius, q0, q1, counts, hit_idx, hit_dist, overflow):
-    """First pass over queries [q0, q1): up to HIT_SLOTS hits each, in entry order.
+def _scan(queries, library, planes, radius, q0, q1):
+    """Every pair within ``radius`` for queries [q0, q1), grouped by library chunk.
 
-    A query with more hits keeps counting (counts[q] is its true total) and is
-    flagged in ``overflow`` for a second pass that collects all of them.
+    Library chunks are the outer loop so a chunk's planes stay in L2 while
+    every query passes over it; within a chunk pairs come query by query in
+    entry order, so a stable sort by query restores (query, entry) order.
     """
     n = library.shape[0]
     nblocks = planes.shape[0] // BLOCK_WORDS
     qmask = np.empty(64, np.uint64)
     tmask = np.empty(7, np.uint64)
     words = np.empty(WORDS, np.uint64)
+    out_q = np.empty(256, np.int64)
+    out_l = np.empty(256, np.int64)
+    out_d = np.empty(256, np.uint8)
+    k = 0
     for c0 in range(0, nblocks, CHUNK_BLOCKS):
         c1 = min(nblocks, c0 + CHUNK_BLOCKS)
         for q in range(q0, q1):
@@ -252,34 +256,15 @@ def _scan(queries, library, planes, radius, q0, q1, counts, hit_idx, hit_dist, o
                         e = b * BLOCK + w * 64 + lane
                         if e >= n:  # padding lanes of the last block
                             continue
-                        k = counts[q]
-                        if k < HIT_SLOTS:
-                            hit_idx[q, k] = e
-                            hit_dist[q, k] = popcount64(qv ^ library[e])
-                        else:
-                            overflow[q] = True
-                        counts[q] = k + 1
-
-
-@njit(cache=True, nogil=True)
-def _gather(queries, library, radius, counts, hit_idx, hit_dist, overflow, offsets, out_q, out_l, out_d):
-    """Second pass: the kept hits, and for the few queries past HIT_SLOTS a plain scan."""
-    for q in range(queries.shape[0]):
-        k = offsets[q]
-        if not overflow[q]:
-            for j in range(counts[q]):
-                out_q[k + j] = q
-                out_l[k + j] = hit_idx[q, j]
-                out_d[k + j] = hit_dist[q, j]
-            continue
-        qv = queries[q]
-        for e in range(library.shape[0]):
-            d = popcount64(qv ^ library[e])
-            if d <= radius:
-                out_q[k] = q
-                out_l[k] = e
-                out_d[k] = d
-                k += 1
+                        if k == out_q.shape[0]:
+                            out_q = np.concatenate((out_q, np.empty(k, np.int64)))
+                            out_l = np.concatenate((out_l, np.empty(k, np.int64)))
+                            out_d = np.concatenate((out_d, np.empty(k, np.uint8)))
+                        out_q[k] = q
+                        out_l[k] = e
+                        out_d[k] = popcount64(qv ^ library[e])
+                        k += 1
+    return out_q[:k], out_l[:k], out_d[:k]
 
 
 def pairs_within(queries: np.ndarray, library: np.ndarray, radius: int, *,
@@ -304,25 +289,18 @@ def pairs_within(queries: np.ndarray, library: np.ndarray, radius: int, *,
     m, n = queries.shape[0], library.shape[0]
     if threads is None:
         threads = (os.cpu_count() or 1) if m * n >= PARALLEL_MIN_PAIRS and m > 1 else 1
-    counts = np.zeros(m, np.int64)
-    hit_idx = np.empty((m, HIT_SLOTS), np.int64)
-    hit_dist = np.empty((m, HIT_SLOTS), np.uint8)
-    overflow = np.zeros(m, np.bool_)
-    args = (queries, library, planes, radius)
-    state = (counts, hit_idx, hit_dist, overflow)
     if threads <= 1 or m < 2:
-        _scan(*args, 0, m, *state)
+        parts = [_scan(queries, library, planes, radius, 0, m)]
     else:
         step = (m + threads - 1) // threads
         with ThreadPoolExecutor(threads) as pool:
-            for f in [pool.submit(_scan, *args, q0, min(m, q0 + step), *state) for q0 in range(0, m, step)]:
-                f.result()
-    offsets = np.zeros(m + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    total = int(offsets[m])
-    out_q, out_l, out_d = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.uint8)
-    _gather(queries, library, radius, counts, hit_idx, hit_dist, overflow, offsets, out_q, out_l, out_d)
-    return out_q, out_l, out_d
+            parts = list(pool.map(lambda q0: _scan(queries, library, planes, radius, q0, min(m, q0 + step)),
+                                  range(0, m, step)))
+    pq, pl, pd = (np.concatenate(x) for x in zip(*parts, strict=True)) if len(parts) > 1 else parts[0]
+    if m > 1 and pq.size:
+        order = np.argsort(pq, kind="stable")
+        pq, pl, pd = pq[order], pl[order], pd[order]
+    return pq, pl, pd
 
 
 def warm_up() -> None:

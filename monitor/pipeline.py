@@ -335,12 +335,12 @@ class Pipeline:
     async def process(self, work: WorkItem) -> list[MatchRecord]:
         ctx = {"feed": work.feed, "item_id": work.item_id, "url": work.image_url, "work_id": work.id}
         try:
-            fp, matches, downloaded_at = await self._fingerprint_and_match(work)
+            fp, matches, downloaded_at, fetched = await self._fingerprint_and_match(work)
         except (FetchError, ImageError) as exc:
             self._finish(work, [], None, error=str(exc))
             log.warning("image skipped: %s", exc, extra={**ctx, "reason": exc.reason})
             return []
-        records = self._finish(work, matches, fp)
+        records = self._finish(work, matches, fp, new_image=fetched)
         self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
         for rec in records:
             await self._announce(rec)
@@ -378,11 +378,13 @@ class Pipeline:
         return matches
 
     async def _fingerprint_and_match(self, work: WorkItem):
+        """(fingerprint, matches, time downloaded, whether this call fetched the image)."""
         loop = asyncio.get_running_loop()
         fp, matches, downloaded_at = await self._fingerprint_url(work)
-        if matches is None:  # fingerprint from the store: match it now
+        fetched = matches is not None
+        if not fetched:  # fingerprint from the store or another worker's fetch: match it now
             matches = await loop.run_in_executor(self.executor, self._match_timed, fp)
-        return fp, matches, downloaded_at
+        return fp, matches, downloaded_at, fetched
 
     async def _fingerprint_url(self, work: WorkItem):
         """(fingerprint, matches or None, time downloaded) of an image URL: from
@@ -450,11 +452,9 @@ class Pipeline:
             raise
         if fp.degenerate:
             self.metrics.image_failures.labels("decode", "degenerate").inc()
-        with self.store.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                         (work.image_url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
-                          u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.width,
-                          fp.height, fp.degenerate, None, time.time()))
+        # The images row is written by _finish, in the transaction that records
+        # the matches: one commit per image. No await lies between this return
+        # and that write, so no other worker can miss both it and _inflight.
         return fp, matches, downloaded
 
     def _store_image_failure(self, url: str, exc: Exception) -> None:
@@ -463,12 +463,19 @@ class Pipeline:
                          "VALUES (?,?,?,?)", (url, "failed", str(exc), time.time()))
 
     def _finish(self, work: WorkItem, matches: list[Match], fp: Fingerprint | None = None,
-                error: str | None = None, close_work: bool = True) -> list[MatchRecord]:
-        """Record matches, their alerts, and close the work row: one transaction."""
+                error: str | None = None, close_work: bool = True,
+                new_image: bool = False) -> list[MatchRecord]:
+        """Record a new image's fingerprint, the matches, their alerts, and close the
+        work row: one transaction."""
         now = time.time()
         entries = self.library.entries_by_id(m.entry_id for m in matches) if matches else {}
         records = []
         with self.store.transaction() as conn:
+            if new_image:
+                conn.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                             (work.image_url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
+                              u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.width,
+                              fp.height, fp.degenerate, None, now))
             for m in matches:
                 entry = entries.get(m.entry_id)
                 if entry is None:
