@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - a platform without a wheel falls back 
     simplejpeg = None
 
 # Bumped whenever a change alters hash values; caches keyed on it go stale.
-ALGORITHM_VERSION = "dhash-phash-v2-views"
+ALGORITHM_VERSION = "dhash-phash-v3-views"  # v3: frame detection keeps the last busy row
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any real thumbnail
 # JPEG covers MPO (phone multi-picture JPEGs): its opener returns them.
@@ -190,6 +190,62 @@ def _turbo_grey(data: bytes, size: tuple[int, int]) -> Image.Image | None:
     return Image.fromarray(arr.reshape(arr.shape[0], arr.shape[1]), "L")
 
 
+def _exif_orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag of a JPEG (1 when absent), or None if unsure.
+
+    Read straight from the APP1 segment: Pillow's opener parses every marker in
+    Python, which costs as much as hashing the reduced image. None sends the
+    caller to Pillow's path, which reads (or rejects) the file properly.
+    """
+    i, end = 2, len(data)
+    while i + 4 <= end and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xDA:  # start of scan: no APP1 before the image data
+            return 1
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            tiff = data[i + 10:i + 2 + length]
+            order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+            if order is None or len(tiff) < 8:
+                return None
+            ifd = int.from_bytes(tiff[4:8], order)
+            if ifd + 2 > len(tiff):
+                return None
+            for k in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+                entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]
+                if len(entry) < 12:
+                    return None
+                if int.from_bytes(entry[:2], order) == 0x0112:
+                    value = int.from_bytes(entry[8:10], order)
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        i += 2 + length
+    return None
+
+
+def _jpeg_fast(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]] | None:
+    """decode_grey's JPEG fast path without Pillow: header, orientation, scaled decode."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray") or w <= 0 or h <= 0:
+        return None  # CMYK/YCCK and oddities: Pillow converts them correctly
+    if w * h > max_pixels:
+        raise ImageError("too_many_pixels", f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+    orientation = _exif_orientation(data)
+    grey = _turbo_grey(data, (w, h)) if orientation is not None else None
+    if grey is None:
+        return None
+    if orientation in _UPRIGHT:
+        grey = grey.transpose(_UPRIGHT[orientation])
+    return grey, ((h, w) if orientation in (5, 6, 7, 8) else (w, h))
+
+
 def decode_grey(data: bytes, *, fast: bool = True,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``data`` to an upright greyscale image.
@@ -197,19 +253,12 @@ def decode_grey(data: bytes, *, fast: bool = True,
     Returns the image (possibly reduced by draft decoding when ``fast``) and
     the original (width, height) after EXIF orientation.
     """
+    if fast:
+        decoded = _jpeg_fast(data, max_pixels)
+        if decoded is not None:
+            return decoded
     img = _open(data, max_pixels)
     header_size = img.size  # draft decoding shrinks img.size below
-    if fast and img.format == "JPEG" and img.mode in ("L", "RGB"):  # not CMYK, not MPO
-        grey = _turbo_grey(data, img.size)
-        try:
-            orientation = img.getexif().get(0x0112, 1) if grey is not None else None
-        except (OSError, SyntaxError, ValueError, struct.error):
-            orientation = None  # Pillow's path below reports what is wrong
-        if orientation is not None:
-            if orientation in _UPRIGHT:
-                grey = grey.transpose(_UPRIGHT[orientation])
-            w, h = header_size
-            return grey, ((h, w) if orientation in (5, 6, 7, 8) else (w, h))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

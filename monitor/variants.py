@@ -25,16 +25,16 @@ CROP_SHARES = (0.1, 0.2)   # library centre crops: share of each side removed in
 
 
 def _longest_busy_run(activity: np.ndarray, gap: int) -> tuple[int, int] | None:
-    busy = activity > BUSY_STD
-    best, start, last_busy = None, None, None
-    for i, b in enumerate(busy):
-        if b:
-            if start is None or (last_busy is not None and i - last_busy > gap):
-                start = i
-            last_busy = i
-            if best is None or (last_busy - start) > (best[1] - best[0]):
-                best = (start, last_busy + 1)
-    return best
+    """[start, end) of the longest run of busy positions, gaps of <= ``gap`` quiet ones
+    bridged; the first such run on ties. None when nothing is busy."""
+    busy = np.flatnonzero(activity > BUSY_STD)
+    if busy.size == 0:
+        return None
+    breaks = np.flatnonzero(np.diff(busy) > gap)
+    starts = busy[np.concatenate(([0], breaks + 1))]
+    ends = busy[np.concatenate((breaks, [busy.size - 1]))]
+    i = int(np.argmax(ends - starts))
+    return int(starts[i]), int(ends[i]) + 1
 
 
 def content_box(grey: Image.Image) -> tuple[int, int, int, int] | None:

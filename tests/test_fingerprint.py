@@ -220,3 +220,26 @@ def test_image_error_survives_pickling():
     import pickle
     err = pickle.loads(pickle.dumps(ImageError("truncated", "cannot decode: image file is truncated")))
     assert (err.reason, str(err)) == ("truncated", "truncated: cannot decode: image file is truncated")
+
+
+def test_exif_orientation_reader_handles_both_byte_orders_and_bad_segments(picture):
+    import struct as st
+
+    from monitor.fingerprint import _exif_orientation
+    plain = encode(picture.crop((0, 0, 64, 48)), "JPEG")
+
+    def with_app1(payload: bytes) -> bytes:
+        return plain[:2] + b"\xff\xe1" + st.pack(">H", len(payload) + 2) + payload + plain[2:]
+
+    def exif(order: str, value: int) -> bytes:
+        e = "<" if order == "II" else ">"
+        ifd = st.pack(e + "H", 1) + st.pack(e + "HHI", 0x0112, 3, 1) + st.pack(e + "H", value) + b"\0\0"
+        return b"Exif\0\0" + order.encode() + st.pack(e + "HI", 42, 8) + ifd + b"\0\0\0\0"
+
+    assert _exif_orientation(plain) == 1                        # no EXIF at all
+    assert _exif_orientation(with_app1(exif("MM", 6))) == 6     # Motorola byte order
+    assert _exif_orientation(with_app1(exif("II", 8))) == 8     # Intel byte order
+    assert _exif_orientation(with_app1(b"http://ns.adobe.com/xap/1.0/\0<x/>")) == 1  # XMP, not EXIF
+    assert _exif_orientation(with_app1(b"Exif\0\0XX" + b"\0" * 8)) is None  # unknown byte order
+    # Unsure means Pillow's path decides: still a fingerprint, still upright.
+    assert fingerprint_bytes(with_app1(b"Exif\0\0XX" + b"\0" * 8)).width == 64
