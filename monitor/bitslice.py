@@ -248,23 +248,30 @@ def _scan(queries, library, planes, radius, q0, q1):
             for b in range(c0, c1):
                 if _block_hits(planes, b, qmask, tmask, words, 0) == 0:
                     continue
-                for w in range(WORDS):
-                    bits = words[w]
-                    while bits:
-                        lane = popcount64((bits & (np.uint64(0) - bits)) - np.uint64(1))
-                        bits &= bits - np.uint64(1)
-                        e = b * BLOCK + w * 64 + lane
-                        if e >= n:  # padding lanes of the last block
-                            continue
-                        if k == out_q.shape[0]:
-                            out_q = np.concatenate((out_q, np.empty(k, np.int64)))
-                            out_l = np.concatenate((out_l, np.empty(k, np.int64)))
-                            out_d = np.concatenate((out_d, np.empty(k, np.uint8)))
-                        out_q[k] = q
-                        out_l[k] = e
-                        out_d[k] = popcount64(qv ^ library[e])
-                        k += 1
+                if k + BLOCK > out_q.shape[0]:  # room for a whole block: no check per hit
+                    size = 2 * out_q.shape[0] + BLOCK
+                    out_q = np.concatenate((out_q[:k], np.empty(size - k, np.int64)))
+                    out_l = np.concatenate((out_l[:k], np.empty(size - k, np.int64)))
+                    out_d = np.concatenate((out_d[:k], np.empty(size - k, np.uint8)))
+                k = _emit_block(words, b, n, q, qv, library, out_q, out_l, out_d, k)
     return out_q[:k], out_l[:k], out_d[:k]
+
+
+@njit(cache=True, nogil=True)
+def _emit_block(words, b, n, q, qv, library, out_q, out_l, out_d, k):
+    """Append the hits of block ``b`` (its mask in ``words``); returns the new count."""
+    for w in range(WORDS):
+        bits = words[w]
+        while bits:
+            lane = popcount64((bits & (np.uint64(0) - bits)) - np.uint64(1))
+            bits &= bits - np.uint64(1)
+            e = b * BLOCK + w * 64 + lane
+            if e < n:  # not a padding lane of the last block
+                out_q[k] = q
+                out_l[k] = e
+                out_d[k] = popcount64(qv ^ library[e])
+                k += 1
+    return k
 
 
 def pairs_within(queries: np.ndarray, library: np.ndarray, radius: int, *,
