@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fftpack
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 try:  # libjpeg-turbo's scaled decode without Pillow's stream plumbing; optional speed-up
     import simplejpeg
@@ -131,10 +131,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError("corrupt", f"invalid size {w}x{h}")
+    _check_pixels(w, h, max_pixels)
+    return img
+
+
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    """Refuse a decompression bomb from its header, before any pixel is decoded."""
     if w * h > max_pixels:
         raise ImageError("too_many_pixels",
                          f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
-    return img
 
 
 def _to_grey(img: Image.Image) -> Image.Image:
@@ -160,7 +165,7 @@ def _to_grey(img: Image.Image) -> Image.Image:
     return img.convert("RGB").convert("L")
 
 
-# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose).
+# EXIF orientation -> the transpose that makes the picture upright (ImageOps.exif_transpose's table).
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
             6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
@@ -235,8 +240,7 @@ def _jpeg_fast(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, in
         return None
     if colorspace not in ("YCbCr", "Gray") or w <= 0 or h <= 0:
         return None  # CMYK/YCCK and oddities: Pillow converts them correctly
-    if w * h > max_pixels:
-        raise ImageError("too_many_pixels", f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+    _check_pixels(w, h, max_pixels)
     orientation = _exif_orientation(data)
     grey = _turbo_grey(data, (w, h)) if orientation is not None else None
     if grey is None:
@@ -267,8 +271,8 @@ def decode_grey(data: bytes, *, fast: bool = True,
             img.seek(0)  # first frame of GIF/WebP/TIFF animations
             img.load()
             orientation = img.getexif().get(0x0112, 1)
-            if orientation != 1:  # exif_transpose copies the image even when upright
-                img = ImageOps.exif_transpose(img) or img
+            if orientation in _UPRIGHT:
+                img = img.transpose(_UPRIGHT[orientation])
             grey = _to_grey(img)
     except ImageError:
         raise
