@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .kernel import popcount64
+from .kernel import PARALLEL_MIN_PAIRS, popcount64
 
 WORDS = 8                 # 64-bit words per block vector
 BLOCK = 64 * WORDS        # entries per block: 512
@@ -292,7 +292,6 @@ def pairs_within(queries: np.ndarray, library: np.ndarray, radius: int, *,
     if planes is None:
         planes = to_planes(library)
     planes = planes[:plane_words(library.shape[0])]  # blocks past the last entry hold nothing
-    from .kernel import PARALLEL_MIN_PAIRS
     m, n = queries.shape[0], library.shape[0]
     if threads is None:
         threads = (os.cpu_count() or 1) if m * n >= PARALLEL_MIN_PAIRS and m > 1 else 1
