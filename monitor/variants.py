@@ -70,21 +70,24 @@ def center_crops(grey: Image.Image) -> list[Image.Image]:
     return out
 
 
-def query_fingerprints(grey: Image.Image, size: tuple[int, int]) -> list[Fingerprint]:
+def query_fingerprints(grey: Image.Image, size: tuple[int, int], *,
+                       exact: bool = True) -> list[Fingerprint]:
     """The whole image, plus the picture inside its frame when there is one."""
-    whole = fingerprint_grey(grey, size)
+    whole = fingerprint_grey(grey, size, exact=exact)
     box = content_box(grey)
     if box is None:
         return [whole]
     inner = grey.crop(box)
-    return [whole, fingerprint_grey(inner, (box[2] - box[0], box[3] - box[1]))]
+    return [whole, fingerprint_grey(inner, (box[2] - box[0], box[3] - box[1]), exact=exact)]
 
 
-def library_fingerprints(grey: Image.Image, size: tuple[int, int]) -> list[Fingerprint]:
+def library_fingerprints(grey: Image.Image, size: tuple[int, int], *,
+                         exact: bool = True) -> list[Fingerprint]:
     """The whole entry, its centre crops, and the picture inside its own frame
     (a figure on a white page: a framed repost's box lands on the same picture)."""
-    views = [fingerprint_grey(grey, size)] + [fingerprint_grey(c, c.size) for c in center_crops(grey)]
+    views = [fingerprint_grey(grey, size, exact=exact)]
+    views += [fingerprint_grey(c, c.size, exact=exact) for c in center_crops(grey)]
     box = content_box(grey)
     if box is not None:
-        views.append(fingerprint_grey(grey.crop(box), (box[2] - box[0], box[3] - box[1])))
+        views.append(fingerprint_grey(grey.crop(box), (box[2] - box[0], box[3] - box[1]), exact=exact))
     return views

@@ -1,0 +1,199 @@
+"""The fast path's four hashes of a greyscale image in one compiled call.
+
+The hashes need two tiny grids of the picture (9x8 for dHash, 32x32 for pHash),
+their DCT, medians and comparisons: a dozen numpy and Pillow calls whose Python
+overhead costs more than their arithmetic at these sizes. Here it is one numba
+call on the decoded array.
+
+The grids use Pillow's Lanczos-3 resampling (libImaging/Resample.c: double
+weights normalised per output pixel, rounded to 22-bit fixed point, 8-bit
+rounding and clipping after each pass), horizontal pass first. Each pass is
+identical to Pillow's; Pillow 13 picks the pass order from the image's shape, so
+a 2-D result can differ from ``Image.resize`` by one grey level in a few pixels.
+That is why the exact path (``fast=False``, bit-identical to imagehash) keeps
+Pillow, and this one is measured like any fast path: its drift against the
+exact path (bench/fingerprint.py, tests/test_fingerprint.py).
+
+Pure and I/O-free; compiled once (``cache=True``) and warmed at start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import njit
+
+PRECISION_BITS = 32 - 8 - 2  # Resample.c: room for 8-bit values times weights
+HALF = float(1 << (PRECISION_BITS - 1))
+INV_ONE = 1.0 / (1 << PRECISION_BITS)
+LANCZOS_SUPPORT = 3.0
+
+
+def _lanczos(x: float) -> float:
+    # Resample.c's lanczos_filter: sinc(x) * sinc(x / 3) on [-3, 3).
+    if -3.0 <= x < 3.0:
+        return _sinc(x) * _sinc(x / 3.0)
+    return 0.0
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+@functools.lru_cache(maxsize=4096)
+def weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bounds[out, 2] = first input, count), fixed-point weights[out, ksize] for
+    one axis: Resample.c's precompute_coeffs + normalize_coeffs_8bpc."""
+    scale = filterscale = in_size / out_size
+    filterscale = max(filterscale, 1.0)
+    support = LANCZOS_SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    bounds = np.zeros((out_size, 2), np.int64)
+    kk = np.zeros((out_size, ksize), np.int32)  # C's int, as in Resample.c
+    one = float(1 << PRECISION_BITS)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        ss = 1.0 / filterscale
+        xmin = max(int(center - support + 0.5), 0)  # C's (int) truncates like int()
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        w = [_lanczos((x + xmin - center + 0.5) * ss) for x in range(xmax)]
+        total = 0.0
+        for v in w:  # summed in order, as the C loop does
+            total += v
+        for x, v in enumerate(w):
+            if total != 0.0:
+                v /= total
+            kk[xx, x] = int(-0.5 + v * one) if v < 0 else int(0.5 + v * one)
+        bounds[xx] = xmin, xmax
+    bounds.setflags(write=False)
+    kk.setflags(write=False)
+    return bounds, kk
+
+
+@functools.lru_cache(maxsize=4096)
+def dense_weights(in_size: int, out_size: int) -> np.ndarray:
+    """:func:`weights` as a dense float64 matrix [in_size, out_size] (zeros
+    outside each window), so a pass is one BLAS product: the products and sums
+    of 8-bit values and 22-bit weights are integers far below 2**53, so float64
+    holds them exactly and the result equals C's integer loop."""
+    bounds, kk = weights(in_size, out_size)
+    m = np.zeros((in_size, out_size))
+    for xx, (x0, n) in enumerate(bounds):
+        m[x0:x0 + n, xx] = kk[xx, :n]
+    m.setflags(write=False)
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _round_clip8(t):
+    """Resample.c's clip8 in place: add half, shift out the fraction, clip to 0..255."""
+    flat = t.ravel()
+    for i in range(flat.size):
+        v = np.floor((flat[i] + HALF) * INV_ONE)  # exact: a power-of-two scale
+        flat[i] = min(max(v, 0.0), 255.0)
+    return t
+
+
+@njit(cache=True, nogil=True)
+def _resample(src, wh, wv):
+    """Lanczos downscale of a float64 picture: horizontal pass, then vertical
+    (Resample.c's order); a pass is skipped where that side keeps its size."""
+    t = src
+    if wh.shape[0] != wh.shape[1]:
+        t = _round_clip8(np.ascontiguousarray(t) @ wh)
+    if wv.shape[0] != wv.shape[1]:
+        t = _round_clip8(np.ascontiguousarray(wv.T) @ t)
+    return t
+
+
+# scipy.fftpack.dct (type II, unnormalised) as a matrix: rows k = 0..7 of
+# 2 cos(pi k (2n + 1) / 64), the only coefficients pHash keeps.
+_DCT8x32 = 2.0 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)
+
+
+@njit(cache=True, nogil=True)
+def _median(values):
+    s = np.sort(values.ravel())
+    return (s[31] + s[32]) / 2.0  # np.median of 64 values
+
+
+@njit(cache=True, nogil=True)
+def _pack(bits):
+    """64 booleans, row-major, first = most significant bit (imagehash's order)."""
+    v = np.uint64(0)
+    for i in range(64):
+        v = (v << np.uint64(1)) | np.uint64(bits[i])
+    return v
+
+
+@njit(cache=True, nogil=True)
+def _hash_bits(grid9, low, grid32, out):
+    """dHash, pHash, mirrored dHash, mirrored pHash into out[0:4] from the 9x8
+    grid and the 8x8 low DCT coefficients; returns the degenerate-check
+    statistics (grid32's std, share of flat dHash steps, rising steps)."""
+    d = np.empty(64, np.bool_)
+    dm = np.empty(64, np.bool_)
+    flat = 0
+    rising = 0
+    for r in range(8):
+        for c in range(8):
+            step = np.int32(grid9[r, c + 1]) - np.int32(grid9[r, c])
+            d[r * 8 + c] = step > 0
+            # the mirror's row is this row reversed
+            dm[r * 8 + c] = grid9[r, 7 - c] > grid9[r, 8 - c]
+            flat += abs(step) <= 1
+            rising += step > 0
+    low_m = low.copy()
+    for c in range(1, 8, 2):  # mirroring flips the sign of odd DCT-II columns
+        low_m[:, c] = -low_m[:, c]
+    out[0] = _pack(d)
+    out[1] = _pack((low > _median(low)).ravel())
+    out[2] = _pack(dm)
+    out[3] = _pack((low_m > _median(low_m)).ravel())
+    return grid32.astype(np.float64).std(), flat / 64.0, rising
+
+
+@njit(cache=True, nogil=True)
+def _grids_and_hashes(grey, h9, v9, h32, v32, dct, out):
+    g = grey.astype(np.float64)
+    grid32 = _resample(g, h32, v32)
+    return _hash_bits(_resample(g, h9, v9), dct @ grid32 @ dct.T, grid32, out)
+
+
+def hashes(grey: np.ndarray) -> tuple[np.ndarray, float, float, int]:
+    """The four hashes of a 2-D uint8 picture as uint64[4] (dhash, phash, their
+    mirrors), plus grid32's std, the share of flat dHash steps and the number of
+    rising ones (for fingerprint.degenerate_reason)."""
+    in_h, in_w = grey.shape
+    out = np.empty(4, np.uint64)
+    stats = _grids_and_hashes(grey, dense_weights(in_w, 9), dense_weights(in_h, 8),
+                              dense_weights(in_w, 32), dense_weights(in_h, 32), _DCT8x32, out)
+    return (out, *stats)
+
+
+def hashes_of_grids(grid9: np.ndarray, low: np.ndarray,
+                    grid32: np.ndarray) -> tuple[np.ndarray, float, float, int]:
+    """:func:`hashes` from grids and DCT coefficients computed elsewhere (the
+    exact path's, made the way imagehash makes them)."""
+    out = np.empty(4, np.uint64)
+    return (out, *_hash_bits(grid9, np.ascontiguousarray(low, np.float64), grid32, out))
+
+
+def lanczos(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``np.asarray(Image.fromarray(grey).resize(size, Image.LANCZOS))`` for a 2-D
+    uint8 array, without Pillow. ``size`` is (width, height) as in Pillow."""
+    in_h, in_w = grey.shape
+    out_w, out_h = size
+    grid = _resample(grey.astype(np.float64), dense_weights(in_w, out_w), dense_weights(in_h, out_h))
+    return grid.astype(np.uint8)
+
+
+def warm_up() -> None:
+    lanczos(np.zeros((40, 36), np.uint8), (9, 8))
+    hashes(np.zeros((40, 36), np.uint8))
+    hashes_of_grids(np.zeros((8, 9), np.uint8), np.zeros((8, 8)), np.zeros((32, 32), np.uint8))
