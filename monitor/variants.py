@@ -12,6 +12,7 @@ Pure functions of decoded greyscale images (no I/O):
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from PIL import Image
 
 from .fingerprint import Fingerprint, fingerprint_grey
@@ -24,17 +25,55 @@ MIN_CHANGE = 0.03          # a box within 3% of the whole image is the whole ima
 CROP_SHARES = (0.1, 0.2)   # library centre crops: share of each side removed in total
 
 
-def _longest_busy_run(activity: np.ndarray, gap: int) -> tuple[int, int] | None:
-    """[start, end) of the longest run of busy positions, gaps of <= ``gap`` quiet ones
-    bridged; the first such run on ties. None when nothing is busy."""
-    busy = np.flatnonzero(activity > BUSY_STD)
-    if busy.size == 0:
-        return None
-    breaks = np.flatnonzero(np.diff(busy) > gap)
-    starts = busy[np.concatenate(([0], breaks + 1))]
-    ends = busy[np.concatenate((breaks, [busy.size - 1]))]
-    i = int(np.argmax(ends - starts))
-    return int(starts[i]), int(ends[i]) + 1
+@njit(cache=True, nogil=True)
+def _longest_busy_run(activity, gap):
+    """[start, end) of the longest run of busy positions (activity > BUSY_STD),
+    gaps of <= ``gap`` quiet ones bridged; the first such run on ties. (-1, -1)
+    when nothing is busy."""
+    best_start, best_end = -1, -1
+    start = last = -1
+    for i in range(activity.size):
+        if activity[i] <= BUSY_STD:
+            continue
+        if start < 0 or i - last > gap:
+            start = i
+        last = i
+        if best_start < 0 or last - start > best_end - 1 - best_start:
+            best_start, best_end = start, last + 1
+    return best_start, best_end
+
+
+@njit(cache=True, nogil=True)
+def _std_rows(a, top, bottom, axis):
+    """Grey-level std of each row (axis 1) or column (axis 0) of a[top:bottom]."""
+    n = a.shape[0] if axis == 1 else a.shape[1]
+    out = np.zeros(n if axis == 1 else a.shape[1])
+    sums = np.zeros(out.size)
+    squares = np.zeros(out.size)
+    for y in range(top, bottom):
+        for x in range(a.shape[1]):
+            v = float(a[y, x])
+            k = y if axis == 1 else x
+            sums[k] += v
+            squares[k] += v * v
+    count = a.shape[1] if axis == 1 else bottom - top
+    for k in range(out.size):
+        mean = sums[k] / count
+        out[k] = np.sqrt(max(squares[k] / count - mean * mean, 0.0))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _busy_box(a, row_gap, col_gap):
+    """(top, bottom, left, right) of the busy rows' longest run and the busy
+    columns' longest run within it; all -1 when there is none."""
+    top, bottom = _longest_busy_run(_std_rows(a, 0, a.shape[0], 1), row_gap)
+    if top < 0:
+        return -1, -1, -1, -1
+    left, right = _longest_busy_run(_std_rows(a, top, bottom, 0), col_gap)
+    if left < 0:
+        return -1, -1, -1, -1
+    return top, bottom, left, right
 
 
 def content_box(grey: Image.Image) -> tuple[int, int, int, int] | None:
@@ -43,16 +82,11 @@ def content_box(grey: Image.Image) -> tuple[int, int, int, int] | None:
     w, h = grey.size
     scale = min(1.0, WORK_SIDE / max(w, h))
     small = grey.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BILINEAR) if scale < 1 else grey
-    a = np.asarray(small, dtype=np.float32)
+    a = np.asarray(small)
     sh, sw = a.shape
-    rows = _longest_busy_run(a.std(axis=1), max(1, int(GAP_SHARE * sh)))
-    if rows is None:
+    top, bottom, left, right = _busy_box(a, max(1, int(GAP_SHARE * sh)), max(1, int(GAP_SHARE * sw)))
+    if top < 0:
         return None
-    band = a[rows[0]:rows[1]]
-    cols = _longest_busy_run(band.std(axis=0), max(1, int(GAP_SHARE * sw)))
-    if cols is None:
-        return None
-    top, bottom, left, right = rows[0], rows[1], cols[0], cols[1]
     if (bottom - top) < MIN_KEEP * sh or (right - left) < MIN_KEEP * sw:
         return None
     if (bottom - top) > (1 - MIN_CHANGE) * sh and (right - left) > (1 - MIN_CHANGE) * sw:
@@ -91,3 +125,7 @@ def library_fingerprints(grey: Image.Image, size: tuple[int, int], *,
     if box is not None:
         views.append(fingerprint_grey(grey.crop(box), (box[2] - box[0], box[3] - box[1]), exact=exact))
     return views
+
+
+def warm_up() -> None:
+    content_box(Image.effect_noise((40, 30), 40))

@@ -1,0 +1,51 @@
+"""Robust views: the picture inside a frame, and matching a framed, captioned repost."""
+
+from PIL import Image, ImageDraw
+
+from monitor.fingerprint import fingerprint_bytes
+from monitor.library import LibraryIndex
+from monitor.matcher import Matcher
+from monitor.variants import content_box
+from tests.conftest import encode
+
+
+def _framed(img: Image.Image) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The picture on a white page with a meme-style caption band above it."""
+    w, h = img.size
+    page = Image.new(img.mode, (w + 60, h + 160), "white")
+    page.paste(img, (30, 120))
+    ImageDraw.Draw(page).text((40, 40), "WHEN THE REPOST HITS", fill="black")
+    return page, (30, 120, 30 + w, 120 + h)
+
+
+def test_content_box_finds_the_picture_inside_borders_and_a_caption(library_images):
+    for path in library_images[:4]:
+        picture = Image.open(path).convert("L")
+        page, (left, top, right, bottom) = _framed(picture)
+        box = content_box(page)
+        assert box is not None, path
+        slack = 0.02 * max(page.size) + 2  # the work copy is at most 256 px on a side
+        assert abs(box[0] - left) <= slack and abs(box[1] - top) <= slack, (path, box)
+        assert abs(box[2] - right) <= slack and abs(box[3] - bottom) <= slack, (path, box)
+
+
+def test_a_picture_without_frame_has_no_box():
+    # Texture everywhere: every row and column is busy, so the box is the whole image.
+    img = Image.effect_noise((300, 200), 40)
+    assert content_box(img) is None
+    assert content_box(Image.new("L", (200, 200), 255)) is None  # nothing busy at all
+
+
+def test_framed_captioned_repost_matches_through_the_frame_view(library_images, other_images):
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index)
+    for i, path in enumerate(library_images[:4]):
+        page, _ = _framed(Image.open(path).convert("RGB"))
+        repost = fingerprint_bytes(encode(page.resize((page.width // 2, page.height // 2)), quality=70),
+                                   views="query")
+        assert repost.views, path  # the frame was found
+        assert i in {m.entry_id for m in matcher.match(repost)}, path
+    for path in other_images:
+        assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
