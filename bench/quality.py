@@ -22,6 +22,7 @@ Systems:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import random
@@ -35,8 +36,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from monitor.fingerprint import decode_grey  # noqa: E402
-from monitor.variants import library_fingerprints, query_fingerprints  # noqa: E402
+from monitor.fingerprint import fingerprint_bytes  # noqa: E402
 
 try:
     import pdqhash
@@ -220,9 +220,9 @@ def pdq(data: bytes):
 
 
 def ours(data: bytes, library_side: bool):
-    grey, size = decode_grey(data)
-    fps = library_fingerprints(grey, size) if library_side else query_fingerprints(grey, size)
-    return fps
+    """Every view, exactly as the monitor fingerprints an entry or an incoming image."""
+    fp = fingerprint_bytes(data, views="library" if library_side else "query")
+    return [dataclasses.replace(fp, views=()), *fp.views]
 
 
 class Scores:
@@ -254,8 +254,6 @@ def score_ours(q_fps, l_fps, robust: bool) -> np.ndarray:
 
 def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
     """What ships: monitor.matcher.Matcher with its tiers on the same images."""
-    import dataclasses
-
     from monitor.library import LibraryIndex
     from monitor.matcher import PRESETS, Matcher, query_rows
     index = LibraryIndex()

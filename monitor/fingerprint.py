@@ -162,13 +162,13 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
             6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def _draft_scale(size: tuple[int, int]) -> int:
-    """The DCT scale Pillow's draft picks for DRAFT_MIN_SIDE: 8, 4, 2 or 1."""
-    fit = min(size[0] // DRAFT_MIN_SIDE, size[1] // DRAFT_MIN_SIDE)
-    return next(s for s in (8, 4, 2, 1) if fit >= s)
+def _draft_scale(size: tuple[int, int], min_side: int = DRAFT_MIN_SIDE) -> int:
+    """The DCT scale Pillow's draft picks for ``min_side``: 8, 4, 2 or 1."""
+    fit = min(size[0] // min_side, size[1] // min_side)
+    return next((s for s in (8, 4, 2, 1) if fit >= s), 1)  # smaller than min_side: full size
 
 
-def _turbo_grey(data: bytes, size: tuple[int, int]) -> Image.Image | None:
+def _turbo_grey(data: bytes, size: tuple[int, int], min_side: int) -> Image.Image | None:
     """The reduced-size greyscale decode of a JPEG straight from libjpeg-turbo.
 
     Pixel-identical to Pillow's draft decode (checked on the whole corpus) and
@@ -177,7 +177,7 @@ def _turbo_grey(data: bytes, size: tuple[int, int]) -> Image.Image | None:
     """
     if simplejpeg is None:
         return None
-    s = _draft_scale(size)
+    s = _draft_scale(size, min_side)
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=s,
                                      min_height=-(-size[1] // s), min_width=-(-size[0] // s))
@@ -221,7 +221,8 @@ def _exif_orientation(data: bytes) -> int | None:
     return None
 
 
-def _jpeg_fast(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]] | None:
+def _jpeg_fast(data: bytes, max_pixels: int,
+               min_side: int) -> tuple[Image.Image, tuple[int, int]] | None:
     """decode_grey's JPEG fast path without Pillow: header, orientation, scaled decode."""
     if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
         return None
@@ -233,7 +234,7 @@ def _jpeg_fast(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, in
         return None  # CMYK/YCCK and oddities: Pillow converts them correctly
     _check_pixels(w, h, max_pixels)
     orientation = _exif_orientation(data)
-    grey = _turbo_grey(data, (w, h)) if orientation is not None else None
+    grey = _turbo_grey(data, (w, h), min_side) if orientation is not None else None
     if grey is None:
         return None
     if orientation in _UPRIGHT:
@@ -241,15 +242,16 @@ def _jpeg_fast(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, in
     return grey, ((h, w) if orientation in (5, 6, 7, 8) else (w, h))
 
 
-def decode_grey(data: bytes, *, fast: bool = True,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+def decode_grey(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int = DRAFT_MIN_SIDE) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``data`` to an upright greyscale image.
 
-    Returns the image (possibly reduced by draft decoding when ``fast``) and
-    the original (width, height) after EXIF orientation.
+    Returns the image (when ``fast``, a JPEG is decoded at the smallest DCT
+    scale that keeps both sides >= ``min_side``) and the original (width,
+    height) after EXIF orientation.
     """
     if fast:
-        decoded = _jpeg_fast(data, max_pixels)
+        decoded = _jpeg_fast(data, max_pixels, min_side)
         if decoded is not None:
             return decoded
     img = _open(data, max_pixels)
@@ -258,7 +260,7 @@ def decode_grey(data: bytes, *, fast: bool = True,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if fast and img.format in ("JPEG", "MPO"):
-                img.draft("L", (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
+                img.draft("L", (min_side, min_side))
             img.seek(0)  # first frame of GIF/WebP/TIFF animations
             img.load()
             orientation = img.getexif().get(0x0112, 1)
@@ -333,7 +335,12 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
     if views is None:
         return fingerprint_grey(grey, size, exact=not fast)
-    from .variants import library_fingerprints, query_fingerprints
-    make = {"query": query_fingerprints, "library": library_fingerprints}[views]
-    whole, *extra = make(grey, size, exact=not fast)
+    from .variants import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
+    if views == "query":
+        # A tilted picture's outline needs more pixels than its hashes: decoded
+        # again, larger, only for images whose corners look like a plain fill.
+        whole, *extra = query_fingerprints(grey, size, exact=not fast, detail=lambda: decode_grey(
+            data, fast=fast, max_pixels=max_pixels, min_side=TILT_MIN_SIDE)[0])
+    else:
+        whole, *extra = library_fingerprints(grey, size, exact=not fast)
     return dataclasses.replace(whole, views=tuple(extra))

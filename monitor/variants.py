@@ -5,11 +5,16 @@ Pure functions of decoded greyscale images (no I/O):
 - :func:`content_box` finds the picture inside borders, letterbox bars, padding,
   caption bands and screenshot frames: the longest run of "busy" rows, then of
   busy columns within it. A query is fingerprinted whole and inside that box.
+- :func:`tilt` finds a picture pasted at a small angle on a plain background
+  (what "rotate" in an editor or a meme app makes); the query is then also
+  fingerprinted turned back upright and cut to the picture.
 - :func:`center_crops` are the library-side views that a cropped repost lands
   near: an entry is indexed whole and at a few centre crops.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit
@@ -23,6 +28,13 @@ GAP_SHARE = 0.02           # quiet gaps shorter than this (share of the side) do
 MIN_KEEP = 0.15            # a box smaller than this share of a side is not trusted
 MIN_CHANGE = 0.03          # a box within 3% of the whole image is the whole image
 CROP_SHARES = (0.1, 0.2)   # library centre crops: share of each side removed in total
+TILT_MIN, TILT_MAX = 0.8, 12.0   # degrees: below, hashes are already close; above, rare
+TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
+TILT_BACKGROUND = 14       # grey levels: corners this close to each other are a plain background
+TILT_AGREE = 60.0          # degrees x px: the four edges' angles agree within 60/side degrees
+                           # (at least 1): a small decode measures angles coarsely
+TILT_STRAIGHT = 1.2        # px (work copy): an edge must fit a line this well (RMS)
+TILT_INLIERS = 0.6         # share of an outline's points that must lie on its line
 
 
 @njit(cache=True, nogil=True)
@@ -95,6 +107,94 @@ def content_box(grey: Image.Image) -> tuple[int, int, int, int] | None:
     return (int(left * inv), int(top * inv), min(w, int(round(right * inv))), min(h, int(round(bottom * inv))))
 
 
+def _edge_angle(profile: np.ndarray, lo: float, hi: float) -> float | None:
+    """Slope angle (degrees) of the straight line that most of ``profile`` over
+    the [lo, hi) share of its positions follows, or None if it is not straight.
+
+    Where the picture's own colours meet the fill the outline wanders off the
+    line, so points more than 2 px off the first fit are dropped and the line
+    refitted; at least TILT_INLIERS of the window must stay on it.
+    """
+    n = profile.size
+    x = np.arange(int(lo * n), int(hi * n))
+    y = profile[x].astype(np.float64)
+    keep = y >= 0
+    for _ in range(2):
+        if keep.sum() < max(8, TILT_INLIERS * x.size):
+            return None
+        slope, icept = np.polyfit(x[keep], y[keep], 1)
+        resid = np.abs(y - (slope * x + icept))
+        keep = (y >= 0) & (resid <= 2.0)
+    if keep.sum() < max(8, TILT_INLIERS * x.size):
+        return None
+    if float(np.sqrt(np.mean(resid[keep] ** 2))) > TILT_STRAIGHT:
+        return None
+    return float(np.degrees(np.arctan(slope)))
+
+
+def _corners(a: np.ndarray, k: int = 2) -> np.ndarray | None:
+    """The four corners' k x k means if they look like one plain fill."""
+    corners = np.array([a[:k, :k].mean(), a[:k, -k:].mean(), a[-k:, :k].mean(), a[-k:, -k:].mean()])
+    return None if corners.max() - corners.min() > TILT_BACKGROUND else corners
+
+
+def tilt(grey: Image.Image) -> float | None:
+    """The angle (degrees, counter-clockwise like ``Image.rotate``) of a picture
+    pasted turned on a plain background, or None.
+
+    The four corners must share one background colour; then at least two of
+    the picture's top, bottom, left and right outlines must be straight lines
+    that give the same angle. A photo of an object on white fails the
+    straightness test, an upright picture gives an angle near 0.
+    """
+    w, h = grey.size
+    scale = min(1.0, WORK_SIDE / max(w, h))
+    small = grey.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BILINEAR) if scale < 1 else grey
+    a = np.asarray(small, dtype=np.int16)
+    sh, sw = a.shape
+    if min(sh, sw) < 32:
+        return None
+    corners = _corners(a)
+    if corners is None:
+        return None
+    mask = np.abs(a - corners.mean()) > TILT_BACKGROUND
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    # Outline positions; -1 where a row or column is all background (an
+    # upright frame's margin), which _edge_angle refuses inside its window.
+    first_col = np.where(rows, np.argmax(mask, axis=1), -1)
+    last_col = np.where(rows, sw - 1 - np.argmax(mask[:, ::-1], axis=1), -1)
+    first_row = np.where(cols, np.argmax(mask, axis=0), -1)
+    last_row = np.where(cols, sh - 1 - np.argmax(mask[::-1], axis=0), -1)
+    # Turned counter-clockwise by t, the top and bottom outlines fall by tan(t)
+    # per column and the left and right ones move right by tan(t) per row.
+    fits = [_edge_angle(first_row, 0.25, 0.75), _edge_angle(last_row, 0.25, 0.75),
+            _edge_angle(first_col, 0.25, 0.75), _edge_angle(last_col, 0.25, 0.75)]
+    signs = (-1, -1, 1, 1)
+    angles = np.array([sign * f for sign, f in zip(signs, fits, strict=True) if f is not None])
+    # Two straight outlines that agree are enough: where the picture's edge has
+    # the fill's colour, that side's outline is lost.
+    if angles.size < 2 or np.ptp(angles) > max(1.0, TILT_AGREE / min(sh, sw)):
+        return None
+    angle = float(np.mean(angles))
+    return angle if TILT_MIN <= abs(angle) <= TILT_MAX else None
+
+
+def untilted(grey: Image.Image, angle: float) -> Image.Image | None:
+    """The picture inside a canvas made by ``Image.rotate(angle, expand=True)``:
+    turned back and cut to its original size (a 2% margin drops the fill's
+    blurred edge)."""
+    t = np.radians(abs(angle))
+    cos, sin, cos2 = np.cos(t), np.sin(t), np.cos(2 * t)
+    big_w, big_h = grey.size
+    w = (big_w * cos - big_h * sin) / cos2
+    h = (big_h * cos - big_w * sin) / cos2
+    if w < 16 or h < 16:
+        return None
+    upright = grey.rotate(-angle, resample=Image.BILINEAR, expand=False)
+    cx, cy, mw, mh = big_w / 2, big_h / 2, 0.49 * w, 0.49 * h
+    return upright.crop((int(round(cx - mw)), int(round(cy - mh)), int(round(cx + mw)), int(round(cy + mh))))
+
+
 def center_crops(grey: Image.Image) -> list[Image.Image]:
     w, h = grey.size
     out = []
@@ -104,15 +204,30 @@ def center_crops(grey: Image.Image) -> list[Image.Image]:
     return out
 
 
-def query_fingerprints(grey: Image.Image, size: tuple[int, int], *,
-                       exact: bool = True) -> list[Fingerprint]:
-    """The whole image, plus the picture inside its frame when there is one."""
-    whole = fingerprint_grey(grey, size, exact=exact)
+def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool = True,
+                       detail: Callable[[], Image.Image] | None = None) -> list[Fingerprint]:
+    """The whole image, plus the picture inside its frame, or turned back
+    upright, when there is one. ``detail`` returns a larger decode of the same
+    picture to measure a tilt on (else ``grey`` itself is used)."""
+    views = [fingerprint_grey(grey, size, exact=exact)]
+    # The hashes' small decode leaves a slightly turned picture corners of a
+    # pixel or two: the gate looks at the corner pixels alone.
+    if _corners(np.asarray(grey, dtype=np.int16), 1) is not None:
+        # Checked before the frame: a tilted picture's corners look like a frame.
+        big = detail() if detail is not None else grey
+        angle = tilt(big)
+        inner = untilted(big, angle) if angle is not None else None
+        if inner is not None:
+            box = content_box(inner)  # a border turned with the picture
+            if box is not None:
+                inner = inner.crop(box)
+            views.append(fingerprint_grey(inner, inner.size, exact=exact))
+            return views
     box = content_box(grey)
-    if box is None:
-        return [whole]
-    inner = grey.crop(box)
-    return [whole, fingerprint_grey(inner, (box[2] - box[0], box[3] - box[1]), exact=exact)]
+    if box is not None:
+        inner = grey.crop(box)
+        views.append(fingerprint_grey(inner, (box[2] - box[0], box[3] - box[1]), exact=exact))
+    return views
 
 
 def library_fingerprints(grey: Image.Image, size: tuple[int, int], *,

@@ -89,12 +89,13 @@ def test_turbo_decode_equals_pillows_draft_decode(samples):
     from monitor import fingerprint as fpmod
     for path in sorted(samples.glob("*.jpg")):
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
-            size = img.size
-            img.draft("L", (fpmod.DRAFT_MIN_SIDE, fpmod.DRAFT_MIN_SIDE))
-            pillow = np.asarray(img.convert("L"))
-        turbo = np.asarray(fpmod._turbo_grey(data, size))
-        assert turbo.shape == pillow.shape and (turbo == pillow).all(), path.name
+        for min_side in (fpmod.DRAFT_MIN_SIDE, 192):  # the hashes' decode, the tilt's decode
+            with Image.open(io.BytesIO(data)) as img:
+                size = img.size
+                img.draft("L", (min_side, min_side))
+                pillow = np.asarray(img.convert("L"))
+            turbo = np.asarray(fpmod._turbo_grey(data, size, min_side))
+            assert turbo.shape == pillow.shape and (turbo == pillow).all(), path.name
 
 
 _STORE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -164,9 +165,11 @@ def test_16_bit_greyscale_is_scaled_not_clipped(picture):
     (lambda: Image.linear_gradient("L").transpose(Image.ROTATE_90).resize((400, 300)),
      "low_detail"),
 ])
-def test_degenerate_images_are_flagged(make, reason):
-    fp = fingerprint_bytes(encode(make(), "PNG"))
-    assert fp.degenerate == reason
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_degenerate_images_are_flagged(make, reason, fmt):
+    data = encode(make(), fmt)
+    for fast in (True, False):  # a JPEG under 32 px a side is decoded at full size, not refused
+        assert fingerprint_bytes(data, fast=fast).degenerate == reason
 
 
 def test_real_pictures_are_not_degenerate(samples):

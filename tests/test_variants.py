@@ -5,7 +5,7 @@ from PIL import Image, ImageDraw
 from monitor.fingerprint import fingerprint_bytes
 from monitor.library import LibraryIndex
 from monitor.matcher import Matcher
-from monitor.variants import content_box
+from monitor.variants import content_box, tilt, untilted
 from tests.conftest import encode
 
 
@@ -49,3 +49,32 @@ def test_framed_captioned_repost_matches_through_the_frame_view(library_images, 
         assert i in {m.entry_id for m in matcher.match(repost)}, path
     for path in other_images:
         assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
+
+
+def test_tilt_is_measured_on_pictures_turned_on_a_plain_background(library_images):
+    for path in library_images[:4]:
+        picture = Image.open(path).convert("L")
+        assert tilt(picture) is None  # upright: no angle
+        # A fill close to the picture's own edge colours hides the outline (the
+        # astronaut's and the coffee's edges are dark): black is tried elsewhere.
+        dark_edges = path.name in ("library-astronaut.jpg", "library-coffee.jpg")
+        for angle, fill in ((2, 255), (5, 255), (-3, 255 if dark_edges else 0)):
+            turned = picture.rotate(angle, resample=Image.BICUBIC, expand=True, fillcolor=fill)
+            found = tilt(turned)
+            assert found is not None and abs(found - angle) < 0.5, (path, angle, found)
+            back = untilted(turned, found)
+            assert abs(back.width - picture.width) <= 0.04 * picture.width + 2
+            assert abs(back.height - picture.height) <= 0.04 * picture.height + 2
+
+
+def test_tilted_repost_matches_through_the_upright_view(library_images):
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index)
+    for i, path in enumerate(library_images[:4]):
+        picture = Image.open(path).convert("RGB")
+        for angle in (2, -5):
+            turned = picture.rotate(angle, resample=Image.BICUBIC, expand=True, fillcolor="white")
+            repost = fingerprint_bytes(encode(turned, quality=80), views="query")
+            assert i in {m.entry_id for m in matcher.match(repost)}, (path, angle)
