@@ -282,6 +282,45 @@ def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
               + ", ".join(f"{f} {np.mean(v):.0%}" for f, v in fams.items()))
 
 
+def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300) -> None:
+    """Time per incoming image of what the monitor does (all query views, the
+    matcher over a library of ``entries`` entries with all their views) against a
+    plain dHash fingerprint and one kernel pass over one row per entry, timed in
+    turns on the same images (a shared VM's speed drifts)."""
+    from monitor import kernel
+    from monitor.fingerprint import Fingerprint
+    from monitor.library import LibraryIndex
+    from monitor.matcher import Matcher
+    rng = np.random.default_rng(0)
+    index = LibraryIndex(capacity=entries * 8)
+    for i, views in enumerate(lib_o):
+        index.add(i, dataclasses.replace(views[0], views=tuple(views[1:])))
+    per_entry = int(round(np.mean([len(v) for v in lib_o])))
+    filler = rng.integers(0, 2**63, size=(entries, per_entry, 2), dtype=np.uint64)
+    for i in range(len(lib_o), entries):
+        h = filler[i].tolist()
+        index.add(i, Fingerprint(h[0][0], h[0][1], 0, 0, 64, 64,
+                                 views=tuple(Fingerprint(d, p, 0, 0, 64, 64) for d, p in h[1:])))
+    matcher = Matcher(index)
+    plain_rows = np.ascontiguousarray(filler[:, 0, 0])
+    kernel.warm_up()
+    picked = queries[::max(1, len(queries) // sample)][:sample]
+    spent = {"plain": 0.0, "ours": 0.0}
+    clock = time.perf_counter
+    for data in picked:
+        t = clock()
+        kernel.within(np.uint64(fingerprint_bytes(data).dhash), plain_rows, 10)
+        spent["plain"] += clock() - t
+        t = clock()
+        matcher.match(fingerprint_bytes(data, views="query"))
+        spent["ours"] += clock() - t
+    n = len(picked)
+    print(f"cost per incoming image, {entries:,}-entry library ({index.rows:,} rows with views): "
+          f"plain dHash + one kernel pass {spent['plain'] / n * 1e3:.2f} ms; ours (all views, matcher) "
+          f"{spent['ours'] / n * 1e3:.2f} ms = {spent['ours'] / spent['plain']:.2f}x; memory per entry "
+          f"{per_entry} views x (16 bytes of hashes + 8 of bit-planes) + id", flush=True)
+
+
 def threshold_at(neg: np.ndarray, fpr: float) -> float:
     """Largest threshold t with share(neg <= t) <= fpr."""
     s = np.sort(neg.ravel())
@@ -351,6 +390,7 @@ def main() -> None:
           f"({np.mean([len(f) for f in q_o]):.2f} views), {t_lib / len(lib_bytes) * 1e3:.1f} ms per library "
           f"entry ({np.mean([len(f) for f in lib_o]):.2f} views, 16 bytes of hashes each)", flush=True)
 
+    cost(queries, lib_o)
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _) in transforms.items()}
     product_tiers(lib_o, q_o, d_o, truth_a, kinds, families)

@@ -8,8 +8,9 @@ Pure functions of decoded greyscale images (no I/O):
 - :func:`tilt` finds a picture pasted at a small angle on a plain background
   (what "rotate" in an editor or a meme app makes); the query is then also
   fingerprinted turned back upright and cut to the picture.
-- :func:`center_crops` are the library-side views that a cropped repost lands
-  near: an entry is indexed whole and at a few centre crops.
+- :func:`library_crops` are the library-side views that a cropped repost lands
+  near: an entry is indexed whole, at centre crops of 10, 20 and 30% and with
+  15% cut off its left or its right side.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ BUSY_STD = 6.0             # a row/column with a grey-level std above this carri
 GAP_SHARE = 0.02           # quiet gaps shorter than this (share of the side) do not split a run
 MIN_KEEP = 0.15            # a box smaller than this share of a side is not trusted
 MIN_CHANGE = 0.03          # a box within 3% of the whole image is the whole image
-CROP_SHARES = (0.1, 0.2)   # library centre crops: share of each side removed in total
+CROP_SHARES = (0.1, 0.2, 0.3)   # library centre crops: share of each side removed in total
+SIDE_CROP = 0.15           # library side crops: this share cut off the left, or the right
 TILT_MIN, TILT_MAX = 0.8, 12.0   # degrees: below, hashes are already close; above, rare
 TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
 TILT_BACKGROUND = 14       # grey levels: corners this close to each other are a plain background
@@ -195,12 +197,15 @@ def untilted(grey: Image.Image, angle: float) -> Image.Image | None:
     return upright.crop((int(round(cx - mw)), int(round(cy - mh)), int(round(cx + mw)), int(round(cy + mh))))
 
 
-def center_crops(grey: Image.Image) -> list[Image.Image]:
+def library_crops(grey: Image.Image) -> list[Image.Image]:
+    """Centre crops and side crops of a library entry (see CROP_SHARES, SIDE_CROP)."""
     w, h = grey.size
     out = []
     for share in CROP_SHARES:
         dx, dy = int(w * share / 2), int(h * share / 2)
         out.append(grey.crop((dx, dy, w - dx, h - dy)))
+    cut = int(w * SIDE_CROP)
+    out += [grey.crop((cut, 0, w, h)), grey.crop((0, 0, w - cut, h))]
     return out
 
 
@@ -235,7 +240,7 @@ def library_fingerprints(grey: Image.Image, size: tuple[int, int], *,
     """The whole entry, its centre crops, and the picture inside its own frame
     (a figure on a white page: a framed repost's box lands on the same picture)."""
     views = [fingerprint_grey(grey, size, exact=exact)]
-    views += [fingerprint_grey(c, c.size, exact=exact) for c in center_crops(grey)]
+    views += [fingerprint_grey(c, c.size, exact=exact) for c in library_crops(grey)]
     box = content_box(grey)
     if box is not None:
         views.append(fingerprint_grey(grey.crop(box), (box[2] - box[0], box[3] - box[1]), exact=exact))

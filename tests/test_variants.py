@@ -78,3 +78,21 @@ def test_tilted_repost_matches_through_the_upright_view(library_images):
             turned = picture.rotate(angle, resample=Image.BICUBIC, expand=True, fillcolor="white")
             repost = fingerprint_bytes(encode(turned, quality=80), views="query")
             assert i in {m.entry_id for m in matcher.match(repost)}, (path, angle)
+
+
+def test_deep_centre_and_side_crops_match_through_library_views(library_images, other_images):
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index)
+    for i, path in enumerate(library_images):
+        picture = Image.open(path).convert("RGB")
+        w, h = picture.size
+        crops = {"centre 30%": picture.crop((int(w * 0.15), int(h * 0.15), int(w * 0.85), int(h * 0.85))),
+                 "left 15% off": picture.crop((int(w * 0.15), 0, w, h)),
+                 "right 15% off": picture.crop((0, 0, int(w * 0.85), h))}
+        for name, crop in crops.items():
+            repost = fingerprint_bytes(encode(crop, quality=75), views="query")
+            assert i in {m.entry_id for m in matcher.match(repost)}, (path.name, name)
+    for path in other_images:  # more library views, still no false alarm on unrelated pictures
+        assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
