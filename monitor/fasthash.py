@@ -31,48 +31,67 @@ INV_ONE = 1.0 / (1 << PRECISION_BITS)
 LANCZOS_SUPPORT = 3.0
 
 
-def _lanczos(x: float) -> float:
+@njit(cache=True, nogil=True)
+def _lanczos(x):
     # Resample.c's lanczos_filter: sinc(x) * sinc(x / 3) on [-3, 3).
     if -3.0 <= x < 3.0:
         return _sinc(x) * _sinc(x / 3.0)
     return 0.0
 
 
-def _sinc(x: float) -> float:
+@njit(cache=True, nogil=True)
+def _sinc(x):
     if x == 0.0:
         return 1.0
     x = x * math.pi
     return math.sin(x) / x
 
 
-@functools.lru_cache(maxsize=4096)
-def weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bounds[out, 2] = first input, count), fixed-point weights[out, ksize] for
-    one axis: Resample.c's precompute_coeffs + normalize_coeffs_8bpc."""
-    scale = filterscale = in_size / out_size
-    filterscale = max(filterscale, 1.0)
+@njit(cache=True, nogil=True)
+def _weights(in_size, out_size):
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
     support = LANCZOS_SUPPORT * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
     bounds = np.zeros((out_size, 2), np.int64)
     kk = np.zeros((out_size, ksize), np.int32)  # C's int, as in Resample.c
     one = float(1 << PRECISION_BITS)
+    w = np.empty(ksize)
     for xx in range(out_size):
         center = (xx + 0.5) * scale
         ss = 1.0 / filterscale
-        xmin = max(int(center - support + 0.5), 0)  # C's (int) truncates like int()
+        xmin = max(int(center - support + 0.5), 0)  # C's (int) truncates, as int() does
         xmax = min(int(center + support + 0.5), in_size) - xmin
-        w = [_lanczos((x + xmin - center + 0.5) * ss) for x in range(xmax)]
         total = 0.0
-        for v in w:  # summed in order, as the C loop does
-            total += v
-        for x, v in enumerate(w):
-            if total != 0.0:
-                v /= total
+        for x in range(xmax):
+            w[x] = _lanczos((x + xmin - center + 0.5) * ss)
+            total += w[x]  # summed in order, as the C loop does
+        for x in range(xmax):
+            v = w[x] / total if total != 0.0 else w[x]
             kk[xx, x] = int(-0.5 + v * one) if v < 0 else int(0.5 + v * one)
-        bounds[xx] = xmin, xmax
+        bounds[xx, 0] = xmin
+        bounds[xx, 1] = xmax
+    return bounds, kk
+
+
+@functools.lru_cache(maxsize=4096)
+def weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bounds[out, 2] = first input, count), fixed-point weights[out, ksize] for
+    one axis: Resample.c's precompute_coeffs + normalize_coeffs_8bpc (compiled:
+    crops of every size reach here, and a Python loop cost more than hashing)."""
+    bounds, kk = _weights(in_size, out_size)
     bounds.setflags(write=False)
     kk.setflags(write=False)
     return bounds, kk
+
+
+@njit(cache=True, nogil=True)
+def _dense(bounds, kk, in_size):
+    m = np.zeros((in_size, bounds.shape[0]))
+    for xx in range(bounds.shape[0]):
+        for x in range(bounds[xx, 1]):
+            m[bounds[xx, 0] + x, xx] = kk[xx, x]
+    return m
 
 
 @functools.lru_cache(maxsize=4096)
@@ -81,10 +100,7 @@ def dense_weights(in_size: int, out_size: int) -> np.ndarray:
     outside each window), so a pass is one BLAS product: the products and sums
     of 8-bit values and 22-bit weights are integers far below 2**53, so float64
     holds them exactly and the result equals C's integer loop."""
-    bounds, kk = weights(in_size, out_size)
-    m = np.zeros((in_size, out_size))
-    for xx, (x0, n) in enumerate(bounds):
-        m[x0:x0 + n, xx] = kk[xx, :n]
+    m = _dense(*weights(in_size, out_size), in_size)
     m.setflags(write=False)
     return m
 

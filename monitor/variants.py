@@ -37,6 +37,8 @@ TILT_AGREE = 60.0          # degrees x px: the four edges' angles agree within 6
                            # (at least 1): a small decode measures angles coarsely
 TILT_STRAIGHT = 1.2        # px (work copy): an edge must fit a line this well (RMS)
 TILT_INLIERS = 0.6         # share of an outline's points that must lie on its line
+TILT_FILL_SHARE = 0.4      # a picture turned <= 12 degrees leaves < 35% of its canvas to the fill
+TILT_FILL_MIDDLE = 0.1     # ... and none of the middle quarter
 
 
 @njit(cache=True, nogil=True)
@@ -109,6 +111,14 @@ def content_box(grey: Image.Image) -> tuple[int, int, int, int] | None:
     return (int(left * inv), int(top * inv), min(w, int(round(right * inv))), min(h, int(round(bottom * inv))))
 
 
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope and intercept (closed form: np.polyfit's SVD costs 10x)."""
+    mx, my = x.mean(), y.mean()
+    dx = x - mx
+    slope = float((dx * (y - my)).sum() / (dx * dx).sum())
+    return slope, float(my - slope * mx)
+
+
 def _edge_angle(profile: np.ndarray, lo: float, hi: float) -> float | None:
     """Slope angle (degrees) of the straight line that most of ``profile`` over
     the [lo, hi) share of its positions follows, or None if it is not straight.
@@ -124,7 +134,7 @@ def _edge_angle(profile: np.ndarray, lo: float, hi: float) -> float | None:
     for _ in range(2):
         if keep.sum() < max(8, TILT_INLIERS * x.size):
             return None
-        slope, icept = np.polyfit(x[keep], y[keep], 1)
+        slope, icept = _line(x[keep], y[keep])
         resid = np.abs(y - (slope * x + icept))
         keep = (y >= 0) & (resid <= 2.0)
     if keep.sum() < max(8, TILT_INLIERS * x.size):
@@ -138,6 +148,21 @@ def _corners(a: np.ndarray, k: int = 2) -> np.ndarray | None:
     """The four corners' k x k means if they look like one plain fill."""
     corners = np.array([a[:k, :k].mean(), a[:k, -k:].mean(), a[-k:, :k].mean(), a[-k:, -k:].mean()])
     return None if corners.max() - corners.min() > TILT_BACKGROUND else corners
+
+
+def _may_be_tilted(a: np.ndarray) -> bool:
+    """A cheap look at the hashes' small decode before measuring a tilt on a
+    larger one: plain corners (single pixels: a slightly turned picture leaves
+    corners of a pixel or two here), little of the fill overall and almost none
+    in the middle, which a pasted picture covers. Night skies and objects on
+    white, whose corners are also plain, fail the last two."""
+    corners = _corners(a, 1)
+    if corners is None:
+        return False
+    fill = np.abs(a - corners.mean()) <= TILT_BACKGROUND
+    h, w = fill.shape
+    return bool(fill.mean() <= TILT_FILL_SHARE
+                and fill[h // 4:h - h // 4, w // 4:w - w // 4].mean() <= TILT_FILL_MIDDLE)
 
 
 def tilt(grey: Image.Image) -> float | None:
@@ -215,9 +240,7 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
     upright, when there is one. ``detail`` returns a larger decode of the same
     picture to measure a tilt on (else ``grey`` itself is used)."""
     views = [fingerprint_grey(grey, size, exact=exact)]
-    # The hashes' small decode leaves a slightly turned picture corners of a
-    # pixel or two: the gate looks at the corner pixels alone.
-    if _corners(np.asarray(grey, dtype=np.int16), 1) is not None:
+    if _may_be_tilted(np.asarray(grey, dtype=np.int16)):
         # Checked before the frame: a tilted picture's corners look like a frame.
         big = detail() if detail is not None else grey
         angle = tilt(big)
