@@ -33,7 +33,7 @@ SIDE_CROP = 0.15           # library side crops: this share cut off the left, or
 TILT_MIN, TILT_MAX = 0.8, 12.0   # degrees: below, hashes are already close; above, rare
 TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
 TILT_BACKGROUND = 14       # grey levels: corners this close to each other are a plain background
-TILT_AGREE = 60.0          # degrees x px: the four edges' angles agree within 60/side degrees
+TILT_AGREE = 60.0          # degrees x px: the straight edges' angles agree within 60/side degrees
                            # (at least 1): a small decode measures angles coarsely
 TILT_STRAIGHT = 1.2        # px (work copy): an edge must fit a line this well (RMS)
 TILT_INLIERS = 0.6         # share of an outline's points that must lie on its line
@@ -62,8 +62,7 @@ def _longest_busy_run(activity, gap):
 @njit(cache=True, nogil=True)
 def _std_rows(a, top, bottom, axis):
     """Grey-level std of each row (axis 1) or column (axis 0) of a[top:bottom]."""
-    n = a.shape[0] if axis == 1 else a.shape[1]
-    out = np.zeros(n if axis == 1 else a.shape[1])
+    out = np.zeros(a.shape[0] if axis == 1 else a.shape[1])
     sums = np.zeros(out.size)
     squares = np.zeros(out.size)
     for y in range(top, bottom):
@@ -92,12 +91,20 @@ def _busy_box(a, row_gap, col_gap):
     return top, bottom, left, right
 
 
+def _work_copy(grey: Image.Image) -> tuple[Image.Image, float]:
+    """The picture at most WORK_SIDE px on a side for layout analysis, and its scale."""
+    w, h = grey.size
+    scale = min(1.0, WORK_SIDE / max(w, h))
+    if scale == 1.0:
+        return grey, scale
+    return grey.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BILINEAR), scale
+
+
 def content_box(grey: Image.Image) -> tuple[int, int, int, int] | None:
     """(left, top, right, bottom) of the picture inside a frame, or None when
     the picture fills the image (or nothing trustworthy was found)."""
     w, h = grey.size
-    scale = min(1.0, WORK_SIDE / max(w, h))
-    small = grey.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BILINEAR) if scale < 1 else grey
+    small, scale = _work_copy(grey)
     a = np.asarray(small)
     sh, sw = a.shape
     top, bottom, left, right = _busy_box(a, max(1, int(GAP_SHARE * sh)), max(1, int(GAP_SHARE * sw)))
@@ -174,10 +181,7 @@ def tilt(grey: Image.Image) -> float | None:
     that give the same angle. A photo of an object on white fails the
     straightness test, an upright picture gives an angle near 0.
     """
-    w, h = grey.size
-    scale = min(1.0, WORK_SIDE / max(w, h))
-    small = grey.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BILINEAR) if scale < 1 else grey
-    a = np.asarray(small, dtype=np.int16)
+    a = np.asarray(_work_copy(grey)[0], dtype=np.int16)
     sh, sw = a.shape
     if min(sh, sw) < 32:
         return None
