@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -67,13 +69,16 @@ class Browser:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.profile = tempfile.TemporaryDirectory()
+        # Chromium's helper processes may still be writing the profile for a moment
+        # after the browser exits: a leftover file must not fail the test.
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--allow-file-access-from-files", f"--user-data-dir={self.profile.name}",
              f"--remote-debugging-port={self.port}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # its own process group: helpers are stopped with it
         self.http = aiohttp.ClientSession()
         for _ in range(100):
             try:
@@ -101,9 +106,17 @@ class Browser:
         for ws in self.sockets:
             await ws.close()
         await self.http.close()
-        self.proc.terminate()
+        _signal_group(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         self.profile.cleanup()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # every process of the group has already exited
+        pass
