@@ -55,6 +55,7 @@ class MatchRow:
     dhash_distance: int
     phash_distance: int
     mirrored: bool
+    fine_distance: int | None = None  # bits of 512, where both sides have fine hashes
     input_dhash: int = 0
     library_dhash: int = 0   # of the side compared: the mirrored hash for a mirrored match
 
@@ -78,11 +79,11 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
 
     matcher = Matcher(library.index, tiers)
     kernel.warm_up()
-    d, p, dm, pm, owners = query_rows([r.fingerprint for r in good])
+    rows_in = query_rows([r.fingerprint for r in good])
     start = time.perf_counter()
-    pairs = matcher.match_batch(d, p, dm, pm, owners=owners, best_only=best)
+    pairs = matcher.match_rows(rows_in, best_only=best)
     elapsed = time.perf_counter() - start
-    comparisons = 2 * d.size * library.index.rows  # every view, plain and mirrored
+    comparisons = 2 * rows_in.dhash.size * library.index.rows  # every view, plain and mirrored
     print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
     entries = library.entries_by_id(pairs.entry_id.tolist())
     rows = []
@@ -93,6 +94,7 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
         rows.append(MatchRow(str(good[int(pairs.query[i])].path), entry.source, entry.label,
                              tiers[int(pairs.tier[i])].name, int(pairs.dhash_distance[i]),
                              int(pairs.phash_distance[i]), mirrored,
+                             int(pairs.fine_distance[i]) if pairs.fine_distance[i] >= 0 else None,
                              fp.dhash_mirror if mirrored else fp.dhash, entry.dhash))
     return rows, bad
 
@@ -101,21 +103,24 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
     if fmt == "table":
         for r in rows:
             flip = " mirrored" if r.mirrored else ""
-            print(f"[match] dist={r.dhash_distance}/64 bits (pHash {r.phash_distance}/64, "
+            fine = f", fine {r.fine_distance}/512" if r.fine_distance is not None else ""
+            print(f"[match] dist={r.dhash_distance}/64 bits (pHash {r.phash_distance}/64{fine}, "
                   f"{r.tier}{flip}) {r.library} -> {r.input}", file=out)
     elif fmt == "csv":
         writer = csv.writer(out)
         writer.writerow(["input", "library", "label", "tier", "dhash_distance",
-                         "phash_distance", "mirrored"])
+                         "phash_distance", "mirrored", "fine_distance"])
         for r in rows:
             writer.writerow([r.input, r.library, r.label, r.tier, r.dhash_distance,
-                             r.phash_distance, int(r.mirrored)])
+                             r.phash_distance, int(r.mirrored),
+                             "" if r.fine_distance is None else r.fine_distance])
     elif fmt == "jsonl":
         for r in rows:
             out.write(json.dumps({"input": r.input, "library": r.library, "label": r.label,
                                   "tier": r.tier, "dhash_distance": r.dhash_distance,
                                   "phash_distance": r.phash_distance, "mirrored": r.mirrored,
-                                  "bits": 64}) + "\n")
+                                  "fine_distance": r.fine_distance, "bits": 64,
+                                  "fine_bits": 512}) + "\n")
     else:
         raise ValueError(f"unknown format {fmt!r}")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .fingerprint import Fingerprint
 from .library import LibraryIndex
-from .matcher import PRESETS, Matcher, Tier
+from .matcher import PRESETS, Matcher, Tier, query_rows
 from .scan import FingerprintCache, fingerprint_files, iter_image_files
 
 KEEP_POLICIES = ("largest-resolution", "largest-file", "newest", "oldest", "prefer-prefix")
@@ -99,9 +99,7 @@ def similar_pairs(queries: list[Image_], targets: list[Image_], tiers: tuple[Tie
     if not queries or not targets:
         return []
     matcher = Matcher(_index(targets), tiers)
-    cols = [np.array([getattr(q.fp, f) for q in queries], np.uint64)
-            for f in ("dhash", "phash", "dhash_mirror", "phash_mirror")]
-    found = matcher.match_batch(*cols)
+    found = matcher.match_rows(query_rows([q.fp for q in queries]))
     out = []
     for i in range(found.query.size):
         if found.mirrored[i] and not mirrored:

@@ -1,7 +1,9 @@
-"""The fast path's four hashes of a greyscale image in one compiled call.
+"""The fast path's hashes of a greyscale image in one compiled call.
 
-The hashes need two tiny grids of the picture (9x8 for dHash, 32x32 for pHash),
-their DCT, medians and comparisons: a dozen numpy and Pillow calls whose Python
+The four 64-bit hashes (dHash, pHash and their mirrors) need two tiny grids of
+the picture (9x8 for dHash, 32x32 for pHash), their DCT, medians and
+comparisons; the 256-bit verification hashes (:data:`FINE_WORDS`) a 17x16
+grid and more of the same DCT: a dozen numpy and Pillow calls whose Python
 overhead costs more than their arithmetic at these sizes. Here it is one numba
 call on the decoded array.
 
@@ -127,9 +129,19 @@ def _resample(src, wh, wv):
     return t
 
 
-# scipy.fftpack.dct (type II, unnormalised) as a matrix: rows k = 0..7 of
-# 2 cos(pi k (2n + 1) / 64), the only coefficients pHash keeps.
-_DCT8x32 = 2.0 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)
+# scipy.fftpack.dct (type II, unnormalised) as a matrix: rows k = 0..15 of
+# 2 cos(pi k (2n + 1) / 64); pHash keeps the 8x8 lowest coefficients, the
+# 256-bit pHash the 16x16 lowest.
+_DCT16x32 = 2.0 * np.cos(np.pi * np.arange(16)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)
+
+# The fine (verification) hashes: a 256-bit pHash (16x16 DCT block against its
+# median) and a 256-bit dHash (16 rows of 16 steps of a 17x16 grid), 4 words
+# each, most significant bit first; FINE_WORDS words in all, then as many for
+# the mirrored picture. Four times the bits of the 64-bit hashes at finer
+# detail: unrelated pictures sit near 256 of 512 bits with a spread of ~11,
+# so a candidate from the 64-bit pass is verified on evidence it was not
+# found by (bench/quality.py measures the gain).
+FINE_WORDS = 8
 
 
 @njit(cache=True, nogil=True)
@@ -145,6 +157,32 @@ def _pack(bits):
     for i in range(64):
         v = (v << np.uint64(1)) | np.uint64(bits[i])
     return v
+
+
+@njit(cache=True, nogil=True)
+def _pack_into(bits, out, start):
+    """len(bits) (a multiple of 64) booleans into out[start:], 64 per word."""
+    for w in range(bits.size // 64):
+        out[start + w] = _pack(bits[w * 64:(w + 1) * 64])
+
+
+@njit(cache=True, nogil=True)
+def _fine_bits(grid17, dct16, out):
+    """The fine hashes into out[0:8] and the mirrored picture's into out[8:16]."""
+    d = np.empty(256, np.bool_)
+    dm = np.empty(256, np.bool_)
+    for r in range(16):
+        for c in range(16):
+            d[r * 16 + c] = grid17[r, c + 1] > grid17[r, c]
+            dm[r * 16 + c] = grid17[r, 15 - c] > grid17[r, 16 - c]
+    dct_m = dct16.copy()
+    for c in range(1, 16, 2):  # mirroring flips the sign of odd DCT-II columns
+        dct_m[:, c] = -dct_m[:, c]
+    for block, start in ((dct16, 0), (dct_m, 8)):
+        s = np.sort(block.ravel())
+        _pack_into((block > (s[127] + s[128]) / 2.0).ravel(), out, start)
+    _pack_into(d, out, 4)
+    _pack_into(dm, out, 12)
 
 
 @njit(cache=True, nogil=True)
@@ -175,29 +213,37 @@ def _hash_bits(grid9, low, grid32, out):
 
 
 @njit(cache=True, nogil=True)
-def _grids_and_hashes(grey, h9, v9, h32, v32, dct, out):
+def _grids_and_hashes(grey, h9, v9, h17, v16, h32, v32, dct, out, fine):
     g = grey.astype(np.float64)
     grid32 = _resample(g, h32, v32)
-    return _hash_bits(_resample(g, h9, v9), dct @ grid32 @ dct.T, grid32, out)
+    dct16 = dct @ grid32 @ dct.T
+    _fine_bits(_resample(g, h17, v16), dct16, fine)
+    return _hash_bits(_resample(g, h9, v9), np.ascontiguousarray(dct16[:8, :8]), grid32, out)
 
 
-def hashes(grey: np.ndarray) -> tuple[np.ndarray, float, float, int]:
+def hashes(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, int]:
     """The four hashes of a 2-D uint8 picture as uint64[4] (dhash, phash, their
-    mirrors), plus grid32's std, the share of flat dHash steps and the number of
-    rising ones (for fingerprint.degenerate_reason)."""
+    mirrors), the fine hashes as uint64[16] (plain, then mirrored), plus
+    grid32's std, the share of flat dHash steps and the number of rising ones
+    (for fingerprint.degenerate_reason)."""
     in_h, in_w = grey.shape
     out = np.empty(4, np.uint64)
+    fine = np.empty(2 * FINE_WORDS, np.uint64)
     stats = _grids_and_hashes(grey, dense_weights(in_w, 9), dense_weights(in_h, 8),
-                              dense_weights(in_w, 32), dense_weights(in_h, 32), _DCT8x32, out)
-    return (out, *stats)
+                              dense_weights(in_w, 17), dense_weights(in_h, 16),
+                              dense_weights(in_w, 32), dense_weights(in_h, 32), _DCT16x32, out, fine)
+    return (out, fine, *stats)
 
 
-def hashes_of_grids(grid9: np.ndarray, low: np.ndarray,
-                    grid32: np.ndarray) -> tuple[np.ndarray, float, float, int]:
-    """:func:`hashes` from grids and DCT coefficients computed elsewhere (the
-    exact path's, made the way imagehash makes them)."""
+def hashes_of_grids(grid9: np.ndarray, dct16: np.ndarray, grid32: np.ndarray,
+                    grid17: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, int]:
+    """:func:`hashes` from grids and the 16x16 low DCT block computed elsewhere
+    (the exact path's, made the way imagehash makes them)."""
     out = np.empty(4, np.uint64)
-    return (out, *_hash_bits(grid9, np.ascontiguousarray(low, np.float64), grid32, out))
+    fine = np.empty(2 * FINE_WORDS, np.uint64)
+    dct16 = np.ascontiguousarray(dct16, np.float64)
+    _fine_bits(np.ascontiguousarray(grid17), dct16, fine)
+    return (out, fine, *_hash_bits(grid9, np.ascontiguousarray(dct16[:8, :8]), grid32, out))
 
 
 def lanczos(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -212,4 +258,5 @@ def lanczos(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def warm_up() -> None:
     lanczos(np.zeros((40, 36), np.uint8), (9, 8))
     hashes(np.zeros((40, 36), np.uint8))
-    hashes_of_grids(np.zeros((8, 9), np.uint8), np.zeros((8, 8)), np.zeros((32, 32), np.uint8))
+    hashes_of_grids(np.zeros((8, 9), np.uint8), np.zeros((16, 16)), np.zeros((32, 32), np.uint8),
+                    np.zeros((16, 17), np.uint8))

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - a platform without a wheel falls back 
 # Bumped whenever a change alters hash values; caches keyed on it go stale.
 # v3: frame detection keeps the last busy row; v4: fast-path grids from one compiled call,
 # tilted-picture query view, library views at a 30% centre crop and 15% side crops
-ALGORITHM_VERSION = "dhash-phash-v4-views"
+ALGORITHM_VERSION = "dhash-phash-v5-fine"
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any real thumbnail
 # JPEG covers MPO (phone multi-picture JPEGs): its opener returns them.
@@ -79,6 +79,12 @@ class Fingerprint:
     # picture inside its frame; for a library entry, centre crops and its own
     # content box. Each is a Fingerprint without views.
     views: tuple[Fingerprint, ...] = ()
+    # The 256-bit verification hashes (fasthash.FINE_WORDS little-endian
+    # uint64 words: pHash-256, dHash-256) of the picture and of its mirror
+    # image; empty where unknown (hashes imported from imagehash, rows stored
+    # by an older version), and the matcher then decides on the 64-bit hashes.
+    fine: bytes = b""
+    fine_mirror: bytes = b""
 
     @property
     def dhash_hex(self) -> str:
@@ -102,8 +108,9 @@ def from_hex(text: str) -> int:
 
 
 def _phash_low(grid32: np.ndarray) -> np.ndarray:
+    """The 16x16 lowest DCT coefficients (imagehash's pHash keeps the 8x8 corner)."""
     dct = scipy.fftpack.dct(scipy.fftpack.dct(grid32, axis=0), axis=1)
-    return dct[:8, :8]
+    return dct[:16, :16]
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -312,17 +319,20 @@ def fingerprint_grey(grey: Image.Image, size: tuple[int, int], *, exact: bool = 
     """
     if exact:
         grid32 = np.asarray(grey.resize((32, 32), Image.LANCZOS))
-        packed, std32, flat_share, rising = fasthash.hashes_of_grids(
-            np.asarray(grey.resize((9, 8), Image.LANCZOS)), _phash_low(grid32), grid32)
+        packed, fine, std32, flat_share, rising = fasthash.hashes_of_grids(
+            np.asarray(grey.resize((9, 8), Image.LANCZOS)), _phash_low(grid32), grid32,
+            np.asarray(grey.resize((17, 16), Image.LANCZOS)))
     else:
         # Lanczos is symmetric, so mirroring the small grids equals hashing the
         # mirrored picture (checked in tests) at no extra decode cost.
-        packed, std32, flat_share, rising = fasthash.hashes(np.asarray(grey))
+        packed, fine, std32, flat_share, rising = fasthash.hashes(np.asarray(grey))
+    fine = fine.astype("<u8")
     return Fingerprint(
         dhash=int(packed[0]), phash=int(packed[1]),
         dhash_mirror=int(packed[2]), phash_mirror=int(packed[3]),
         width=size[0], height=size[1],
         degenerate=degenerate_reason(size, std32, flat_share, rising),
+        fine=fine[:fasthash.FINE_WORDS].tobytes(), fine_mirror=fine[fasthash.FINE_WORDS:].tobytes(),
     )
 
 

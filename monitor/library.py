@@ -19,8 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from . import bitslice
+from .fasthash import FINE_WORDS
 from .fingerprint import Fingerprint, from_hex
-from .scan import FingerprintCache, fingerprint_files, iter_image_files, pack_views
+from .scan import (
+    VIEW_WORDS,
+    FingerprintCache,
+    fingerprint_files,
+    iter_image_files,
+    pack_fine,
+    pack_views,
+)
 from .store import Store, sql_to_u64, u64_to_sql
 
 # The index holds only what the kernel and verification read: queries bring
@@ -50,6 +58,9 @@ class LibraryIndex:
     crops, content box); ``ids`` repeats the entry id on each of its rows and
     the matcher keeps the best row per entry. Degenerate entries (flat, tiny)
     are kept in the store but left out: their hashes would match anything.
+    ``fine`` holds each row's 256-bit verification hashes (FINE_WORDS words;
+    all zero where unknown, which a real fine hash never is: half its pHash
+    bits are set by construction).
     """
 
     def __init__(self, capacity: int = 1024):
@@ -58,6 +69,7 @@ class LibraryIndex:
         self._entries = 0
         self._ids = np.empty(capacity, np.int64)
         self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
+        self._fine = np.zeros((capacity, FINE_WORDS), np.uint64)
         # dHash rows again in bit-plane layout for the bit-sliced radius search
         # (monitor/bitslice.py); kept in step with every add and remove.
         self._planes = bitslice.to_planes(np.empty(0, np.uint64), capacity)
@@ -78,6 +90,10 @@ class LibraryIndex:
     def hashes(self, field: str = "dhash") -> np.ndarray:
         return self._hashes[field][:self._n]
 
+    def fine(self) -> np.ndarray:
+        """Rows' fine hashes, (rows, FINE_WORDS) (call under ``lock``)."""
+        return self._fine[:self._n]
+
     def planes(self) -> np.ndarray:
         """The dHash rows as bit-planes (call under ``lock``, like :meth:`hashes`)."""
         return self._planes[:bitslice.plane_words(self._n)]
@@ -93,14 +109,19 @@ class LibraryIndex:
             grown = np.empty(size, np.uint64)
             grown[:self._n] = arr[:self._n]
             self._hashes[f] = grown
+        fine = np.zeros((size, FINE_WORDS), np.uint64)
+        fine[:self._n] = self._fine[:self._n]
+        self._fine = fine
         planes = np.zeros(bitslice.plane_words(size), np.uint64)
         planes[:self._planes.shape[0]] = self._planes
         self._planes = planes
 
-    def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray]) -> None:
+    def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray], fine: np.ndarray | None = None) -> None:
         with self.lock:
             self._ids = np.array(ids, np.int64)
             self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
+            self._fine = (np.array(fine, np.uint64).reshape(-1, FINE_WORDS) if fine is not None
+                          else np.zeros((self._ids.shape[0], FINE_WORDS), np.uint64))
             self._planes = bitslice.to_planes(self._hashes["dhash"])
             self._n = self._ids.shape[0]
             self._entries = int(np.unique(self._ids).size)
@@ -123,6 +144,8 @@ class LibraryIndex:
                 self._ids[row] = entry_id
                 for f in HASH_FIELDS:
                     self._hashes[f][row] = getattr(view, f)
+                fine = getattr(view, "fine", b"")  # duck-typed callers may have none
+                self._fine[row] = np.frombuffer(fine, "<u8") if fine else 0
                 bitslice.set_lane(self._planes, row, np.uint64(view.dhash))
                 self._n += 1
             self._entries += 1
@@ -139,6 +162,7 @@ class LibraryIndex:
                     self._ids[row] = self._ids[last]
                     for arr in self._hashes.values():
                         arr[row] = arr[last]
+                    self._fine[row] = self._fine[last]
                     bitslice.set_lane(self._planes, row, self._hashes["dhash"][row])
                 bitslice.set_lane(self._planes, last, np.uint64(0))
                 self._n = last
@@ -178,41 +202,56 @@ class Library:
         (a million entries in a fraction of a second), else from the rows,
         then store a new snapshot for the next start."""
         version = self.version()
-        snap = self.store.query("SELECT ids, dhash, phash FROM index_snapshot WHERE id=1 AND version=?",
-                                (version,))
+        snap = self.store.query("SELECT ids, dhash, phash, fine FROM index_snapshot WHERE id=1 "
+                                "AND version=? AND fine IS NOT NULL", (version,))
         if snap:
-            ids, d, p = (np.frombuffer(b, dtype="<u8") for b in snap[0])
-            self.index.load(ids.view(np.int64), {"dhash": d, "phash": p})
+            ids, d, p, fine = (np.frombuffer(b, dtype="<u8") for b in snap[0])
+            self.index.load(ids.view(np.int64), {"dhash": d, "phash": p}, fine)
             return
         self._reload_rows()
         with self.store.transaction() as conn:
             if conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] == version:
-                conn.execute("INSERT OR REPLACE INTO index_snapshot VALUES (1, ?, ?, ?, ?)",
+                conn.execute("INSERT OR REPLACE INTO index_snapshot VALUES (1, ?, ?, ?, ?, ?)",
                              (version, self.index.ids.astype("<i8").tobytes(),
                               self.index.hashes("dhash").astype("<u8").tobytes(),
-                              self.index.hashes("phash").astype("<u8").tobytes()))
+                              self.index.hashes("phash").astype("<u8").tobytes(),
+                              self.index.fine().astype("<u8").tobytes()))
 
     def _reload_rows(self) -> None:
         width = 1 + len(HASH_FIELDS)
         with self.store.lock:
             cursor = self.store.conn.execute(
-                f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL")
+                f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL "
+                "ORDER BY id")
             # fromiter over the flattened cursor: no list of a million tuples.
             flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
+            fine_rows = self.store.conn.execute(
+                "SELECT id, fine FROM library_entries WHERE degenerate IS NULL ORDER BY id").fetchall()
             view_rows = self.store.conn.execute(
-                "SELECT id, views FROM library_entries WHERE degenerate IS NULL AND views IS NOT NULL"
-            ).fetchall()
+                "SELECT id, views, fine IS NOT NULL FROM library_entries "
+                "WHERE degenerate IS NULL AND views IS NOT NULL").fetchall()
         table = flat.reshape(-1, width)
         ids = [table[:, 0]]
         hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}
-        if view_rows:
-            blobs = [b for _, b in view_rows]
-            words = np.frombuffer(b"".join(blobs), dtype="<u8").reshape(-1, 4)
-            ids.append(np.repeat(np.array([i for i, _ in view_rows], np.int64),
-                                 [len(b) // 32 for b in blobs]))
+        fine = np.zeros((table.shape[0], FINE_WORDS), np.uint64)
+        for i, (_, blob) in enumerate(fine_rows):
+            if blob:
+                fine[i] = np.frombuffer(blob, "<u8")[:FINE_WORDS]
+        fines = [fine]
+        for layout, words_per_view in ((0, 4), (1, VIEW_WORDS)):
+            rows = [(i, b) for i, b, has_fine in view_rows if has_fine == layout]
+            if not rows:
+                continue
+            blobs = [b for _, b in rows]
+            words = np.frombuffer(b"".join(blobs), dtype="<u8").reshape(-1, words_per_view)
+            ids.append(np.repeat(np.array([i for i, _ in rows], np.int64),
+                                 [len(b) // (8 * words_per_view) for b in blobs]))
             hashes["dhash"].append(words[:, 0].astype(np.uint64))
             hashes["phash"].append(words[:, 1].astype(np.uint64))
-        self.index.load(np.concatenate(ids), {f: np.concatenate(v) for f, v in hashes.items()})
+            fines.append(words[:, 4:4 + FINE_WORDS].astype(np.uint64) if layout
+                         else np.zeros((words.shape[0], FINE_WORDS), np.uint64))
+        self.index.load(np.concatenate(ids), {f: np.concatenate(v) for f, v in hashes.items()},
+                        np.concatenate(fines))
 
     # -- writes ---------------------------------------------------------------
     def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None) -> LibraryEntry:
@@ -225,10 +264,11 @@ class Library:
                 conn.execute("DELETE FROM library_entries WHERE id=?", old)
             cur = conn.execute(
                 "INSERT INTO library_entries (source, label, width, height, dhash, phash, "
-                "dhash_mirror, phash_mirror, degenerate, added_at, views) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "dhash_mirror, phash_mirror, degenerate, added_at, views, fine) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (source, label, fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                  u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate, now,
-                 pack_views(fp.views)))
+                 pack_views(fp.views), pack_fine(fp)))
             entry_id = cur.lastrowid
         if old:
             self.index.remove(old[0])
@@ -315,7 +355,7 @@ class Library:
         return {"entries": total, "indexed": len(self.index), "degenerate": degenerate,
                 "first_added": first, "last_added": last,
                 "index_rows": self.index.rows,
-                "index_bytes": self.index.rows * 8 * (1 + len(HASH_FIELDS)),
+                "index_bytes": self.index.rows * 8 * (1 + len(HASH_FIELDS) + FINE_WORDS + 1),
                 "top_labels": dict(labels)}
 
 

@@ -50,6 +50,7 @@ OPENAPI = {
                                      "entry_id": {"type": "integer"},
                                      "tier": {"enum": ["exact", "near", "loose"]},
                                      "dhash_distance": {"type": "integer"}, "phash_distance": {"type": "integer"},
+                                     "fine_distance": {"type": ["integer", "null"]},
                                      "mirrored": {"type": "boolean"}, "feed": {"type": "string"},
                                      "verdict": {"type": ["string", "null"]},
                                      "suppressed": {"type": ["string", "null"]},

@@ -27,10 +27,10 @@ from feeds import FeedError, FeedItem, HttpSource, LocalSource
 from .fetch import FetchError, Fetcher
 from .fingerprint import Fingerprint, ImageError, fingerprint_bytes
 from .library import Library, LibraryEntry
-from .matcher import Match, Matcher
+from .matcher import Match, Matcher, query_rows
 from .metrics import Metrics
 from .noise import suppression
-from .scan import unpack_views
+from .scan import pack_fine, unpack_fine, unpack_views
 from .store import Store, sql_to_u64, u64_to_sql
 
 log = logging.getLogger("repost_monitor.pipeline")
@@ -286,25 +286,29 @@ class Pipeline:
     def _retro_pairs(self, after_entry_id: int):
         from .library import LibraryIndex
         index = LibraryIndex()
-        for eid, d, p, views in self.store.query("SELECT id, dhash, phash, views FROM library_entries "
-                                                 "WHERE id > ? AND degenerate IS NULL", (after_entry_id,)):
-            index.add(eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0, views=unpack_views(views)))
+        for eid, d, p, views, fine in self.store.query(
+                "SELECT id, dhash, phash, views, fine FROM library_entries "
+                "WHERE id > ? AND degenerate IS NULL", (after_entry_id,)):
+            fine, _ = unpack_fine(fine)
+            index.add(eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0,
+                                       views=unpack_views(views, with_fine=bool(fine)), fine=fine))
         rows = self.store.query(
-            "SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height FROM images "
+            "SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine FROM images "
             "WHERE state='ok' AND degenerate IS NULL AND fetched_at > ?", (time.time() - self.retro_window,))
         if not rows or not len(index):
             return {}, {}
-        fps = {r[0]: Fingerprint(*(sql_to_u64(v) for v in r[1:5]), r[5], r[6]) for r in rows}
+        fps = {r[0]: Fingerprint(*(sql_to_u64(v) for v in r[1:5]), r[5], r[6], None, (), *unpack_fine(r[7]))
+               for r in rows}
         urls = list(fps)
-        cols = [np.array([getattr(fps[u], f) for u in urls], np.uint64)
-                for f in ("dhash", "phash", "dhash_mirror", "phash_mirror")]
-        found = Matcher(index, self.matcher.tiers).match_batch(*cols, threads=1)
+        found = Matcher(index, self.matcher.tiers).match_rows(query_rows([fps[u] for u in urls]), threads=1)
         pairs: dict[str, list[Match]] = {}
         for i in range(found.query.size):
             url = urls[int(found.query[i])]
+            fine = int(found.fine_distance[i])
             pairs.setdefault(url, []).append(Match(
                 int(found.entry_id[i]), self.matcher.tiers[int(found.tier[i])].name,
-                int(found.dhash_distance[i]), int(found.phash_distance[i]), bool(found.mirrored[i])))
+                int(found.dhash_distance[i]), int(found.phash_distance[i]), bool(found.mirrored[i]),
+                fine if fine >= 0 else None))
         return pairs, fps
 
     # -- per image -----------------------------------------------------------
@@ -412,15 +416,15 @@ class Pipeline:
 
     def _cached_image(self, url: str) -> Fingerprint | None:
         rows = self.store.query("SELECT state, dhash, phash, dhash_mirror, phash_mirror, width, "
-                                "height, degenerate, error FROM images WHERE url=?", (url,))
+                                "height, degenerate, error, fine FROM images WHERE url=?", (url,))
         if not rows:
             return None
-        state, d, p, dm, pm, w, h, degenerate, error = rows[0]
+        state, d, p, dm, pm, w, h, degenerate, error, fine = rows[0]
         if state != "ok":
             reason, _, message = (error or "failed: earlier failure").partition(": ")
             raise FetchError(reason, f"{message} (cached)")
         return Fingerprint(sql_to_u64(d), sql_to_u64(p), sql_to_u64(dm), sql_to_u64(pm), w, h,
-                           degenerate)
+                           degenerate, (), *unpack_fine(fine))
 
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
@@ -472,10 +476,10 @@ class Pipeline:
         records = []
         with self.store.transaction() as conn:
             if new_image:
-                conn.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                conn.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                              (work.image_url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                               u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.width,
-                              fp.height, fp.degenerate, None, now))
+                              fp.height, fp.degenerate, None, now, pack_fine(fp)))
             for m in matches:
                 entry = entries.get(m.entry_id)
                 if entry is None:
@@ -485,11 +489,11 @@ class Pipeline:
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, "
                     "dhash_distance, phash_distance, mirrored, feed, item_id, page_url, author, "
-                    "published, detected_at, repost_dhash, suppressed) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "published, detected_at, repost_dhash, suppressed, fine_distance) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance,
                      m.phash_distance, int(m.mirrored), work.feed, work.item_id, work.page_url,
-                     work.author, work.published, now, u64_to_sql(fp.dhash), why))
+                     work.author, work.published, now, u64_to_sql(fp.dhash), why, m.fine_distance))
                 if cur.rowcount:  # the same image URL via another feed: already recorded
                     record = MatchRecord(cur.lastrowid, work, entry, m, now, why)
                     records.append(record)

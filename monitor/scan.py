@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .fasthash import FINE_WORDS
 from .fingerprint import (
     ALGORITHM_VERSION,
     DEFAULT_MAX_PIXELS,
@@ -78,10 +79,10 @@ class FingerprintCache:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS fingerprints_v2 (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                "CREATE TABLE IF NOT EXISTS fingerprints_v3 (path TEXT, size INTEGER, mtime_ns INTEGER, "
                 "algorithm TEXT, dhash INTEGER, phash INTEGER, dhash_mirror INTEGER, "
                 "phash_mirror INTEGER, width INTEGER, height INTEGER, degenerate TEXT, views BLOB, "
-                "PRIMARY KEY (path, size, mtime_ns, algorithm))")
+                "fine BLOB, PRIMARY KEY (path, size, mtime_ns, algorithm))")
             self._conn.commit()
 
     @staticmethod
@@ -92,18 +93,20 @@ class FingerprintCache:
     def get(self, path: Path, views: str | None = None) -> Fingerprint | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, views "
-                "FROM fingerprints_v2 WHERE path=? AND size=? AND mtime_ns=? AND algorithm=?",
+                "SELECT dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, views, "
+                "fine FROM fingerprints_v3 WHERE path=? AND size=? AND mtime_ns=? AND algorithm=?",
                 self._key(path, views)).fetchone()
         if row is None:
             return None
+        fine, fine_mirror = unpack_fine(row[8])
         return Fingerprint(*(sql_to_u64(v) for v in row[:4]), row[4], row[5], row[6],
-                           unpack_views(row[7]))
+                           unpack_views(row[7], with_fine=bool(fine)), fine, fine_mirror)
 
     def put(self, path: Path, fp: Fingerprint, views: str | None = None) -> None:
         row = self._key(path, views) + (u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                                         u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror),
-                                        fp.width, fp.height, fp.degenerate, pack_views(fp.views))
+                                        fp.width, fp.height, fp.degenerate, pack_views(fp.views),
+                                        pack_fine(fp))
         with self._lock:
             self._pending.append(row)
             if len(self._pending) >= COMMIT_EVERY:
@@ -111,8 +114,8 @@ class FingerprintCache:
 
     def _flush_locked(self) -> None:
         if self._pending:
-            self._conn.executemany("INSERT OR REPLACE INTO fingerprints_v2 VALUES "
-                                   "(?,?,?,?,?,?,?,?,?,?,?,?)", self._pending)
+            self._conn.executemany("INSERT OR REPLACE INTO fingerprints_v3 VALUES "
+                                   "(?,?,?,?,?,?,?,?,?,?,?,?,?)", self._pending)
             self._conn.commit()
             self._pending.clear()
 
@@ -126,19 +129,43 @@ class FingerprintCache:
             self._conn.close()
 
 
+VIEW_WORDS = 4 + 2 * FINE_WORDS  # a view packed with its fine hashes
+
+
+def pack_fine(fp: Fingerprint) -> bytes | None:
+    """The fine hashes of a fingerprint and of its mirror (NULL where unknown)."""
+    return fp.fine + fp.fine_mirror if fp.fine else None
+
+
+def unpack_fine(blob: bytes | None) -> tuple[bytes, bytes]:
+    half = FINE_WORDS * 8
+    return (blob[:half], blob[half:]) if blob else (b"", b"")
+
+
 def pack_views(views) -> bytes | None:
-    """Views as packed little-endian uint64 words: dhash, phash, dhash_mirror, phash_mirror."""
+    """Views as packed little-endian uint64 words: dhash, phash, dhash_mirror,
+    phash_mirror, then the fine hashes and their mirror (VIEW_WORDS per view)
+    when the views have them (and so does the whole fingerprint, whose fine
+    column tells :func:`unpack_views` which layout a blob has)."""
     if not views:
         return None
-    return np.array([[v.dhash, v.phash, v.dhash_mirror, v.phash_mirror] for v in views],
-                    dtype="<u8").tobytes()
+    head = np.array([[v.dhash, v.phash, v.dhash_mirror, v.phash_mirror] for v in views], dtype="<u8")
+    if not all(v.fine for v in views):
+        return head.tobytes()
+    fine = np.frombuffer(b"".join(v.fine + v.fine_mirror for v in views), dtype="<u8")
+    return np.hstack([head, fine.reshape(len(views), 2 * FINE_WORDS)]).tobytes()
 
 
-def unpack_views(blob: bytes | None) -> tuple[Fingerprint, ...]:
+def unpack_views(blob: bytes | None, with_fine: bool = False) -> tuple[Fingerprint, ...]:
+    """Inverse of :func:`pack_views`; ``with_fine`` when the blob has fine hashes."""
     if not blob:
         return ()
-    words = np.frombuffer(blob, dtype="<u8").reshape(-1, 4)
-    return tuple(Fingerprint(*(int(x) for x in w), 0, 0) for w in words)
+    words = np.frombuffer(blob, dtype="<u8").reshape(-1, VIEW_WORDS if with_fine else 4)
+    half = 4 + FINE_WORDS
+    return tuple(Fingerprint(*(int(x) for x in w[:4]), 0, 0,
+                             fine=w[4:half].tobytes() if with_fine else b"",
+                             fine_mirror=w[half:].tobytes() if with_fine else b"")
+                 for w in words)
 
 
 def fingerprint_file(path: Path, cache: FingerprintCache | None = None, *,

@@ -258,7 +258,7 @@ async def check(request: web.Request) -> web.Response:
         "matches": [{"entry_id": m.entry_id, "label": entries[m.entry_id].label,
                      "source": entries[m.entry_id].source, "tier": m.tier,
                      "distance_bits": m.dhash_distance, "phash_distance_bits": m.phash_distance,
-                     "mirrored": m.mirrored} for m in matches if m.entry_id in entries]})
+                     "fine_distance_bits": m.fine_distance, "mirrored": m.mirrored} for m in matches if m.entry_id in entries]})
 
 
 def _entry_json(e) -> dict:
@@ -358,7 +358,7 @@ def _int(text: str) -> int:
 
 
 MATCH_COLUMNS = ("id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, feed, "
-                 "item_id, page_url, author, published, detected_at, verdict, suppressed")
+                 "item_id, page_url, author, published, detected_at, verdict, suppressed, fine_distance")
 
 
 async def matches_list(request: web.Request) -> web.Response:

@@ -167,6 +167,18 @@ _MIGRATIONS: list[str] = [
         phash    BLOB NOT NULL
     );
     """,
+    # 7: the 256-bit verification hashes (fingerprint.Fingerprint.fine): the
+    # whole picture's and its mirror's (128 bytes); where an entry has them,
+    # its views blob holds 20 words per view (4 hashes, fine, fine mirror)
+    # instead of 4. Rows from before keep NULL and are matched on the 64-bit
+    # hashes alone until re-added.
+    """
+    ALTER TABLE library_entries ADD COLUMN fine BLOB;
+    ALTER TABLE images ADD COLUMN fine BLOB;
+    ALTER TABLE matches ADD COLUMN fine_distance INTEGER;
+    ALTER TABLE index_snapshot ADD COLUMN fine BLOB;
+    DELETE FROM index_snapshot;
+    """,
 ]
 
 

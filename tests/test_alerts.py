@@ -100,7 +100,11 @@ async def test_alerts_reach_every_sink_once_with_signatures(tmp_path, samples):
     labels = sorted(a["library"]["label"] for a in recv.webhook)
     assert labels == ["library-chelsea", "library-coffee", "library-rocket"]
     alert = next(a for a in recv.webhook if a["library"]["label"] == "library-rocket")
-    assert alert["mirrored"] and alert["bits"] == 64 and alert["decided_by"] == "dhash+phash"
+    assert alert["mirrored"] and alert["bits"] == 64 and alert["fine_bits"] == 512
+    # exact is decided on the 64-bit hashes; near and loose verify with the fine hashes
+    fine_used = alert["fine_distance_bits"] is not None
+    assert alert["decided_by"] == ("dhash+phash+fine" if fine_used else "dhash+phash")
+    assert fine_used == (alert["tier"] != "exact")
     assert alert["repost"]["image_url"].endswith("/img/flip-rocket.jpg")
     assert alert["repost"]["source"] == "json" and alert["detected_at"]
     assert set(alert["library"]) == {"id", "label", "source"}

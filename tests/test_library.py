@@ -28,11 +28,14 @@ def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):
     # A second process (here: a new Library on the same file) sees the same arrays.
     again = Library(Store(db))
 
-    def rows(index):  # (entry id, dhash, phash) of every row: whole picture and views
+    def rows(index):  # (entry id, dhash, phash, fine hashes) of every row: whole picture and views
         return sorted(zip(index.ids.tolist(), index.hashes("dhash").tolist(),
-                          index.hashes("phash").tolist(), strict=True))
+                          index.hashes("phash").tolist(), map(tuple, index.fine().tolist()), strict=True))
     assert rows(again.index) == rows(lib.index)
     assert again.index.rows > 15  # centre crops (and content boxes) are indexed too
+    assert again.index.fine().any(axis=1).all()  # every row verifiable
+    # A third start loads the packed snapshot the second one wrote: the same rows.
+    assert rows(Library(Store(db)).index) == rows(lib.index)
     stats = again.stats()
     assert stats["entries"] == 15 and stats["indexed"] == 15
 
@@ -162,3 +165,26 @@ def test_interrupted_run_resumes_from_committed_batches(tmp_path, samples):
     again = FingerprintCache(tmp_path / "cache.sqlite")
     results = fingerprint_files(files, again, progress=False)
     assert [r.cached for r in results] == [True] * 9 + [False] * (len(files) - 9)
+
+
+def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(tmp_path, library_images):
+    """Rows written by a version without fine hashes (NULL fine, 4-word views)."""
+    import dataclasses
+
+    from monitor.scan import pack_views, unpack_views
+    db = tmp_path / "lib.sqlite"
+    lib = Library(Store(db))
+    lib.add_files(library_images, cache=None, progress=False)
+    store = Store(db)
+    with store.transaction() as conn:
+        for eid, blob in conn.execute("SELECT id, views FROM library_entries").fetchall():
+            views = [dataclasses.replace(v, fine=b"", fine_mirror=b"")
+                     for v in unpack_views(blob, with_fine=True)]
+            conn.execute("UPDATE library_entries SET fine=NULL, views=? WHERE id=?", (pack_views(views), eid))
+    old = Library(store)
+    assert old.index.rows == lib.index.rows and not old.index.fine().any()
+    assert sorted(old.index.hashes("dhash").tolist()) == sorted(lib.index.hashes("dhash").tolist())
+    repost = fingerprint_bytes(encode(Image.open(library_images[0]).resize((200, 150)), quality=60),
+                               views="query")
+    [m] = Matcher(old.index).match(repost)
+    assert m.entry_id == lib.entries()[0].id and m.fine_distance is None

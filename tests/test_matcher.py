@@ -1,0 +1,108 @@
+"""The match decision: 64-bit candidates verified by the 256-bit fine hashes."""
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from monitor.fingerprint import Fingerprint, fingerprint_bytes
+from monitor.library import LibraryIndex
+from monitor.matcher import PRESETS, Matcher, query_rows
+
+
+def _flip(value: int, bits: int, rng) -> int:
+    for b in rng.choice(64, bits, replace=False):
+        value ^= 1 << int(b)
+    return value
+
+
+def _flip_fine(fine: bytes, bits: int, rng) -> bytes:
+    words = np.frombuffer(fine, "<u8").copy()
+    for b in rng.choice(512, bits, replace=False):
+        words[b // 64] ^= np.uint64(1) << np.uint64(b % 64)
+    return words.tobytes()
+
+
+def _fp(d, p, fine=b"", fine_mirror=b""):
+    return Fingerprint(d, p, 0, 0, 64, 64, fine=fine, fine_mirror=fine_mirror)
+
+
+def test_fine_hashes_decide_between_lookalikes_and_copies():
+    rng = np.random.default_rng(3)
+    d, p = (int(x) for x in rng.integers(0, 2**63, 2))
+    fine = rng.integers(0, 2**63, 8).astype("<u8").tobytes()
+    index = LibraryIndex()
+    index.add(1, _fp(d, p, fine, fine))
+    matcher = Matcher(index, PRESETS["near"])
+    # 10 + 10 bits apart: the 64-bit near tier alone would call this a match.
+    qd, qp = _flip(d, 10, rng), _flip(p, 10, rng)
+    unrelated_fine = rng.integers(0, 2**63, 8).astype("<u8").tobytes()
+    assert matcher.match(_fp(qd, qp, unrelated_fine, unrelated_fine)) == []
+    [m] = matcher.match(_fp(qd, qp, _flip_fine(fine, 60, rng), unrelated_fine))
+    assert (m.tier, m.fine_distance, m.decided_by) == ("near", 60, "dhash+phash+fine")
+    # Without fine hashes on one side (imagehash imports), the 64-bit limits decide.
+    [m] = matcher.match(_fp(qd, qp))
+    assert (m.tier, m.fine_distance, m.decided_by) == ("near", None, "dhash+phash")
+    # Fine hashes let a pair further apart in 64 bits through when the detail agrees...
+    far_d, far_p = _flip(d, 14, rng), _flip(p, 16, rng)
+    assert matcher.match(_fp(far_d, far_p)) == []
+    [m] = matcher.match(_fp(far_d, far_p, _flip_fine(fine, 40, rng), unrelated_fine))
+    assert m.tier == "near" and m.fine_distance == 40
+    # ... and the batch path decides exactly like the single one.
+    queries = [_fp(qd, qp, unrelated_fine, unrelated_fine), _fp(qd, qp, _flip_fine(fine, 60, rng), unrelated_fine),
+               _fp(qd, qp), _fp(far_d, far_p, _flip_fine(fine, 40, rng), unrelated_fine)]
+    found = matcher.match_rows(query_rows(queries))
+    assert found.query.tolist() == [1, 2, 3]
+    assert found.fine_distance.tolist() == [60, -1, 40]
+
+
+def _emoji(img: Image.Image) -> bytes:
+    out = img.convert("RGB")
+    d = ImageDraw.Draw(out)
+    r = min(out.size) // 6
+    cx, cy = out.width // 3, out.height // 2
+    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 210, 0))
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=70)
+    return buf.getvalue()
+
+
+def test_real_reposts_verified_and_unrelated_pictures_refused(library_images, other_images):
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    for i, path in enumerate(library_images):
+        repost = fingerprint_bytes(_emoji(Image.open(path)), views="query")
+        matches = matcher.match(repost)
+        assert matches and matches[0].entry_id == i, path
+        assert matches[0].decided_by in ("dhash+phash", "dhash+phash+fine")
+    for path in other_images:
+        assert matcher.match(fingerprint_bytes(path.read_bytes(), views="query")) == [], path
+    # single and batch decisions agree on every (query, entry) pair
+    fps = [fingerprint_bytes(_emoji(Image.open(p)), views="query") for p in library_images + other_images]
+    found = matcher.match_rows(query_rows(fps))
+    single = sorted((q, m.entry_id, m.tier, m.fine_distance or -1)
+                    for q, fp in enumerate(fps) for m in matcher.match(fp))
+    batch = sorted(zip(found.query.tolist(), found.entry_id.tolist(),
+                       [matcher.tiers[t].name for t in found.tier.tolist()], found.fine_distance.tolist(),
+                       strict=True))
+    assert single == batch
+
+
+def test_fine_hashes_of_the_mirror_and_of_unrelated_pictures(library_images, other_images):
+    words = {}
+    for path in library_images + other_images:
+        img = Image.open(path)
+        fp = fingerprint_bytes(path.read_bytes())
+        assert len(fp.fine) == len(fp.fine_mirror) == 64
+        buf = io.BytesIO()
+        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "JPEG", quality=95)
+        flipped = fingerprint_bytes(buf.getvalue())
+        mirror_gap = np.bitwise_count(np.frombuffer(flipped.fine, "<u8")
+                                      ^ np.frombuffer(fp.fine_mirror, "<u8")).sum()
+        assert mirror_gap <= 48, path  # of 512: the mirror's hashes come from the same grids
+        words[path] = np.frombuffer(fp.fine, "<u8")
+    paths = list(words)
+    gaps = [np.bitwise_count(words[a] ^ words[b]).sum() for i, a in enumerate(paths) for b in paths[i + 1:]]
+    assert min(gaps) > 180 and 230 < np.mean(gaps) < 280  # unrelated: about half of 512 bits
