@@ -54,8 +54,8 @@ FINE_CANDIDATE_SUM = 36
 # Near keeps a 16-bit dHash radius: at 20 the kernel hands back ~70x more
 # random candidates and the daemon's match time doubles, for 0.2% of recall.
 EXACT = Tier("exact", 4, 8, 10)
-NEAR = Tier("near", 16, 20, 24, score_max=141)
-LOOSE = Tier("loose", 20, 24, 28, score_max=155)
+NEAR = Tier("near", 16, 20, 24, score_max=139)
+LOOSE = Tier("loose", 20, 24, 28, score_max=153)
 PRESETS: dict[str, tuple[Tier, ...]] = {
     "exact": (EXACT,),
     "near": (EXACT, NEAR),

@@ -25,12 +25,14 @@ from .fingerprint import Fingerprint, fingerprint_grey
 
 WORK_SIDE = 256            # analyse the layout on a small copy: fast and noise-tolerant
 BUSY_STD = 6.0             # a row/column with a grey-level std above this carries picture
+FRAME_TOLERANCE = 24.0     # ... and so does a plain one whose mean grey is further than this from the frame's
 GAP_SHARE = 0.02           # quiet gaps shorter than this (share of the side) do not split a run
 MIN_KEEP = 0.15            # a box smaller than this share of a side is not trusted
 MIN_CHANGE = 0.03          # a box within 3% of the whole image is the whole image
 CROP_SHARES = (0.1, 0.2, 0.3)   # library centre crops: share of each side removed in total
 SIDE_CROP = 0.15           # library side crops: this share cut off the left, or the right
 TILT_MIN, TILT_MAX = 0.8, 12.0   # degrees: below, hashes are already close; above, rare
+TURN_ANGLES = (-5.0, -2.5, 2.5, 5.0)  # library copies of a figure on a plain fill (library_turns)
 TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
 TILT_BACKGROUND = 14       # grey levels: corners this close to each other are a plain background
 TILT_AGREE = 60.0          # degrees x px: the straight edges' angles agree within 60/side degrees
@@ -60,21 +62,50 @@ def _longest_busy_run(activity, gap):
 
 
 @njit(cache=True, nogil=True)
-def _std_rows(a, top, bottom, axis):
-    """Grey-level std of each row (axis 1) or column (axis 0) of a[top:bottom]."""
-    out = np.zeros(a.shape[0] if axis == 1 else a.shape[1])
-    sums = np.zeros(out.size)
-    squares = np.zeros(out.size)
+def _row_stats(a, top, bottom, axis):
+    """Grey-level (std, mean) of each row (axis 1) or column (axis 0) of a[top:bottom]."""
+    n = a.shape[0] if axis == 1 else a.shape[1]
+    std = np.zeros(n)
+    mean = np.zeros(n)
+    squares = np.zeros(n)
     for y in range(top, bottom):
         for x in range(a.shape[1]):
             v = float(a[y, x])
             k = y if axis == 1 else x
-            sums[k] += v
+            mean[k] += v
             squares[k] += v * v
     count = a.shape[1] if axis == 1 else bottom - top
-    for k in range(out.size):
-        mean = sums[k] / count
-        out[k] = np.sqrt(max(squares[k] / count - mean * mean, 0.0))
+    for k in range(n):
+        mean[k] /= count
+        std[k] = np.sqrt(max(squares[k] / count - mean[k] * mean[k], 0.0))
+    return std, mean
+
+
+@njit(cache=True, nogil=True)
+def _frame_colour(std, mean):
+    """Median mean grey of the quiet rows in the outer quarters (where a frame
+    lies), or -1 when there are none."""
+    n = std.size
+    picked = np.empty(n)
+    k = 0
+    for i in range(n):
+        if std[i] <= BUSY_STD and (4 * i < n or 4 * i >= 3 * n):
+            picked[k] = mean[i]
+            k += 1
+    if k == 0:
+        return -1.0
+    return np.median(picked[:k])
+
+
+@njit(cache=True, nogil=True)
+def _activity(std, mean, frame):
+    """std, raised above BUSY_STD where a plain row is far from the frame's
+    colour: a uniform dark row of a night sky pasted on a light page is picture."""
+    out = std.copy()
+    if frame >= 0:
+        for i in range(out.size):
+            if abs(mean[i] - frame) > FRAME_TOLERANCE:
+                out[i] = max(out[i], BUSY_STD + 1.0)
     return out
 
 
@@ -82,10 +113,13 @@ def _std_rows(a, top, bottom, axis):
 def _busy_box(a, row_gap, col_gap):
     """(top, bottom, left, right) of the busy rows' longest run and the busy
     columns' longest run within it; all -1 when there is none."""
-    top, bottom = _longest_busy_run(_std_rows(a, 0, a.shape[0], 1), row_gap)
+    std, mean = _row_stats(a, 0, a.shape[0], 1)
+    frame = _frame_colour(std, mean)
+    top, bottom = _longest_busy_run(_activity(std, mean, frame), row_gap)
     if top < 0:
         return -1, -1, -1, -1
-    left, right = _longest_busy_run(_std_rows(a, top, bottom, 0), col_gap)
+    std, mean = _row_stats(a, top, bottom, 0)
+    left, right = _longest_busy_run(_activity(std, mean, frame), col_gap)
     if left < 0:
         return -1, -1, -1, -1
     return top, bottom, left, right
@@ -262,15 +296,30 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
     return views
 
 
+def library_turns(grey: Image.Image) -> list[Image.Image]:
+    """An entry whose corners are one plain fill (a figure on white), turned by
+    each of TURN_ANGLES on that fill. Turned, such a picture has no outline
+    for :func:`tilt` to measure, so the turned copies are indexed instead;
+    other entries (most photographs) get none."""
+    corners = _corners(np.asarray(grey, dtype=np.int16), 1)
+    if corners is None:
+        return []
+    fill = int(round(corners.mean()))
+    return [grey.rotate(angle, resample=Image.BILINEAR, expand=True, fillcolor=fill)
+            for angle in TURN_ANGLES]
+
+
 def library_fingerprints(grey: Image.Image, size: tuple[int, int], *,
                          exact: bool = True) -> list[Fingerprint]:
-    """The whole entry, its centre crops, and the picture inside its own frame
-    (a figure on a white page: a framed repost's box lands on the same picture)."""
+    """The whole entry, its centre crops, the picture inside its own frame
+    (a figure on a white page: a framed repost's box lands on the same
+    picture), and turned copies of a figure on a plain fill."""
     views = [fingerprint_grey(grey, size, exact=exact)]
     views += [fingerprint_grey(c, c.size, exact=exact) for c in library_crops(grey)]
     box = content_box(grey)
     if box is not None:
         views.append(fingerprint_grey(grey.crop(box), (box[2] - box[0], box[3] - box[1]), exact=exact))
+    views += [fingerprint_grey(t, t.size, exact=exact) for t in library_turns(grey)]
     return views
 
 

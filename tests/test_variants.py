@@ -96,3 +96,57 @@ def test_deep_centre_and_side_crops_match_through_library_views(library_images, 
             assert i in {m.entry_id for m in matcher.match(repost)}, (path.name, name)
     for path in other_images:  # more library views, still no false alarm on unrelated pictures
         assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
+
+
+def _night_sky(img: Image.Image) -> Image.Image:
+    """The picture below a band of plain black sky: rows with no detail at all."""
+    img = img.convert("RGB")
+    out = Image.new("RGB", (img.width, img.height * 2), "black")
+    out.paste(img, (0, img.height))
+    return out
+
+
+def test_frame_of_a_picture_with_plain_dark_rows_keeps_them(library_images):
+    """A phone-screenshot-like light page around a picture whose top half is
+    plain black: the black rows have no grey-level spread, but they are far
+    from the page's colour, so they belong to the picture, not the frame."""
+    pic = _night_sky(Image.open(library_images[0]))
+    page = Image.new("RGB", (pic.width, pic.height + 400), (250, 250, 250))
+    draw = ImageDraw.Draw(page)
+    draw.text((16, 40), "@someone · 2h  look at this sky!!", fill=(30, 30, 30))
+    page.paste(pic, (0, 130))
+    draw.text((16, 200 + pic.height), "1.2k likes", fill=(60, 60, 60))
+    left, top, right, bottom = content_box(page.convert("L"))
+    assert abs(top - 130) <= 4 and abs(bottom - (130 + pic.height)) <= 4, (top, bottom)
+    assert left <= 2 and right >= pic.width - 2
+
+
+def _figure_on_white(img: Image.Image) -> Image.Image:
+    """The picture cut to an ellipse on a white page: a figure with no straight
+    outline, like a character portrait."""
+    img = img.convert("RGB")
+    mask = Image.new("L", img.size, 0)
+    ImageDraw.Draw(mask).ellipse((img.width // 10, img.height // 10, img.width * 9 // 10, img.height * 9 // 10),
+                                 fill=255)
+    page = Image.new("RGB", img.size, "white")
+    page.paste(img, (0, 0), mask)
+    return page
+
+
+def test_turned_figure_on_white_matches_through_library_turns(library_images, other_images):
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        fp = fingerprint_bytes(encode(_figure_on_white(Image.open(path)), quality=92), views="library")
+        index.add(i, fp)
+        # plain corners: four turned copies beside the whole picture, crops and frame view
+        assert len(fp.views) >= 9, path
+    assert len(fingerprint_bytes(other_images[0].read_bytes(), views="library").views) < 9
+    matcher = Matcher(index)
+    for i, path in enumerate(library_images[:6]):
+        figure = _figure_on_white(Image.open(path))
+        for angle in (5, -4):
+            turned = figure.rotate(angle, resample=Image.BICUBIC, expand=True, fillcolor="white")
+            repost = fingerprint_bytes(encode(turned, quality=75), views="query")
+            assert i in {m.entry_id for m in matcher.match(repost)}, (path, angle)
+    for path in other_images:
+        assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
