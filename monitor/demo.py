@@ -229,8 +229,9 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
             detected[name] = rec.entry.label
             lag = f", {rec.lag_seconds:.1f}s after publication" if rec.lag_seconds is not None else ""
             flip = " mirrored" if rec.match.mirrored else ""
+            fine = f", fine {rec.match.fine_distance}/512" if rec.match.fine_distance is not None else ""
             print(f"[detected] {rec.match.tier}{flip} dist={rec.match.dhash_distance}/64 "
-                  f"(pHash {rec.match.phash_distance}/64): {rec.work.image_url} is a repost of "
+                  f"(pHash {rec.match.phash_distance}/64{fine}): {rec.work.image_url} is a repost of "
                   f"library '{rec.entry.label}' (feed {rec.work.feed}, by {rec.work.author}{lag})",
                   file=out, flush=True)
 
