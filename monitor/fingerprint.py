@@ -310,12 +310,14 @@ def degenerate_reason(size: tuple[int, int], std32: float, flat_share: float,
     return None
 
 
-def fingerprint_grey(grey: Image.Image, size: tuple[int, int], *, exact: bool = True) -> Fingerprint:
+def fingerprint_grey(grey: Image.Image, size: tuple[int, int], *, exact: bool = True,
+                     pixels: np.ndarray | None = None) -> Fingerprint:
     """Hashes of an already-decoded greyscale image (the pure core).
 
     ``exact`` makes the grids with Pillow and the DCT with scipy, exactly as
     imagehash does (bit-identical hashes); otherwise one compiled call makes
-    them (monitor/fasthash.py: a quarter of the time, drift measured).
+    them (monitor/fasthash.py: a quarter of the time, drift measured) from
+    ``pixels`` (``np.asarray(grey)``) when the caller has it already.
     """
     if exact:
         grid32 = np.asarray(grey.resize((32, 32), Image.LANCZOS))
@@ -325,7 +327,8 @@ def fingerprint_grey(grey: Image.Image, size: tuple[int, int], *, exact: bool = 
     else:
         # Lanczos is symmetric, so mirroring the small grids equals hashing the
         # mirrored picture (checked in tests) at no extra decode cost.
-        packed, fine, std32, flat_share, rising = fasthash.hashes(np.asarray(grey))
+        packed, fine, std32, flat_share, rising = fasthash.hashes(
+            pixels if pixels is not None else np.asarray(grey))
     fine = fine.astype("<u8")
     return Fingerprint(
         dhash=int(packed[0]), phash=int(packed[1]),

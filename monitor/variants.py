@@ -31,9 +31,9 @@ MIN_KEEP = 0.15            # a box smaller than this share of a side is not trus
 MIN_CHANGE = 0.03          # a box within 3% of the whole image is the whole image
 CROP_SHARES = (0.1, 0.2, 0.3)   # library centre crops: share of each side removed in total
 SIDE_CROP = 0.15           # library side crops: this share cut off the left, or the right
+TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
 TILT_MIN, TILT_MAX = 0.8, 12.0   # degrees: below, hashes are already close; above, rare
 TURN_ANGLES = (-5.0, -2.5, 2.5, 5.0)  # library copies of a figure on a plain fill (library_turns)
-TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
 TILT_BACKGROUND = 14       # grey levels: corners this close to each other are a plain background
 TILT_AGREE = 60.0          # degrees x px: the straight edges' angles agree within 60/side degrees
                            # (at least 1): a small decode measures angles coarsely
@@ -134,12 +134,13 @@ def _work_copy(grey: Image.Image) -> tuple[Image.Image, float]:
     return grey.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BILINEAR), scale
 
 
-def content_box(grey: Image.Image) -> tuple[int, int, int, int] | None:
+def content_box(grey: Image.Image, pixels: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
     """(left, top, right, bottom) of the picture inside a frame, or None when
-    the picture fills the image (or nothing trustworthy was found)."""
+    the picture fills the image (or nothing trustworthy was found).
+    ``pixels``: ``np.asarray(grey)`` when the caller has it already."""
     w, h = grey.size
     small, scale = _work_copy(grey)
-    a = np.asarray(small)
+    a = pixels if pixels is not None and scale == 1.0 else np.asarray(small)
     sh, sw = a.shape
     top, bottom, left, right = _busy_box(a, max(1, int(GAP_SHARE * sh)), max(1, int(GAP_SHARE * sw)))
     if top < 0:
@@ -191,19 +192,28 @@ def _corners(a: np.ndarray, k: int = 2) -> np.ndarray | None:
     return None if corners.max() - corners.min() > TILT_BACKGROUND else corners
 
 
-def _may_be_tilted(a: np.ndarray) -> bool:
-    """A cheap look at the hashes' small decode before measuring a tilt on a
-    larger one: plain corners (single pixels: a slightly turned picture leaves
-    corners of a pixel or two here), little of the fill overall and almost none
-    in the middle, which a pasted picture covers. Night skies and objects on
-    white, whose corners are also plain, fail the last two."""
-    corners = _corners(a, 1)
-    if corners is None:
+@njit(cache=True, nogil=True)
+def _may_be_tilted(a):
+    """A cheap look at the hashes' small decode (2-D uint8) before measuring a
+    tilt on a larger one: plain corners (single pixels: a slightly turned
+    picture leaves corners of a pixel or two here), little of the fill overall
+    and almost none in the middle, which a pasted picture covers. Night skies
+    and objects on white, whose corners are also plain, fail the last two."""
+    h, w = a.shape
+    c = np.array([float(a[0, 0]), float(a[0, w - 1]), float(a[h - 1, 0]), float(a[h - 1, w - 1])])
+    if c.max() - c.min() > TILT_BACKGROUND:
         return False
-    fill = np.abs(a - corners.mean()) <= TILT_BACKGROUND
-    h, w = fill.shape
-    return bool(fill.mean() <= TILT_FILL_SHARE
-                and fill[h // 4:h - h // 4, w // 4:w - w // 4].mean() <= TILT_FILL_MIDDLE)
+    fill = c.mean()
+    total = middle = 0
+    for y in range(h):
+        inner_row = h // 4 <= y < h - h // 4
+        for x in range(w):
+            if abs(float(a[y, x]) - fill) <= TILT_BACKGROUND:
+                total += 1
+                if inner_row and w // 4 <= x < w - w // 4:
+                    middle += 1
+    middle_size = (h - 2 * (h // 4)) * (w - 2 * (w // 4))
+    return middle_size > 0 and total <= TILT_FILL_SHARE * h * w and middle <= TILT_FILL_MIDDLE * middle_size
 
 
 def tilt(grey: Image.Image) -> float | None:
@@ -277,10 +287,13 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
     """The whole image, plus the picture inside its frame, or turned back
     upright, when there is one. ``detail`` returns a larger decode of the same
     picture to measure a tilt on (else ``grey`` itself is used)."""
-    views = [fingerprint_grey(grey, size, exact=exact)]
-    if _may_be_tilted(np.asarray(grey, dtype=np.int16)):
+    pixels = np.asarray(grey)  # once, for the hashes, the tilt gate and the frame
+    views = [fingerprint_grey(grey, size, exact=exact, pixels=pixels)]
+    if _may_be_tilted(pixels):
         # Checked before the frame: a tilted picture's corners look like a frame.
-        big = detail() if detail is not None else grey
+        # At most WORK_SIDE px: the angle is measured at that size anyway, and
+        # turning a full-size decode back costs ~10x more for the same hashes.
+        big = _work_copy(detail() if detail is not None else grey)[0]
         angle = tilt(big)
         inner = untilted(big, angle) if angle is not None else None
         if inner is not None:
@@ -289,7 +302,7 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
                 inner = inner.crop(box)
             views.append(fingerprint_grey(inner, inner.size, exact=exact))
             return views
-    box = content_box(grey)
+    box = content_box(grey, pixels)
     if box is not None:
         inner = grey.crop(box)
         views.append(fingerprint_grey(inner, (box[2] - box[0], box[3] - box[1]), exact=exact))
@@ -325,3 +338,4 @@ def library_fingerprints(grey: Image.Image, size: tuple[int, int], *,
 
 def warm_up() -> None:
     content_box(Image.effect_noise((40, 30), 40))
+    _may_be_tilted(np.zeros((8, 8), np.uint8))
