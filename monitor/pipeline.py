@@ -30,7 +30,7 @@ from .library import Library, LibraryEntry
 from .matcher import Match, Matcher, query_rows
 from .metrics import Metrics
 from .noise import suppression
-from .scan import pack_fine, unpack_fine, unpack_views
+from .scan import pack_fine, pack_views, unpack_fine, unpack_views
 from .store import Store, sql_to_u64, u64_to_sql
 
 log = logging.getLogger("repost_monitor.pipeline")
@@ -39,6 +39,13 @@ log = logging.getLogger("repost_monitor.pipeline")
 # image reached through another feed is not fetched again.
 PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address", "bad_url",
                           "blocked_path"}
+
+
+def _stored_fingerprint(d, p, dm, pm, width, height, degenerate, fine, views) -> Fingerprint:
+    """An ``images`` row's fingerprint, with its views and fine hashes where stored."""
+    fine, fine_mirror = unpack_fine(fine)
+    return Fingerprint(sql_to_u64(d), sql_to_u64(p), sql_to_u64(dm), sql_to_u64(pm), width, height,
+                       degenerate, unpack_views(views, with_fine=bool(fine)), fine, fine_mirror)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,12 +300,11 @@ class Pipeline:
             index.add(eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0,
                                        views=unpack_views(views, with_fine=bool(fine)), fine=fine))
         rows = self.store.query(
-            "SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine FROM images "
+            "SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, views FROM images "
             "WHERE state='ok' AND degenerate IS NULL AND fetched_at > ?", (time.time() - self.retro_window,))
         if not rows or not len(index):
             return {}, {}
-        fps = {r[0]: Fingerprint(*(sql_to_u64(v) for v in r[1:5]), r[5], r[6], None, (), *unpack_fine(r[7]))
-               for r in rows}
+        fps = {r[0]: _stored_fingerprint(*r[1:7], None, r[7], r[8]) for r in rows}
         urls = list(fps)
         found = Matcher(index, self.matcher.tiers).match_rows(query_rows([fps[u] for u in urls]), threads=1)
         pairs: dict[str, list[Match]] = {}
@@ -416,15 +422,14 @@ class Pipeline:
 
     def _cached_image(self, url: str) -> Fingerprint | None:
         rows = self.store.query("SELECT state, dhash, phash, dhash_mirror, phash_mirror, width, "
-                                "height, degenerate, error, fine FROM images WHERE url=?", (url,))
+                                "height, degenerate, error, fine, views FROM images WHERE url=?", (url,))
         if not rows:
             return None
-        state, d, p, dm, pm, w, h, degenerate, error, fine = rows[0]
+        state, d, p, dm, pm, w, h, degenerate, error, fine, views = rows[0]
         if state != "ok":
             reason, _, message = (error or "failed: earlier failure").partition(": ")
             raise FetchError(reason, f"{message} (cached)")
-        return Fingerprint(sql_to_u64(d), sql_to_u64(p), sql_to_u64(dm), sql_to_u64(pm), w, h,
-                           degenerate, (), *unpack_fine(fine))
+        return _stored_fingerprint(d, p, dm, pm, w, h, degenerate, fine, views)
 
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
@@ -476,10 +481,10 @@ class Pipeline:
         records = []
         with self.store.transaction() as conn:
             if new_image:
-                conn.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                conn.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                              (work.image_url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                               u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.width,
-                              fp.height, fp.degenerate, None, now, pack_fine(fp)))
+                              fp.height, fp.degenerate, None, now, pack_fine(fp), pack_views(fp.views)))
             for m in matches:
                 entry = entries.get(m.entry_id)
                 if entry is None:

@@ -179,6 +179,11 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE index_snapshot ADD COLUMN fine BLOB;
     DELETE FROM index_snapshot;
     """,
+    # 8: the extra views of each fetched image (its frame or upright view), so
+    # retroactive matching and a repeat of the URL see what the first match saw
+    """
+    ALTER TABLE images ADD COLUMN views BLOB;
+    """,
 ]
 
 

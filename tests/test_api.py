@@ -5,13 +5,14 @@ OpenAPI document checked against every response seen here."""
 import asyncio
 import hashlib
 import hmac
+import io
 import json
 import re
 import time
 
 import aiohttp
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from monitor.config import AlertSinkConfig, ConfigError, parse_config
 from monitor.daemon import run_daemon
@@ -232,18 +233,34 @@ async def test_check_library_verdicts_and_allow_lists(daemon, samples):
     assert status == 200 and out["requeued"] == 0
 
 
+def _captioned_page(data: bytes) -> bytes:
+    """The picture on a white page under a caption: only its frame view matches."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    page = Image.new("RGB", (img.width + 60, img.height + 160), "white")
+    page.paste(img, (30, 120))
+    ImageDraw.Draw(page).text((40, 40), "WHEN THE REPOST HITS", fill="black")
+    buf = io.BytesIO()
+    page.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
 async def test_new_library_entries_are_matched_retroactively(daemon, samples):
     site, recv, api = daemon["site"], daemon["recv"], daemon["api"]
-    site.post("rss", 1, ["flip-rocket.jpg"])  # rocket is not in the library yet
-    db = daemon["db"]
-    await until(lambda: Store(db).query("SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 1)
-    assert recv.webhook == []
     rocket = (samples / "library-rocket.jpg").read_bytes()
+    site.add_image("page-rocket.jpg", _captioned_page(rocket), "library-rocket")
+    site.post("rss", 1, ["flip-rocket.jpg"])  # rocket is not in the library yet
+    site.post("json", 2, ["page-rocket.jpg"])
+    db = daemon["db"]
+    await until(lambda: Store(db).query("SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 2)
+    assert recv.webhook == []
     status, _ = await api.call("POST", "/v1/library", data=upload(rocket, name="rocket.jpg", label="rocket"))
     assert status == 201
-    await until(lambda: len(recv.webhook) == 1, timeout=20)
-    assert recv.webhook[0]["library"]["label"] == "rocket"
-    assert recv.webhook[0]["repost"]["source"] == "rss" and recv.webhook[0]["mirrored"]
+    await until(lambda: len(recv.webhook) == 2, timeout=20)
+    by_source = {a["repost"]["source"]: a for a in recv.webhook}
+    assert {a["library"]["label"] for a in recv.webhook} == {"rocket"}
+    assert by_source["rss"]["mirrored"]
+    # The captioned page matched through the frame view stored with the image.
+    assert by_source["json"]["repost"]["image_url"].endswith("page-rocket.jpg")
 
 
 async def test_flood_control_sends_one_summary(daemon, samples):
