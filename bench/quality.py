@@ -338,7 +338,8 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
           f"{ms['fingerprint']:.2f} ms + matcher {ms['near']:.2f} ms (near, the default) / "
           f"{ms['loose']:.2f} ms (loose) = {ours['near'] / ms['plain']:.2f}x / "
           f"{ours['loose'] / ms['plain']:.2f}x; memory per entry "
-          f"{per_entry} views x (16 bytes of 64-bit hashes + 64 of fine hashes + 8 of bit-planes + 8 of id)", flush=True)
+          f"{per_entry} views x (16 bytes of 64-bit hashes + 64 of fine hashes + 8 of bit-planes + 8 of id)",
+          flush=True)
 
 
 def threshold_at(neg: np.ndarray, fpr: float) -> float:

@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .fingerprint import Fingerprint
 from .library import LibraryIndex

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 
 from feeds import FeedError, FeedItem, HttpSource, LocalSource
 

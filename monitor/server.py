@@ -258,7 +258,8 @@ async def check(request: web.Request) -> web.Response:
         "matches": [{"entry_id": m.entry_id, "label": entries[m.entry_id].label,
                      "source": entries[m.entry_id].source, "tier": m.tier,
                      "distance_bits": m.dhash_distance, "phash_distance_bits": m.phash_distance,
-                     "fine_distance_bits": m.fine_distance, "mirrored": m.mirrored} for m in matches if m.entry_id in entries]})
+                     "fine_distance_bits": m.fine_distance, "mirrored": m.mirrored}
+                    for m in matches if m.entry_id in entries]})
 
 
 def _entry_json(e) -> dict:
