@@ -236,7 +236,8 @@ def warm_up() -> None:
     within(q, lib, 4)
     _batch_serial(lib, lib, 4, True)
     _batch_parallel(lib, lib, 4, True, QUERY_TILE)
-    from . import bitslice, fasthash, variants  # bitslice imports this module's popcount64
+    from . import bitslice, fasthash, matcher, variants  # they import this module's popcount64
     bitslice.warm_up()
+    matcher.warm_up()  # the candidates' verification pass
     fasthash.warm_up()  # the fingerprint fast path's compiled grids and hashes
     variants.warm_up()  # frame detection

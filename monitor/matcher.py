@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 from . import bitslice
 from .fasthash import FINE_WORDS
 from .fingerprint import Fingerprint
-from .library import LibraryIndex
+from .kernel import popcount64
+from .library import HASH_FIELDS, LibraryIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +104,6 @@ class PairMatches:
                                                self.phash_distance, self.mirrored, self.fine_distance)))
 
 
-def _popcount(a: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(a).astype(np.int64)
-
-
 def _score(m: Match) -> int:
     return m.dhash_distance + m.phash_distance + (m.fine_distance or 0)
 
@@ -117,12 +115,65 @@ def fine_words(fp) -> np.ndarray | None:
     return np.frombuffer(fp.fine + fp.fine_mirror, "<u8").astype(np.uint64).reshape(2, -1)
 
 
-def _fine_distances(q_fine: np.ndarray | None, lib_fine: np.ndarray) -> np.ndarray:
-    """Per candidate pair, the fine distance or -1 where either side has none."""
-    if q_fine is None:
-        return np.full(lib_fine.shape[0], -1, np.int64)
-    f = _popcount(q_fine ^ lib_fine).sum(axis=1)
-    return np.where(lib_fine.any(axis=1) & q_fine.any(axis=1), f, -1)
+@njit(cache=True, nogil=True)
+def _known(fine, row):
+    """A fine-hash row that is set (all zero: unknown)."""
+    for w in range(fine.shape[1]):
+        if fine[row, w] != 0:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, lib_fine, d_max, p_max, s_max, score_max,
+            sum_bound):
+    """The second pass over the kernel's candidates, in one compiled loop.
+
+    Returns, for the candidates that meet a tier: their positions in the
+    input, pHash distance, fine distance (-1 where the tier decided without
+    it) and tier (index of the strictest tier met). Only candidates within
+    ``sum_bound`` of dHash + pHash pay for the fine hashes. ``q_fine`` with
+    no rows means the query has no fine hashes.
+    """
+    n = pq.size
+    tiers = d_max.size
+    keep = np.empty(n, np.int64)
+    p_out = np.empty(n, np.int64)
+    f_out = np.empty(n, np.int64)
+    t_out = np.empty(n, np.int64)
+    k = 0
+    for i in range(n):
+        q, e, d = pq[i], pl[i], np.int64(pd[i])
+        p = np.int64(popcount64(q_phash[q] ^ lib_phash[e]))
+        if d + p > sum_bound:
+            continue
+        f = np.int64(-1)
+        if q_fine.shape[0] > 0 and _known(q_fine, q) and _known(lib_fine, e):
+            f = 0
+            for w in range(q_fine.shape[1]):
+                f += popcount64(q_fine[q, w] ^ lib_fine[e, w])
+        tier = tiers
+        for t in range(tiers):
+            if d > d_max[t]:
+                continue
+            if f >= 0 and score_max[t] >= 0:
+                ok = d + p <= FINE_CANDIDATE_SUM and d + p + f <= score_max[t]
+            else:
+                ok = p <= p_max[t] and d + p <= s_max[t]
+            if ok:
+                tier = t
+                break
+        if tier == tiers:
+            continue
+        keep[k] = i
+        p_out[k] = p
+        f_out[k] = f if score_max[tier] >= 0 else -1
+        t_out[k] = tier
+        k += 1
+    return keep[:k], p_out[:k], f_out[:k], t_out[:k]
+
+
+_NO_FINE = np.zeros((0, FINE_WORDS), np.uint64)
 
 
 class Matcher:
@@ -141,19 +192,10 @@ class Matcher:
         self._sum_bound = max(FINE_CANDIDATE_SUM if (self._score_max >= 0).any() else 0,
                               int(self._s_max.max()), 0)
 
-    def _tier_of(self, d: np.ndarray, p: np.ndarray, f: np.ndarray | None = None) -> np.ndarray:
-        """Index of the strictest tier each pair meets; len(tiers) if none.
-        ``f`` is the fine distance, -1 where unknown."""
-        plain = ((d[:, None] <= self._d_max[None, :]) & (p[:, None] <= self._p_max[None, :])
-                 & ((d + p)[:, None] <= self._s_max[None, :]))
-        if f is None:
-            ok = plain
-        else:
-            by_fine = (f[:, None] >= 0) & (self._score_max[None, :] >= 0)
-            fine_ok = ((d[:, None] <= self._d_max[None, :]) & ((d + p)[:, None] <= FINE_CANDIDATE_SUM)
-                       & ((d + p + f)[:, None] <= self._score_max[None, :]))
-            ok = np.where(by_fine, fine_ok, plain)
-        return np.where(ok.any(axis=1), ok.argmax(axis=1), len(self.tiers))
+    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, lib_fine):
+        return _verify(pq, pl, pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
+                       lib_fine, self._d_max, self._p_max, self._s_max, self._score_max,
+                       self._sum_bound)
 
     def match(self, fp: Fingerprint) -> list[Match]:
         """Every library entry this fingerprint matches, best first.
@@ -171,40 +213,23 @@ class Matcher:
         fines = [fine_words(v) for v in views]
         qf = np.concatenate(fines) if all(x is not None for x in fines) else None
         with self.index.lock:
-            lib_d = self.index.hashes("dhash")
-            pq, pl, pd = bitslice.pairs_within(qd, lib_d, self.radius, planes=self.index.planes(),
-                                               threads=1)
+            pq, pl, pd = bitslice.pairs_within(qd, self.index.hashes("dhash"), self.radius,
+                                               planes=self.index.planes(), threads=1)
             if not pq.size:
                 return []
-            phs = _popcount(self.index.hashes("phash")[pl] ^ qp[pq])
-            # Most kernel candidates fail on dHash + pHash already: only the
-            # rest pay for the fine hashes' gather and popcount.
-            near = pd + phs <= self._sum_bound
-            pq, pl, pd, phs = pq[near], pl[near], pd[near], phs[near]
-            f = _fine_distances(qf[pq] if qf is not None else None, self.index.fine()[pl])
-            ids = self.index.ids[pl]
-        return self._decide(ids, pd.astype(np.int64), phs, f, pq % 2 == 1)
-
-    def _decide(self, ids, d, p, f, mirrored) -> list[Match]:
-        tier = self._tier_of(d, p, f)
-        keep = tier < len(self.tiers)
-        best: dict[int, Match] = {}
-        f = self._fine_used(tier, f)
-        for i in np.flatnonzero(keep):
-            m = Match(int(ids[i]), self.tiers[tier[i]].name, int(d[i]), int(p[i]), bool(mirrored[i]),
-                      int(f[i]) if f[i] >= 0 else None)
+            at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
+                                          self.index.fine())
+            ids = self.index.ids[pl[at]]
+        best: dict[int, tuple[tuple[int, int], Match]] = {}
+        for i in range(at.size):
+            m = Match(int(ids[i]), self.tiers[tier[i]].name, int(pd[at[i]]), int(p[i]),
+                      bool(pq[at[i]] % 2), int(f[i]) if f[i] >= 0 else None)
+            rank = (int(tier[i]), _score(m))
             old = best.get(m.entry_id)
-            if old is None or (tier[i], _score(m)) < (self._rank(old), _score(old)):
-                best[m.entry_id] = m
-        return sorted(best.values(), key=lambda m: (self._rank(m), m.dhash_distance, m.entry_id))
-
-    def _fine_used(self, tier: np.ndarray, f: np.ndarray) -> np.ndarray:
-        """The fine distance where the pair's tier decided on it, else -1."""
-        uses = np.append(self._score_max >= 0, False)  # index len(tiers): no tier
-        return np.where(uses[tier], f, -1)
-
-    def _rank(self, m: Match) -> int:
-        return next(i for i, t in enumerate(self.tiers) if t.name == m.tier)
+            if old is None or rank < old[0]:
+                best[m.entry_id] = (rank, m)
+        return [m for _, m in sorted(best.values(), key=lambda x: (x[0][0], x[1].dhash_distance,
+                                                                   x[1].entry_id))]
 
     def match_batch(self, dhash: np.ndarray, phash: np.ndarray, dhash_mirror: np.ndarray,
                     phash_mirror: np.ndarray, *, best_only: bool = False,
@@ -226,21 +251,15 @@ class Matcher:
             planes = self.index.planes().copy()
         queries = np.concatenate([dhash, dhash_mirror]).astype(np.uint64)
         qphash = np.concatenate([phash, phash_mirror]).astype(np.uint64)
-        qfine = (np.concatenate([fine, fine_mirror]).astype(np.uint64)
+        qfine = (np.ascontiguousarray(np.concatenate([fine, fine_mirror]), np.uint64)
                  if fine is not None and fine_mirror is not None else None)
         pq, pl, pd = bitslice.pairs_within(queries, lib_d, self.radius, planes=planes, threads=threads)
-        p = _popcount(qphash[pq] ^ lib_p[pl])
-        near = pd + p <= self._sum_bound
-        pq, pl, pd, p = pq[near], pl[near], pd[near], p[near]
-        f = _fine_distances(qfine[pq] if qfine is not None else None, lib_f[pl])
-        d = pd.astype(np.int64)
-        tier = self._tier_of(d, p, f)
-        keep = tier < len(self.tiers)
-        q = pq[keep] % m if m else pq[keep]
+        at, p, f, tier = self._verify(pq, pl, pd, qphash, lib_p, qfine, lib_f)
+        pq, pl = pq[at], pl[at]
+        q = pq % m if m else pq
         if owners is not None:
             q = np.asarray(owners, np.int64)[q]
-        f = self._fine_used(tier, f)
-        res = PairMatches(q, ids[pl[keep]], tier[keep], d[keep], p[keep], pq[keep] >= m, f[keep])
+        res = PairMatches(q, ids[pl], tier, pd[at].astype(np.int64), p, pq >= m, f)
         return _best_per_pair(res, best_only)
 
     def match_rows(self, rows: QueryRows, **kwargs) -> PairMatches:
@@ -292,3 +311,10 @@ def _best_per_pair(res: PairMatches, best_only: bool) -> PairMatches:
         first[1:] = res.query[1:] != res.query[:-1]
         res = res._take(first)
     return res
+
+
+def warm_up() -> None:
+    index = LibraryIndex(capacity=4)
+    rows = np.ones((1, FINE_WORDS), np.uint64)
+    index.load(np.array([1]), {f: np.array([1], np.uint64) for f in HASH_FIELDS}, rows)
+    Matcher(index).match_batch(*(np.array([1], np.uint64),) * 4, fine=rows, fine_mirror=rows)
