@@ -82,6 +82,11 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
             log.warning("library: skipped %s: %s", source, why)
         cache.close()
     log.info("library: %d entries indexed from %s", len(library.index), config.store.path)
+    stale = await asyncio.to_thread(library.stale_count)
+    if stale:
+        log.warning("library: %d entries were fingerprinted by an older version or imported as "
+                    "hashes; they match on fewer views until `repost-monitor library rehash "
+                    "--db %s` fingerprints them again", stale, config.store.path)
     matcher = Matcher(library.index, PRESETS[config.match.tier])
     local_roots = tuple(f.path for f in config.feeds if f.type == "folder" and f.path)
     policy = config.alert_policy

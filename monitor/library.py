@@ -20,7 +20,7 @@ import numpy as np
 
 from . import bitslice
 from .fasthash import FINE_WORDS
-from .fingerprint import Fingerprint, from_hex
+from .fingerprint import ALGORITHM_VERSION, Fingerprint, from_hex
 from .scan import (
     VIEW_WORDS,
     FingerprintCache,
@@ -177,6 +177,8 @@ def _entry(row: tuple) -> LibraryEntry:
                         sql_to_u64(dm), sql_to_u64(pm), degenerate, added)
 
 
+IMPORTED = "imported"  # library_entries.algorithm of hashes imported from a CSV
+
 _COLUMNS = ("id, source, label, width, height, dhash, phash, dhash_mirror, phash_mirror, "
             "degenerate, added_at")
 
@@ -254,21 +256,35 @@ class Library:
                         np.concatenate(fines))
 
     # -- writes ---------------------------------------------------------------
-    def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None) -> LibraryEntry:
+    def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None, *,
+                        algorithm: str = ALGORITHM_VERSION) -> LibraryEntry:
         """Insert (or replace, for the same source) one entry."""
         label = label if label is not None else Path(source).stem or source
         now = time.time()
+        hashes = (fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
+                  u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate,
+                  pack_views(fp.views), pack_fine(fp), algorithm)
         with self.store.transaction() as conn:
-            old = conn.execute("SELECT id FROM library_entries WHERE source=?", (source,)).fetchone()
-            if old:
-                conn.execute("DELETE FROM library_entries WHERE id=?", old)
+            old = conn.execute("SELECT id, width, height, dhash, phash, dhash_mirror, phash_mirror, "
+                               "degenerate, views, fine, algorithm FROM library_entries WHERE source=?",
+                               (source,)).fetchone()
+            if old and tuple(old[1:]) == hashes:
+                # The same picture added again (a folder re-added, the daemon's
+                # library paths at every start): keep the entry and its id, so
+                # matches stay linked and nothing is matched again as new.
+                conn.execute("UPDATE library_entries SET label=? WHERE id=? AND label IS NOT ?",
+                             (label, old[0], label))
+                unchanged = old[0]
+            else:
+                unchanged = None
+            if old and unchanged is None:
+                conn.execute("DELETE FROM library_entries WHERE id=?", old[:1])
+            if unchanged is not None:
+                return self.get(unchanged)
             cur = conn.execute(
-                "INSERT INTO library_entries (source, label, width, height, dhash, phash, "
-                "dhash_mirror, phash_mirror, degenerate, added_at, views, fine) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (source, label, fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
-                 u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate, now,
-                 pack_views(fp.views), pack_fine(fp)))
+                "INSERT INTO library_entries (source, label, added_at, width, height, dhash, phash, "
+                "dhash_mirror, phash_mirror, degenerate, views, fine, algorithm) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (source, label, now, *hashes))
             entry_id = cur.lastrowid
         if old:
             self.index.remove(old[0])
@@ -316,8 +332,57 @@ class Library:
                 except (KeyError, ValueError) as exc:
                     skipped.append((f"{path}:{lineno}", f"bad row: {exc}"))
                     continue
-                added.append(self.add_fingerprint(source, fp, row.get("label") or label))
+                added.append(self.add_fingerprint(source, fp, row.get("label") or label,
+                                                  algorithm=IMPORTED))
         return AddReport(added, skipped)
+
+    def stale(self) -> list[tuple[int, str]]:
+        """(id, source) of the entries fingerprinted by another hash algorithm
+        than this version's (older versions, imported hashes): they match on
+        fewer views, some on the 64-bit hashes alone, until rehashed."""
+        return self.store.query("SELECT id, source FROM library_entries WHERE algorithm IS NULL "
+                                "OR algorithm != ? ORDER BY id", (ALGORITHM_VERSION,))
+
+    def stale_count(self) -> int:
+        return self.store.query("SELECT COUNT(*) FROM library_entries WHERE algorithm IS NULL "
+                                "OR algorithm != ?", (ALGORITHM_VERSION,))[0][0]
+
+    def rehash(self, *, every: bool = False, cache: FingerprintCache | None = None,
+               progress: bool | None = None) -> AddReport:
+        """Fingerprint entries again from their source files with this version's
+        algorithm, in place: ids, labels and the matches and alerts that name
+        them stay. ``every`` redoes current entries too. An entry whose source
+        is not a readable image file (a URL, a file moved away) is left as it
+        is and reported."""
+        rows = (self.store.query("SELECT id, source FROM library_entries ORDER BY id") if every
+                else self.stale())
+        files = {i: Path(source) for i, source in rows if Path(source).is_file()}
+        skipped = [(source, "source is not a readable file here: re-add the image to rehash it")
+                   for i, source in rows if i not in files]
+        ids = list(files)
+        results = fingerprint_files([files[i] for i in ids], cache, progress=progress,
+                                    desc="rehash", views="library")
+        updated = []
+        for entry_id, r in zip(ids, results, strict=True):
+            if r.fingerprint is None:
+                skipped.append((str(files[entry_id]), str(r.error)))
+                continue
+            updated.append(self._replace_hashes(entry_id, r.fingerprint))
+        return AddReport(updated, skipped)
+
+    def _replace_hashes(self, entry_id: int, fp: Fingerprint) -> LibraryEntry:
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE library_entries SET width=?, height=?, dhash=?, phash=?, dhash_mirror=?, "
+                "phash_mirror=?, degenerate=?, views=?, fine=?, algorithm=? WHERE id=?",
+                (fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
+                 u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate,
+                 pack_views(fp.views), pack_fine(fp), ALGORITHM_VERSION, entry_id))
+        with self.index.lock:  # matchers never see the entry missing between the two
+            self.index.remove(entry_id)
+            if fp.degenerate is None:
+                self.index.add(entry_id, fp)
+        return self.get(entry_id)
 
     def remove(self, entry_id: int) -> bool:
         with self.store.transaction() as conn:
@@ -353,6 +418,8 @@ class Library:
         labels = self.store.query("SELECT label, COUNT(*) FROM library_entries GROUP BY label "
                                   "ORDER BY COUNT(*) DESC LIMIT 20")
         return {"entries": total, "indexed": len(self.index), "degenerate": degenerate,
+                "stale": self.stale_count(),
+                "hash_algorithm": ALGORITHM_VERSION,
                 "first_added": first, "last_added": last,
                 "index_rows": self.index.rows,
                 "index_bytes": self.index.rows * 8 * (1 + len(HASH_FIELDS) + FINE_WORDS + 1),

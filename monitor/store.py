@@ -184,6 +184,12 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE images ADD COLUMN views BLOB;
     """,
+    # 9: the hash algorithm that fingerprinted each entry (fingerprint.ALGORITHM_VERSION;
+    # 'imported' for imagehash hashes from a CSV). NULL: older than this column.
+    # `library rehash` brings older entries up to date from their source files.
+    """
+    ALTER TABLE library_entries ADD COLUMN algorithm TEXT;
+    """,
 ]
 
 

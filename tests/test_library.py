@@ -2,6 +2,7 @@
 
 import csv
 import shutil
+from pathlib import Path
 
 import imagehash
 import numpy as np
@@ -188,3 +189,68 @@ def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(tmp_path, l
                                views="query")
     [m] = Matcher(old.index).match(repost)
     assert m.entry_id == lib.entries()[0].id and m.fine_distance is None
+
+
+def test_rehash_brings_older_entries_up_to_date_in_place(tmp_path, library_images):
+    """`library rehash` (the real CLI) on rows written before fine hashes and the
+    algorithm column: same ids and labels, fine hashes and views back, matches
+    decided by the fine hashes again; an entry whose file is gone is kept and
+    reported (exit 3)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from monitor.fingerprint import ALGORITHM_VERSION
+    from monitor.scan import pack_views, unpack_views
+    db = tmp_path / "lib.sqlite"
+    files = [shutil.copy(p, tmp_path / p.name) for p in library_images[:3]]
+    lib = Library(Store(db))
+    lib.add_files(files, cache=None, progress=False, label="portfolio")
+    before = {e.id: e for e in lib.entries()}
+    with lib.store.transaction() as conn:
+        for eid, blob in conn.execute("SELECT id, views FROM library_entries").fetchall():
+            views = [dataclasses.replace(v, fine=b"", fine_mirror=b"")
+                     for v in unpack_views(blob, with_fine=True)]
+            conn.execute("UPDATE library_entries SET fine=NULL, views=?, algorithm=NULL WHERE id=?",
+                         (pack_views(views), eid))
+    assert Library(Store(db)).stats()["stale"] == 3
+    gone = tmp_path / files[2].name
+    gone.unlink()
+
+    out = subprocess.run([sys.executable, "-m", "monitor", "library", "--db", str(db), "rehash",
+                          "--no-cache"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, out.stderr
+    assert "rehashed 2 entries" in out.stdout
+    assert str(gone) in out.stderr and "re-add" in out.stderr
+
+    lib = Library(Store(db))
+    after = {e.id: e for e in lib.entries()}
+    assert after.keys() == before.keys()  # in place: ids (and what links to them) stay
+    assert all(after[i].label == "portfolio" and after[i].dhash == before[i].dhash for i in after)
+    rows = dict(lib.store.query("SELECT source, algorithm FROM library_entries"))
+    assert rows == {str(Path(f).resolve()): ALGORITHM_VERSION for f in files[:2]} | {str(gone.resolve()): None}
+    assert lib.stats()["stale"] == 1
+    fresh = np.isin(lib.index.ids, list(after)[:2])
+    assert lib.index.fine()[fresh].any(axis=1).all() and not lib.index.fine()[~fresh].any()
+    img = Image.open(files[0])
+    w, h = img.size
+    cropped = img.crop((w // 8, h // 8, w - w // 8, h - h // 8)).resize((220, 160))
+    [m] = Matcher(lib.index).match(fingerprint_bytes(encode(cropped, quality=40), views="query"))
+    assert m.entry_id == min(after) and m.tier == "near" and m.fine_distance is not None
+
+
+def test_adding_the_same_files_again_keeps_their_entries(tmp_path, library_images):
+    """The daemon adds its configured library paths at every start: unchanged
+    files keep their ids (matches stay linked, nothing is new to retro-match);
+    a changed file is a new entry."""
+    files = [shutil.copy(p, tmp_path / p.name) for p in library_images[:3]]
+    lib = Library(Store(tmp_path / "lib.sqlite"))
+    first = [e.id for e in lib.add_files(files, cache=None, progress=False).added]
+    version = lib.version()
+    again = Library(Store(tmp_path / "lib.sqlite"))
+    assert [e.id for e in again.add_files(files, cache=None, progress=False).added] == first
+    assert again.version() == version and len(again.index) == 3
+    Image.open(library_images[4]).save(files[1])  # another picture under the same name
+    ids = [e.id for e in again.add_files(files, cache=None, progress=False).added]
+    assert ids[0] == first[0] and ids[2] == first[2] and ids[1] > max(first)
+    assert len(again.index) == 3 and first[1] not in again.index.ids.tolist()
