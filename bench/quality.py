@@ -316,7 +316,10 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
     matchers = {"near": Matcher(index, PRESETS["near"]), "loose": Matcher(index, PRESETS["loose"])}
     plain_rows = np.ascontiguousarray(filler[:, 0, 0])
     kernel.warm_up()
-    picked = queries[::max(1, len(queries) // sample)][:sample]
+    # A seeded random sample: a stride would pick the same few of the 39
+    # transformations over and over (the queries come library picture by picture).
+    picked = [queries[i] for i in sorted(rng.choice(len(queries), min(sample, len(queries)),
+                                                    replace=False))]
     spent = {"plain": 0.0, "fingerprint": 0.0, "near": 0.0, "loose": 0.0}
     clock = time.perf_counter
     for data in picked:

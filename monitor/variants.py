@@ -33,6 +33,8 @@ CROP_SHARES = (0.1, 0.2, 0.3)   # library centre crops: share of each side remov
 SIDE_CROP = 0.15           # library side crops: this share cut off the left, or the right
 TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
 TILT_MIN, TILT_MAX = 0.8, 12.0   # degrees: below, hashes are already close; above, rare
+TURN_BACK_SIDE = 160       # px: a tilted picture is turned back upright at this size (its
+                           # hashes need no more; turning costs as the pixel count)
 TURN_ANGLES = (-5.0, -2.5, 2.5, 5.0)  # library copies of a figure on a plain fill (library_turns)
 TILT_BACKGROUND = 14       # grey levels: corners this close to each other are a plain background
 TILT_AGREE = 60.0          # degrees x px: the straight edges' angles agree within 60/side degrees
@@ -123,6 +125,13 @@ def _busy_box(a, row_gap, col_gap):
     if left < 0:
         return -1, -1, -1, -1
     return top, bottom, left, right
+
+
+def _smaller(grey: Image.Image, side: int) -> Image.Image:
+    w, h = grey.size
+    scale = side / max(w, h)
+    return grey if scale >= 1 else grey.resize((max(8, round(w * scale)), max(8, round(h * scale))),
+                                               Image.BILINEAR)
 
 
 def _work_copy(grey: Image.Image) -> tuple[Image.Image, float]:
@@ -282,6 +291,20 @@ def library_crops(grey: Image.Image) -> list[Image.Image]:
     return out
 
 
+def _upright_box(grey: Image.Image, pixels: np.ndarray, box: tuple[int, int, int, int] | None) -> bool:
+    """Whether ``box`` is an upright picture in a plain frame: its four corner
+    pixels differ from the frame's fill. A turned picture's bounding box has
+    the fill in its corners (the triangles the turn leaves), so it measures a
+    tilt instead; this spares the tilt measurement every bordered repost."""
+    if box is None:
+        return False
+    h, w = pixels.shape
+    fill = np.mean([float(pixels[0, 0]), float(pixels[0, -1]), float(pixels[-1, 0]), float(pixels[-1, -1])])
+    left, top, right, bottom = box
+    inside = [pixels[min(h - 1, y), min(w - 1, x)] for y in (top + 1, bottom - 2) for x in (left + 1, right - 2)]
+    return all(abs(float(v) - fill) > TILT_BACKGROUND for v in inside)
+
+
 def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool = True,
                        detail: Callable[[], Image.Image] | None = None) -> list[Fingerprint]:
     """The whole image, plus the picture inside its frame, or turned back
@@ -289,20 +312,20 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
     picture to measure a tilt on (else ``grey`` itself is used)."""
     pixels = np.asarray(grey)  # once, for the hashes, the tilt gate and the frame
     views = [fingerprint_grey(grey, size, exact=exact, pixels=pixels)]
-    if _may_be_tilted(pixels):
+    box = content_box(grey, pixels)
+    if _may_be_tilted(pixels) and not _upright_box(grey, pixels, box):
         # Checked before the frame: a tilted picture's corners look like a frame.
         # At most WORK_SIDE px: the angle is measured at that size anyway, and
         # turning a full-size decode back costs ~10x more for the same hashes.
         big = _work_copy(detail() if detail is not None else grey)[0]
         angle = tilt(big)
-        inner = untilted(big, angle) if angle is not None else None
+        inner = untilted(_smaller(big, TURN_BACK_SIDE), angle) if angle is not None else None
         if inner is not None:
             box = content_box(inner)  # a border turned with the picture
             if box is not None:
                 inner = inner.crop(box)
             views.append(fingerprint_grey(inner, inner.size, exact=exact))
             return views
-    box = content_box(grey, pixels)
     if box is not None:
         inner = grey.crop(box)
         views.append(fingerprint_grey(inner, (box[2] - box[0], box[3] - box[1]), exact=exact))

@@ -2,7 +2,7 @@
 
 from PIL import Image, ImageDraw
 
-from monitor.fingerprint import fingerprint_bytes
+from monitor.fingerprint import decode_grey, fingerprint_bytes
 from monitor.library import LibraryIndex
 from monitor.matcher import Matcher
 from monitor.variants import content_box, tilt, untilted
@@ -150,3 +150,25 @@ def test_turned_figure_on_white_matches_through_library_turns(library_images, ot
             assert i in {m.entry_id for m in matcher.match(repost)}, (path, angle)
     for path in other_images:
         assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
+
+
+def test_upright_bordered_picture_skips_the_tilt_measurement(library_images):
+    """A white border makes the corners look like a turned picture's fill; the
+    frame's box with picture in its corners shows it is upright, so the larger
+    decode the tilt is measured on is never made. A turned one still is."""
+    from monitor.variants import query_fingerprints
+    asked = []
+    for path in library_images[:4]:
+        picture = Image.open(path).convert("L")
+        w, h = picture.size
+        page = Image.new("L", (w + 40, h + 40), 255)
+        page.paste(picture, (20, 20))
+        grey, size = decode_grey(encode(page, quality=85))  # the hashes' small decode, as served
+        views = query_fingerprints(grey, size, exact=False, detail=lambda p=page, a=asked: a.append(1) or p)
+        assert len(views) == 2 and not asked, path  # whole page + the picture inside the frame
+        for angle in (2, -5):
+            turned = picture.rotate(angle, resample=Image.BICUBIC, expand=True, fillcolor=255)
+            grey, size = decode_grey(encode(turned, quality=85))
+            query_fingerprints(grey, size, exact=False, detail=lambda t=turned, a=asked: a.append(1) or t)
+            assert asked, (path, angle)
+            asked.clear()
