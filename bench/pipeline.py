@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--posts", type=int, default=20000)
     ap.add_argument("--library", type=int, default=100000)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16, help="downloads in flight (the daemon's default)")
     args = ap.parse_args()
     thumbs = make_thumbs(args.corpus, 1021)
     print(f"{len(thumbs)} thumbnails, mean {np.mean([len(t) for t in thumbs]) / 1e3:.0f} KB")
@@ -166,7 +166,7 @@ def main() -> None:
     host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q), daemon=True)
     host.start()
     port = q.get()
-    from monitor.fingerprint import fingerprint_bytes
+    from monitor.fingerprint import ALGORITHM_VERSION, fingerprint_bytes
     from monitor.library import Library
     from monitor.store import Store
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,8 +181,9 @@ def main() -> None:
         with store.transaction() as conn:
             conn.executemany(
                 "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
-                "phash_mirror, degenerate, added_at) VALUES (?,?,?,?,?,?,?,?,NULL,0)",
-                ((f"random/{i}", "random", 320, 240, *map(int, rand[i])) for i in range(len(rand))))
+                "phash_mirror, degenerate, added_at, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?)",
+                ((f"random/{i}", "random", 320, 240, *map(int, rand[i]), ALGORITHM_VERSION)
+                 for i in range(len(rand))))
         store.close()
         asyncio.run(run(args, port, path))
     host.terminate()

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from . import __version__
 from .fingerprint import ALGORITHM_VERSION
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
@@ -89,6 +89,7 @@ class Metrics:
         self.image_failures.labels("download", "timeout")
         self.image_failures.labels("decode", "corrupt")
         self.queue_depth.labels("download")
+        self.queue_depth.labels("fingerprint")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -105,7 +105,17 @@ class Pipeline:
         self.sources: list[tuple[HttpSource | LocalSource, FeedSettings]] = []
         self._inflight: dict[str, asyncio.Future] = {}
         self._active = 0
+        # Downloaded images waiting for a fingerprint thread. No new download
+        # starts while this many wait: on a fast network the downloads would
+        # otherwise outrun the CPU and every image would queue for it (the
+        # downloaded -> recorded latency grows with the backlog, not the work).
+        self.backlog_limit = max(4, 3 * fingerprint_workers)
+        self._backlog = 0
+        self.backlog_peak = 0
+        self._backlog_free = asyncio.Event()
+        self._backlog_free.set()
         metrics.queue_capacity.labels("download").set(queue_size)
+        metrics.queue_capacity.labels("fingerprint").set(self.backlog_limit)
 
     def add_source(self, source: HttpSource | LocalSource, settings: FeedSettings) -> None:
         self.sources.append((source, settings))
@@ -439,6 +449,9 @@ class Pipeline:
         return fp, self._match_timed(fp)
 
     async def _download_and_hash(self, work: WorkItem):
+        while self._backlog >= self.backlog_limit:
+            self._backlog_free.clear()
+            await self._backlog_free.wait()
         start = time.perf_counter()
         try:
             data = await self.fetcher.fetch_image(work.image_url)
@@ -452,12 +465,20 @@ class Pipeline:
         self.metrics.download_bytes.inc(len(data))
         self.metrics.images_downloaded.labels(work.feed).inc()
         loop = asyncio.get_running_loop()
+        self._backlog += 1
+        self.backlog_peak = max(self.backlog_peak, self._backlog)
+        self.metrics.queue_depth.labels("fingerprint").set(self._backlog)
         try:
             fp, matches = await loop.run_in_executor(self.executor, self._hash_and_match, data)
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()
             self._store_image_failure(work.image_url, exc)
             raise
+        finally:
+            self._backlog -= 1
+            self.metrics.queue_depth.labels("fingerprint").set(self._backlog)
+            if self._backlog < self.backlog_limit:
+                self._backlog_free.set()
         if fp.degenerate:
             self.metrics.image_failures.labels("decode", "degenerate").inc()
         # The images row is written by _finish, in the transaction that records
