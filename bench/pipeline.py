@@ -150,7 +150,7 @@ async def run(args, port: int, lib_path: str) -> None:
     total = d + f + m
     print(f"stage time (wall, summed over concurrent work): download {d:.1f}s ({d / total:.0%}), "
           f"decode+fingerprint {f:.1f}s ({f / total:.0%}), match {m:.1f}s ({m / total:.0%}); "
-          f"daemon process CPU {cpu:.1f}s")
+          f"daemon process CPU {cpu:.1f}s ({cpu / args.posts * 1e3:.2f} ms per post)")
 
 
 def main() -> None:
@@ -186,6 +186,11 @@ def main() -> None:
                  for i in range(len(rand))))
         store.close()
         asyncio.run(run(args, port, path))
+    with open(f"/proc/{host.pid}/stat") as fh:  # utime + stime, in clock ticks
+        fields = fh.read().rsplit(")", 1)[1].split()
+    host_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    print(f"feed host process CPU {host_cpu:.1f}s ({host_cpu / args.posts * 1e3:.2f} ms per post): "
+          f"it shares the {os.cpu_count()} cores with the daemon")
     host.terminate()
 
 
