@@ -102,7 +102,8 @@ async def run(args, port: int, lib_path: str) -> None:
     config = parse_config({
         "store": {"path": lib_path},
         "limits": {"allowed_networks": ["127.0.0.0/8"], "per_host_rate": 100000,
-                   "concurrency": args.concurrency, "queue_size": 2000},
+                   "concurrency": args.concurrency, "queue_size": 2000,
+                   "fingerprint_processes": args.processes},
         "feeds": [{"name": "bench", "type": "jsonfeed", "url": f"http://127.0.0.1:{port}/feed.json",
                    "interval": 0.05, "jitter": 0}],
         "server": {"enabled": False}, "log": {"level": "warning"},
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--posts", type=int, default=20000)
     ap.add_argument("--library", type=int, default=100000)
+    ap.add_argument("--processes", type=int, default=0,
+                    help="limits.fingerprint_processes (0: threads of the daemon)")
     ap.add_argument("--concurrency", type=int, default=16, help="downloads in flight (the daemon's default)")
     args = ap.parse_args()
     thumbs = make_thumbs(args.corpus, 1021)

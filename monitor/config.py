@@ -64,6 +64,10 @@ class LimitsConfig(_Model):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     queue_size: Annotated[int, Field(ge=1)] = 1000
     fingerprint_workers: Annotated[int, Field(ge=1)] = max(1, os.cpu_count() or 1)
+    # Decode and hash in this many worker processes instead of threads of the
+    # daemon (0): they do not contend with the event loop for the GIL, and a
+    # decoder crash on a hostile file fails that image, not the daemon.
+    fingerprint_processes: Annotated[int, Field(ge=0, le=256)] = 0
     allow_private_addresses: bool = False
     allowed_networks: list[str] = []
 

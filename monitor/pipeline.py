@@ -7,17 +7,20 @@ restart re-queues exactly the pending rows. The queue is bounded, so a burst
 of items waits in the watchers (and the table) instead of in memory.
 
 Decoding, hashing and matching run in a thread pool (Pillow and the numba
-kernels release the GIL), never on the event loop.
+kernels release the GIL), never on the event loop; with
+``limits.fingerprint_processes`` decoding and hashing run in worker processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import random
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 
@@ -33,6 +36,25 @@ from .scan import pack_fine, pack_views, unpack_fine, unpack_views
 from .store import Store, sql_to_u64, u64_to_sql
 
 log = logging.getLogger("repost_monitor.pipeline")
+
+
+def fingerprint_query(data: bytes, max_pixels: int | None) -> tuple[Fingerprint, float]:
+    """An incoming image's fingerprint (all query views) and the seconds it took;
+    runs in a fingerprint worker process."""
+    start = time.perf_counter()
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    return fingerprint_bytes(data, views="query", **kwargs), time.perf_counter() - start
+
+
+def _warm_worker() -> None:
+    from . import kernel
+    kernel.warm_up()  # compiled code loaded before the first image, not on it
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: forking a process that runs threads (the event loop's helpers) can deadlock
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_warm_worker)
 
 # Failures that will not change on a retry: cached per URL, so the same bad
 # image reached through another feed is not fetched again.
@@ -86,7 +108,8 @@ OnMatch = Callable[[MatchRecord], Awaitable[None] | None]
 class Pipeline:
     def __init__(self, store: Store, library: Library, matcher: Matcher, fetcher: Fetcher,
                  metrics: Metrics, *, queue_size: int = 1000, workers: int = 16,
-                 fingerprint_workers: int = 2, max_pixels: int | None = None,
+                 fingerprint_workers: int = 2, fingerprint_processes: int = 0,
+                 max_pixels: int | None = None,
                  on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
                  outbox=None, retro_window: float = 72 * 3600):
         self.store = store
@@ -97,6 +120,8 @@ class Pipeline:
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue(queue_size)
         self.workers = workers
         self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
+        self.fingerprint_processes = fingerprint_processes
+        self.processes = _process_pool(fingerprint_processes) if fingerprint_processes else None
         self.max_pixels = max_pixels
         self.on_match = on_match
         self.outbox = outbox  # alerts.outbox.Outbox: alerts join the match transaction
@@ -109,7 +134,7 @@ class Pipeline:
         # starts while this many wait: on a fast network the downloads would
         # otherwise outrun the CPU and every image would queue for it (the
         # downloaded -> recorded latency grows with the backlog, not the work).
-        self.backlog_limit = max(4, 3 * fingerprint_workers)
+        self.backlog_limit = max(4, 3 * max(fingerprint_workers, fingerprint_processes))
         self._backlog = 0
         self.backlog_peak = 0
         self._backlog_free = asyncio.Event()
@@ -123,6 +148,9 @@ class Pipeline:
     # -- the whole thing -------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        if self.processes is not None:  # workers started, compiled code loaded, before any work
+            await asyncio.gather(*(asyncio.wrap_future(self.processes.submit(_warm_worker))
+                                   for _ in range(self.fingerprint_processes)))
         watchers = [asyncio.create_task(self._watch(s, cfg, stop), name=f"watch:{s.name}")
                     for s, cfg in self.sources]
         workers = [asyncio.create_task(self._work(stop), name=f"worker:{i}")
@@ -140,6 +168,8 @@ class Pipeline:
             await asyncio.gather(*workers, return_exceptions=True)
             await asyncio.gather(*watchers, *helpers, return_exceptions=True)
             await loop.run_in_executor(None, self.executor.shutdown)
+            if self.processes is not None:
+                await loop.run_in_executor(None, self.processes.shutdown)
 
     # -- sources ---------------------------------------------------------------
     async def _watch(self, source, cfg: FeedSettings, stop: asyncio.Event) -> None:
@@ -448,6 +478,21 @@ class Pipeline:
         self.metrics.fingerprint_seconds.observe(time.perf_counter() - start)
         return fp, self._match_timed(fp)
 
+    async def _fingerprint_in_process(self, data: bytes) -> tuple[Fingerprint, float]:
+        for _ in range(2):
+            pool = self.processes
+            try:
+                return await asyncio.wrap_future(pool.submit(fingerprint_query, data, self.max_pixels))
+            except BrokenProcessPool:
+                # A worker died (a decoder crash, the OOM killer) on this image
+                # or on one beside it: new workers, and one more try, so only
+                # an image that kills a worker twice fails; the rest go on.
+                if self.processes is pool:
+                    log.error("a fingerprint process died; starting new ones")
+                    self.processes = _process_pool(self.fingerprint_processes)
+                    pool.shutdown(wait=False)
+        raise ImageError("crashed", "the decoder process died on this image twice")
+
     async def _download_and_hash(self, work: WorkItem):
         while self._backlog >= self.backlog_limit:
             self._backlog_free.clear()
@@ -469,7 +514,12 @@ class Pipeline:
         self.backlog_peak = max(self.backlog_peak, self._backlog)
         self.metrics.queue_depth.labels("fingerprint").set(self._backlog)
         try:
-            fp, matches = await loop.run_in_executor(self.executor, self._hash_and_match, data)
+            if self.processes is None:
+                fp, matches = await loop.run_in_executor(self.executor, self._hash_and_match, data)
+            else:
+                fp, seconds = await self._fingerprint_in_process(data)
+                self.metrics.fingerprint_seconds.observe(seconds)
+                matches = await loop.run_in_executor(self.executor, self._match_timed, fp)
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()
             self._store_image_failure(work.image_url, exc)

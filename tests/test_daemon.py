@@ -381,3 +381,38 @@ def test_sigkill_and_restart_lose_nothing(tmp_path, samples):
     assert got == sorted(site.expected)
     # Each image was fetched at most twice (once more only if killed mid-download).
     assert all(1 <= site.hits.get(n, 0) <= 2 for n in names), site.hits
+
+
+async def test_fingerprint_processes_match_and_survive_a_killed_worker(tmp_path, samples):
+    """limits.fingerprint_processes: decoding and hashing in worker processes
+    give the same matches, and a worker killed mid-run (the OOM killer, a
+    decoder crash) costs no image: the pool is replaced and the image retried."""
+    import os
+    import signal
+    site = PhotoSite(samples)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    records, running = [], []
+    async with serve(site.app()) as base:
+        config = config_for(base, db, limits={"allowed_networks": ["127.0.0.0/8"],
+                                              "fingerprint_processes": 1, "retries": 1})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(config, stop=stop, on_match=records.append,
+                                              on_ready=running.append, install_signals=False))
+        await until(lambda: running and running[0].pipeline.processes is not None, 60)
+        pipeline = running[0].pipeline
+        site.post("rss", 1, ["small-chelsea.jpg"])
+        await until(lambda: len(records) == 1, 60)
+        first_pool = pipeline.processes
+        workers = list(first_pool._processes.values())
+        assert workers and all(p.is_alive() for p in workers)
+        os.kill(workers[0].pid, signal.SIGKILL)
+        site.post("json", 2, ["flip-rocket.jpg", "other-apple.jpg"])
+        site.post("reddit", 3, ["q30-coffee.jpg"])
+        await until(lambda: query(db, "SELECT COUNT(*) FROM work WHERE state='pending'")[0][0] == 0
+                    and query(db, "SELECT COUNT(*) FROM work")[0][0] == 4, 60)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert sorted(r.entry.label for r in records) == ["library-chelsea", "library-coffee", "library-rocket"]
+    assert query(db, "SELECT COUNT(*) FROM work WHERE state='failed'")[0][0] == 0
+    assert pipeline.processes is not first_pool  # replaced after the kill
