@@ -258,7 +258,14 @@ class Library:
     # -- writes ---------------------------------------------------------------
     def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None, *,
                         algorithm: str = ALGORITHM_VERSION) -> LibraryEntry:
-        """Insert (or replace, for the same source) one entry."""
+        """Insert one entry, or update the one with the same source.
+
+        The same picture added again (a folder re-added, the daemon's library
+        paths at every start) keeps its entry and id, so matches and alerts
+        stay linked and nothing is matched again as new; if it was
+        fingerprinted by an older version it is updated in place. A different
+        picture under the same source is a new entry.
+        """
         label = label if label is not None else Path(source).stem or source
         now = time.time()
         hashes = (fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
@@ -268,24 +275,21 @@ class Library:
             old = conn.execute("SELECT id, width, height, dhash, phash, dhash_mirror, phash_mirror, "
                                "degenerate, views, fine, algorithm FROM library_entries WHERE source=?",
                                (source,)).fetchone()
-            if old and tuple(old[1:]) == hashes:
-                # The same picture added again (a folder re-added, the daemon's
-                # library paths at every start): keep the entry and its id, so
-                # matches stay linked and nothing is matched again as new.
+            same_picture = old is not None and tuple(old[3:5]) == hashes[2:4]
+            if same_picture:
                 conn.execute("UPDATE library_entries SET label=? WHERE id=? AND label IS NOT ?",
                              (label, old[0], label))
-                unchanged = old[0]
-            else:
-                unchanged = None
-            if old and unchanged is None:
+                if tuple(old[1:]) == hashes:
+                    return self.get(old[0])
+            elif old:
                 conn.execute("DELETE FROM library_entries WHERE id=?", old[:1])
-            if unchanged is not None:
-                return self.get(unchanged)
-            cur = conn.execute(
-                "INSERT INTO library_entries (source, label, added_at, width, height, dhash, phash, "
-                "dhash_mirror, phash_mirror, degenerate, views, fine, algorithm) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (source, label, now, *hashes))
-            entry_id = cur.lastrowid
+            if not same_picture:
+                entry_id = conn.execute(
+                    "INSERT INTO library_entries (source, label, added_at, width, height, dhash, phash, "
+                    "dhash_mirror, phash_mirror, degenerate, views, fine, algorithm) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (source, label, now, *hashes)).lastrowid
+        if same_picture:
+            return self._replace_hashes(old[0], fp, algorithm)
         if old:
             self.index.remove(old[0])
         if fp.degenerate is None:
@@ -370,14 +374,15 @@ class Library:
             updated.append(self._replace_hashes(entry_id, r.fingerprint))
         return AddReport(updated, skipped)
 
-    def _replace_hashes(self, entry_id: int, fp: Fingerprint) -> LibraryEntry:
+    def _replace_hashes(self, entry_id: int, fp: Fingerprint,
+                        algorithm: str = ALGORITHM_VERSION) -> LibraryEntry:
         with self.store.transaction() as conn:
             conn.execute(
                 "UPDATE library_entries SET width=?, height=?, dhash=?, phash=?, dhash_mirror=?, "
                 "phash_mirror=?, degenerate=?, views=?, fine=?, algorithm=? WHERE id=?",
                 (fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                  u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate,
-                 pack_views(fp.views), pack_fine(fp), ALGORITHM_VERSION, entry_id))
+                 pack_views(fp.views), pack_fine(fp), algorithm, entry_id))
         with self.index.lock:  # matchers never see the entry missing between the two
             self.index.remove(entry_id)
             if fp.degenerate is None:

@@ -250,6 +250,12 @@ def test_adding_the_same_files_again_keeps_their_entries(tmp_path, library_image
     again = Library(Store(tmp_path / "lib.sqlite"))
     assert [e.id for e in again.add_files(files, cache=None, progress=False).added] == first
     assert again.version() == version and len(again.index) == 3
+    # An entry from an older version: the same picture, updated in place.
+    with again.store.transaction() as conn:
+        conn.execute("UPDATE library_entries SET fine=NULL, views=NULL, algorithm=NULL WHERE id=?", (first[0],))
+    assert Library(Store(tmp_path / "lib.sqlite")).stale_count() == 1
+    assert [e.id for e in again.add_files(files, cache=None, progress=False).added] == first
+    assert again.stale_count() == 0 and again.index.fine()[again.index.ids == first[0]].any(axis=1).all()
     Image.open(library_images[4]).save(files[1])  # another picture under the same name
     ids = [e.id for e in again.add_files(files, cache=None, progress=False).added]
     assert ids[0] == first[0] and ids[2] == first[2] and ids[1] > max(first)
