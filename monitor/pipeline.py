@@ -230,7 +230,9 @@ class Pipeline:
             # Parsing can be heavy (feedparser on a 5 MB feed): off the loop.
             items = await asyncio.to_thread(source.parse, resp.body, resp.content_type)
             etag, last_modified = resp.etag, resp.last_modified
-        work = self.record_items(source.name, items, now)
+        # A poll can bring hundreds of rows: their transaction runs off the loop,
+        # which meanwhile keeps the downloads and the matches moving.
+        work = await asyncio.to_thread(self.record_items, source.name, items, now)
         self._feed_ok(source.name, now, etag, last_modified, "ok")
         if work:
             log.info("feed %s: %d new images in %d items", source.name, len(work),
