@@ -474,10 +474,8 @@ class Pipeline:
 
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
-        start = time.perf_counter()
-        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-        fp = fingerprint_bytes(data, views="query", **kwargs)
-        self.metrics.fingerprint_seconds.observe(time.perf_counter() - start)
+        fp, seconds = fingerprint_query(data, self.max_pixels)
+        self.metrics.fingerprint_seconds.observe(seconds)
         return fp, self._match_timed(fp)
 
     async def _fingerprint_in_process(self, data: bytes) -> tuple[Fingerprint, float]:
