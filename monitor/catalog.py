@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .fingerprint import Fingerprint
 from .library import LibraryIndex
 from .matcher import PRESETS, Matcher, Tier, query_rows

@@ -23,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-
 from feeds import FeedError, FeedItem, HttpSource, LocalSource
 
 from .fetch import FetchError, Fetcher
@@ -55,6 +54,7 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     # spawn: forking a process that runs threads (the event loop's helpers) can deadlock
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_warm_worker)
+
 
 # Failures that will not change on a retry: cached per URL, so the same bad
 # image reached through another feed is not fetched again.
@@ -136,7 +136,6 @@ class Pipeline:
         # downloaded -> recorded latency grows with the backlog, not the work).
         self.backlog_limit = max(4, 3 * max(fingerprint_workers, fingerprint_processes))
         self._backlog = 0
-        self.backlog_peak = 0
         self._backlog_free = asyncio.Event()
         self._backlog_free.set()
         metrics.queue_capacity.labels("download").set(queue_size)
@@ -511,7 +510,6 @@ class Pipeline:
         self.metrics.images_downloaded.labels(work.feed).inc()
         loop = asyncio.get_running_loop()
         self._backlog += 1
-        self.backlog_peak = max(self.backlog_peak, self._backlog)
         self.metrics.queue_depth.labels("fingerprint").set(self._backlog)
         try:
             if self.processes is None:

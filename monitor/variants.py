@@ -127,17 +127,10 @@ def _busy_box(a, row_gap, col_gap):
     return top, bottom, left, right
 
 
-def _smaller(grey: Image.Image, side: int) -> Image.Image:
+def _work_copy(grey: Image.Image, side: int = WORK_SIDE) -> tuple[Image.Image, float]:
+    """The picture at most ``side`` px on a side (for layout analysis), and its scale."""
     w, h = grey.size
-    scale = side / max(w, h)
-    return grey if scale >= 1 else grey.resize((max(8, round(w * scale)), max(8, round(h * scale))),
-                                               Image.BILINEAR)
-
-
-def _work_copy(grey: Image.Image) -> tuple[Image.Image, float]:
-    """The picture at most WORK_SIDE px on a side for layout analysis, and its scale."""
-    w, h = grey.size
-    scale = min(1.0, WORK_SIDE / max(w, h))
+    scale = min(1.0, side / max(w, h))
     if scale == 1.0:
         return grey, scale
     return grey.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BILINEAR), scale
@@ -291,7 +284,7 @@ def library_crops(grey: Image.Image) -> list[Image.Image]:
     return out
 
 
-def _upright_box(grey: Image.Image, pixels: np.ndarray, box: tuple[int, int, int, int] | None) -> bool:
+def _upright_box(pixels: np.ndarray, box: tuple[int, int, int, int] | None) -> bool:
     """Whether ``box`` is an upright picture in a plain frame: its four corner
     pixels differ from the frame's fill. A turned picture's bounding box has
     the fill in its corners (the triangles the turn leaves), so it measures a
@@ -313,13 +306,14 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
     pixels = np.asarray(grey)  # once, for the hashes, the tilt gate and the frame
     views = [fingerprint_grey(grey, size, exact=exact, pixels=pixels)]
     box = content_box(grey, pixels)
-    if _may_be_tilted(pixels) and not _upright_box(grey, pixels, box):
-        # Checked before the frame: a tilted picture's corners look like a frame.
-        # At most WORK_SIDE px: the angle is measured at that size anyway, and
-        # turning a full-size decode back costs ~10x more for the same hashes.
+    if _may_be_tilted(pixels) and not _upright_box(pixels, box):
+        # Before the frame view: a tilted picture's corners look like a frame.
+        # The angle is measured at WORK_SIDE px at most; the picture is turned
+        # back smaller still (turning costs as the pixel count, the hashes
+        # need no more).
         big = _work_copy(detail() if detail is not None else grey)[0]
         angle = tilt(big)
-        inner = untilted(_smaller(big, TURN_BACK_SIDE), angle) if angle is not None else None
+        inner = untilted(_work_copy(big, TURN_BACK_SIDE)[0], angle) if angle is not None else None
         if inner is not None:
             box = content_box(inner)  # a border turned with the picture
             if box is not None:

@@ -168,20 +168,27 @@ def test_interrupted_run_resumes_from_committed_batches(tmp_path, samples):
     assert [r.cached for r in results] == [True] * 9 + [False] * (len(files) - 9)
 
 
-def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(tmp_path, library_images):
-    """Rows written by a version without fine hashes (NULL fine, 4-word views)."""
+def _as_written_before_fine_hashes(store):
+    """Every entry as a version without fine hashes and the algorithm column
+    wrote it: NULL fine and algorithm, 4-word views."""
     import dataclasses
 
     from monitor.scan import pack_views, unpack_views
-    db = tmp_path / "lib.sqlite"
-    lib = Library(Store(db))
-    lib.add_files(library_images, cache=None, progress=False)
-    store = Store(db)
     with store.transaction() as conn:
         for eid, blob in conn.execute("SELECT id, views FROM library_entries").fetchall():
             views = [dataclasses.replace(v, fine=b"", fine_mirror=b"")
                      for v in unpack_views(blob, with_fine=True)]
-            conn.execute("UPDATE library_entries SET fine=NULL, views=? WHERE id=?", (pack_views(views), eid))
+            conn.execute("UPDATE library_entries SET fine=NULL, views=?, algorithm=NULL WHERE id=?",
+                         (pack_views(views), eid))
+
+
+def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(tmp_path, library_images):
+    """Rows written by a version without fine hashes (NULL fine, 4-word views)."""
+    db = tmp_path / "lib.sqlite"
+    lib = Library(Store(db))
+    lib.add_files(library_images, cache=None, progress=False)
+    store = Store(db)
+    _as_written_before_fine_hashes(store)
     old = Library(store)
     assert old.index.rows == lib.index.rows and not old.index.fine().any()
     assert sorted(old.index.hashes("dhash").tolist()) == sorted(lib.index.hashes("dhash").tolist())
@@ -196,23 +203,16 @@ def test_rehash_brings_older_entries_up_to_date_in_place(tmp_path, library_image
     algorithm column: same ids and labels, fine hashes and views back, matches
     decided by the fine hashes again; an entry whose file is gone is kept and
     reported (exit 3)."""
-    import dataclasses
     import subprocess
     import sys
 
     from monitor.fingerprint import ALGORITHM_VERSION
-    from monitor.scan import pack_views, unpack_views
     db = tmp_path / "lib.sqlite"
     files = [shutil.copy(p, tmp_path / p.name) for p in library_images[:3]]
     lib = Library(Store(db))
     lib.add_files(files, cache=None, progress=False, label="portfolio")
     before = {e.id: e for e in lib.entries()}
-    with lib.store.transaction() as conn:
-        for eid, blob in conn.execute("SELECT id, views FROM library_entries").fetchall():
-            views = [dataclasses.replace(v, fine=b"", fine_mirror=b"")
-                     for v in unpack_views(blob, with_fine=True)]
-            conn.execute("UPDATE library_entries SET fine=NULL, views=?, algorithm=NULL WHERE id=?",
-                         (pack_views(views), eid))
+    _as_written_before_fine_hashes(lib.store)
     assert Library(Store(db)).stats()["stale"] == 3
     gone = tmp_path / files[2].name
     gone.unlink()
