@@ -93,21 +93,120 @@ def images_in_html(text: str | None, base: str | None = None) -> list[str]:
 
 
 def absolute(url: str, base: str | None) -> str:
+    """``url`` resolved against ``base``; a URL that cannot be joined (unclosed
+    IPv6 brackets, a non-string) comes back as it was, for ``clean_urls`` to refuse."""
+    if not isinstance(url, str):
+        return url
     url = url.strip()
-    return urljoin(base, url) if base else url
+    if not base or not isinstance(base, str):
+        return url
+    try:
+        return urljoin(base, url)
+    except ValueError:
+        return url
+
+
+def as_text(value, limit: int = 2000) -> str | None:
+    """A feed's optional text field (author, title, id) as a string, or None when
+    it is missing or of a shape no text has (an object, a list)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value[:limit] or None
+
+
+def page_link(url, base: str | None = None) -> str | None:
+    """A post's page URL, kept only when it is a fetchable http(s) URL."""
+    url = absolute(url, base) if isinstance(url, str) else None
+    return url if url and url_problem(url) is None else None
+
+
+class ParsedItems(list):
+    """A poll's items (a list), and the items or URLs skipped with their reasons:
+    ``skipped`` holds ``(reason, detail)``, reason ``malformed_item`` or ``bad_url``."""
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.skipped: list[tuple[str, str]] = []
+
+
+def build_items(entries, build) -> ParsedItems:
+    """``build(n, entry, bad_urls)`` for each entry: an item, or None to pass over it.
+    An entry whose building raises is skipped with its reason, so one malformed
+    item never costs the rest of the poll."""
+    out = ParsedItems()
+    for n, entry in enumerate(entries):
+        bad_urls: list[str] = []
+        try:
+            item = build(n, entry, bad_urls)
+        except Exception as exc:  # noqa: BLE001 - hostile input: any failure is this item's
+            out.skipped.append(("malformed_item", f"item #{n}: {type(exc).__name__}: {exc}"[:300]))
+            continue
+        out.skipped += [("bad_url", f"item #{n}: {why}") for why in bad_urls]
+        if item is not None:
+            out.append(item)
+    return out
 
 
 def looks_like_image_url(url: str) -> bool:
     return urlsplit(url).path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def clean_urls(urls) -> tuple[str, ...]:
-    """http(s) URLs only, first occurrence kept, capped per item."""
+MAX_URL_LENGTH = 4096
+
+
+def url_problem(url) -> str | None:
+    """Why ``url`` is not a fetchable http(s) URL, or None when it is. Checks what
+    the HTTP client would choke on later: brackets that do not close
+    (``http://[::1/``), control characters, host names no DNS can carry
+    (labels over 63 characters, names IDNA cannot encode)."""
+    if not isinstance(url, str):
+        return f"not a string ({type(url).__name__})"
+    if len(url) > MAX_URL_LENGTH:
+        return f"longer than {MAX_URL_LENGTH} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        return "control characters in the URL"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        return f"unparseable URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"scheme {parts.scheme!r} is not http(s)"
+    if not host:
+        return "no host"
+    if host.startswith("[") or ":" in host:
+        return None  # an IPv6 literal: urlsplit has checked the brackets
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError as exc:
+        return f"host name cannot be encoded ({exc})"
+    if len(encoded) > 253 or any(len(label) > 63 for label in encoded.split(b".")):
+        return "host name longer than DNS allows"
+    return None
+
+
+def clean_urls(urls, skipped: list[str] | None = None) -> tuple[str, ...]:
+    """Fetchable http(s) URLs only, first occurrence kept, capped per item; the
+    reason each other non-empty URL was dropped goes to ``skipped``."""
     seen: dict[str, None] = {}
     for url in urls:
         if not url:
             continue
-        url = url.strip()
-        if urlsplit(url).scheme in ("http", "https") and url not in seen:
+        if isinstance(url, str):
+            url = url.strip()
+        why = url_problem(url)
+        if why is None and isinstance(url, str) and any(c.isspace() for c in urlsplit(url).netloc):
+            why = "white space in the host name"
+        if why is not None:
+            if skipped is not None and (not isinstance(url, str) or "://" in url):
+                skipped.append(f"{str(url)[:200]!r}: {why}")
+            continue
+        if url not in seen:
             seen[url] = None
     return tuple(list(seen)[:MAX_IMAGES_PER_ITEM])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from .base import FeedError, FeedItem, HttpSource, absolute, clean_urls, images_in_html
+from .base import (FeedError, FeedItem, HttpSource, ParsedItems, absolute, as_text, build_items,
+                   clean_urls, images_in_html, page_link)
 
 
 def parse_time(text) -> datetime | None:
@@ -28,7 +29,7 @@ class JsonFeed(HttpSource):
     kind = "jsonfeed"
     accept = "application/feed+json, application/json;q=0.9"
 
-    def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
+    def parse(self, body: bytes, content_type: str | None = None) -> ParsedItems:
         doc = load_json(body)
         # Lenient on the version string ("1.1" is seen in the wild), strict on shape.
         if not isinstance(doc, dict) or "version" not in doc:
@@ -36,30 +37,34 @@ class JsonFeed(HttpSource):
         items = doc.get("items")
         if not isinstance(items, list):
             raise FeedError("not_a_feed", "'items' is not a list")
-        base = doc.get("home_page_url") or doc.get("feed_url") or self.url
+        base = as_text(doc.get("home_page_url")) or as_text(doc.get("feed_url")) or self.url
         feed_author = _author(doc)
-        out = []
-        for n, item in enumerate(items):
+
+        def build(n: int, item, bad_urls: list[str]) -> FeedItem | None:
             if not isinstance(item, dict):
-                continue
-            page = item.get("url") or item.get("external_url")
+                raise ValueError(f"an item is an object, not {type(item).__name__}")
+            page = page_link(item.get("url"), base) or page_link(item.get("external_url"), base)
             urls = [item.get("image"), item.get("banner_image")]
-            for att in item.get("attachments") or []:
+            attachments = item.get("attachments")
+            for att in attachments if isinstance(attachments, list) else []:
                 if isinstance(att, dict) and str(att.get("mime_type", "")).startswith("image/"):
                     urls.append(att.get("url"))
-            urls += images_in_html(item.get("content_html"), page or base)
-            urls = [absolute(u, page or base) for u in urls if isinstance(u, str)]
-            out.append(FeedItem(self.name, str(item.get("id") or page or f"#{n}"), clean_urls(urls),
-                                absolute(page, base) if page else None,
-                                _author(item) or feed_author,
-                                parse_time(item.get("date_published") or item.get("date_modified")),
-                                item.get("title")))
-        return out
+            content = item.get("content_html")
+            urls += images_in_html(content if isinstance(content, str) else None, page or base)
+            urls = [absolute(u, page or base) for u in urls if u is not None]
+            return FeedItem(self.name, as_text(item.get("id")) or page or f"#{n}",
+                            clean_urls(urls, bad_urls), page, _author(item) or feed_author,
+                            parse_time(item.get("date_published") or item.get("date_modified")),
+                            as_text(item.get("title")))
+
+        return build_items(items, build)
 
 
 def _author(obj: dict) -> str | None:
-    authors = obj.get("authors") or ([obj["author"]] if isinstance(obj.get("author"), dict) else [])
+    authors = obj.get("authors")
+    if not isinstance(authors, list):
+        authors = [obj["author"]] if isinstance(obj.get("author"), dict) else []
     for a in authors:
-        if isinstance(a, dict) and a.get("name"):
-            return str(a["name"])
+        if isinstance(a, dict) and as_text(a.get("name")):
+            return as_text(a.get("name"))
     return None

@@ -4,7 +4,7 @@ are what count. ``preview_url`` is the small rendition we want to download."""
 
 from __future__ import annotations
 
-from .base import FeedError, FeedItem, HttpSource, clean_urls
+from .base import FeedError, FeedItem, HttpSource, ParsedItems, as_text, build_items, clean_urls, page_link
 from .jsonfeed import load_json, parse_time
 
 
@@ -23,19 +23,21 @@ class MastodonTimeline(HttpSource):
     kind = "mastodon"
     accept = "application/json"
 
-    def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
+    def parse(self, body: bytes, content_type: str | None = None) -> ParsedItems:
         doc = load_json(body)
         if isinstance(doc, dict) and "error" in doc:
             raise FeedError("api_error", f"Mastodon error: {doc['error']}")
         if not isinstance(doc, list):
             raise FeedError("not_a_feed", "a Mastodon timeline is a JSON list of statuses")
-        out = []
-        for status in doc:
+
+        def build(n: int, status, bad_urls: list[str]) -> FeedItem:
             if not isinstance(status, dict):
-                continue
+                raise ValueError(f"a status is an object, not {type(status).__name__}")
             shown = status.get("reblog") if isinstance(status.get("reblog"), dict) else status
-            account = shown.get("account") or {}
-            out.append(FeedItem(self.name, str(status.get("id")), clean_urls(status_images(shown)),
-                                shown.get("url") or shown.get("uri"), account.get("acct"),
-                                parse_time(shown.get("created_at"))))
-        return out
+            account = shown.get("account") if isinstance(shown.get("account"), dict) else {}
+            return FeedItem(self.name, as_text(status.get("id")) or f"#{n}",
+                            clean_urls(status_images(shown), bad_urls),
+                            page_link(shown.get("url")) or page_link(shown.get("uri")),
+                            as_text(account.get("acct")), parse_time(shown.get("created_at")))
+
+        return build_items(doc, build)

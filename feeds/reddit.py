@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 from datetime import datetime, UTC
 
-from .base import FeedError, FeedItem, HttpSource, clean_urls, looks_like_image_url
+from .base import (FeedError, FeedItem, HttpSource, ParsedItems, as_text, build_items, clean_urls,
+                   looks_like_image_url, page_link)
 from .jsonfeed import load_json
 
 THUMB_WIDTH = 320
@@ -49,7 +50,7 @@ class RedditListing(HttpSource):
     kind = "reddit"
     accept = "application/json"
 
-    def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
+    def parse(self, body: bytes, content_type: str | None = None) -> ParsedItems:
         doc = load_json(body)
         if isinstance(doc, list):
             # A post's own page (/comments/ID.json): [post listing, comments listing].
@@ -58,17 +59,24 @@ class RedditListing(HttpSource):
             if isinstance(doc, dict) and "error" in doc:
                 raise FeedError("api_error", f"Reddit error {doc.get('error')}: {doc.get('message')}")
             raise FeedError("not_a_feed", "not a Reddit Listing")
-        out = []
-        for child in (doc.get("data") or {}).get("children") or []:
+        data = doc.get("data")
+        children = data.get("children") if isinstance(data, dict) else None
+
+        def build(n: int, child, bad_urls: list[str]) -> FeedItem | None:
             if not isinstance(child, dict) or child.get("kind") != "t3":
-                continue
-            post = child.get("data") or {}
+                return None  # comments and other kinds of listing entries
+            post = child.get("data")
+            if not isinstance(post, dict):
+                raise ValueError("a post's data is not an object")
             created = post.get("created_utc")
-            permalink = post.get("permalink")
-            out.append(FeedItem(
-                self.name, str(post.get("name") or post.get("id")), clean_urls(post_images(post)),
-                f"https://www.reddit.com{permalink}" if permalink else post.get("url"),
-                post.get("author"),
-                datetime.fromtimestamp(created, UTC) if isinstance(created, (int, float)) else None,
-                post.get("title")))
-        return out
+            permalink = as_text(post.get("permalink"))
+            return FeedItem(
+                self.name, as_text(post.get("name")) or as_text(post.get("id")) or f"#{n}",
+                clean_urls(post_images(post), bad_urls),
+                page_link(f"https://www.reddit.com{permalink}") if permalink else page_link(post.get("url")),
+                as_text(post.get("author")),
+                datetime.fromtimestamp(created, UTC) if isinstance(created, (int, float))
+                and not isinstance(created, bool) and 0 <= created < 1e11 else None,
+                as_text(post.get("title")))
+
+        return build_items(children if isinstance(children, list) else [], build)

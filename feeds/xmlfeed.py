@@ -17,8 +17,8 @@ import defusedxml.ElementTree as SafeET
 import feedparser
 from defusedxml import DefusedXmlException
 
-from .base import (FeedError, FeedItem, HttpSource, absolute, clean_urls, images_in_html,
-                   looks_like_image_url)
+from .base import (FeedError, FeedItem, HttpSource, ParsedItems, absolute, as_text, build_items,
+                   clean_urls, images_in_html, looks_like_image_url, page_link)
 
 
 def _refuse_entities(body: bytes) -> None:
@@ -72,7 +72,7 @@ class XmlFeed(HttpSource):
     accept = ("application/rss+xml, application/atom+xml, application/rdf+xml, "
               "application/xml;q=0.9, */*;q=0.5")
 
-    def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
+    def parse(self, body: bytes, content_type: str | None = None) -> ParsedItems:
         if not body.strip():
             raise FeedError("empty", "empty body")
         _refuse_entities(body)
@@ -85,13 +85,12 @@ class XmlFeed(HttpSource):
         if parsed.get("bozo") and not parsed.entries:
             # A cut-off or broken document with nothing salvageable.
             raise FeedError("malformed_xml", f"broken feed with no items: {why}")
-        base = parsed.feed.get("link") or self.url
-        items = []
-        for n, entry in enumerate(parsed.entries):
-            page = entry.get("link")
-            item_id = entry.get("id") or page or entry.get("title") or f"#{n}"
-            author = entry.get("author")
-            items.append(FeedItem(self.name, str(item_id), clean_urls(entry_images(entry, page or base)),
-                                  absolute(page, base) if page else None, author, _when(entry),
-                                  entry.get("title")))
-        return items
+        base = as_text(parsed.feed.get("link")) or self.url
+
+        def build(n: int, entry, bad_urls: list[str]) -> FeedItem:
+            page = page_link(entry.get("link"), base)
+            item_id = as_text(entry.get("id")) or page or as_text(entry.get("title")) or f"#{n}"
+            return FeedItem(self.name, item_id, clean_urls(entry_images(entry, page or base), bad_urls),
+                            page, as_text(entry.get("author")), _when(entry), as_text(entry.get("title")))
+
+        return build_items(parsed.entries, build)

@@ -89,13 +89,12 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     rows = []
     for i in range(pairs.query.size):
         entry = entries[int(pairs.entry_id[i])]
-        fp = good[int(pairs.query[i])].fingerprint
         mirrored = bool(pairs.mirrored[i])
         rows.append(MatchRow(str(good[int(pairs.query[i])].path), entry.source, entry.label,
                              tiers[int(pairs.tier[i])].name, int(pairs.dhash_distance[i]),
                              int(pairs.phash_distance[i]), mirrored,
                              int(pairs.fine_distance[i]) if pairs.fine_distance[i] >= 0 else None,
-                             fp.dhash_mirror if mirrored else fp.dhash, entry.dhash))
+                             int(pairs.query_dhash[i]), int(pairs.library_dhash[i])))
     return rows, bad
 
 

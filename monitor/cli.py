@@ -25,8 +25,19 @@ def _progress(args):
     return True if args.progress else (False if args.no_progress else None)
 
 
+def _say(text: str) -> None:
+    print(f"[info] {text}", file=sys.stderr, flush=True)
+
+
+def _warm_up(part: str = "all") -> None:
+    """Compile or load the kernels first, saying so when it is the slow first run."""
+    from .warmup import warm_up
+    warm_up(_say, part)
+
+
 def cmd_hash(args) -> int:
     from .scan import fingerprint_files, iter_image_files
+    _warm_up("fingerprint")
     results = fingerprint_files(list(iter_image_files(args.files)), _cache(args),
                                 progress=_progress(args))
     failed = 0
@@ -55,6 +66,7 @@ def _library(args):
 def cmd_library(args) -> int:
     lib = _library(args)
     if args.library_cmd == "add":
+        _warm_up("fingerprint")
         report = lib.add_files(args.paths, label=args.label, cache=_cache(args),
                                progress=_progress(args))
         for source, why in report.skipped:
@@ -90,6 +102,7 @@ def cmd_library(args) -> int:
         print(json.dumps(lib.stats(), indent=2))
         return 0
     if args.library_cmd == "rehash":
+        _warm_up("fingerprint")
         report = lib.rehash(every=args.all, cache=_cache(args), progress=_progress(args))
         for source, why in report.skipped:
             print(f"[skip] {source}: {why}", file=sys.stderr)
@@ -173,6 +186,7 @@ def _group_findings(groups):
 
 def cmd_dedupe(args, grouping: bool = False) -> int:
     from . import catalog, report
+    _warm_up()
     if grouping:
         groups, images, bad = catalog.group(args.folders, _cache(args), tier=args.tier,
                                             progress=_progress(args))
@@ -213,6 +227,7 @@ def cmd_group(args) -> int:
 
 def cmd_audit(args) -> int:
     from . import catalog, report
+    _warm_up()
     rows, old_root, new_root = catalog.audit(args.old, args.new, _cache(args), progress=_progress(args))
     _write_table([{"status": r.status, "old": r.old or "", "new": r.new or "",
                    "dhash_distance": "" if r.dhash_distance is None else r.dhash_distance,
@@ -238,6 +253,7 @@ def cmd_match(args) -> int:
     from .batch import run_match
     from .matcher import PRESETS, threshold_tiers
     tiers = threshold_tiers(args.threshold) if args.threshold is not None else PRESETS[args.tier]
+    _warm_up()
     return run_match(args.inputs, args.library, tiers, best=args.best, fmt=args.format,
                      output=args.output, cache=_cache(args), progress=_progress(args),
                      report_path=args.report)
@@ -249,6 +265,7 @@ def cmd_demo(args) -> int:
     from .demo import run_batch_demo, run_daemon_demo
     from .logs import setup_logging
     if args.batch:
+        _warm_up()
         return run_batch_demo()
     setup_logging("text", "warning" if not args.verbose else "info")
     return asyncio.run(run_daemon_demo(args.posts, args.rate, args.forever, args.port))

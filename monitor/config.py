@@ -166,15 +166,24 @@ class ServerConfig(_Model):
     hmac_secret: str | None = None      # lets /v1/ingest callers sign instead of a token
     library_folders: list[str] = []     # server-side folders POST /v1/library may add
     allow_unauthenticated: bool = False  # listen on a non-loopback address without auth
+    # Host header names the API answers besides its loopback names (DNS rebinding
+    # defence); off loopback, an empty list accepts any name (credentials are required).
+    allowed_hosts: list[str] = []
+    # Origins (scheme://host:port) allowed to send state-changing requests besides the
+    # server's own, e.g. a dashboard on another port.
+    allowed_origins: list[str] = []
+
+    @property
+    def is_loopback(self) -> bool:
+        import ipaddress
+        try:
+            return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @model_validator(mode="after")
     def _auth_off_loopback(self):
-        import ipaddress
-        try:
-            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            loopback = False
-        if (self.enabled and not loopback and not (self.token or self.hmac_secret)
+        if (self.enabled and not self.is_loopback and not (self.token or self.hmac_secret)
                 and not self.allow_unauthenticated):
             raise ValueError(f"refusing to serve the API on non-loopback address {self.host} "
                              "without server.token (or set allow_unauthenticated = true)")

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from feeds import make_source
 
-from . import kernel
 from .alerts.outbox import Outbox, SinkRule
 from .alerts.sinks import SINK_TYPES
 from .config import AlertSinkConfig, Config
@@ -21,7 +20,8 @@ from .metrics import Metrics
 from .pipeline import FeedSettings, OnMatch, Pipeline
 from .scan import FingerprintCache, default_cache_path
 from .server import Services, make_app, start_server
-from .store import Store
+from .store import Store, StoreError
+from .warmup import warm_up
 
 log = logging.getLogger("repost_monitor.daemon")
 
@@ -55,10 +55,25 @@ def make_sink(cfg: AlertSinkConfig):
                           cfg.max_attempts, cfg.backoff_base, cfg.backoff_max)
 
 
+def _raise_open_file_limit() -> None:
+    """Every connection is a file descriptor: lift the soft limit to the hard one, so a
+    burst of clients meets the server's own limits before the process's."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
                      on_match: OnMatch | None = None,
                      on_ready: Callable[[Running], None] | None = None,
-                     install_signals: bool = True) -> None:
+                     install_signals: bool = True,
+                     say: Callable[[str], None] | None = None) -> None:
+    """Run until ``stop``; ``say`` hears the one-line notice of a slow first compile
+    (default: the log)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if install_signals:
@@ -69,10 +84,43 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
                 pass
     metrics = Metrics()
     metrics.init_labels([f.name for f in config.feeds], [a.name for a in config.alerts])
-    ready = {"ready": False}
+    say = say or (lambda text: log.info("%s", text))
+    ready = {"ready": False, "phase": "starting"}
     store = Store(config.store.path)
-    # Compile (or load from cache) every kernel before the first request.
-    await asyncio.to_thread(kernel.warm_up)
+    try:
+        store.check_writable()
+    except StoreError:
+        store.close()
+        raise
+    _raise_open_file_limit()
+    runner = None
+    services = Services(token=config.server.token, hmac_secret=config.server.hmac_secret,
+                        library_folders=tuple(config.server.library_folders),
+                        allowed_hosts=tuple(config.server.allowed_hosts),
+                        allowed_origins=tuple(config.server.allowed_origins),
+                        loopback_only=config.server.is_loopback,
+                        allow_unauthenticated=config.server.allow_unauthenticated)
+    try:
+        # The server answers /healthz (and /readyz: not ready) while the kernels compile,
+        # which takes ~30 s on a machine's first run.
+        if config.server.enabled:
+            runner, port = await start_server(make_app(metrics, ready, services),
+                                              config.server.host, config.server.port)
+        else:
+            port = None
+        ready["phase"] = "compiling"
+        await asyncio.to_thread(warm_up, say)
+        ready["phase"] = "loading library"
+        await _serve(config, store, metrics, ready, services, port, stop, on_match, on_ready)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        store.close()
+        log.info("stopped")
+
+
+async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, services: Services,
+                 port: int | None, stop: asyncio.Event, on_match, on_ready) -> None:
     library = await asyncio.to_thread(Library, store)
     if config.library.paths:
         cache = FingerprintCache(default_cache_path())
@@ -92,41 +140,31 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
     policy = config.alert_policy
     outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics,
                     flood_max=policy.flood_max, flood_window=policy.flood_window_minutes * 60)
-    runner = None
-    try:
-        async with Fetcher(config.limits.fetch_limits(local_roots)) as fetcher:
-            pipeline = Pipeline(store, library, matcher, fetcher, metrics,
-                                queue_size=config.limits.queue_size,
-                                workers=config.limits.concurrency,
-                                fingerprint_workers=config.limits.fingerprint_workers,
-                                fingerprint_processes=config.limits.fingerprint_processes,
-                                max_pixels=config.limits.max_pixels, on_match=on_match,
-                                library_check_seconds=config.library.reload_check_seconds,
-                                outbox=outbox,
-                                retro_window=policy.retro_window_hours * 3600)
-            for feed in config.feeds:
-                opts = {"path": feed.path} if feed.path else {}
-                pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
-                                    FeedSettings(feed.interval, feed.jitter, feed.max_backoff,
-                                                 tuple(feed.headers.items())))
-            running = Running(config, store, library, pipeline, metrics, outbox, ready=ready)
-            if config.server.enabled:
-                services = Services(store, library, pipeline, matcher, fetcher,
-                                    config.server.token, config.server.hmac_secret,
-                                    tuple(config.server.library_folders))
-                runner, running.port = await start_server(make_app(metrics, ready, services),
-                                                          config.server.host, config.server.port)
-                log.info("serving the API, /metrics and /healthz on http://%s:%d%s",
-                         config.server.host, running.port,
-                         "" if config.server.token or config.server.hmac_secret
-                         else " (no auth configured)")
-            ready.update(ready=True, feeds=len(config.feeds), library_entries=len(library.index))
-            log.info("watching %d feeds", len(config.feeds))
-            if on_ready:
-                on_ready(running)
-            await asyncio.gather(pipeline.run(stop), outbox.run(stop))
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        store.close()
-        log.info("stopped")
+    async with Fetcher(config.limits.fetch_limits(local_roots)) as fetcher:
+        pipeline = Pipeline(store, library, matcher, fetcher, metrics,
+                            queue_size=config.limits.queue_size,
+                            workers=config.limits.concurrency,
+                            fingerprint_workers=config.limits.fingerprint_workers,
+                            fingerprint_processes=config.limits.fingerprint_processes,
+                            max_pixels=config.limits.max_pixels, on_match=on_match,
+                            library_check_seconds=config.library.reload_check_seconds,
+                            outbox=outbox,
+                            retro_window=policy.retro_window_hours * 3600)
+        for feed in config.feeds:
+            opts = {"path": feed.path} if feed.path else {}
+            pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
+                                FeedSettings(feed.interval, feed.jitter, feed.max_backoff,
+                                             tuple(feed.headers.items())))
+        running = Running(config, store, library, pipeline, metrics, outbox, port=port, ready=ready)
+        services.attach(store, library, pipeline, matcher, fetcher)
+        if config.server.enabled:
+            log.info("serving the API, /metrics and /healthz on http://%s:%d%s",
+                     config.server.host, port,
+                     "" if config.server.token or config.server.hmac_secret
+                     else " (no auth configured)")
+        ready.update(ready=True, phase="running", feeds=len(config.feeds),
+                     library_entries=len(library.index))
+        log.info("watching %d feeds", len(config.feeds))
+        if on_ready:
+            on_ready(running)
+        await asyncio.gather(pipeline.run(stop), outbox.run(stop))

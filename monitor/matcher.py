@@ -80,6 +80,10 @@ class Match:
     phash_distance: int
     mirrored: bool
     fine_distance: int | None = None  # bits of 512; None: decided without fine hashes
+    # The dHashes of the two views that met (a crop, a frame, the mirror), for
+    # showing which bits differ; the whole pictures' hashes may be far apart.
+    query_dhash: int | None = None
+    library_dhash: int | None = None
 
     @property
     def decided_by(self) -> str:
@@ -98,10 +102,13 @@ class PairMatches:
     phash_distance: np.ndarray
     mirrored: np.ndarray
     fine_distance: np.ndarray  # -1 where the pair was decided without fine hashes
+    query_dhash: np.ndarray    # the dHashes of the two views that met
+    library_dhash: np.ndarray
 
     def _take(self, keep) -> PairMatches:
         return PairMatches(*(a[keep] for a in (self.query, self.entry_id, self.tier, self.dhash_distance,
-                                               self.phash_distance, self.mirrored, self.fine_distance)))
+                                               self.phash_distance, self.mirrored, self.fine_distance,
+                                               self.query_dhash, self.library_dhash)))
 
 
 def _score(m: Match) -> int:
@@ -220,10 +227,12 @@ class Matcher:
             at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
                                           self.index.fine())
             ids = self.index.ids[pl[at]]
+            lib_views = self.index.hashes("dhash")[pl[at]]
         best: dict[int, tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             m = Match(int(ids[i]), self.tiers[tier[i]].name, int(pd[at[i]]), int(p[i]),
-                      bool(pq[at[i]] % 2), int(f[i]) if f[i] >= 0 else None)
+                      bool(pq[at[i]] % 2), int(f[i]) if f[i] >= 0 else None,
+                      int(qd[pq[at[i]]]), int(lib_views[i]))
             rank = (int(tier[i]), _score(m))
             old = best.get(m.entry_id)
             if old is None or rank < old[0]:
@@ -259,7 +268,7 @@ class Matcher:
         q = pq % m if m else pq
         if owners is not None:
             q = np.asarray(owners, np.int64)[q]
-        res = PairMatches(q, ids[pl], tier, pd[at].astype(np.int64), p, pq >= m, f)
+        res = PairMatches(q, ids[pl], tier, pd[at].astype(np.int64), p, pq >= m, f, queries[pq], lib_d[pl])
         return _best_per_pair(res, best_only)
 
     def match_rows(self, rows: QueryRows, **kwargs) -> PairMatches:

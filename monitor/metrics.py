@@ -27,6 +27,9 @@ class Metrics:
                                         "New feed items seen", ["feed"], registry=r)
         self.feed_polls = Counter(p + "feed_polls_total", "Feed polls by result "
                                   "(ok, not_modified, error)", ["feed", "result"], registry=r)
+        self.feed_items_skipped = Counter(p + "feed_items_skipped_total", "Feed items or image URLs "
+                                          "skipped, by reason (malformed_item, bad_url)",
+                                          ["feed", "reason"], registry=r)
         self.feed_last_success = Gauge(p + "feed_last_success_timestamp_seconds",
                                        "Unix time of the last successful poll", ["feed"], registry=r)
         self.images_downloaded = Counter(p + "images_downloaded_total",
@@ -35,8 +38,13 @@ class Metrics:
                                       "fetched or decoded, by reason", ["stage", "reason"], registry=r)
         self.download_bytes = Counter(p + "download_bytes_total", "Bytes of images downloaded",
                                       registry=r)
-        self.download_seconds = Histogram(p + "download_duration_seconds", "Image download time",
+        self.download_seconds = Histogram(p + "download_duration_seconds", "Image transfer time, "
+                                          "from the request sent to the last byte",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.throttle_wait_seconds = Histogram(p + "download_throttle_wait_seconds",
+                                               "Wait for the per-host rate limit and a download slot "
+                                               "before a request is sent", buckets=LATENCY_BUCKETS,
+                                               registry=r)
         self.fingerprint_seconds = Histogram(p + "fingerprint_duration_seconds",
                                              "Decode and hash time per image",
                                              buckets=LATENCY_BUCKETS, registry=r)
@@ -75,6 +83,8 @@ class Metrics:
             self.images_downloaded.labels(feed)
             for result in ("ok", "not_modified", "error"):
                 self.feed_polls.labels(feed, result)
+            for reason in ("malformed_item", "bad_url"):
+                self.feed_items_skipped.labels(feed, reason)
         for sink in sinks:
             for outcome in ("delivered", "failed", "dead", "flood_suppressed"):
                 self.alerts.labels(sink, outcome)

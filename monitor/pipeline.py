@@ -229,6 +229,10 @@ class Pipeline:
             # Parsing can be heavy (feedparser on a 5 MB feed): off the loop.
             items = await asyncio.to_thread(source.parse, resp.body, resp.content_type)
             etag, last_modified = resp.etag, resp.last_modified
+            for reason, detail in getattr(items, "skipped", ()):
+                self.metrics.feed_items_skipped.labels(source.name, reason).inc()
+                log.warning("feed %s: skipped %s", source.name, detail,
+                            extra={"feed": source.name, "reason": reason})
         # A poll can bring hundreds of rows: their transaction runs off the loop,
         # which meanwhile keeps the downloads and the matches moving.
         work = await asyncio.to_thread(self.record_items, source.name, items, now)
@@ -354,7 +358,7 @@ class Pipeline:
             pairs.setdefault(url, []).append(Match(
                 int(found.entry_id[i]), self.matcher.tiers[int(found.tier[i])].name,
                 int(found.dhash_distance[i]), int(found.phash_distance[i]), bool(found.mirrored[i]),
-                fine if fine >= 0 else None))
+                fine if fine >= 0 else None, int(found.query_dhash[i]), int(found.library_dhash[i])))
         return pairs, fps
 
     # -- per image -----------------------------------------------------------
@@ -562,11 +566,14 @@ class Pipeline:
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, "
                     "dhash_distance, phash_distance, mirrored, feed, item_id, page_url, author, "
-                    "published, detected_at, repost_dhash, suppressed, fine_distance) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "published, detected_at, repost_dhash, suppressed, fine_distance, "
+                    "matched_repost_dhash, matched_library_dhash) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance,
                      m.phash_distance, int(m.mirrored), work.feed, work.item_id, work.page_url,
-                     work.author, work.published, now, u64_to_sql(fp.dhash), why, m.fine_distance))
+                     work.author, work.published, now, u64_to_sql(fp.dhash), why, m.fine_distance,
+                     None if m.query_dhash is None else u64_to_sql(m.query_dhash),
+                     None if m.library_dhash is None else u64_to_sql(m.library_dhash)))
                 if cur.rowcount:  # the same image URL via another feed: already recorded
                     record = MatchRecord(cur.lastrowid, work, entry, m, now, why)
                     records.append(record)

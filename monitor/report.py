@@ -31,6 +31,8 @@ class Finding:
     note: str = ""
     match_id: int | None = None  # /review: the verdict buttons act on it
     verdict: str | None = None
+    right_link: str | None = None   # /review: the post's page
+    image_link: str | None = None   # /review: the reposted image, linked, never loaded
 
 
 def thumbnail_uri(path: str | Path | None) -> str | None:
@@ -85,15 +87,18 @@ function applyFilter(){const on=new Set([...document.querySelectorAll('.filters 
 document.querySelectorAll('.filters input').forEach(x=>x.addEventListener('change',applyFilter));
 """
 
+# The page's credentials are its same-site cookie (set by /review?token=): no token
+# ever appears in the page, so nothing in it can leak or inject one.
 REVIEW_JS = """
 async function verdict(id, v, btn){
-  const headers={'Content-Type':'application/json'};
-  const token=sessionStorage.getItem('rmToken'); if(token) headers['Authorization']='Bearer '+token;
-  const r=await fetch('/v1/matches/'+id+'/verdict',{method:'POST',headers,body:JSON.stringify({verdict:v})});
-  if(r.status===401){const t=prompt('API token');if(t){sessionStorage.setItem('rmToken',t);return verdict(id,v,btn)}}
+  const r=await fetch('/v1/matches/'+id+'/verdict',{method:'POST',credentials:'same-origin',
+    headers:{'Content-Type':'application/json'},body:JSON.stringify({verdict:v})});
   const out=btn.closest('.card').querySelector('.verdict');
-  out.textContent=r.ok?v:('error '+r.status); out.dataset.state=r.ok?v:'error';
+  out.textContent=r.ok?v:(r.status===401?'error 401: open /review?token=TOKEN again':'error '+r.status);
+  out.dataset.state=r.ok?v:'error';
 }
+document.querySelectorAll('button[data-verdict]').forEach(b=>b.addEventListener('click',
+  ()=>verdict(Number(b.closest('.card').dataset.match),b.dataset.verdict,b)));
 """
 
 
@@ -103,20 +108,27 @@ def _img(src: str | None, alt: str) -> str:
     return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}" loading="eager">'
 
 
+def _links(f: Finding) -> str:
+    links = [(f.right_link, "the post"), (f.image_link, "the image")]
+    return "".join(f'<a href="{html.escape(url)}" rel="noopener noreferrer" target="_blank">{text}</a>'
+                   for url, text in links if url)
+
+
 def _card(f: Finding, review: bool) -> str:
     dist = (f"<div>dHash {f.distance}/64 bits</div>" if f.distance is not None else "")
     pdist = (f"<div>pHash {f.phash_distance}/64 bits</div>" if f.phash_distance is not None else "")
     buttons = ""
     if review and f.match_id is not None:
         buttons = "<div>" + "".join(
-            f'<button data-verdict="{v}" onclick="verdict({f.match_id},\'{v}\',this)">{label}</button>'
+            f'<button data-verdict="{v}">{label}</button>'
             for v, label in (("confirmed", "Confirm"), ("false_positive", "False positive"),
                              ("authorized", "Authorized"))) + \
             f'</div><div>verdict: <span class="verdict">{html.escape(f.verdict or "-")}</span></div>'
     return (f'<div class="card" data-kind="{html.escape(f.kind)}"'
             + (f' data-match="{f.match_id}"' if f.match_id is not None else "") + ">"
             f'<div class="side">{_img(f.left_image, f.left_label)}<span>{html.escape(f.left_label)}</span></div>'
-            f'<div class="side">{_img(f.right_image, f.right_label)}<span>{html.escape(f.right_label)}</span></div>'
+            f'<div class="side">{_img(f.right_image, f.right_label)}<span>{html.escape(f.right_label)}</span>'
+            f'{_links(f)}</div>'
             f'<div class="meta"><span class="tag {html.escape(f.kind)}">{html.escape(f.kind)}</span>'
             f'{dist}{pdist}{bits_grid(f.dhash_left, f.dhash_right)}'
             f'<div>{html.escape(f.note)}</div>{buttons}</div></div>')

@@ -18,36 +18,89 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.client_exceptions import ClientConnectionResetError
+from aiohttp.http_exceptions import BadHttpMessage
+from pydantic import BaseModel, ValidationError
 
 from feeds import FeedItem
 
+from . import apimodels as m
 from .alerts.outbox import list_alerts, resend_dead
+from .fetch import FetchError, Fetcher
 from .fingerprint import ImageError, fingerprint_bytes
+from .isotime import iso
+from .library import Library
+from .matcher import Matcher
 from .metrics import Metrics
-from .noise import VERDICTS, allowances, set_allowances, set_verdict
+from .noise import allowances, set_allowances, set_verdict
+from .pipeline import Pipeline
+from .report import THUMB, Finding, render
+from .store import Store, sql_to_u64
+
+log = logging.getLogger("repost_monitor.server")
 
 SIGNATURE_TOLERANCE = 300.0
-MAX_BODY = 20 * 1024 * 1024
-TIERS = ("exact", "near", "loose")
+MAX_BODY = 20 * 1024 * 1024          # an upload; JSON bodies are capped lower
+MAX_JSON_BODY = 1024 * 1024
+MAX_PARTS = 64                       # multipart parts in all (files and fields)
+MAX_FILES = 20                       # image files per multipart request
+MAX_FIELD_BYTES = 16 * 1024          # one text field of a form
+BODY_SECONDS = 30.0                  # a body that takes longer to arrive is refused (slow drip)
+UNAUTHENTICATED_BODIES = 4           # signed bodies read at once before their signature is checked
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+MULTIPART_ROUTES = frozenset({"/v1/ingest", "/v1/check", "/v1/library"})
+REVIEW_COOKIE = "rm_review"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass
 class Services:
-    """What the API needs from the running daemon (absent in a bare health server)."""
-    store: object
-    library: object
-    pipeline: object
-    matcher: object
-    fetcher: object
+    """What the API needs from the running daemon. The server starts before the
+    kernels compile: the auth settings are known at once, the rest is attached
+    when the daemon is ready, and until then /v1 and /review answer 503."""
+    store: Store | None = None
+    library: Library | None = None
+    pipeline: Pipeline | None = None
+    matcher: Matcher | None = None
+    fetcher: Fetcher | None = None
     token: str | None = None
     hmac_secret: str | None = None
     library_folders: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    loopback_only: bool = True
+    allow_unauthenticated: bool = False
+    _unauthenticated_bodies: asyncio.Semaphore | None = field(default=None, repr=False)
+
+    def attach(self, store: Store, library: Library, pipeline: Pipeline, matcher: Matcher,
+               fetcher: Fetcher) -> None:
+        self.store, self.library, self.pipeline = store, library, pipeline
+        self.matcher, self.fetcher = matcher, fetcher
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None
+
+    @property
+    def open(self) -> bool:
+        """No credentials needed: nothing configured, on loopback (or explicitly allowed)."""
+        return not self.token and not self.hmac_secret and (self.loopback_only or self.allow_unauthenticated)
+
+    def review_cookie(self) -> str:
+        # The cookie proves the token was given once; it is not the token itself.
+        return hmac.new((self.token or "").encode(), b"rm-review-cookie", hashlib.sha256).hexdigest()
+
+    def body_slots(self) -> asyncio.Semaphore:
+        if self._unauthenticated_bodies is None:
+            self._unauthenticated_bodies = asyncio.Semaphore(UNAUTHENTICATED_BODIES)
+        return self._unauthenticated_bodies
 
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
@@ -55,29 +108,101 @@ READY_KEY = web.AppKey("ready", dict)
 SERVICES_KEY = web.AppKey("services", Services)
 
 
-def error(status: int, code: str, message: str) -> web.HTTPException:
-    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-           404: web.HTTPNotFound, 413: web.HTTPRequestEntityTooLarge,
-           415: web.HTTPUnsupportedMediaType, 422: web.HTTPUnprocessableEntity,
-           502: web.HTTPBadGateway}[status]
-    body = json.dumps({"error": {"code": code, "message": message}})
-    if cls is web.HTTPRequestEntityTooLarge:
-        return cls(max_size=MAX_BODY, actual_size=MAX_BODY + 1, text=body, content_type="application/json")
-    return cls(text=body, content_type="application/json")
+class ApiError(web.HTTPException):
+    """A JSON error ``{"error": {"code", "message"}}`` with any status."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        self.status_code = status
+        super().__init__(text=json.dumps({"error": {"code": code, "message": message}}),
+                         content_type="application/json", headers=headers)
+
+
+def error(status: int, code: str, message: str) -> ApiError:
+    return ApiError(status, code, message)
+
+
+def _json_error(status: int, code: str, message: str, headers=None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status,
+                             headers=headers)
 
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
+    """Every error as JSON with its status; a bug is a logged 500 without a traceback
+    in the body; a client that went away is not an error of ours."""
     try:
         return await handler(request)
+    except ApiError:
+        raise
     except web.HTTPException as exc:
-        if exc.content_type == "application/json" or exc.status < 400:
+        if exc.status < 400:
             raise
-        body = json.dumps({"error": {"code": exc.reason.lower().replace(" ", "_"),
-                                     "message": exc.text or exc.reason}})
-        raise type(exc)(text=body, content_type="application/json",
-                        **({"max_size": MAX_BODY, "actual_size": 0}
-                           if isinstance(exc, web.HTTPRequestEntityTooLarge) else {})) from None
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return _json_error(exc.status, (exc.reason or "error").lower().replace(" ", "_"),
+                           exc.reason or "error", headers)
+    except (ConnectionError, asyncio.IncompleteReadError, ClientConnectionResetError):
+        log.debug("client went away during %s %s", request.method, request.path)
+        raise web.HTTPBadRequest() from None
+    except TimeoutError:
+        return _json_error(408, "body_timeout", f"the body did not arrive within {BODY_SECONDS:g} s")
+    except Exception:  # noqa: BLE001 - a bug: logged once with its traceback, answered plainly
+        log.exception("internal error answering %s %s", request.method, request.path)
+        return _json_error(500, "internal_error", "internal error; the daemon log has the details")
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0]
+
+
+def _host_allowed(request: web.Request, svc: Services) -> bool:
+    """DNS rebinding defence: a page on attacker.example that resolves to 127.0.0.1
+    reaches us with ``Host: attacker.example``; only our own names are answered."""
+    host = (request.host or "").strip().lower()
+    name = _host_name(host)
+    allowed = {h.lower() for h in svc.allowed_hosts}
+    if name in allowed or host in allowed:
+        return True
+    if svc.loopback_only:
+        return name in LOOPBACK_NAMES or name.startswith("127.")
+    return not allowed  # off loopback credentials are required anyway; an allow-list narrows it
+
+
+def _origin_allowed(request: web.Request, svc: Services) -> bool:
+    if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        return False
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser's cross-origin request (curl, scripts, server-side callers)
+    own = f"{request.scheme}://{request.host}".lower()
+    return origin.lower() == own or origin in svc.allowed_origins
+
+
+@web.middleware
+async def guard(request: web.Request, handler):
+    """Host, Origin and Content-Type checks, before any handler reads a byte of the body."""
+    if not request.path.startswith(("/v1/", "/review")):
+        return await handler(request)
+    svc = request.app[SERVICES_KEY]
+    if not _host_allowed(request, svc):
+        raise error(403, "bad_host", "this Host is not one of the server's names (server.allowed_hosts)")
+    if request.method not in SAFE_METHODS:
+        if not _origin_allowed(request, svc):
+            raise error(403, "cross_site", "cross-site request refused (server.allowed_origins)")
+        ctype = request.content_type
+        multipart_ok = request.path in MULTIPART_ROUTES
+        # Browsers send text/plain and form bodies cross-site without a preflight: only
+        # JSON (or multipart where documented) changes state. A DELETE has no body.
+        needs_type = request.method != "DELETE" or request.body_exists
+        if needs_type and ctype != "application/json" and not (multipart_ok and ctype == "multipart/form-data"):
+            want = "application/json" + (" or multipart/form-data" if multipart_ok else "")
+            raise error(415, "unsupported_media_type", f"send {want}, not {ctype or 'no content type'}")
+    if not svc.ready:
+        raise ApiError(503, "starting", "the daemon is starting (compiling kernels, loading the library)",
+                       headers={"Retry-After": "5"})
+    return await handler(request)
 
 
 def _signed_ok(request: web.Request, body: bytes, secret: str) -> bool:
@@ -95,49 +220,148 @@ def _signed_ok(request: web.Request, body: bytes, secret: str) -> bool:
     return bool(fresh)
 
 
-async def authorize(request: web.Request, *, allow_signature: bool = False) -> bytes:
-    """Check auth for a /v1 request; returns the raw body (read once)."""
-    svc = request.app[SERVICES_KEY]
-    body = await request.read()
-    if not svc.token and not svc.hmac_secret:
-        return body
+def _credentials_ok(request: web.Request, svc: Services) -> bool:
+    if svc.open:
+        return True
+    if not svc.token:
+        return False
     auth = request.headers.get("Authorization", "")
-    if svc.token and hmac.compare_digest(auth.encode(), f"Bearer {svc.token}".encode()):
-        return body
+    if hmac.compare_digest(auth.encode(), f"Bearer {svc.token}".encode()):
+        return True
+    cookie = request.cookies.get(REVIEW_COOKIE, "")
+    return bool(cookie) and hmac.compare_digest(cookie.encode(), svc.review_cookie().encode())
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused past ``limit`` bytes or ``BODY_SECONDS`` seconds."""
+    if request.content_length is not None and request.content_length > limit:
+        raise error(413, "request_entity_too_large", f"body over {limit:,} bytes")
+    chunks, size = [], 0
+    async with asyncio.timeout(BODY_SECONDS):
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                raise error(413, "request_entity_too_large", f"body over {limit:,} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def authorize(request: web.Request, *, allow_signature: bool = False) -> bytes | None:
+    """Check a /v1 request's credentials from its headers, before its body is read.
+    Returns the raw body when a signature had to be checked against it, else None
+    (the handler reads the body itself, bounded)."""
+    svc = request.app[SERVICES_KEY]
+    if _credentials_ok(request, svc):
+        return None
     if allow_signature and svc.hmac_secret and "X-Repost-Monitor-Signature" in request.headers:
+        slots = svc.body_slots()
+        if slots.locked():
+            raise ApiError(503, "busy", "too many signed bodies being checked; retry",
+                           headers={"Retry-After": "1"})
+        async with slots:
+            body = await read_body(request, MAX_BODY)
         if _signed_ok(request, body, svc.hmac_secret):
             return body
         raise error(401, "bad_signature", "signature missing, wrong, too old or replayed")
+    if not svc.token and not svc.hmac_secret:
+        raise error(401, "unauthorized", "this server listens off loopback: set server.token to use it")
     raise error(401, "unauthorized", "missing or wrong bearer token")
 
 
-def _json(body: bytes) -> dict:
+def _validate(model: type[BaseModel], doc):
     try:
-        doc = json.loads(body or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(400, "bad_json", f"body is not JSON: {exc}") from None
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False)[:10])
+        raise error(422, "invalid_body", problems) from None
+
+
+async def json_body(request: web.Request, model: type[BaseModel], raw: bytes | None = None):
+    """The JSON body validated by ``model`` (422 naming each bad field)."""
+    raw = raw if raw is not None else await read_body(request, MAX_JSON_BODY)
+    try:
+        doc = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise error(400, "bad_json", f"body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise error(400, "bad_json", "body must be a JSON object")
-    return doc
+    return _validate(model, doc)
 
 
-async def _multipart(request: web.Request, body: bytes) -> tuple[dict, list[tuple[str, bytes]]]:
-    """(form fields, uploaded files) from a multipart body already read (the
-    signature covers the raw body, so it is read before parsing)."""
-    import email.parser
-    import email.policy
-    head = f"Content-Type: {request.headers.get('Content-Type', '')}\r\n\r\n".encode()
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not msg.is_multipart():
-        raise error(400, "bad_multipart", "could not parse the multipart body")
-    fields, files = {}, []
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if part.get_filename():
-            files.append((part.get_filename(), payload))
-        elif name:
-            fields[name] = payload.decode(part.get_content_charset() or "utf-8", errors="replace")
+class _BufferedContent:
+    """A body already in memory (read to check its signature), readable the way
+    aiohttp's MultipartReader reads a request stream."""
+
+    def __init__(self, data: bytes):
+        self._data, self._pos = data, 0
+
+    async def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        out = self._data[self._pos:end]
+        self._pos += len(out)
+        return out
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        end = self._data.find(b"\n", self._pos)
+        end = len(self._data) if end < 0 else end + 1
+        if max_line_length is not None and end - self._pos > max_line_length:
+            raise ValueError("line too long")
+        out = self._data[self._pos:end]
+        self._pos = end
+        return out
+
+    def unread_data(self, data: bytes) -> None:
+        self._pos -= len(data)
+
+    def at_eof(self) -> bool:
+        return self._pos >= len(self._data)
+
+
+async def multipart_body(request: web.Request, raw: bytes | None = None,
+                         max_file: int = MAX_BODY) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """(form fields, uploaded files), streamed part by part: at most MAX_PARTS parts,
+    MAX_FILES files of ``max_file`` bytes, fields of MAX_FIELD_BYTES, all within
+    BODY_SECONDS. Nothing here parses a whole body in one call on the event loop."""
+    content = _BufferedContent(raw) if raw is not None else request.content
+    try:
+        reader = MultipartReader(request.headers, content)
+    except (AssertionError, ValueError, KeyError) as exc:
+        raise error(400, "bad_multipart", f"not a multipart body: {exc}") from None
+    fields: dict[str, str] = {}
+    files: list[tuple[str, bytes]] = []
+    parts = 0
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                parts += 1
+                if parts > MAX_PARTS:
+                    raise error(413, "too_many_parts", f"more than {MAX_PARTS} parts")
+                if not isinstance(part, BodyPartReader):
+                    raise error(400, "bad_multipart", "nested multipart bodies are not accepted")
+                is_file = part.filename is not None
+                if is_file and len(files) >= MAX_FILES:
+                    raise error(413, "too_many_files", f"more than {MAX_FILES} files")
+                cap = max_file if is_file else MAX_FIELD_BYTES
+                chunks, size = [], 0
+                while chunk := await part.read_chunk(65536):
+                    size += len(chunk)
+                    if size > cap:
+                        raise error(413, "request_entity_too_large", f"part {part.name!r} is over {cap:,} bytes")
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+                if is_file:
+                    files.append((part.filename or "upload", data))
+                elif part.name:
+                    text = data.decode(part.get_charset("utf-8"), errors="replace")
+                    if "\x00" in text:
+                        raise error(422, "invalid_body", f"{part.name}: NUL characters are not allowed")
+                    fields[part.name] = text
+    except (ValueError, LookupError, BadHttpMessage) as exc:
+        raise error(400, "bad_multipart", f"could not parse the multipart body: {str(exc)[:200]}") from None
     return fields, files
 
 
@@ -164,6 +388,10 @@ async def _fingerprint(request: web.Request, data: bytes, views: str = "query"):
         raise error(422, f"image_{exc.reason}", str(exc)) from None
 
 
+def _max_image(svc: Services) -> int:
+    return svc.fetcher.limits.max_image_bytes if svc.fetcher is not None else MAX_BODY
+
+
 # -- handlers -------------------------------------------------------------------
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
@@ -172,7 +400,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[READY_KEY]
     ok = bool(state.get("ready"))
-    return web.json_response({"ready": ok, **{k: v for k, v in state.items() if k != "ready"}},
+    return web.json_response({"ready": ok, "phase": state.get("phase", "starting"),
+                              **{k: v for k, v in state.items() if k not in ("ready", "phase")}},
                              status=200 if ok else 503)
 
 
@@ -181,63 +410,60 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+def _ok(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"), status=status)
+
+
+def _upload_url(data: bytes) -> str:
+    return f"upload:sha256:{hashlib.sha256(data).hexdigest()}"
+
+
 async def ingest(request: web.Request) -> web.Response:
-    body = await authorize(request, allow_signature=True)
+    raw = await authorize(request, allow_signature=True)
     svc = request.app[SERVICES_KEY]
     if _is_multipart(request):
-        fields, files = await _multipart(request, body)
+        fields, files = await multipart_body(request, raw, _max_image(svc))
         if not files:
             raise error(400, "no_image", "multipart ingest needs an image file part")
-        source = fields.get("source") or "ingest"
-        item_id = fields.get("id") or hashlib.sha256(files[0][1]).hexdigest()[:16]
-        work_ids = []
+        form = _validate(m.IngestForm, fields)
+        fingerprints = {}
         for _name, data in files:
-            fp = await _fingerprint(request, data)
-            url = f"upload:sha256:{hashlib.sha256(data).hexdigest()}"
-            item = FeedItem(source, item_id, (url,), fields.get("page_url"), fields.get("author"),
-                            _when(fields.get("published")))
-            work = svc.pipeline.record_items(source, [item], time.time())
-            for w in work:
-                await svc.pipeline.process_fingerprint(w, fp)
-                work_ids.append(w.id)
-        return web.json_response({"id": item_id, "work_ids": work_ids, "status": "processed"},
-                                 status=202)
-    doc = _json(body)
-    urls = doc.get("image_urls")
-    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-        raise error(422, "bad_image_urls", "'image_urls' must be a non-empty list of URLs")
-    if not all(u.startswith(("http://", "https://")) for u in urls):
-        raise error(422, "bad_image_urls", "only http(s) image URLs can be ingested")
-    source = str(doc.get("source") or "ingest")
-    item_id = str(doc.get("id") or hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16])
-    item = FeedItem(source, item_id, tuple(urls), doc.get("page_url"), doc.get("author"),
-                    _when(doc.get("published")))
+            fingerprints.setdefault(_upload_url(data), await _fingerprint(request, data))
+        source = form.source or "ingest"
+        item_id = form.id or hashlib.sha256(b"".join(sorted(u.encode() for u in fingerprints))).hexdigest()[:16]
+        # One item with every uploaded file: each gets its own work row.
+        item = FeedItem(source, item_id, tuple(fingerprints), form.page_url, form.author, form.published)
+        work = await asyncio.to_thread(svc.pipeline.record_items, source, [item], time.time())
+        for w in work:
+            await svc.pipeline.process_fingerprint(w, fingerprints[w.image_url])
+        return _ok(m.IngestResult(id=item_id, work_ids=[w.id for w in work],
+                                  status="processed" if work else "duplicate"), 202)
+    doc = await json_body(request, m.IngestRequest, raw)
+    urls = list(dict.fromkeys(doc.image_urls))
+    source = doc.source or "ingest"
+    item_id = doc.id or hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+    item = FeedItem(source, item_id, tuple(urls), doc.page_url, doc.author, doc.published)
     work = await svc.pipeline.submit(source, [item])
-    return web.json_response({"id": item_id, "work_ids": [w.id for w in work],
-                              "status": "queued" if work else "duplicate"}, status=202)
+    return _ok(m.IngestResult(id=item_id, work_ids=[w.id for w in work],
+                              status="queued" if work else "duplicate"), 202)
 
 
 async def check(request: web.Request) -> web.Response:
     """Match one image now. Records and alerts nothing unless asked with
     ``alert: true``, which records it like an ingested post (source ``check``)."""
-    body = await authorize(request)
+    await authorize(request)
     svc = request.app[SERVICES_KEY]
     if _is_multipart(request):
-        fields, files = await _multipart(request, body)
+        fields, files = await multipart_body(request, None, _max_image(svc))
         if not files:
             raise error(400, "no_image", "multipart check needs an image file part")
+        form = _validate(m.CheckForm, fields)
         data = files[0][1]
-        want_alert = fields.get("alert", "").lower() in ("1", "true", "yes")
-        url = f"upload:sha256:{hashlib.sha256(data).hexdigest()}"
-        page_url = fields.get("page_url")
+        want_alert = form.alert in ("1", "true", "yes")
+        url, page_url = _upload_url(data), form.page_url
     else:
-        doc = _json(body)
-        want_alert = doc.get("alert") is True
-        page_url = doc.get("page_url")
-        url = doc.get("url")
-        if not isinstance(url, str):
-            raise error(422, "bad_url", "give an uploaded image or JSON {\"url\": ...}")
-        from .fetch import FetchError
+        doc = await json_body(request, m.CheckRequest)
+        want_alert, page_url, url = doc.alert, doc.page_url, doc.url
         try:
             data = await svc.fetcher.fetch_image(url)
         except FetchError as exc:
@@ -246,34 +472,35 @@ async def check(request: web.Request) -> web.Response:
     fp = await _fingerprint(request, data)
     matches = await asyncio.get_running_loop().run_in_executor(
         svc.pipeline.executor, svc.matcher.match, fp)
-    entries = svc.library.entries_by_id(m.entry_id for m in matches)
+    entries = svc.library.entries_by_id(x.entry_id for x in matches)
     recorded = []
     if want_alert:
         item = FeedItem("check", hashlib.sha256(url.encode()).hexdigest()[:16], (url,), page_url)
-        for w in svc.pipeline.record_items("check", [item], time.time()):
+        for w in await asyncio.to_thread(svc.pipeline.record_items, "check", [item], time.time()):
             recorded += [r.id for r in await svc.pipeline.process_fingerprint(w, fp)]
-    return web.json_response({
-        "dhash": fp.dhash_hex, "phash": fp.phash_hex, "degenerate": fp.degenerate,
-        "recorded_match_ids": recorded,
-        "matches": [{"entry_id": m.entry_id, "label": entries[m.entry_id].label,
-                     "source": entries[m.entry_id].source, "tier": m.tier,
-                     "distance_bits": m.dhash_distance, "phash_distance_bits": m.phash_distance,
-                     "fine_distance_bits": m.fine_distance, "mirrored": m.mirrored}
-                    for m in matches if m.entry_id in entries]})
+    return _ok(m.CheckResult(
+        dhash=fp.dhash_hex, phash=fp.phash_hex, degenerate=fp.degenerate, recorded_match_ids=recorded,
+        matches=[m.CheckMatch(entry_id=x.entry_id, label=entries[x.entry_id].label,
+                              source=entries[x.entry_id].source, tier=x.tier,
+                              distance_bits=x.dhash_distance, phash_distance_bits=x.phash_distance,
+                              fine_distance_bits=x.fine_distance, mirrored=x.mirrored)
+                 for x in matches if x.entry_id in entries]))
 
 
-def _entry_json(e) -> dict:
-    return {"id": e.id, "source": e.source, "label": e.label, "width": e.width, "height": e.height,
-            "dhash": f"{e.dhash:016x}", "phash": f"{e.phash:016x}", "degenerate": e.degenerate,
-            "added_at": e.added_at}
+def _entry(e) -> m.Entry:
+    return m.Entry(id=e.id, source=e.source, label=e.label, width=e.width, height=e.height,
+                   dhash=f"{e.dhash:016x}", phash=f"{e.phash:016x}", degenerate=e.degenerate,
+                   added_at=iso(e.added_at))
 
 
-def _page(request: web.Request) -> tuple[int, int]:
+def _page(request: web.Request, default: int = 50) -> tuple[int, int]:
     try:
-        limit = min(500, max(1, int(request.query.get("limit", 50))))
-        offset = max(0, int(request.query.get("offset", 0)))
+        limit = int(request.query.get("limit", default))
+        offset = int(request.query.get("offset", 0))
     except ValueError:
         raise error(400, "bad_paging", "limit and offset must be integers") from None
+    if not 1 <= limit <= 500 or offset < 0:
+        raise error(400, "bad_paging", "limit must be 1..500 and offset >= 0")
     return limit, offset
 
 
@@ -281,81 +508,82 @@ async def library_list(request: web.Request) -> web.Response:
     await authorize(request)
     svc = request.app[SERVICES_KEY]
     limit, offset = _page(request)
-    entries = svc.library.entries(limit=limit, offset=offset)
-    return web.json_response({"entries": [_entry_json(e) for e in entries],
-                              "total": svc.library.stats()["entries"], "limit": limit, "offset": offset})
+    entries = await asyncio.to_thread(svc.library.entries, limit=limit, offset=offset)
+    total = (await asyncio.to_thread(svc.library.stats))["entries"]
+    return _ok(m.EntryList(entries=[_entry(e) for e in entries], total=total, limit=limit, offset=offset))
 
 
 async def library_add(request: web.Request) -> web.Response:
-    body = await authorize(request)
+    await authorize(request)
     svc = request.app[SERVICES_KEY]
     added, skipped = [], []
     if _is_multipart(request):
-        fields, files = await _multipart(request, body)
+        fields, files = await multipart_body(request, None, _max_image(svc))
         if not files:
             raise error(400, "no_image", "upload at least one image file part")
+        form = _validate(m.LibraryForm, fields)
         for name, data in files:
             try:
                 fp = await _fingerprint(request, data, "library")
             except web.HTTPException as exc:
-                skipped.append({"source": name, "error": json.loads(exc.text)["error"]["message"]})
+                skipped.append(m.Skipped(source=name, error=json.loads(exc.text)["error"]["message"]))
                 continue
             source = f"upload:{name}:sha256:{hashlib.sha256(data).hexdigest()[:16]}"
-            added.append(svc.library.add_fingerprint(source, fp, fields.get("label") or Path(name).stem))
+            added.append(await asyncio.to_thread(svc.library.add_fingerprint, source, fp,
+                                                 form.label or Path(name).stem))
     else:
-        doc = _json(body)
-        if "url" in doc:
-            from .fetch import FetchError
+        doc = await json_body(request, m.LibraryAddRequest)
+        if doc.url:
             try:
-                data = await svc.fetcher.fetch_image(str(doc["url"]))
+                data = await svc.fetcher.fetch_image(doc.url)
             except FetchError as exc:
                 raise error(422, f"fetch_{exc.reason}", str(exc)) from None
             fp = await _fingerprint(request, data, "library")
-            added.append(svc.library.add_fingerprint(str(doc["url"]), fp, doc.get("label")))
-        elif "folder" in doc:
-            folder = Path(str(doc["folder"])).resolve()
+            added.append(await asyncio.to_thread(svc.library.add_fingerprint, doc.url, fp, doc.label))
+        elif doc.folder:
+            folder = Path(doc.folder).resolve()
             if not any(folder.is_relative_to(Path(r).resolve()) for r in svc.library_folders):
                 raise error(403, "folder_not_allowed",
                             "server-side folders must be under server.library_folders")
-            report = await asyncio.to_thread(svc.library.add_files, [folder], label=doc.get("label"),
+            report = await asyncio.to_thread(svc.library.add_files, [folder], label=doc.label,
                                              progress=False)
             added += report.added
-            skipped += [{"source": s, "error": why} for s, why in report.skipped]
+            skipped += [m.Skipped(source=str(s), error=why) for s, why in report.skipped]
         else:
             raise error(422, "bad_request", "give an upload, {\"url\": ...} or {\"folder\": ...}")
-    return web.json_response({"added": [_entry_json(e) for e in added], "skipped": skipped},
-                             status=201 if added else 422)
+    return _ok(m.LibraryAddResult(added=[_entry(e) for e in added], skipped=skipped),
+               201 if added else 422)
 
 
 async def library_delete(request: web.Request) -> web.Response:
     await authorize(request)
     svc = request.app[SERVICES_KEY]
     entry_id = _int(request.match_info["id"])
-    if not svc.library.remove(entry_id):
+    if not await asyncio.to_thread(svc.library.remove, entry_id):
         raise error(404, "not_found", f"no library entry {entry_id}")
-    return web.json_response({"deleted": entry_id})
+    return _ok(m.Deleted(deleted=entry_id))
 
 
 async def library_allow(request: web.Request) -> web.Response:
-    body = await authorize(request)
+    await authorize(request)
     svc = request.app[SERVICES_KEY]
     entry_id = _int(request.match_info["id"])
+    doc = await json_body(request, m.AllowRequest)
     if svc.library.get(entry_id) is None:
         raise error(404, "not_found", f"no library entry {entry_id}")
-    doc = _json(body)
-    for key, kind in (("domains", "domain"), ("authors", "author"), ("sources", "source")):
-        values = doc.get(key) or []
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise error(422, "bad_allowance", f"'{key}' must be a list of strings")
-        set_allowances(svc.store, entry_id, kind, values)
-    return web.json_response({"entry_id": entry_id, "allowed": allowances(svc.store, entry_id)})
+    for values, kind in ((doc.domains, "domain"), (doc.authors, "author"), (doc.sources, "source")):
+        await asyncio.to_thread(set_allowances, svc.store, entry_id, kind, values)
+    return _ok(m.Allowances(entry_id=entry_id, allowed=allowances(svc.store, entry_id)))
 
 
 def _int(text: str) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise error(404, "not_found", f"{text!r} is not an id") from None
+        raise error(404, "not_found", f"{text[:40]!r} is not an id") from None
+    if not -(2 ** 63) <= value < 2 ** 63:
+        raise error(404, "not_found", "no such id")
+    return value
 
 
 MATCH_COLUMNS = ("id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, feed, "
@@ -382,24 +610,22 @@ async def matches_list(request: web.Request) -> web.Response:
     entries = svc.library.entries_by_id(r[2] for r in rows)
     out = []
     for r in rows:
-        m = dict(zip(keys, r, strict=True))
-        m["mirrored"] = bool(m["mirrored"])
-        e = entries.get(m["entry_id"])
-        m["library"] = {"label": e.label, "source": e.source} if e else None
-        out.append(m)
-    return web.json_response({"matches": out, "total": total, "limit": limit, "offset": offset})
+        row = dict(zip(keys, r, strict=True))
+        e = entries.get(row["entry_id"])
+        out.append(m.Match(**{**row, "mirrored": bool(row["mirrored"]), "published": iso(row["published"]),
+                              "detected_at": iso(row["detected_at"]),
+                              "library": m.LibraryRef(label=e.label, source=e.source) if e else None}))
+    return _ok(m.MatchList(matches=out, total=total, limit=limit, offset=offset))
 
 
 async def match_verdict(request: web.Request) -> web.Response:
-    body = await authorize(request)
+    await authorize(request)
     svc = request.app[SERVICES_KEY]
     match_id = _int(request.match_info["id"])
-    verdict = _json(body).get("verdict")
-    if verdict not in VERDICTS:
-        raise error(422, "bad_verdict", f"'verdict' must be one of {', '.join(VERDICTS)}")
-    if not set_verdict(svc.store, match_id, verdict):
+    doc = await json_body(request, m.VerdictRequest)
+    if not await asyncio.to_thread(set_verdict, svc.store, match_id, doc.verdict):
         raise error(404, "not_found", f"no match {match_id}")
-    return web.json_response({"id": match_id, "verdict": verdict})
+    return _ok(m.VerdictResult(id=match_id, verdict=doc.verdict))
 
 
 async def alerts_list(request: web.Request) -> web.Response:
@@ -409,63 +635,70 @@ async def alerts_list(request: web.Request) -> web.Response:
     if state not in (None, "pending", "delivered", "dead"):
         raise error(400, "bad_state", "state must be pending, delivered or dead")
     limit, _ = _page(request)
-    return web.json_response({"alerts": list_alerts(svc.store, state, limit)})
+    return _ok(m.AlertList(alerts=list_alerts(svc.store, state, limit)))
 
 
 async def alerts_resend(request: web.Request) -> web.Response:
-    body = await authorize(request)
+    await authorize(request)
     svc = request.app[SERVICES_KEY]
-    ids = _json(body).get("ids")
-    if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, int) for i in ids)):
-        raise error(422, "bad_ids", "'ids' must be a list of alert ids")
-    n = resend_dead(svc.store, ids)
+    doc = await json_body(request, m.ResendRequest)
+    n = await asyncio.to_thread(resend_dead, svc.store, doc.ids)
     if svc.pipeline.outbox is not None:
         svc.pipeline.outbox.committed()
-    return web.json_response({"requeued": n})
+    return _ok(m.Requeued(requeued=n))
 
 
-def _review_auth(request: web.Request) -> None:
-    """Browsers cannot send a bearer header on navigation: /review also takes ?token=."""
+def _review_auth(request: web.Request) -> web.Response | None:
+    """Browsers cannot send a bearer header on navigation: /review takes ?token= once,
+    answers with a same-site, HTTP-only cookie and a redirect to a URL without it."""
     svc = request.app[SERVICES_KEY]
+    if _credentials_ok(request, svc):
+        return None
+    given = request.query.get("token")
+    if svc.token and given and hmac.compare_digest(given.encode(), svc.token.encode()):
+        query = {k: v for k, v in request.query.items() if k != "token"}
+        resp = web.HTTPSeeOther(str(request.rel_url.with_query(query)))
+        resp.set_cookie(REVIEW_COOKIE, svc.review_cookie(), httponly=True, samesite="Strict",
+                        path="/", secure=request.secure)
+        raise resp
     if not svc.token:
-        return
-    given = request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ")
-    if not hmac.compare_digest(given.encode(), svc.token.encode()):
-        raise error(401, "unauthorized", "open /review?token=TOKEN")
+        raise error(401, "unauthorized", "this server listens off loopback: set server.token to use /review")
+    raise error(401, "unauthorized", "open /review?token=TOKEN once")
 
 
 async def review(request: web.Request) -> web.Response:
     """The latest matches side by side, with verdict buttons that call the API."""
-    from .report import Finding, render
     _review_auth(request)
     svc = request.app[SERVICES_KEY]
     limit, offset = _page(request)
     rows = svc.store.query("SELECT id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, "
-                           "feed, author, verdict, repost_dhash, suppressed FROM matches ORDER BY id DESC "
-                           "LIMIT ? OFFSET ?", (limit, offset))
+                           "feed, author, verdict, matched_repost_dhash, suppressed, page_url, matched_library_dhash "
+                           "FROM matches ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
     entries = svc.library.entries_by_id(r[2] for r in rows)
-    token = request.query.get("token")
     findings = []
-    for (mid, url, eid, tier, d, p, mirrored, feed, author, verdict, rd, suppressed) in rows:
+    for (mid, url, eid, tier, d, p, mirrored, feed, author, verdict, rd, suppressed, page,
+         ld) in rows:
         e = entries.get(eid)
-        lib_src = f"/review/library/{eid}.jpg" + (f"?token={token}" if token else "") if e else None
-        from .store import sql_to_u64
+        lib_src = f"/review/library/{eid}.jpg" if e else None
         findings.append(Finding(
             tier, f"library: {e.label if e else eid}", lib_src,
-            f"{url} ({feed}{', by ' + author if author else ''})",
-            url if url.startswith(("http://", "https://")) else None,
-            (e.dhash_mirror if mirrored else e.dhash) if e else None,
-            sql_to_u64(rd) if rd is not None else None, d, p,
+            f"{url} ({feed}{', by ' + author if author else ''})", None,
+            sql_to_u64(ld) if ld is not None else None,
+            sql_to_u64(rd) if rd is not None and ld is not None else None, d, p,
             ("mirrored; " if mirrored else "") + (f"no alert: {suppressed}" if suppressed else ""),
-            mid, verdict))
-    page = render("repost-monitor review", f"latest {len(rows)} matches", findings, review=True)
-    if token:
-        page = page.replace("<script>", f"<script>sessionStorage.setItem('rmToken',{json.dumps(token)});", 1)
-    return web.Response(text=page, content_type="text/html")
+            mid, verdict, right_link=page if page and page.startswith(("http://", "https://")) else None,
+            image_link=url if url.startswith(("http://", "https://")) else None))
+    page_html = render("repost-monitor review", f"latest {len(rows)} matches", findings, review=True)
+    # The page loads nothing from other sites (the repost image is linked, not embedded).
+    return web.Response(text=page_html, content_type="text/html", headers={
+        "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+                                   "script-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; "
+                                   "frame-ancestors 'none'; base-uri 'none'",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store"})
 
 
 async def review_library_image(request: web.Request) -> web.Response:
-    from .report import THUMB
     _review_auth(request)
     svc = request.app[SERVICES_KEY]
     entry = svc.library.get(_int(request.match_info["id"]))
@@ -484,18 +717,19 @@ async def review_library_image(request: web.Request) -> web.Response:
             return buf.getvalue()
     try:
         data = await asyncio.to_thread(thumb)
-    except OSError:
+    except (OSError, ValueError):
         raise error(404, "not_found", "the library file cannot be read") from None
-    return web.Response(body=data, content_type="image/jpeg")
+    return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "private"})
 
 
 async def openapi(request: web.Request) -> web.Response:
+    await authorize(request)
     from .openapi import OPENAPI
     return web.json_response(OPENAPI)
 
 
 def make_app(metrics_: Metrics, ready: dict, services: Services | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors, guard])
     app[METRICS_KEY] = metrics_
     app[READY_KEY] = ready
     app.router.add_get("/healthz", healthz)

@@ -190,7 +190,18 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE library_entries ADD COLUMN algorithm TEXT;
     """,
+    # 10: the dHashes of the two views that met (reports draw which bits differ), and
+    # facts about the store itself: a random id, the last start's write check
+    """
+    ALTER TABLE matches ADD COLUMN matched_repost_dhash INTEGER;
+    ALTER TABLE matches ADD COLUMN matched_library_dhash INTEGER;
+    CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as asked (missing, read-only); the message names the file."""
 
 
 def u64_to_sql(value: int) -> int:
@@ -210,17 +221,40 @@ class Store:
     a process kill.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, create: bool = True):
+        """Open (and bring up to date) the store at ``path``; with ``create=False`` a
+        missing file is an error instead of a new empty store (read-only commands:
+        a mistyped --db must not look like an empty library)."""
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, check_same_thread=False,
-                                    isolation_level=None, timeout=30)
-        self.lock = threading.RLock()
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+            if not create and not Path(self.path).is_file():
+                raise StoreError(f"no store at {self.path} (check --db or $REPOST_MONITOR_DB; "
+                                 "commands that only read never create one)")
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the folder of {self.path}: {exc.strerror or exc}") from None
+        try:
+            self.conn = sqlite3.connect(self.path, check_same_thread=False,
+                                        isolation_level=None, timeout=30)
+            self.lock = threading.RLock()
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+
+    def check_writable(self) -> None:
+        """A real write, so a read-only file or folder fails now, with the file's
+        name, not later inside the pipeline."""
+        import time
+        try:
+            with self.transaction() as conn:
+                conn.execute("INSERT OR REPLACE INTO store_meta VALUES ('last_start', ?)", (str(time.time()),))
+        except sqlite3.Error as exc:
+            raise StoreError(f"the store {self.path} cannot be written ({exc}); the daemon needs "
+                             "write access to the file and its folder") from None
 
     def _migrate(self) -> None:
         with self.transaction() as conn:

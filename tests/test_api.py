@@ -81,7 +81,8 @@ async def daemon(tmp_path, samples):
         task = asyncio.create_task(run_daemon(cfg, stop=stop, on_ready=lambda r: running.update(r=r),
                                               install_signals=False))
         await until(lambda: "r" in running)
-        async with aiohttp.ClientSession() as http:
+        # unsafe: keep cookies set by an IP-address host (the review page's cookie)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             yield {"api": Api(f"http://127.0.0.1:{running['r'].port}", http), "site": site,
                    "recv": recv, "feeds": feeds, "db": db, "running": running["r"]}
         stop.set()
@@ -114,11 +115,12 @@ async def test_auth_is_required_and_errors_are_json(daemon):
     status, page = await api.call("GET", "/review", auth=False, params={"token": TOKEN})
     assert status == 200 and "repost-monitor review" in page
     entry_id = (await api.call("GET", "/v1/library"))[1]["entries"][0]["id"]
+    # the cookie /review?token= set is the page's credential from then on
     status, _ = await api.call("GET", "/review/library/{id}.jpg", f"/review/library/{entry_id}.jpg",
-                               auth=False, params={"token": TOKEN})
+                               auth=False)
     assert status == 200
-    assert (await api.call("GET", "/review/library/{id}.jpg", "/review/library/999.jpg", auth=False,
-                           params={"token": TOKEN}))[0] == 404
+    assert (await api.call("GET", "/review/library/{id}.jpg", "/review/library/999.jpg",
+                           auth=False))[0] == 404
     status, doc = await api.call("GET", "/v1/openapi.json")
     assert status == 200 and doc == json.loads(json.dumps(OPENAPI))
 

@@ -199,7 +199,11 @@ def test_review_page_renders_and_records_a_verdict_by_click(tmp_path, samples):
                 async with Browser() as browser:
                     page = await browser.open(f"http://127.0.0.1:{running['r'].port}/review")
                     loaded, total = await page.images_loaded()
-                    assert (loaded, total) == (6, 6)  # library and repost side by side, 3 matches
+                    # the library side loads from us; the repost is linked, never loaded from its site
+                    assert (loaded, total) == (3, 3)
+                    links = await page.eval("[...document.querySelectorAll('.card a')].map(a => a.textContent)"
+                                            ".join(',')")
+                    assert links.count("the image") == 3
                     first = await page.eval("document.querySelector('.card').dataset.match")
                     await page.click(".card button[data-verdict=confirmed]")
                     await page.wait("document.querySelector('.card .verdict').textContent === 'confirmed'")

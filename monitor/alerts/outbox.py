@@ -17,10 +17,10 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime, UTC
 
 import aiohttp
 
+from ..isotime import iso
 from ..metrics import Metrics
 from ..store import Store
 from .sinks import DeliveryError
@@ -42,10 +42,6 @@ class SinkRule:
                 and (not self.sources or source in self.sources))
 
 
-def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
-
-
 def alert_payload(record, key: str) -> dict:
     m, w, e = record.match, record.work, record.entry
     return {
@@ -55,8 +51,8 @@ def alert_payload(record, key: str) -> dict:
         "decided_by": m.decided_by, "mirrored": m.mirrored,
         "library": {"id": e.id, "label": e.label, "source": e.source},
         "repost": {"image_url": w.image_url, "page_url": w.page_url, "source": w.feed,
-                   "item_id": w.item_id, "author": w.author, "published": _iso(w.published)},
-        "detected_at": _iso(record.detected_at),
+                   "item_id": w.item_id, "author": w.author, "published": iso(w.published)},
+        "detected_at": iso(record.detected_at),
         "lag_seconds": round(record.lag_seconds, 3) if record.lag_seconds is not None else None,
     }
 
@@ -266,5 +262,5 @@ def list_alerts(store: Store, state: str | None = None, limit: int = 100) -> lis
         params = (state,)
     rows = store.query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
     return [{"id": r[0], "sink": r[1], "state": r[2], "attempts": r[3], "last_error": r[4],
-             "alert": json.loads(r[5]), "created_at": _iso(r[6]), "delivered_at": _iso(r[7])}
+             "alert": json.loads(r[5]), "created_at": iso(r[6]), "delivered_at": iso(r[7])}
             for r in rows]
