@@ -135,6 +135,9 @@ def write_report(path: str, rows: list[MatchRow], bad) -> None:
     findings = [Finding(r.tier, r.library, thumb(r.library), r.input, thumb(r.input), r.library_dhash,
                         r.input_dhash, r.dhash_distance, r.phash_distance,
                         "mirrored copy" if r.mirrored else "") for r in rows]
+    # Unreadable inputs are named, with why, after the matches.
+    findings += [Finding("unreadable", "(not compared)", None, str(b.path), None, note=str(b.error))
+                 for b in bad]
     write(path, "repost-monitor match", f"{len(rows):,} matches; {len(bad):,} inputs unreadable", findings)
 
 

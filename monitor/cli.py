@@ -7,9 +7,8 @@ from pathlib import Path
 import json
 import os
 import sys
-from datetime import UTC, datetime
-
 from . import __version__
+from .isotime import iso
 
 DEFAULT_DB = os.environ.get("REPOST_MONITOR_DB", "repost-monitor.sqlite")
 
@@ -57,21 +56,23 @@ def cmd_hash(args) -> int:
     return 3 if failed else 0
 
 
-def _library(args):
-    from .library import Library
+def _store(args, *, writes: bool = False):
+    """The store of ``--db``; only commands that add to it may create it."""
     from .store import Store
-    return Library(Store(args.db))
+    return Store(args.db, create=writes)
 
 
 def cmd_library(args) -> int:
-    lib = _library(args)
+    from .library import Library
+    lib = Library(_store(args, writes=args.library_cmd in ("add", "import", "rehash")))
     if args.library_cmd == "add":
         _warm_up("fingerprint")
         report = lib.add_files(args.paths, label=args.label, cache=_cache(args),
                                progress=_progress(args))
         for source, why in report.skipped:
             print(f"[skip] {source}: {why}", file=sys.stderr)
-        print(f"[ok] added {len(report.added):,} images to {args.db} "
+        present = len(report.added) - report.new
+        print(f"[ok] {report.new:,} new, {present:,} already present in {args.db} "
               f"({len(lib.index):,} indexed)")
         return 3 if any(not why.startswith("degenerate") for _, why in report.skipped) else 0
     if args.library_cmd == "import":
@@ -88,7 +89,7 @@ def cmd_library(args) -> int:
         return 1 if missing else 0
     if args.library_cmd == "list":
         for e in lib.entries(limit=args.limit, offset=args.offset):
-            added = datetime.fromtimestamp(e.added_at, UTC).isoformat(timespec="seconds")
+            added = iso(e.added_at)
             if args.format == "jsonl":
                 print(json.dumps({"id": e.id, "source": e.source, "label": e.label,
                                   "width": e.width, "height": e.height,
@@ -99,7 +100,9 @@ def cmd_library(args) -> int:
                       + (f"\tdegenerate:{e.degenerate}" if e.degenerate else ""))
         return 0
     if args.library_cmd == "stats":
-        print(json.dumps(lib.stats(), indent=2))
+        stats = lib.stats()
+        stats.update(first_added=iso(stats["first_added"]), last_added=iso(stats["last_added"]))
+        print(json.dumps(stats, indent=2))
         return 0
     if args.library_cmd == "rehash":
         _warm_up("fingerprint")
@@ -114,8 +117,7 @@ def cmd_library(args) -> int:
 
 def cmd_alerts(args) -> int:
     from .alerts.outbox import list_alerts, resend_dead
-    from .store import Store
-    store = Store(args.db)
+    store = _store(args)
     if args.alerts_cmd == "list":
         for a in list_alerts(store, args.state, args.limit):
             if args.format == "jsonl":
@@ -133,18 +135,17 @@ def cmd_alerts(args) -> int:
 
 def cmd_matches(args) -> int:
     from .noise import set_verdict
-    from .store import Store
-    store = Store(args.db)
+    store = _store(args)
     if args.matches_cmd == "verdict":
         if not set_verdict(store, args.id, args.verdict):
             print(f"[error] no match {args.id}", file=sys.stderr)
             return 1
         print(f"[ok] match {args.id}: {args.verdict}")
         return 0
-    rows = store.query("SELECT id, tier, dhash_distance, image_url, entry_id, feed, verdict, suppressed "
-                       "FROM matches ORDER BY id DESC LIMIT ?", (args.limit,))
+    rows = store.query("SELECT id, detected_at, tier, dhash_distance, image_url, entry_id, feed, verdict, "
+                       "suppressed FROM matches ORDER BY id DESC LIMIT ?", (args.limit,))
     for r in rows:
-        print("\t".join("" if v is None else str(v) for v in r))
+        print("\t".join("" if v is None else str(v) for v in (r[0], iso(r[1]), *r[2:])))
     return 0
 
 
@@ -226,7 +227,7 @@ def cmd_group(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from . import catalog, report
+    from . import catalog
     _warm_up()
     rows, old_root, new_root = catalog.audit(args.old, args.new, _cache(args), progress=_progress(args))
     _write_table([{"status": r.status, "old": r.old or "", "new": r.new or "",
@@ -238,15 +239,32 @@ def cmd_audit(args) -> int:
     order = ("intact", "re-encoded", "moved", "altered", "missing", "new")
     print("[summary] " + ", ".join(f"{k} {counts.get(k, 0):,}" for k in order), file=sys.stderr)
     if args.report:
-        from .report import Finding, thumbnail_uri
-        findings = [Finding(r.status, f"OLD/{r.old}" if r.old else "(none)",
-                            thumbnail_uri(old_root / r.old) if r.old else None,
-                            f"NEW/{r.new}" if r.new else "(none)",
-                            thumbnail_uri(new_root / r.new) if r.new else None,
-                            None, None, r.dhash_distance, None, r.note) for r in rows]
-        report.write(args.report, "repost-monitor audit", "[summary] " + ", ".join(
-            f"{k} {counts.get(k, 0)}" for k in order), findings)
+        _audit_report(args.report, rows, old_root, new_root, counts, order)
     return 1 if counts.get("missing") or counts.get("altered") else 0
+
+
+# An audit of a big tree is mostly intact files: the report shows problems first, and
+# thumbnails of only this many intact ones (a 1,021-image audit was 20.6 MB with all).
+AUDIT_INTACT_THUMBNAILS = 50
+
+
+def _audit_report(path, rows, old_root, new_root, counts, order) -> None:
+    from .report import Finding, thumbnail_uri, write
+    problems_first = sorted(rows, key=lambda r: (("missing", "altered", "moved", "re-encoded", "new",
+                                                   "intact").index(r.status), r.old or r.new or ""))
+    findings, intact = [], 0
+    for r in problems_first:
+        thumbs = r.status != "intact" or intact < AUDIT_INTACT_THUMBNAILS
+        intact += r.status == "intact"
+        findings.append(Finding(r.status, f"OLD/{r.old}" if r.old else "(none)",
+                                thumbnail_uri(old_root / r.old) if r.old and thumbs else None,
+                                f"NEW/{r.new}" if r.new else "(none)",
+                                thumbnail_uri(new_root / r.new) if r.new and thumbs else None,
+                                None, None, r.dhash_distance, None, r.note))
+    summary = "[summary] " + ", ".join(f"{k} {counts.get(k, 0)}" for k in order)
+    if intact > AUDIT_INTACT_THUMBNAILS:
+        summary += f"; thumbnails of the first {AUDIT_INTACT_THUMBNAILS} intact files only"
+    write(path, "repost-monitor audit", summary, findings)
 
 
 def cmd_match(args) -> int:
@@ -298,6 +316,15 @@ def _add_scan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
 
+def _db_option(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """--db before the verb (``library --db X add``) or after it (``library add --db X``)."""
+    if top:
+        p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s, "
+                                                        "or $REPOST_MONITOR_DB)")
+    else:
+        p.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repost-monitor",
@@ -315,8 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("library", help="manage the protected library",
                        description="Manage the protected library stored in a SQLite file.")
-    p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s, "
-                                                    "or $REPOST_MONITOR_DB)")
+    _db_option(p, top=True)
     lsub = p.add_subparsers(dest="library_cmd", required=True, metavar="ACTION")
     a = lsub.add_parser("add", help="add image files or folders (recursive)")
     a.add_argument("paths", nargs="+")
@@ -343,11 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Exit 3 when any entry was left as it was.")
     a.add_argument("--all", action="store_true", help="every entry, current ones too")
     _add_scan_options(a)
+    for action in lsub.choices.values():
+        _db_option(action, top=False)
     p.set_defaults(func=cmd_library)
 
     p = sub.add_parser("alerts", help="list alerts, re-send dead ones",
                        description="Inspect the alert outbox of a store.")
-    p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s)")
+    _db_option(p, top=True)
     asub = p.add_subparsers(dest="alerts_cmd", required=True, metavar="ACTION")
     a = asub.add_parser("list", help="list alerts, newest first")
     a.add_argument("--state", choices=("pending", "delivered", "dead"))
@@ -355,17 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--format", choices=("text", "jsonl"), default="text")
     a = asub.add_parser("resend", help="queue dead-lettered alerts again")
     a.add_argument("ids", nargs="*", type=int, help="alert ids (default: every dead alert)")
+    for action in asub.choices.values():
+        _db_option(action, top=False)
     p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser("matches", help="list recorded matches, record verdicts",
                        description="Review the matches the daemon recorded.")
-    p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s)")
+    _db_option(p, top=True)
     msub = p.add_subparsers(dest="matches_cmd", required=True, metavar="ACTION")
     a = msub.add_parser("list", help="newest first: id, tier, distance, image, entry, feed, verdict")
     a.add_argument("--limit", type=int, default=50)
     a = msub.add_parser("verdict", help="confirmed | false_positive | authorized")
     a.add_argument("id", type=int)
     a.add_argument("verdict", choices=("confirmed", "false_positive", "authorized"))
+    for action in msub.choices.values():
+        _db_option(action, top=False)
     p.set_defaults(func=cmd_matches)
 
     p = sub.add_parser(
@@ -450,13 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .store import StoreError
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
+    except (FileNotFoundError, ValueError, StoreError) as exc:  # ConfigError is a ValueError
         print(f"repost-monitor: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `... list | head -1`: the reader has what it wanted. Point stdout at devnull
+        # so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("repost-monitor: interrupted", file=sys.stderr)
         return 130

@@ -249,15 +249,25 @@ def _location(loc: tuple, data: dict) -> str:
 
 
 def parse_config(data: dict, source: str = "config") -> Config:
+    """The validated config; every problem at once (missing environment variables and
+    schema errors together), each naming its key."""
     problems: list[str] = []
     data = _expand_env(data, "", problems)
+    # A key whose ${VAR} is missing would fail validation too: say it once.
+    unset = {p.split(":", 1)[0] for p in problems}
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = _location(e["loc"], data)
+            plain = re.sub(r" \([^)]*\)", "", where)
+            if not any(plain == key or plain.startswith(key + ".") or key.startswith(plain + ".")
+                       for key in unset):
+                problems.append(f"{where}: {e['msg']}")
+        raise ConfigError(problems, source) from None
     if problems:
         raise ConfigError(problems, source)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError([f"{_location(e['loc'], data)}: {e['msg']}" for e in exc.errors()],
-                          source) from None
+    return config
 
 
 def load_config(path: str | Path) -> Config:

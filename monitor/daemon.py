@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,6 +54,40 @@ def make_sink(cfg: AlertSinkConfig):
         sink.batch_size = cfg.batch_size
     return sink, SinkRule(frozenset(cfg.tiers), frozenset(cfg.labels), frozenset(cfg.sources),
                           cfg.max_attempts, cfg.backoff_base, cfg.backoff_max)
+
+
+async def _warm_up_unless_stopped(say: Callable[[str], None], stop: asyncio.Event) -> bool:
+    """Compile the kernels (~30 s on a machine's first run) in a daemon thread, so a
+    SIGTERM meanwhile stops the daemon at once: False if stopped first. (A thread of
+    the default executor would hold the process until the compiler finished.)"""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error else done.set_result(None)
+
+    def compile_kernels() -> None:
+        error = None
+        try:
+            warm_up(say)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # the loop is gone: the daemon stopped meanwhile
+            pass
+
+    threading.Thread(target=compile_kernels, name="compile-kernels", daemon=True).start()
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({done, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if done.done():
+        done.result()
+        return True
+    return False
 
 
 def _raise_open_file_limit() -> None:
@@ -109,7 +144,9 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
         else:
             port = None
         ready["phase"] = "compiling"
-        await asyncio.to_thread(warm_up, say)
+        if not await _warm_up_unless_stopped(say, stop):
+            log.info("stopped while compiling the kernels")
+            return
         ready["phase"] = "loading library"
         await _serve(config, store, metrics, ready, services, port, stop, on_match, on_ready)
     finally:
@@ -140,7 +177,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
     policy = config.alert_policy
     outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics,
                     flood_max=policy.flood_max, flood_window=policy.flood_window_minutes * 60)
-    async with Fetcher(config.limits.fetch_limits(local_roots)) as fetcher:
+    async with Fetcher(config.limits.fetch_limits(local_roots), observe=metrics.observe_fetch) as fetcher:
         pipeline = Pipeline(store, library, matcher, fetcher, metrics,
                             queue_size=config.limits.queue_size,
                             workers=config.limits.concurrency,

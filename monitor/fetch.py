@@ -16,6 +16,7 @@ import ipaddress
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -26,11 +27,21 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 from asyncio_throttle import Throttler
 
+from feeds.base import url_problem
+
 from . import __version__
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
                b"II*\x00", b"MM\x00*")
 REDIRECTS = (301, 302, 303, 307, 308)
+# Request headers kept across a redirect to another origin; all others (Authorization,
+# Cookie, X-Api-Key, whatever a feed's config added) are dropped.
+PORTABLE_HEADERS = frozenset({"accept", "if-none-match", "if-modified-since", "user-agent"})
+
+
+def _origin(url: str) -> tuple:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 class FetchError(Exception):
@@ -77,6 +88,24 @@ class FeedResponse:
     last_modified: str | None = None
 
 
+NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    value = int(ip)
+    if any(ip in net for net in NAT64_PREFIXES):
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if value >> 32 == 0 and value > 1:  # ::a.b.c.d (deprecated IPv4-compatible); not :: or ::1
+        return ipaddress.IPv4Address(value)
+    return None
+
+
 @dataclass
 class AddressGuard:
     allow_private: bool = False
@@ -89,8 +118,10 @@ class AddressGuard:
 
     def allows(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+        if ip.version == 6:
+            # An IPv6 address that carries an IPv4 one is judged by the IPv4 address it
+            # reaches: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d), NAT64, 6to4, Teredo.
+            ip = embedded_ipv4(ip) or ip
         if any(ip in net for net in self.allowed):
             return True
         if self.allow_private:
@@ -148,8 +179,13 @@ def image_magic_ok(head: bytes) -> bool:
 class Fetcher:
     """Use as ``async with Fetcher(limits) as f``; one per daemon."""
 
-    def __init__(self, limits: FetchLimits = FetchLimits()):
+    def __init__(self, limits: FetchLimits = FetchLimits(),
+                 observe: Callable[[str, float, float], None] | None = None):
+        """``observe(kind, wait, transfer)`` hears each completed request: the seconds it
+        waited for the per-host rate limit and a slot, and the seconds from sending it
+        to its last byte; kind is ``image`` or ``feed``."""
         self.limits = limits
+        self.observe = observe
         self.guard = AddressGuard.from_limits(limits)
         self._slots = asyncio.Semaphore(limits.concurrency)
         self._throttlers: dict[str, Throttler] = {}
@@ -188,7 +224,7 @@ class Fetcher:
     async def fetch_image(self, url: str) -> bytes:
         if urlsplit(url).scheme == "file":
             return await asyncio.to_thread(self._read_local, url)
-        body, ctype, _ = await self._get(url, self.limits.max_image_bytes, accept="image/*")
+        body, ctype, _ = await self._get(url, self.limits.max_image_bytes, accept="image/*", kind="image")
         if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream",
                                                                   "binary/octet-stream")):
             raise FetchError("not_image", f"content-type {ctype!r} from {url}")
@@ -206,7 +242,7 @@ class Fetcher:
         if last_modified:
             headers["If-Modified-Since"] = last_modified
         body, ctype, resp_headers = await self._get(url, self.limits.max_feed_bytes,
-                                                    headers=headers, accept=accept)
+                                                    headers=headers, accept=accept, kind="feed")
         if resp_headers is None:
             return FeedResponse(True, etag=etag, last_modified=last_modified)
         return FeedResponse(False, body, ctype, resp_headers.get("ETag") or etag,
@@ -227,9 +263,10 @@ class Fetcher:
             raise FetchError("unreadable", f"{path}: {exc.strerror or exc}") from None
 
     async def _check_host(self, url: str) -> str:
+        why = url_problem(url)
+        if why is not None:
+            raise FetchError("bad_url", f"{url[:300]!r}: {why}")
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError("bad_url", f"only http(s) URLs are fetched: {url!r}")
         host = parts.hostname
         if not self.guard.check_ip(host):
             loop = asyncio.get_running_loop()
@@ -244,13 +281,13 @@ class Fetcher:
         return host
 
     async def _get(self, url: str, max_bytes: int, *, headers: dict | None = None,
-                   accept: str = "*/*"):
+                   accept: str = "*/*", kind: str = "image"):
         """GET with retries; returns (body, content type, headers), or
         (b"", None, None) on 304 Not Modified."""
         attempt = 0
         while True:
             try:
-                return await self._get_once(url, max_bytes, headers or {"Accept": accept})
+                return await self._get_once(url, max_bytes, headers or {"Accept": accept}, kind)
             except FetchError as exc:
                 retryable = exc.reason in ("http_5xx", "rate_limited", "connection", "timeout")
                 attempt += 1
@@ -266,12 +303,19 @@ class Fetcher:
                     delay *= random.uniform(0.5, 1.0)  # jitter: retries do not stampede
                 await asyncio.sleep(delay)
 
-    async def _get_once(self, url: str, max_bytes: int, headers: dict):
+    async def _get_once(self, url: str, max_bytes: int, headers: dict, kind: str = "image"):
         assert self._session is not None, "use Fetcher as an async context manager"
+        origin = _origin(url)
         for _ in range(self.limits.max_redirects + 1):
+            if _origin(url) != origin:
+                # A feed's Authorization, cookies or API keys are for its own origin:
+                # a redirect elsewhere gets only what any client would send.
+                headers = {k: v for k, v in headers.items() if k.lower() in PORTABLE_HEADERS}
             host = await self._check_host(url)
             # Throttle before taking a slot: a host that must wait holds no slot.
+            queued = time.perf_counter()
             async with self._throttler(host), self._slots:
+                sent = time.perf_counter()
                 try:
                     async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
                         if resp.status in REDIRECTS and "Location" in resp.headers:
@@ -300,6 +344,8 @@ class Fetcher:
                                                               f"{max_bytes:,} bytes")
                             chunks.append(chunk)
                         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                        if self.observe is not None:
+                            self.observe(kind, sent - queued, time.perf_counter() - sent)
                         return b"".join(chunks), ctype or None, resp.headers
                 except FetchError:
                     raise
@@ -313,4 +359,6 @@ class Fetcher:
                     raise FetchError("blocked_address", str(exc)) from None
                 except (aiohttp.ClientError, OSError) as exc:
                     raise FetchError("connection", f"{url}: {exc!r}") from None
+                except (ValueError, UnicodeError) as exc:  # a URL the client cannot encode
+                    raise FetchError("bad_url", f"{url[:300]!r}: {exc}") from None
         raise FetchError("too_many_redirects", f"more than {self.limits.max_redirects} redirects")

@@ -185,8 +185,9 @@ _COLUMNS = ("id, source, label, width, height, dhash, phash, dhash_mirror, phash
 
 @dataclass(frozen=True, slots=True)
 class AddReport:
-    added: list[LibraryEntry]
+    added: list[LibraryEntry]            # every entry the files now have, new or already present
     skipped: list[tuple[str, str]]  # (source, why)
+    new: int = 0                         # of ``added``, entries that did not exist before
 
 
 class Library:
@@ -302,6 +303,7 @@ class Library:
         files = list(iter_image_files(paths))
         results = fingerprint_files(files, cache, progress=progress, desc="library", views="library")
         added, skipped = [], []
+        start = time.time()
         for r in results:
             source = str(r.path.resolve())
             if r.fingerprint is None:
@@ -311,7 +313,7 @@ class Library:
             added.append(entry)
             if entry.degenerate:
                 skipped.append((source, f"degenerate ({entry.degenerate}): stored, never matched"))
-        return AddReport(added, skipped)
+        return AddReport(added, skipped, sum(e.added_at >= start for e in added))
 
     def import_csv(self, path: str | Path, label: str | None = None) -> AddReport:
         """Import imagehash hex hashes: columns source, dhash[, phash, label].

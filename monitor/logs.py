@@ -31,8 +31,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class RepeatFilter(logging.Filter):
+    """At most ``burst`` lines per ``window`` seconds with the same logger, level and
+    message template; the rest are counted and the count is told with the next line
+    that passes. A flood of one error (a socket out of file descriptors, a feed
+    failing every second) cannot fill a disk or hide everything else."""
+
+    def __init__(self, burst: int = 5, window: float = 60.0, clock=time.monotonic):
+        super().__init__()
+        self.burst, self.window, self.clock = burst, window, clock
+        self._seen: dict[tuple, list] = {}  # key -> [window start, count in window, suppressed]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        state = self._seen.get(key)
+        if state is None or now - state[0] >= self.window:
+            suppressed = state[2] if state else 0
+            self._seen[key] = [now, 1, 0]
+            if len(self._seen) > 10_000:  # bounded: forget the oldest templates
+                for old in list(self._seen)[:5_000]:
+                    del self._seen[old]
+            if suppressed:
+                record.msg = f"{record.msg} [{suppressed} more like this in the last {self.window:g} s]"
+            return True
+        state[1] += 1
+        if state[1] > self.burst:
+            state[2] += 1
+            return False
+        return True
+
+
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

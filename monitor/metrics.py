@@ -75,6 +75,12 @@ class Metrics:
                                                "From alert created to delivered", ["sink"],
                                                buckets=LAG_BUCKETS, registry=r)
 
+    def observe_fetch(self, kind: str, wait: float, transfer: float) -> None:
+        """An image request's throttle wait and transfer time, apart (Fetcher.observe)."""
+        if kind == "image":
+            self.throttle_wait_seconds.observe(wait)
+            self.download_seconds.observe(transfer)
+
     def init_labels(self, feeds: list[str], sinks: list[str], tiers=("exact", "near", "loose")) -> None:
         """Create the known label children at 0, so dashboards and rate() see
         every series from the first scrape, not only after the first event."""

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import multiprocessing
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -204,6 +205,14 @@ class Pipeline:
 
     def _feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
         self.metrics.feed_polls.labels(feed, "error").inc()
+        try:
+            self._write_feed_error(feed, exc, failures)
+        except sqlite3.Error as db_exc:  # the store is failing too: say so, keep watching
+            self.metrics.errors.labels("store").inc()
+            log.error("feed %s: cannot record its failure in %s: %s", feed, self.store.path, db_exc,
+                      extra={"feed": feed})
+
+    def _write_feed_error(self, feed: str, exc: Exception, failures: int) -> None:
         with self.store.transaction() as conn:
             conn.execute("INSERT INTO feed_state (feed, last_poll, consecutive_failures, last_error) "
                          "VALUES (?,?,?,?) ON CONFLICT (feed) DO UPDATE SET last_poll=excluded.last_poll, "
@@ -378,10 +387,16 @@ class Pipeline:
             try:
                 # Shielded: a stop while downloading still finishes this image.
                 await asyncio.shield(self.process(work))
-            except Exception:  # noqa: BLE001 - one bad image never stops a worker
+            except Exception as exc:  # noqa: BLE001 - one bad image never stops a worker
                 self.metrics.errors.labels("process").inc()
                 log.exception("processing %s failed", work.image_url,
                               extra={"feed": work.feed, "item_id": work.item_id, "url": work.image_url})
+                # A row left pending would wait for the next restart and fail the same way:
+                # it ends now, failed, with its reason.
+                try:
+                    self._finish(work, [], None, error=f"internal: {type(exc).__name__}: {exc}"[:500])
+                except Exception:  # noqa: BLE001 - the store itself is failing; logged above
+                    log.exception("could not record the failure of work %d", work.id)
             finally:
                 self._active -= 1
                 self.queue.task_done()
@@ -392,7 +407,7 @@ class Pipeline:
             fp, matches, downloaded_at, fetched = await self._fingerprint_and_match(work)
         except (FetchError, ImageError) as exc:
             self._finish(work, [], None, error=str(exc))
-            log.warning("image skipped: %s", exc, extra={**ctx, "reason": exc.reason})
+            log.warning("image skipped: %s: %s", work.image_url, exc, extra={**ctx, "reason": exc.reason})
             return []
         records = self._finish(work, matches, fp, new_image=fetched)
         self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
@@ -500,7 +515,6 @@ class Pipeline:
         while self._backlog >= self.backlog_limit:
             self._backlog_free.clear()
             await self._backlog_free.wait()
-        start = time.perf_counter()
         try:
             data = await self.fetcher.fetch_image(work.image_url)
         except FetchError as exc:
@@ -509,7 +523,6 @@ class Pipeline:
                 self._store_image_failure(work.image_url, exc)
             raise
         downloaded = time.perf_counter()
-        self.metrics.download_seconds.observe(downloaded - start)
         self.metrics.download_bytes.inc(len(data))
         self.metrics.images_downloaded.labels(work.feed).inc()
         loop = asyncio.get_running_loop()

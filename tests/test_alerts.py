@@ -2,6 +2,7 @@
 rate-limits and fails, dead letters and re-sending, per-sink filters."""
 
 import asyncio
+import re
 import hashlib
 import hmac
 import json
@@ -220,7 +221,8 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(tmp_path, samples)
     assert _time.monotonic() - start < 120
     matches = query(db, "SELECT id FROM matches ORDER BY id")
     assert len(matches) == n
-    assert sorted(first_seen) == sorted(f"rm-{m}-hook" for (m,) in matches)  # every alert arrived
+    keys = dict(query(db, "SELECT match_id, idempotency_key FROM alerts WHERE sink = 'hook'"))
+    assert sorted(first_seen) == sorted(keys[m] for (m,) in matches)  # every alert arrived
     # In order per sink, and a re-send (same key) happens only for a delivery cut by the kill.
     assert first_seen == sorted(first_seen, key=lambda k: int(k.split("-")[1]))
     assert len(received) - len(first_seen) <= 3
@@ -345,7 +347,9 @@ async def test_a_backlog_after_an_outage_drains_in_ordered_batches(tmp_path):
     assert probes[0] >= 1 and set(probes[1:]) == {1}
     keys = [k for req in hook_requests for k in req]
     matches = [m for (m,) in store.query("SELECT id FROM matches ORDER BY id")]
-    assert keys == [f"rm-{m}-hook" for m in matches]       # every alert once, in order
+    stored = dict(store.query("SELECT match_id, idempotency_key FROM alerts WHERE sink = 'hook'"))
+    assert keys == [stored[m] for m in matches]       # every alert once, in order
+    assert all(re.fullmatch(rf"rm-{m}-hook-[0-9a-f]{{8}}", stored[m]) for m in matches)
     assert len(hook_requests) <= 4 and max(len(r) for r in hook_requests) == 50
     sections = [b for msg in slack_messages for b in msg["blocks"] if b["type"] == "section"]
     assert len(sections) == 120 and all(len(msg["blocks"]) <= 50 for msg in slack_messages)

@@ -1,6 +1,8 @@
 """The repost-monitor command run as a user would: a subprocess on real files."""
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -79,7 +81,10 @@ def test_library_commands_and_store(tree, tmp_path):
     db = tmp_path / "lib.sqlite"
     cache = tmp_path / "cache.sqlite"
     r = run("library", "--db", db, "add", tree / "library", "--cache", cache)
-    assert r.returncode == 0 and "added 6 images" in r.stdout
+    assert r.returncode == 0 and "6 new, 0 already present" in r.stdout
+    # again, with --db after the verb: nothing new, and it says so
+    r = run("library", "add", "--db", db, tree / "library", "--cache", cache)
+    assert r.returncode == 0 and "0 new, 6 already present" in r.stdout, r.stderr
     r = run("library", "--db", db, "list", "--format", "jsonl")
     entries = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(entries) == 6
@@ -95,6 +100,45 @@ def test_library_commands_and_store(tree, tmp_path):
     assert r.returncode == 1
     stats = json.loads(run("library", "--db", db, "stats").stdout)
     assert stats["entries"] == 5
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", stats["first_added"])
+
+
+def test_read_commands_refuse_a_missing_store(tmp_path):
+    typo = tmp_path / "lbrary.sqlite"
+    for args in (("library", "--db", typo, "list"), ("library", "stats", "--db", typo),
+                 ("matches", "--db", typo, "list"), ("alerts", "list", "--db", typo)):
+        r = run(*args)
+        assert r.returncode == 2 and f"no store at {typo}" in r.stderr, (args, r.stderr)
+    assert not typo.exists()
+
+
+def test_listing_into_head_ends_quietly(tmp_path):
+    """`library list | head -1`: the reader closes the pipe; no BrokenPipeError traceback."""
+    db, csv = tmp_path / "big.sqlite", tmp_path / "hashes.csv"
+    csv.write_text("source,dhash,phash,label\n" + "".join(
+        f"https://example.org/{i}.jpg,{i * 2654435761 % 2**64:016x},{i * 40503 % 2**64:016x},"
+        f"label-{i}\n" for i in range(1, 6001)))
+    assert run("library", "--db", db, "import", csv).returncode == 0
+    for command in ("library --db {db} list", "library --db {db} list --format jsonl"):
+        r = subprocess.run(f"{shlex.quote(sys.executable)} -m monitor {command.format(db=db)} | head -1",
+                           shell=True, capture_output=True, text=True, timeout=120)
+        assert len(r.stdout.splitlines()) == 1
+        assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_check_config_reports_every_problem_at_once(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[server]\ntoken = "${RM_TEST_UNSET_TOKEN}"\nport = 99999\n'
+                   '[[feeds]]\nname = "a b"\ntype = "rss"\nurl = "https://example.org/rss"\n'
+                   '[[alerts]]\nname = "s"\ntype = "slack"\nurl = "${RM_TEST_UNSET_SLACK}"\n')
+    r = run("check-config", cfg)
+    assert r.returncode == 2
+    for problem in ("server.token: environment variable RM_TEST_UNSET_TOKEN is not set",
+                    "alerts[0].url: environment variable RM_TEST_UNSET_SLACK is not set",
+                    "feeds[0] (a b).name", "server.port"):
+        assert problem in r.stderr, r.stderr
+    # the missing ${VAR} is reported once, not again as an invalid url
+    assert "needs an http(s) 'url'" not in r.stderr
 
 
 def test_hash_prints_imagehash_hex(samples):

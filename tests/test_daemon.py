@@ -232,7 +232,9 @@ async def test_every_feed_kind_end_to_end_with_bad_input(tmp_path, samples, capl
         assert f'reason="{reason}"' in metrics
     assert 'repost_monitor_feed_polls_total{feed="broken",result="error"}' in metrics
     assert any("feed broken failed (malformed_xml" in m for m in caplog.messages)
-    assert any("image skipped: not_image" in m for m in caplog.messages)
+    # the text log of a failed image names its URL
+    assert any(m.startswith("image skipped: http://") and "page.jpg" in m and "not_image" in m
+               for m in caplog.messages)
     state = dict(query(db, "SELECT feed, consecutive_failures FROM feed_state"))
     assert state["broken"] >= 1 and state["rss"] == 0
 

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import random
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -81,7 +82,9 @@ class Outbox:
         for sink, rule in self.sinks:
             if not rule.accepts(record.match.tier, record.entry.label, record.work.feed):
                 continue
-            key = f"rm-{record.id}-{sink.name}"
+            # The random part keeps keys unique across stores and restores of a backup (match
+            # ids repeat there); a re-send of this alert reuses the stored key.
+            key = f"rm-{record.id}-{sink.name}-{secrets.token_hex(4)}"
             payload = alert_payload(record, key)
             kind = "match"
             # Counted only up to flood_max, through the (entry_id, detected_at) index: the cost

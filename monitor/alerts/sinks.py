@@ -39,6 +39,17 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return "v1=" + mac.hexdigest()
 
 
+def mrkdwn(text) -> str:
+    """Untrusted text for Slack mrkdwn: ``&``, ``<``, ``>`` escaped (so ``<!channel>``
+    cannot ping anyone and ``<url|text>`` cannot forge a link), and the formatting
+    characters neutralised with a zero-width space so a label cannot break out of
+    its italics or bold."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for ch in ("*", "_", "~", "`"):
+        text = text.replace(ch, ch + "\u200b")
+    return text
+
+
 def summary(alert: dict) -> str:
     flip = ", mirrored" if alert["mirrored"] else ""
     if alert.get("flood"):
@@ -111,6 +122,11 @@ class WebhookSink(HttpSink):
 SLACK_MAX_BATCH = 40
 
 
+def _link(url: str) -> str:
+    # Inside <url|text> only these three break the link syntax.
+    return url.replace("&", "&amp;").replace("<", "%3C").replace(">", "%3E").replace("|", "%7C")
+
+
 @dataclass
 class SlackSink(HttpSink):
     """Block Kit message per alert; a backlog of several arrives as digests."""
@@ -125,18 +141,18 @@ class SlackSink(HttpSink):
         blocks.append({"type": "context", "elements": [
             {"type": "mrkdwn", "text": f"alerts {keys} · detected {alerts[0]['detected_at']} "
                                        f"to {alerts[-1]['detected_at']}"}]})
-        return {"text": f"{len(alerts)} reposts found: " + "; ".join(summary(a) for a in alerts[:3])
+        return {"text": f"{len(alerts)} reposts found: " + "; ".join(mrkdwn(summary(a)) for a in alerts[:3])
                 + (" ..." if len(alerts) > 3 else ""), "blocks": blocks}
 
     def _section(self, alert: dict) -> dict:
         repost, lib = alert["repost"], alert["library"]
-        links = [f"<{repost['page_url']}|the post>" if repost.get("page_url") else None,
-                 f"<{lib['source']}|the original>" if lib["source"].startswith("http") else
-                 f"original: `{lib['source']}`"]
-        text = (f"*Repost of _{lib['label']}_* ({alert['tier']}, {alert['distance_bits']}/64 bits)\n"
+        links = [f"<{_link(repost['page_url'])}|the post>" if repost.get("page_url") else None,
+                 f"<{_link(lib['source'])}|the original>" if lib["source"].startswith("http") else
+                 f"original: {mrkdwn(lib['source'])}"]
+        text = (f"*Repost of _{mrkdwn(lib['label'])}_* ({alert['tier']}, {alert['distance_bits']}/64 bits)\n"
                 + " · ".join(x for x in links if x)
-                + f"\nsource: {repost['source']}"
-                + (f", by {repost['author']}" if repost.get("author") else ""))
+                + f"\nsource: {mrkdwn(repost['source'])}"
+                + (f", by {mrkdwn(repost['author'])}" if repost.get("author") else ""))
         section = {"type": "section", "text": {"type": "mrkdwn", "text": text}}
         if repost["image_url"].startswith("http"):
             section["accessory"] = {"type": "image", "image_url": repost["image_url"],
@@ -144,7 +160,7 @@ class SlackSink(HttpSink):
         return section
 
     def _message(self, alert: dict) -> dict:
-        return {"text": summary(alert), "blocks": [self._section(alert), {"type": "context", "elements": [
+        return {"text": mrkdwn(summary(alert)), "blocks": [self._section(alert), {"type": "context", "elements": [
             {"type": "mrkdwn", "text": f"alert {alert['idempotency_key']} · detected "
                                        f"{alert['detected_at']}"}]}]}
 
@@ -163,7 +179,8 @@ class DiscordSink(HttpSink):
             embed["url"] = repost["page_url"]
         if repost["image_url"].startswith("http"):
             embed["thumbnail"] = {"url": repost["image_url"]}
-        return {"content": summary(alert), "embeds": [embed]}
+        # Nobody is pinged, whatever a feed's author names or labels contain.
+        return {"content": summary(alert), "embeds": [embed], "allowed_mentions": {"parse": []}}
 
 
 @dataclass
