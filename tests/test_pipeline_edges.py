@@ -1,0 +1,293 @@
+"""One bad thing never stops the good things beside it: malformed feed items, URLs the
+HTTP client chokes on, a read-only store, restored backups, hostile redirects and
+addresses; and what users read: Slack and Discord text, logs, metrics, reports, docs."""
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from aiohttp import web
+
+from monitor.alerts.sinks import DiscordSink, SlackSink
+from monitor.config import Config, parse_config
+from monitor.daemon import run_daemon
+from monitor.fetch import AddressGuard, FetchError, Fetcher, FetchLimits
+from monitor.logs import RepeatFilter
+from monitor.metrics import Metrics
+from monitor.store import Store
+from tests.conftest import ROOT
+from tests.hosts import serve
+from tests.test_daemon import PhotoSite, config_for, make_library, query, until
+
+
+def one_feed(base, db, feed, **extra):
+    cfg = config_for(base, db, **extra)
+    return cfg.model_copy(update={"feeds": [f for f in cfg.feeds if f.name == feed]})
+
+
+class HostileFeeds(PhotoSite):
+    """An RSS feed and a JSON Feed where one item in six is malformed."""
+
+    def app(self):
+        app = super().app()
+        site = self
+
+        async def rss(request):
+            base = f"http://{request.host}"
+            good = "".join(f'<item><guid>g{i}</guid><link>{base}/p/{i}</link>'
+                           f'<enclosure url="{base}/img/{name}" type="image/jpeg" length="1"/></item>'
+                           for i, name in enumerate(site.good))
+            bad = ('<item><guid>bad</guid><enclosure url="http://[::1/x.jpg" type="image/jpeg" length="1"/>'
+                   '<description>&lt;img src="http://[::1/y.jpg"&gt;</description></item>')
+            return web.Response(text='<?xml version="1.0"?><rss version="2.0"><channel><title>x</title>'
+                                + bad + good + "</channel></rss>", content_type="application/rss+xml")
+
+        async def jsonfeed(request):
+            base = f"http://{request.host}"
+            items = [{"id": "a", "authors": 5, "image": f"{base}/img/{site.good[0]}"},
+                     {"id": "b", "url": 12345, "image": f"{base}/img/{site.good[1]}"},
+                     {"id": "c", "image": "http://[::1/x.jpg"},
+                     {"id": "d", "image": f"http://{'a' * 64}.example/x.jpg"},
+                     "not an item", {"id": {"nested": True}, "attachments": 7}]
+            items += [{"id": f"g{i}", "image": f"{base}/img/{name}"} for i, name in enumerate(site.good[2:])]
+            return web.json_response({"version": "https://jsonfeed.org/version/1.1", "items": items})
+
+        app.router.add_get("/hostile.xml", rss)
+        app.router.add_get("/hostile.json", jsonfeed)
+        return app
+
+
+async def test_a_bad_item_is_skipped_and_counted_and_the_rest_kept(tmp_path, samples):
+    site = HostileFeeds(samples)
+    site.good = ["small-chelsea.jpg", "flip-rocket.jpg", "q30-coffee.jpg", "other-apple.jpg",
+                 "other-baboon.jpg"]
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    async with serve(site.app()) as base:
+        cfg = config_for(base, db)
+        feeds = [{"name": "xml", "type": "rss", "url": f"{base}/hostile.xml", "interval": 0.3},
+                 {"name": "jf", "type": "jsonfeed", "url": f"{base}/hostile.json", "interval": 0.3}]
+        cfg = parse_config({**cfg.model_dump(), "feeds": feeds})
+        stop, running = asyncio.Event(), {}
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_ready=lambda r: running.update(r=r),
+                                              install_signals=False))
+        await until(lambda: query(db, "SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0] >= 10)
+        await asyncio.sleep(0.5)  # a few more polls: none of them backs off
+        metrics = running["r"].metrics.render().decode()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    by_feed = dict(query(db, "SELECT feed, COUNT(*) FROM work GROUP BY feed"))
+    assert by_feed == {"xml": 5, "jf": 5}  # every good item of both feeds got its work row
+    # the same 3 reposts in each feed: the same image URLs, fetched and matched once
+    assert query(db, "SELECT COUNT(*) FROM matches")[0][0] == 3
+    assert query(db, "SELECT feed, consecutive_failures FROM feed_state ORDER BY feed") == [("jf", 0), ("xml", 0)]
+    assert 'repost_monitor_feed_polls_total{feed="xml",result="error"} 0.0' in metrics
+    assert 'repost_monitor_feed_items_skipped_total{feed="xml",reason="bad_url"}' in metrics
+    assert 'repost_monitor_feed_items_skipped_total{feed="jf",reason="malformed_item"}' in metrics
+    skipped_jf = [line for line in metrics.splitlines() if line.startswith(
+        'repost_monitor_feed_items_skipped_total{feed="jf",reason="bad_url"}')]
+    assert float(skipped_jf[0].split()[-1]) >= 2
+
+
+async def test_a_pending_row_that_cannot_be_fetched_ends_failed_with_its_reason(tmp_path, samples):
+    """A row left by an older version (its URL no client can encode) is resumed and closed."""
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    store = Store(db)
+    bad = f"http://{'a' * 64}.example/x.jpg"
+    with store.transaction() as conn:
+        conn.execute("INSERT INTO work (feed, item_id, image_url, discovered_at) VALUES ('old', '1', ?, 0)",
+                     (bad,))
+    store.close()
+    async with serve(PhotoSite(samples).app()) as base:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(one_feed(base, db, "rss"), stop=stop, install_signals=False))
+        await until(lambda: query(db, "SELECT state FROM work")[0][0] != "pending")
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    state, error = query(db, "SELECT state, error FROM work")[0]
+    assert state == "failed" and error.startswith("bad_url")
+
+
+def test_a_read_only_store_fails_at_start_naming_the_file(tmp_path, samples):
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[store]\npath = "{db}"\n[server]\nenabled = false\n')
+    immutable = os.geteuid() == 0  # root writes through file modes: make the file immutable
+    if immutable:
+        if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+            pytest.skip("LOUD SKIP: running as root and chattr +i is not supported here")
+    else:
+        os.chmod(db, 0o444)
+    try:
+        r = subprocess.run([sys.executable, "-m", "monitor", "run", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert r.returncode == 2, r.stderr
+    assert str(db) in r.stderr and ("read-only" in r.stderr or "readonly" in r.stderr
+                                    or "cannot be written" in r.stderr or "cannot open" in r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+async def test_idempotency_keys_differ_after_restoring_a_backup(tmp_path, samples):
+    site = PhotoSite(samples)
+    db, backup = tmp_path / "m.sqlite", tmp_path / "backup.sqlite"
+    make_library(db, samples)
+    shutil.copy(db, backup)
+    cfg_alerts = {"alerts": [{"name": "out", "type": "file", "path": str(tmp_path / "a.jsonl")}]}
+    keys = []
+    async with serve(site.app()) as base:
+        for image in ("small-chelsea.jpg", "flip-rocket.jpg"):  # run, restore, run on another picture
+            site.posts[:] = [{"feed": "rss", "n": len(keys), "images": [image]}]
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_daemon(one_feed(base, db, "rss", **cfg_alerts), stop=stop,
+                                                  install_signals=False))
+            await until(lambda: query(db, "SELECT COUNT(*) FROM alerts WHERE state='delivered'")[0][0] == 1)
+            keys += [k for (k,) in query(db, "SELECT idempotency_key FROM alerts")]
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            shutil.copy(backup, db)
+            for suffix in ("-wal", "-shm"):
+                (tmp_path / f"m.sqlite{suffix}").unlink(missing_ok=True)
+    assert len(keys) == 2 and keys[0] != keys[1]
+    assert all(k.startswith("rm-1-out-") for k in keys)  # the same match id, different keys
+
+
+async def test_credentials_stay_with_their_origin_across_redirects():
+    seen = {}
+
+    async def feed_a(request):
+        seen["a"] = request.headers.get("Authorization")
+        target = request.query.get("to")
+        raise web.HTTPFound(target)
+
+    async def feed_b(request):
+        seen.setdefault("b", []).append((request.headers.get("Authorization"),
+                                         request.headers.get("X-Api-Key")))
+        return web.Response(text="<rss/>", content_type="application/rss+xml")
+
+    app_a, app_b = web.Application(), web.Application()
+    app_a.router.add_get("/feed", feed_a)
+    app_a.router.add_get("/same", feed_b)
+    app_b.router.add_get("/feed", feed_b)
+    runners = []
+    for app, host in ((app_a, "127.0.0.5"), (app_b, "127.0.0.6")):
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        runners.append((runner, site._server.sockets[0].getsockname()[1]))
+    (ra, pa), (rb, pb) = runners
+    try:
+        async with Fetcher(FetchLimits(allowed_networks=("127.0.0.0/8",), retries=0)) as f:
+            creds = {"Authorization": "Bearer feed-secret", "X-Api-Key": "k"}
+            await f.fetch_feed(f"http://127.0.0.5:{pa}/feed?to=http://127.0.0.6:{pb}/feed", headers=creds)
+            await f.fetch_feed(f"http://127.0.0.5:{pa}/feed?to=/same", headers=creds)
+    finally:
+        await ra.cleanup()
+        await rb.cleanup()
+    assert seen["a"] == "Bearer feed-secret"
+    assert seen["b"] == [(None, None), ("Bearer feed-secret", "k")]  # cross-origin: dropped; same: kept
+
+
+@pytest.mark.parametrize("host", ["[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::ffff:127.0.0.1]",
+                                  "[2001:0:4136:e378:8000:63bf:80ff:fffe]", "[64:ff9b::a9fe:a9fe]"])
+async def test_ipv6_forms_of_private_ipv4_are_refused(host):
+    assert not AddressGuard().allows(host.strip("[]"))
+    async with Fetcher(FetchLimits(retries=0)) as f:
+        with pytest.raises(FetchError) as err:
+            await f.fetch_image(f"http://{host}:9/x.jpg")
+    assert err.value.reason == "blocked_address"
+    assert AddressGuard().allows("64:ff9b::808:808")  # NAT64 of a public address is public
+
+
+async def test_download_time_excludes_the_wait_for_the_host_rate_limit(samples):
+    data = (samples / "other-apple.jpg").read_bytes()
+    app = web.Application()
+
+    async def image(request):
+        return web.Response(body=data, content_type="image/jpeg")
+    app.router.add_get("/{n}.jpg", image)
+    metrics = Metrics()
+    async with serve(app) as base:
+        limits = FetchLimits(allowed_networks=("127.0.0.0/8",), per_host_rate=2.0, retries=0)
+        async with Fetcher(limits, observe=metrics.observe_fetch) as f:
+            await asyncio.gather(*(f.fetch_image(f"{base}/{i}.jpg") for i in range(6)))
+    download = metrics.download_seconds.collect()[0].samples
+    wait = metrics.throttle_wait_seconds.collect()[0].samples
+    get = lambda samples_, suffix: next(s.value for s in samples_ if s.name.endswith(suffix))  # noqa: E731
+    assert get(download, "_count") == 6 and get(wait, "_count") == 6
+    assert get(download, "_sum") < 1.0      # loopback transfers of 80 KB
+    assert get(wait, "_sum") > 1.0          # 6 requests at 2 per second wait their turn
+
+
+def test_slack_and_discord_text_cannot_ping_or_break_formatting():
+    alert = {"idempotency_key": "rm-1-s-00", "tier": "near", "distance_bits": 3, "decided_by": "dhash",
+             "mirrored": False, "detected_at": "2026-11-30T00:00:00+00:00",
+             "library": {"label": "my__label_*bold*", "source": "https://ex.org/a.jpg?x=1&y=<2>"},
+             "repost": {"image_url": "https://cdn.ex/p.jpg", "page_url": "https://ex.org/p|<!here>",
+                        "source": "feed<@U123>", "author": "<!channel> user0 & co"}}
+    slack = json.dumps(SlackSink("s", "https://hooks.example").body([alert]))
+    for raw in ("<!channel>", "<!here>", "<@U123>", "y=<2>"):
+        assert raw not in slack, raw
+    assert "&lt;!channel&gt; user0 &amp; co" in slack
+    digest = json.dumps(SlackSink("s", "https://hooks.example").body([alert, alert]))
+    assert "<!channel>" not in digest
+    section = SlackSink("s", "u").body([alert])["blocks"][0]["text"]["text"]
+    label = section.split("Repost of _", 1)[1].split("_*", 1)[0]
+    assert "_" not in label.replace("_\u200b", "") and "*" not in label.replace("*\u200b", "")
+    discord = DiscordSink("d", "https://discord.example").body([alert])
+    assert discord["allowed_mentions"] == {"parse": []}
+
+
+def test_a_flood_of_one_log_line_is_rate_limited(capsys):
+    clock = [0.0]
+    logger = logging.getLogger("rm-test-flood")
+    handler = logging.StreamHandler()
+    handler.addFilter(RepeatFilter(burst=5, window=60, clock=lambda: clock[0]))
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for _ in range(10_000):
+            logger.error("socket.accept() out of system resource")
+        logger.error("something else")
+        clock[0] = 61.0
+        logger.error("socket.accept() out of system resource")
+    finally:
+        logger.removeHandler(handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5 + 1 + 1
+    assert lines[-1] == "socket.accept() out of system resource [9995 more like this in the last 60 s]"
+
+
+def test_example_config_documents_every_key():
+    text = (ROOT / "examples" / "config.toml").read_text()
+    uncommented = "\n".join(line.lstrip("# ") if line.lstrip().startswith("#") else line
+                            for line in text.splitlines())
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            inner = getattr(ann, "__args__", (ann,))
+            sub = next((a for a in inner if isinstance(a, type) and hasattr(a, "model_fields")), None)
+            if sub is not None:
+                yield from keys(sub, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+    missing = [k for k in keys(Config) if not any(
+        line.strip().startswith(k.rsplit(".", 1)[-1] + " ") or line.strip().startswith(k.rsplit(".", 1)[-1] + "=")
+        for line in uncommented.splitlines())]
+    assert not missing, f"examples/config.toml lacks {missing}"
+    sections = {k.split(".", 1)[0] for k in keys(Config)}
+    for section in sections:
+        assert f"[{section}]" in uncommented or f"[[{section}]]" in uncommented, section
+    tomllib.loads(text)  # and it is valid TOML as shipped
