@@ -172,3 +172,25 @@ def test_daemon_demo_prints_detections_and_exits():
     assert len(detections) >= 4
     summary = r.stdout.splitlines()[-1]
     assert summary.startswith("[demo] done: 16 posts") and "0 false alarms" in summary
+
+
+def test_audit_report_shows_problems_first_and_caps_intact_thumbnails(tmp_path):
+    import random
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    rng = random.Random(3)
+    for i in range(56):
+        img = Image.new("RGB", (48, 48))
+        img.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(48 * 48)])
+        img.save(old / f"p{i:02d}.png")
+        if i:  # p00 goes missing
+            shutil.copy(old / f"p{i:02d}.png", new / f"p{i:02d}.png")
+    report = tmp_path / "audit.html"
+    r = run("audit", old, new, "--report", report, "--no-cache")
+    assert r.returncode == 1 and "missing 1" in r.stderr
+    page = report.read_text()
+    kinds = re.findall(r'<div class="card" data-kind="([a-z-]+)"', page)
+    assert kinds[0] == "missing" and kinds.count("intact") == 55
+    assert page.count("data:image/jpeg;base64,") == 1 + 2 * 50  # the missing file, then 50 intact pairs
+    assert "thumbnails of the first 50 intact files only" in page

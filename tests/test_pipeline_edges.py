@@ -291,3 +291,35 @@ def test_example_config_documents_every_key():
     for section in sections:
         assert f"[{section}]" in uncommented or f"[[{section}]]" in uncommented, section
     tomllib.loads(text)  # and it is valid TOML as shipped
+
+
+def test_report_grids_show_the_views_that_matched_and_name_unreadable_inputs(tmp_path, samples):
+    """The grid of differing dHash bits is drawn from the two views that met: its red
+    cells are the distance reported beside it (a cropped repost matched through a crop
+    view used to show the whole pictures' 20-odd differing bits)."""
+    import re
+
+    from PIL import Image
+
+    from monitor.batch import open_library, match_files, write_report
+    from monitor.matcher import PRESETS
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in sorted(samples.glob("library-*.jpg")):
+        with Image.open(p) as img:
+            w, h = img.size
+            img.convert("RGB").crop((w // 8, h // 8, w - w // 8, h - h // 8)).save(inputs / f"crop-{p.name}")
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
+    library = open_library(str(samples), None, False, open(os.devnull, "w"))
+    rows, bad = match_files([str(inputs)], library, PRESETS["near"], best=True, progress=False,
+                            log=open(os.devnull, "w"))
+    assert len(rows) >= 4 and any(r.dhash_distance > 0 for r in rows)
+    report = tmp_path / "r.html"
+    write_report(str(report), rows, bad)
+    page = report.read_text()
+    cards = [c for c in page.split('<div class="card"')[1:] if 'class="bits"' in c]
+    assert len(cards) == len(rows)
+    for card in cards:
+        shown = int(re.search(r"dHash (\d+)/64 bits", card).group(1))
+        assert card.count('class="bd"') == shown
+    assert "broken.jpg" in page and 'data-kind="unreadable"' in page
