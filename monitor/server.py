@@ -551,8 +551,10 @@ async def library_add(request: web.Request) -> web.Response:
             skipped += [m.Skipped(source=str(s), error=why) for s, why in report.skipped]
         else:
             raise error(422, "bad_request", "give an upload, {\"url\": ...} or {\"folder\": ...}")
-    return _ok(m.LibraryAddResult(added=[_entry(e) for e in added], skipped=skipped),
-               201 if added else 422)
+    if not added:
+        why = "; ".join(f"{x.source}: {x.error}" for x in skipped[:10]) or "no image found"
+        raise error(422, "nothing_added", f"nothing was added: {why}"[:2000])
+    return _ok(m.LibraryAddResult(added=[_entry(e) for e in added], skipped=skipped), 201)
 
 
 async def library_delete(request: web.Request) -> web.Response:

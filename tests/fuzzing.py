@@ -120,6 +120,14 @@ def mutated_bytes(draw, seeds: list[bytes]) -> bytes:
     return bytes(data)
 
 
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 def check_feed(kind: str, body: bytes, tally: Tally) -> None:
     source = make_source(kind, "fuzz", "https://feed.example/x")
     try:
@@ -139,8 +147,9 @@ def check_feed(kind: str, body: bytes, tally: Tally) -> None:
 
 def feed_target(seeds: dict[str, list[bytes]], kind: str, tally: Tally, examples: int) -> Callable:
     strategy = mutated_bytes(seeds[kind])
-    if kind != "rss":
-        strategy = mutated_json(seeds[kind]) | strategy
+    json_seeds = [b for b in seeds[kind] if _is_json(b)]
+    if kind != "rss" and json_seeds:
+        strategy = mutated_json(json_seeds) | strategy
 
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))

@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+
+import pytest
 from aiohttp import web
 
 from monitor.daemon import run_daemon
@@ -156,6 +158,7 @@ async def test_dead_letters_are_kept_and_resendable(tmp_path, samples):
     assert Store(db).query("SELECT state FROM alerts") == [("delivered",)]
 
 
+@pytest.mark.slow
 def test_sigkill_during_delivery_loses_and_duplicates_nothing(tmp_path, samples):
     """The daemon as a subprocess, killed with SIGKILL while delivering, three times."""
     import signal as sig

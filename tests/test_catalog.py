@@ -15,6 +15,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from tests.browser import CHROMIUM, Browser
 
+pytestmark = pytest.mark.slow  # the commands as subprocesses, and Chromium
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "monitor", *map(str, args)], capture_output=True,

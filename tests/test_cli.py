@@ -12,6 +12,9 @@ import pytest
 from PIL import Image, ImageOps
 
 
+pytestmark = pytest.mark.slow  # every test here starts the command as a subprocess
+
+
 def run(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "monitor", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)

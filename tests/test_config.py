@@ -42,6 +42,7 @@ def test_secrets_from_environment(monkeypatch):
     assert parse_config(data).feeds[0].url.endswith("t=s3cret")
 
 
+@pytest.mark.slow  # a subprocess
 def test_check_config_command(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('[[feeds]]\nname = "f"\ntype = "folder"\npath = "inbox"\n')

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from aiohttp import web
 from PIL import Image, ImageOps
 
@@ -339,6 +340,7 @@ async def test_library_changes_take_effect_without_restart(tmp_path, samples):
     assert records[0].entry.label == "library-rocket"
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_lose_nothing(tmp_path, samples):
     """The daemon as a subprocess, killed with SIGKILL mid-way, then restarted."""
     site = PhotoSite(samples)
@@ -385,6 +387,7 @@ def test_sigkill_and_restart_lose_nothing(tmp_path, samples):
     assert all(1 <= site.hits.get(n, 0) <= 2 for n in names), site.hits
 
 
+@pytest.mark.slow  # spawns and kills worker processes
 async def test_fingerprint_processes_match_and_survive_a_killed_worker(tmp_path, samples):
     """limits.fingerprint_processes: decoding and hashing in worker processes
     give the same matches, and a worker killed mid-run (the OOM killer, a

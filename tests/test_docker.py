@@ -51,6 +51,7 @@ def test_compose_example_config_is_valid(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_install_entrypoint_and_healthcheck_in_a_clean_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -114,7 +114,8 @@ async def test_good_redirected_and_retried_downloads(jpeg):
 
 
 @pytest.mark.parametrize("path,reason", [
-    ("/broken", "http_5xx"), ("/stall", "timeout"), ("/drip", "timeout"), ("/huge", "too_large"),
+    ("/broken", "http_5xx"), pytest.param("/stall", "timeout", marks=pytest.mark.slow),
+    pytest.param("/drip", "timeout", marks=pytest.mark.slow), ("/huge", "too_large"),
     ("/declared_huge", "too_large"), ("/html", "not_image"), ("/html_as_image", "not_image"),
     ("/to_private", "blocked_address"), ("/loop", "too_many_redirects"), ("/missing", "http_4xx"),
 ])

@@ -6,6 +6,7 @@ import pytest
 from tests import fuzzing
 from tests.conftest import PAYLOADS, SAMPLES
 
+pytestmark = pytest.mark.slow  # a few hundred inputs per target: ~30 s in all
 SEEDS = fuzzing.load_seeds(PAYLOADS)
 
 

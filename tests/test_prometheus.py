@@ -18,10 +18,10 @@ from tests.conftest import ROOT
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (PROMETHEUS and PROMTOOL),
     reason="LOUD SKIP: Prometheus is not installed (apt-get install prometheus); .ci/run installs it, "
-           "so on CI this test runs")
+           "so on CI this test runs")]
 
 
 def free_port() -> int:
