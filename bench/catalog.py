@@ -25,16 +25,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def main() -> None:
     from PIL import Image
 
-    from monitor import kernel
-    from monitor.catalog import group_images, load_images
-    from monitor.matcher import PRESETS
-    from monitor.scan import FingerprintCache
+    from monitor.search import tiled as kernel
+    from monitor.warmup import warm_up
+    from monitor.tools.catalog import group_images, load_images
+    from monitor.search.matcher import PRESETS
+    from monitor.records.cache import FingerprintCache
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--copies", type=int, default=3, help="re-encoded copies of every 10th image")
     args = ap.parse_args()
-    kernel.warm_up()
+    warm_up(None)
+    kernel.warm_up()  # compiled before timing
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "tree"
         shutil.copytree(args.corpus, root / "originals",

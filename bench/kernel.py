@@ -20,7 +20,9 @@ import numpy as np
 from numba import njit
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from monitor import bitslice, kernel  # noqa: E402
+from monitor.search import bitslice
+from monitor.search import tiled as kernel  # noqa: E402
+from monitor.warmup import warm_up  # noqa: E402
 
 try:
     import faiss
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small workloads only")
     args = ap.parse_args()
     kernel.warm_up()
+    warm_up(None)
     print(f"cores: {os.cpu_count()}, faiss: {'yes' if faiss else 'not installed'}")
     run(args.quick, loaded=False)
     stop = mp.Event()

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from monitor.library import Library  # noqa: E402
-from monitor.store import Store  # noqa: E402
+from monitor.records.library import Library  # noqa: E402
+from monitor.records.store import Store  # noqa: E402
 
 
 def main() -> None:

@@ -169,9 +169,9 @@ def main() -> None:
     host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q), daemon=True)
     host.start()
     port = q.get()
-    from monitor.fingerprint import ALGORITHM_VERSION, fingerprint_bytes
-    from monitor.library import Library
-    from monitor.store import Store
+    from monitor.fingerprints import ALGORITHM_VERSION, fingerprint_bytes
+    from monitor.records.library import Library
+    from monitor.records.store import Store
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.sqlite")
         store = Store(path)

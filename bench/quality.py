@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from monitor.fingerprint import fingerprint_bytes  # noqa: E402
+from monitor.fingerprints import fingerprint_bytes  # noqa: E402
 
 try:
     import pdqhash
@@ -236,8 +236,8 @@ class Scores:
 
 def score_ours(q_fps, l_fps, views: bool, fine: bool = False) -> np.ndarray:
     """min over views (or whole views only), plain and mirrored, of dHash + pHash; with
-    ``fine``, the matcher's score (monitor.matcher: candidates verified by the fine hashes)."""
-    from monitor.matcher import FINE_CANDIDATE_SUM, LOOSE, fine_words
+    ``fine``, the matcher's score (monitor.search.matcher: candidates verified by the fine hashes)."""
+    from monitor.search.matcher import FINE_CANDIDATE_SUM, LOOSE, fine_words
     nq, nl = len(q_fps), len(l_fps)
     best = np.full((nq, nl), 10_000, np.int32)
     q_views = max(len(f) for f in q_fps) if views else 1
@@ -265,13 +265,13 @@ def score_ours(q_fps, l_fps, views: bool, fine: bool = False) -> np.ndarray:
 
 
 def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
-    """What ships: monitor.matcher.Matcher with its tiers on the same images."""
-    from monitor.library import LibraryIndex
-    from monitor.matcher import PRESETS, Matcher, query_rows
+    """What ships: monitor.search.matcher.Matcher with its tiers on the same images."""
+    from monitor.records.library import LibraryIndex
+    from monitor.search.matcher import PRESETS, Matcher, query_rows
     index = LibraryIndex()
     for i, views in enumerate(lib_o):
         index.add(i, dataclasses.replace(views[0], views=tuple(views[1:])))
-    print("\n== the shipped matcher (monitor.matcher tiers: exact, near, loose) ==")
+    print("\n== the shipped matcher (monitor.search.matcher tiers: exact, near, loose) ==")
     for tier in ("exact", "near", "loose"):
         matcher = Matcher(index, PRESETS[tier])
         qfps = [dataclasses.replace(v[0], views=tuple(v[1:])) for v in q_o]
@@ -299,10 +299,11 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
     matcher over a library of ``entries`` entries with all their views) against a
     plain dHash fingerprint and one kernel pass over one row per entry, timed in
     turns on the same images (a shared VM's speed drifts)."""
-    from monitor import kernel
-    from monitor.fingerprint import Fingerprint
-    from monitor.library import LibraryIndex
-    from monitor.matcher import PRESETS, Matcher
+    from monitor.search import tiled as kernel
+    from monitor.warmup import warm_up
+    from monitor.fingerprints import Fingerprint
+    from monitor.records.library import LibraryIndex
+    from monitor.search.matcher import PRESETS, Matcher
     rng = np.random.default_rng(0)
     index = LibraryIndex(capacity=entries * 8)
     for i, views in enumerate(lib_o):
@@ -316,6 +317,7 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
     matchers = {"near": Matcher(index, PRESETS["near"]), "loose": Matcher(index, PRESETS["loose"])}
     plain_rows = np.ascontiguousarray(filler[:, 0, 0])
     kernel.warm_up()
+    warm_up(None)
     # A seeded random sample: a stride would pick the same few of the 39
     # transformations over and over (the queries come library picture by picture).
     picked = [queries[i] for i in sorted(rng.choice(len(queries), min(sample, len(queries)),

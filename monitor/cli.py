@@ -7,14 +7,14 @@ from pathlib import Path
 import json
 import os
 import sys
-from . import __version__
-from .isotime import iso
+from monitor import __version__
+from monitor.isotime import iso
 
 DEFAULT_DB = os.environ.get("REPOST_MONITOR_DB", "repost-monitor.sqlite")
 
 
 def _cache(args):
-    from .scan import FingerprintCache, default_cache_path
+    from monitor.records.cache import FingerprintCache, default_cache_path
     if args.no_cache:
         return None
     return FingerprintCache(args.cache or default_cache_path())
@@ -30,12 +30,12 @@ def _say(text: str) -> None:
 
 def _warm_up(part: str = "all") -> None:
     """Compile or load the kernels first, saying so when it is the slow first run."""
-    from .warmup import warm_up
+    from monitor.warmup import warm_up
     warm_up(_say, part)
 
 
 def cmd_hash(args) -> int:
-    from .scan import fingerprint_files, iter_image_files
+    from monitor.scan import fingerprint_files, iter_image_files
     _warm_up("fingerprint")
     results = fingerprint_files(list(iter_image_files(args.files)), _cache(args),
                                 progress=_progress(args))
@@ -58,16 +58,17 @@ def cmd_hash(args) -> int:
 
 def _store(args, *, writes: bool = False):
     """The store of ``--db``; only commands that add to it may create it."""
-    from .store import Store
+    from monitor.records.store import Store
     return Store(args.db, create=writes)
 
 
 def cmd_library(args) -> int:
-    from .library import Library
+    from monitor.records.library import Library
+    from monitor.scan import add_files, rehash
     lib = Library(_store(args, writes=args.library_cmd in ("add", "import", "rehash")))
     if args.library_cmd == "add":
         _warm_up("fingerprint")
-        report = lib.add_files(args.paths, label=args.label, cache=_cache(args),
+        report = add_files(lib, args.paths, label=args.label, cache=_cache(args),
                                progress=_progress(args))
         for source, why in report.skipped:
             print(f"[skip] {source}: {why}", file=sys.stderr)
@@ -106,7 +107,7 @@ def cmd_library(args) -> int:
         return 0
     if args.library_cmd == "rehash":
         _warm_up("fingerprint")
-        report = lib.rehash(every=args.all, cache=_cache(args), progress=_progress(args))
+        report = rehash(lib, every=args.all, cache=_cache(args), progress=_progress(args))
         for source, why in report.skipped:
             print(f"[skip] {source}: {why}", file=sys.stderr)
         print(f"[ok] rehashed {len(report.added):,} entries in {args.db}; "
@@ -116,7 +117,7 @@ def cmd_library(args) -> int:
 
 
 def cmd_alerts(args) -> int:
-    from .alerts.outbox import list_alerts, resend_dead
+    from monitor.alerts.outbox import list_alerts, resend_dead
     store = _store(args)
     if args.alerts_cmd == "list":
         for a in list_alerts(store, args.state, args.limit):
@@ -134,7 +135,7 @@ def cmd_alerts(args) -> int:
 
 
 def cmd_matches(args) -> int:
-    from .noise import set_verdict
+    from monitor.records.verdicts import set_verdict
     store = _store(args)
     if args.matches_cmd == "verdict":
         if not set_verdict(store, args.id, args.verdict):
@@ -168,7 +169,7 @@ def _write_table(rows: list[dict], fmt: str, output: str | None) -> None:
 
 
 def _group_findings(groups):
-    from .report import Finding, thumbnail_uri
+    from monitor.tools.report import Finding, thumbnail_uri
     thumbs: dict = {}
 
     def thumb(p):
@@ -186,7 +187,8 @@ def _group_findings(groups):
 
 
 def cmd_dedupe(args, grouping: bool = False) -> int:
-    from . import catalog, report
+    from monitor.tools import catalog
+    from monitor.tools import report
     _warm_up()
     if grouping:
         groups, images, bad = catalog.group(args.folders, _cache(args), tier=args.tier,
@@ -227,7 +229,7 @@ def cmd_group(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from . import catalog
+    from monitor.tools import catalog
     _warm_up()
     rows, old_root, new_root = catalog.audit(args.old, args.new, _cache(args), progress=_progress(args))
     _write_table([{"status": r.status, "old": r.old or "", "new": r.new or "",
@@ -249,7 +251,7 @@ AUDIT_INTACT_THUMBNAILS = 50
 
 
 def _audit_report(path, rows, old_root, new_root, counts, order) -> None:
-    from .report import Finding, thumbnail_uri, write
+    from monitor.tools.report import Finding, thumbnail_uri, write
     problems_first = sorted(rows, key=lambda r: (("missing", "altered", "moved", "re-encoded", "new",
                                                    "intact").index(r.status), r.old or r.new or ""))
     findings, intact = [], 0
@@ -268,8 +270,8 @@ def _audit_report(path, rows, old_root, new_root, counts, order) -> None:
 
 
 def cmd_match(args) -> int:
-    from .batch import run_match
-    from .matcher import PRESETS, threshold_tiers
+    from monitor.tools.batch import run_match
+    from monitor.search.matcher import PRESETS, threshold_tiers
     tiers = threshold_tiers(args.threshold) if args.threshold is not None else PRESETS[args.tier]
     _warm_up()
     return run_match(args.inputs, args.library, tiers, best=args.best, fmt=args.format,
@@ -280,8 +282,8 @@ def cmd_match(args) -> int:
 def cmd_demo(args) -> int:
     import asyncio
 
-    from .demo import run_batch_demo, run_daemon_demo
-    from .logs import setup_logging
+    from monitor.tools.demo import run_batch_demo, run_daemon_demo
+    from monitor.logs import setup_logging
     if args.batch:
         _warm_up()
         return run_batch_demo()
@@ -292,9 +294,9 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     import asyncio
 
-    from .config import load_config
-    from .daemon import run_daemon
-    from .logs import setup_logging
+    from monitor.config import load_config
+    from monitor.daemon import run_daemon
+    from monitor.logs import setup_logging
     config = load_config(args.config)
     setup_logging(args.log_format or config.log.format, config.log.level)
     asyncio.run(run_daemon(config))
@@ -302,7 +304,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    from .config import load_config
+    from monitor.config import load_config
     config = load_config(args.config)
     print(f"{args.config}: ok ({len(config.feeds)} feeds, store {config.store.path})")
     return 0
@@ -419,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_options(p)
     p.set_defaults(func=cmd_match)
 
-    from .catalog import KEEP_POLICIES
+    from monitor.tools.catalog import KEEP_POLICIES
     for name, func, helptext, tier in (
             ("dedupe", cmd_dedupe, "groups of exact and near duplicates, one file kept per group", "near"),
             ("group", cmd_group, "variant groups at a looser tier (one shoot, edits of one picture)",
@@ -482,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .store import StoreError
+    from monitor.records.store import StoreError
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from feeds.registry import SOURCE_TYPES
 
-from .fetch import FetchLimits
-from .fingerprint import DEFAULT_MAX_PIXELS
+from monitor.fetch import FetchLimits
+from monitor.fingerprints import DEFAULT_MAX_PIXELS
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

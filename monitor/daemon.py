@@ -11,18 +11,19 @@ from dataclasses import dataclass, field
 
 from feeds import make_source
 
-from .alerts.outbox import Outbox, SinkRule
-from .alerts.sinks import SINK_TYPES
-from .config import AlertSinkConfig, Config
-from .fetch import Fetcher
-from .library import Library
-from .matcher import PRESETS, Matcher
-from .metrics import Metrics
-from .pipeline import FeedSettings, OnMatch, Pipeline
-from .scan import FingerprintCache, default_cache_path
-from .server import Services, make_app, start_server
-from .store import Store, StoreError
-from .warmup import warm_up
+from monitor.alerts.outbox import Outbox, SinkRule
+from monitor.alerts.sinks import SINK_TYPES
+from monitor.config import AlertSinkConfig, Config
+from monitor.fetch import Fetcher
+from monitor.records.library import Library
+from monitor.search.matcher import PRESETS, Matcher
+from monitor.metrics import Metrics
+from monitor.pipeline.pipeline import FeedSettings, OnMatch, Pipeline
+from monitor.records.cache import FingerprintCache, default_cache_path
+from monitor.scan import add_files
+from monitor.api.server import Services, make_app, start_server
+from monitor.records.store import Store, StoreError
+from monitor.warmup import warm_up
 
 log = logging.getLogger("repost_monitor.daemon")
 
@@ -161,7 +162,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
     library = await asyncio.to_thread(Library, store)
     if config.library.paths:
         cache = FingerprintCache(default_cache_path())
-        report = await asyncio.to_thread(library.add_files, config.library.paths,
+        report = await asyncio.to_thread(add_files, library, config.library.paths,
                                          label=config.library.label, cache=cache, progress=False)
         for source, why in report.skipped:
             log.warning("library: skipped %s: %s", source, why)

@@ -29,7 +29,7 @@ from asyncio_throttle import Throttler
 
 from feeds.base import url_problem
 
-from . import __version__
+from monitor import __version__
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
                b"II*\x00", b"MM\x00*")

@@ -8,9 +8,19 @@ running after ``notice_after`` seconds: the first run on a machine.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+# The compiled code production runs, and so the only code compiled at start (the tiled
+# kernels of monitor/search/tiled.py serve tests and bench/ and compile when first used).
+FINGERPRINT_KERNELS = ("monitor.fingerprints.fasthash",   # grids, DCT and the four hashes
+                       "monitor.fingerprints.views")      # frame and tilt detection
+PRODUCTION_KERNELS = FINGERPRINT_KERNELS + (
+    "monitor.search.bitslice",   # the radius search
+    "monitor.search.matcher",    # the candidates' verification pass
+)
 
 # Measured: all kernels from an empty NUMBA_CACHE_DIR in 29-31 s on a 2-core Xeon @ 2.5 GHz.
 COLD_START_SECONDS = 30
@@ -30,14 +40,9 @@ def warm_up(say: Callable[[str], None] | None, part: str = "all", notice_after: 
     """Compile or load the kernels ``part`` needs ("all", or "fingerprint" for the
     hash functions alone); calls ``say(notice)`` once if that takes longer than
     ``notice_after`` seconds."""
-    from . import fasthash, kernel, variants
-
     def run() -> None:
-        if part == "fingerprint":
-            fasthash.warm_up()
-            variants.warm_up()
-        else:
-            kernel.warm_up()
+        for kernels in (PRODUCTION_KERNELS if part == "all" else FINGERPRINT_KERNELS):
+            importlib.import_module(kernels).warm_up()
 
     if say is None:
         run()

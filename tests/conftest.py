@@ -38,5 +38,5 @@ def compiled_kernels():
     the on-disk cache before tests that time a daemon's start-up, as the
     Dockerfile does at build time for deployments.
     """
-    from monitor import kernel
-    kernel.warm_up()
+    from monitor.warmup import warm_up
+    warm_up(None)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from feeds import FeedError, FeedItem
 from feeds.base import clean_urls, url_problem
 from feeds.registry import make_source
+from monitor.scan import add_files
 
 SLOW_INPUT_SECONDS = 2.0  # one input taking longer than this is a finding (a hang in the making)
 
@@ -254,7 +255,7 @@ def image_seeds(folder: Path, limit: int = 12) -> list[bytes]:
 
 
 def image_target(seeds: list[bytes], tally: Tally, examples: int) -> Callable:
-    from monitor.fingerprint import ImageError, fingerprint_bytes
+    from monitor.fingerprints import ImageError, fingerprint_bytes
 
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(mutated_bytes(seeds) | st.binary(max_size=64))
@@ -275,10 +276,10 @@ class DaemonThread:
     """The real daemon on loopback in a thread of its own (hypothesis drives it synchronously)."""
 
     def __init__(self, db: Path, library_images: list[Path]):
-        from monitor.library import Library
-        from monitor.store import Store
+        from monitor.records.library import Library
+        from monitor.records.store import Store
         lib = Library(Store(db))
-        lib.add_files(library_images, progress=False)
+        add_files(lib, library_images, progress=False)
         lib.store.close()
         self.db = db
         self.loop = asyncio.new_event_loop()
@@ -369,7 +370,7 @@ def api_target(daemon: DaemonThread, tally: Tally, examples: int) -> Callable:
 
 def pending_work(db: Path, wait: float = 15.0) -> int:
     """Work rows still pending once the daemon has had ``wait`` seconds to finish them."""
-    from monitor.store import Store
+    from monitor.records.store import Store
     deadline = time.monotonic() + wait
     while True:
         store = Store(db, create=False)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from monitor.daemon import run_daemon
-from monitor.store import Store
+from monitor.records.store import Store
 from tests.hosts import serve
 from tests.test_daemon import PhotoSite, config_for, make_library, until
 
@@ -278,9 +278,9 @@ def _detect(store, outbox, n_alerts, start=1):
     """Record matches through the real outbox, as the pipeline's _finish does."""
     import time as _t
 
-    from monitor.library import LibraryEntry
-    from monitor.matcher import Match
-    from monitor.pipeline import MatchRecord, WorkItem
+    from monitor.records.library import LibraryEntry
+    from monitor.search.matcher import Match
+    from monitor.pipeline.pipeline import MatchRecord, WorkItem
     entry = LibraryEntry(1, "/photos/a.jpg", "a", 100, 100, 0, 0, 0, 0, None, 0.0)
     with store.transaction() as conn:
         for n in range(start, start + n_alerts):

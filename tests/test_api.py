@@ -17,12 +17,13 @@ from PIL import Image, ImageDraw, ImageOps
 
 from monitor.config import AlertSinkConfig, ConfigError, parse_config
 from monitor.daemon import run_daemon
-from monitor.openapi import OPENAPI
-from monitor.store import Store
+from monitor.api.openapi import OPENAPI
+from monitor.records.store import Store
 from tests.hosts import serve
 from tests.test_alerts import Receivers
-from monitor.library import Library
+from monitor.records.library import Library
 from tests.test_daemon import PhotoSite, config_for, jpeg, until
+from monitor.scan import add_files
 
 TOKEN, SECRET = "t0k-e2e", "ingest-secret"
 SEEN: list[tuple[str, str, int, object]] = []  # (method, route, status, json body)
@@ -67,7 +68,7 @@ async def daemon(tmp_path, samples):
     site, recv = PhotoSite(samples), Receivers()
     db = tmp_path / "m.sqlite"
     lib = Library(Store(db))  # the rocket picture is added later, through the API
-    lib.add_files([p for p in sorted(samples.glob("library-*.jpg")) if "rocket" not in p.name],
+    add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "rocket" not in p.name],
                   progress=False)
     lib.store.close()
     async with serve(site.app()) as feeds, serve(recv.app()) as receivers:
@@ -286,7 +287,7 @@ def test_openapi_matches_the_server_and_every_response_seen():
     from aiohttp import web
 
     from monitor.metrics import Metrics
-    from monitor.server import Services, make_app
+    from monitor.api.server import Services, make_app
     app = make_app(Metrics(), {}, Services())
     served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and isinstance(r.resource, web.Resource)}

@@ -181,7 +181,7 @@ def test_html_reports_render_every_thumbnail(catalog, migration, tmp_path, sampl
                                          ".ci/run installs it")
 def test_review_page_renders_and_records_a_verdict_by_click(tmp_path, samples):
     from monitor.daemon import run_daemon
-    from monitor.store import Store
+    from monitor.records.store import Store
     from tests.hosts import serve
     from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 

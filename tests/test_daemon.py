@@ -16,10 +16,11 @@ from PIL import Image, ImageOps
 
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
-from monitor.library import Library
-from monitor.store import Store
+from monitor.records.library import Library
+from monitor.records.store import Store
 from tests.conftest import PAYLOADS
 from tests.hosts import serve
+from monitor.scan import add_files
 
 
 def jpeg(img: Image.Image, quality=85) -> bytes:
@@ -166,7 +167,7 @@ def config_for(base, db, **extra):
 
 def make_library(db, samples):
     lib = Library(Store(db))
-    lib.add_files(sorted(samples.glob("library-*.jpg")), progress=False)
+    add_files(lib, sorted(samples.glob("library-*.jpg")), progress=False)
     lib.store.close()
 
 
@@ -330,7 +331,7 @@ async def test_library_changes_take_effect_without_restart(tmp_path, samples):
         assert records == []
         # Another process adds to the library while the daemon runs.
         other = Library(Store(db))
-        other.add_files([samples / "library-rocket.jpg"], progress=False)
+        add_files(other, [samples / "library-rocket.jpg"], progress=False)
         other.store.close()
         await asyncio.sleep(0.6)
         site.post("rss", 2, ["flip-rocket.jpg"])

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from monitor import fasthash
-from monitor.fingerprint import (
+from monitor.fingerprints import fasthash
+from monitor.fingerprints import (
     Fingerprint, ImageError, decode_grey, fingerprint_bytes, fingerprint_grey, from_hex, to_hex,
 )
 from tests.conftest import encode
@@ -91,7 +91,7 @@ def test_gif_uses_first_frame(picture):
 
 
 def test_turbo_decode_equals_pillows_draft_decode(samples):
-    from monitor import fingerprint as fpmod
+    from monitor.fingerprints import core as fpmod
     for path in sorted(samples.glob("*.jpg")):
         data = path.read_bytes()
         for min_side in (fpmod.DRAFT_MIN_SIDE, 192):  # the hashes' decode, the tilt's decode
@@ -238,7 +238,7 @@ def test_image_error_survives_pickling():
 def test_exif_orientation_reader_handles_both_byte_orders_and_bad_segments(picture):
     import struct as st
 
-    from monitor.fingerprint import _exif_orientation
+    from monitor.fingerprints.core import _exif_orientation
     plain = encode(picture.crop((0, 0, 64, 48)), "JPEG")
 
     def with_app1(payload: bytes) -> bytes:

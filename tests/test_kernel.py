@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from monitor import kernel
+from monitor.search import tiled as kernel
 
 u64 = st.integers(0, 2**64 - 1)
 libs = arrays(np.uint64, st.integers(0, 300), elements=u64)
@@ -90,7 +90,7 @@ def test_best_only_skips_pairs():
        lib=arrays(np.uint64, st.integers(0, 1500), elements=u64), radius=radii,
        threads=st.sampled_from([1, 2]))
 def test_bitsliced_pairs_match_reference(queries, lib, radius, threads):
-    from monitor import bitslice
+    from monitor.search import bitslice
     if lib.size and queries.size:  # near copies, so small radii have hits too
         queries = queries.copy()
         queries[::2] = lib[np.arange(0, queries.size, 2) % lib.size] ^ np.uint64(5)
@@ -104,7 +104,7 @@ def test_bitsliced_pairs_match_reference(queries, lib, radius, threads):
 
 
 def test_bitsliced_planes_hold_every_bit_and_many_hits_grow_the_buffers():
-    from monitor import bitslice
+    from monitor.search import bitslice
     rng = np.random.default_rng(11)
     lib = rng.integers(0, 2**64, size=5 * bitslice.BLOCK + 77, dtype=np.uint64)
     planes = bitslice.to_planes(lib).reshape(-1, 64, bitslice.WORDS)

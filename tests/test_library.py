@@ -8,18 +8,20 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
-from monitor.fingerprint import fingerprint_bytes
-from monitor.library import Library, LibraryIndex, mirror_dhash, mirror_phash
-from monitor.matcher import Matcher
-from monitor.scan import FingerprintCache, fingerprint_files, iter_image_files
-from monitor.store import Store
+from monitor.fingerprints import fingerprint_bytes
+from monitor.records.library import Library, LibraryIndex, mirror_dhash, mirror_phash
+from monitor.search.matcher import Matcher
+from monitor.records.cache import FingerprintCache
+from monitor.scan import fingerprint_files, iter_image_files
+from monitor.records.store import Store
 from tests.conftest import encode
+from monitor.scan import add_files
 
 
 def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):
     db = tmp_path / "lib.sqlite"
     lib = Library(Store(db))
-    report = lib.add_files([samples], cache=None, progress=False)
+    report = add_files(lib, [samples], cache=None, progress=False)
     assert len(report.added) == 16 and not report.skipped
     assert len(lib.index) == 16
     victim = report.added[3].id
@@ -58,7 +60,7 @@ def test_index_incremental_add_and_swap_remove():
 
 
 def test_bit_planes_stay_in_step_through_growth_adds_and_removes():
-    from monitor import bitslice
+    from monitor.search import bitslice
     rng = np.random.default_rng(5)
     index = LibraryIndex(capacity=4)
 
@@ -86,7 +88,7 @@ def test_degenerate_entries_are_stored_but_not_indexed(tmp_path):
     img = tmp_path / "flat.png"
     Image.new("RGB", (300, 200), (90, 90, 90)).save(img)
     lib = Library(Store(tmp_path / "lib.sqlite"))
-    report = lib.add_files([img], progress=False)
+    report = add_files(lib, [img], progress=False)
     assert report.added[0].degenerate == "flat"
     assert len(lib.index) == 0
     assert "degenerate" in report.skipped[0][1]
@@ -97,7 +99,7 @@ def test_bad_files_are_skipped_with_reason(tmp_path, samples):
     (tmp_path / "page.png").write_text("<html>404</html>")
     shutil.copy(samples / "library-rocket.jpg", tmp_path / "ok.jpg")
     lib = Library(Store(":memory:"))
-    report = lib.add_files([tmp_path], progress=False)
+    report = add_files(lib, [tmp_path], progress=False)
     assert [e.label for e in report.added] == ["ok"]
     reasons = {src.rsplit("/", 1)[-1]: why for src, why in report.skipped}
     assert reasons["broken.jpg"].startswith("truncated")
@@ -173,7 +175,7 @@ def _as_written_before_fine_hashes(store):
     wrote it: NULL fine and algorithm, 4-word views."""
     import dataclasses
 
-    from monitor.scan import pack_views, unpack_views
+    from monitor.fingerprints.codec import pack_views, unpack_views
     with store.transaction() as conn:
         for eid, blob in conn.execute("SELECT id, views FROM library_entries").fetchall():
             views = [dataclasses.replace(v, fine=b"", fine_mirror=b"")
@@ -186,7 +188,7 @@ def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(tmp_path, l
     """Rows written by a version without fine hashes (NULL fine, 4-word views)."""
     db = tmp_path / "lib.sqlite"
     lib = Library(Store(db))
-    lib.add_files(library_images, cache=None, progress=False)
+    add_files(lib, library_images, cache=None, progress=False)
     store = Store(db)
     _as_written_before_fine_hashes(store)
     old = Library(store)
@@ -206,11 +208,11 @@ def test_rehash_brings_older_entries_up_to_date_in_place(tmp_path, library_image
     import subprocess
     import sys
 
-    from monitor.fingerprint import ALGORITHM_VERSION
+    from monitor.fingerprints import ALGORITHM_VERSION
     db = tmp_path / "lib.sqlite"
     files = [shutil.copy(p, tmp_path / p.name) for p in library_images[:3]]
     lib = Library(Store(db))
-    lib.add_files(files, cache=None, progress=False, label="portfolio")
+    add_files(lib, files, cache=None, progress=False, label="portfolio")
     before = {e.id: e for e in lib.entries()}
     _as_written_before_fine_hashes(lib.store)
     assert Library(Store(db)).stats()["stale"] == 3
@@ -245,18 +247,18 @@ def test_adding_the_same_files_again_keeps_their_entries(tmp_path, library_image
     a changed file is a new entry."""
     files = [shutil.copy(p, tmp_path / p.name) for p in library_images[:3]]
     lib = Library(Store(tmp_path / "lib.sqlite"))
-    first = [e.id for e in lib.add_files(files, cache=None, progress=False).added]
+    first = [e.id for e in add_files(lib, files, cache=None, progress=False).added]
     version = lib.version()
     again = Library(Store(tmp_path / "lib.sqlite"))
-    assert [e.id for e in again.add_files(files, cache=None, progress=False).added] == first
+    assert [e.id for e in add_files(again, files, cache=None, progress=False).added] == first
     assert again.version() == version and len(again.index) == 3
     # An entry from an older version: the same picture, updated in place.
     with again.store.transaction() as conn:
         conn.execute("UPDATE library_entries SET fine=NULL, views=NULL, algorithm=NULL WHERE id=?", (first[0],))
     assert Library(Store(tmp_path / "lib.sqlite")).stale_count() == 1
-    assert [e.id for e in again.add_files(files, cache=None, progress=False).added] == first
+    assert [e.id for e in add_files(again, files, cache=None, progress=False).added] == first
     assert again.stale_count() == 0 and again.index.fine()[again.index.ids == first[0]].any(axis=1).all()
     Image.open(library_images[4]).save(files[1])  # another picture under the same name
-    ids = [e.id for e in again.add_files(files, cache=None, progress=False).added]
+    ids = [e.id for e in add_files(again, files, cache=None, progress=False).added]
     assert ids[0] == first[0] and ids[2] == first[2] and ids[1] > max(first)
     assert len(again.index) == 3 and first[1] not in again.index.ids.tolist()

@@ -5,9 +5,9 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from monitor.fingerprint import Fingerprint, fingerprint_bytes
-from monitor.library import LibraryIndex
-from monitor.matcher import PRESETS, Matcher, query_rows
+from monitor.fingerprints import Fingerprint, fingerprint_bytes
+from monitor.records.library import LibraryIndex
+from monitor.search.matcher import PRESETS, Matcher, query_rows
 
 
 def _flip(value: int, bits: int, rng) -> int:

@@ -20,7 +20,7 @@ from monitor.daemon import run_daemon
 from monitor.fetch import AddressGuard, FetchError, Fetcher, FetchLimits
 from monitor.logs import RepeatFilter
 from monitor.metrics import Metrics
-from monitor.store import Store
+from monitor.records.store import Store
 from tests.conftest import ROOT
 from tests.hosts import serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
@@ -301,8 +301,8 @@ def test_report_grids_show_the_views_that_matched_and_name_unreadable_inputs(tmp
 
     from PIL import Image
 
-    from monitor.batch import open_library, match_files, write_report
-    from monitor.matcher import PRESETS
+    from monitor.tools.batch import open_library, match_files, write_report
+    from monitor.search.matcher import PRESETS
     inputs = tmp_path / "in"
     inputs.mkdir()
     for p in sorted(samples.glob("library-*.jpg")):

@@ -2,10 +2,10 @@
 
 from PIL import Image, ImageDraw
 
-from monitor.fingerprint import decode_grey, fingerprint_bytes
-from monitor.library import LibraryIndex
-from monitor.matcher import Matcher
-from monitor.variants import content_box, tilt, untilted
+from monitor.fingerprints import decode_grey, fingerprint_bytes
+from monitor.records.library import LibraryIndex
+from monitor.search.matcher import Matcher
+from monitor.fingerprints.views import content_box, tilt, untilted
 from tests.conftest import encode
 
 
@@ -156,7 +156,7 @@ def test_upright_bordered_picture_skips_the_tilt_measurement(library_images):
     """A white border makes the corners look like a turned picture's fill; the
     frame's box with picture in its corners shows it is upright, so the larger
     decode the tilt is measured on is never made. A turned one still is."""
-    from monitor.variants import query_fingerprints
+    from monitor.fingerprints.views import query_fingerprints
     asked = []
     for path in library_images[:4]:
         picture = Image.open(path).convert("L")

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from ..isotime import iso
-from ..metrics import Metrics
-from ..store import Store
-from .sinks import DeliveryError
+from monitor.isotime import iso
+from monitor.metrics import Metrics
+from monitor.records.store import Store
+from monitor.alerts.sinks import DeliveryError
 
 log = logging.getLogger("repost_monitor.alerts")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..fetch import parse_retry_after
+from monitor.fetch import parse_retry_after
 
 log = logging.getLogger("repost_monitor.alerts")
 

@@ -26,14 +26,15 @@ from dataclasses import dataclass
 
 from feeds import FeedError, FeedItem, HttpSource, LocalSource
 
-from .fetch import FetchError, Fetcher
-from .fingerprint import Fingerprint, ImageError, fingerprint_bytes
-from .library import Library, LibraryEntry
-from .matcher import Match, Matcher, query_rows
-from .metrics import Metrics
-from .noise import suppression
-from .scan import pack_fine, pack_views, unpack_fine, unpack_views
-from .store import Store, sql_to_u64, u64_to_sql
+from monitor.fetch import FetchError, Fetcher
+from monitor.fingerprints import Fingerprint, ImageError, fingerprint_bytes
+from monitor.records.library import Library, LibraryEntry
+from monitor.search.matcher import Match, Matcher, query_rows
+from monitor.metrics import Metrics
+from monitor.records.verdicts import suppression
+from monitor.fingerprints.codec import (pack_fine, pack_views, sql_to_u64, stored_fingerprint, u64_to_sql,
+                                        unpack_fine, unpack_views)
+from monitor.records.store import Store
 
 log = logging.getLogger("repost_monitor.pipeline")
 
@@ -47,8 +48,8 @@ def fingerprint_query(data: bytes, max_pixels: int | None) -> tuple[Fingerprint,
 
 
 def _warm_worker() -> None:
-    from . import kernel
-    kernel.warm_up()  # compiled code loaded before the first image, not on it
+    from monitor.warmup import warm_up
+    warm_up(None, "fingerprint")  # compiled code loaded before the first image, not on it
 
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:
@@ -61,13 +62,6 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
 # image reached through another feed is not fetched again.
 PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address", "bad_url",
                           "blocked_path"}
-
-
-def _stored_fingerprint(d, p, dm, pm, width, height, degenerate, fine, views) -> Fingerprint:
-    """An ``images`` row's fingerprint, with its views and fine hashes where stored."""
-    fine, fine_mirror = unpack_fine(fine)
-    return Fingerprint(sql_to_u64(d), sql_to_u64(p), sql_to_u64(dm), sql_to_u64(pm), width, height,
-                       degenerate, unpack_views(views, with_fine=bool(fine)), fine, fine_mirror)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +338,7 @@ class Pipeline:
         return records
 
     def _retro_pairs(self, after_entry_id: int):
-        from .library import LibraryIndex
+        from monitor.records.library import LibraryIndex
         index = LibraryIndex()
         for eid, d, p, views, fine in self.store.query(
                 "SELECT id, dhash, phash, views, fine FROM library_entries "
@@ -357,7 +351,7 @@ class Pipeline:
             "WHERE state='ok' AND degenerate IS NULL AND fetched_at > ?", (time.time() - self.retro_window,))
         if not rows or not len(index):
             return {}, {}
-        fps = {r[0]: _stored_fingerprint(*r[1:7], None, r[7], r[8]) for r in rows}
+        fps = {r[0]: stored_fingerprint(*r[1:7], None, r[7], r[8]) for r in rows}
         urls = list(fps)
         found = Matcher(index, self.matcher.tiers).match_rows(query_rows([fps[u] for u in urls]), threads=1)
         pairs: dict[str, list[Match]] = {}
@@ -488,7 +482,7 @@ class Pipeline:
         if state != "ok":
             reason, _, message = (error or "failed: earlier failure").partition(": ")
             raise FetchError(reason, f"{message} (cached)")
-        return _stored_fingerprint(d, p, dm, pm, w, h, degenerate, fine, views)
+        return stored_fingerprint(d, p, dm, pm, w, h, degenerate, fine, views)
 
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""

@@ -10,7 +10,6 @@ row-major and the first cell is the most significant bit, so
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import struct
 import warnings
@@ -20,7 +19,7 @@ import numpy as np
 import scipy.fftpack
 from PIL import Image, ImageFile
 
-from . import fasthash
+from monitor.fingerprints import fasthash
 
 try:  # libjpeg-turbo's scaled decode without Pillow's stream plumbing; optional speed-up
     import simplejpeg
@@ -346,26 +345,3 @@ def fingerprint_grey(grey: Image.Image, size: tuple[int, int], *, exact: bool = 
         degenerate=degenerate_reason(size, std32, flat_share, rising),
         fine=fine[:fasthash.FINE_WORDS].tobytes(), fine_mirror=fine[fasthash.FINE_WORDS:].tobytes(),
     )
-
-
-def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      views: str | None = None) -> Fingerprint:
-    """Fingerprint an encoded image. Raises ImageError for bad input.
-
-    ``views="query"`` adds the view inside a detected frame, ``views="library"``
-    the centre crops and content box of a library entry (monitor/variants.py).
-    """
-    grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
-    if views is None:
-        return fingerprint_grey(grey, size, exact=not fast)
-    from .variants import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
-    if views == "query":
-        # A tilted picture's outline needs more pixels than its hashes: decoded
-        # again, larger, only for images whose corners look like a plain fill.
-        # (PNG, WebP and small JPEGs come decoded whole already: no second decode.)
-        detail = None if min(grey.size) >= TILT_MIN_SIDE or grey.size == size else (lambda: decode_grey(
-            data, fast=fast, max_pixels=max_pixels, min_side=TILT_MIN_SIDE)[0])
-        whole, *extra = query_fingerprints(grey, size, exact=not fast, detail=detail)
-    else:
-        whole, *extra = library_fingerprints(grey, size, exact=not fast)
-    return dataclasses.replace(whole, views=tuple(extra))

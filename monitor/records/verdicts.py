@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from urllib.parse import urlsplit
 
-from .store import u64_to_sql
+from monitor.fingerprints.codec import u64_to_sql
 
 VERDICTS = ("confirmed", "false_positive", "authorized")
 ALLOWANCE_KINDS = ("domain", "author", "source")

@@ -14,10 +14,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fingerprint import Fingerprint
-from .library import LibraryIndex
-from .matcher import PRESETS, Matcher, Tier, query_rows
-from .scan import FingerprintCache, fingerprint_files, iter_image_files
+from monitor.fingerprints import Fingerprint
+from monitor.records.library import LibraryIndex
+from monitor.search.matcher import PRESETS, Matcher, Tier, query_rows
+from monitor.records.cache import FingerprintCache
+from monitor.scan import fingerprint_files, iter_image_files
 
 KEEP_POLICIES = ("largest-resolution", "largest-file", "newest", "oldest", "prefer-prefix")
 

@@ -23,11 +23,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from . import bitslice
-from .fasthash import FINE_WORDS
-from .fingerprint import Fingerprint
-from .kernel import popcount64
-from .library import HASH_FIELDS, LibraryIndex
+from monitor.search import bitslice
+from monitor.fingerprints.fasthash import FINE_WORDS
+from monitor.fingerprints import Fingerprint
+from monitor.search.popcount import popcount64
+from monitor.search.index import HASH_FIELDS, LibraryIndex
 
 
 @dataclass(frozen=True, slots=True)

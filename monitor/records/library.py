@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,23 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bitslice
-from .fasthash import FINE_WORDS
-from .fingerprint import ALGORITHM_VERSION, Fingerprint, from_hex
-from .scan import (
-    VIEW_WORDS,
-    FingerprintCache,
-    fingerprint_files,
-    iter_image_files,
-    pack_fine,
-    pack_views,
-)
-from .store import Store, sql_to_u64, u64_to_sql
-
-# The index holds only what the kernel and verification read: queries bring
-# their own mirror hashes, so library mirrors stay in the table.
-HASH_FIELDS = ("dhash", "phash")
-
+from monitor.fingerprints.fasthash import FINE_WORDS
+from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint, from_hex
+from monitor.fingerprints.codec import VIEW_WORDS, pack_fine, pack_views, sql_to_u64, u64_to_sql
+from monitor.records.store import Store
+from monitor.search.index import HASH_FIELDS, LibraryIndex
 
 @dataclass(frozen=True, slots=True)
 class LibraryEntry:
@@ -49,126 +36,6 @@ class LibraryEntry:
     phash_mirror: int
     degenerate: str | None
     added_at: float
-
-
-class LibraryIndex:
-    """Hashes of every usable entry as uint64 arrays, one row per view.
-
-    An entry has one row for the whole picture and one per extra view (centre
-    crops, content box); ``ids`` repeats the entry id on each of its rows and
-    the matcher keeps the best row per entry. Degenerate entries (flat, tiny)
-    are kept in the store but left out: their hashes would match anything.
-    ``fine`` holds each row's 256-bit verification hashes (FINE_WORDS words;
-    all zero where unknown, which a real fine hash never is: half its pHash
-    bits are set by construction).
-    """
-
-    def __init__(self, capacity: int = 1024):
-        self.lock = threading.RLock()
-        self._n = 0
-        self._entries = 0
-        self._ids = np.empty(capacity, np.int64)
-        self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
-        self._fine = np.zeros((capacity, FINE_WORDS), np.uint64)
-        # dHash rows again in bit-plane layout for the bit-sliced radius search
-        # (monitor/bitslice.py); kept in step with every add and remove.
-        self._planes = bitslice.to_planes(np.empty(0, np.uint64), capacity)
-        self.version = 0  # bumped on every change; lets callers notice them
-
-    def __len__(self) -> int:
-        """Entries indexed (not rows)."""
-        return self._entries
-
-    @property
-    def rows(self) -> int:
-        return self._n
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self._ids[:self._n]
-
-    def hashes(self, field: str = "dhash") -> np.ndarray:
-        return self._hashes[field][:self._n]
-
-    def fine(self) -> np.ndarray:
-        """Rows' fine hashes, (rows, FINE_WORDS) (call under ``lock``)."""
-        return self._fine[:self._n]
-
-    def planes(self) -> np.ndarray:
-        """The dHash rows as bit-planes (call under ``lock``, like :meth:`hashes`)."""
-        return self._planes[:bitslice.plane_words(self._n)]
-
-    def _grow(self, need: int) -> None:
-        if need <= self._ids.shape[0]:
-            return
-        size = max(need, 2 * self._ids.shape[0])
-        ids = np.empty(size, np.int64)
-        ids[:self._n] = self._ids[:self._n]
-        self._ids = ids
-        for f, arr in self._hashes.items():
-            grown = np.empty(size, np.uint64)
-            grown[:self._n] = arr[:self._n]
-            self._hashes[f] = grown
-        fine = np.zeros((size, FINE_WORDS), np.uint64)
-        fine[:self._n] = self._fine[:self._n]
-        self._fine = fine
-        planes = np.zeros(bitslice.plane_words(size), np.uint64)
-        planes[:self._planes.shape[0]] = self._planes
-        self._planes = planes
-
-    def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray], fine: np.ndarray | None = None) -> None:
-        with self.lock:
-            self._ids = np.array(ids, np.int64)
-            self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
-            self._fine = (np.array(fine, np.uint64).reshape(-1, FINE_WORDS) if fine is not None
-                          else np.zeros((self._ids.shape[0], FINE_WORDS), np.uint64))
-            self._planes = bitslice.to_planes(self._hashes["dhash"])
-            self._n = self._ids.shape[0]
-            self._entries = int(np.unique(self._ids).size)
-            self.version += 1
-
-    def _rows_of(self, entry_id: int) -> np.ndarray:
-        # A vectorised scan (~0.5 ms per million rows) instead of an id->row
-        # dict, which would cost ~100 bytes per entry and 0.4 s per million to load.
-        return np.flatnonzero(self._ids[:self._n] == entry_id)
-
-    def add(self, entry_id: int, fp) -> None:
-        """Index an entry: its whole-picture hashes plus any ``fp.views``."""
-        with self.lock:
-            if self._rows_of(entry_id).size:
-                return
-            views = [fp, *getattr(fp, "views", ())]
-            self._grow(self._n + len(views))
-            for view in views:
-                row = self._n
-                self._ids[row] = entry_id
-                for f in HASH_FIELDS:
-                    self._hashes[f][row] = getattr(view, f)
-                fine = getattr(view, "fine", b"")  # duck-typed callers may have none
-                self._fine[row] = np.frombuffer(fine, "<u8") if fine else 0
-                bitslice.set_lane(self._planes, row, np.uint64(view.dhash))
-                self._n += 1
-            self._entries += 1
-            self.version += 1
-
-    def remove(self, entry_id: int) -> bool:
-        with self.lock:
-            rows = self._rows_of(entry_id)
-            if rows.size == 0:
-                return False
-            for row in rows[::-1]:  # from the end, so earlier row numbers stay valid
-                last = self._n - 1
-                if row != last:
-                    self._ids[row] = self._ids[last]
-                    for arr in self._hashes.values():
-                        arr[row] = arr[last]
-                    self._fine[row] = self._fine[last]
-                    bitslice.set_lane(self._planes, row, self._hashes["dhash"][row])
-                bitslice.set_lane(self._planes, last, np.uint64(0))
-                self._n = last
-            self._entries -= 1
-            self.version += 1
-            return True
 
 
 def _entry(row: tuple) -> LibraryEntry:
@@ -290,30 +157,13 @@ class Library:
                     "dhash_mirror, phash_mirror, degenerate, views, fine, algorithm) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (source, label, now, *hashes)).lastrowid
         if same_picture:
-            return self._replace_hashes(old[0], fp, algorithm)
+            return self.replace_hashes(old[0], fp, algorithm)
         if old:
             self.index.remove(old[0])
         if fp.degenerate is None:
             self.index.add(entry_id, fp)
         return LibraryEntry(entry_id, source, label, fp.width, fp.height, fp.dhash, fp.phash,
                             fp.dhash_mirror, fp.phash_mirror, fp.degenerate, now)
-
-    def add_files(self, paths: Iterable[str | Path], *, label: str | None = None,
-                  cache: FingerprintCache | None = None, progress: bool | None = None) -> AddReport:
-        files = list(iter_image_files(paths))
-        results = fingerprint_files(files, cache, progress=progress, desc="library", views="library")
-        added, skipped = [], []
-        start = time.time()
-        for r in results:
-            source = str(r.path.resolve())
-            if r.fingerprint is None:
-                skipped.append((source, str(r.error)))
-                continue
-            entry = self.add_fingerprint(source, r.fingerprint, label)
-            added.append(entry)
-            if entry.degenerate:
-                skipped.append((source, f"degenerate ({entry.degenerate}): stored, never matched"))
-        return AddReport(added, skipped, sum(e.added_at >= start for e in added))
 
     def import_csv(self, path: str | Path, label: str | None = None) -> AddReport:
         """Import imagehash hex hashes: columns source, dhash[, phash, label].
@@ -353,30 +203,12 @@ class Library:
         return self.store.query("SELECT COUNT(*) FROM library_entries WHERE algorithm IS NULL "
                                 "OR algorithm != ?", (ALGORITHM_VERSION,))[0][0]
 
-    def rehash(self, *, every: bool = False, cache: FingerprintCache | None = None,
-               progress: bool | None = None) -> AddReport:
-        """Fingerprint entries again from their source files with this version's
-        algorithm, in place: ids, labels and the matches and alerts that name
-        them stay. ``every`` redoes current entries too. An entry whose source
-        is not a readable image file (a URL, a file moved away) is left as it
-        is and reported."""
-        rows = (self.store.query("SELECT id, source FROM library_entries ORDER BY id") if every
+    def sources(self, *, every: bool = False) -> list[tuple[int, str]]:
+        """(id, source) of every entry, or of the stale ones (what `rehash` redoes)."""
+        return (self.store.query("SELECT id, source FROM library_entries ORDER BY id") if every
                 else self.stale())
-        files = {i: Path(source) for i, source in rows if Path(source).is_file()}
-        skipped = [(source, "source is not a readable file here: re-add the image to rehash it")
-                   for i, source in rows if i not in files]
-        ids = list(files)
-        results = fingerprint_files([files[i] for i in ids], cache, progress=progress,
-                                    desc="rehash", views="library")
-        updated = []
-        for entry_id, r in zip(ids, results, strict=True):
-            if r.fingerprint is None:
-                skipped.append((str(files[entry_id]), str(r.error)))
-                continue
-            updated.append(self._replace_hashes(entry_id, r.fingerprint))
-        return AddReport(updated, skipped)
 
-    def _replace_hashes(self, entry_id: int, fp: Fingerprint,
+    def replace_hashes(self, entry_id: int, fp: Fingerprint,
                         algorithm: str = ALGORITHM_VERSION) -> LibraryEntry:
         with self.store.transaction() as conn:
             conn.execute(

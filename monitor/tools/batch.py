@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import TextIO
 
 
-from . import kernel
-from .library import Library
-from .matcher import Matcher, Tier, query_rows
-from .scan import FileResult, FingerprintCache, fingerprint_files, iter_image_files
-from .store import Store
+from monitor.warmup import warm_up
+from monitor.records.library import Library
+from monitor.search.matcher import Matcher, Tier, query_rows
+from monitor.records.cache import FingerprintCache
+from monitor.scan import FileResult, fingerprint_files, iter_image_files
+from monitor.records.store import Store
+from monitor.scan import add_files
 
 # Exit codes of `match` (README, "Exit codes").
 EXIT_MATCHES = 0
@@ -31,7 +33,7 @@ def open_library(spec: str | Path, cache: FingerprintCache | None,
     path = Path(spec)
     if path.is_dir():
         lib = Library(Store(":memory:"))
-        report = lib.add_files([path], cache=cache, progress=progress)
+        report = add_files(lib, [path], cache=cache, progress=progress)
         for source, why in report.skipped:
             print(f"[skip] {source}: {why}", file=log)
         print(f"[ok] fingerprinted {len(report.added):,} library images", file=log)
@@ -78,7 +80,7 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     print(f"[ok] fingerprinted {len(good):,} input images", file=log)
 
     matcher = Matcher(library.index, tiers)
-    kernel.warm_up()
+    warm_up(None)
     rows_in = query_rows([r.fingerprint for r in good])
     start = time.perf_counter()
     pairs = matcher.match_rows(rows_in, best_only=best)
@@ -125,7 +127,7 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
 
 
 def write_report(path: str, rows: list[MatchRow], bad) -> None:
-    from .report import Finding, thumbnail_uri, write
+    from monitor.tools.report import Finding, thumbnail_uri, write
     thumbs: dict[str, str | None] = {}
 
     def thumb(p: str) -> str | None:

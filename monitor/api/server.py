@@ -31,18 +31,20 @@ from pydantic import BaseModel, ValidationError
 
 from feeds import FeedItem
 
-from . import apimodels as m
-from .alerts.outbox import list_alerts, resend_dead
-from .fetch import FetchError, Fetcher
-from .fingerprint import ImageError, fingerprint_bytes
-from .isotime import iso
-from .library import Library
-from .matcher import Matcher
-from .metrics import Metrics
-from .noise import allowances, set_allowances, set_verdict
-from .pipeline import Pipeline
-from .report import THUMB, Finding, render
-from .store import Store, sql_to_u64
+from monitor.api import models as m
+from monitor.alerts.outbox import list_alerts, resend_dead
+from monitor.fetch import FetchError, Fetcher
+from monitor.fingerprints import ImageError, fingerprint_bytes
+from monitor.isotime import iso
+from monitor.records.library import Library
+from monitor.search.matcher import Matcher
+from monitor.metrics import Metrics
+from monitor.records.verdicts import allowances, set_allowances, set_verdict
+from monitor.pipeline.pipeline import Pipeline
+from monitor.tools.report import THUMB, Finding, render
+from monitor.fingerprints.codec import sql_to_u64
+from monitor.records.store import Store
+from monitor.scan import add_files
 
 log = logging.getLogger("repost_monitor.server")
 
@@ -545,7 +547,7 @@ async def library_add(request: web.Request) -> web.Response:
             if not any(folder.is_relative_to(Path(r).resolve()) for r in svc.library_folders):
                 raise error(403, "folder_not_allowed",
                             "server-side folders must be under server.library_folders")
-            report = await asyncio.to_thread(svc.library.add_files, [folder], label=doc.label,
+            report = await asyncio.to_thread(add_files, svc.library, [folder], label=doc.label,
                                              progress=False)
             added += report.added
             skipped += [m.Skipped(source=str(s), error=why) for s, why in report.skipped]
@@ -726,7 +728,7 @@ async def review_library_image(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     await authorize(request)
-    from .openapi import OPENAPI
+    from monitor.api.openapi import OPENAPI
     return web.json_response(OPENAPI)
 
 

@@ -204,14 +204,6 @@ class StoreError(RuntimeError):
     """The store cannot be used as asked (missing, read-only); the message names the file."""
 
 
-def u64_to_sql(value: int) -> int:
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
-def sql_to_u64(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
-
-
 class Store:
     """A SQLite connection shared by threads, serialised by a lock.
 

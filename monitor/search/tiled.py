@@ -14,27 +14,14 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from monitor.search.popcount import PARALLEL_MIN_PAIRS, popcount64
 
 NO_MATCH = 65  # distance reported when the library is empty
 # Library block: 2048 hashes = 16 KiB, stays in L1 while a query tile runs.
 LIB_BLOCK = 2048
 QUERY_TILE = 16
-# Below this many pair comparisons a batch runs on one thread.
-PARALLEL_MIN_PAIRS = 50_000_000
-
-
-@intrinsic
-def popcount64(typingctx, x):
-    """LLVM ctpop: one POPCNT instruction, vectorised where the CPU can."""
-    # int64 result: mixing uint64 and int64 in numba silently promotes to float64.
-    sig = types.int64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return sig, codegen
 
 
 @njit(cache=True, nogil=True)
@@ -228,7 +215,7 @@ def batch(queries: np.ndarray, library: np.ndarray, radius: int = -1, *,
 
 
 def warm_up() -> None:
-    """Compile or load every kernel now, never on a request's path."""
+    """Compile these kernels now (bench/ times them; production never calls them)."""
     lib = np.arange(3, dtype=np.uint64)
     q = np.uint64(1)
     distances(q, lib)
@@ -236,8 +223,3 @@ def warm_up() -> None:
     within(q, lib, 4)
     _batch_serial(lib, lib, 4, True)
     _batch_parallel(lib, lib, 4, True, QUERY_TILE)
-    from . import bitslice, fasthash, matcher, variants  # they import this module's popcount64
-    bitslice.warm_up()
-    matcher.warm_up()  # the candidates' verification pass
-    fasthash.warm_up()  # the fingerprint fast path's compiled grids and hashes
-    variants.warm_up()  # frame detection

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from . import __version__
-from . import apimodels as m
+from monitor import __version__
+from monitor.api import models as m
 
 JSON, MULTIPART = "application/json", "multipart/form-data"
 REF = "#/components/schemas/{model}"

@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .kernel import PARALLEL_MIN_PAIRS, popcount64
+from monitor.search.popcount import PARALLEL_MIN_PAIRS, popcount64
 
 WORDS = 8                 # 64-bit words per block vector
 BLOCK = 64 * WORDS        # entries per block: 512

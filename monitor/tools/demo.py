@@ -98,8 +98,8 @@ def demo_stream(count: int, seed: int = 7, repost_share: float = 0.3) -> list[De
 
 def run_batch_demo() -> int:
     """`match` over generated reposts: the engine on its own, no daemon."""
-    from .batch import run_match
-    from .matcher import PRESETS
+    from monitor.tools.batch import run_match
+    from monitor.search.matcher import PRESETS
     with tempfile.TemporaryDirectory(prefix="repost-monitor-demo-") as tmp:
         library, posts = Path(tmp) / "library", Path(tmp) / "posts"
         library.mkdir()
@@ -205,11 +205,12 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
     Exit status 0 when every repost was detected, 1 when some were missed."""
     from aiohttp import web
 
-    from .config import parse_config
-    from .daemon import run_daemon
-    from .library import Library
-    from .store import Store
-    from .warmup import warm_up
+    from monitor.config import parse_config
+    from monitor.daemon import run_daemon
+    from monitor.records.library import Library
+    from monitor.scan import add_files
+    from monitor.records.store import Store
+    from monitor.warmup import warm_up
 
     out = out or sys.stdout
 
@@ -228,7 +229,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
     with tempfile.TemporaryDirectory(prefix="repost-monitor-demo-") as tmp:
         db = Path(tmp) / "demo.sqlite"
         library = Library(Store(db))
-        library.add_files(sample_library(), progress=False)
+        add_files(library, sample_library(), progress=False)
         library.store.close()
         config = parse_config({
             "store": {"path": str(db)},

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit
 from PIL import Image
 
-from .fingerprint import Fingerprint, fingerprint_grey
+from monitor.fingerprints.core import Fingerprint, fingerprint_grey
 
 WORK_SIDE = 256            # analyse the layout on a small copy: fast and noise-tolerant
 BUSY_STD = 6.0             # a row/column with a grey-level std above this carries picture

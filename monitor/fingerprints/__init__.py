@@ -1,0 +1,48 @@
+"""Stage 2, fingerprints: encoded image bytes in, a :class:`Fingerprint` out.
+
+Pure functions of bytes, no I/O: decoding and hashing (``core``), the compiled
+grids and hashes (``fasthash``), the extra views of a picture (``views``: frames,
+tilts, crops; geometry only), and their packed form for storage (``codec``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from monitor.fingerprints.core import (
+    ALGORITHM_VERSION,
+    DEFAULT_MAX_PIXELS,
+    Fingerprint,
+    ImageError,
+    decode_grey,
+    degenerate_reason,
+    fingerprint_grey,
+    from_hex,
+    to_hex,
+)
+from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
+
+__all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
+           "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex", "to_hex"]
+
+
+def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      views: str | None = None) -> Fingerprint:
+    """Fingerprint an encoded image. Raises ImageError for bad input.
+
+    ``views="query"`` adds the view inside a detected frame, ``views="library"``
+    the centre crops and content box of a library entry (monitor/variants.py).
+    """
+    grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
+    if views is None:
+        return fingerprint_grey(grey, size, exact=not fast)
+    if views == "query":
+        # A tilted picture's outline needs more pixels than its hashes: decoded
+        # again, larger, only for images whose corners look like a plain fill.
+        # (PNG, WebP and small JPEGs come decoded whole already: no second decode.)
+        detail = None if min(grey.size) >= TILT_MIN_SIDE or grey.size == size else (lambda: decode_grey(
+            data, fast=fast, max_pixels=max_pixels, min_side=TILT_MIN_SIDE)[0])
+        whole, *extra = query_fingerprints(grey, size, exact=not fast, detail=detail)
+    else:
+        whole, *extra = library_fingerprints(grey, size, exact=not fast)
+    return dataclasses.replace(whole, views=tuple(extra))
