@@ -53,7 +53,7 @@ async def run(args, port, down_flag, counts) -> None:
     from monitor.records.library import LibraryEntry
     from monitor.search.matcher import Match
     from monitor.metrics import Metrics
-    from monitor.pipeline.pipeline import MatchRecord, WorkItem
+    from monitor.pipeline import MatchRecord, WorkItem
     from monitor.records.store import Store
 
     tmp = tempfile.mkdtemp()

@@ -117,7 +117,7 @@ def cmd_library(args) -> int:
 
 
 def cmd_alerts(args) -> int:
-    from monitor.alerts.outbox import list_alerts, resend_dead
+    from monitor.records.alerts import list_alerts, resend_dead
     store = _store(args)
     if args.alerts_cmd == "list":
         for a in list_alerts(store, args.state, args.limit):
@@ -143,9 +143,8 @@ def cmd_matches(args) -> int:
             return 1
         print(f"[ok] match {args.id}: {args.verdict}")
         return 0
-    rows = store.query("SELECT id, detected_at, tier, dhash_distance, image_url, entry_id, feed, verdict, "
-                       "suppressed FROM matches ORDER BY id DESC LIMIT ?", (args.limit,))
-    for r in rows:
+    from monitor.records.matches import latest
+    for r in latest(store, args.limit):
         print("\t".join("" if v is None else str(v) for v in (r[0], iso(r[1]), *r[2:])))
     return 0
 

@@ -18,7 +18,7 @@ from monitor.fetch import Fetcher
 from monitor.records.library import Library
 from monitor.search.matcher import PRESETS, Matcher
 from monitor.metrics import Metrics
-from monitor.pipeline.pipeline import FeedSettings, OnMatch, Pipeline
+from monitor.pipeline import FeedSettings, OnMatch, Pipeline
 from monitor.records.cache import FingerprintCache, default_cache_path
 from monitor.scan import add_files
 from monitor.api.server import Services, make_app, start_server

@@ -280,7 +280,7 @@ def _detect(store, outbox, n_alerts, start=1):
 
     from monitor.records.library import LibraryEntry
     from monitor.search.matcher import Match
-    from monitor.pipeline.pipeline import MatchRecord, WorkItem
+    from monitor.pipeline import MatchRecord, WorkItem
     entry = LibraryEntry(1, "/photos/a.jpg", "a", 100, 100, 0, 0, 0, 0, None, 0.0)
     with store.transaction() as conn:
         for n in range(start, start + n_alerts):

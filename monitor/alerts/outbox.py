@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from monitor.isotime import iso
+from monitor.records import alerts as alert_rows
 from monitor.metrics import Metrics
 from monitor.records.store import Store
 from monitor.alerts.sinks import DeliveryError
@@ -58,10 +59,6 @@ def alert_payload(record, key: str) -> dict:
     }
 
 
-_RECENT_FOR_ENTRY = ("FROM matches m JOIN alerts a ON a.match_id = m.id AND a.sink = ? "
-                     "WHERE m.entry_id = ? AND m.detected_at > ? AND a.created_at > ?")
-
-
 class Outbox:
     def __init__(self, store: Store, sinks: list[tuple[object, SinkRule]], metrics: Metrics, *,
                  flood_max: int = 20, flood_window: float = 600.0):
@@ -87,24 +84,21 @@ class Outbox:
             key = f"rm-{record.id}-{sink.name}-{secrets.token_hex(4)}"
             payload = alert_payload(record, key)
             kind = "match"
-            # Counted only up to flood_max, through the (entry_id, detected_at) index: the cost
-            # per alert stays flat however big the storm (a match and its alerts share a time).
-            window = (sink.name, record.entry.id, now - self.flood_window, now - self.flood_window)
-            recent = conn.execute(
-                f"SELECT COUNT(*) FROM (SELECT 1 {_RECENT_FOR_ENTRY} LIMIT ?)", (*window, self.flood_max)
-            ).fetchone()[0]
+            # Counted only up to flood_max: the cost per alert stays flat however big the storm
+            # (a match and its alerts share a time).
+            since = now - self.flood_window
+            recent = alert_rows.recent_for_entry(conn, sink.name, record.entry.id, since, self.flood_max)
             if recent >= self.flood_max:
-                if conn.execute(f"SELECT 1 {_RECENT_FOR_ENTRY} AND a.kind = 'flood_summary' LIMIT 1",
-                                window).fetchone():  # the summary for this storm is already queued
+                if alert_rows.flood_summary_queued(conn, sink.name, record.entry.id, since):
+                    # the summary for this storm is already queued
                     self.metrics.alerts.labels(sink.name, "flood_suppressed").inc()
                     continue
                 payload["flood"] = {"alerts_in_window": recent, "window_seconds": self.flood_window,
                                     "note": "further alerts for this library entry are held back "
                                             "until the window has passed; see the matches API"}
                 kind = "flood_summary"
-            conn.execute("INSERT OR IGNORE INTO alerts (match_id, sink, next_attempt, payload, "
-                         "idempotency_key, created_at, kind) VALUES (?,?,?,?,?,?,?)",
-                         (record.id, sink.name, now, json.dumps(payload), key, now, kind))
+            alert_rows.insert(conn, match_id=record.id, sink=sink.name, payload=payload, key=key, now=now,
+                              kind=kind)
             count += 1
         return count
 
@@ -138,8 +132,7 @@ class Outbox:
         if not force and now - self._gauged.get(name, 0.0) < 1.0:
             return
         self._gauged[name] = now
-        counts = dict(self.store.query("SELECT state, COUNT(*) FROM alerts WHERE sink=? "
-                                       "GROUP BY state", (name,)))
+        counts = alert_rows.state_counts(self.store, name)
         for state in ("pending", "delivered", "dead"):
             self.metrics.alerts_in_state.labels(name, state).set(counts.get(state, 0))
 
@@ -148,9 +141,7 @@ class Outbox:
         batch_size = max(1, getattr(sink, "batch_size", 1))
         while not stop.is_set():
             # The head of this sink's queue; delivered strictly in order.
-            rows = self.store.query("SELECT id, attempts, next_attempt, payload, created_at FROM alerts "
-                                    "WHERE sink=? AND state='pending' ORDER BY id LIMIT ?",
-                                    (sink.name, max(100, batch_size)))
+            rows = alert_rows.queue_head(self.store, sink.name, max(100, batch_size))
             if not rows:
                 self._update_gauges(sink.name, force=True)
                 await self._sleep(sink.name, 5.0, stop)
@@ -183,9 +174,7 @@ class Outbox:
                          DeliveryError(repr(exc)))
             return False
         now = time.time()
-        with self.store.transaction() as conn:
-            conn.executemany("UPDATE alerts SET state='delivered', attempts=attempts+1, delivered_at=?, "
-                             "last_error=NULL WHERE id=?", [(now, row[0]) for row in batch])
+        alert_rows.mark_delivered(self.store, [row[0] for row in batch], now)
         self.metrics.alerts.labels(sink.name, "delivered").inc(len(batch))
         self.metrics.alert_delivery_seconds.labels(sink.name).observe(time.perf_counter() - start)
         latency = self.metrics.alert_latency_seconds.labels(sink.name)
@@ -210,10 +199,8 @@ class Outbox:
         else:
             delay = min(rule.backoff_max, rule.backoff_base * 2 ** (attempts - 1))
             delay *= random.uniform(0.5, 1.0)
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE alerts SET attempts=?, last_error=?, next_attempt=?, state=? "
-                         "WHERE id=?", (attempts, str(exc)[:500], time.time() + delay,
-                                        "dead" if dead else "pending", alert_id))
+        alert_rows.mark_failed(self.store, alert_id, attempts=attempts, error=str(exc),
+                               next_attempt=time.time() + delay, dead=dead)
         self.metrics.alerts.labels(name, "dead" if dead else "failed").inc()
         self._update_gauges(name, force=dead)
         if dead:
@@ -240,30 +227,3 @@ def _next_batch(rows: list[tuple], batch_size: int) -> list[tuple]:
             break
         batch.append(row)
     return batch
-
-
-def resend_dead(store: Store, alert_ids: list[int] | None = None) -> int:
-    """Put dead alerts back in the queue (all of them, or the given ids)."""
-    now = time.time()
-    with store.transaction() as conn:
-        if alert_ids:
-            marks = ",".join("?" * len(alert_ids))
-            cur = conn.execute(f"UPDATE alerts SET state='pending', attempts=0, next_attempt=? "
-                               f"WHERE state='dead' AND id IN ({marks})", (now, *alert_ids))
-        else:
-            cur = conn.execute("UPDATE alerts SET state='pending', attempts=0, next_attempt=? "
-                               "WHERE state='dead'", (now,))
-        return cur.rowcount
-
-
-def list_alerts(store: Store, state: str | None = None, limit: int = 100) -> list[dict]:
-    sql = ("SELECT id, sink, state, attempts, last_error, payload, created_at, delivered_at "
-           "FROM alerts")
-    params: tuple = ()
-    if state:
-        sql += " WHERE state=?"
-        params = (state,)
-    rows = store.query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
-    return [{"id": r[0], "sink": r[1], "state": r[2], "attempts": r[3], "last_error": r[4],
-             "alert": json.loads(r[5]), "created_at": iso(r[6]), "delivered_at": iso(r[7])}
-            for r in rows]

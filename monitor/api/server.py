@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 from feeds import FeedItem
 
 from monitor.api import models as m
-from monitor.alerts.outbox import list_alerts, resend_dead
+from monitor.records.alerts import list_alerts, resend_dead
 from monitor.fetch import FetchError, Fetcher
 from monitor.fingerprints import ImageError, fingerprint_bytes
 from monitor.isotime import iso
@@ -40,9 +40,10 @@ from monitor.records.library import Library
 from monitor.search.matcher import Matcher
 from monitor.metrics import Metrics
 from monitor.records.verdicts import allowances, set_allowances, set_verdict
-from monitor.pipeline.pipeline import Pipeline
+from monitor.pipeline import Pipeline
 from monitor.tools.report import THUMB, Finding, render
-from monitor.fingerprints.codec import sql_to_u64
+from monitor.records import matches as match_rows
+from monitor.records import work as work_rows
 from monitor.records.store import Store
 from monitor.scan import add_files
 
@@ -215,11 +216,8 @@ def _signed_ok(request: web.Request, body: bytes, secret: str) -> bool:
     want = "v1=" + hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(want, sig):
         return False
-    store = request.app[SERVICES_KEY].store
-    with store.transaction() as conn:  # a valid signature is good once
-        conn.execute("DELETE FROM api_nonces WHERE seen_at < ?", (time.time() - 2 * SIGNATURE_TOLERANCE,))
-        fresh = conn.execute("INSERT OR IGNORE INTO api_nonces VALUES (?,?)", (sig, time.time())).rowcount
-    return bool(fresh)
+    # a valid signature is good once
+    return work_rows.claim_signature(request.app[SERVICES_KEY].store, sig, time.time(), 2 * SIGNATURE_TOLERANCE)
 
 
 def _credentials_ok(request: web.Request, svc: Services) -> bool:
@@ -590,31 +588,17 @@ def _int(text: str) -> int:
     return value
 
 
-MATCH_COLUMNS = ("id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, feed, "
-                 "item_id, page_url, author, published, detected_at, verdict, suppressed, fine_distance")
-
-
 async def matches_list(request: web.Request) -> web.Response:
     await authorize(request)
     svc = request.app[SERVICES_KEY]
     limit, offset = _page(request)
-    where, params = [], []
-    for key, column in (("tier", "tier"), ("feed", "feed"), ("verdict", "verdict")):
-        if key in request.query:
-            where.append(f"{column}=?")
-            params.append(request.query[key])
+    filters = {key: request.query[key] for key in ("tier", "feed", "verdict") if key in request.query}
     if "entry_id" in request.query:
-        where.append("entry_id=?")
-        params.append(_int(request.query["entry_id"]))
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
-    rows = svc.store.query(f"SELECT {MATCH_COLUMNS} FROM matches{clause} ORDER BY id DESC "
-                           "LIMIT ? OFFSET ?", (*params, limit, offset))
-    total = svc.store.query(f"SELECT COUNT(*) FROM matches{clause}", params)[0][0]
-    keys = [c.strip() for c in MATCH_COLUMNS.split(",")]
-    entries = svc.library.entries_by_id(r[2] for r in rows)
+        filters["entry_id"] = _int(request.query["entry_id"])
+    rows, total = await asyncio.to_thread(match_rows.list_matches, svc.store, filters, limit, offset)
+    entries = svc.library.entries_by_id(r["entry_id"] for r in rows)
     out = []
-    for r in rows:
-        row = dict(zip(keys, r, strict=True))
+    for row in rows:
         e = entries.get(row["entry_id"])
         out.append(m.Match(**{**row, "mirrored": bool(row["mirrored"]), "published": iso(row["published"]),
                               "detected_at": iso(row["detected_at"]),
@@ -675,23 +659,20 @@ async def review(request: web.Request) -> web.Response:
     _review_auth(request)
     svc = request.app[SERVICES_KEY]
     limit, offset = _page(request)
-    rows = svc.store.query("SELECT id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, "
-                           "feed, author, verdict, matched_repost_dhash, suppressed, page_url, matched_library_dhash "
-                           "FROM matches ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
-    entries = svc.library.entries_by_id(r[2] for r in rows)
+    rows = await asyncio.to_thread(match_rows.review_rows, svc.store, limit, offset)
+    entries = svc.library.entries_by_id(r.entry_id for r in rows)
     findings = []
-    for (mid, url, eid, tier, d, p, mirrored, feed, author, verdict, rd, suppressed, page,
-         ld) in rows:
-        e = entries.get(eid)
-        lib_src = f"/review/library/{eid}.jpg" if e else None
+    for r in rows:
+        e = entries.get(r.entry_id)
         findings.append(Finding(
-            tier, f"library: {e.label if e else eid}", lib_src,
-            f"{url} ({feed}{', by ' + author if author else ''})", None,
-            sql_to_u64(ld) if ld is not None else None,
-            sql_to_u64(rd) if rd is not None and ld is not None else None, d, p,
-            ("mirrored; " if mirrored else "") + (f"no alert: {suppressed}" if suppressed else ""),
-            mid, verdict, right_link=page if page and page.startswith(("http://", "https://")) else None,
-            image_link=url if url.startswith(("http://", "https://")) else None))
+            r.tier, f"library: {e.label if e else r.entry_id}", f"/review/library/{r.entry_id}.jpg" if e else None,
+            f"{r.image_url} ({r.feed}{', by ' + r.author if r.author else ''})", None,
+            r.library_view_dhash, r.repost_view_dhash if r.library_view_dhash is not None else None,
+            r.dhash_distance, r.phash_distance,
+            ("mirrored; " if r.mirrored else "") + (f"no alert: {r.suppressed}" if r.suppressed else ""),
+            r.id, r.verdict,
+            right_link=r.page_url if r.page_url and r.page_url.startswith(("http://", "https://")) else None,
+            image_link=r.image_url if r.image_url.startswith(("http://", "https://")) else None))
     page_html = render("repost-monitor review", f"latest {len(rows)} matches", findings, review=True)
     # The page loads nothing from other sites (the repost image is linked, not embedded).
     return web.Response(text=page_html, content_type="text/html", headers={

@@ -19,7 +19,8 @@ import numpy as np
 
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint, from_hex
-from monitor.fingerprints.codec import VIEW_WORDS, pack_fine, pack_views, sql_to_u64, u64_to_sql
+from monitor.fingerprints.codec import (VIEW_WORDS, pack_fine, pack_views, sql_to_u64, u64_to_sql, unpack_fine,
+                                        unpack_views)
 from monitor.records.store import Store
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 
@@ -67,6 +68,23 @@ class Library:
         """Bumped by triggers on every change to the table, by any process."""
         return self.store.query("SELECT value FROM library_meta WHERE key='version'")[0][0]
 
+    def signature(self) -> tuple[int, int]:
+        """(version, largest id): the version changes with any change to the table, by any
+        process; entries with an id above the largest seen are new."""
+        return self.store.query("SELECT (SELECT value FROM library_meta WHERE key='version'), "
+                                "COALESCE(MAX(id), 0) FROM library_entries")[0]
+
+    def entries_after(self, entry_id: int) -> list[tuple[int, Fingerprint]]:
+        """(id, fingerprint with its views and fine hashes) of usable entries above ``entry_id``."""
+        out = []
+        for eid, d, p, views, fine in self.store.query(
+                "SELECT id, dhash, phash, views, fine FROM library_entries WHERE id > ? AND degenerate IS NULL",
+                (entry_id,)):
+            fine, _ = unpack_fine(fine)
+            out.append((eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0,
+                                         views=unpack_views(views, with_fine=bool(fine)), fine=fine)))
+        return out
+
     def reload(self) -> None:
         """(Re)build the index: from the packed snapshot when it is current
         (a million entries in a fraction of a second), else from the rows,
@@ -81,7 +99,8 @@ class Library:
         self._reload_rows()
         with self.store.transaction() as conn:
             if conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] == version:
-                conn.execute("INSERT OR REPLACE INTO index_snapshot VALUES (1, ?, ?, ?, ?, ?)",
+                conn.execute("INSERT OR REPLACE INTO index_snapshot (id, version, ids, dhash, phash, fine) "
+                             "VALUES (1, ?, ?, ?, ?, ?)",
                              (version, self.index.ids.astype("<i8").tobytes(),
                               self.index.hashes("dhash").astype("<u8").tobytes(),
                               self.index.hashes("phash").astype("<u8").tobytes(),

@@ -243,7 +243,8 @@ class Store:
         import time
         try:
             with self.transaction() as conn:
-                conn.execute("INSERT OR REPLACE INTO store_meta VALUES ('last_start', ?)", (str(time.time()),))
+                conn.execute("INSERT OR REPLACE INTO store_meta (key, value) VALUES ('last_start', ?)",
+                             (str(time.time()),))
         except sqlite3.Error as exc:
             raise StoreError(f"the store {self.path} cannot be written ({exc}); the daemon needs "
                              "write access to the file and its folder") from None

@@ -51,7 +51,8 @@ def set_verdict(store, match_id: int, verdict: str) -> bool:
             return False
         conn.execute("UPDATE matches SET verdict=?, verdict_at=? WHERE id=?", (verdict, now, match_id))
         if verdict == "false_positive" and row[0] is not None:
-            conn.execute("INSERT OR IGNORE INTO suppressions VALUES (?,?,?)", (row[0], row[1], now))
+            conn.execute("INSERT OR IGNORE INTO suppressions (repost_dhash, entry_id, created_at) VALUES (?,?,?)",
+                         (row[0], row[1], now))
     return True
 
 
@@ -59,7 +60,7 @@ def set_allowances(store, entry_id: int, kind: str, values: list[str]) -> None:
     if kind not in ALLOWANCE_KINDS:
         raise ValueError(f"allowance kind must be one of {', '.join(ALLOWANCE_KINDS)}")
     with store.transaction() as conn:
-        conn.executemany("INSERT OR IGNORE INTO allowances VALUES (?,?,?)",
+        conn.executemany("INSERT OR IGNORE INTO allowances (entry_id, kind, value) VALUES (?,?,?)",
                          [(entry_id, kind, v.strip()) for v in values if v.strip()])
 
 

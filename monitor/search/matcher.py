@@ -271,6 +271,17 @@ class Matcher:
         res = PairMatches(q, ids[pl], tier, pd[at].astype(np.int64), p, pq >= m, f, queries[pq], lib_d[pl])
         return _best_per_pair(res, best_only)
 
+    def matches_of(self, pairs: PairMatches) -> dict[int, list[Match]]:
+        """A batch result as :class:`Match` lists per query index: the one conversion."""
+        out: dict[int, list[Match]] = {}
+        for i in range(pairs.query.size):
+            fine = int(pairs.fine_distance[i])
+            out.setdefault(int(pairs.query[i]), []).append(Match(
+                int(pairs.entry_id[i]), self.tiers[int(pairs.tier[i])].name, int(pairs.dhash_distance[i]),
+                int(pairs.phash_distance[i]), bool(pairs.mirrored[i]), fine if fine >= 0 else None,
+                int(pairs.query_dhash[i]), int(pairs.library_dhash[i])))
+        return out
+
     def match_rows(self, rows: QueryRows, **kwargs) -> PairMatches:
         """:meth:`match_batch` over :func:`query_rows`' result."""
         return self.match_batch(rows.dhash, rows.phash, rows.dhash_mirror, rows.phash_mirror,

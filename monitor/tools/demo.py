@@ -208,6 +208,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
     from monitor.config import parse_config
     from monitor.daemon import run_daemon
     from monitor.records.library import Library
+    from monitor.records.work import counts as work_counts
     from monitor.scan import add_files
     from monitor.records.store import Store
     from monitor.warmup import warm_up
@@ -273,9 +274,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
             deadline = host.started + len(stream) / rate + DEADLINE_AFTER_PUBLISHING
             while not keep_running:
                 await asyncio.sleep(0.5)
-                pending = running.store.query(
-                    "SELECT COUNT(*) FROM work WHERE state='pending'")[0][0]
-                seen = running.store.query("SELECT COUNT(*) FROM work")[0][0]
+                seen, pending = work_counts(running.store)
                 if host.done_publishing and seen >= len(stream) and pending == 0:
                     stop.set()
                 elif time.time() > deadline:

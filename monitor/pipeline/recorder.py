@@ -1,0 +1,58 @@
+"""Stage 4, records: an image's fingerprint, its matches and their alerts, and the work
+row closed, in one transaction; then each new match announced (metrics, log, callback)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from monitor.fingerprints import Fingerprint
+from monitor.metrics import Metrics
+from monitor.records import matches as match_rows
+from monitor.records.library import Library
+from monitor.records.matches import MatchRecord
+from monitor.records.store import Store
+from monitor.records.work import WorkItem
+from monitor.search.matcher import Match
+
+log = logging.getLogger("repost_monitor.pipeline")
+
+OnMatch = Callable[[MatchRecord], Awaitable[None] | None]
+
+
+class Recorder:
+    def __init__(self, store: Store, library: Library, metrics: Metrics, *, outbox=None,
+                 on_match: OnMatch | None = None):
+        self.store, self.library, self.metrics = store, library, metrics
+        self.outbox = outbox  # alerts.outbox.Outbox: alerts join the match transaction
+        self.on_match = on_match
+
+    def finish(self, work: WorkItem, matches: list[Match], fp: Fingerprint | None = None,
+               error: str | None = None, close_work: bool = True, new_image: bool = False) -> list[MatchRecord]:
+        """Record a new image's fingerprint, the matches, their alerts, and close the
+        work row: one transaction."""
+        entries = self.library.entries_by_id(m.entry_id for m in matches) if matches else {}
+        records = match_rows.record(self.store, work, matches, fp, entries, time.time(), error=error,
+                                    close_work=close_work, new_image=new_image,
+                                    enqueue=self.outbox.enqueue if self.outbox is not None else None)
+        if records and self.outbox is not None:
+            self.outbox.committed()
+        return records
+
+    async def announce(self, rec: MatchRecord) -> None:
+        """Metrics, the log line and the on_match callback of a new match."""
+        ctx = {"feed": rec.work.feed, "item_id": rec.work.item_id, "url": rec.work.image_url,
+               "work_id": rec.work.id}
+        self.metrics.matches.labels(rec.match.tier).inc()
+        if rec.lag_seconds is not None:
+            self.metrics.detection_lag.observe(max(0.0, rec.lag_seconds))
+        log.info("match %s: %s dist=%d/64 -> library %d (%s)%s", rec.id, rec.match.tier,
+                 rec.match.dhash_distance, rec.entry.id, rec.entry.label,
+                 f", no alert ({rec.suppressed})" if rec.suppressed else "",
+                 extra={**ctx, "match_id": rec.id, "entry_id": rec.entry.id, "tier": rec.match.tier})
+        if self.on_match is not None:
+            result = self.on_match(rec)
+            if asyncio.iscoroutine(result):
+                await result

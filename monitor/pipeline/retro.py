@@ -1,0 +1,76 @@
+"""Library changes while running: reload the index when the table changed (another
+process, the API), and match images seen recently against the entries just added."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from monitor.metrics import Metrics
+from monitor.pipeline.recorder import Recorder
+from monitor.records import work as work_rows
+from monitor.records.library import Library
+from monitor.records.matches import MatchRecord
+from monitor.records.store import Store
+from monitor.search.index import LibraryIndex
+from monitor.search.matcher import Matcher, query_rows
+
+log = logging.getLogger("repost_monitor.pipeline")
+
+
+class LibraryWatcher:
+    def __init__(self, store: Store, library: Library, matcher: Matcher, recorder: Recorder,
+                 metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600):
+        self.store, self.library, self.matcher = store, library, matcher
+        self.recorder, self.metrics = recorder, metrics
+        self.check_seconds, self.retro_window = check_seconds, retro_window
+
+    async def run(self, stop: asyncio.Event) -> None:
+        known = await asyncio.to_thread(self.library.signature)
+        self.metrics.library_entries.set(len(self.library.index))
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.check_seconds)
+                return
+            except TimeoutError:
+                pass
+            now = await asyncio.to_thread(self.library.signature)
+            if now != known:
+                await asyncio.to_thread(self.library.reload)
+                log.info("library changed: %d entries indexed", len(self.library.index))
+                if now[1] > known[1]:
+                    await self.retro_match(after_entry_id=known[1])
+                known = now
+            self.metrics.library_entries.set(len(self.library.index))
+
+    async def retro_match(self, after_entry_id: int) -> list[MatchRecord]:
+        """Match images seen within ``retro_window`` against entries with a larger id
+        (the ones just added); the entry's matches alert as usual."""
+        if self.retro_window <= 0:
+            return []
+        found = await asyncio.to_thread(self._retro_pairs, after_entry_id)
+        records: list[MatchRecord] = []
+        for url, (fp, matches) in found.items():
+            work = work_rows.first_for_url(self.store, url)
+            if work is not None:
+                records += self.recorder.finish(work, matches, fp, close_work=False)
+        if records:
+            log.info("retroactive matching: %d new matches for entries added after id %d",
+                     len(records), after_entry_id)
+        for rec in records:
+            await self.recorder.announce(rec)
+        return records
+
+    def _retro_pairs(self, after_entry_id: int) -> dict:
+        """{image URL: (its fingerprint, its matches among the new entries)}."""
+        index = LibraryIndex()
+        for entry_id, fp in self.library.entries_after(after_entry_id):
+            index.add(entry_id, fp)
+        images = work_rows.recent_images(self.store, time.time() - self.retro_window)
+        if not images or not len(index):
+            return {}
+        urls = list(images)
+        matcher = Matcher(index, self.matcher.tiers)
+        per_query = matcher.matches_of(matcher.match_rows(query_rows([images[u] for u in urls]), threads=1))
+        return {urls[q]: (images[urls[q]], matches) for q, matches in per_query.items()}

@@ -1,0 +1,50 @@
+"""How work moves between the stages. In one process: a bounded asyncio queue. The
+scale-out issue puts Redis Streams behind the same two calls."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from monitor.records.work import WorkItem
+
+
+class Transport(Protocol):
+    """Work rows from intake to the workers, in order, with back-pressure."""
+
+    async def put(self, work: WorkItem) -> None: ...
+
+    async def get(self, stop: asyncio.Event) -> WorkItem | None:
+        """The next work row, or None once ``stop`` is set."""
+
+    def done(self, work: WorkItem) -> None:
+        """The row is finished (recorded done or failed)."""
+
+    def depth(self) -> int: ...
+
+
+class InProcessTransport:
+    """A bounded queue: a burst of items waits in the watchers (and the store), not in memory."""
+
+    def __init__(self, size: int = 1000):
+        self.size = size
+        self._queue: asyncio.Queue[WorkItem] = asyncio.Queue(size)
+
+    async def put(self, work: WorkItem) -> None:
+        await self._queue.put(work)
+
+    async def get(self, stop: asyncio.Event) -> WorkItem | None:
+        get = asyncio.ensure_future(self._queue.get())
+        stopping = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if get not in done:
+            get.cancel()
+            return None
+        return get.result()
+
+    def done(self, work: WorkItem) -> None:
+        self._queue.task_done()
+
+    def depth(self) -> int:
+        return self._queue.qsize()

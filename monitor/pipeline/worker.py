@@ -1,0 +1,237 @@
+"""Stages 2-3 per image: fetch -> fingerprint -> match. The same image URL reached
+through two feeds is fetched and matched once (the store, or a fetch in flight); no
+new download starts while the CPU has a backlog; decoding can run in worker processes.
+
+Decoding, hashing and matching run in a thread pool (Pillow and the numba kernels
+release the GIL), never on the event loop; with ``fingerprint_processes`` decoding
+and hashing run in spawned worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from monitor.fetch import FetchError, Fetcher
+from monitor.fingerprints import Fingerprint, ImageError, fingerprint_bytes
+from monitor.metrics import Metrics
+from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.transport import Transport
+from monitor.records import work as work_rows
+from monitor.records.matches import MatchRecord
+from monitor.records.store import Store
+from monitor.records.work import WorkItem
+from monitor.search.matcher import Match, Matcher
+
+log = logging.getLogger("repost_monitor.pipeline")
+
+# Failures that will not change on a retry: cached per URL, so the same bad
+# image reached through another feed is not fetched again.
+PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address", "bad_url",
+                          "blocked_path"}
+
+
+def fingerprint_query(data: bytes, max_pixels: int | None) -> tuple[Fingerprint, float]:
+    """An incoming image's fingerprint (all query views) and the seconds it took;
+    runs in a fingerprint worker process."""
+    start = time.perf_counter()
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    return fingerprint_bytes(data, views="query", **kwargs), time.perf_counter() - start
+
+
+def _warm_worker() -> None:
+    from monitor.warmup import warm_up
+    warm_up(None, "fingerprint")  # compiled code loaded before the first image, not on it
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: forking a process that runs threads (the event loop's helpers) can deadlock
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_warm_worker)
+
+
+class Worker:
+    def __init__(self, store: Store, fetcher: Fetcher, matcher: Matcher, recorder: Recorder,
+                 metrics: Metrics, transport: Transport, *, workers: int = 16, fingerprint_workers: int = 2,
+                 fingerprint_processes: int = 0, max_pixels: int | None = None):
+        self.store, self.fetcher, self.matcher = store, fetcher, matcher
+        self.recorder, self.metrics, self.transport = recorder, metrics, transport
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
+        self.fingerprint_processes = fingerprint_processes
+        self.processes = _process_pool(fingerprint_processes) if fingerprint_processes else None
+        self.max_pixels = max_pixels
+        self.active = 0
+        self._inflight: dict[str, asyncio.Future] = {}
+        # Downloaded images waiting for a fingerprint thread. No new download
+        # starts while this many wait: on a fast network the downloads would
+        # otherwise outrun the CPU and every image would queue for it (the
+        # downloaded -> recorded latency grows with the backlog, not the work).
+        self.backlog_limit = max(4, 3 * max(fingerprint_workers, fingerprint_processes))
+        self._backlog = 0
+        self._backlog_free = asyncio.Event()
+        self._backlog_free.set()
+        metrics.queue_capacity.labels("fingerprint").set(self.backlog_limit)
+
+    async def start(self) -> None:
+        if self.processes is not None:  # workers started, compiled code loaded, before any work
+            await asyncio.gather(*(asyncio.wrap_future(self.processes.submit(_warm_worker))
+                                   for _ in range(self.fingerprint_processes)))
+
+    def tasks(self, stop: asyncio.Event) -> list[asyncio.Task]:
+        return [asyncio.create_task(self._work(stop), name=f"worker:{i}") for i in range(self.workers)]
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.executor.shutdown)
+        if self.processes is not None:
+            await loop.run_in_executor(None, self.processes.shutdown)
+
+    async def _work(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            work = await self.transport.get(stop)
+            if work is None:
+                return
+            self.metrics.queue_depth.labels("download").set(self.transport.depth())
+            self.active += 1
+            try:
+                # Shielded: a stop while downloading still finishes this image.
+                await asyncio.shield(self.process(work))
+            except Exception as exc:  # noqa: BLE001 - one bad image never stops a worker
+                self.metrics.errors.labels("process").inc()
+                log.exception("processing %s failed", work.image_url,
+                              extra={"feed": work.feed, "item_id": work.item_id, "url": work.image_url})
+                # A row left pending would wait for the next restart and fail the same way:
+                # it ends now, failed, with its reason.
+                try:
+                    self.recorder.finish(work, [], None, error=f"internal: {type(exc).__name__}: {exc}"[:500])
+                except Exception:  # noqa: BLE001 - the store itself is failing; logged above
+                    log.exception("could not record the failure of work %d", work.id)
+            finally:
+                self.active -= 1
+                self.transport.done(work)
+
+    async def process(self, work: WorkItem) -> list[MatchRecord]:
+        ctx = {"feed": work.feed, "item_id": work.item_id, "url": work.image_url, "work_id": work.id}
+        try:
+            fp, matches, downloaded_at, fetched = await self._fingerprint_and_match(work)
+        except (FetchError, ImageError, work_rows.CachedFailure) as exc:
+            self.recorder.finish(work, [], None, error=str(exc))
+            log.warning("image skipped: %s: %s", work.image_url, exc, extra={**ctx, "reason": exc.reason})
+            return []
+        records = self.recorder.finish(work, matches, fp, new_image=fetched)
+        self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
+        for rec in records:
+            await self.recorder.announce(rec)
+        return records
+
+    async def process_fingerprint(self, work: WorkItem, fp: Fingerprint) -> list[MatchRecord]:
+        """Match and record an image fingerprinted elsewhere (an API upload)."""
+        matches = await asyncio.get_running_loop().run_in_executor(self.executor, self.match_timed, fp)
+        records = self.recorder.finish(work, matches, fp)
+        for rec in records:
+            await self.recorder.announce(rec)
+        return records
+
+    def match_timed(self, fp: Fingerprint) -> list[Match]:
+        start = time.perf_counter()
+        matches = self.matcher.match(fp)
+        self.metrics.match_seconds.observe(time.perf_counter() - start)
+        return matches
+
+    async def _fingerprint_and_match(self, work: WorkItem):
+        """(fingerprint, matches, time downloaded, whether this call fetched the image)."""
+        fp, matches, downloaded_at = await self._fingerprint_url(work)
+        fetched = matches is not None
+        if not fetched:  # fingerprint from the store or another worker's fetch: match it now
+            matches = await asyncio.get_running_loop().run_in_executor(self.executor, self.match_timed, fp)
+        return fp, matches, downloaded_at, fetched
+
+    async def _fingerprint_url(self, work: WorkItem):
+        """(fingerprint, matches or None, time downloaded) of an image URL: from the store
+        if any feed already fetched it, from a concurrent fetch of the same URL, or fetched
+        now (None for matches: this call did not match it)."""
+        cached = work_rows.cached_image(self.store, work.image_url)
+        if cached is not None:
+            return cached, None, time.perf_counter()
+        pending = self._inflight.get(work.image_url)
+        if pending is not None:
+            fp, _, downloaded = await asyncio.shield(pending)
+            return fp, None, downloaded
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[work.image_url] = fut
+        try:
+            result = await self._download_and_hash(work)
+            fut.set_result(result)
+            return result
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[work.image_url]
+
+    def _hash_and_match(self, data: bytes):
+        """Decode, hash and match in one worker-thread call (one hop, not two)."""
+        fp, seconds = fingerprint_query(data, self.max_pixels)
+        self.metrics.fingerprint_seconds.observe(seconds)
+        return fp, self.match_timed(fp)
+
+    async def _fingerprint_in_process(self, data: bytes) -> tuple[Fingerprint, float]:
+        for _ in range(2):
+            pool = self.processes
+            try:
+                return await asyncio.wrap_future(pool.submit(fingerprint_query, data, self.max_pixels))
+            except BrokenProcessPool:
+                # A worker died (a decoder crash, the OOM killer) on this image
+                # or on one beside it: new workers, and one more try, so only
+                # an image that kills a worker twice fails; the rest go on.
+                if self.processes is pool:
+                    log.error("a fingerprint process died; starting new ones")
+                    self.processes = _process_pool(self.fingerprint_processes)
+                    pool.shutdown(wait=False)
+        raise ImageError("crashed", "the decoder process died on this image twice")
+
+    async def _download_and_hash(self, work: WorkItem):
+        while self._backlog >= self.backlog_limit:
+            self._backlog_free.clear()
+            await self._backlog_free.wait()
+        try:
+            data = await self.fetcher.fetch_image(work.image_url)
+        except FetchError as exc:
+            self.metrics.image_failures.labels("download", exc.reason).inc()
+            if exc.reason in PERMANENT_FETCH_ERRORS:
+                work_rows.image_failed(self.store, work.image_url, str(exc), time.time())
+            raise
+        downloaded = time.perf_counter()
+        self.metrics.download_bytes.inc(len(data))
+        self.metrics.images_downloaded.labels(work.feed).inc()
+        loop = asyncio.get_running_loop()
+        self._backlog += 1
+        self.metrics.queue_depth.labels("fingerprint").set(self._backlog)
+        try:
+            if self.processes is None:
+                fp, matches = await loop.run_in_executor(self.executor, self._hash_and_match, data)
+            else:
+                fp, seconds = await self._fingerprint_in_process(data)
+                self.metrics.fingerprint_seconds.observe(seconds)
+                matches = await loop.run_in_executor(self.executor, self.match_timed, fp)
+        except ImageError as exc:
+            self.metrics.image_failures.labels("decode", exc.reason).inc()
+            work_rows.image_failed(self.store, work.image_url, str(exc), time.time())
+            raise
+        finally:
+            self._backlog -= 1
+            self.metrics.queue_depth.labels("fingerprint").set(self._backlog)
+            if self._backlog < self.backlog_limit:
+                self._backlog_free.set()
+        if fp.degenerate:
+            self.metrics.image_failures.labels("decode", "degenerate").inc()
+        # The images row is written by the recorder, in the transaction that records the
+        # matches: one commit per image. No await lies between this return and that write,
+        # so no other worker can miss both it and _inflight.
+        return fp, matches, downloaded

@@ -1,0 +1,117 @@
+"""Matches: recorded with the image and its alerts in one transaction, listed for the
+API, the review page and the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from monitor.fingerprints import Fingerprint
+from monitor.fingerprints.codec import sql_to_u64, u64_to_sql
+from monitor.records import work as work_rows
+from monitor.records.library import LibraryEntry
+from monitor.records.store import Store
+from monitor.records.verdicts import suppression
+from monitor.records.work import WorkItem
+from monitor.search.matcher import Match
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRecord:
+    id: int
+    work: WorkItem
+    entry: LibraryEntry
+    match: Match
+    detected_at: float
+    suppressed: str | None = None  # allow_list | false_positive: recorded, never alerted
+
+    @property
+    def lag_seconds(self) -> float | None:
+        return self.detected_at - self.work.published if self.work.published else None
+
+
+def record(store: Store, work: WorkItem, matches: list[Match], fp: Fingerprint | None,
+           entries: dict[int, LibraryEntry], now: float, *, error: str | None = None,
+           close_work: bool = True, new_image: bool = False,
+           enqueue: Callable[[object, MatchRecord], object] | None = None) -> list[MatchRecord]:
+    """One transaction: a new image's fingerprint, each match (once per image URL and
+    entry), the alerts ``enqueue(conn, record)`` queues for it, and the work row closed."""
+    records = []
+    with store.transaction() as conn:
+        if new_image:
+            work_rows.image_ok(conn, work.image_url, fp, now)
+        for m in matches:
+            entry = entries.get(m.entry_id)
+            if entry is None:
+                continue  # removed from the library a moment ago
+            why = suppression(conn, m.entry_id, fp.dhash, feed=work.feed, author=work.author,
+                              page_url=work.page_url, image_url=work.image_url)
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, dhash_distance, "
+                "phash_distance, mirrored, feed, item_id, page_url, author, published, detected_at, "
+                "repost_dhash, suppressed, fine_distance, matched_repost_dhash, matched_library_dhash) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance, m.phash_distance,
+                 int(m.mirrored), work.feed, work.item_id, work.page_url, work.author, work.published, now,
+                 u64_to_sql(fp.dhash), why, m.fine_distance,
+                 None if m.query_dhash is None else u64_to_sql(m.query_dhash),
+                 None if m.library_dhash is None else u64_to_sql(m.library_dhash)))
+            if cur.rowcount:  # the same image URL via another feed: already recorded
+                rec = MatchRecord(cur.lastrowid, work, entry, m, now, why)
+                records.append(rec)
+                if enqueue is not None and why is None:
+                    enqueue(conn, rec)
+        if close_work:
+            work_rows.close(conn, work.id, error, now)
+    return records
+
+
+LIST_COLUMNS = ("id", "image_url", "entry_id", "tier", "dhash_distance", "phash_distance", "mirrored", "feed",
+                "item_id", "page_url", "author", "published", "detected_at", "verdict", "suppressed",
+                "fine_distance")
+FILTERS = ("tier", "feed", "verdict", "entry_id")
+
+
+def list_matches(store: Store, filters: dict, limit: int, offset: int) -> tuple[list[dict], int]:
+    """(matches newest first as dicts of LIST_COLUMNS, the total under ``filters``: a
+    subset of FILTERS mapped to the value to equal)."""
+    where = [f"{key}=?" for key in FILTERS if key in filters]
+    params = [filters[key] for key in FILTERS if key in filters]
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    rows = store.query(f"SELECT {', '.join(LIST_COLUMNS)} FROM matches{clause} ORDER BY id DESC "
+                       "LIMIT ? OFFSET ?", (*params, limit, offset))
+    total = store.query(f"SELECT COUNT(*) FROM matches{clause}", params)[0][0]
+    return [dict(zip(LIST_COLUMNS, r, strict=True)) for r in rows], total
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewRow:
+    id: int
+    image_url: str
+    entry_id: int
+    tier: str
+    dhash_distance: int
+    phash_distance: int
+    mirrored: bool
+    feed: str
+    author: str | None
+    verdict: str | None
+    suppressed: str | None
+    page_url: str | None
+    repost_view_dhash: int | None    # the two views that met (None for matches older than that)
+    library_view_dhash: int | None
+
+
+def review_rows(store: Store, limit: int, offset: int) -> list[ReviewRow]:
+    rows = store.query("SELECT id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, feed, "
+                       "author, verdict, suppressed, page_url, matched_repost_dhash, matched_library_dhash "
+                       "FROM matches ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
+    return [ReviewRow(*r[:6], bool(r[6]), *r[7:12], None if r[12] is None else sql_to_u64(r[12]),
+                      None if r[13] is None else sql_to_u64(r[13])) for r in rows]
+
+
+def latest(store: Store, limit: int) -> list[tuple]:
+    """(id, detected_at, tier, dhash_distance, image_url, entry_id, feed, verdict, suppressed),
+    newest first: the command line's list."""
+    return store.query("SELECT id, detected_at, tier, dhash_distance, image_url, entry_id, feed, verdict, "
+                       "suppressed FROM matches ORDER BY id DESC LIMIT ?", (limit,))

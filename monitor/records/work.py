@@ -1,0 +1,152 @@
+"""What the pipeline has seen and still owes: feed checkpoints, items seen, the work
+rows (one per feed, item and image URL), and the images fetched (their fingerprints,
+or why they failed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from feeds import FeedItem
+from monitor.fingerprints import Fingerprint
+from monitor.fingerprints.codec import pack_fine, pack_views, stored_fingerprint, u64_to_sql
+from monitor.records.store import Store
+
+_WORK_COLUMNS = "id, feed, item_id, image_url, page_url, author, published"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One image of one feed item, written before it is downloaded."""
+    id: int
+    feed: str
+    item_id: str
+    image_url: str
+    page_url: str | None
+    author: str | None
+    published: float | None
+
+
+# -- feeds ----------------------------------------------------------------------------------
+def feed_validators(store: Store, feed: str) -> tuple[str | None, str | None]:
+    """(ETag, Last-Modified) of the feed's last successful poll, for a conditional GET."""
+    rows = store.query("SELECT etag, last_modified FROM feed_state WHERE feed=?", (feed,))
+    return rows[0] if rows else (None, None)
+
+
+def feed_ok(store: Store, feed: str, now: float, etag: str | None, last_modified: str | None) -> None:
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO feed_state (feed, etag, last_modified, last_poll, last_success, "
+            "consecutive_failures, last_error) VALUES (?,?,?,?,?,0,NULL) ON CONFLICT (feed) DO "
+            "UPDATE SET etag=excluded.etag, last_modified=excluded.last_modified, "
+            "last_poll=excluded.last_poll, last_success=excluded.last_success, "
+            "consecutive_failures=0, last_error=NULL", (feed, etag, last_modified, now, now))
+
+
+def feed_failed(store: Store, feed: str, failures: int, error: str, now: float) -> None:
+    with store.transaction() as conn:
+        conn.execute("INSERT INTO feed_state (feed, last_poll, consecutive_failures, last_error) "
+                     "VALUES (?,?,?,?) ON CONFLICT (feed) DO UPDATE SET last_poll=excluded.last_poll, "
+                     "consecutive_failures=excluded.consecutive_failures, "
+                     "last_error=excluded.last_error", (feed, now, failures, error))
+
+
+# -- work rows ------------------------------------------------------------------------------
+def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> tuple[list[WorkItem], int]:
+    """Work rows for the items not seen before, in one transaction: (the new rows, how many
+    items were new). An item seen before (by id, per feed) adds nothing."""
+    work: list[WorkItem] = []
+    new_items = 0
+    with store.transaction() as conn:
+        for item in items:
+            cur = conn.execute("INSERT OR IGNORE INTO seen_items (feed, item_id, seen_at) VALUES (?,?,?)",
+                               (feed, item.id, now))
+            if cur.rowcount == 0:
+                continue
+            new_items += 1
+            published = item.published.timestamp() if item.published else None
+            for url in item.image_urls:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO work (feed, item_id, image_url, page_url, author, published, "
+                    "discovered_at) VALUES (?,?,?,?,?,?,?)",
+                    (feed, item.id, url, item.page_url, item.author, published, now))
+                if cur.rowcount:
+                    work.append(WorkItem(cur.lastrowid, feed, item.id, url, item.page_url, item.author,
+                                         published))
+    return work, new_items
+
+
+def pending(store: Store) -> list[WorkItem]:
+    """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first."""
+    return [WorkItem(*r) for r in store.query(
+        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' ORDER BY id")]
+
+
+def first_for_url(store: Store, url: str) -> WorkItem | None:
+    rows = store.query(f"SELECT {_WORK_COLUMNS} FROM work WHERE image_url=? ORDER BY id LIMIT 1", (url,))
+    return WorkItem(*rows[0]) if rows else None
+
+
+def close(conn, work_id: int, error: str | None, now: float) -> None:
+    """Inside the recording transaction: the row is done, or failed with its reason."""
+    conn.execute("UPDATE work SET state=?, error=?, finished_at=? WHERE id=?",
+                 ("failed" if error else "done", error, now, work_id))
+
+
+def counts(store: Store) -> tuple[int, int]:
+    """(work rows in all, still pending)."""
+    return store.query("SELECT COUNT(*), COUNT(*) FILTER (WHERE state='pending') FROM work")[0]
+
+
+# -- images ---------------------------------------------------------------------------------
+class CachedFailure(Exception):
+    """An image URL that failed before for a reason a retry would not change."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message = reason, message
+
+
+def cached_image(store: Store, url: str) -> Fingerprint | None:
+    """The stored fingerprint of an image URL fetched before (by any feed), None if never
+    fetched; raises CachedFailure if it failed for good."""
+    rows = store.query("SELECT state, dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, "
+                       "error, fine, views FROM images WHERE url=?", (url,))
+    if not rows:
+        return None
+    state, d, p, dm, pm, w, h, degenerate, error, fine, views = rows[0]
+    if state != "ok":
+        reason, _, message = (error or "failed: earlier failure").partition(": ")
+        raise CachedFailure(reason, f"{message} (cached)")
+    return stored_fingerprint(d, p, dm, pm, w, h, degenerate, fine, views)
+
+
+def image_failed(store: Store, url: str, error: str, now: float) -> None:
+    with store.transaction() as conn:
+        conn.execute("INSERT OR REPLACE INTO images (url, state, error, fetched_at) VALUES (?,?,?,?)",
+                     (url, "failed", error, now))
+
+
+def image_ok(conn, url: str, fp: Fingerprint, now: float) -> None:
+    """Inside the recording transaction: a new image's fingerprint, views and fine hashes."""
+    conn.execute(
+        "INSERT OR REPLACE INTO images (url, state, dhash, phash, dhash_mirror, phash_mirror, width, height, "
+        "degenerate, error, fetched_at, fine, views) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
+         u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate, None, now, pack_fine(fp),
+         pack_views(fp.views)))
+
+
+def recent_images(store: Store, since: float) -> dict[str, Fingerprint]:
+    """Usable images fetched since ``since`` (retroactive matching), by URL."""
+    rows = store.query("SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, views "
+                       "FROM images WHERE state='ok' AND degenerate IS NULL AND fetched_at > ?", (since,))
+    return {r[0]: stored_fingerprint(*r[1:7], None, r[7], r[8]) for r in rows}
+
+
+def claim_signature(store: Store, signature: str, now: float, keep: float) -> bool:
+    """True the first time a request signature is seen within ``keep`` seconds (replay guard)."""
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM api_nonces WHERE seen_at < ?", (now - keep,))
+        cur = conn.execute("INSERT OR IGNORE INTO api_nonces (signature, seen_at) VALUES (?,?)", (signature, now))
+        return bool(cur.rowcount)
