@@ -7,6 +7,7 @@ resumes where it stopped because results are committed in small batches.
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import time
@@ -22,9 +23,10 @@ from monitor.fingerprints import (
     Fingerprint,
     ImageError,
     fingerprint_bytes,
+    from_hex,
 )
 from monitor.records.cache import FingerprintCache
-from monitor.records.library import AddReport, Library
+from monitor.records.library import IMPORTED, AddReport, Library, mirror_dhash, mirror_phash
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -135,3 +137,31 @@ def rehash(library: Library, *, every: bool = False, cache: FingerprintCache | N
             continue
         updated.append(library.replace_hashes(entry_id, r.fingerprint))
     return AddReport(updated, skipped)
+
+
+def import_csv(library: Library, path: str | Path, label: str | None = None) -> AddReport:
+    """Import imagehash hex hashes: columns source, dhash[, phash, label].
+
+    Hashes made elsewhere carry no mirror hashes, so mirrors are derived:
+    a mirrored picture's dHash is its own dHash with each row reversed
+    and inverted, its pHash flips the sign of odd DCT columns (both
+    exact up to ties, checked in tests).
+    """
+    added, skipped = [], []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.DictReader(fh), start=2):
+            try:
+                source = (row.get("source") or row.get("path") or "").strip()
+                if not source:
+                    raise ValueError("missing 'source' column value")
+                dhash = from_hex(row["dhash"])
+                phash = from_hex(row["phash"]) if row.get("phash") else 0
+                fp = Fingerprint(dhash, phash, mirror_dhash(dhash),
+                                 mirror_phash(phash) if row.get("phash") else 0,
+                                 int(row.get("width") or 0), int(row.get("height") or 0))
+            except (KeyError, ValueError) as exc:
+                skipped.append((f"{path}:{lineno}", f"bad row: {exc}"))
+                continue
+            added.append(library.add_fingerprint(source, fp, row.get("label") or label,
+                                                 algorithm=IMPORTED))
+    return AddReport(added, skipped)

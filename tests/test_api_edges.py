@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from monitor.api import server as server_module
+from monitor.api import http as server_module
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
 from tests.conftest import encode

@@ -15,7 +15,7 @@ from monitor.records.cache import FingerprintCache
 from monitor.scan import fingerprint_files, iter_image_files
 from monitor.records.store import Store
 from tests.conftest import encode
-from monitor.scan import add_files
+from monitor.scan import add_files, import_csv
 
 
 def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):
@@ -119,7 +119,7 @@ def test_import_imagehash_csv_matches_reposts(tmp_path, library_images):
         writer.writerows(rows)
         fh.write("bad,zz,\n")
     lib = Library(Store(tmp_path / "lib.sqlite"))
-    report = lib.import_csv(csv_path)
+    report = import_csv(lib, csv_path)
     assert len(report.added) == len(library_images) and len(report.skipped) == 1
     matcher = Matcher(lib.index)
     with Image.open(library_images[0]) as img:

@@ -8,7 +8,6 @@ index and the ``library_entries`` table in step.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import time
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from monitor.fingerprints.fasthash import FINE_WORDS
-from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint, from_hex
+from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint
 from monitor.fingerprints.codec import (VIEW_WORDS, pack_fine, pack_views, sql_to_u64, u64_to_sql, unpack_fine,
                                         unpack_views)
 from monitor.records.store import Store
@@ -183,33 +182,6 @@ class Library:
             self.index.add(entry_id, fp)
         return LibraryEntry(entry_id, source, label, fp.width, fp.height, fp.dhash, fp.phash,
                             fp.dhash_mirror, fp.phash_mirror, fp.degenerate, now)
-
-    def import_csv(self, path: str | Path, label: str | None = None) -> AddReport:
-        """Import imagehash hex hashes: columns source, dhash[, phash, label].
-
-        Hashes made elsewhere carry no mirror hashes, so mirrors are derived:
-        a mirrored picture's dHash is its own dHash with each row reversed
-        and inverted, its pHash flips the sign of odd DCT columns (both
-        exact up to ties, checked in tests).
-        """
-        added, skipped = [], []
-        with open(path, newline="", encoding="utf-8") as fh:
-            for lineno, row in enumerate(csv.DictReader(fh), start=2):
-                try:
-                    source = (row.get("source") or row.get("path") or "").strip()
-                    if not source:
-                        raise ValueError("missing 'source' column value")
-                    dhash = from_hex(row["dhash"])
-                    phash = from_hex(row["phash"]) if row.get("phash") else 0
-                    fp = Fingerprint(dhash, phash, mirror_dhash(dhash),
-                                     mirror_phash(phash) if row.get("phash") else 0,
-                                     int(row.get("width") or 0), int(row.get("height") or 0))
-                except (KeyError, ValueError) as exc:
-                    skipped.append((f"{path}:{lineno}", f"bad row: {exc}"))
-                    continue
-                added.append(self.add_fingerprint(source, fp, row.get("label") or label,
-                                                  algorithm=IMPORTED))
-        return AddReport(added, skipped)
 
     def stale(self) -> list[tuple[int, str]]:
         """(id, source) of the entries fingerprinted by another hash algorithm
