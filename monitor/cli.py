@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from monitor import __version__
+from monitor.search.tiers import TIER_NAMES
+from monitor.version import __version__
 from monitor.commands import (DEFAULT_DB, cmd_alerts, cmd_audit, cmd_check_config, cmd_dedupe,
                               cmd_demo, cmd_group, cmd_hash, cmd_library, cmd_match, cmd_matches, cmd_run)
 
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--library", required=True, help="store file or folder of images")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tier", choices=("exact", "near", "loose"), default="near",
+    g.add_argument("--tier", choices=TIER_NAMES, default="near",
                    help="preset: report matches up to this tier (default: %(default)s)")
     g.add_argument("--threshold", type=int,
                    help="dHash distance limit in bits, without pHash verification (seed mode)")
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ". "
                            "Group ids are deterministic whatever the input order.")
         p.add_argument("folders", nargs="+")
-        p.add_argument("--tier", choices=("exact", "near", "loose"), default=tier,
+        p.add_argument("--tier", choices=TIER_NAMES, default=tier,
                        help="how close counts (default: %(default)s)")
         p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
         p.add_argument("--output", help="write rows here instead of stdout")

@@ -18,8 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from feeds.registry import SOURCE_TYPES
 
+from monitor.alerts.sinks import SLACK_MAX_BATCH
 from monitor.fetch import FetchLimits
 from monitor.fingerprints import DEFAULT_MAX_PIXELS
+from monitor.search.tiers import TIER_NAMES
+
+TierName = Literal[TIER_NAMES]  # type: ignore[valid-type]  # from the presets, not copied
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -49,7 +53,7 @@ class LibraryConfig(_Model):
 
 
 class MatchConfig(_Model):
-    tier: Literal["exact", "near", "loose"] = "near"
+    tier: TierName = "near"
 
 
 class LimitsConfig(_Model):
@@ -122,7 +126,7 @@ class AlertSinkConfig(_Model):
     url: str | None = None
     secret: str | None = None          # webhook HMAC-SHA256 key; use "${ENV_VAR}"
     path: str | None = None            # file sink
-    tiers: list[Literal["exact", "near", "loose"]] = []
+    tiers: list[TierName] = []
     labels: list[str] = []
     sources: list[str] = []
     # Failures of the alert at the head of the queue before it is dead-lettered. While a sink is
@@ -142,8 +146,8 @@ class AlertSinkConfig(_Model):
         if self.batch_size and self.batch_size > 1:
             if self.type == "discord":
                 raise ValueError("discord sinks deliver one alert per message; drop batch_size")
-            if self.type == "slack" and self.batch_size > 40:
-                raise ValueError("batch_size for slack is at most 40 (Block Kit allows 50 blocks)")
+            if self.type == "slack" and self.batch_size > SLACK_MAX_BATCH:
+                raise ValueError(f"batch_size for slack is at most {SLACK_MAX_BATCH} (Block Kit allows 50 blocks)")
         if self.type in ("slack", "webhook", "discord") and not (
                 self.url and self.url.startswith(("http://", "https://"))):
             raise ValueError(f"a {self.type} sink needs an http(s) 'url'")

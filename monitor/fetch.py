@@ -29,7 +29,7 @@ from asyncio_throttle import Throttler
 
 from feeds.base import url_problem
 
-from monitor import __version__
+from monitor.version import __version__
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
                b"II*\x00", b"MM\x00*")
@@ -172,6 +172,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def image_magic_ok(head: bytes) -> bool:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    if head[4:12] in (b"ftypavif", b"ftypavis"):  # AVIF (ISO BMFF)
         return True
     return head.startswith(IMAGE_MAGIC)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from monitor import __version__
+from monitor.search.tiers import TIER_NAMES
+from monitor.version import __version__
 from monitor.fingerprints import ALGORITHM_VERSION
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -81,7 +82,7 @@ class Metrics:
             self.throttle_wait_seconds.observe(wait)
             self.download_seconds.observe(transfer)
 
-    def init_labels(self, feeds: list[str], sinks: list[str], tiers=("exact", "near", "loose")) -> None:
+    def init_labels(self, feeds: list[str], sinks: list[str], tiers=TIER_NAMES) -> None:
         """Create the known label children at 0, so dashboards and rate() see
         every series from the first scrape, not only after the first event."""
         for feed in feeds:

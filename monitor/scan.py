@@ -25,10 +25,12 @@ from monitor.fingerprints import (
     fingerprint_bytes,
     from_hex,
 )
+from monitor.fingerprints.core import AVIF
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import IMPORTED, AddReport, Library, mirror_dhash, mirror_phash
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+                  | ({".avif"} if AVIF else set()))
 
 
 def iter_image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -56,8 +58,31 @@ class FileResult:
     cached: bool = False
 
 
-def fingerprint_file(path: Path, cache: FingerprintCache | None = None, *,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, views: str | None = None) -> FileResult:
+def fingerprint_file(path: str | Path, *, views: str | None = "query",
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprint:
+    """The fingerprint of an image file: with the views a repost may need to be matched
+    (``views="query"``; ``"library"`` for an entry's; None for the whole picture only).
+    Raises :class:`ImageError` for a file that is not a readable image."""
+    result = _fingerprint_path(Path(path).expanduser(), None, max_pixels=max_pixels, views=views)
+    if result.fingerprint is None:
+        raise result.error
+    return result.fingerprint
+
+
+def open_library(path: str | Path) -> Library:
+    """The protected library stored in the SQLite file ``path`` (created if missing)."""
+    from monitor.records.store import Store
+    return Library(Store(Path(path).expanduser()))
+
+
+def add_images(library: Library, paths: Iterable[str | Path], *, label: str | None = None,
+               cache: FingerprintCache | None = None) -> AddReport:
+    """Add image files and folders (recursively) to ``library``; see :func:`add_files`."""
+    return add_files(library, [Path(p).expanduser() for p in paths], label=label, cache=cache, progress=False)
+
+
+def _fingerprint_path(path: Path, cache: FingerprintCache | None = None, *,
+                      max_pixels: int = DEFAULT_MAX_PIXELS, views: str | None = None) -> FileResult:
     """Fingerprint one file, from the cache when its key still matches."""
     try:
         if cache is not None:
@@ -87,7 +112,7 @@ def fingerprint_files(paths: list[Path], cache: FingerprintCache | None = None, 
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
                  file=sys.stderr) as bar:
-        for result in pool.map(lambda p: fingerprint_file(p, cache, max_pixels=max_pixels, views=views),
+        for result in pool.map(lambda p: _fingerprint_path(p, cache, max_pixels=max_pixels, views=views),
                                paths, chunksize=16):
             results.append(result)
             bar.update(1)

@@ -323,3 +323,24 @@ def test_report_grids_show_the_views_that_matched_and_name_unreadable_inputs(tmp
         shown = int(re.search(r"dHash (\d+)/64 bits", card).group(1))
         assert card.count('class="bd"') == shown
     assert "broken.jpg" in page and 'data-kind="unreadable"' in page
+
+
+def test_avif_is_decoded_where_feeds_offer_it(samples):
+    """Feeds take .avif links: the fetcher and the decoder take the files too."""
+    import io
+
+    from PIL import Image
+
+    from monitor.fetch import image_magic_ok
+    from monitor.fingerprints import fingerprint_bytes
+    from monitor.fingerprints.core import AVIF
+    if not AVIF:
+        pytest.skip("LOUD SKIP: this Pillow was built without AVIF")
+    with Image.open(samples / "library-coffee.jpg") as img:
+        buf = io.BytesIO()
+        img.save(buf, "AVIF", quality=80)
+    data = buf.getvalue()
+    assert image_magic_ok(data[:16])
+    avif = fingerprint_bytes(data)
+    jpeg = fingerprint_bytes((samples / "library-coffee.jpg").read_bytes())
+    assert (avif.dhash ^ jpeg.dhash).bit_count() <= 6

@@ -11,9 +11,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from feeds.base import MAX_IMAGES_PER_ITEM, url_problem
+from monitor.search.tiers import TIER_NAMES
 
-TIERS = ("exact", "near", "loose")
-Tier = Literal["exact", "near", "loose"]
+Tier = Literal[TIER_NAMES]  # type: ignore[valid-type]
 Verdict = Literal["confirmed", "false_positive", "authorized"]
 
 

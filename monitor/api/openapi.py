@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from monitor import __version__
+from monitor.version import __version__
 from monitor.api import models as m
 
 JSON, MULTIPART = "application/json", "multipart/form-data"

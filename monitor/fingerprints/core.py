@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fftpack
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, features
 
 from monitor.fingerprints import fasthash
 
@@ -33,7 +33,9 @@ ALGORITHM_VERSION = "dhash-phash-v6-fine-turns"
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any real thumbnail
 # JPEG covers MPO (phone multi-picture JPEGs): its opener returns them.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# AVIF where this Pillow was built with it (the wheels since 11.3 are): feeds offer .avif.
+AVIF = features.check("avif")
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF") + (("AVIF",) if AVIF else ())
 # Draft decoding asks libjpeg for the smallest DCT scale (down to 1/8) whose
 # result is still at least this big on both sides: the hashes only need a
 # 32x32 grid. Measured on the corpus: 4x imagehash's speed, mean drift 0.6
