@@ -50,11 +50,11 @@ def receivers(port_q, down_flag, counts) -> None:
 async def run(args, port, down_flag, counts) -> None:
     from monitor.alerts.outbox import Outbox, SinkRule
     from monitor.alerts.sinks import SlackSink, WebhookSink
-    from monitor.records.library import LibraryEntry
-    from monitor.search.matcher import Match
     from monitor.metrics import Metrics
     from monitor.pipeline import MatchRecord, WorkItem
+    from monitor.records.library import LibraryEntry
     from monitor.records.store import Store
+    from monitor.search.matcher import Match
 
     tmp = tempfile.mkdtemp()
     store = Store(os.path.join(tmp, "alerts.sqlite"))

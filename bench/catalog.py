@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def main() -> None:
     from PIL import Image
 
-    from monitor.search import tiled as kernel
-    from monitor.warmup import warm_up
-    from monitor.tools.catalog import group_images, load_images
-    from monitor.search.matcher import PRESETS
     from monitor.records.cache import FingerprintCache
+    from monitor.search import tiled as kernel
+    from monitor.search.matcher import PRESETS
+    from monitor.tools.catalog import group_images, load_images
+    from monitor.warmup import warm_up
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("corpus", type=Path)

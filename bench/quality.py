@@ -299,11 +299,11 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
     matcher over a library of ``entries`` entries with all their views) against a
     plain dHash fingerprint and one kernel pass over one row per entry, timed in
     turns on the same images (a shared VM's speed drifts)."""
-    from monitor.search import tiled as kernel
-    from monitor.warmup import warm_up
     from monitor.fingerprints import Fingerprint
     from monitor.records.library import LibraryIndex
+    from monitor.search import tiled as kernel
     from monitor.search.matcher import PRESETS, Matcher
+    from monitor.warmup import warm_up
     rng = np.random.default_rng(0)
     index = LibraryIndex(capacity=entries * 8)
     for i, views in enumerate(lib_o):

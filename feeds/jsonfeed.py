@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from .base import (FeedError, FeedItem, HttpSource, ParsedItems, absolute, as_text, build_items,
-                   clean_urls, images_in_html, page_link)
+from .base import (
+    FeedError,
+    FeedItem,
+    HttpSource,
+    ParsedItems,
+    absolute,
+    as_text,
+    build_items,
+    clean_urls,
+    images_in_html,
+    page_link,
+)
 
 
 def parse_time(text) -> datetime | None:

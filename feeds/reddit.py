@@ -8,10 +8,19 @@ full source), gallery media_metadata, or a direct image link. Without
 from __future__ import annotations
 
 import html
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 
-from .base import (FeedError, FeedItem, HttpSource, ParsedItems, as_text, build_items, clean_urls,
-                   looks_like_image_url, page_link)
+from .base import (
+    FeedError,
+    FeedItem,
+    HttpSource,
+    ParsedItems,
+    as_text,
+    build_items,
+    clean_urls,
+    looks_like_image_url,
+    page_link,
+)
 from .jsonfeed import load_json
 
 THUMB_WIDTH = 320

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import calendar
 import io
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from xml.sax import SAXParseException
 
 import defusedxml.ElementTree as SafeET
 import feedparser
 from defusedxml import DefusedXmlException
 
-from .base import (FeedError, FeedItem, HttpSource, ParsedItems, absolute, as_text, build_items,
-                   clean_urls, images_in_html, looks_like_image_url, page_link)
+from .base import (
+    FeedError,
+    FeedItem,
+    HttpSource,
+    ParsedItems,
+    absolute,
+    as_text,
+    build_items,
+    clean_urls,
+    images_in_html,
+    looks_like_image_url,
+    page_link,
+)
 
 
 def _refuse_entities(body: bytes) -> None:

@@ -6,10 +6,22 @@ import argparse
 import os
 import sys
 
+from monitor.commands import (
+    DEFAULT_DB,
+    cmd_alerts,
+    cmd_audit,
+    cmd_check_config,
+    cmd_dedupe,
+    cmd_demo,
+    cmd_group,
+    cmd_hash,
+    cmd_library,
+    cmd_match,
+    cmd_matches,
+    cmd_run,
+)
 from monitor.search.tiers import TIER_NAMES
 from monitor.version import __version__
-from monitor.commands import (DEFAULT_DB, cmd_alerts, cmd_audit, cmd_check_config, cmd_dedupe,
-                              cmd_demo, cmd_group, cmd_hash, cmd_library, cmd_match, cmd_matches, cmd_run)
 
 
 def _add_scan_options(p: argparse.ArgumentParser) -> None:

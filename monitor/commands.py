@@ -187,8 +187,7 @@ def _group_findings(groups):
 
 
 def cmd_dedupe(args, grouping: bool = False) -> int:
-    from monitor.tools import catalog
-    from monitor.tools import report
+    from monitor.tools import catalog, report
     _warm_up()
     if grouping:
         groups, images, bad = catalog.group(args.folders, _cache(args), tier=args.tier,
@@ -270,8 +269,8 @@ def _audit_report(path, rows, old_root, new_root, counts, order) -> None:
 
 
 def cmd_match(args) -> int:
-    from monitor.tools.batch import run_match
     from monitor.search.matcher import PRESETS, threshold_tiers
+    from monitor.tools.batch import run_match
     tiers = threshold_tiers(args.threshold) if args.threshold is not None else PRESETS[args.tier]
     _warm_up()
     return run_match(args.inputs, args.library, tiers, best=args.best, fmt=args.format,
@@ -282,8 +281,8 @@ def cmd_match(args) -> int:
 def cmd_demo(args) -> int:
     import asyncio
 
-    from monitor.tools.demo import run_batch_demo, run_daemon_demo
     from monitor.logs import setup_logging
+    from monitor.tools.demo import run_batch_demo, run_daemon_demo
     if args.batch:
         _warm_up()
         return run_batch_demo()

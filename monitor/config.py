@@ -8,6 +8,7 @@ never need to be written into the file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -17,7 +18,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from feeds.registry import SOURCE_TYPES
-
 from monitor.alerts.sinks import SLACK_MAX_BATCH
 from monitor.fetch import FetchLimits
 from monitor.fingerprints import DEFAULT_MAX_PIXELS
@@ -78,7 +78,6 @@ class LimitsConfig(_Model):
     @field_validator("allowed_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
         for net in value:
             ipaddress.ip_network(net, strict=False)  # raises ValueError with the reason
         return value
@@ -179,7 +178,6 @@ class ServerConfig(_Model):
 
     @property
     def is_loopback(self) -> bool:
-        import ipaddress
         try:
             return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
         except ValueError:

@@ -10,19 +10,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from feeds import make_source
-
 from monitor.alerts.outbox import Outbox, SinkRule
 from monitor.alerts.sinks import SINK_TYPES
+from monitor.api.server import Services, make_app, start_server
 from monitor.config import AlertSinkConfig, Config
 from monitor.fetch import Fetcher
-from monitor.records.library import Library
-from monitor.search.matcher import PRESETS, Matcher
 from monitor.metrics import Metrics
 from monitor.pipeline import FeedSettings, OnMatch, Pipeline
 from monitor.records.cache import FingerprintCache, default_cache_path
-from monitor.scan import add_files
-from monitor.api.server import Services, make_app, start_server
+from monitor.records.library import Library
 from monitor.records.store import Store, StoreError
+from monitor.scan import add_files
+from monitor.search.matcher import PRESETS, Matcher
 from monitor.warmup import warm_up
 
 log = logging.getLogger("repost_monitor.daemon")

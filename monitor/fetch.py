@@ -28,7 +28,6 @@ from aiohttp.resolver import DefaultResolver
 from asyncio_throttle import Throttler
 
 from feeds.base import url_problem
-
 from monitor.version import __version__
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",

@@ -28,6 +28,7 @@ from monitor.fingerprints import (
 from monitor.fingerprints.core import AVIF
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import IMPORTED, AddReport, Library, mirror_dhash, mirror_phash
+from monitor.records.store import Store
 
 IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
                   | ({".avif"} if AVIF else set()))
@@ -71,7 +72,6 @@ def fingerprint_file(path: str | Path, *, views: str | None = "query",
 
 def open_library(path: str | Path) -> Library:
     """The protected library stored in the SQLite file ``path`` (created if missing)."""
-    from monitor.records.store import Store
     return Library(Store(Path(path).expanduser()))
 
 

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numba
+
 # The compiled code production runs, and so the only code compiled at start (the tiled
 # kernels of monitor/search/tiled.py serve tests and bench/ and compile when first used).
 FINGERPRINT_KERNELS = ("monitor.fingerprints.fasthash",   # grids, DCT and the four hashes
@@ -27,7 +29,6 @@ COLD_START_SECONDS = 30
 
 
 def cache_dir() -> str:
-    import numba
     return numba.config.CACHE_DIR or str(Path(__file__).resolve().parent / "__pycache__")
 
 

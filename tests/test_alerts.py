@@ -2,13 +2,12 @@
 rate-limits and fails, dead letters and re-sending, per-sink filters."""
 
 import asyncio
-import re
 import hashlib
 import hmac
 import json
+import re
 import subprocess
 import sys
-
 
 import pytest
 from aiohttp import web
@@ -278,9 +277,9 @@ def _detect(store, outbox, n_alerts, start=1):
     """Record matches through the real outbox, as the pipeline's _finish does."""
     import time as _t
 
+    from monitor.pipeline import MatchRecord, WorkItem
     from monitor.records.library import LibraryEntry
     from monitor.search.matcher import Match
-    from monitor.pipeline import MatchRecord, WorkItem
     entry = LibraryEntry(1, "/photos/a.jpg", "a", 100, 100, 0, 0, 0, 0, None, 0.0)
     with store.transaction() as conn:
         for n in range(start, start + n_alerts):

@@ -15,15 +15,15 @@ import jsonschema
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
+from monitor.api.openapi import OPENAPI
 from monitor.config import AlertSinkConfig, ConfigError, parse_config
 from monitor.daemon import run_daemon
-from monitor.api.openapi import OPENAPI
+from monitor.records.library import Library
 from monitor.records.store import Store
+from monitor.scan import add_files
 from tests.hosts import serve
 from tests.test_alerts import Receivers
-from monitor.records.library import Library
 from tests.test_daemon import PhotoSite, config_for, jpeg, until
-from monitor.scan import add_files
 
 TOKEN, SECRET = "t0k-e2e", "ingest-secret"
 SEEN: list[tuple[str, str, int, object]] = []  # (method, route, status, json body)
@@ -286,8 +286,8 @@ def test_openapi_matches_the_server_and_every_response_seen():
     """Runs last in this file: checks every request the tests above made."""
     from aiohttp import web
 
-    from monitor.metrics import Metrics
     from monitor.api.server import Services, make_app
+    from monitor.metrics import Metrics
     app = make_app(Metrics(), {}, Services())
     served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and isinstance(r.resource, web.Resource)}

@@ -11,7 +11,6 @@ import imagehash
 import pytest
 from PIL import Image, ImageOps
 
-
 pytestmark = pytest.mark.slow  # every test here starts the command as a subprocess
 
 

@@ -18,9 +18,9 @@ from monitor.config import parse_config
 from monitor.daemon import run_daemon
 from monitor.records.library import Library
 from monitor.records.store import Store
+from monitor.scan import add_files
 from tests.conftest import PAYLOADS
 from tests.hosts import serve
-from monitor.scan import add_files
 
 
 def jpeg(img: Image.Image, quality=85) -> bytes:

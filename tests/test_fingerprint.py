@@ -11,9 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from monitor.fingerprints import fasthash
 from monitor.fingerprints import (
-    Fingerprint, ImageError, decode_grey, fingerprint_bytes, fingerprint_grey, from_hex, to_hex,
+    Fingerprint,
+    ImageError,
+    decode_grey,
+    fasthash,
+    fingerprint_bytes,
+    fingerprint_grey,
+    from_hex,
+    to_hex,
 )
 from tests.conftest import encode
 

@@ -9,13 +9,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from monitor.fingerprints import fingerprint_bytes
-from monitor.records.library import Library, LibraryIndex, mirror_dhash, mirror_phash
-from monitor.search.matcher import Matcher
 from monitor.records.cache import FingerprintCache
-from monitor.scan import fingerprint_files, iter_image_files
+from monitor.records.library import Library, LibraryIndex, mirror_dhash, mirror_phash
 from monitor.records.store import Store
+from monitor.scan import add_files, fingerprint_files, import_csv, iter_image_files
+from monitor.search.matcher import Matcher
 from tests.conftest import encode
-from monitor.scan import add_files, import_csv
 
 
 def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):

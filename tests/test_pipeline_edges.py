@@ -17,7 +17,7 @@ from aiohttp import web
 from monitor.alerts.sinks import DiscordSink, SlackSink
 from monitor.config import Config, parse_config
 from monitor.daemon import run_daemon
-from monitor.fetch import AddressGuard, FetchError, Fetcher, FetchLimits
+from monitor.fetch import AddressGuard, Fetcher, FetchError, FetchLimits
 from monitor.logs import RepeatFilter
 from monitor.metrics import Metrics
 from monitor.records.store import Store
@@ -301,8 +301,8 @@ def test_report_grids_show_the_views_that_matched_and_name_unreadable_inputs(tmp
 
     from PIL import Image
 
-    from monitor.tools.batch import open_library, match_files, write_report
     from monitor.search.matcher import PRESETS
+    from monitor.tools.batch import match_files, open_library, write_report
     inputs = tmp_path / "in"
     inputs.mkdir()
     for p in sorted(samples.glob("library-*.jpg")):

@@ -3,9 +3,9 @@
 from PIL import Image, ImageDraw
 
 from monitor.fingerprints import decode_grey, fingerprint_bytes
+from monitor.fingerprints.views import content_box, tilt, untilted
 from monitor.records.library import LibraryIndex
 from monitor.search.matcher import Matcher
-from monitor.fingerprints.views import content_box, tilt, untilted
 from tests.conftest import encode
 
 

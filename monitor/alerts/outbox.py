@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from monitor.isotime import iso
-from monitor.records import alerts as alert_rows
-from monitor.metrics import Metrics
-from monitor.records.store import Store
 from monitor.alerts.sinks import DeliveryError
+from monitor.isotime import iso
+from monitor.metrics import Metrics
+from monitor.records import alerts as alert_rows
+from monitor.records.store import Store
 
 log = logging.getLogger("repost_monitor.alerts")
 

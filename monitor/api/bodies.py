@@ -10,8 +10,6 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from pydantic import BaseModel, ValidationError
 
-
-
 from monitor.api import http
 from monitor.api.http import error, read_body
 

@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-
 from monitor.fetch import Fetcher
-from monitor.records.library import Library
-from monitor.search.matcher import Matcher
 from monitor.metrics import Metrics
 from monitor.pipeline import Pipeline
 from monitor.records import work as work_rows
+from monitor.records.library import Library
 from monitor.records.store import Store
-
+from monitor.search.matcher import Matcher
 
 log = logging.getLogger("repost_monitor.server")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from monitor.version import __version__
 from monitor.api import models as m
+from monitor.version import __version__
 
 JSON, MULTIPART = "application/json", "multipart/form-data"
 REF = "#/components/schemas/{model}"

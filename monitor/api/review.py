@@ -3,16 +3,16 @@
 
 import asyncio
 import hmac
+import io
 from pathlib import Path
 
 from aiohttp import web
-
-
-from monitor.tools.report import THUMB, Finding, render
-from monitor.records import matches as match_rows
+from PIL import Image, ImageOps
 
 from monitor.api.http import REVIEW_COOKIE, SERVICES_KEY, credentials_ok, error
-from monitor.api.routes import path_id, paging
+from monitor.api.routes import paging, path_id
+from monitor.records import matches as match_rows
+from monitor.tools.report import THUMB, Finding, render
 
 
 def _review_auth(request: web.Request) -> web.Response | None:
@@ -70,9 +70,7 @@ async def review_library_image(request: web.Request) -> web.Response:
         raise error(404, "not_found", "no local image for this entry")
 
     def thumb() -> bytes:
-        import io
 
-        from PIL import Image, ImageOps
         with Image.open(entry.source) as img:
             img = ImageOps.exif_transpose(img)
             img.thumbnail((THUMB, THUMB))

@@ -12,19 +12,17 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from feeds import FeedItem
-
 from monitor.api import models as m
-from monitor.records.alerts import list_alerts, resend_dead
+from monitor.api.bodies import json_body, multipart_body, validate
+from monitor.api.http import MAX_BODY, METRICS_KEY, READY_KEY, SERVICES_KEY, Services, authorize, error
+from monitor.api.openapi import OPENAPI
 from monitor.fetch import FetchError
 from monitor.fingerprints import ImageError, fingerprint_bytes
 from monitor.isotime import iso
-from monitor.records.verdicts import allowances, set_allowances, set_verdict
 from monitor.records import matches as match_rows
+from monitor.records.alerts import list_alerts, resend_dead
+from monitor.records.verdicts import allowances, set_allowances, set_verdict
 from monitor.scan import add_files
-
-from monitor.api.bodies import validate, json_body, multipart_body
-from monitor.api.http import (MAX_BODY, METRICS_KEY, READY_KEY, SERVICES_KEY, Services,
-                              authorize, error)
 
 
 def _when(text) -> datetime | None:
@@ -299,5 +297,4 @@ async def alerts_resend(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     await authorize(request)
-    from monitor.api.openapi import OPENAPI
     return web.json_response(OPENAPI)

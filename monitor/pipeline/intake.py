@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from feeds import FeedError, FeedItem, HttpSource, LocalSource
-from monitor.fetch import FetchError, Fetcher
+from monitor.fetch import Fetcher, FetchError
 from monitor.metrics import Metrics
 from monitor.pipeline.transport import Transport
 from monitor.records import work as work_rows

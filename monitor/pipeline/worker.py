@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from monitor.fetch import FetchError, Fetcher
+from monitor.fetch import Fetcher, FetchError
 from monitor.fingerprints import Fingerprint, ImageError, fingerprint_bytes
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
@@ -26,6 +26,7 @@ from monitor.records.matches import MatchRecord
 from monitor.records.store import Store
 from monitor.records.work import WorkItem
 from monitor.search.matcher import Match, Matcher
+from monitor.warmup import warm_up
 
 log = logging.getLogger("repost_monitor.pipeline")
 
@@ -44,7 +45,6 @@ def fingerprint_query(data: bytes, max_pixels: int | None) -> tuple[Fingerprint,
 
 
 def _warm_worker() -> None:
-    from monitor.warmup import warm_up
     warm_up(None, "fingerprint")  # compiled code loaded before the first image, not on it
 
 

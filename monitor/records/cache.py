@@ -8,8 +8,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from monitor.fingerprints.codec import pack_fine, pack_views, sql_to_u64, u64_to_sql, unpack_fine, unpack_views
 from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint
+from monitor.fingerprints.codec import pack_fine, pack_views, sql_to_u64, u64_to_sql, unpack_fine, unpack_views
 
 COMMIT_EVERY = 200
 

@@ -16,12 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint
-from monitor.fingerprints.codec import (VIEW_WORDS, pack_fine, pack_views, sql_to_u64, u64_to_sql, unpack_fine,
-                                        unpack_views)
+from monitor.fingerprints.codec import (
+    VIEW_WORDS,
+    pack_fine,
+    pack_views,
+    sql_to_u64,
+    u64_to_sql,
+    unpack_fine,
+    unpack_views,
+)
+from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.records.store import Store
 from monitor.search.index import HASH_FIELDS, LibraryIndex
+
 
 @dataclass(frozen=True, slots=True)
 class LibraryEntry:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -240,7 +241,6 @@ class Store:
     def check_writable(self) -> None:
         """A real write, so a read-only file or folder fails now, with the file's
         name, not later inside the pipeline."""
-        import time
         try:
             with self.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO store_meta (key, value) VALUES ('last_start', ?)",

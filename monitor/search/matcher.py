@@ -23,11 +23,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from monitor.search import bitslice
-from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.fingerprints import Fingerprint
-from monitor.search.popcount import popcount64
+from monitor.fingerprints.fasthash import FINE_WORDS
+from monitor.search import bitslice
 from monitor.search.index import HASH_FIELDS, LibraryIndex
+from monitor.search.popcount import popcount64
 from monitor.search.tiers import EXACT, FINE_CANDIDATE_SUM, LOOSE, NEAR, PRESETS, Tier, threshold_tiers
 
 __all__ = ["EXACT", "FINE_CANDIDATE_SUM", "LOOSE", "NEAR", "PRESETS", "Match", "Matcher", "PairMatches", "QueryRows",

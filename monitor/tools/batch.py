@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-
-from monitor.warmup import warm_up
-from monitor.records.library import Library
-from monitor.search.matcher import Matcher, Tier, query_rows
 from monitor.records.cache import FingerprintCache
-from monitor.scan import FileResult, fingerprint_files, iter_image_files
+from monitor.records.library import Library
 from monitor.records.store import Store
-from monitor.scan import add_files
+from monitor.scan import FileResult, add_files, fingerprint_files, iter_image_files
+from monitor.search.matcher import Matcher, Tier, query_rows
+from monitor.tools.report import Finding, thumbnail_uri, write
+from monitor.warmup import warm_up
 
 # Exit codes of `match` (README, "Exit codes").
 EXIT_MATCHES = 0
@@ -127,7 +126,6 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
 
 
 def write_report(path: str, rows: list[MatchRow], bad) -> None:
-    from monitor.tools.report import Finding, thumbnail_uri, write
     thumbs: dict[str, str | None] = {}
 
     def thumb(p: str) -> str | None:

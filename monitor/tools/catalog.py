@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.fingerprints import Fingerprint
-from monitor.records.library import LibraryIndex
-from monitor.search.matcher import PRESETS, Matcher, Tier, query_rows
 from monitor.records.cache import FingerprintCache
+from monitor.records.library import LibraryIndex
 from monitor.scan import fingerprint_files, iter_image_files
+from monitor.search.matcher import PRESETS, Matcher, Tier, query_rows
 
 KEEP_POLICIES = ("largest-resolution", "largest-file", "newest", "oldest", "prefer-prefix")
 

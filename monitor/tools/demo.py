@@ -11,18 +11,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import random
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, UTC
 from importlib import resources
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from aiohttp import web
 from PIL import Image, ImageDraw, ImageOps
+
+from monitor.config import parse_config
+from monitor.daemon import run_daemon
+from monitor.records.library import Library
+from monitor.records.store import Store
+from monitor.records.work import counts as work_counts
+from monitor.scan import add_files
+from monitor.search.matcher import PRESETS
+from monitor.tools.batch import run_match
+from monitor.warmup import warm_up
 
 
 def sample_dir() -> Path:
@@ -98,8 +110,6 @@ def demo_stream(count: int, seed: int = 7, repost_share: float = 0.3) -> list[De
 
 def run_batch_demo() -> int:
     """`match` over generated reposts: the engine on its own, no daemon."""
-    from monitor.tools.batch import run_match
-    from monitor.search.matcher import PRESETS
     with tempfile.TemporaryDirectory(prefix="repost-monitor-demo-") as tmp:
         library, posts = Path(tmp) / "library", Path(tmp) / "posts"
         library.mkdir()
@@ -145,7 +155,6 @@ class DemoFeedHost:
         return len(self.published()) == len(self.posts)
 
     def app(self):
-        from aiohttp import web
 
         async def image(request):
             data = self.images.get(request.match_info["name"])
@@ -177,7 +186,6 @@ class DemoFeedHost:
             return conditional(request, body, "application/rss+xml")
 
         async def jsonfeed(request):
-            import json
             items = [{"id": f"j{i}", "url": f"{self.base}/post/{i}", "title": f"post {i}",
                       "image": f"{self.base}/img/{post.name}",
                       "authors": [{"name": f"artist{i % 5}"}],
@@ -203,15 +211,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
                           port: int = 0, out=None) -> int:
     """Start the feed host and the real daemon; print detections; summarise.
     Exit status 0 when every repost was detected, 1 when some were missed."""
-    from aiohttp import web
 
-    from monitor.config import parse_config
-    from monitor.daemon import run_daemon
-    from monitor.records.library import Library
-    from monitor.records.work import counts as work_counts
-    from monitor.scan import add_files
-    from monitor.records.store import Store
-    from monitor.warmup import warm_up
 
     out = out or sys.stdout
 
