@@ -22,6 +22,7 @@ from monitor.isotime import iso
 from monitor.records import matches as match_rows
 from monitor.records.alerts import list_alerts, resend_dead
 from monitor.records.verdicts import allowances, set_allowances, set_verdict
+from monitor.records.work import CachedFailure
 from monitor.scan import add_files
 
 
@@ -120,17 +121,20 @@ async def check(request: web.Request) -> web.Response:
         data = files[0][1]
         want_alert = form.alert in ("1", "true", "yes")
         url, page_url = _upload_url(data), form.page_url
+        fp = await _fingerprint(request, data)
+        matches = await asyncio.get_running_loop().run_in_executor(svc.pipeline.executor, svc.matcher.match, fp)
     else:
         doc = await json_body(request, m.CheckRequest)
         want_alert, page_url, url = doc.alert, doc.page_url, doc.url
+        # The feeds' own path: the stored fingerprint if any feed fetched this URL, a fetch in
+        # flight, or a download under the same backlog limit.
         try:
-            data = await svc.fetcher.fetch_image(url)
-        except FetchError as exc:
+            fp, matches = await svc.pipeline.check_url(url)
+        except (FetchError, CachedFailure) as exc:
             raise error(502 if exc.reason in ("timeout", "connection", "http_5xx") else 422,
                         f"fetch_{exc.reason}", str(exc)) from None
-    fp = await _fingerprint(request, data)
-    matches = await asyncio.get_running_loop().run_in_executor(
-        svc.pipeline.executor, svc.matcher.match, fp)
+        except ImageError as exc:
+            raise error(422, f"image_{exc.reason}", str(exc)) from None
     entries = svc.library.entries_by_id(x.entry_id for x in matches)
     recorded = []
     if want_alert:

@@ -83,6 +83,9 @@ class Pipeline:
     async def process_fingerprint(self, work: WorkItem, fp: Fingerprint) -> list[MatchRecord]:
         return await self.worker.process_fingerprint(work, fp)
 
+    async def check_url(self, url: str) -> tuple[Fingerprint, list]:
+        return await self.worker.check_url(url)
+
     async def retro_match(self, after_entry_id: int) -> list[MatchRecord]:
         return await self.library_watcher.retro_match(after_entry_id)
 

@@ -137,6 +137,12 @@ class Worker:
             await self.recorder.announce(rec)
         return records
 
+    async def check_url(self, url: str, feed: str = "check") -> tuple[Fingerprint, list[Match]]:
+        """An image URL's fingerprint and matches by the feeds' own path, recording nothing
+        but the URL's failure when it fails for good (as a feed's image would)."""
+        fp, matches, _, _ = await self._fingerprint_and_match(WorkItem(0, feed, "", url, None, None, None))
+        return fp, matches
+
     def match_timed(self, fp: Fingerprint) -> list[Match]:
         start = time.perf_counter()
         matches = self.matcher.match(fp)

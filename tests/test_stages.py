@@ -1,0 +1,161 @@
+"""The pipeline's stages built directly, each with a real SQLite store in a temp folder, a
+real fetcher against a loopback photo site and the in-process transport: fast, and
+without the whole daemon around them."""
+
+import asyncio
+import time
+
+import pytest
+
+from feeds import FeedItem, make_source
+from monitor.alerts.outbox import Outbox
+from monitor.config import AlertSinkConfig
+from monitor.daemon import make_sink
+from monitor.fetch import Fetcher, FetchLimits
+from monitor.metrics import Metrics
+from monitor.pipeline.intake import FeedSettings, Intake
+from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.retro import LibraryWatcher
+from monitor.pipeline.transport import InProcessTransport
+from monitor.pipeline.worker import Worker
+from monitor.records import work as work_rows
+from monitor.records.library import Library
+from monitor.records.store import Store
+from monitor.records.verdicts import set_verdict
+from monitor.scan import add_files
+from monitor.search.matcher import PRESETS, Matcher
+from tests.hosts import serve
+from tests.test_daemon import PhotoSite
+
+LIMITS = FetchLimits(allowed_networks=("127.0.0.0/8",), retries=0, read_timeout=2)
+
+
+@pytest.fixture
+def library(tmp_path, samples):
+    lib = Library(Store(tmp_path / "m.sqlite"))
+    add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "rocket" not in p.name], progress=False)
+    yield lib
+    lib.store.close()
+
+
+class Stages:
+    def __init__(self, library, site_url):
+        self.store, self.library = library.store, library
+        self.metrics = Metrics()
+        self.transport = InProcessTransport(100)
+        self.matcher = Matcher(library.index, PRESETS["near"])
+        self.recorded = []
+        self.recorder = Recorder(self.store, library, self.metrics, on_match=self.recorded.append)
+        self.site = site_url
+
+    def intake(self, fetcher):
+        return Intake(self.store, fetcher, self.metrics, self.transport)
+
+    def worker(self, fetcher):
+        return Worker(self.store, fetcher, self.matcher, self.recorder, self.metrics, self.transport, workers=2)
+
+
+async def test_intake_stores_before_it_queues_and_polls_conditionally(library, samples):
+    site = PhotoSite(samples)
+    site.post("rss", 1, ["small-chelsea.jpg", "other-apple.jpg"])
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        intake = s.intake(fetcher)
+        rss = make_source("rss", "rss", f"{base}/rss.xml")
+        work = await intake.poll_once(rss)
+        assert [w.image_url.rsplit("/", 1)[-1] for w in work] == ["small-chelsea.jpg", "other-apple.jpg"]
+        assert [w.id for w in work_rows.pending(s.store)] == [w.id for w in work]  # stored first
+        assert await intake.poll_once(rss) == []  # the same items again: nothing new
+        assert work_rows.feed_validators(s.store, "rss") == (None, None)  # the host sends no ETag
+        # pushed items go the same way, and onto the transport
+        pushed = await intake.submit("ingest", [FeedItem("ingest", "x1", (f"{base}/img/flip-rocket.jpg",))])
+        assert s.transport.depth() == 1 and (await s.transport.get(asyncio.Event())) == pushed[0]
+        # what a stopped run left pending comes back at the next start
+        stop = asyncio.Event()
+        tasks = intake.tasks(stop)
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert s.transport.depth() == 3
+
+
+async def test_intake_backs_off_a_failing_feed_and_records_why(library, samples):
+    site = PhotoSite(samples)
+    site.feed_status["rss"] = 500
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        intake = s.intake(fetcher)
+        intake.add_source(make_source("rss", "rss", f"{base}/rss.xml"), FeedSettings(interval=0.05, jitter=0))
+        stop = asyncio.Event()
+        tasks = intake.tasks(stop)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    row = s.store.query("SELECT consecutive_failures, last_error FROM feed_state WHERE feed='rss'")[0]
+    # 0.05, 0.1, 0.2, 0.4 s apart: backing off, not hammering
+    assert 2 <= row[0] <= 4 and "http_5xx" in row[1] and site.hits["rss"] == row[0]
+
+
+async def test_worker_fetches_a_url_once_and_records_in_one_transaction(library, samples):
+    site = PhotoSite(samples)
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        url = f"{base}/img/small-chelsea.jpg"
+        work, _ = work_rows.record_items(s.store, "a", [FeedItem("a", "1", (url,))], time.time())
+        again, _ = work_rows.record_items(s.store, "b", [FeedItem("b", "1", (url, f"{base}/img/nope.jpg"))],
+                                          time.time())
+        worker = s.worker(fetcher)
+        records = await asyncio.gather(*(worker.process(w) for w in work + again))
+        # /v1/check of the same URL takes the stored fingerprint: no third download
+        fp, matches = await worker.check_url(url)
+        assert [library.get(x.entry_id).label for x in matches] == ["library-chelsea"]
+    assert site.hits["small-chelsea.jpg"] == 1  # two feeds and a check, one download
+    assert [len(r) for r in records] == [1, 0, 0]  # one match per image URL and entry
+    assert s.recorded[0].entry.label == "library-chelsea"
+    states = dict(s.store.query("SELECT image_url, state FROM work"))
+    assert states[url] == "done" and states[f"{base}/img/nope.jpg"] == "failed"
+    assert s.store.query("SELECT state FROM images WHERE url=?", (url,)) == [("ok",)]
+    await worker.close()
+
+
+async def test_recorder_queues_alerts_in_the_match_transaction_but_not_for_a_false_positive(
+        library, samples, tmp_path):
+    site = PhotoSite(samples)
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        sink = AlertSinkConfig(name="archive", type="file", path=str(tmp_path / "alerts.jsonl"))
+        s.recorder.outbox = Outbox(s.store, [make_sink(sink)], s.metrics)
+
+        def enqueued():
+            return [m for (m,) in s.store.query("SELECT match_id FROM alerts ORDER BY id")]
+        worker = s.worker(fetcher)
+        first, _ = work_rows.record_items(s.store, "a", [FeedItem("a", "1", (f"{base}/img/small-chelsea.jpg",))],
+                                          time.time())
+        [rec] = await worker.process(first[0])
+        assert enqueued() == [rec.id]
+        assert set_verdict(s.store, rec.id, "false_positive")
+        # the same picture under another URL: recorded, suppressed, never alerted
+        site.add_image("copy.jpg", site.images["small-chelsea.jpg"][0])
+        second, _ = work_rows.record_items(s.store, "a", [FeedItem("a", "2", (f"{base}/img/copy.jpg",))],
+                                           time.time())
+        [quiet] = await worker.process(second[0])
+        assert quiet.suppressed == "false_positive" and enqueued() == [rec.id]
+        await worker.close()
+
+
+async def test_library_watcher_matches_recent_images_against_new_entries(library, samples):
+    site = PhotoSite(samples)
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        worker = s.worker(fetcher)
+        work, _ = work_rows.record_items(s.store, "a", [FeedItem("a", "1", (f"{base}/img/flip-rocket.jpg",))],
+                                         time.time())
+        assert await worker.process(work[0]) == []  # the rocket is not protected yet
+        before = library.signature()
+        add_files(library, [samples / "library-rocket.jpg"], progress=False)
+        watcher = LibraryWatcher(s.store, library, s.matcher, s.recorder, s.metrics, check_seconds=0.05)
+        assert library.signature() != before
+        records = await watcher.retro_match(after_entry_id=before[1])
+        await worker.close()
+    assert [r.entry.label for r in records] == ["library-rocket"] and records[0].match.mirrored
+    assert s.recorded[-1].id == records[0].id
