@@ -179,10 +179,11 @@ def _group_findings(groups):
     findings = []
     for g in groups:
         for e in sorted(g.edges, key=lambda e: (str(e.a.path), str(e.b.path))):
-            findings.append(Finding(e.tier, str(e.a.path), thumb(e.a.path), str(e.b.path), thumb(e.b.path),
-                                    e.a.fp.dhash, e.b.fp.dhash, e.dhash_distance, e.phash_distance,
+            m = e.match
+            findings.append(Finding(m.tier, str(e.a.path), thumb(e.a.path), str(e.b.path), thumb(e.b.path),
+                                    m.query_dhash, m.library_dhash, m.dhash_distance, m.phash_distance,
                                     f"group {g.id}; keep {g.keep.path.name}"
-                                    + ("; mirrored" if e.mirrored else "")))
+                                    + ("; mirrored" if m.mirrored else "")))
     return findings
 
 

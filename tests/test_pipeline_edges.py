@@ -313,7 +313,7 @@ def test_report_grids_show_the_views_that_matched_and_name_unreadable_inputs(tmp
     library = open_library(str(samples), None, False, open(os.devnull, "w"))
     rows, bad = match_files([str(inputs)], library, PRESETS["near"], best=True, progress=False,
                             log=open(os.devnull, "w"))
-    assert len(rows) >= 4 and any(r.dhash_distance > 0 for r in rows)
+    assert len(rows) >= 4 and any(r.match.dhash_distance > 0 for r in rows)
     report = tmp_path / "r.html"
     write_report(str(report), rows, bad)
     page = report.read_text()

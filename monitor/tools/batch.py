@@ -15,7 +15,7 @@ from monitor.records.cache import FingerprintCache
 from monitor.records.library import Library
 from monitor.records.store import Store
 from monitor.scan import FileResult, add_files, fingerprint_files, iter_image_files
-from monitor.search.matcher import Matcher, Tier, query_rows
+from monitor.search.matcher import Match, Matcher, Tier, query_rows
 from monitor.tools.report import Finding, thumbnail_uri, write
 from monitor.warmup import warm_up
 
@@ -49,16 +49,11 @@ def open_library(spec: str | Path, cache: FingerprintCache | None,
 
 @dataclass(frozen=True, slots=True)
 class MatchRow:
+    """An input file, the library entry it matched, and how (the one Match type)."""
     input: str
     library: str
     label: str
-    tier: str
-    dhash_distance: int
-    phash_distance: int
-    mirrored: bool
-    fine_distance: int | None = None  # bits of 512, where both sides have fine hashes
-    input_dhash: int = 0
-    library_dhash: int = 0   # of the side compared: the mirrored hash for a mirrored match
+    match: Match
 
 
 def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
@@ -87,39 +82,34 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     comparisons = 2 * rows_in.dhash.size * library.index.rows  # every view, plain and mirrored
     print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
     entries = library.entries_by_id(pairs.entry_id.tolist())
-    rows = []
-    for i in range(pairs.query.size):
-        entry = entries[int(pairs.entry_id[i])]
-        mirrored = bool(pairs.mirrored[i])
-        rows.append(MatchRow(str(good[int(pairs.query[i])].path), entry.source, entry.label,
-                             tiers[int(pairs.tier[i])].name, int(pairs.dhash_distance[i]),
-                             int(pairs.phash_distance[i]), mirrored,
-                             int(pairs.fine_distance[i]) if pairs.fine_distance[i] >= 0 else None,
-                             int(pairs.query_dhash[i]), int(pairs.library_dhash[i])))
+    rows = [MatchRow(str(good[q].path), entries[m.entry_id].source, entries[m.entry_id].label, m)
+            for q, found in matcher.matches_of(pairs).items() for m in found]
     return rows, bad
 
 
 def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
     if fmt == "table":
         for r in rows:
-            flip = " mirrored" if r.mirrored else ""
-            fine = f", fine {r.fine_distance}/512" if r.fine_distance is not None else ""
-            print(f"[match] dist={r.dhash_distance}/64 bits (pHash {r.phash_distance}/64{fine}, "
-                  f"{r.tier}{flip}) {r.library} -> {r.input}", file=out)
+            m = r.match
+            flip = " mirrored" if m.mirrored else ""
+            fine = f", fine {m.fine_distance}/512" if m.fine_distance is not None else ""
+            print(f"[match] dist={m.dhash_distance}/64 bits (pHash {m.phash_distance}/64{fine}, "
+                  f"{m.tier}{flip}) {r.library} -> {r.input}", file=out)
     elif fmt == "csv":
         writer = csv.writer(out)
         writer.writerow(["input", "library", "label", "tier", "dhash_distance",
                          "phash_distance", "mirrored", "fine_distance"])
         for r in rows:
-            writer.writerow([r.input, r.library, r.label, r.tier, r.dhash_distance,
-                             r.phash_distance, int(r.mirrored),
-                             "" if r.fine_distance is None else r.fine_distance])
+            m = r.match
+            writer.writerow([r.input, r.library, r.label, m.tier, m.dhash_distance, m.phash_distance,
+                             int(m.mirrored), "" if m.fine_distance is None else m.fine_distance])
     elif fmt == "jsonl":
         for r in rows:
+            m = r.match
             out.write(json.dumps({"input": r.input, "library": r.library, "label": r.label,
-                                  "tier": r.tier, "dhash_distance": r.dhash_distance,
-                                  "phash_distance": r.phash_distance, "mirrored": r.mirrored,
-                                  "fine_distance": r.fine_distance, "bits": 64,
+                                  "tier": m.tier, "dhash_distance": m.dhash_distance,
+                                  "phash_distance": m.phash_distance, "mirrored": m.mirrored,
+                                  "fine_distance": m.fine_distance, "bits": 64,
                                   "fine_bits": 512}) + "\n")
     else:
         raise ValueError(f"unknown format {fmt!r}")
@@ -132,9 +122,9 @@ def write_report(path: str, rows: list[MatchRow], bad) -> None:
         if p not in thumbs:
             thumbs[p] = thumbnail_uri(p) if Path(p).exists() else None
         return thumbs[p]
-    findings = [Finding(r.tier, r.library, thumb(r.library), r.input, thumb(r.input), r.library_dhash,
-                        r.input_dhash, r.dhash_distance, r.phash_distance,
-                        "mirrored copy" if r.mirrored else "") for r in rows]
+    findings = [Finding(r.match.tier, r.library, thumb(r.library), r.input, thumb(r.input), r.match.library_dhash,
+                        r.match.query_dhash, r.match.dhash_distance, r.match.phash_distance,
+                        "mirrored copy" if r.match.mirrored else "") for r in rows]
     # Unreadable inputs are named, with why, after the matches.
     findings += [Finding("unreadable", "(not compared)", None, str(b.path), None, note=str(b.error))
                  for b in bad]

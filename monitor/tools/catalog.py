@@ -18,7 +18,7 @@ from monitor.fingerprints import Fingerprint
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import LibraryIndex
 from monitor.scan import fingerprint_files, iter_image_files
-from monitor.search.matcher import PRESETS, Matcher, Tier, query_rows
+from monitor.search.matcher import PRESETS, Match, Matcher, Tier, query_rows
 
 KEEP_POLICIES = ("largest-resolution", "largest-file", "newest", "oldest", "prefer-prefix")
 
@@ -37,23 +37,18 @@ class Image_:
 
 @dataclass(frozen=True, slots=True)
 class Pair:
+    """Two images by index (a query, b target) and how they matched."""
     a: int
     b: int
-    tier: str
-    dhash_distance: int
-    phash_distance: int
-    mirrored: bool
+    match: Match
 
 
 @dataclass(frozen=True, slots=True)
 class Edge:
-    """Two images of a group and how close they are."""
+    """Two images of a group and how they matched (the views that met included)."""
     a: Image_
     b: Image_
-    tier: str
-    dhash_distance: int
-    phash_distance: int
-    mirrored: bool
+    match: Match
 
 
 @dataclass
@@ -98,17 +93,9 @@ def similar_pairs(queries: list[Image_], targets: list[Image_], tiers: tuple[Tie
     if not queries or not targets:
         return []
     matcher = Matcher(_index(targets), tiers)
-    found = matcher.match_rows(query_rows([q.fp for q in queries]))
-    out = []
-    for i in range(found.query.size):
-        if found.mirrored[i] and not mirrored:
-            continue
-        if queries[int(found.query[i])].fp.degenerate:
-            continue
-        out.append(Pair(int(found.query[i]), int(found.entry_id[i]), tiers[int(found.tier[i])].name,
-                        int(found.dhash_distance[i]), int(found.phash_distance[i]),
-                        bool(found.mirrored[i])))
-    return out
+    per_query = matcher.matches_of(matcher.match_rows(query_rows([q.fp for q in queries])))
+    return [Pair(q, m.entry_id, m) for q, found in sorted(per_query.items()) for m in found
+            if (mirrored or not m.mirrored) and not queries[q].fp.degenerate]
 
 
 def _choose(members: list[Image_], policy: str, prefix: str | None) -> Image_:
@@ -160,8 +147,7 @@ def group_images(images: list[Image_], tiers: tuple[Tier, ...], *, mirrored: boo
     for gid, root in enumerate(sorted(r for r, m in members.items() if len(m) > 1), start=1):
         ims = [images[i] for i in members[root]]
         groups.append(Group(gid, ims, _choose(ims, keep, prefer),
-                            [Edge(images[p.a], images[p.b], p.tier, p.dhash_distance,
-                                  p.phash_distance, p.mirrored) for p in edges.get(root, [])]))
+                            [Edge(images[p.a], images[p.b], p.match) for p in edges.get(root, [])]))
     return groups
 
 
@@ -258,7 +244,7 @@ def audit(old_root, new_root, cache, *, tier="near", progress=None):
             rows.append(AuditRow("intact", rel, rel, 0))
             used.add(same_place)
         elif same_place is not None and same_place in visual:
-            rows.append(AuditRow("re-encoded", rel, rel, visual[same_place].dhash_distance,
+            rows.append(AuditRow("re-encoded", rel, rel, visual[same_place].match.dhash_distance,
                                  "same picture, different bytes"))
             used.add(same_place)
         elif sha in sha_new:
@@ -266,8 +252,8 @@ def audit(old_root, new_root, cache, *, tier="near", progress=None):
             rows.append(AuditRow("moved", rel, new_rel[j], 0, "same bytes at another path"))
             used.add(j)
         elif visual:
-            j, p = min(visual.items(), key=lambda kv: (kv[1].dhash_distance, new_rel[kv[0]]))
-            rows.append(AuditRow("moved", rel, new_rel[j], p.dhash_distance,
+            j, p = min(visual.items(), key=lambda kv: (kv[1].match.dhash_distance, new_rel[kv[0]]))
+            rows.append(AuditRow("moved", rel, new_rel[j], p.match.dhash_distance,
                                  "re-encoded at another path"))
             used.add(j)
         elif same_place is not None:
