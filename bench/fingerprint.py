@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from monitor.fingerprints import fingerprint_bytes  # noqa: E402
+from monitor import fingerprint_bytes  # noqa: E402  (the public API)
 
 
 def thumbnails(blobs: list[bytes], side: int = 320) -> list[bytes]:

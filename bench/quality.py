@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from monitor.fingerprints import fingerprint_bytes  # noqa: E402
+from monitor import fingerprint_bytes  # noqa: E402  (the public API)
 
 try:
     import pdqhash
@@ -266,7 +266,7 @@ def score_ours(q_fps, l_fps, views: bool, fine: bool = False) -> np.ndarray:
 
 def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
     """What ships: monitor.search.matcher.Matcher with its tiers on the same images."""
-    from monitor.records.library import LibraryIndex
+    from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher, query_rows
     index = LibraryIndex()
     for i, views in enumerate(lib_o):
@@ -300,7 +300,7 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
     plain dHash fingerprint and one kernel pass over one row per entry, timed in
     turns on the same images (a shared VM's speed drifts)."""
     from monitor.fingerprints import Fingerprint
-    from monitor.records.library import LibraryIndex
+    from monitor.search.index import LibraryIndex
     from monitor.search import tiled as kernel
     from monitor.search.matcher import PRESETS, Matcher
     from monitor.warmup import warm_up
