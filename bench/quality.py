@@ -300,8 +300,8 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
     plain dHash fingerprint and one kernel pass over one row per entry, timed in
     turns on the same images (a shared VM's speed drifts)."""
     from monitor.fingerprints import Fingerprint
-    from monitor.search.index import LibraryIndex
     from monitor.search import tiled as kernel
+    from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     from monitor.warmup import warm_up
     rng = np.random.default_rng(0)
