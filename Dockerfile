@@ -23,7 +23,7 @@ RUN pip install --no-compile . \
 
 USER 10001
 # Compile the numba kernels once into the image's cache, not on first request.
-RUN python -c "from monitor import kernel; kernel.warm_up()"
+RUN python -c "from monitor.warmup import warm_up; warm_up(None)"
 
 VOLUME ["/var/lib/repost-monitor"]
 EXPOSE 8080

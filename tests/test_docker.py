@@ -69,6 +69,12 @@ def test_install_entrypoint_and_healthcheck_in_a_clean_venv(tmp_path):
                       f'[server]\nhost = "127.0.0.1"\nport = {port}\n')
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path),
            "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "REPOST_MONITOR_CACHE": str(tmp_path / "fp.sqlite")}
+    # the image's build-time steps after the install (compiling the kernels into its cache)
+    for step in (r for r in instruction("RUN") if r.startswith("python ")):
+        r = subprocess.run([str(venv / "bin" / "python"), *shlex.split(step)[1:]], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (step, r.stderr[-2000:])
+    assert any((tmp_path / "numba").rglob("*.nbi")), "the build step left no compiled kernels"
     entry = json.loads(instruction("ENTRYPOINT")[0])
     entry[-1] = str(config)  # the image mounts it at /etc/repost-monitor/config.toml
     proc = subprocess.Popen([str(venv / "bin" / entry[0]), *entry[1:]], env=env, cwd=tmp_path,
