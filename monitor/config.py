@@ -54,6 +54,9 @@ class LibraryConfig(_Model):
 
 class MatchConfig(_Model):
     tier: TierName = "near"
+    # The radius search kernel: auto picks for this CPU (tiled with AVX-512 VPOPCNTDQ,
+    # bit-sliced otherwise); $REPOST_MONITOR_KERNEL overrides this key.
+    kernel: Literal["auto", "bitsliced", "tiled"] = "auto"
 
 
 class LimitsConfig(_Model):

@@ -21,6 +21,7 @@ from monitor.records.cache import FingerprintCache, default_cache_path
 from monitor.records.library import Library
 from monitor.records.store import Store, StoreError
 from monitor.scan import add_files
+from monitor.search import radius
 from monitor.search.matcher import PRESETS, Matcher
 from monitor.warmup import warm_up
 
@@ -143,6 +144,10 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
                                               config.server.host, config.server.port)
         else:
             port = None
+        kernel = radius.use(radius.choose(config.match.kernel))
+        log.info("radius search: %s kernel (%s, %s)", kernel, radius.host_cpu(),
+                 "AVX-512 VPOPCNTDQ" if "avx512vpopcntdq" in radius.host_features() else "no AVX-512 VPOPCNTDQ")
+        metrics.set_build_info(kernel=kernel, cpu=radius.host_cpu())
         ready["phase"] = "compiling"
         if not await _warm_up_unless_stopped(say, stop):
             log.info("stopped while compiling the kernels")

@@ -22,8 +22,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         p = "repost_monitor_"
-        self.build_info = Info(p + "build", "Version and hash algorithm", registry=r)
-        self.build_info.info({"version": __version__, "hash_algorithm": ALGORITHM_VERSION})
+        self.build_info = Info(p + "build", "Version, hash algorithm, radius search kernel, CPU", registry=r)
+        self.set_build_info()
         self.items_discovered = Counter(p + "items_discovered_total",
                                         "New feed items seen", ["feed"], registry=r)
         self.feed_polls = Counter(p + "feed_polls_total", "Feed polls by result "
@@ -75,6 +75,9 @@ class Metrics:
         self.alert_latency_seconds = Histogram(p + "alert_latency_seconds",
                                                "From alert created to delivered", ["sink"],
                                                buckets=LAG_BUCKETS, registry=r)
+
+    def set_build_info(self, **extra: str) -> None:
+        self.build_info.info({"version": __version__, "hash_algorithm": ALGORITHM_VERSION, **extra})
 
     def observe_fetch(self, kind: str, wait: float, transfer: float) -> None:
         """An image request's throttle wait and transfer time, apart (Fetcher.observe)."""

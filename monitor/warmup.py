@@ -20,7 +20,7 @@ import numba
 FINGERPRINT_KERNELS = ("monitor.fingerprints.fasthash",   # grids, DCT and the four hashes
                        "monitor.fingerprints.views")      # frame and tilt detection
 PRODUCTION_KERNELS = FINGERPRINT_KERNELS + (
-    "monitor.search.bitslice",   # the radius search
+    "monitor.search.radius",     # the radius search chosen for this CPU (bit-sliced or tiled)
     "monitor.search.matcher",    # the candidates' verification pass
 )
 

@@ -1,6 +1,7 @@
 """Kernels against a plain numpy reference (hypothesis property tests)."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -120,3 +121,40 @@ def test_bitsliced_planes_hold_every_bit_and_many_hits_grow_the_buffers():
         pq, pl, pd = bitslice.pairs_within(queries, lib, 40, threads=threads)
         assert pq.size > 1000
         assert (pq.tolist(), pl.tolist(), pd.tolist()) == (qi.tolist(), li.tolist(), ref[qi, li].tolist())
+
+
+@settings(max_examples=120, deadline=None)
+@given(queries=arrays(np.uint64, st.integers(0, 30), elements=u64),
+       lib=arrays(np.uint64, st.integers(0, 1200), elements=u64),
+       radius=st.one_of(st.just(0), st.just(64), radii), name=st.sampled_from(["bitsliced", "tiled"]))
+def test_both_radius_kernels_find_the_reference_pairs(queries, lib, radius, name):
+    """The matcher's radius search on either kernel, whichever the CPU would choose: the
+    same pairs as numpy, in (query, row) order; empty library, one row, radius 0 and 64."""
+    from monitor.search import radius as radius_search
+    if lib.size and queries.size:
+        queries = queries.copy()
+        queries[::2] = lib[np.arange(0, queries.size, 2) % lib.size] ^ np.uint64(3)
+    pq, pl, pd = radius_search.pairs_within(queries, lib, radius, threads=1, kernel=name)
+    ref = np.bitwise_count(queries[:, None] ^ lib[None, :]).astype(np.int64).reshape(queries.size, lib.size)
+    qi, li = np.nonzero(ref <= radius)
+    assert (pq.tolist(), pl.tolist(), pd.tolist()) == (qi.tolist(), li.tolist(), ref[qi, li].tolist())
+
+
+def test_the_kernel_is_chosen_for_the_cpu_and_can_be_forced(monkeypatch):
+    from monitor.search import radius as radius_search
+    monkeypatch.delenv(radius_search.ENV, raising=False)
+    auto = radius_search.choose("auto")
+    assert auto == ("tiled" if "avx512vpopcntdq" in radius_search.host_features() else "bitsliced")
+    assert radius_search.choose("tiled") == "tiled" and radius_search.choose("bitsliced") == "bitsliced"
+    monkeypatch.setenv(radius_search.ENV, "tiled")
+    assert radius_search.choose("bitsliced") == "tiled"  # the environment wins
+    monkeypatch.setenv(radius_search.ENV, "fastest")
+    with pytest.raises(ValueError):
+        radius_search.choose("auto")
+    # a single library row and the empty library, on both
+    one = np.array([7], np.uint64)
+    for name in radius_search.KERNELS:
+        assert [a.tolist() for a in radius_search.pairs_within(one, one, 0, kernel=name, threads=1)] == \
+            [[0], [0], [0]]
+        assert all(a.size == 0 for a in radius_search.pairs_within(one, np.empty(0, np.uint64), 64,
+                                                                   kernel=name, threads=1))

@@ -106,3 +106,23 @@ def test_fine_hashes_of_the_mirror_and_of_unrelated_pictures(library_images, oth
     paths = list(words)
     gaps = [np.bitwise_count(words[a] ^ words[b]).sum() for i, a in enumerate(paths) for b in paths[i + 1:]]
     assert min(gaps) > 180 and 230 < np.mean(gaps) < 280  # unrelated: about half of 512 bits
+
+
+def test_the_matcher_decides_the_same_on_either_radius_kernel(library_images, other_images):
+    from monitor.search import radius as radius_search
+    from monitor.search.index import LibraryIndex
+    index = LibraryIndex()
+    for i, p in enumerate(library_images):
+        index.add(i + 1, fingerprint_bytes(p.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["loose"])
+    queries = [fingerprint_bytes(p.read_bytes(), views="query") for p in library_images + other_images]
+    before = radius_search.active()
+    try:
+        results = {}
+        for name in radius_search.KERNELS:
+            radius_search.use(name)
+            results[name] = [matcher.match(q) for q in queries]
+    finally:
+        radius_search.use(before)
+    assert results["tiled"] == results["bitsliced"]
+    assert sum(bool(r) for r in results["tiled"]) >= len(library_images)

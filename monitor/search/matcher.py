@@ -25,9 +25,9 @@ from numba import njit
 
 from monitor.fingerprints import Fingerprint
 from monitor.fingerprints.fasthash import FINE_WORDS
-from monitor.search import bitslice
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
+from monitor.search.radius import pairs_within
 from monitor.search.tiers import EXACT, FINE_CANDIDATE_SUM, LOOSE, NEAR, PRESETS, Tier, threshold_tiers
 
 __all__ = ["EXACT", "FINE_CANDIDATE_SUM", "LOOSE", "NEAR", "PRESETS", "Match", "Matcher", "PairMatches", "QueryRows",
@@ -182,7 +182,7 @@ class Matcher:
         fines = [fine_words(v) for v in views]
         qf = np.concatenate(fines) if all(x is not None for x in fines) else None
         with self.index.lock:
-            pq, pl, pd = bitslice.pairs_within(qd, self.index.hashes("dhash"), self.radius,
+            pq, pl, pd = pairs_within(qd, self.index.hashes("dhash"), self.radius,
                                                planes=self.index.planes(), threads=1)
             if not pq.size:
                 return []
@@ -224,7 +224,7 @@ class Matcher:
         qphash = np.concatenate([phash, phash_mirror]).astype(np.uint64)
         qfine = (np.ascontiguousarray(np.concatenate([fine, fine_mirror]), np.uint64)
                  if fine is not None and fine_mirror is not None else None)
-        pq, pl, pd = bitslice.pairs_within(queries, lib_d, self.radius, planes=planes, threads=threads)
+        pq, pl, pd = pairs_within(queries, lib_d, self.radius, planes=planes, threads=threads)
         at, p, f, tier = self._verify(pq, pl, pd, qphash, lib_p, qfine, lib_f)
         pq, pl = pq[at], pl[at]
         q = pq % m if m else pq
