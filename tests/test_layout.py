@@ -92,6 +92,13 @@ def test_modules_and_classes_stay_readable():
     assert not too_long, too_long
 
 
+def test_no_database_engine_above_the_records_layer():
+    """Only records/ knows the store is SQLite, so a PostgreSQL one can take its place."""
+    for name, path in modules().items():
+        if not name.startswith("monitor.records"):
+            assert "sqlite3" not in path.read_text(), name
+
+
 def test_the_hot_path_does_no_io():
     """Fingerprints and search: pure functions of bytes and arrays (no files, sockets, SQL)."""
     banned = {"sqlite3", "aiohttp", "socket", "asyncio", "requests", "urllib.request"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from monitor.fetch import Fetcher, FetchError
 from monitor.metrics import Metrics
 from monitor.pipeline.transport import Transport
 from monitor.records import work as work_rows
-from monitor.records.store import Store
+from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
 
 log = logging.getLogger("repost_monitor.pipeline")
@@ -80,7 +79,7 @@ class Intake:
         self.metrics.feed_polls.labels(feed, "error").inc()
         try:
             work_rows.feed_failed(self.store, feed, failures, str(exc), time.time())
-        except sqlite3.Error as db_exc:  # the store is failing too: say so, keep watching
+        except DatabaseError as db_exc:  # the store is failing too: say so, keep watching
             self.metrics.errors.labels("store").inc()
             log.error("feed %s: cannot record its failure in %s: %s", feed, self.store.path, db_exc,
                       extra={"feed": feed})

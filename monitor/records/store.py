@@ -201,6 +201,10 @@ _MIGRATIONS: list[str] = [
 ]
 
 
+# What a failing database raises, named here so no layer above records/ knows the engine.
+DatabaseError = sqlite3.Error
+
+
 class StoreError(RuntimeError):
     """The store cannot be used as asked (missing, read-only); the message names the file."""
 
