@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tier", choices=TIER_NAMES, default="near",
                    help="preset: report matches up to this tier (default: %(default)s)")
     g.add_argument("--threshold", type=int,
-                   help="dHash distance limit in bits, without pHash verification (seed mode)")
+                   help="imagehash's meaning: the whole pictures' dHash within this many bits, no views, no "
+                        "verification (mirrored copies only with --mirrored)")
+    p.add_argument("--mirrored", action="store_true", help="with --threshold: mirrored copies count too")
     p.add_argument("--best", action="store_true", help="only the nearest library image per input")
     p.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
     p.add_argument("--output", help="write matches here instead of stdout")

@@ -274,9 +274,12 @@ def cmd_match(args) -> int:
     from monitor.tools.batch import run_match
     tiers = threshold_tiers(args.threshold) if args.threshold is not None else PRESETS[args.tier]
     _warm_up()
+    # --threshold N: what imagehash users mean by it, the whole pictures' dHash within N bits
+    # (the crops and frames the tiers compare would report pairs plain dHash does not).
+    whole = args.threshold is not None
     return run_match(args.inputs, args.library, tiers, best=args.best, fmt=args.format,
                      output=args.output, cache=_cache(args), progress=_progress(args),
-                     report_path=args.report)
+                     report_path=args.report, whole_pictures=whole, mirrored=args.mirrored or not whole)
 
 
 def cmd_demo(args) -> int:

@@ -126,3 +126,49 @@ def test_the_matcher_decides_the_same_on_either_radius_kernel(library_images, ot
         radius_search.use(before)
     assert results["tiled"] == results["bitsliced"]
     assert sum(bool(r) for r in results["tiled"]) >= len(library_images)
+
+
+def test_threshold_mode_means_what_imagehash_users_expect(tmp_path, library_images):
+    """--threshold N: the whole pictures' dHash within N bits, as imagehash compares them; a
+    crop that only a library view would catch is not reported, a mirror only when asked."""
+    import imagehash
+    from PIL import Image, ImageOps
+
+    from monitor.records.library import Library
+    from monitor.records.store import Store
+    from monitor.scan import add_files
+    from monitor.search.matcher import threshold_tiers
+    from monitor.tools.batch import match_files
+    lib = Library(Store(tmp_path / "lib.sqlite"))
+    add_files(lib, library_images, progress=False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    expected_plain, expected_mirrored = set(), set()
+    for p in library_images:
+        with Image.open(p) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            crop = img.crop((w * 3 // 20, h * 3 // 20, w - w * 3 // 20, h - h * 3 // 20))
+            crop.save(inputs / f"crop-{p.stem}.png")
+            ImageOps.mirror(img).save(inputs / f"mirror-{p.stem}.png")
+            for name, im in ((f"crop-{p.stem}.png", crop), (f"mirror-{p.stem}.png", ImageOps.mirror(img))):
+                for q in library_images:
+                    with Image.open(q) as lib_img:
+                        d = imagehash.dhash(im) - imagehash.dhash(lib_img)
+                        dm = imagehash.dhash(ImageOps.mirror(im)) - imagehash.dhash(lib_img)
+                    if d <= 10:
+                        expected_plain.add((name, q.name))
+                    if min(d, dm) <= 10:
+                        expected_mirrored.add((name, q.name))
+    null = open(tmp_path / "log", "w")
+    for mirrored, expected in ((False, expected_plain), (True, expected_mirrored)):
+        rows, _ = match_files([str(inputs)], lib, threshold_tiers(10), whole_pictures=True, mirrored=mirrored,
+                              progress=False, log=null)
+        found = {(r.input.rsplit("/", 1)[-1], r.library.rsplit("/", 1)[-1]) for r in rows}
+        # imagehash decodes whole, we on the reduced-size fast path: a pair on the edge may differ
+        assert len(found ^ expected) <= 2, (mirrored, found ^ expected)
+    plain, _ = match_files([str(inputs)], lib, threshold_tiers(10), whole_pictures=True, mirrored=False,
+                           progress=False, log=null)
+    assert not any(r.match.mirrored for r in plain)
+    with_views, _ = match_files([str(inputs)], lib, threshold_tiers(10), progress=False, log=null)
+    assert len(with_views) > len(plain)  # the views find the crops: that is the tiers' job, not --threshold's

@@ -205,8 +205,8 @@ class Matcher:
     def match_batch(self, dhash: np.ndarray, phash: np.ndarray, dhash_mirror: np.ndarray,
                     phash_mirror: np.ndarray, *, best_only: bool = False,
                     threads: int | None = None, owners: np.ndarray | None = None,
-                    fine: np.ndarray | None = None, fine_mirror: np.ndarray | None = None
-                    ) -> PairMatches:
+                    fine: np.ndarray | None = None, fine_mirror: np.ndarray | None = None,
+                    mirrored: bool = True) -> PairMatches:
         """All pairs (query, entry) that meet a tier, for M query rows at once.
 
         ``owners`` maps each query row to the query it is a view of (see
@@ -231,6 +231,8 @@ class Matcher:
         if owners is not None:
             q = np.asarray(owners, np.int64)[q]
         res = PairMatches(q, ids[pl], tier, pd[at].astype(np.int64), p, pq >= m, f, queries[pq], lib_d[pl])
+        if not mirrored:  # mirrored copies do not count: drop them before the best per pair is kept
+            res = res._take(~res.mirrored)
         return _best_per_pair(res, best_only)
 
     def matches_of(self, pairs: PairMatches) -> dict[int, list[Match]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -11,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from monitor.fingerprints import Fingerprint
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import Library
 from monitor.records.store import Store
 from monitor.scan import FileResult, add_files, fingerprint_files, iter_image_files
+from monitor.search.index import LibraryIndex
 from monitor.search.matcher import Match, Matcher, Tier, query_rows
 from monitor.tools.report import Finding, thumbnail_uri, write
 from monitor.warmup import warm_up
@@ -56,11 +59,22 @@ class MatchRow:
     match: Match
 
 
+def whole_picture_index(library: Library) -> LibraryIndex:
+    """One row per entry, its whole picture's hashes: no crops, frames or turns."""
+    index = LibraryIndex()
+    for e in library.entries():
+        if e.degenerate is None:
+            index.add(e.id, Fingerprint(e.dhash, e.phash, e.dhash_mirror, e.phash_mirror, e.width, e.height))
+    return index
+
+
 def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
                 best: bool = False, cache: FingerprintCache | None = None,
-                progress: bool | None = None, log: TextIO = sys.stderr
-                ) -> tuple[list[MatchRow], list[FileResult]]:
-    """Fingerprint inputs, compare all pairs, return rows and unreadable files."""
+                progress: bool | None = None, log: TextIO = sys.stderr, whole_pictures: bool = False,
+                mirrored: bool = True) -> tuple[list[MatchRow], list[FileResult]]:
+    """Fingerprint inputs, compare all pairs, return rows and unreadable files.
+    ``whole_pictures`` compares the whole pictures only (no views either side);
+    ``mirrored`` False drops matches of a mirrored copy."""
     files = list(iter_image_files(inputs))
     results = fingerprint_files(files, cache, progress=progress, desc="inputs", views="query")
     good = [r for r in results if r.fingerprint is not None and r.fingerprint.degenerate is None]
@@ -73,11 +87,12 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
                   "its hash would match anything", file=log)
     print(f"[ok] fingerprinted {len(good):,} input images", file=log)
 
-    matcher = Matcher(library.index, tiers)
+    matcher = Matcher(whole_picture_index(library) if whole_pictures else library.index, tiers)
     warm_up(None)
-    rows_in = query_rows([r.fingerprint for r in good])
+    queries = [dataclasses.replace(r.fingerprint, views=()) if whole_pictures else r.fingerprint for r in good]
+    rows_in = query_rows(queries)
     start = time.perf_counter()
-    pairs = matcher.match_rows(rows_in, best_only=best)
+    pairs = matcher.match_rows(rows_in, best_only=best, mirrored=mirrored)
     elapsed = time.perf_counter() - start
     comparisons = 2 * rows_in.dhash.size * library.index.rows  # every view, plain and mirrored
     print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
@@ -133,10 +148,11 @@ def write_report(path: str, rows: list[MatchRow], bad) -> None:
 
 def run_match(inputs: list[str], library_spec: str, tiers: tuple[Tier, ...], *, best: bool,
               fmt: str, output: str | None, cache: FingerprintCache | None,
-              progress: bool | None, log: TextIO = sys.stderr, report_path: str | None = None) -> int:
+              progress: bool | None, log: TextIO = sys.stderr, report_path: str | None = None,
+              whole_pictures: bool = False, mirrored: bool = True) -> int:
     library = open_library(library_spec, cache, progress, log)
-    rows, bad = match_files(inputs, library, tiers, best=best, cache=cache,
-                            progress=progress, log=log)
+    rows, bad = match_files(inputs, library, tiers, best=best, cache=cache, progress=progress, log=log,
+                            whole_pictures=whole_pictures, mirrored=mirrored)
     if report_path:
         write_report(report_path, rows, bad)
     if output:
