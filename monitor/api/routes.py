@@ -49,6 +49,14 @@ async def _fingerprint(request: web.Request, data: bytes, views: str = "query"):
         raise error(422, f"image_{exc.reason}", str(exc)) from None
 
 
+async def _upload(request: web.Request, form_model, raw: bytes | None = None):
+    """(the validated text fields, the image files) of a multipart body; 400 without a file."""
+    fields, files = await multipart_body(request, raw, _max_image(request.app[SERVICES_KEY]))
+    if not files:
+        raise error(400, "no_image", "a multipart body needs at least one image file part")
+    return validate(form_model, fields), files
+
+
 def _max_image(svc: Services) -> int:
     return svc.fetcher.limits.max_image_bytes if svc.fetcher is not None else MAX_BODY
 
@@ -82,10 +90,7 @@ async def ingest(request: web.Request) -> web.Response:
     raw = await authorize(request, allow_signature=True)
     svc = request.app[SERVICES_KEY]
     if _is_multipart(request):
-        fields, files = await multipart_body(request, raw, _max_image(svc))
-        if not files:
-            raise error(400, "no_image", "multipart ingest needs an image file part")
-        form = validate(m.IngestForm, fields)
+        form, files = await _upload(request, m.IngestForm, raw)
         fingerprints = {}
         for _name, data in files:
             fingerprints.setdefault(_upload_url(data), await _fingerprint(request, data))
@@ -114,10 +119,7 @@ async def check(request: web.Request) -> web.Response:
     await authorize(request)
     svc = request.app[SERVICES_KEY]
     if _is_multipart(request):
-        fields, files = await multipart_body(request, None, _max_image(svc))
-        if not files:
-            raise error(400, "no_image", "multipart check needs an image file part")
-        form = validate(m.CheckForm, fields)
+        form, files = await _upload(request, m.CheckForm)
         data = files[0][1]
         want_alert = form.alert in ("1", "true", "yes")
         url, page_url = _upload_url(data), form.page_url
@@ -181,10 +183,7 @@ async def library_add(request: web.Request) -> web.Response:
     svc = request.app[SERVICES_KEY]
     added, skipped = [], []
     if _is_multipart(request):
-        fields, files = await multipart_body(request, None, _max_image(svc))
-        if not files:
-            raise error(400, "no_image", "upload at least one image file part")
-        form = validate(m.LibraryForm, fields)
+        form, files = await _upload(request, m.LibraryForm)
         for name, data in files:
             try:
                 fp = await _fingerprint(request, data, "library")
