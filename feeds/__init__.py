@@ -1,6 +1,6 @@
 """Source adapters: turn a feed, API listing or folder into items with image URLs."""
 
-from .base import FeedError, FeedItem, HttpSource, LocalSource
+from .base import FeedError, FeedItem, HttpSource, LocalSource, StreamSource
 from .registry import SOURCE_TYPES, make_source
 
-__all__ = ["FeedError", "FeedItem", "HttpSource", "LocalSource", "SOURCE_TYPES", "make_source"]
+__all__ = ["FeedError", "FeedItem", "HttpSource", "LocalSource", "StreamSource", "SOURCE_TYPES", "make_source"]

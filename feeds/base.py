@@ -53,6 +53,34 @@ class HttpSource(ABC):
 
 
 @dataclass
+class StreamSource(ABC):
+    """A source that pushes its items over a long-lived connection (server-sent events).
+    The monitor holds the connection open, reconnects with backoff, and before each
+    (re)connection polls ``catchup()`` for what was posted while it was away, from
+    ``cursor`` (the newest item id it has recorded)."""
+
+    kind: ClassVar[str]
+    name: str
+    url: str
+    options: dict = field(default_factory=dict)
+
+    @abstractmethod
+    def parse_event(self, event: str, data: str) -> ParsedItems:
+        """Items in one event (none for events that carry no post); a malformed event
+        is an item skipped with its reason, never an exception."""
+
+    @abstractmethod
+    def catchup(self, cursor: str | None) -> HttpSource | None:
+        """A polled source for the posts after ``cursor``, or None when there is none."""
+
+    @staticmethod
+    def newest(ids) -> str | None:
+        """The newest of item ids that count up (Mastodon's: longer is newer, then larger)."""
+        ids = [i for i in ids if i]
+        return max(ids, key=lambda i: (len(i), i)) if ids else None
+
+
+@dataclass
 class LocalSource(ABC):
     kind: ClassVar[str]
     name: str

@@ -30,14 +30,15 @@ class MastodonTimeline(HttpSource):
         if not isinstance(doc, list):
             raise FeedError("not_a_feed", "a Mastodon timeline is a JSON list of statuses")
 
-        def build(n: int, status, bad_urls: list[str]) -> FeedItem:
-            if not isinstance(status, dict):
-                raise ValueError(f"a status is an object, not {type(status).__name__}")
-            shown = status.get("reblog") if isinstance(status.get("reblog"), dict) else status
-            account = shown.get("account") if isinstance(shown.get("account"), dict) else {}
-            return FeedItem(self.name, as_text(status.get("id")) or f"#{n}",
-                            clean_urls(status_images(shown), bad_urls),
-                            page_link(shown.get("url")) or page_link(shown.get("uri")),
-                            as_text(account.get("acct")), parse_time(shown.get("created_at")))
+        return build_items(doc, lambda n, status, bad_urls: status_item(self.name, n, status, bad_urls))
 
-        return build_items(doc, build)
+
+def status_item(feed: str, n: int, status, bad_urls: list[str]) -> FeedItem:
+    """A Status entity as an item (a boost stands for the status it boosts)."""
+    if not isinstance(status, dict):
+        raise ValueError(f"a status is an object, not {type(status).__name__}")
+    shown = status.get("reblog") if isinstance(status.get("reblog"), dict) else status
+    account = shown.get("account") if isinstance(shown.get("account"), dict) else {}
+    return FeedItem(feed, as_text(status.get("id")) or f"#{n}", clean_urls(status_images(shown), bad_urls),
+                    page_link(shown.get("url")) or page_link(shown.get("uri")),
+                    as_text(account.get("acct")), parse_time(shown.get("created_at")))

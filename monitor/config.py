@@ -104,6 +104,9 @@ class FeedConfig(_Model):
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.1   # share of the interval
     max_backoff: Annotated[float, Field(gt=0)] = 3600.0
     headers: dict[str, str] = {}
+    # Streaming sources: the timeline polled for what was posted while disconnected
+    # (default: the one matching the stream's path, e.g. /api/v1/timelines/public).
+    catchup_url: str | None = None
 
     @field_validator("type")
     @classmethod

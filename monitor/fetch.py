@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import ipaddress
 import random
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
 import aiohttp
-from aiohttp.abc import AbstractResolver
-from aiohttp.resolver import DefaultResolver
 from asyncio_throttle import Throttler
 
 from feeds.base import url_problem
+from monitor.addresses import AddressGuard, BlockedAddress, GuardedResolver
 from monitor.version import __version__
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
@@ -54,10 +52,6 @@ class FetchError(Exception):
         self.status = status
 
 
-class BlockedAddress(OSError):
-    pass
-
-
 @dataclass(frozen=True)
 class FetchLimits:
     concurrency: int = 16
@@ -75,6 +69,7 @@ class FetchLimits:
     allow_private: bool = False
     allowed_networks: tuple[str, ...] = ()
     local_roots: tuple[str, ...] = ()  # folders whose file:// URLs may be read
+    stream_read_timeout: float = 90.0  # a stream silent this long (no heartbeat either) is reconnected
     user_agent: str = f"repost-monitor/{__version__} (+https://github.com/repost-monitor)"
 
 
@@ -85,75 +80,6 @@ class FeedResponse:
     content_type: str | None = None
     etag: str | None = None
     last_modified: str | None = None
-
-
-NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-
-
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    if ip.sixtofour:
-        return ip.sixtofour
-    if ip.teredo:
-        return ip.teredo[1]
-    value = int(ip)
-    if any(ip in net for net in NAT64_PREFIXES):
-        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
-    if value >> 32 == 0 and value > 1:  # ::a.b.c.d (deprecated IPv4-compatible); not :: or ::1
-        return ipaddress.IPv4Address(value)
-    return None
-
-
-@dataclass
-class AddressGuard:
-    allow_private: bool = False
-    allowed: list = field(default_factory=list)
-
-    @classmethod
-    def from_limits(cls, limits: FetchLimits) -> AddressGuard:
-        return cls(limits.allow_private, [ipaddress.ip_network(n, strict=False)
-                                          for n in limits.allowed_networks])
-
-    def allows(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if ip.version == 6:
-            # An IPv6 address that carries an IPv4 one is judged by the IPv4 address it
-            # reaches: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d), NAT64, 6to4, Teredo.
-            ip = embedded_ipv4(ip) or ip
-        if any(ip in net for net in self.allowed):
-            return True
-        if self.allow_private:
-            return True
-        # is_global is False for private, loopback, link-local (cloud metadata
-        # at 169.254.169.254 and fd00:ec2::254), CGNAT, reserved ranges.
-        return ip.is_global and not ip.is_multicast
-
-    def check_ip(self, host: str) -> bool:
-        """True if host is an IP literal (and allowed); raises if refused."""
-        try:
-            ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-        except ValueError:
-            return False
-        if not self.allows(host.strip("[]")):
-            raise FetchError("blocked_address", f"{host} is a private or reserved address")
-        return True
-
-
-class GuardedResolver(AbstractResolver):
-    def __init__(self, guard: AddressGuard):
-        self._guard = guard
-        self._inner = DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):
-        infos = await self._inner.resolve(host, port, family)
-        bad = [i["host"] for i in infos if not self._guard.allows(i["host"])]
-        if bad:
-            raise BlockedAddress(f"{host} resolves to private or reserved address {bad[0]}")
-        return infos
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -167,6 +93,37 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (now or time.time()))
+
+
+def _as_fetch_error(url: str, exc: Exception) -> Exception:
+    """The FetchError for what the HTTP client raised (anything else comes back as it is)."""
+    if isinstance(exc, TimeoutError):
+        return FetchError("timeout", f"{url} timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(getattr(exc, "os_error", None), BlockedAddress):
+            return FetchError("blocked_address", str(exc.os_error))
+        return FetchError("connection", f"{url}: {exc}")
+    if isinstance(exc, BlockedAddress):
+        return FetchError("blocked_address", str(exc))
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return FetchError("connection", f"{url}: {exc!r}")
+    if isinstance(exc, (ValueError, UnicodeError)):  # a URL the client cannot encode
+        return FetchError("bad_url", f"{url[:300]!r}: {exc}")
+    return exc
+
+
+def read_local(url: str, roots: list[Path], max_bytes: int) -> bytes:
+    """A file:// URL's bytes, only under one of ``roots`` (the watched folders)."""
+    path = Path(url2pathname(urlsplit(url).path)).resolve()
+    if not any(path.is_relative_to(root) for root in roots):
+        raise FetchError("blocked_path", f"{path} is outside the watched folders")
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise FetchError("too_large", f"{path} is {size:,} bytes, limit {max_bytes:,}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise FetchError("unreadable", f"{path}: {exc.strerror or exc}") from None
 
 
 def image_magic_ok(head: bytes) -> bool:
@@ -224,7 +181,7 @@ class Fetcher:
     # -- public --------------------------------------------------------------
     async def fetch_image(self, url: str) -> bytes:
         if urlsplit(url).scheme == "file":
-            return await asyncio.to_thread(self._read_local, url)
+            return await asyncio.to_thread(read_local, url, self._roots, self.limits.max_image_bytes)
         body, ctype, _ = await self._get(url, self.limits.max_image_bytes, accept="image/*", kind="image")
         if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream",
                                                                   "binary/octet-stream")):
@@ -250,26 +207,17 @@ class Fetcher:
                             resp_headers.get("Last-Modified") or last_modified)
 
     # -- internals -----------------------------------------------------------
-    def _read_local(self, url: str) -> bytes:
-        path = Path(url2pathname(urlsplit(url).path)).resolve()
-        if not any(path.is_relative_to(root) for root in self._roots):
-            raise FetchError("blocked_path", f"{path} is outside the watched folders")
-        try:
-            size = path.stat().st_size
-            if size > self.limits.max_image_bytes:
-                raise FetchError("too_large", f"{path} is {size:,} bytes, limit "
-                                              f"{self.limits.max_image_bytes:,}")
-            return path.read_bytes()
-        except OSError as exc:
-            raise FetchError("unreadable", f"{path}: {exc.strerror or exc}") from None
-
     async def _check_host(self, url: str) -> str:
         why = url_problem(url)
         if why is not None:
             raise FetchError("bad_url", f"{url[:300]!r}: {why}")
         parts = urlsplit(url)
         host = parts.hostname
-        if not self.guard.check_ip(host):
+        try:
+            literal = self.guard.check_ip(host)
+        except BlockedAddress as exc:
+            raise FetchError("blocked_address", str(exc)) from None
+        if not literal:
             loop = asyncio.get_running_loop()
             try:
                 infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
@@ -350,16 +298,48 @@ class Fetcher:
                         return b"".join(chunks), ctype or None, resp.headers
                 except FetchError:
                     raise
-                except TimeoutError:
-                    raise FetchError("timeout", f"{url} timed out") from None
-                except aiohttp.ClientConnectorError as exc:
-                    if isinstance(getattr(exc, "os_error", None), BlockedAddress):
-                        raise FetchError("blocked_address", str(exc.os_error)) from None
-                    raise FetchError("connection", f"{url}: {exc}") from None
-                except BlockedAddress as exc:
-                    raise FetchError("blocked_address", str(exc)) from None
-                except (aiohttp.ClientError, OSError) as exc:
-                    raise FetchError("connection", f"{url}: {exc!r}") from None
-                except (ValueError, UnicodeError) as exc:  # a URL the client cannot encode
-                    raise FetchError("bad_url", f"{url[:300]!r}: {exc}") from None
+                except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
+                    raise _as_fetch_error(url, exc) from None
+        raise FetchError("too_many_redirects", f"more than {self.limits.max_redirects} redirects")
+
+    async def stream_lines(self, url: str, *, headers: dict | None = None,
+                           max_line: int = 1_000_000) -> AsyncIterator[bytes]:
+        """The lines of a long-lived response (server-sent events) as they arrive, under the
+        same address guard and redirect rules as every fetch. No total timeout: the read
+        timeout (``limits.stream_read_timeout``) ends a stream whose server went silent,
+        heartbeats included. Raises FetchError; returns when the server closes the stream."""
+        assert self._session is not None, "use Fetcher as an async context manager"
+        origin, headers = _origin(url), {**(headers or {}), "Accept": "text/event-stream"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.limits.connect_timeout,
+                                        sock_read=self.limits.stream_read_timeout)
+        for _ in range(self.limits.max_redirects + 1):
+            if _origin(url) != origin:
+                headers = {k: v for k, v in headers.items() if k.lower() in PORTABLE_HEADERS}
+            host = await self._check_host(url)
+            async with self._throttler(host):  # reconnections count against the host's rate
+                pass
+            try:
+                async with self._session.get(url, headers=headers, allow_redirects=False, timeout=timeout) as resp:
+                    if resp.status in REDIRECTS and "Location" in resp.headers:
+                        url = urljoin(url, resp.headers["Location"])
+                        continue
+                    if resp.status == 429 or resp.status >= 500:
+                        raise FetchError("rate_limited" if resp.status == 429 else "http_5xx",
+                                         f"HTTP {resp.status} from {url}", status=resp.status,
+                                         retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+                    if resp.status >= 400:
+                        raise FetchError("http_4xx", f"HTTP {resp.status} from {url}", status=resp.status)
+                    pending = b""
+                    async for chunk in resp.content.iter_any():
+                        pending += chunk
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            yield line
+                        if len(pending) > max_line:
+                            raise FetchError("too_large", f"a line of over {max_line:,} bytes from {url}")
+                    return
+            except FetchError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
+                raise _as_fetch_error(url, exc) from None
         raise FetchError("too_many_redirects", f"more than {self.limits.max_redirects} redirects")

@@ -31,6 +31,12 @@ class Metrics:
         self.feed_items_skipped = Counter(p + "feed_items_skipped_total", "Feed items or image URLs "
                                           "skipped, by reason (malformed_item, bad_url)",
                                           ["feed", "reason"], registry=r)
+        self.stream_connected = Gauge(p + "stream_connected", "1 while a streaming source's connection is "
+                                      "open", ["feed"], registry=r)
+        self.stream_events = Counter(p + "stream_events_total", "Events received from streaming sources, by "
+                                     "result (post, ignored, skipped)", ["feed", "result"], registry=r)
+        self.stream_connects = Counter(p + "stream_connects_total", "Connections opened to streaming sources "
+                                       "(the first and every reconnection)", ["feed"], registry=r)
         self.feed_last_success = Gauge(p + "feed_last_success_timestamp_seconds",
                                        "Unix time of the last successful poll", ["feed"], registry=r)
         self.images_downloaded = Counter(p + "images_downloaded_total",

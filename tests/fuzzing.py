@@ -174,7 +174,7 @@ URLISH = st.one_of(
 
 
 def url_target(tally: Tally, examples: int) -> Callable:
-    from monitor.fetch import AddressGuard, embedded_ipv4
+    from monitor.addresses import AddressGuard, embedded_ipv4
     guard = AddressGuard()
 
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -6,7 +6,8 @@ import time
 import pytest
 from aiohttp import web
 
-from monitor.fetch import AddressGuard, Fetcher, FetchError, FetchLimits, parse_retry_after
+from monitor.addresses import AddressGuard
+from monitor.fetch import Fetcher, FetchError, FetchLimits, parse_retry_after
 from tests.hosts import serve
 
 LOOPBACK = FetchLimits(allowed_networks=("127.0.0.0/8",), retries=2, backoff_base=0.05,

@@ -14,10 +14,11 @@ import tomllib
 import pytest
 from aiohttp import web
 
+from monitor.addresses import AddressGuard
 from monitor.alerts.sinks import DiscordSink, SlackSink
 from monitor.config import Config, parse_config
 from monitor.daemon import run_daemon
-from monitor.fetch import AddressGuard, Fetcher, FetchError, FetchLimits
+from monitor.fetch import Fetcher, FetchError, FetchLimits
 from monitor.logs import RepeatFilter
 from monitor.metrics import Metrics
 from monitor.records.store import Store

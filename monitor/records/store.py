@@ -198,6 +198,10 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE matches ADD COLUMN matched_library_dhash INTEGER;
     CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 11: where a streaming source's catch-up starts (the newest item id recorded from it)
+    """
+    ALTER TABLE feed_state ADD COLUMN cursor TEXT;
+    """,
 ]
 
 

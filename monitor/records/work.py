@@ -51,6 +51,18 @@ def feed_failed(store: Store, feed: str, failures: int, error: str, now: float) 
                      "last_error=excluded.last_error", (feed, now, failures, error))
 
 
+def feed_cursor(store: Store, feed: str) -> str | None:
+    """The newest item id a streaming source has recorded (its catch-up starts after it)."""
+    rows = store.query("SELECT cursor FROM feed_state WHERE feed=?", (feed,))
+    return rows[0][0] if rows else None
+
+
+def set_feed_cursor(store: Store, feed: str, cursor: str) -> None:
+    with store.transaction() as conn:
+        conn.execute("INSERT INTO feed_state (feed, cursor) VALUES (?,?) ON CONFLICT (feed) DO UPDATE SET "
+                     "cursor=excluded.cursor", (feed, cursor))
+
+
 # -- work rows ------------------------------------------------------------------------------
 def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> tuple[list[WorkItem], int]:
     """Work rows for the items not seen before, in one transaction: (the new rows, how many

@@ -1,0 +1,170 @@
+"""Mastodon streaming: a loopback instance speaking the real protocol (server-sent events
+on /api/v1/streaming/..., the timeline for catch-up with min_id), replaying recorded
+statuses: posts as they happen, a dropped connection caught up without gaps or
+duplicates, a restart resumed from the stored cursor, bad events skipped and counted."""
+
+import asyncio
+import copy
+import json
+
+from aiohttp import web
+
+from feeds import make_source
+from feeds.mastodon_stream import catchup_url
+from feeds.sse import EventTooLarge, SSEDecoder
+from monitor.config import parse_config
+from monitor.daemon import run_daemon
+from tests.conftest import PAYLOADS
+from tests.hosts import serve
+from tests.test_daemon import PhotoSite, config_for, make_library, query, until
+
+RECORDED_EVENT = (PAYLOADS / "mastodon" / "mastodon-api__streaming_update.txt").read_bytes()
+TWO_IMAGES = json.loads((PAYLOADS / "mastodon" / "mastodonpy__status_two_images_2026-08.json").read_text())
+
+
+def test_sse_decoder_on_the_recorded_stream():
+    decoder = SSEDecoder(max_bytes=10_000)
+    events = [e for line in (b":thump\n" + RECORDED_EVENT).splitlines(keepends=True) if (e := decoder.line(line))]
+    assert len(events) == 1 and events[0][0] == "update" and json.loads(events[0][1])["id"] == 29443
+    # several data lines join with newlines; CRLF ends lines too; a comment is nothing
+    got = [decoder.line(x) for x in (b"event: update\r\n", b"data: {\"a\":\r\n", b"data: 1}\r\n", b": hi\n", b"\r\n")]
+    assert got[-1] == ("update", '{"a":\n1}')
+    try:
+        decoder.line(b"data: " + b"x" * 20_000)
+    except EventTooLarge:
+        pass
+    else:
+        raise AssertionError("an oversized event must be refused")
+    assert decoder.line(b"") is None and decoder.line(b"data: small") is None and decoder.line(b"") == ("message",
+                                                                                                          "small")
+
+
+def test_the_recorded_update_becomes_an_item_and_catch_up_follows_the_stream_path():
+    stream = make_source("mastodon_stream", "live", "https://example.social/api/v1/streaming/hashtag?tag=art")
+    decoder = SSEDecoder()
+    event, data = next(e for line in RECORDED_EVENT.splitlines() if (e := decoder.line(line)))
+    [item] = stream.parse_event(event, data)
+    assert item.id == "29443" and item.author == "tester@mastodon.social" and item.image_urls == ()
+    assert list(stream.parse_event("delete", "29443")) == []
+    bad = stream.parse_event("update", "{not json")
+    assert list(bad) == [] and bad.skipped[0][0] == "malformed_item"
+    assert catchup_url(stream.url) == "https://example.social/api/v1/timelines/tag/art?limit=40"
+    assert catchup_url("https://x.social/api/v1/streaming/public/local") == \
+        "https://x.social/api/v1/timelines/public?local=true&limit=40"
+    assert stream.catchup("42").url.endswith("/api/v1/timelines/tag/art?limit=40&min_id=42")
+
+
+class Instance:
+    """A Mastodon instance on loopback: a public stream and the public timeline."""
+
+    def __init__(self, site_base_holder):
+        self.statuses: list[dict] = []     # everything "posted", oldest first
+        self.live: asyncio.Queue = asyncio.Queue()
+        self.min_ids: list[str | None] = []  # what each catch-up asked for
+        self.connections = 0
+        self.drop_after: int | None = None  # close the stream after this many events
+        self.base = site_base_holder
+
+    def post(self, n: int, images: list[str], live: bool = True) -> dict:
+        status = copy.deepcopy(TWO_IMAGES)
+        status["id"] = str(117020576664345360 + n)
+        status["url"] = f"https://example.social/@artist/{status['id']}"
+        status["media_attachments"] = [dict(TWO_IMAGES["media_attachments"][0], id=str(n * 10 + i),
+                                            preview_url=f"{self.base[0]}/img/{name}", url=f"{self.base[0]}/img/{name}")
+                                       for i, name in enumerate(images)]
+        self.statuses.append(status)
+        if live:
+            self.live.put_nowait(("update", json.dumps(status)))
+        return status
+
+    def app(self):
+        app = web.Application()
+
+        async def stream(request):
+            self.connections += 1
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b":)\n\n")
+            sent = 0
+            while True:
+                try:
+                    event, data = await asyncio.wait_for(self.live.get(), 0.5)
+                except TimeoutError:
+                    await resp.write(b":thump\n\n")  # Mastodon's heartbeat
+                    continue
+                await resp.write(f"event: {event}\ndata: {data}\n\n".encode())
+                sent += 1
+                if self.drop_after is not None and sent >= self.drop_after:
+                    self.drop_after = None
+                    return resp  # the connection drops
+
+        async def timeline(request):
+            min_id = request.query.get("min_id")
+            self.min_ids.append(min_id)
+            limit = int(request.query.get("limit", 20))
+            newer = [s for s in self.statuses if not min_id or (len(s["id"]), s["id"]) > (len(min_id), min_id)]
+            page = newer[:limit] if min_id else newer[-limit:]
+            return web.json_response(list(reversed(page)))  # newest first, as Mastodon answers
+
+        app.router.add_get("/api/v1/streaming/public", stream)
+        app.router.add_get("/api/v1/timelines/public", timeline)
+        return app
+
+
+async def test_posts_as_they_happen_a_dropped_stream_and_a_restart_lose_and_repeat_nothing(tmp_path, samples):
+    site = PhotoSite(samples)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    base = [""]
+    instance = Instance(base)
+    async with serve(site.app()) as images, serve(instance.app()) as masto:
+        base[0] = images
+        cfg = config_for(images, db)
+        cfg = parse_config({**cfg.model_dump(), "feeds": [{"name": "live", "type": "mastodon_stream",
+                                                           "url": f"{masto}/api/v1/streaming/public",
+                                                           "max_backoff": 0.5}]})
+        records = []
+        stop = asyncio.Event()
+        running = {}
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append,
+                                              on_ready=lambda r: running.update(r=r), install_signals=False))
+        instance.post(1, ["other-apple.jpg"], live=False)  # before the daemon listened: caught up
+        await until(lambda: instance.connections == 1)
+        instance.post(2, ["small-chelsea.jpg", "other-baboon.jpg"])  # as it happens
+        instance.live.put_nowait(("update", "{broken json"))        # a bad event: skipped, counted
+        instance.live.put_nowait(("delete", "117020576664345361"))   # not a post
+        await until(lambda: len(records) == 1)
+        # the stream drops after the next event; two posts land while nobody listens
+        instance.drop_after = 1
+        instance.post(3, ["other-building.jpg"])
+        await until(lambda: instance.connections == 1 and instance.drop_after is None)
+        instance.post(4, ["flip-rocket.jpg"], live=False)
+        instance.post(5, ["other-coins.jpg"], live=False)
+        await until(lambda: instance.connections == 2)
+        await until(lambda: len(records) == 2)
+        metrics = running["r"].metrics.render().decode()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        # while stopped: one more post; a restart catches up from the stored cursor
+        instance.post(6, ["q30-coffee.jpg"], live=False)
+        stop2 = asyncio.Event()
+        task2 = asyncio.create_task(run_daemon(cfg, stop=stop2, on_match=records.append, install_signals=False))
+        await until(lambda: len(records) == 3)
+        await until(lambda: query(db, "SELECT COUNT(*) FROM work WHERE state='pending'") == [(0,)])
+        stop2.set()
+        await asyncio.wait_for(task2, 30)
+    items = [i for (i,) in query(db, "SELECT item_id FROM seen_items WHERE feed='live' ORDER BY item_id")]
+    assert items == [str(117020576664345360 + n) for n in range(1, 7)]   # every post once, none missed
+    urls = [u.rsplit("/", 1)[-1] for (u,) in query(db, "SELECT image_url FROM work ORDER BY id")]
+    assert sorted(urls) == sorted(["other-apple.jpg", "small-chelsea.jpg", "other-baboon.jpg", "other-building.jpg",
+                                   "flip-rocket.jpg", "other-coins.jpg", "q30-coffee.jpg"])
+    assert [r.entry.label for r in records] == ["library-chelsea", "library-rocket", "library-coffee"]
+    assert query(db, "SELECT cursor FROM feed_state WHERE feed='live'") == [(str(117020576664345366),)]
+    # catch-ups: the first start (no cursor), after the drop (from post 3), after the restart (from 5)
+    assert instance.min_ids[0] is None
+    assert str(117020576664345363) in instance.min_ids and instance.min_ids[-1] == str(117020576664345365)
+    assert 'repost_monitor_stream_events_total{feed="live",result="post"} 2.0' in metrics
+    assert 'repost_monitor_stream_events_total{feed="live",result="skipped"} 1.0' in metrics
+    assert 'repost_monitor_stream_events_total{feed="live",result="ignored"}' in metrics
+    assert 'repost_monitor_feed_items_skipped_total{feed="live",reason="malformed_item"} 1.0' in metrics
+    assert 'repost_monitor_stream_connects_total{feed="live"} 2.0' in metrics
