@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests import fuzzing  # noqa: E402
 
-TARGETS = ("rss", "jsonfeed", "reddit", "mastodon", "urls", "config", "images", "api")
+TARGETS = ("rss", "jsonfeed", "reddit", "mastodon", "stream", "urls", "config", "images", "api")
 
 
 def main() -> int:
@@ -48,6 +48,8 @@ def main() -> int:
         try:
             if name in ("rss", "jsonfeed", "reddit", "mastodon"):
                 run = fuzzing.feed_target(seeds, name, tally, args.examples)
+            elif name == "stream":
+                run = fuzzing.stream_target(seeds, tally, args.examples)
             elif name == "urls":
                 run = fuzzing.url_target(tally, args.examples)
             elif name == "config":

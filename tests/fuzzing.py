@@ -160,6 +160,35 @@ def feed_target(seeds: dict[str, list[bytes]], kind: str, tally: Tally, examples
     return run
 
 
+# -- streaming: server-sent events -----------------------------------------------------------
+def stream_target(seeds: dict[str, list[bytes]], tally: Tally, examples: int) -> Callable:
+    """Lines of an event stream (mutated recorded events, heartbeats, junk) through the SSE
+    decoder and the Mastodon stream's parser: events or skipped reasons, nothing else."""
+    from feeds.sse import EventTooLarge, SSEDecoder
+    stream = make_source("mastodon_stream", "fuzz", "https://example.social/api/v1/streaming/public")
+    statuses = [s for s in seeds.get("mastodon", []) if _is_json(s) and isinstance(json.loads(s), dict)]
+    line = st.one_of(st.binary(max_size=80), st.sampled_from([b"", b":thump", b"event: update", b"event: delete",
+                                                              b"data: {", b"retry: 10", b"id: 1", b"\r"]),
+                     (mutated_json(statuses) if statuses else st.binary()).map(lambda d: b"data: " + d))
+
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(line, max_size=12))
+    def run(lines):
+        decoder = SSEDecoder(max_bytes=20_000)
+        for raw in lines + [b""]:
+            try:
+                event = decoder.line(raw)
+            except EventTooLarge:
+                tally.saw("event too large")
+                continue
+            if event is not None:
+                items = _timed(stream.parse_event, *event)
+                for item in items:
+                    assert isinstance(item, FeedItem) and all(url_problem(u) is None for u in item.image_urls)
+                tally.saw(f"{event[0][:12]}: {len(items)} items, {len(items.skipped)} skipped")
+    return run
+
+
 # -- URLs and the address guard -------------------------------------------------------------
 URLISH = st.one_of(
     st.text(max_size=80),

@@ -17,6 +17,12 @@ def test_feed_parsers_on_mutated_real_payloads(kind):
     assert tally.inputs >= 200
 
 
+def test_stream_events():
+    tally = fuzzing.Tally()
+    fuzzing.stream_target(SEEDS, tally, 300)()
+    assert tally.inputs >= 200
+
+
 def test_url_cleaning_and_the_address_guard():
     tally = fuzzing.Tally()
     fuzzing.url_target(tally, 500)()
