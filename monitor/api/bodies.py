@@ -2,6 +2,7 @@
 by part with caps on parts, files and sizes; nothing parses a whole body in one call on
 the event loop."""
 
+from __future__ import annotations
 
 import asyncio
 import json

@@ -9,6 +9,7 @@ ts + "." + body))``), refused when older than 5 minutes or already seen (replay)
 JSON ``{"error": {"code", "message"}}`` with a fitting status.
 """
 
+from __future__ import annotations
 
 import asyncio
 import hashlib

@@ -1,5 +1,6 @@
 """/review: the latest matches side by side, with verdict buttons that call the API."""
 
+from __future__ import annotations
 
 import asyncio
 import hmac

@@ -1,5 +1,6 @@
 """The /v1 handlers and the probes: thin, over the pipeline and the records layer."""
 
+from __future__ import annotations
 
 import asyncio
 import hashlib
