@@ -51,6 +51,27 @@ class HttpSource(ABC):
     def parse(self, body: bytes, content_type: str | None = None) -> list[FeedItem]:
         """Items in the payload; raises FeedError for a malformed one."""
 
+    def token_request(self) -> TokenRequest | None:
+        """The OAuth client-credentials request whose bearer token every poll needs, if any."""
+        return None
+
+    def request_headers(self) -> dict[str, str]:
+        """Headers this API asks of its clients (a descriptive User-Agent...)."""
+        return {}
+
+    def wait_hint(self, headers) -> float | None:
+        """Seconds to wait at least before the next poll, from a response's headers (rate limits)."""
+        return None
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """An OAuth 2 client-credentials grant: POST ``url`` with HTTP basic auth and ``form``."""
+    url: str
+    client_id: str
+    client_secret: str
+    form: tuple[tuple[str, str], ...] = (("grant_type", "client_credentials"),)
+
 
 @dataclass
 class StreamSource(ABC):

@@ -7,7 +7,7 @@ from .folder import FolderSource
 from .jsonfeed import JsonFeed
 from .mastodon import MastodonTimeline
 from .mastodon_stream import MastodonStream
-from .reddit import RedditListing
+from .reddit import RedditAPI, RedditListing
 from .xmlfeed import XmlFeed
 
 SOURCE_TYPES: dict[str, type[HttpSource] | type[LocalSource] | type[StreamSource]] = {
@@ -15,6 +15,7 @@ SOURCE_TYPES: dict[str, type[HttpSource] | type[LocalSource] | type[StreamSource
     "atom": XmlFeed,
     "jsonfeed": JsonFeed,
     "reddit": RedditListing,
+    "reddit_api": RedditAPI,
     "mastodon": MastodonTimeline,
     "mastodon_stream": MastodonStream,
     "folder": FolderSource,

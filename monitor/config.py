@@ -107,6 +107,12 @@ class FeedConfig(_Model):
     # Streaming sources: the timeline polled for what was posted while disconnected
     # (default: the one matching the stream's path, e.g. /api/v1/timelines/public).
     catchup_url: str | None = None
+    # reddit_api: a "script" app's client credentials (use "${ENV}"), and the descriptive
+    # User-Agent Reddit asks for ("<platform>:<app id>:<version> (by /u/<name>)").
+    client_id: str | None = None
+    client_secret: str | None = None
+    user_agent: str | None = None
+    token_url: str | None = None        # default https://www.reddit.com/api/v1/access_token
 
     @field_validator("type")
     @classmethod
@@ -122,6 +128,8 @@ class FeedConfig(_Model):
                 raise ValueError("a folder feed needs 'path'")
         elif not self.url or not self.url.startswith(("http://", "https://")):
             raise ValueError(f"a {self.type} feed needs an http(s) 'url'")
+        if self.type == "reddit_api" and not (self.client_id and self.client_secret):
+            raise ValueError("a reddit_api feed needs client_id and client_secret (a script app's)")
         return self
 
 

@@ -11,6 +11,7 @@ rebinding) is refused as well.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import random
 import socket
@@ -23,6 +24,7 @@ from urllib.request import url2pathname
 
 import aiohttp
 from asyncio_throttle import Throttler
+from multidict import CIMultiDict
 
 from feeds.base import url_problem
 from monitor.addresses import AddressGuard, BlockedAddress, GuardedResolver
@@ -80,6 +82,7 @@ class FeedResponse:
     content_type: str | None = None
     etag: str | None = None
     last_modified: str | None = None
+    headers: CIMultiDict | None = None  # the response's, case-insensitive (rate-limit hints)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -134,8 +137,9 @@ def image_magic_ok(head: bytes) -> bool:
     return head.startswith(IMAGE_MAGIC)
 
 
-class Fetcher:
-    """Use as ``async with Fetcher(limits) as f``; one per daemon."""
+class GuardedClient:
+    """One aiohttp session whose every connection passes the address guard (the URL's
+    host, every address it resolves to, every redirect), with a rate limit per host."""
 
     def __init__(self, limits: FetchLimits = FetchLimits(),
                  observe: Callable[[str, float, float], None] | None = None):
@@ -150,7 +154,7 @@ class Fetcher:
         self._session: aiohttp.ClientSession | None = None
         self._roots = [Path(r).resolve() for r in limits.local_roots]
 
-    async def __aenter__(self) -> Fetcher:
+    async def __aenter__(self):
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.guard),
                                          limit=self.limits.concurrency * 2, ttl_dns_cache=60)
         timeout = aiohttp.ClientTimeout(total=self.limits.total_timeout,
@@ -178,7 +182,33 @@ class Fetcher:
             self._throttlers[host] = t
         return t
 
-    # -- public --------------------------------------------------------------
+    async def _check_host(self, url: str) -> str:
+        why = url_problem(url)
+        if why is not None:
+            raise FetchError("bad_url", f"{url[:300]!r}: {why}")
+        parts = urlsplit(url)
+        host = parts.hostname
+        try:
+            literal = self.guard.check_ip(host)
+        except BlockedAddress as exc:
+            raise FetchError("blocked_address", str(exc)) from None
+        if not literal:
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise FetchError("dns", f"cannot resolve {host}: {exc}") from None
+            for info in infos:
+                if not self.guard.allows(info[4][0]):
+                    raise FetchError("blocked_address",
+                                     f"{host} resolves to private or reserved address {info[4][0]}")
+        return host
+
+
+class Fetcher(GuardedClient):
+    """Throttled, size-capped, guarded downloads. Use as ``async with Fetcher(limits) as f``;
+    one per daemon."""
+
     async def fetch_image(self, url: str) -> bytes:
         if urlsplit(url).scheme == "file":
             return await asyncio.to_thread(read_local, url, self._roots, self.limits.max_image_bytes)
@@ -204,31 +234,24 @@ class Fetcher:
         if resp_headers is None:
             return FeedResponse(True, etag=etag, last_modified=last_modified)
         return FeedResponse(False, body, ctype, resp_headers.get("ETag") or etag,
-                            resp_headers.get("Last-Modified") or last_modified)
+                            resp_headers.get("Last-Modified") or last_modified, CIMultiDict(resp_headers))
+
+    async def post_form(self, url: str, form: dict, *, auth: tuple[str, str], headers: dict | None = None,
+                        max_bytes: int = 65536) -> tuple[int, bytes]:
+        """(status, body) of a form POST with HTTP basic auth (an OAuth token request). The
+        host passes the address guard; no redirect is followed (credentials stay put)."""
+        assert self._session is not None, "use Fetcher as an async context manager"
+        host = await self._check_host(url)
+        async with self._throttler(host):
+            try:
+                basic = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+                async with self._session.post(url, data=form, allow_redirects=False,
+                                              headers={**(headers or {}), "Authorization": f"Basic {basic}"}) as resp:
+                    return resp.status, await resp.content.read(max_bytes)
+            except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
+                raise _as_fetch_error(url, exc) from None
 
     # -- internals -----------------------------------------------------------
-    async def _check_host(self, url: str) -> str:
-        why = url_problem(url)
-        if why is not None:
-            raise FetchError("bad_url", f"{url[:300]!r}: {why}")
-        parts = urlsplit(url)
-        host = parts.hostname
-        try:
-            literal = self.guard.check_ip(host)
-        except BlockedAddress as exc:
-            raise FetchError("blocked_address", str(exc)) from None
-        if not literal:
-            loop = asyncio.get_running_loop()
-            try:
-                infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise FetchError("dns", f"cannot resolve {host}: {exc}") from None
-            for info in infos:
-                if not self.guard.allows(info[4][0]):
-                    raise FetchError("blocked_address",
-                                     f"{host} resolves to private or reserved address {info[4][0]}")
-        return host
-
     async def _get(self, url: str, max_bytes: int, *, headers: dict | None = None,
                    accept: str = "*/*", kind: str = "image"):
         """GET with retries; returns (body, content type, headers), or

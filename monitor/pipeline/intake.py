@@ -5,16 +5,16 @@ handed on, so a crash or kill loses nothing; resume what the last run left pendi
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass
 
 from feeds import FeedError, FeedItem, HttpSource, LocalSource, StreamSource
-from feeds.base import ParsedItems
-from feeds.sse import EventTooLarge, SSEDecoder
 from monitor.fetch import Fetcher, FetchError
 from monitor.metrics import Metrics
+from monitor.pipeline.streams import StreamWatcher
 from monitor.pipeline.transport import Transport
 from monitor.records import work as work_rows
 from monitor.records.store import DatabaseError, Store
@@ -31,34 +31,23 @@ class FeedSettings:
     headers: tuple[tuple[str, str], ...] = ()  # sent with every poll (API tokens)
 
 
-# A stream reconnects after 1 s, doubling per failure; one that stayed up this long was healthy.
-STREAM_RECONNECT_BASE = 1.0
-STREAM_HEALTHY_SECONDS = 30.0
-CATCHUP_PAGES = 10          # at most this many timeline pages per catch-up
-CATCHUP_FULL_PAGE = 40      # a page this long may have more behind it
-
-
-def _skipped(reason: str, detail: str) -> ParsedItems:
-    out = ParsedItems()
-    out.skipped.append((reason, detail))
-    return out
-
-
 class Intake:
     def __init__(self, store: Store, fetcher: Fetcher, metrics: Metrics, transport: Transport):
         self.store, self.fetcher, self.metrics, self.transport = store, fetcher, metrics, transport
         self.sources: list[tuple[HttpSource | LocalSource | StreamSource, FeedSettings]] = []
-        self._cursors: dict[str, str | None] = {}  # streaming sources: the newest item id recorded
+        self.streams = StreamWatcher(self)
+        self._tokens: dict[str, tuple[str, float]] = {}  # OAuth sources: (bearer token, expiry)
+        self._wait_hints: dict[str, float | None] = {}  # a source's "not before" for its next poll
 
     def add_source(self, source: HttpSource | LocalSource, settings: FeedSettings) -> None:
         self.sources.append((source, settings))
 
     def tasks(self, stop: asyncio.Event) -> list[asyncio.Task]:
-        return [asyncio.create_task((self._stream if isinstance(s, StreamSource) else self._watch)(s, cfg, stop),
+        return [asyncio.create_task((self.streams.run if isinstance(s, StreamSource) else self._watch)(s, cfg, stop),
                                     name=f"watch:{s.name}") for s, cfg in self.sources] + [
             asyncio.create_task(self._resume_pending(stop), name="resume")]
 
-    async def _queue(self, work: list[WorkItem]) -> None:
+    async def queue_work(self, work: list[WorkItem]) -> None:
         for w in work:
             await self.transport.put(w)
             self.metrics.queue_depth.labels("download").set(self.transport.depth())
@@ -67,22 +56,23 @@ class Intake:
         failures = 0
         while not stop.is_set():
             try:
-                await self._queue(await self.poll_once(source, dict(cfg.headers)))
+                await self.queue_work(await self.poll_once(source, dict(cfg.headers)))
                 failures = 0
-                delay = cfg.interval
+                # an API out of requests for its window says when it resets (Reddit's X-Ratelimit-*)
+                delay = max(cfg.interval, self._wait_hints.pop(source.name, None) or 0.0)
             except asyncio.CancelledError:
                 raise
             except (FetchError, FeedError) as exc:
                 failures += 1
                 delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
-                self._feed_failed(source.name, exc, failures)
+                self.feed_failed(source.name, exc, failures)
                 log.warning("feed %s failed (%s); next poll in %.0fs", source.name, exc, delay,
                             extra={"feed": source.name, "reason": exc.reason})
             except Exception as exc:  # noqa: BLE001 - a bug in one adapter must not stop the rest
                 failures += 1
                 delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
                 self.metrics.errors.labels("poll").inc()
-                self._feed_failed(source.name, exc, failures)
+                self.feed_failed(source.name, exc, failures)
                 log.exception("feed %s: unexpected error; next poll in %.0fs", source.name, delay,
                               extra={"feed": source.name})
             delay *= 1 + random.uniform(-cfg.jitter, cfg.jitter)
@@ -91,7 +81,7 @@ class Intake:
             except TimeoutError:
                 pass
 
-    def _feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
+    def feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
         self.metrics.feed_polls.labels(feed, "error").inc()
         try:
             work_rows.feed_failed(self.store, feed, failures, str(exc), time.time())
@@ -102,9 +92,9 @@ class Intake:
 
     async def poll_once(self, source, headers: dict | None = None) -> list[WorkItem]:
         """Poll one source; returns the work rows it created (already stored)."""
-        return (await self._poll(source, headers))[0]
+        return (await self.poll(source, headers))[0]
 
-    async def _poll(self, source, headers: dict | None = None) -> tuple[list[WorkItem], list[FeedItem]]:
+    async def poll(self, source, headers: dict | None = None) -> tuple[list[WorkItem], list[FeedItem]]:
         """(the work rows a poll created, every item it saw)."""
         now = time.time()
         if isinstance(source, LocalSource):
@@ -113,15 +103,16 @@ class Intake:
             etag = last_modified = None
         else:
             etag, last_modified = work_rows.feed_validators(self.store, source.name)
-            resp = await self.fetcher.fetch_feed(source.url, etag=etag, last_modified=last_modified,
-                                                 accept=source.accept, headers=headers)
+            resp = await self._fetch_feed(source, {**source.request_headers(), **(headers or {})}, etag,
+                                          last_modified)
+            self._wait_hints[source.name] = source.wait_hint(resp.headers or {})
             if resp.not_modified:
                 self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return [], []
             # Parsing can be heavy (feedparser on a 5 MB feed): off the loop.
             items = await asyncio.to_thread(source.parse, resp.body, resp.content_type)
             etag, last_modified = resp.etag, resp.last_modified
-            self._count_skipped(source.name, items)
+            self.count_skipped(source.name, items)
         # A poll can bring hundreds of rows: their transaction runs off the loop,
         # which meanwhile keeps the downloads and the matches moving.
         work = await asyncio.to_thread(self.record_items, source.name, items, now)
@@ -131,90 +122,44 @@ class Intake:
                      len({w.item_id for w in work}), extra={"feed": source.name})
         return work, list(items)
 
-    def _count_skipped(self, feed: str, items) -> None:
+    async def _fetch_feed(self, source: HttpSource, headers: dict, etag, last_modified):
+        """The feed's response, with a bearer token where the source's API wants one (a
+        token refused before its time is replaced once)."""
+        for attempt in (1, 2):
+            auth = await self._bearer(source, fresh=attempt == 2)
+            try:
+                return await self.fetcher.fetch_feed(source.url, etag=etag, last_modified=last_modified,
+                                                     accept=source.accept, headers={**headers, **auth})
+            except FetchError as exc:
+                if not (auth and exc.status == 401 and attempt == 1):
+                    raise
+
+    async def _bearer(self, source: HttpSource, fresh: bool = False) -> dict[str, str]:
+        """{"Authorization": "bearer TOKEN"} for a source behind OAuth client credentials (the
+        token kept until a minute before it expires), else {}."""
+        request = source.token_request()
+        if request is None:
+            return {}
+        token, expires = self._tokens.get(source.name, ("", 0.0))
+        if fresh or not token or time.time() > expires - 60:
+            status, body = await self.fetcher.post_form(request.url, dict(request.form),
+                                                        auth=(request.client_id, request.client_secret),
+                                                        headers=source.request_headers())
+            if status != 200:
+                raise FetchError("auth_failed", f"the token request to {request.url} answered HTTP {status}",
+                                 status=status)
+            try:
+                doc = json.loads(body)
+                token, ttl = str(doc["access_token"]), float(doc.get("expires_in", 3600))
+            except (ValueError, KeyError, TypeError):
+                raise FetchError("auth_failed", f"{request.url} did not answer with a token") from None
+            self._tokens[source.name] = (token, time.time() + ttl)
+        return {"Authorization": f"bearer {token}"}
+
+    def count_skipped(self, feed: str, items) -> None:
         for reason, detail in getattr(items, "skipped", ()):
             self.metrics.feed_items_skipped.labels(feed, reason).inc()
             log.warning("feed %s: skipped %s", feed, detail, extra={"feed": feed, "reason": reason})
-
-    # -- streaming sources ------------------------------------------------------------------
-    async def _stream(self, source: StreamSource, cfg: FeedSettings, stop: asyncio.Event) -> None:
-        """Hold a streaming source open: catch up on what was posted while away, then record
-        each event's items as it arrives. A failure or a closed stream reconnects after a
-        backoff (1 s doubling to ``max_backoff``; reset by a connection that lasted)."""
-        failures = 0
-        while not stop.is_set():
-            opened = None
-            try:
-                await self._catch_up(source, dict(cfg.headers))
-                self.metrics.stream_connects.labels(source.name).inc()
-                decoder = SSEDecoder()
-                async for line in self.fetcher.stream_lines(source.url, headers=dict(cfg.headers)):
-                    if opened is None:
-                        opened = time.monotonic()
-                        self.metrics.stream_connected.labels(source.name).set(1)
-                        log.info("feed %s: streaming", source.name, extra={"feed": source.name})
-                    try:
-                        event = decoder.line(line)
-                    except EventTooLarge as exc:
-                        self.metrics.stream_events.labels(source.name, "skipped").inc()
-                        self._count_skipped(source.name, _skipped("malformed_item", str(exc)))
-                        continue
-                    if event is not None:
-                        await self._stream_event(source, *event)
-                raise FetchError("stream_closed", "the server closed the stream")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure reconnects; a bug is logged whole
-                if opened is not None and time.monotonic() - opened > STREAM_HEALTHY_SECONDS:
-                    failures = 0
-                failures += 1
-                delay = min(cfg.max_backoff, STREAM_RECONNECT_BASE * 2 ** (failures - 1))
-                self._feed_failed(source.name, exc, failures)
-                if isinstance(exc, (FetchError, FeedError)):
-                    log.warning("feed %s: stream ended (%s); reconnecting in %.1fs", source.name, exc, delay,
-                                extra={"feed": source.name, "reason": exc.reason})
-                else:
-                    self.metrics.errors.labels("poll").inc()
-                    log.exception("feed %s: stream failed; reconnecting in %.1fs", source.name, delay,
-                                  extra={"feed": source.name})
-            finally:
-                self.metrics.stream_connected.labels(source.name).set(0)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay * (1 + random.uniform(0, cfg.jitter)))
-            except TimeoutError:
-                pass
-
-    async def _catch_up(self, source: StreamSource, headers: dict) -> None:
-        """Poll what the stream carried while nobody listened, page by page from the cursor."""
-        cursor = await asyncio.to_thread(work_rows.feed_cursor, self.store, source.name)
-        self._cursors[source.name] = cursor
-        for _ in range(CATCHUP_PAGES):
-            poller = source.catchup(cursor)
-            if poller is None:
-                return
-            work, items = await self._poll(poller, headers)
-            await self._queue(work)
-            newest = StreamSource.newest([cursor, *(i.id for i in items)])
-            if newest and newest != cursor:
-                cursor = self._cursors[source.name] = newest
-                await asyncio.to_thread(work_rows.set_feed_cursor, self.store, source.name, cursor)
-            if len(items) < CATCHUP_FULL_PAGE:
-                return
-
-    async def _stream_event(self, source: StreamSource, event: str, data: str) -> None:
-        items = source.parse_event(event, data)  # one event, at most MAX_EVENT_BYTES of JSON
-        self._count_skipped(source.name, items)
-        if not items:
-            self.metrics.stream_events.labels(source.name, "skipped" if items.skipped else "ignored").inc()
-            return
-        self.metrics.stream_events.labels(source.name, "post").inc()
-        work = await asyncio.to_thread(self.record_items, source.name, items, time.time())
-        known = self._cursors.get(source.name)
-        cursor = StreamSource.newest([known, *(i.id for i in items)])
-        if cursor and cursor != known:  # after the rows: a crash between repeats some catch-up, loses nothing
-            self._cursors[source.name] = cursor
-            await asyncio.to_thread(work_rows.set_feed_cursor, self.store, source.name, cursor)
-        await self._queue(work)
 
     def _feed_ok(self, feed, now, etag, last_modified, result) -> None:
         self.metrics.feed_polls.labels(feed, result).inc()
@@ -229,7 +174,7 @@ class Intake:
     async def submit(self, feed: str, items: list[FeedItem]) -> list[WorkItem]:
         """Queue items pushed to us (the ingest API) like polled ones."""
         work = await asyncio.to_thread(self.record_items, feed, items, time.time())
-        await self._queue(work)
+        await self.queue_work(work)
         return work
 
     async def _resume_pending(self, stop: asyncio.Event) -> None:
