@@ -231,6 +231,7 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(tmp_path, samples)
     assert query(db, "SELECT state, COUNT(*) FROM alerts GROUP BY state") == [("delivered", n)]
 
 
+@pytest.mark.slow  # waits out a stalled receiver
 async def test_discord_embed_and_a_stalled_receiver_times_out(tmp_path, samples):
     site = PhotoSite(samples)
     site.post("json", 1, ["flip-rocket.jpg"])

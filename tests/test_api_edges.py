@@ -173,6 +173,7 @@ async def test_a_multipart_bomb_is_cut_short_and_never_blocks_the_loop(start):
     assert max(lags) < 0.5
 
 
+@pytest.mark.slow  # waits out body timeouts
 async def test_bodies_wait_for_auth_and_time_out(start, monkeypatch):
     monkeypatch.setattr(server_module, "BODY_SECONDS", 1.0)
     d = await start(token=TOKEN, hmac_secret=SECRET)

@@ -241,6 +241,7 @@ async def test_every_feed_kind_end_to_end_with_bad_input(tmp_path, samples, capl
     assert state["broken"] >= 1 and state["rss"] == 0
 
 
+@pytest.mark.slow  # waits through backoffs
 async def test_failing_feeds_back_off_and_recover(tmp_path, samples):
     site = PhotoSite(samples)
     site.feed_status.update(rss=500, json=429)

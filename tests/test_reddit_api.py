@@ -7,6 +7,7 @@ import asyncio
 import base64
 import time
 
+import pytest
 from aiohttp import web
 
 from monitor.config import parse_config
@@ -64,6 +65,7 @@ def post(base: str, n: int, image: str, **extra) -> dict:
                                    "permalink": f"/r/art/comments/p{n}/", "url": f"{base}/img/{image}", **extra}}
 
 
+@pytest.mark.slow  # waits out a 2 s rate-limit window
 async def test_oauth_listings_refresh_rate_limits_and_crossposts(tmp_path, samples):
     site, reddit = PhotoSite(samples), RedditStandIn()
     db = tmp_path / "m.sqlite"
