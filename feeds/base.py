@@ -81,9 +81,14 @@ class StreamSource(ABC):
     ``cursor`` (the newest item id it has recorded)."""
 
     kind: ClassVar[str]
+    protocol: ClassVar[str] = "sse"      # "sse" (text/event-stream) or "websocket" (one event a message)
     name: str
     url: str
     options: dict = field(default_factory=dict)
+
+    def connect_url(self, cursor: str | None) -> str:
+        """Where to connect, resuming after ``cursor`` where the server can (Jetstream's)."""
+        return self.url
 
     @abstractmethod
     def parse_event(self, event: str, data: str) -> ParsedItems:
@@ -181,6 +186,7 @@ class ParsedItems(list):
     def __init__(self, items=()):
         super().__init__(items)
         self.skipped: list[tuple[str, str]] = []
+        self.cursor: str | None = None  # a stream's position after this event, where it has one
 
 
 def build_items(entries, build) -> ParsedItems:

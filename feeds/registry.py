@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import HttpSource, LocalSource, StreamSource
 from .folder import FolderSource
+from .jetstream import Jetstream
 from .jsonfeed import JsonFeed
 from .mastodon import MastodonTimeline
 from .mastodon_stream import MastodonStream
@@ -14,6 +15,7 @@ SOURCE_TYPES: dict[str, type[HttpSource] | type[LocalSource] | type[StreamSource
     "rss": XmlFeed,
     "atom": XmlFeed,
     "jsonfeed": JsonFeed,
+    "jetstream": Jetstream,
     "reddit": RedditListing,
     "reddit_api": RedditAPI,
     "mastodon": MastodonTimeline,

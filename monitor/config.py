@@ -113,6 +113,12 @@ class FeedConfig(_Model):
     client_secret: str | None = None
     user_agent: str | None = None
     token_url: str | None = None        # default https://www.reddit.com/api/v1/access_token
+    # jetstream: which posts (DIDs asked of the server; languages and keywords checked here),
+    # and where a picture's blob is fetched from ({did}, {cid}; default the Bluesky CDN thumbnail)
+    dids: list[str] = []
+    languages: list[str] = []
+    keywords: list[str] = []
+    image_url_template: str | None = None
 
     @field_validator("type")
     @classmethod
@@ -126,6 +132,9 @@ class FeedConfig(_Model):
         if self.type == "folder":
             if not self.path:
                 raise ValueError("a folder feed needs 'path'")
+        elif self.type == "jetstream":
+            if not self.url or not self.url.startswith(("ws://", "wss://")):
+                raise ValueError("a jetstream feed needs a ws(s) 'url'")
         elif not self.url or not self.url.startswith(("http://", "https://")):
             raise ValueError(f"a {self.type} feed needs an http(s) 'url'")
         if self.type == "reddit_api" and not (self.client_id and self.client_secret):

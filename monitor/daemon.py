@@ -193,9 +193,9 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
                             outbox=outbox,
                             retro_window=policy.retro_window_hours * 3600)
         for feed in config.feeds:
-            opts = {k: v for k, v in (("path", feed.path), ("catchup_url", feed.catchup_url),
-                                       ("client_id", feed.client_id), ("client_secret", feed.client_secret),
-                                       ("user_agent", feed.user_agent), ("token_url", feed.token_url)) if v}
+            opts = {key: getattr(feed, key) for key in ("path", "catchup_url", "client_id", "client_secret",
+                                                        "user_agent", "token_url", "dids", "languages",
+                                                        "keywords", "image_url_template") if getattr(feed, key)}
             pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
                                 FeedSettings(feed.interval, feed.jitter, feed.max_backoff,
                                              tuple(feed.headers.items())))

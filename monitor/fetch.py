@@ -236,6 +236,36 @@ class Fetcher(GuardedClient):
         return FeedResponse(False, body, ctype, resp_headers.get("ETag") or etag,
                             resp_headers.get("Last-Modified") or last_modified, CIMultiDict(resp_headers))
 
+    async def websocket_messages(self, url: str, *, headers: dict | None = None,
+                                 max_message: int = 1_000_000) -> AsyncIterator[str]:
+        """The text messages of a WebSocket (ws:// or wss://) as they arrive, under the address
+        guard. Ends when the server closes; raises FetchError on failure, or when nothing (not
+        even a ping) arrives within ``limits.stream_read_timeout``."""
+        assert self._session is not None, "use Fetcher as an async context manager"
+        http_url = "http" + url[2:] if url.startswith(("ws://", "wss://")) else url
+        host = await self._check_host(http_url)
+        async with self._throttler(host):
+            pass
+        try:
+            async with self._session.ws_connect(url, headers=headers, heartbeat=30.0, max_msg_size=max_message,
+                                                timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
+                while True:
+                    msg = await ws.receive(timeout=self.limits.stream_read_timeout)
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        yield msg.data
+                    elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                        return
+                    elif msg.type == aiohttp.WSMsgType.ERROR:
+                        raise FetchError("connection", f"{url}: {ws.exception()!r}")
+                    # BINARY (compressed frames are never asked for), PING, PONG: nothing to read
+        except FetchError:
+            raise
+        except aiohttp.WSServerHandshakeError as exc:
+            reason = "rate_limited" if exc.status == 429 else "http_5xx" if exc.status >= 500 else "http_4xx"
+            raise FetchError(reason, f"HTTP {exc.status} from {url}", status=exc.status) from None
+        except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
+            raise _as_fetch_error(url, exc) from None
+
     async def post_form(self, url: str, form: dict, *, auth: tuple[str, str], headers: dict | None = None,
                         max_bytes: int = 65536) -> tuple[int, bytes]:
         """(status, body) of a form POST with HTTP basic auth (an OAuth token request). The

@@ -168,3 +168,116 @@ async def test_posts_as_they_happen_a_dropped_stream_and_a_restart_lose_and_repe
     assert 'repost_monitor_stream_events_total{feed="live",result="ignored"}' in metrics
     assert 'repost_monitor_feed_items_skipped_total{feed="live",reason="malformed_item"} 1.0' in metrics
     assert 'repost_monitor_stream_connects_total{feed="live"} 2.0' in metrics
+
+
+# -- Bluesky Jetstream ----------------------------------------------------------------------
+JETSTREAM = [json.loads(line) for line in
+             (PAYLOADS / "jetstream" / "jetstream__expected_v1.jsonl").read_text().splitlines()]
+
+
+def image_posts(events):
+    from feeds.jetstream import blob_cids
+    return [e for e in events if e.get("kind") == "commit" and e["commit"].get("operation") == "create"
+            and blob_cids((e["commit"].get("record") or {}).get("embed"))]
+
+
+def test_jetstream_events_become_items_with_filters_and_cursor():
+    stream = make_source("jetstream", "bsky", "wss://jetstream.example/subscribe")
+    found = [(items, items.cursor) for e in JETSTREAM for items in [stream.parse_event("message", json.dumps(e))]]
+    posts = [i for items, _ in found for i in items]
+    assert len(posts) == 2 == len(image_posts(JETSTREAM))  # 150 commits, 2 with pictures
+    assert all(c == str(e["time_us"]) for (_, c), e in zip(found, JETSTREAM, strict=True))  # every event moves it
+    assert posts[0].image_urls[0].startswith("https://cdn.bsky.app/img/feed_thumbnail/plain/did:plc:")
+    assert posts[0].id.startswith("at://did:plc:") and "/app.bsky.feed.post/" in posts[0].id
+    only_en = make_source("jetstream", "bsky", "wss://x/subscribe", languages=["en"])
+    kw = make_source("jetstream", "bsky", "wss://x/subscribe", keywords=["TIMMI"])
+    for source in (only_en, kw):
+        kept = [i for e in JETSTREAM for i in source.parse_event("message", json.dumps(e))]
+        assert [i.author for i in kept] == ["did:plc:ynfp6wddjqpl44gordpsqkuw"]
+    assert only_en.connect_url("17").endswith("?wantedCollections=app.bsky.feed.post&cursor=17")
+    bad = stream.parse_event("message", "{not json")
+    assert list(bad) == [] and bad.skipped and bad.cursor is None
+
+
+class JetstreamServer:
+    """Jetstream on loopback: the recorded events in time order, resumed after ?cursor=."""
+
+    def __init__(self, events):
+        self.events = sorted(events, key=lambda e: e["time_us"])
+        self.cursors: list[str | None] = []
+        self.drop_after: int | None = None
+        self.collections: list[str] = []
+
+    def app(self):
+        app = web.Application()
+
+        async def subscribe(request):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            cursor = request.query.get("cursor")
+            self.cursors.append(cursor)
+            self.collections.append(request.query.get("wantedCollections"))
+            sent = 0
+            for e in self.events:
+                if cursor and e["time_us"] <= int(cursor):
+                    continue
+                await ws.send_str(json.dumps(e))
+                sent += 1
+                if self.drop_after is not None and sent >= self.drop_after:
+                    self.drop_after = None
+                    await ws.close()
+                    return ws
+            async for _ in ws:  # live: nothing more to send; held open until the client leaves
+                pass
+            return ws
+
+        app.router.add_get("/subscribe", subscribe)
+        return app
+
+
+async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_duplicates(tmp_path, samples):
+    site = PhotoSite(samples)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    posts = image_posts(JETSTREAM)
+    repost = {posts[0]["commit"]["record"]["embed"]["images"][0]["image"]["ref"]["$link"]: "small-chelsea.jpg",
+              posts[1]["commit"]["record"]["embed"]["images"][0]["image"]["ref"]["$link"]: "flip-rocket.jpg"}
+    cdn = web.Application()
+
+    async def blob(request):  # the CDN: /img/feed_thumbnail/plain/{did}/{cid}@jpeg
+        name = repost.get(request.match_info["blob"].removesuffix("@jpeg"))
+        if name is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=site.images[name][0], content_type="image/jpeg")
+    cdn.router.add_get("/img/feed_thumbnail/plain/{did}/{blob}", blob)
+    server = JetstreamServer(JETSTREAM)
+    server.drop_after = 80  # the first connection drops mid-stream
+    async with serve(cdn) as cdn_base, serve(server.app()) as js:
+        cfg = config_for(cdn_base, db)
+        cfg = parse_config({**cfg.model_dump(), "feeds": [{
+            "name": "bsky", "type": "jetstream", "url": "ws" + js[4:] + "/subscribe", "max_backoff": 0.5,
+            "image_url_template": cdn_base + "/img/feed_thumbnail/plain/{did}/{cid}@jpeg"}]})
+        records, stop, running = [], asyncio.Event(), {}
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append,
+                                              on_ready=lambda r: running.update(r=r), install_signals=False))
+        await until(lambda: len(server.cursors) == 2 and len(records) == 2)
+        await until(lambda: query(db, "SELECT cursor FROM feed_state WHERE feed='bsky'") ==
+                    [(str(server.events[-1]["time_us"]),)])
+        metrics = running["r"].metrics.render().decode()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        # a restart resumes from the stored position: nothing replayed, nothing recorded twice
+        stop2 = asyncio.Event()
+        task2 = asyncio.create_task(run_daemon(cfg, stop=stop2, on_match=records.append, install_signals=False))
+        await until(lambda: len(server.cursors) == 3)
+        await asyncio.sleep(0.5)
+        stop2.set()
+        await asyncio.wait_for(task2, 30)
+    assert server.cursors[0] is None and server.cursors[1] == str(server.events[79]["time_us"])
+    assert server.cursors[2] == str(server.events[-1]["time_us"])
+    assert set(server.collections) == {"app.bsky.feed.post"}
+    assert [r.entry.label for r in records] == ["library-chelsea", "library-rocket"]
+    items = [i for (i,) in query(db, "SELECT item_id FROM seen_items WHERE feed='bsky'")]
+    assert sorted(items) == sorted(f"at://{p['did']}/app.bsky.feed.post/{p['commit']['rkey']}" for p in posts)
+    assert 'repost_monitor_stream_events_total{feed="bsky",result="post"} 2.0' in metrics
+    assert 'repost_monitor_stream_connects_total{feed="bsky"} 2.0' in metrics

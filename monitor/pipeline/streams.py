@@ -21,6 +21,7 @@ STREAM_RECONNECT_BASE = 1.0
 STREAM_HEALTHY_SECONDS = 30.0
 CATCHUP_PAGES = 10          # at most this many timeline pages per catch-up
 CATCHUP_FULL_PAGE = 40      # a page this long may have more behind it
+CURSOR_SAVE_SECONDS = 1.0   # a firehose's position is stored at most this often
 
 
 def _skipped(reason: str, detail: str) -> ParsedItems:
@@ -34,7 +35,9 @@ class StreamWatcher:
 
     def __init__(self, intake):
         self.intake = intake
-        self._cursors: dict[str, str | None] = {}  # the newest item id recorded, per source
+        self._cursors: dict[str, str | None] = {}  # where each source resumes (an item id, a time_us)
+        self._saved: dict[str, tuple[str | None, float]] = {}  # (cursor in the store, when it was saved)
+        self._flushes: dict[str, asyncio.Task] = {}  # a pending store of a quiet stream's position
 
     async def run(self, source: StreamSource, cfg, stop: asyncio.Event) -> None:
         """Hold a streaming source open: catch up on what was posted while away, then record
@@ -46,18 +49,12 @@ class StreamWatcher:
             try:
                 await self._catch_up(source, dict(cfg.headers))
                 self.intake.metrics.stream_connects.labels(source.name).inc()
-                decoder = SSEDecoder()
-                async for line in self.intake.fetcher.stream_lines(source.url, headers=dict(cfg.headers)):
+                url = source.connect_url(self._cursors.get(source.name))
+                async for event in self._events(source, url, dict(cfg.headers)):
                     if opened is None:
                         opened = time.monotonic()
                         self.intake.metrics.stream_connected.labels(source.name).set(1)
                         log.info("feed %s: streaming", source.name, extra={"feed": source.name})
-                    try:
-                        event = decoder.line(line)
-                    except EventTooLarge as exc:
-                        self.intake.metrics.stream_events.labels(source.name, "skipped").inc()
-                        self.intake.count_skipped(source.name, _skipped("malformed_item", str(exc)))
-                        continue
                     if event is not None:
                         await self._stream_event(source, *event)
                 raise FetchError("stream_closed", "the server closed the stream")
@@ -78,15 +75,52 @@ class StreamWatcher:
                                   extra={"feed": source.name})
             finally:
                 self.intake.metrics.stream_connected.labels(source.name).set(0)
+                await self._save_cursor(source.name, force=True)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay * (1 + random.uniform(0, cfg.jitter)))
             except TimeoutError:
                 pass
 
+    async def _events(self, source: StreamSource, url: str, headers: dict):
+        """(event, data) as they arrive, or None for a line that ended no event yet."""
+        if source.protocol == "websocket":
+            async for text in self.intake.fetcher.websocket_messages(url, headers=headers):
+                yield "message", text
+            return
+        decoder = SSEDecoder()
+        async for line in self.intake.fetcher.stream_lines(url, headers=headers):
+            try:
+                yield decoder.line(line)
+            except EventTooLarge as exc:
+                self.intake.metrics.stream_events.labels(source.name, "skipped").inc()
+                self.intake.count_skipped(source.name, _skipped("malformed_item", str(exc)))
+
+    async def _save_cursor(self, feed: str, force: bool = False) -> None:
+        """Store where the source resumes: at once for item-id cursors (rare events), at most
+        once a second for a firehose's time cursor, and whenever the connection ends. A crash
+        replays at most that second; its posts are items seen before, recorded once."""
+        cursor = self._cursors.get(feed)
+        saved, when = self._saved.get(feed, (None, 0.0))
+        if not cursor or cursor == saved:
+            return
+        if force or time.monotonic() - when >= CURSOR_SAVE_SECONDS:
+            await asyncio.to_thread(work_rows.set_feed_cursor, self.intake.store, feed, cursor)
+            self._saved[feed] = (cursor, time.monotonic())
+        elif feed not in self._flushes:  # a stream that goes quiet still gets its position stored
+            self._flushes[feed] = asyncio.create_task(self._flush_later(feed))
+
+    async def _flush_later(self, feed: str) -> None:
+        try:
+            await asyncio.sleep(CURSOR_SAVE_SECONDS)
+        finally:
+            self._flushes.pop(feed, None)
+        await self._save_cursor(feed, force=True)
+
     async def _catch_up(self, source: StreamSource, headers: dict) -> None:
         """Poll what the stream carried while nobody listened, page by page from the cursor."""
         cursor = await asyncio.to_thread(work_rows.feed_cursor, self.intake.store, source.name)
         self._cursors[source.name] = cursor
+        self._saved[source.name] = (cursor, time.monotonic())
         for _ in range(CATCHUP_PAGES):
             poller = source.catchup(cursor)
             if poller is None:
@@ -96,21 +130,25 @@ class StreamWatcher:
             newest = StreamSource.newest([cursor, *(i.id for i in items)])
             if newest and newest != cursor:
                 cursor = self._cursors[source.name] = newest
-                await asyncio.to_thread(work_rows.set_feed_cursor, self.intake.store, source.name, cursor)
+                await self._save_cursor(source.name, force=True)
             if len(items) < CATCHUP_FULL_PAGE:
                 return
 
     async def _stream_event(self, source: StreamSource, event: str, data: str) -> None:
-        items = source.parse_event(event, data)  # one event, at most MAX_EVENT_BYTES of JSON
+        items = source.parse_event(event, data)  # one event, at most a megabyte of JSON
         self.intake.count_skipped(source.name, items)
-        if not items:
+        work = []
+        if items:
+            self.intake.metrics.stream_events.labels(source.name, "post").inc()
+            work = await asyncio.to_thread(self.intake.record_items, source.name, items, time.time())
+        else:
             self.intake.metrics.stream_events.labels(source.name, "skipped" if items.skipped else "ignored").inc()
-            return
-        self.intake.metrics.stream_events.labels(source.name, "post").inc()
-        work = await asyncio.to_thread(self.intake.record_items, source.name, items, time.time())
-        known = self._cursors.get(source.name)
-        cursor = StreamSource.newest([known, *(i.id for i in items)])
-        if cursor and cursor != known:  # after the rows: a crash between repeats some catch-up, loses nothing
-            self._cursors[source.name] = cursor
-            await asyncio.to_thread(work_rows.set_feed_cursor, self.intake.store, source.name, cursor)
+        # The position moves after the rows are written: a crash between the two repeats a
+        # little, never skips. A time cursor moves with every event; an item-id one with posts.
+        if items.cursor:
+            self._cursors[source.name] = items.cursor
+            await self._save_cursor(source.name)
+        elif items:
+            self._cursors[source.name] = StreamSource.newest([self._cursors.get(source.name), *(i.id for i in items)])
+            await self._save_cursor(source.name, force=True)
         await self.intake.queue_work(work)
