@@ -188,6 +188,13 @@ class ParsedItems(list):
         self.skipped: list[tuple[str, str]] = []
         self.cursor: str | None = None  # a stream's position after this event, where it has one
 
+    @classmethod
+    def skip(cls, reason: str, detail: str) -> ParsedItems:
+        """No items: one thing skipped, with its reason."""
+        out = cls()
+        out.skipped.append((reason, detail[:300]))
+        return out
+
 
 def build_items(entries, build) -> ParsedItems:
     """``build(n, entry, bad_urls)`` for each entry: an item, or None to pass over it.

@@ -60,13 +60,9 @@ class Jetstream(StreamSource):
         try:
             doc = json.loads(data)
         except ValueError as exc:
-            out = ParsedItems()
-            out.skipped.append(("malformed_item", f"not JSON ({exc})"[:300]))
-            return out
+            return ParsedItems.skip("malformed_item", f"not JSON ({exc})")
         if not isinstance(doc, dict):
-            out = ParsedItems()
-            out.skipped.append(("malformed_item", "an event is a JSON object"))
-            return out
+            return ParsedItems.skip("malformed_item", "an event is a JSON object")
         commit = doc.get("commit")
         wanted = (doc.get("kind") == "commit" and isinstance(commit, dict) and commit.get("operation") == "create"
                   and commit.get("collection") == POST and self._accepts(commit.get("record")))

@@ -45,9 +45,7 @@ class MastodonStream(StreamSource):
         try:
             status = json.loads(data)
         except ValueError as exc:
-            out = ParsedItems()
-            out.skipped.append(("malformed_item", f"update event: not JSON ({exc})"[:300]))
-            return out
+            return ParsedItems.skip("malformed_item", f"update event: not JSON ({exc})")
         return build_items([status], lambda n, s, bad: status_item(self.name, n, s, bad))
 
     def catchup(self, cursor: str | None) -> MastodonTimeline | None:

@@ -24,12 +24,6 @@ CATCHUP_FULL_PAGE = 40      # a page this long may have more behind it
 CURSOR_SAVE_SECONDS = 1.0   # a firehose's position is stored at most this often
 
 
-def _skipped(reason: str, detail: str) -> ParsedItems:
-    out = ParsedItems()
-    out.skipped.append((reason, detail))
-    return out
-
-
 class StreamWatcher:
     """Runs an intake's streaming sources (the intake records, queues and counts for it)."""
 
@@ -93,7 +87,7 @@ class StreamWatcher:
                 yield decoder.line(line)
             except EventTooLarge as exc:
                 self.intake.metrics.stream_events.labels(source.name, "skipped").inc()
-                self.intake.count_skipped(source.name, _skipped("malformed_item", str(exc)))
+                self.intake.count_skipped(source.name, ParsedItems.skip("malformed_item", str(exc)))
 
     async def _save_cursor(self, feed: str, force: bool = False) -> None:
         """Store where the source resumes: at once for item-id cursors (rare events), at most
