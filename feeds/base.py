@@ -59,6 +59,11 @@ class HttpSource(ABC):
         """Headers this API asks of its clients (a descriptive User-Agent...)."""
         return {}
 
+    def hub(self, body: bytes, headers) -> tuple[str, str] | None:
+        """(WebSub hub URL, topic URL) the feed advertises, from its ``Link`` headers (and, in
+        the formats that carry them, its own links), or None."""
+        return link_header_hub(headers.get("Link", "") if headers else "")
+
     def wait_hint(self, headers) -> float | None:
         """Seconds to wait at least before the next poll, from a response's headers (rate limits)."""
         return None
@@ -251,6 +256,21 @@ def url_problem(url) -> str | None:
     if len(encoded) > 253 or any(len(label) > 63 for label in encoded.split(b".")):
         return "host name longer than DNS allows"
     return None
+
+
+def link_header_hub(link: str) -> tuple[str, str] | None:
+    """(hub, self) from an HTTP ``Link`` header (RFC 8288), when it names both."""
+    found: dict[str, str] = {}
+    for part in link.split(","):
+        target, _, params = part.partition(";")
+        url = target.strip().strip("<>").strip()
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "rel":
+                for rel in value.strip().strip('"').lower().split():
+                    if rel in ("hub", "self") and url_problem(url) is None:
+                        found.setdefault(rel, url)
+    return (found["hub"], found["self"]) if "hub" in found and "self" in found else None
 
 
 def clean_urls(urls, skipped: list[str] | None = None) -> tuple[str, ...]:

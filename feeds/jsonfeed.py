@@ -16,6 +16,7 @@ from .base import (
     clean_urls,
     images_in_html,
     page_link,
+    url_problem,
 )
 
 
@@ -38,6 +39,22 @@ def load_json(body: bytes):
 class JsonFeed(HttpSource):
     kind = "jsonfeed"
     accept = "application/feed+json, application/json;q=0.9"
+
+    def hub(self, body: bytes, headers) -> tuple[str, str] | None:
+        """The Link headers, else the feed's ``hubs`` (type WebSub) and its ``feed_url``."""
+        found = super().hub(body, headers)
+        if found:
+            return found
+        try:
+            doc = load_json(body)
+        except FeedError:
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("hubs"), list):
+            return None
+        hubs = [h.get("url") for h in doc["hubs"] if isinstance(h, dict) and str(h.get("type", "")).lower() == "websub"]
+        topic = doc.get("feed_url")
+        hub = next((h for h in hubs if isinstance(h, str) and url_problem(h) is None), None)
+        return (hub, topic) if hub and isinstance(topic, str) and url_problem(topic) is None else None
 
     def parse(self, body: bytes, content_type: str | None = None) -> ParsedItems:
         doc = load_json(body)

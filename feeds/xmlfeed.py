@@ -29,6 +29,7 @@ from .base import (
     images_in_html,
     looks_like_image_url,
     page_link,
+    url_problem,
 )
 
 
@@ -82,6 +83,21 @@ class XmlFeed(HttpSource):
     kind = "rss"
     accept = ("application/rss+xml, application/atom+xml, application/rdf+xml, "
               "application/xml;q=0.9, */*;q=0.5")
+
+    def hub(self, body: bytes, headers) -> tuple[str, str] | None:
+        """The Link headers first (the spec's preferred place), else the feed's atom:link /
+        link elements with rel="hub" and rel="self"."""
+        found = super().hub(body, headers)
+        if found:
+            return found
+        try:
+            _refuse_entities(body)
+            links = feedparser.parse(body).feed.get("links") or []
+        except Exception:  # noqa: BLE001 - no usable hub is simply no hub
+            return None
+        rels = {link.get("rel"): link.get("href") for link in links if isinstance(link, dict)}
+        hub, topic = rels.get("hub"), rels.get("self")
+        return (hub, topic) if hub and topic and url_problem(hub) is None and url_problem(topic) is None else None
 
     def parse(self, body: bytes, content_type: str | None = None) -> ParsedItems:
         if not body.strip():

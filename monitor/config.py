@@ -119,6 +119,7 @@ class FeedConfig(_Model):
     languages: list[str] = []
     keywords: list[str] = []
     image_url_template: str | None = None
+    websub: bool = True                 # subscribe at the feed's WebSub hub (with server.public_url)
 
     @field_validator("type")
     @classmethod
@@ -198,6 +199,9 @@ class ServerConfig(_Model):
     # Origins (scheme://host:port) allowed to send state-changing requests besides the
     # server's own, e.g. a dashboard on another port.
     allowed_origins: list[str] = []
+    # Where WebSub hubs can reach this server (https://monitor.example.org): feeds that name a
+    # hub are then pushed to /websub/FEED instead of only polled. Unset: polling only.
+    public_url: str | None = None
 
     @property
     def is_loopback(self) -> bool:

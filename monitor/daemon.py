@@ -191,11 +191,13 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
                             max_pixels=config.limits.max_pixels, on_match=on_match,
                             library_check_seconds=config.library.reload_check_seconds,
                             outbox=outbox,
-                            retro_window=policy.retro_window_hours * 3600)
+                            retro_window=policy.retro_window_hours * 3600,
+                            public_url=config.server.public_url)
         for feed in config.feeds:
             opts = {key: getattr(feed, key) for key in ("path", "catchup_url", "client_id", "client_secret",
                                                         "user_agent", "token_url", "dids", "languages",
                                                         "keywords", "image_url_template") if getattr(feed, key)}
+            opts["websub"] = feed.websub
             pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
                                 FeedSettings(feed.interval, feed.jitter, feed.max_backoff,
                                              tuple(feed.headers.items())))

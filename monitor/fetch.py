@@ -266,17 +266,19 @@ class Fetcher(GuardedClient):
         except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
             raise _as_fetch_error(url, exc) from None
 
-    async def post_form(self, url: str, form: dict, *, auth: tuple[str, str], headers: dict | None = None,
-                        max_bytes: int = 65536) -> tuple[int, bytes]:
-        """(status, body) of a form POST with HTTP basic auth (an OAuth token request). The
-        host passes the address guard; no redirect is followed (credentials stay put)."""
+    async def post_form(self, url: str, form: dict, *, auth: tuple[str, str] | None = None,
+                        headers: dict | None = None, max_bytes: int = 65536) -> tuple[int, bytes]:
+        """(status, body) of a form POST, with HTTP basic auth when given (an OAuth token
+        request, a WebSub subscription). The host passes the address guard; no redirect is
+        followed (credentials stay put)."""
         assert self._session is not None, "use Fetcher as an async context manager"
         host = await self._check_host(url)
         async with self._throttler(host):
             try:
-                basic = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-                async with self._session.post(url, data=form, allow_redirects=False,
-                                              headers={**(headers or {}), "Authorization": f"Basic {basic}"}) as resp:
+                headers = dict(headers or {})
+                if auth is not None:
+                    headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+                async with self._session.post(url, data=form, allow_redirects=False, headers=headers) as resp:
                     return resp.status, await resp.content.read(max_bytes)
             except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
                 raise _as_fetch_error(url, exc) from None

@@ -37,6 +37,9 @@ class Metrics:
                                      "result (post, ignored, skipped)", ["feed", "result"], registry=r)
         self.stream_connects = Counter(p + "stream_connects_total", "Connections opened to streaming sources "
                                        "(the first and every reconnection)", ["feed"], registry=r)
+        self.websub_deliveries = Counter(p + "websub_deliveries_total", "Feed documents pushed by WebSub hubs, "
+                                         "by result (recorded, bad_signature, malformed, unknown)",
+                                         ["feed", "result"], registry=r)
         self.feed_last_success = Gauge(p + "feed_last_success_timestamp_seconds",
                                        "Unix time of the last successful poll", ["feed"], registry=r)
         self.images_downloaded = Counter(p + "images_downloaded_total",

@@ -123,6 +123,11 @@ async def test_auth_is_required_and_errors_are_json(daemon):
     assert status == 200
     assert (await api.call("GET", "/review/library/{id}.jpg", "/review/library/999.jpg",
                            auth=False))[0] == 404
+    # WebSub callbacks answer hubs only for subscriptions the daemon asked for
+    assert (await api.call("GET", "/websub/{feed}", "/websub/rss?hub.mode=subscribe&hub.topic=x&hub.challenge=c",
+                           auth=False))[0] == 404
+    assert (await api.call("POST", "/websub/{feed}", "/websub/rss", auth=False, data=b"<rss/>",
+                           headers={"Content-Type": "application/rss+xml"}))[0] == 410
     status, doc = await api.call("GET", "/v1/openapi.json")
     assert status == 200 and doc == json.loads(json.dumps(OPENAPI))
 

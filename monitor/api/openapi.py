@@ -96,6 +96,18 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         summary="queue dead-lettered alerts again (all, or {ids: [...]})", body={JSON: m.ResendRequest},
         responses={"200": ("requeued", m.Requeued), "400": ("malformed body", m.Error),
                    "422": ("bad ids", m.Error)}),
+    ("/websub/{feed}", "get"): dict(
+        summary="a WebSub hub's verification of intent: the challenge echoed for a subscription we asked for",
+        security=[], parameters=[{"name": "feed", "in": "path", "required": True, "schema": {"type": "string"}}],
+        responses={"200": ("the challenge", "text/plain"), "404": ("no such subscription", m.Error),
+                   "503": ("starting", m.Error)}),
+    ("/websub/{feed}", "post"): dict(
+        summary="a WebSub hub's delivery: a feed document signed with X-Hub-Signature (HMAC under the "
+                "subscription's secret); acknowledged even when ignored, as the spec asks",
+        security=[], parameters=[{"name": "feed", "in": "path", "required": True, "schema": {"type": "string"}}],
+        responses={"202": ("received: recorded, bad_signature or malformed", "text/plain"),
+                   "410": ("no such subscription", "text/plain"), "413": ("over the feed size limit", m.Error),
+                   "503": ("starting", m.Error)}),
     ("/review", "get"): dict(
         summary="the review page: latest matches side by side with verdict buttons (HTML); with "
                 "server.token set, open it once as /review?token=TOKEN (kept in a same-site cookie)",

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from feeds import FeedItem
 from monitor.api import models as m
 from monitor.api.bodies import json_body, multipart_body, validate
-from monitor.api.http import MAX_BODY, METRICS_KEY, READY_KEY, SERVICES_KEY, Services, authorize, error
+from monitor.api.http import MAX_BODY, METRICS_KEY, READY_KEY, SERVICES_KEY, Services, authorize, error, read_body
 from monitor.api.openapi import OPENAPI
 from monitor.fetch import FetchError
 from monitor.fingerprints import ImageError, fingerprint_bytes
@@ -297,6 +297,27 @@ async def alerts_resend(request: web.Request) -> web.Response:
     if svc.pipeline.outbox is not None:
         svc.pipeline.outbox.committed()
     return _ok(m.Requeued(requeued=n))
+
+
+async def websub(request: web.Request) -> web.Response:
+    """A WebSub hub's requests: GET verifies our intent (echo the challenge of a subscription
+    we asked for), POST delivers a signed feed document. Not under /v1: hubs carry no bearer
+    token; the topic and the signature authenticate them."""
+    svc = request.app[SERVICES_KEY]
+    if not svc.ready:
+        raise error(503, "starting", "the daemon is starting")
+    feed, subscriber = request.match_info["feed"], svc.pipeline.intake.websub
+    if request.method == "GET":
+        challenge = subscriber.verify(feed, request.query)
+        if challenge is None:
+            raise error(404, "not_found", "no such subscription")
+        return web.Response(text=challenge, content_type="text/plain")
+    body = await read_body(request, svc.fetcher.limits.max_feed_bytes)
+    result = await subscriber.deliver(feed, body, request.content_type,
+                                      request.headers.get("X-Hub-Signature", ""))
+    if result != "unknown":
+        svc.pipeline.intake.metrics.websub_deliveries.labels(feed, result).inc()
+    return web.Response(status=202 if result != "unknown" else 410, text=result, content_type="text/plain")
 
 
 async def openapi(request: web.Request) -> web.Response:

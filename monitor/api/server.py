@@ -42,6 +42,8 @@ def make_app(metrics_: Metrics, ready: dict, services: Services | None = None) -
         r.add_get("/v1/alerts", routes.alerts_list)
         r.add_post("/v1/alerts/resend", routes.alerts_resend)
         r.add_get("/v1/openapi.json", routes.openapi)
+        r.add_get("/websub/{feed}", routes.websub)
+        r.add_post("/websub/{feed}", routes.websub)
         r.add_get("/review", review_page.review)
         r.add_get("/review/library/{id}.jpg", review_page.review_library_image)
     return app

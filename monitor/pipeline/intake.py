@@ -16,6 +16,7 @@ from monitor.fetch import Fetcher, FetchError
 from monitor.metrics import Metrics
 from monitor.pipeline.streams import StreamWatcher
 from monitor.pipeline.transport import Transport
+from monitor.pipeline.websub import SAFETY_POLL_SECONDS, WebSub
 from monitor.records import work as work_rows
 from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
@@ -32,10 +33,12 @@ class FeedSettings:
 
 
 class Intake:
-    def __init__(self, store: Store, fetcher: Fetcher, metrics: Metrics, transport: Transport):
+    def __init__(self, store: Store, fetcher: Fetcher, metrics: Metrics, transport: Transport,
+                 public_url: str | None = None):
         self.store, self.fetcher, self.metrics, self.transport = store, fetcher, metrics, transport
         self.sources: list[tuple[HttpSource | LocalSource | StreamSource, FeedSettings]] = []
         self.streams = StreamWatcher(self)
+        self.websub = WebSub(self, public_url)
         self._tokens: dict[str, tuple[str, float]] = {}  # OAuth sources: (bearer token, expiry)
         self._wait_hints: dict[str, float | None] = {}  # a source's "not before" for its next poll
 
@@ -58,8 +61,12 @@ class Intake:
             try:
                 await self.queue_work(await self.poll_once(source, dict(cfg.headers)))
                 failures = 0
-                # an API out of requests for its window says when it resets (Reddit's X-Ratelimit-*)
-                delay = max(cfg.interval, self._wait_hints.pop(source.name, None) or 0.0)
+                # an API out of requests for its window says when it resets (Reddit's X-Ratelimit-*);
+                # a feed its WebSub hub pushes is polled only as a safety net
+                delay = max(cfg.interval, self._wait_hints.pop(source.name, None) or 0.0,
+                            SAFETY_POLL_SECONDS if self.websub.active(source.name) else 0.0)
+                renew = self.websub.renew_in(source.name)  # the lease is renewed by a poll
+                delay = min(delay, renew) if renew is not None else delay
             except asyncio.CancelledError:
                 raise
             except (FetchError, FeedError) as exc:
@@ -106,6 +113,8 @@ class Intake:
             resp = await self._fetch_feed(source, {**source.request_headers(), **(headers or {})}, etag,
                                           last_modified)
             self._wait_hints[source.name] = source.wait_hint(resp.headers or {})
+            if not resp.not_modified:
+                await self.websub.after_poll(source, resp.body, resp.headers or {})
             if resp.not_modified:
                 self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return [], []

@@ -36,12 +36,13 @@ class Pipeline:
                  fingerprint_workers: int = 2, fingerprint_processes: int = 0,
                  max_pixels: int | None = None,
                  on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
-                 outbox=None, retro_window: float = 72 * 3600, transport: Transport | None = None):
+                 outbox=None, retro_window: float = 72 * 3600, transport: Transport | None = None,
+                 public_url: str | None = None):
         self.store, self.library, self.matcher = store, library, matcher
         self.transport = transport or InProcessTransport(queue_size)
         metrics.queue_capacity.labels("download").set(queue_size)
         self.recorder = Recorder(store, library, metrics, outbox=outbox, on_match=on_match)
-        self.intake = Intake(store, fetcher, metrics, self.transport)
+        self.intake = Intake(store, fetcher, metrics, self.transport, public_url)
         self.worker = Worker(store, fetcher, matcher, self.recorder, metrics, self.transport,
                              workers=workers, fingerprint_workers=fingerprint_workers,
                              fingerprint_processes=fingerprint_processes, max_pixels=max_pixels)

@@ -1,0 +1,130 @@
+"""WebSub against a loopback hub speaking the W3C protocol: discovery from the feed's Link
+header, subscription with hub.secret, the hub's verification of intent (challenge echoed
+only for our own topic), signed deliveries recorded and badly signed ones ignored, the
+lease renewed before it ends, and polling left as it was where no hub answers."""
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import socket
+
+import pytest
+from aiohttp import ClientSession, web
+
+from feeds import make_source
+from monitor.config import parse_config
+from monitor.daemon import run_daemon
+from tests.hosts import serve
+from tests.test_daemon import PhotoSite, config_for, make_library, query, until
+
+pytestmark = pytest.mark.slow  # waits for a lease to come round
+
+
+class Hub:
+    def __init__(self, lease: int = 2):
+        self.lease = lease
+        self.subscriptions: list[dict] = []   # every subscribe request, in order
+        self.verified: list[bool] = []
+
+    def app(self):
+        app = web.Application()
+
+        async def hub(request):
+            form = await request.post()
+            sub = dict(form)
+            self.subscriptions.append(sub)
+            asyncio.get_running_loop().create_task(self._verify(sub))
+            return web.Response(status=202)
+
+        app.router.add_post("/hub", hub)
+        return app
+
+    async def _verify(self, sub):
+        challenge = secrets.token_hex(8)
+        async with ClientSession() as http:
+            async with http.get(sub["hub.callback"], params={
+                    "hub.mode": "subscribe", "hub.topic": sub["hub.topic"], "hub.challenge": challenge,
+                    "hub.lease_seconds": str(self.lease)}) as resp:
+                self.verified.append(resp.status == 200 and await resp.text() == challenge)
+            # a forged verification for a topic nobody asked for is refused
+            async with http.get(sub["hub.callback"], params={
+                    "hub.mode": "subscribe", "hub.topic": "https://evil.example/feed", "hub.challenge": "x"}) as resp:
+                assert resp.status == 404
+
+    async def publish(self, body: bytes, secret: str | None = None) -> str:
+        sub = self.subscriptions[-1]
+        mac = hmac.new((secret or sub["hub.secret"]).encode(), body, hashlib.sha256).hexdigest()
+        async with ClientSession() as http:
+            async with http.post(sub["hub.callback"], data=body, headers={
+                    "Content-Type": "application/rss+xml", "X-Hub-Signature": f"sha256={mac}"}) as resp:
+                return await resp.text()
+
+
+def rss(base: str, items: list[tuple[str, str]]) -> bytes:
+    entries = "".join(f'<item><guid>{guid}</guid><link>{base}/p/{guid}</link>'
+                      f'<enclosure url="{base}/img/{name}" type="image/jpeg" length="1"/></item>'
+                      for guid, name in items)
+    return (f'<?xml version="1.0"?><rss version="2.0"><channel><title>t</title>{entries}</channel></rss>').encode()
+
+
+def test_hub_discovery_from_headers_and_links():
+    feed = make_source("rss", "f", "https://blog.example/feed.xml")
+    assert feed.hub(b"", {"Link": '<https://hub.example/>; rel="hub", <https://blog.example/feed.xml>; rel="self"'}) \
+        == ("https://hub.example/", "https://blog.example/feed.xml")
+    assert feed.hub(b"<rss/>", {"Link": '<https://hub.example/>; rel="hub"'}) is None  # no topic: no subscription
+    body = (b'<?xml version="1.0"?><feed xmlns="http://www.w3.org/2005/Atom"><title>t</title>'
+            b'<link rel="hub" href="https://pubsubhubbub.appspot.com/"/><link rel="self" href="https://b/atom"/></feed>')
+    assert feed.hub(body, {}) == ("https://pubsubhubbub.appspot.com/", "https://b/atom")
+    jf = make_source("jsonfeed", "j", "https://b/feed.json")
+    assert jf.hub(b'{"version": "https://jsonfeed.org/version/1.1", "feed_url": "https://b/feed.json", '
+                  b'"hubs": [{"type": "WebSub", "url": "https://hub.example/"}], "items": []}', {}) \
+        == ("https://hub.example/", "https://b/feed.json")
+
+
+async def test_pushed_posts_are_recorded_signed_only_and_the_lease_is_renewed(tmp_path, samples):
+    site, hub = PhotoSite(samples), Hub(lease=2)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with serve(site.app()) as images, serve(hub.app()) as hub_base:
+        topic = f"{images}/websub-feed.xml"
+        feed_app = web.Application()
+
+        async def feed(request):
+            return web.Response(body=rss(images, [("p1", "other-apple.jpg")]), content_type="application/rss+xml",
+                                headers={"Link": f'<{hub_base}/hub>; rel="hub", <{topic}>; rel="self"'})
+        feed_app.router.add_get("/websub-feed.xml", feed)
+        async with serve(feed_app) as feeds_base:
+            cfg = config_for(images, db)
+            cfg = parse_config({**cfg.model_dump(), "server": {"port": port, "public_url": f"http://127.0.0.1:{port}"},
+                                "feeds": [{"name": "blog", "type": "rss", "url": f"{feeds_base}/websub-feed.xml",
+                                           "interval": 3600}]})
+            records, stop, running = [], asyncio.Event(), {}
+            task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append,
+                                                  on_ready=lambda r: running.update(r=r), install_signals=False))
+            await until(lambda: hub.verified == [True])
+            sub = hub.subscriptions[0]
+            assert sub["hub.mode"] == "subscribe" and sub["hub.topic"] == topic
+            assert sub["hub.callback"] == f"http://127.0.0.1:{port}/websub/blog" and len(sub["hub.secret"]) >= 32
+            # a push, signed: recorded and matched at once (the feed is polled hourly)
+            assert await hub.publish(rss(images, [("p2", "small-chelsea.jpg")])) == "recorded"
+            await until(lambda: len(records) == 1)
+            # a push signed with another secret: acknowledged, ignored
+            assert await hub.publish(rss(images, [("p3", "flip-rocket.jpg")]), secret="not-the-secret") == \
+                "bad_signature"
+            # the 2 s lease is renewed before it ends, by a poll and a new subscription
+            await until(lambda: len(hub.subscriptions) >= 2 and hub.verified[-1], timeout=15)
+            assert hub.subscriptions[1]["hub.secret"] != sub["hub.secret"]
+            assert await hub.publish(rss(images, [("p4", "q30-coffee.jpg")])) == "recorded"
+            await until(lambda: len(records) == 2)
+            metrics = running["r"].metrics.render().decode()
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert [r.entry.label for r in records] == ["library-chelsea", "library-coffee"]
+    items = sorted(i for (i,) in query(db, "SELECT item_id FROM seen_items WHERE feed='blog'"))
+    assert items == ["p1", "p2", "p4"]
+    assert 'repost_monitor_websub_deliveries_total{feed="blog",result="recorded"} 2.0' in metrics
+    assert 'repost_monitor_websub_deliveries_total{feed="blog",result="bad_signature"} 1.0' in metrics
