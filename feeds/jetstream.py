@@ -19,6 +19,7 @@ from .jsonfeed import parse_time
 
 POST = "app.bsky.feed.post"
 CDN_TEMPLATE = "https://cdn.bsky.app/img/feed_thumbnail/plain/{did}/{cid}@jpeg"
+MAX_MESSAGE_BYTES = 1_000_000  # a post event is a few KB
 
 
 def blob_cids(embed) -> list[str]:
@@ -52,6 +53,9 @@ class Jetstream(StreamSource):
         if not any(k == "wantedCollections" for k, _ in query):
             query.append(("wantedCollections", POST))
         query += [("wantedDids", did) for did in self.options.get("dids") or []]
+        # The server drops what we could not take anyway: one oversized event resent after
+        # every reconnection would otherwise hold the stream at that point forever.
+        query.append(("maxMessageSizeBytes", str(MAX_MESSAGE_BYTES)))
         if cursor:
             query.append(("cursor", cursor))
         return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))

@@ -256,7 +256,9 @@ class Fetcher(GuardedClient):
                     elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                         return
                     elif msg.type == aiohttp.WSMsgType.ERROR:
-                        raise FetchError("connection", f"{url}: {ws.exception()!r}")
+                        too_big = getattr(msg.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+                        raise FetchError("too_large" if too_big else "connection",
+                                         f"{url}: {msg.data or ws.exception()!r}")
                     # BINARY (compressed frames are never asked for), PING, PONG: nothing to read
         except FetchError:
             raise

@@ -7,6 +7,7 @@ import asyncio
 import copy
 import json
 
+import pytest
 from aiohttp import web
 
 from feeds import make_source
@@ -194,7 +195,8 @@ def test_jetstream_events_become_items_with_filters_and_cursor():
     for source in (only_en, kw):
         kept = [i for e in JETSTREAM for i in source.parse_event("message", json.dumps(e))]
         assert [i.author for i in kept] == ["did:plc:ynfp6wddjqpl44gordpsqkuw"]
-    assert only_en.connect_url("17").endswith("?wantedCollections=app.bsky.feed.post&cursor=17")
+    assert only_en.connect_url("17").endswith(
+        "?wantedCollections=app.bsky.feed.post&maxMessageSizeBytes=1000000&cursor=17")
     bad = stream.parse_event("message", "{not json")
     assert list(bad) == [] and bad.skipped and bad.cursor is None
 
@@ -276,8 +278,106 @@ async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_dupl
     assert server.cursors[0] is None and server.cursors[1] == str(server.events[79]["time_us"])
     assert server.cursors[2] == str(server.events[-1]["time_us"])
     assert set(server.collections) == {"app.bsky.feed.post"}
-    assert [r.entry.label for r in records] == ["library-chelsea", "library-rocket"]
+    assert sorted(r.entry.label for r in records) == ["library-chelsea", "library-rocket"]
     items = [i for (i,) in query(db, "SELECT item_id FROM seen_items WHERE feed='bsky'")]
     assert sorted(items) == sorted(f"at://{p['did']}/app.bsky.feed.post/{p['commit']['rkey']}" for p in posts)
     assert 'repost_monitor_stream_events_total{feed="bsky",result="post"} 2.0' in metrics
     assert 'repost_monitor_stream_connects_total{feed="bsky"} 2.0' in metrics
+
+
+class PacedJetstream(JetstreamServer):
+    """Sends its events at a steady pace, so a kill lands mid-stream."""
+
+    def __init__(self, events, per_second: float):
+        super().__init__(events)
+        self.pause = 1 / per_second
+        self.sent_total = 0
+        self.limits: list[str | None] = []
+
+    def app(self):
+        app = web.Application()
+
+        async def subscribe(request):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            cursor = request.query.get("cursor")
+            self.cursors.append(cursor)
+            self.limits.append(request.query.get("maxMessageSizeBytes"))
+            try:
+                for e in self.events:
+                    if cursor and e["time_us"] <= int(cursor):
+                        continue
+                    if len(json.dumps(e)) > int(request.query.get("maxMessageSizeBytes", 10**9)):
+                        continue  # as Jetstream does: events over the client's limit are not sent
+                    await ws.send_str(json.dumps(e))
+                    self.sent_total += 1
+                    await asyncio.sleep(self.pause)
+                async for _ in ws:
+                    pass
+            except ConnectionError:
+                pass  # the daemon was killed
+            return ws
+
+        app.router.add_get("/subscribe", subscribe)
+        return app
+
+
+@pytest.mark.slow
+def test_jetstream_after_kill_9_resumes_without_gap_or_duplicate(tmp_path, samples):
+    """The daemon as a subprocess, SIGKILLed mid-stream, restarted: it resumes from its stored
+    position (at most a second back), and every image post is recorded once. An event over
+    the daemon's message limit is left out by the server, as Jetstream does when asked
+    (maxMessageSizeBytes): resent after every reconnection, it would hold the stream forever."""
+    import signal
+    import subprocess
+    import sys
+    site = PhotoSite(samples)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    posts = image_posts(JETSTREAM)
+    cids = [p["commit"]["record"]["embed"]["images"][0]["image"]["ref"]["$link"] for p in posts]
+    repost = dict(zip(cids, ["small-chelsea.jpg", "flip-rocket.jpg"], strict=True))
+    huge = {"did": "did:plc:huge", "time_us": sorted(e["time_us"] for e in JETSTREAM)[10] + 1, "kind": "commit",
+            "commit": {"operation": "create", "collection": "app.bsky.feed.post", "rkey": "x",
+                       "record": {"text": "x" * 2_000_000}}}
+    server = PacedJetstream(JETSTREAM + [huge], per_second=40)
+    cdn = web.Application()
+
+    async def blob(request):
+        name = repost.get(request.match_info["blob"].removesuffix("@jpeg"))
+        if name is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=site.images[name][0], content_type="image/jpeg")
+    cdn.router.add_get("/img/feed_thumbnail/plain/{did}/{blob}", blob)
+
+    async def scenario():
+        async with serve(cdn) as cdn_base, serve(server.app()) as js:
+            cfg = tmp_path / "c.toml"
+            cfg.write_text(
+                f'[store]\npath = "{db}"\n[limits]\nallowed_networks = ["127.0.0.0/8"]\n[server]\nport = 0\n'
+                f'[[feeds]]\nname = "bsky"\ntype = "jetstream"\nurl = "ws{js[4:]}/subscribe"\nmax_backoff = 0.5\n'
+                f'image_url_template = "{cdn_base}/img/feed_thumbnail/plain/{{did}}/{{cid}}@jpeg"\n')
+            cmd = [sys.executable, "-m", "monitor", "run", "--config", str(cfg)]
+            log = open(tmp_path / "daemon.log", "wb")
+            proc = subprocess.Popen(cmd, stderr=log, stdout=subprocess.DEVNULL)
+            await until(lambda: server.sent_total >= 90, 90)  # mid-stream, past the first image post
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_at = server.sent_total
+            proc = subprocess.Popen(cmd, stderr=log, stdout=subprocess.DEVNULL)
+            await until(lambda: query(db, "SELECT COUNT(*) FROM matches")[0][0] == 2
+                        and query(db, "SELECT COUNT(*) FROM work WHERE state='pending'")[0][0] == 0, 90)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            log.close()
+            return killed_at
+
+    killed_at = asyncio.run(scenario())
+    resumed = int(server.cursors[-1])
+    order = [e["time_us"] for e in server.events]
+    assert server.cursors[0] is None and 0 < order.index(resumed) + 1 <= killed_at  # resumed, not restarted
+    rows = query(db, "SELECT image_url, entry_id FROM matches")
+    assert len(rows) == len(set(rows)) == 2  # both image posts, each once
+    assert sorted(i for (i,) in query(db, "SELECT item_id FROM seen_items")) == \
+        sorted(f"at://{p['did']}/app.bsky.feed.post/{p['commit']['rkey']}" for p in posts)
+    assert set(server.limits) == {"1000000"}
