@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import random
 import socket
 import time
@@ -28,6 +27,7 @@ from multidict import CIMultiDict
 
 from feeds.base import url_problem
 from monitor.addresses import AddressGuard, BlockedAddress, GuardedResolver
+from monitor.fetcherrors import FetchError, as_fetch_error, parse_retry_after
 from monitor.version import __version__
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
@@ -41,17 +41,6 @@ PORTABLE_HEADERS = frozenset({"accept", "if-none-match", "if-modified-since", "u
 def _origin(url: str) -> tuple:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-
-
-class FetchError(Exception):
-    """A download that failed; ``reason`` is a short metric label."""
-
-    def __init__(self, reason: str, message: str, *, retry_after: float | None = None,
-                 status: int | None = None):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.retry_after = retry_after
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -83,36 +72,6 @@ class FeedResponse:
     etag: str | None = None
     last_modified: str | None = None
     headers: CIMultiDict | None = None  # the response's, case-insensitive (rate-limit hints)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (now or time.time()))
-
-
-def _as_fetch_error(url: str, exc: Exception) -> Exception:
-    """The FetchError for what the HTTP client raised (anything else comes back as it is)."""
-    if isinstance(exc, TimeoutError):
-        return FetchError("timeout", f"{url} timed out")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if isinstance(getattr(exc, "os_error", None), BlockedAddress):
-            return FetchError("blocked_address", str(exc.os_error))
-        return FetchError("connection", f"{url}: {exc}")
-    if isinstance(exc, BlockedAddress):
-        return FetchError("blocked_address", str(exc))
-    if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return FetchError("connection", f"{url}: {exc!r}")
-    if isinstance(exc, (ValueError, UnicodeError)):  # a URL the client cannot encode
-        return FetchError("bad_url", f"{url[:300]!r}: {exc}")
-    return exc
 
 
 def read_local(url: str, roots: list[Path], max_bytes: int) -> bytes:
@@ -205,6 +164,12 @@ class GuardedClient:
         return host
 
 
+    async def _connect_turn(self, url: str) -> None:
+        """The guard's check, then this host's turn: (re)connections count against its rate."""
+        async with self._throttler(await self._check_host(url)):
+            pass
+
+
 class Fetcher(GuardedClient):
     """Throttled, size-capped, guarded downloads. Use as ``async with Fetcher(limits) as f``;
     one per daemon."""
@@ -243,9 +208,7 @@ class Fetcher(GuardedClient):
         even a ping) arrives within ``limits.stream_read_timeout``."""
         assert self._session is not None, "use Fetcher as an async context manager"
         http_url = "http" + url[2:] if url.startswith(("ws://", "wss://")) else url
-        host = await self._check_host(http_url)
-        async with self._throttler(host):
-            pass
+        await self._connect_turn(http_url)
         try:
             async with self._session.ws_connect(url, headers=headers, heartbeat=30.0, max_msg_size=max_message,
                                                 timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
@@ -266,7 +229,7 @@ class Fetcher(GuardedClient):
             reason = "rate_limited" if exc.status == 429 else "http_5xx" if exc.status >= 500 else "http_4xx"
             raise FetchError(reason, f"HTTP {exc.status} from {url}", status=exc.status) from None
         except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
-            raise _as_fetch_error(url, exc) from None
+            raise as_fetch_error(url, exc) from None
 
     async def post_form(self, url: str, form: dict, *, auth: tuple[str, str] | None = None,
                         headers: dict | None = None, max_bytes: int = 65536) -> tuple[int, bytes]:
@@ -283,7 +246,7 @@ class Fetcher(GuardedClient):
                 async with self._session.post(url, data=form, allow_redirects=False, headers=headers) as resp:
                     return resp.status, await resp.content.read(max_bytes)
             except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
-                raise _as_fetch_error(url, exc) from None
+                raise as_fetch_error(url, exc) from None
 
     # -- internals -----------------------------------------------------------
     async def _get(self, url: str, max_bytes: int, *, headers: dict | None = None,
@@ -356,7 +319,7 @@ class Fetcher(GuardedClient):
                 except FetchError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
-                    raise _as_fetch_error(url, exc) from None
+                    raise as_fetch_error(url, exc) from None
         raise FetchError("too_many_redirects", f"more than {self.limits.max_redirects} redirects")
 
     async def stream_lines(self, url: str, *, headers: dict | None = None,
@@ -372,9 +335,7 @@ class Fetcher(GuardedClient):
         for _ in range(self.limits.max_redirects + 1):
             if _origin(url) != origin:
                 headers = {k: v for k, v in headers.items() if k.lower() in PORTABLE_HEADERS}
-            host = await self._check_host(url)
-            async with self._throttler(host):  # reconnections count against the host's rate
-                pass
+            await self._connect_turn(url)
             try:
                 async with self._session.get(url, headers=headers, allow_redirects=False, timeout=timeout) as resp:
                     if resp.status in REDIRECTS and "Location" in resp.headers:
@@ -398,5 +359,5 @@ class Fetcher(GuardedClient):
             except FetchError:
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
-                raise _as_fetch_error(url, exc) from None
+                raise as_fetch_error(url, exc) from None
         raise FetchError("too_many_redirects", f"more than {self.limits.max_redirects} redirects")
