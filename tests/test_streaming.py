@@ -202,13 +202,18 @@ def test_jetstream_events_become_items_with_filters_and_cursor():
 
 
 class JetstreamServer:
-    """Jetstream on loopback: the recorded events in time order, resumed after ?cursor=."""
+    """Jetstream on loopback: the recorded events in time order, resumed after ?cursor=,
+    leaving out events over ?maxMessageSizeBytes= as the real server does; optionally
+    paced (so a kill lands mid-stream) or dropped after some events."""
 
-    def __init__(self, events):
+    def __init__(self, events, per_second: float | None = None):
         self.events = sorted(events, key=lambda e: e["time_us"])
+        self.pause = 1 / per_second if per_second else 0.0
         self.cursors: list[str | None] = []
-        self.drop_after: int | None = None
+        self.limits: list[str | None] = []
         self.collections: list[str] = []
+        self.drop_after: int | None = None
+        self.sent_total = 0
 
     def app(self):
         app = web.Application()
@@ -217,24 +222,45 @@ class JetstreamServer:
             ws = web.WebSocketResponse()
             await ws.prepare(request)
             cursor = request.query.get("cursor")
+            limit = int(request.query.get("maxMessageSizeBytes", 10**9))
             self.cursors.append(cursor)
+            self.limits.append(request.query.get("maxMessageSizeBytes"))
             self.collections.append(request.query.get("wantedCollections"))
             sent = 0
-            for e in self.events:
-                if cursor and e["time_us"] <= int(cursor):
-                    continue
-                await ws.send_str(json.dumps(e))
-                sent += 1
-                if self.drop_after is not None and sent >= self.drop_after:
-                    self.drop_after = None
-                    await ws.close()
-                    return ws
-            async for _ in ws:  # live: nothing more to send; held open until the client leaves
-                pass
+            try:
+                for e in self.events:
+                    if (cursor and e["time_us"] <= int(cursor)) or len(json.dumps(e)) > limit:
+                        continue
+                    await ws.send_str(json.dumps(e))
+                    sent += 1
+                    self.sent_total += 1
+                    if self.drop_after is not None and sent >= self.drop_after:
+                        self.drop_after = None
+                        await ws.close()
+                        return ws
+                    if self.pause:
+                        await asyncio.sleep(self.pause)
+                async for _ in ws:  # live: nothing more to send; held open until the client leaves
+                    pass
+            except ConnectionError:
+                pass  # the daemon was killed
             return ws
 
         app.router.add_get("/subscribe", subscribe)
         return app
+
+
+def cdn_app(site, repost: dict[str, str]) -> web.Application:
+    """Bluesky's CDN on loopback: /img/feed_thumbnail/plain/{did}/{cid}@jpeg -> a picture."""
+    cdn = web.Application()
+
+    async def blob(request):
+        name = repost.get(request.match_info["blob"].removesuffix("@jpeg"))
+        if name is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=site.images[name][0], content_type="image/jpeg")
+    cdn.router.add_get("/img/feed_thumbnail/plain/{did}/{blob}", blob)
+    return cdn
 
 
 async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_duplicates(tmp_path, samples):
@@ -244,14 +270,7 @@ async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_dupl
     posts = image_posts(JETSTREAM)
     repost = {posts[0]["commit"]["record"]["embed"]["images"][0]["image"]["ref"]["$link"]: "small-chelsea.jpg",
               posts[1]["commit"]["record"]["embed"]["images"][0]["image"]["ref"]["$link"]: "flip-rocket.jpg"}
-    cdn = web.Application()
-
-    async def blob(request):  # the CDN: /img/feed_thumbnail/plain/{did}/{cid}@jpeg
-        name = repost.get(request.match_info["blob"].removesuffix("@jpeg"))
-        if name is None:
-            raise web.HTTPNotFound()
-        return web.Response(body=site.images[name][0], content_type="image/jpeg")
-    cdn.router.add_get("/img/feed_thumbnail/plain/{did}/{blob}", blob)
+    cdn = cdn_app(site, repost)
     server = JetstreamServer(JETSTREAM)
     server.drop_after = 80  # the first connection drops mid-stream
     async with serve(cdn) as cdn_base, serve(server.app()) as js:
@@ -285,43 +304,6 @@ async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_dupl
     assert 'repost_monitor_stream_connects_total{feed="bsky"} 2.0' in metrics
 
 
-class PacedJetstream(JetstreamServer):
-    """Sends its events at a steady pace, so a kill lands mid-stream."""
-
-    def __init__(self, events, per_second: float):
-        super().__init__(events)
-        self.pause = 1 / per_second
-        self.sent_total = 0
-        self.limits: list[str | None] = []
-
-    def app(self):
-        app = web.Application()
-
-        async def subscribe(request):
-            ws = web.WebSocketResponse()
-            await ws.prepare(request)
-            cursor = request.query.get("cursor")
-            self.cursors.append(cursor)
-            self.limits.append(request.query.get("maxMessageSizeBytes"))
-            try:
-                for e in self.events:
-                    if cursor and e["time_us"] <= int(cursor):
-                        continue
-                    if len(json.dumps(e)) > int(request.query.get("maxMessageSizeBytes", 10**9)):
-                        continue  # as Jetstream does: events over the client's limit are not sent
-                    await ws.send_str(json.dumps(e))
-                    self.sent_total += 1
-                    await asyncio.sleep(self.pause)
-                async for _ in ws:
-                    pass
-            except ConnectionError:
-                pass  # the daemon was killed
-            return ws
-
-        app.router.add_get("/subscribe", subscribe)
-        return app
-
-
 @pytest.mark.slow
 def test_jetstream_after_kill_9_resumes_without_gap_or_duplicate(tmp_path, samples):
     """The daemon as a subprocess, SIGKILLed mid-stream, restarted: it resumes from its stored
@@ -340,15 +322,8 @@ def test_jetstream_after_kill_9_resumes_without_gap_or_duplicate(tmp_path, sampl
     huge = {"did": "did:plc:huge", "time_us": sorted(e["time_us"] for e in JETSTREAM)[10] + 1, "kind": "commit",
             "commit": {"operation": "create", "collection": "app.bsky.feed.post", "rkey": "x",
                        "record": {"text": "x" * 2_000_000}}}
-    server = PacedJetstream(JETSTREAM + [huge], per_second=40)
-    cdn = web.Application()
-
-    async def blob(request):
-        name = repost.get(request.match_info["blob"].removesuffix("@jpeg"))
-        if name is None:
-            raise web.HTTPNotFound()
-        return web.Response(body=site.images[name][0], content_type="image/jpeg")
-    cdn.router.add_get("/img/feed_thumbnail/plain/{did}/{blob}", blob)
+    server = JetstreamServer(JETSTREAM + [huge], per_second=40)
+    cdn = cdn_app(site, repost)
 
     async def scenario():
         async with serve(cdn) as cdn_base, serve(server.app()) as js:
