@@ -31,6 +31,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+class TextFormatter(logging.Formatter):
+    """One line per message: control characters in a message (a feed's title, an exception
+    from hostile input) are escaped, so nothing untrusted can forge a log line. Tracebacks
+    stay as they are."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
+
+
 class RepeatFilter(logging.Filter):
     """At most ``burst`` lines per ``window`` seconds with the same logger, level and
     message template; the rest are counted and the count is told with the next line
@@ -68,8 +81,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                                               "%H:%M:%S"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

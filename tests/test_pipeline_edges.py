@@ -345,3 +345,19 @@ def test_avif_is_decoded_where_feeds_offer_it(samples):
     avif = fingerprint_bytes(data)
     jpeg = fingerprint_bytes((samples / "library-coffee.jpg").read_bytes())
     assert (avif.dhash ^ jpeg.dhash).bit_count() <= 6
+
+
+def test_untrusted_text_cannot_forge_a_text_log_line(capsys):
+    """A feed's text in a log message (a title, an exception from hostile input) stays on one line."""
+    from monitor.logs import setup_logging
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("text", "info")
+        logging.getLogger("rm-test-forge").warning("feed %s: skipped %s", "blog",
+                                                   "item #3\n12:00:00 ERROR    repost_monitor: forged\x1b[2J")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\\n12:00:00 ERROR" in err and "\x1b" not in err
