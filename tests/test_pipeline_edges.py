@@ -246,8 +246,12 @@ def test_slack_and_discord_text_cannot_ping_or_break_formatting():
     section = SlackSink("s", "u").body([alert])["blocks"][0]["text"]["text"]
     label = section.split("Repost of _", 1)[1].split("_*", 1)[0]
     assert "_" not in label.replace("_\u200b", "") and "*" not in label.replace("*\u200b", "")
-    discord = DiscordSink("d", "https://discord.example").body([alert])
+    discord = DiscordSink("d", "https://discord.example").body([dict(alert, library={
+        "label": "[claim your prize](https://evil.example) ||x||", "source": "s"})])
     assert discord["allowed_mentions"] == {"parse": []}
+    for text in (discord["content"], discord["embeds"][0]["title"], discord["embeds"][0]["description"]):
+        assert "[claim your prize](" not in text and "||x||" not in text
+        assert "\\[claim your prize\\]\\(" in text
 
 
 def test_a_flood_of_one_log_line_is_rate_limited(capsys):

@@ -50,6 +50,15 @@ def mrkdwn(text) -> str:
     return text
 
 
+_DISCORD_MARKDOWN = {ord(c): "\\" + c for c in "\\*_~`|>[]()"}  # (a line never starts with untrusted text)
+
+
+def discord_text(text) -> str:
+    """Untrusted text for Discord markdown: every formatting character escaped, so a label
+    cannot make a masked link, a heading or a spoiler (mentions are off via allowed_mentions)."""
+    return str(text).translate(_DISCORD_MARKDOWN)
+
+
 def summary(alert: dict) -> str:
     flip = ", mirrored" if alert["mirrored"] else ""
     if alert.get("flood"):
@@ -170,17 +179,18 @@ class DiscordSink(HttpSink):
     def body(self, alerts: list[dict]) -> dict:
         alert = alerts[0]  # batch_size is always 1 for Discord
         repost, lib = alert["repost"], alert["library"]
-        embed = {"title": f"Repost of {lib['label']}", "description": summary(alert),
+        text = discord_text(summary(alert))
+        embed = {"title": f"Repost of {discord_text(lib['label'])}", "description": text,
                  "fields": [{"name": "tier", "value": alert["tier"], "inline": True},
                             {"name": "distance", "value": f"{alert['distance_bits']}/64 bits",
                              "inline": True},
-                            {"name": "source", "value": repost["source"], "inline": True}]}
+                            {"name": "source", "value": discord_text(repost["source"]), "inline": True}]}
         if repost.get("page_url"):
             embed["url"] = repost["page_url"]
         if repost["image_url"].startswith("http"):
             embed["thumbnail"] = {"url": repost["image_url"]}
         # Nobody is pinged, whatever a feed's author names or labels contain.
-        return {"content": summary(alert), "embeds": [embed], "allowed_mentions": {"parse": []}}
+        return {"content": text, "embeds": [embed], "allowed_mentions": {"parse": []}}
 
 
 @dataclass
