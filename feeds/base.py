@@ -247,6 +247,8 @@ def url_problem(url) -> str | None:
         return f"scheme {parts.scheme!r} is not http(s)"
     if not host:
         return "no host"
+    if any(c.isspace() for c in parts.netloc):
+        return "white space in the host name"
     if host.startswith("[") or ":" in host:
         return None  # an IPv6 literal: urlsplit has checked the brackets
     try:
@@ -283,8 +285,6 @@ def clean_urls(urls, skipped: list[str] | None = None) -> tuple[str, ...]:
         if isinstance(url, str):
             url = url.strip()
         why = url_problem(url)
-        if why is None and isinstance(url, str) and any(c.isspace() for c in urlsplit(url).netloc):
-            why = "white space in the host name"
         if why is not None:
             if skipped is not None and (not isinstance(url, str) or "://" in url):
                 skipped.append(f"{str(url)[:200]!r}: {why}")

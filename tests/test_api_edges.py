@@ -26,9 +26,11 @@ TOKEN, SECRET = "edge-token", "edge-secret"
 @pytest.fixture
 async def start(tmp_path, samples):
     """start(**server settings) -> a running daemon: its base URL, db, feed host and site."""
+    started = []
     async with contextlib.AsyncExitStack() as exits:
         async def start_daemon(**server):
-            db = tmp_path / f"m{len(exits._exit_callbacks)}.sqlite"
+            started.append(server)
+            db = tmp_path / f"m{len(started)}.sqlite"
             make_library(db, samples)
             site = PhotoSite(samples)
             feeds = await exits.enter_async_context(serve(site.app()))

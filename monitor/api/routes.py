@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 
 from aiohttp import web
@@ -25,15 +24,6 @@ from monitor.records.alerts import list_alerts, resend_dead
 from monitor.records.verdicts import allowances, set_allowances, set_verdict
 from monitor.records.work import CachedFailure
 from monitor.scan import add_files
-
-
-def _when(text) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        raise error(422, "bad_published", f"'published' is not an ISO 8601 time: {text!r}") from None
 
 
 def _is_multipart(request: web.Request) -> bool:
