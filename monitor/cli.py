@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posts", type=int, default=40, help="posts to publish (default: %(default)s)")
     p.add_argument("--rate", type=float, default=4.0, help="posts per second (default: %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port for /metrics and /healthz (default: any)")
+    p.add_argument("--source", choices=("feeds", "jetstream"), default="feeds",
+                   help="where the posts come from: an RSS feed and a JSON Feed (polled), or Bluesky's "
+                        "Jetstream firehose replayed on loopback (pushed over a WebSocket); default: %(default)s")
     p.add_argument("--forever", action="store_true", help="keep running after the last post")
     p.add_argument("--batch", action="store_true", help="run `match` on the posts instead of the daemon")
     p.add_argument("--verbose", action="store_true", help="show the daemon's log")

@@ -291,7 +291,7 @@ def cmd_demo(args) -> int:
         _warm_up()
         return run_batch_demo()
     setup_logging("text", "warning" if not args.verbose else "info")
-    return asyncio.run(run_daemon_demo(args.posts, args.rate, args.forever, args.port))
+    return asyncio.run(run_daemon_demo(args.posts, args.rate, args.forever, args.port, source=args.source))
 
 
 def cmd_run(args) -> int:

@@ -176,6 +176,19 @@ def test_daemon_demo_prints_detections_and_exits():
     assert summary.startswith("[demo] done: 16 posts") and "0 false alarms" in summary
 
 
+def test_daemon_demo_on_a_jetstream_replay_detects_every_repost():
+    """`demo --source jetstream`: the posts pushed over a WebSocket among events without
+    pictures, as Bluesky's firehose is; every repost is detected, nothing else."""
+    r = run("demo", "--source", "jetstream", "--posts", "20", "--rate", "10")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Jetstream /subscribe" in r.stdout
+    detections = [line for line in r.stdout.splitlines() if line.startswith("[detected]")]
+    assert detections and all("(feed bsky, by did:plc:demoartist" in line for line in detections)
+    summary = r.stdout.splitlines()[-1]
+    reposts = int(summary.split(" reposts, ")[0].rsplit(" ", 1)[1])
+    assert f"{reposts} reposts, {reposts} detected" in summary and "0 false alarms" in summary
+
+
 def test_audit_report_shows_problems_first_and_caps_intact_thumbnails(tmp_path):
     import random
     old, new = tmp_path / "old", tmp_path / "new"

@@ -34,6 +34,7 @@ from monitor.records.work import counts as work_counts
 from monitor.scan import add_files
 from monitor.search.matcher import PRESETS
 from monitor.tools.batch import run_match
+from monitor.tools.jetstream_replay import JetstreamReplay, blob_cid, like_event, post_event
 from monitor.warmup import warm_up
 
 
@@ -123,10 +124,13 @@ def run_batch_demo() -> int:
 
 
 class DemoFeedHost:
-    """An aiohttp app playing a photo site: /rss.xml, /feed.json, /img/NAME.
+    """An aiohttp app playing a photo site: /rss.xml, /feed.json, /img/NAME; and Bluesky:
+    Jetstream's /subscribe and the CDN's /img/feed_thumbnail/plain/DID/CID@jpeg.
 
     Posts appear over time (``rate`` per second), alternately on each feed;
-    both feeds answer conditional GETs with 304 when nothing changed.
+    both feeds answer conditional GETs with 304 when nothing changed. On Jetstream every
+    post is there, among nine events without pictures (likes, text posts), as on the
+    real firehose.
     """
 
     def __init__(self, posts: list[DemoImage], rate: float = 4.0):
@@ -134,7 +138,11 @@ class DemoFeedHost:
         self.rate = rate
         self.started: float | None = None  # nothing is published before start()
         self.images = {p.name: p.data for p in posts}
+        self.blobs = {blob_cid(p.name): p.data for p in posts}
+        self.blob_names = {blob_cid(p.name): p.name for p in posts}
         self.base = ""
+        self.jetstream = JetstreamReplay()
+        self._streamed = 0  # posts already out on Jetstream
 
     def start(self) -> None:
         """Begin publishing: called once the daemon watches (its kernels compiled, which
@@ -153,6 +161,25 @@ class DemoFeedHost:
     @property
     def done_publishing(self) -> bool:
         return len(self.published()) == len(self.posts)
+
+    def post_name(self, image_url: str) -> str:
+        last = image_url.rsplit("/", 1)[-1]
+        return self.blob_names.get(last.removesuffix("@jpeg"), last)
+
+    def stream_published(self) -> None:
+        """Put the posts published since the last call on Jetstream, each after nine events
+        without a picture."""
+        published = self.published()
+        for i, post, when in published[self._streamed:]:
+            base_us = int(when * 1e6) + 16 * i  # posts 0 and 1 share a second
+            did = f"did:plc:demoartist{i % 7}"
+            events = [like_event(f"did:plc:demoliker{k}", f"l{i}x{k}", base_us + k,
+                                 f"at://did:plc:demoartist0/app.bsky.feed.post/p{i}") for k in range(5)]
+            events += [post_event(f"did:plc:demotalker{k}", f"t{i}x{k}", base_us + 5 + k, f"just words {i}.{k}")
+                       for k in range(4)]
+            events.append(post_event(did, f"p{i}", base_us + 10, f"post {i}", [blob_cid(post.name)]))
+            self.jetstream.publish(events)
+        self._streamed = len(published)
 
     def app(self):
 
@@ -195,7 +222,13 @@ class DemoFeedHost:
                                "home_page_url": f"{self.base}/", "items": items})
             return conditional(request, body, "application/feed+json")
 
-        app = web.Application()
+        async def blob(request):
+            data = self.blobs.get(request.match_info["cid"].removesuffix("@jpeg"))
+            if data is None:
+                raise web.HTTPNotFound()
+            return web.Response(body=data, content_type="image/jpeg")
+
+        app = self.jetstream.app([("GET", "/img/feed_thumbnail/plain/{did}/{cid}", blob)])
         app.router.add_get("/rss.xml", rss)
         app.router.add_get("/feed.json", jsonfeed)
         app.router.add_get("/img/{name}", image)
@@ -207,8 +240,21 @@ class DemoFeedHost:
 DEADLINE_AFTER_PUBLISHING = 60.0
 
 
+DEMO_SOURCES = ("feeds", "jetstream")
+
+
+def demo_feeds(source: str, base: str) -> list[dict]:
+    """The daemon's feeds for a demo source: an RSS feed and a JSON Feed polled every second,
+    or Bluesky's Jetstream replayed on loopback (pictures from its CDN stand-in)."""
+    if source == "jetstream":
+        return [{"name": "bsky", "type": "jetstream", "url": "ws" + base.removeprefix("http") + "/subscribe",
+                 "image_url_template": base + "/img/feed_thumbnail/plain/{did}/{cid}@jpeg"}]
+    return [{"name": "demo-rss", "type": "rss", "url": f"{base}/rss.xml", "interval": 1.0},
+            {"name": "demo-jsonfeed", "type": "jsonfeed", "url": f"{base}/feed.json", "interval": 1.0}]
+
+
 async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool = False,
-                          port: int = 0, out=None) -> int:
+                          port: int = 0, out=None, source: str = "feeds") -> int:
     """Start the feed host and the real daemon; print detections; summarise.
     Exit status 0 when every repost was detected, 1 when some were missed."""
 
@@ -236,10 +282,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
             "store": {"path": str(db)},
             "match": {"tier": "near"},
             "limits": {"allowed_networks": ["127.0.0.0/8"], "per_host_rate": 50},
-            "feeds": [{"name": "demo-rss", "type": "rss", "url": f"{host.base}/rss.xml",
-                       "interval": 1.0},
-                      {"name": "demo-jsonfeed", "type": "jsonfeed", "url": f"{host.base}/feed.json",
-                       "interval": 1.0}],
+            "feeds": demo_feeds(source, host.base),
             "server": {"host": "127.0.0.1", "port": port},
             # Alerts go through the real outbox to a file sink (the console shows detections).
             "alerts": [{"name": "demo-archive", "type": "file", "path": str(Path(tmp) / "alerts.jsonl")}],
@@ -248,7 +291,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
         detected: dict[str, str] = {}
 
         def on_match(rec):
-            name = rec.work.image_url.rsplit("/", 1)[-1]
+            name = host.post_name(rec.work.image_url)
             detected[name] = rec.entry.label
             lag = f", {rec.lag_seconds:.1f}s after publication" if rec.lag_seconds is not None else ""
             flip = " mirrored" if rec.match.mirrored else ""
@@ -259,7 +302,9 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
                   file=out, flush=True)
 
         def on_ready(running):
-            print(f"[demo] feed host on {host.base} (/rss.xml, /feed.json); {len(stream)} posts, "
+            where = ("Jetstream /subscribe, each post among 9 events without a picture" if source == "jetstream"
+                     else "/rss.xml, /feed.json")
+            print(f"[demo] feed host on {host.base} ({where}); {len(stream)} posts, "
                   f"{rate:g} per second", file=out)
             api = f"http://127.0.0.1:{running.port}"
             print(f"[demo] library: {len(running.library.index)} images; API on {api}/v1/ "
@@ -269,11 +314,23 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
             asyncio.get_running_loop().create_task(watch(running))
 
         async def watch(running):
+            try:
+                await watch_until_done(running)
+            except Exception as exc:
+                timed_out.append(f"the demo's own watcher failed: {exc!r}")
+                stop.set()
+                raise
+
+        async def watch_until_done(running):
             # Stop once every post is out and every image has been processed, or at the
             # deadline (then the summary names what was missed).
             deadline = host.started + len(stream) / rate + DEADLINE_AFTER_PUBLISHING
-            while not keep_running:
-                await asyncio.sleep(0.5)
+            ticks = 0
+            while True:
+                await asyncio.sleep(0.1)
+                host.stream_published()
+                if keep_running or (ticks := ticks + 1) % 5:
+                    continue
                 seen, pending = work_counts(running.store)
                 if host.done_publishing and seen >= len(stream) and pending == 0:
                     stop.set()
