@@ -62,7 +62,11 @@ class HttpSource(ABC):
     def hub(self, body: bytes, headers) -> tuple[str, str] | None:
         """(WebSub hub URL, topic URL) the feed advertises, from its ``Link`` headers (and, in
         the formats that carry them, its own links), or None."""
-        return link_header_hub(headers.get("Link", "") if headers else "")
+        if not headers:
+            return None
+        # A hub and its topic often come in separate Link headers (websub.rocks test 100).
+        links = headers.getall("Link", []) if hasattr(headers, "getall") else [headers.get("Link", "")]
+        return link_header_hub(", ".join(links))
 
     def wait_hint(self, headers) -> float | None:
         """Seconds to wait at least before the next poll, from a response's headers (rate limits)."""

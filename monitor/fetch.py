@@ -232,10 +232,11 @@ class Fetcher(GuardedClient):
             raise as_fetch_error(url, exc) from None
 
     async def post_form(self, url: str, form: dict, *, auth: tuple[str, str] | None = None,
-                        headers: dict | None = None, max_bytes: int = 65536) -> tuple[int, bytes]:
+                        headers: dict | None = None, max_bytes: int = 65536, with_location: bool = False):
         """(status, body) of a form POST, with HTTP basic auth when given (an OAuth token
-        request, a WebSub subscription). The host passes the address guard; no redirect is
-        followed (credentials stay put)."""
+        request, a WebSub subscription); with ``with_location``, (status, body, Location).
+        The host passes the address guard; no redirect is followed (credentials stay put;
+        a caller that wants to follow one asks again, through the guard)."""
         assert self._session is not None, "use Fetcher as an async context manager"
         host = await self._check_host(url)
         async with self._throttler(host):
@@ -244,7 +245,8 @@ class Fetcher(GuardedClient):
                 if auth is not None:
                     headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
                 async with self._session.post(url, data=form, allow_redirects=False, headers=headers) as resp:
-                    return resp.status, await resp.content.read(max_bytes)
+                    body = await resp.content.read(max_bytes)
+                    return (resp.status, body, resp.headers.get("Location")) if with_location else (resp.status, body)
             except Exception as exc:  # noqa: BLE001 - mapped to a reason, or re-raised
                 raise as_fetch_error(url, exc) from None
 

@@ -38,7 +38,7 @@ class Metrics:
         self.stream_connects = Counter(p + "stream_connects_total", "Connections opened to streaming sources "
                                        "(the first and every reconnection)", ["feed"], registry=r)
         self.websub_deliveries = Counter(p + "websub_deliveries_total", "Feed documents pushed by WebSub hubs, "
-                                         "by result (recorded, bad_signature, malformed, unknown)",
+                                         "by result (recorded, bad_signature, unsigned, malformed)",
                                          ["feed", "result"], registry=r)
         self.feed_last_success = Gauge(p + "feed_last_success_timestamp_seconds",
                                        "Unix time of the last successful poll", ["feed"], registry=r)

@@ -5,14 +5,17 @@ post already seen not recorded again."""
 
 import asyncio
 import base64
+import json
 import time
 
 import pytest
 from aiohttp import web
 
+from feeds import make_source
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
-from tests.hosts import serve
+from tests.conftest import PAYLOADS
+from tests.hosts import DaemonProcess, serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 
 CLIENT, SECRET, AGENT = "script-app-id", "script-app-secret", "server:repost-monitor-test:1.0 (by /u/tester)"
@@ -95,3 +98,99 @@ async def test_oauth_listings_refresh_rate_limits_and_crossposts(tmp_path, sampl
     assert items == ["t3_p1", "t3_p2", "t3_p4"]  # the crosspost is post 1 again
     assert [r.entry.label for r in records] == ["library-chelsea", "library-rocket"]
 
+
+
+RECORDED = json.loads((PAYLOADS / "reddit" / "praw__oauth_exchange_2026-04.json").read_text())
+REDDIT_HOSTS = ("https://preview.redd.it/", "https://external-preview.redd.it/", "https://i.redd.it/")
+
+
+class RecordedReddit:
+    """Reddit replaying the recorded OAuth exchange: the token response, then the listing with
+    its rate-limit headers; its picture hosts point at this server, which answers three of
+    the pictures with reposts of the library and the rest with unrelated ones."""
+
+    def __init__(self, site):
+        self.site, self.base = site, ""
+        self.tokens_issued = 0
+        self.fetched: dict[str, int] = {}
+        self.pictures: dict[str, str] = {}
+
+    def listing_text(self) -> str:
+        text = json.dumps(RECORDED["listing"]["response"]["body"])
+        for host in REDDIT_HOSTS:
+            text = text.replace(host, f"{self.base}/{host[8:]}")
+        return text
+
+    def app(self):
+        app = web.Application()
+
+        async def token(request):
+            form = await request.post()
+            if form.get("grant_type") != "client_credentials" or not request.headers.get("Authorization"):
+                return web.json_response({"error": "invalid_grant"}, status=401)
+            self.tokens_issued += 1
+            body = dict(RECORDED["token"]["response"]["body"], access_token=f"tok-{self.tokens_issued}")
+            return web.json_response(body)
+
+        async def listing(request):
+            if not request.headers.get("Authorization", "").startswith("bearer tok-"):
+                return web.json_response({"message": "Unauthorized", "error": 401}, status=401)
+            headers = {k: v for k, v in RECORDED["listing"]["response"]["headers"].items() if k.startswith("x-")}
+            return web.Response(text=self.listing_text(), content_type="application/json", headers=headers)
+
+        async def picture(request):
+            key = request.path_qs
+            self.fetched[key] = self.fetched.get(key, 0) + 1
+            name = self.pictures.get(key, "other-apple.jpg")
+            return web.Response(body=self.site.images[name][0], content_type="image/jpeg")
+
+        app.router.add_post("/api/v1/access_token", token)
+        app.router.add_get("/r/popular/hot", listing)
+        for host in REDDIT_HOSTS:
+            app.router.add_get(f"/{host[8:]}{{path:.*}}", picture)
+        return app
+
+
+@pytest.mark.slow
+def test_recorded_oauth_listing_survives_kill_9_without_loss_or_duplicate(tmp_path, samples):
+    """The recorded token and listing; the daemon SIGKILLed with downloads still owed (3 a
+    second to the picture host), restarted: every picture fetched and matched, each repost
+    recorded once, no item recorded twice."""
+    site = PhotoSite(samples)
+    reddit = RecordedReddit(site)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+
+    async def scenario():
+        async with serve(reddit.app()) as base:
+            reddit.base = base
+            src = make_source("reddit_api", "r", f"{base}/r/popular/hot", client_id="a", client_secret="b",
+                              user_agent=AGENT)
+            items = list(src.parse(reddit.listing_text().encode(), "application/json"))
+            for item, name in zip(items[::4], ["small-chelsea.jpg", "flip-rocket.jpg", "q30-coffee.jpg"],
+                                  strict=True):
+                reddit.pictures[item.image_urls[0][len(base):]] = name
+            cfg = tmp_path / "c.toml"
+            cfg.write_text(
+                f'[store]\npath = "{db}"\n[limits]\nallowed_networks = ["127.0.0.0/8"]\nper_host_rate = 3\n'
+                f'[server]\nport = 0\n[[feeds]]\nname = "reddit"\ntype = "reddit_api"\n'
+                f'url = "{base}/r/popular/hot"\ninterval = 1\nclient_id = "{CLIENT}"\n'
+                f'client_secret = "{SECRET}"\nuser_agent = "{AGENT}"\ntoken_url = "{base}/api/v1/access_token"\n')
+            daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+            daemon.start()
+            await until(lambda: sum(reddit.fetched.values()) >= 5, 90)
+            daemon.kill()
+            daemon.start()
+            total = sum(len(i.image_urls) for i in items)
+            await until(lambda: query(db, "SELECT COUNT(*) FROM work WHERE state='pending'")[0][0] == 0
+                        and query(db, "SELECT COUNT(*) FROM work")[0][0] == total, 90)
+            assert daemon.stop() == 0, daemon.log()[-2000:]
+            return items
+
+    items = asyncio.run(scenario())
+    assert reddit.tokens_issued == 2  # one per life of the process
+    assert sorted(i for (i,) in query(db, "SELECT item_id FROM seen_items")) == sorted(i.id for i in items)
+    rows = query(db, "SELECT image_url, entry_id FROM matches")
+    assert len(rows) == len(set(rows)) == 3
+    assert set(reddit.fetched) == {u[len(reddit.base):] for i in items for u in i.image_urls}
+    assert all(n <= 2 for n in reddit.fetched.values())  # again only if killed mid-download

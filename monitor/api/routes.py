@@ -298,7 +298,7 @@ async def websub(request: web.Request) -> web.Response:
         raise error(503, "starting", "the daemon is starting")
     feed, subscriber = request.match_info["feed"], svc.pipeline.intake.websub
     if request.method == "GET":
-        challenge = subscriber.verify(feed, request.query)
+        challenge = await subscriber.verify(feed, request.query)
         if challenge is None:
             raise error(404, "not_found", "no such subscription")
         return web.Response(text=challenge, content_type="text/plain")
@@ -307,7 +307,8 @@ async def websub(request: web.Request) -> web.Response:
                                       request.headers.get("X-Hub-Signature", ""))
     if result != "unknown":
         svc.pipeline.intake.metrics.websub_deliveries.labels(feed, result).inc()
-    return web.Response(status=202 if result != "unknown" else 410, text=result, content_type="text/plain")
+    status = {"unknown": 410, "unsigned": 403}.get(result, 202)  # 410: the hub may drop the subscription
+    return web.Response(status=status, text=result, content_type="text/plain")
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -113,8 +113,7 @@ class Intake:
             resp = await self._fetch_feed(source, {**source.request_headers(), **(headers or {})}, etag,
                                           last_modified)
             self._wait_hints[source.name] = source.wait_hint(resp.headers or {})
-            if not resp.not_modified:
-                await self.websub.after_poll(source, resp.body, resp.headers or {})
+            await self.websub.after_poll(source, None if resp.not_modified else resp.body, resp.headers or {})
             if resp.not_modified:
                 self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return [], []

@@ -7,7 +7,8 @@ us, the intake subscribes: ``hub.mode=subscribe`` with ``hub.callback`` =
 intent (a GET echoing ``hub.challenge``, answered only for a subscription we asked for);
 each delivery is a feed document signed with ``X-Hub-Signature`` (HMAC of the body under
 the secret), parsed by the feed's own adapter and recorded like a poll's items. Leases are
-renewed at 80% of their length. Polling goes on meanwhile, at ``SAFETY_POLL_SECONDS`` once
+renewed at 80% of their length, with the same secret and hub (also after a 304), and
+subscriptions are stored, so a restart or a kill -9 goes on accepting the hub's pushes. Polling goes on meanwhile, at ``SAFETY_POLL_SECONDS`` once
 subscribed, at the feed's interval while no hub answers.
 """
 
@@ -19,71 +20,84 @@ import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from urllib.parse import urljoin
 
 from feeds import FeedError, HttpSource
 from monitor.fetch import FetchError
+from monitor.records import subscriptions as subscription_rows
+from monitor.records.subscriptions import Subscription
 
 log = logging.getLogger("repost_monitor.websub")
 
 LEASE_ASKED = 86_400          # seconds of lease asked for; the hub decides
 RENEW_AT = 0.8                # of the lease granted
+VERIFY_WAIT = 300.0           # a hub that has not verified a request by then is asked again
+HUB_REDIRECTS = 3             # 307/308 from a hub that moved (websub.rocks tests 203, 204)
 SAFETY_POLL_SECONDS = 3600.0  # a subscribed feed is still polled this often, in case a push is lost
 SIGNATURES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
-
-
-@dataclass
-class Subscription:
-    source: HttpSource
-    hub: str
-    topic: str
-    secret: str
-    asked_at: float
-    verified: bool = False
-    expires: float = 0.0
 
 
 class WebSub:
     def __init__(self, intake, public_url: str | None):
         self.intake = intake  # pipeline.intake.Intake: records, queues and counts for us
         self.public_url = public_url.rstrip("/") if public_url else None
-        self.subscriptions: dict[str, Subscription] = {}
+        # Stored subscriptions: one row a feed, read once at start.
+        self.subscriptions: dict[str, Subscription] = subscription_rows.load(intake.store) if public_url else {}
+        self._pending: dict[str, float] = {}  # feed -> when a (re)subscription was asked, until verified
+
+    def _source(self, feed: str) -> HttpSource | None:
+        return next((s for s, _ in self.intake.sources if s.name == feed and isinstance(s, HttpSource)), None)
 
     def active(self, feed: str) -> bool:
         sub = self.subscriptions.get(feed)
         return bool(sub and sub.verified and time.time() < sub.expires)
 
     def renew_in(self, feed: str) -> float | None:
-        """Seconds until a verified subscription's lease should be renewed (by the next poll)."""
+        """Seconds until the next poll should (re)subscribe, for a verified subscription."""
         sub = self.subscriptions.get(feed)
         if sub is None or not sub.verified:
             return None
+        if feed in self._pending:  # renewal asked: ask again if the hub stays silent
+            return max(0.05, self._pending[feed] + VERIFY_WAIT - time.time())
         return max(0.05, sub.asked_at + RENEW_AT * (sub.expires - sub.asked_at) - time.time())
 
     def due(self, feed: str) -> bool:
-        """Not subscribed, or the lease is past RENEW_AT (and no answer is pending)."""
+        """Not subscribed, or the lease is past RENEW_AT, and no request awaits verification."""
         sub = self.subscriptions.get(feed)
         if sub is None:
             return True
+        if time.time() - self._pending.get(feed, -VERIFY_WAIT) < VERIFY_WAIT:
+            return False
         if not sub.verified:
-            return time.time() - sub.asked_at > 300  # the hub never verified: ask again
-        lease = sub.expires - sub.asked_at
-        return time.time() > sub.asked_at + RENEW_AT * lease
+            return True
+        return time.time() > sub.asked_at + RENEW_AT * (sub.expires - sub.asked_at)
 
-    async def after_poll(self, source: HttpSource, body: bytes, headers) -> None:
-        """Subscribe (or renew) when the feed names a hub; a hub that fails leaves polling as it was."""
+    async def after_poll(self, source: HttpSource, body: bytes | None, headers) -> None:
+        """Subscribe (or renew) when the feed names a hub; ``body`` None is a 304, which renews
+        where the feed was. A hub that fails leaves polling as it was."""
         if not self.public_url or not source.options.get("websub", True) or not self.due(source.name):
             return
-        found = await asyncio.to_thread(source.hub, body, headers)
+        sub = self.subscriptions.get(source.name)
+        found = await asyncio.to_thread(source.hub, body, headers) if body is not None else None
+        if found is None and body is None and sub is not None:
+            found = (sub.hub, sub.topic)
         if not found:
             return
         hub, topic = found
-        sub = Subscription(source, hub, topic, secrets.token_hex(32), time.time())
-        self.subscriptions[source.name] = sub
+        if sub is None or (sub.hub, sub.topic) != (hub, topic):
+            # Renewals keep the secret: pushes signed with it stay valid while the hub verifies.
+            sub = Subscription(source.name, hub, topic, secrets.token_hex(32), time.time())
+            self.subscriptions[source.name] = sub
+            await asyncio.to_thread(subscription_rows.save, self.intake.store, sub)
+        self._pending[source.name] = time.time()
         form = {"hub.mode": "subscribe", "hub.topic": topic, "hub.callback": f"{self.public_url}/websub/{source.name}",
                 "hub.secret": sub.secret, "hub.lease_seconds": str(LEASE_ASKED)}
         try:
-            status, answer = await self.intake.fetcher.post_form(hub, form)
+            for _ in range(HUB_REDIRECTS + 1):
+                status, answer, location = await self.intake.fetcher.post_form(hub, form, with_location=True)
+                if status not in (307, 308) or not location:
+                    break
+                hub = urljoin(hub, location)  # the form goes again, to the hub's new address
         except FetchError as exc:
             log.warning("feed %s: WebSub hub %s unreachable (%s); polling goes on", source.name, hub, exc,
                         extra={"feed": source.name})
@@ -92,13 +106,16 @@ class WebSub:
             log.warning("feed %s: WebSub hub %s refused the subscription (HTTP %d: %s); polling goes on",
                         source.name, hub, status, answer[:200].decode(errors="replace"), extra={"feed": source.name})
             return
+        if hub != sub.hub:
+            sub.hub = hub
+            await asyncio.to_thread(subscription_rows.save, self.intake.store, sub)
         log.info("feed %s: subscribed at WebSub hub %s, awaiting its verification", source.name, hub,
                  extra={"feed": source.name})
 
     # -- the hub's requests (routed from /websub/{feed}) -----------------------------------
-    def verify(self, feed: str, query) -> str | None:
+    async def verify(self, feed: str, query) -> str | None:
         """The challenge to echo when the hub's verification of intent matches a subscription
-        we asked for; None (answer 404) otherwise."""
+        we asked for; None (answer 404) otherwise (websub.rocks test 205)."""
         sub = self.subscriptions.get(feed)
         mode, topic = query.get("hub.mode"), query.get("hub.topic")
         if sub is None or topic != sub.topic:
@@ -107,32 +124,40 @@ class WebSub:
             log.warning("feed %s: WebSub hub denied the subscription (%s); polling goes on", feed,
                         query.get("hub.reason", "no reason given"), extra={"feed": feed})
             del self.subscriptions[feed]
+            self._pending.pop(feed, None)
+            await asyncio.to_thread(subscription_rows.delete, self.intake.store, feed)
             return ""
-        if mode != "subscribe" or not query.get("hub.challenge"):
+        if mode != "subscribe" or not query.get("hub.challenge") or (feed not in self._pending and not sub.verified):
             return None
         try:
             lease = float(query.get("hub.lease_seconds", LEASE_ASKED))
         except ValueError:
             lease = LEASE_ASKED
-        sub.verified, sub.asked_at, sub.expires = True, time.time(), time.time() + max(1.0, lease)
+        now = time.time()
+        sub.verified, sub.asked_at, sub.expires = True, now, now + max(1.0, lease)
+        self._pending.pop(feed, None)
+        await asyncio.to_thread(subscription_rows.save, self.intake.store, sub)
         log.info("feed %s: WebSub subscription verified for %.0f s", feed, lease, extra={"feed": feed})
         return query["hub.challenge"]
 
     async def deliver(self, feed: str, body: bytes, content_type: str | None, signature: str) -> str:
-        """Record a pushed feed document; the outcome is a metric label (a delivery is always
-        acknowledged, as the spec asks, even when it is ignored)."""
-        sub = self.subscriptions.get(feed)
-        if sub is None or not sub.verified:
+        """Record a pushed feed document; the outcome is a metric label. A wrong signature is
+        acknowledged and ignored (the spec's advice: no oracle for forgers); a missing one
+        is refused (websub.rocks test 302)."""
+        sub, source = self.subscriptions.get(feed), self._source(feed)
+        if sub is None or not sub.verified or source is None:
             return "unknown"
+        if not signature.strip():
+            log.warning("feed %s: unsigned WebSub delivery refused", feed, extra={"feed": feed})
+            return "unsigned"
         method, _, given = signature.partition("=")
         digest = SIGNATURES.get(method.strip().lower())
         if digest is None or not hmac.compare_digest(hmac.new(sub.secret.encode(), body, digest).hexdigest(),
                                                       given.strip().lower()):
-            log.warning("feed %s: WebSub delivery with a missing or wrong signature ignored", feed,
-                        extra={"feed": feed})
+            log.warning("feed %s: WebSub delivery with a wrong signature ignored", feed, extra={"feed": feed})
             return "bad_signature"
         try:
-            items = await asyncio.to_thread(sub.source.parse, body, content_type)
+            items = await asyncio.to_thread(source.parse, body, content_type)
         except FeedError as exc:
             log.warning("feed %s: WebSub delivery is not a feed (%s)", feed, exc, extra={"feed": feed})
             return "malformed"

@@ -202,6 +202,19 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE feed_state ADD COLUMN cursor TEXT;
     """,
+    # 12: WebSub subscriptions, so a restart (or a kill -9) keeps accepting the hub's signed
+    # pushes instead of waiting for a new subscription
+    """
+    CREATE TABLE websub_subscriptions (
+        feed     TEXT PRIMARY KEY,
+        hub      TEXT NOT NULL,
+        topic    TEXT NOT NULL,
+        secret   TEXT NOT NULL,
+        asked_at REAL NOT NULL,
+        verified INTEGER NOT NULL DEFAULT 0,
+        expires  REAL NOT NULL DEFAULT 0
+    );
+    """,
 ]
 
 
