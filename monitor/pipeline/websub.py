@@ -8,8 +8,9 @@ intent (a GET echoing ``hub.challenge``, answered only for a subscription we ask
 each delivery is a feed document signed with ``X-Hub-Signature`` (HMAC of the body under
 the secret), parsed by the feed's own adapter and recorded like a poll's items. Leases are
 renewed at 80% of their length, with the same secret and hub (also after a 304), and
-subscriptions are stored, so a restart or a kill -9 goes on accepting the hub's pushes. Polling goes on meanwhile, at ``SAFETY_POLL_SECONDS`` once
-subscribed, at the feed's interval while no hub answers.
+subscriptions are stored, so a restart or a kill -9 goes on accepting the hub's pushes.
+Polling goes on meanwhile, at ``SAFETY_POLL_SECONDS`` once subscribed, at the feed's
+interval while no hub answers.
 """
 
 from __future__ import annotations
