@@ -15,7 +15,7 @@ from aiohttp import ClientSession, web
 from feeds import make_source
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
-from tests.hosts import serve
+from tests.hosts import DaemonProcess, serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 
 pytestmark = pytest.mark.slow  # waits for a lease to come round
@@ -93,9 +93,15 @@ async def test_pushed_posts_are_recorded_signed_only_and_the_lease_is_renewed(tm
         topic = f"{images}/websub-feed.xml"
         feed_app = web.Application()
 
-        async def feed(request):
+        polls = []
+
+        async def feed(request):  # unchanged after the first poll: 304s from then on
+            polls.append(request.headers.get("If-None-Match"))
+            if request.headers.get("If-None-Match") == '"v1"':
+                return web.Response(status=304, headers={"ETag": '"v1"'})
             return web.Response(body=rss(images, [("p1", "other-apple.jpg")]), content_type="application/rss+xml",
-                                headers={"Link": f'<{hub_base}/hub>; rel="hub", <{topic}>; rel="self"'})
+                                headers={"Link": f'<{hub_base}/hub>; rel="hub", <{topic}>; rel="self"',
+                                         "ETag": '"v1"'})
         feed_app.router.add_get("/websub-feed.xml", feed)
         async with serve(feed_app) as feeds_base:
             cfg = config_for(images, db)
@@ -115,8 +121,10 @@ async def test_pushed_posts_are_recorded_signed_only_and_the_lease_is_renewed(tm
             # a push signed with another secret: acknowledged, ignored
             assert await hub.publish(rss(images, [("p3", "flip-rocket.jpg")]), secret="not-the-secret") == \
                 "bad_signature"
-            # the 2 s lease is renewed before it ends, by a poll and a new subscription
+            # the 2 s lease is renewed before it ends, by a poll (a 304: the hub is remembered)
+            # and a new subscription; once asked, no poll until the hub answers or the lease ends
             await until(lambda: len(hub.subscriptions) >= 2 and hub.verified[-1], timeout=15)
+            assert polls[0] is None and '"v1"' in polls[1:] and len(polls) <= 4, polls
             assert hub.subscriptions[1]["hub.secret"] == sub["hub.secret"]  # pushes in flight stay valid
             assert await hub.publish(rss(images, [("p4", "q30-coffee.jpg")])) == "recorded"
             await until(lambda: len(records) == 2)
@@ -128,3 +136,54 @@ async def test_pushed_posts_are_recorded_signed_only_and_the_lease_is_renewed(tm
     assert items == ["p1", "p2", "p4"]
     assert 'repost_monitor_websub_deliveries_total{feed="blog",result="recorded"} 2.0' in metrics
     assert 'repost_monitor_websub_deliveries_total{feed="blog",result="bad_signature"} 1.0' in metrics
+
+
+def test_a_subscription_outlives_a_kill_9(tmp_path, samples):
+    """The daemon as a subprocess, subscribed, SIGKILLed right after acknowledging a push,
+    restarted: the acknowledged push is downloaded and matched, and the hub's next push,
+    signed with the secret it was given before the kill, is accepted at once: no new
+    subscription needed (the hub granted an hour)."""
+    site, hub = PhotoSite(samples), Hub(lease=3600)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario():
+        async with serve(site.app()) as images, serve(hub.app()) as hub_base:
+            topic = f"{images}/websub-feed.xml"
+            feed_app = web.Application()
+
+            async def feed(request):
+                return web.Response(body=rss(images, [("p1", "other-apple.jpg")]), content_type="application/rss+xml",
+                                    headers={"Link": f'<{hub_base}/hub>; rel="hub", <{topic}>; rel="self"'})
+            feed_app.router.add_get("/websub-feed.xml", feed)
+            async with serve(feed_app) as feeds_base:
+                cfg = tmp_path / "c.toml"
+                cfg.write_text(
+                    f'[store]\npath = "{db}"\n[limits]\nallowed_networks = ["127.0.0.0/8"]\nper_host_rate = 2\n'
+                    f'[server]\nport = {port}\npublic_url = "http://127.0.0.1:{port}"\n'
+                    f'[[feeds]]\nname = "blog"\ntype = "rss"\nurl = "{feeds_base}/websub-feed.xml"\ninterval = 3600\n')
+                daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+                daemon.start()
+                await until(lambda: hub.verified == [True], 90)
+                assert await hub.publish(rss(images, [("p2", "small-chelsea.jpg"), ("p3", "flip-rocket.jpg")])) \
+                    == "recorded"
+                daemon.kill()  # acknowledged: its two pictures are owed
+                daemon.start()
+                answer = None
+                while answer != "recorded":  # 503 while the daemon starts, then accepted
+                    await asyncio.sleep(0.2)
+                    try:
+                        answer = await hub.publish(rss(images, [("p4", "q30-coffee.jpg")]))
+                    except OSError:
+                        pass
+                await until(lambda: query(db, "SELECT COUNT(*) FROM matches")[0][0] == 3, 60)
+                assert daemon.stop() == 0, daemon.log()[-2000:]
+
+    asyncio.run(scenario())
+    assert len(hub.subscriptions) == 1  # the stored subscription went on; nothing asked again
+    rows = query(db, "SELECT image_url, entry_id FROM matches")
+    assert len(rows) == len(set(rows)) == 3
+    assert sorted(i for (i,) in query(db, "SELECT item_id FROM seen_items")) == ["p1", "p2", "p3", "p4"]
