@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pipeline import make_thumbs, rss_mb  # noqa: E402 - bench/pipeline.py, beside this file
+from pipeline import make_thumbs, rss_mb, seed_library  # noqa: E402 - bench/pipeline.py, beside this file
 
 
 def host_process(thumbs: list[bytes], library_share: int, args, port_q, published) -> None:
@@ -178,26 +178,11 @@ def main() -> None:
     host = mp.Process(target=host_process, args=(thumbs, share, args, q, published), daemon=True)
     host.start()
     port = q.get()
-    from monitor.fingerprints import ALGORITHM_VERSION, fingerprint_bytes
-    from monitor.records.library import Library
-    from monitor.records.store import Store
     from monitor.warmup import warm_up
     warm_up(lambda text: print(text, file=sys.stderr))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.sqlite")
-        store = Store(path)
-        lib = Library(store)
-        for i, t in enumerate(thumbs[:share]):
-            lib.add_fingerprint(f"corpus/{i}", fingerprint_bytes(t))
-        rand = np.random.default_rng(5).integers(-(2**63), 2**63 - 1, size=(max(0, args.library - share), 4),
-                                                 dtype=np.int64)
-        with store.transaction() as conn:
-            conn.executemany(
-                "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
-                "phash_mirror, degenerate, added_at, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?)",
-                ((f"random/{i}", "random", 320, 240, *map(int, rand[i]), ALGORITHM_VERSION)
-                 for i in range(len(rand))))
-        store.close()
+        seed_library(path, thumbs[:share], args.library)
         out = asyncio.run(run(args, port, path, published))
     host.terminate()
     with open("/proc/cpuinfo") as fh:

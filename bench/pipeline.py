@@ -71,6 +71,26 @@ def host_process(thumbs: list[bytes], posts: int, batch: int, port_q) -> None:
     asyncio.run(main())
 
 
+def seed_library(path: str, pictures: list[bytes], size: int) -> None:
+    """A library of ``size`` entries: the fingerprints of ``pictures`` (which posts will
+    repost), the rest random rows written straight into the table."""
+    from monitor.fingerprints import ALGORITHM_VERSION, fingerprint_bytes
+    from monitor.records.library import Library
+    from monitor.records.store import Store
+    store = Store(path)
+    lib = Library(store)
+    for i, picture in enumerate(pictures):
+        lib.add_fingerprint(f"corpus/{i}", fingerprint_bytes(picture))
+    rand = np.random.default_rng(5).integers(-(2**63), 2**63 - 1, size=(max(0, size - len(pictures)), 4),
+                                             dtype=np.int64)
+    with store.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
+            "phash_mirror, degenerate, added_at, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?)",
+            ((f"random/{i}", "random", 320, 240, *map(int, rand[i]), ALGORITHM_VERSION) for i in range(len(rand))))
+    store.close()
+
+
 def histogram_quantile(metrics_text: str, name: str, q: float) -> float:
     buckets = []
     for line in metrics_text.splitlines():
@@ -169,25 +189,9 @@ def main() -> None:
     host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q), daemon=True)
     host.start()
     port = q.get()
-    from monitor.fingerprints import ALGORITHM_VERSION, fingerprint_bytes
-    from monitor.records.library import Library
-    from monitor.records.store import Store
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.sqlite")
-        store = Store(path)
-        lib = Library(store)
-        real = [fingerprint_bytes(t) for t in thumbs[:200]]  # some posts will match these
-        for i, fp in enumerate(real):
-            lib.add_fingerprint(f"corpus/{i}", fp)
-        rng = np.random.default_rng(5)
-        rand = rng.integers(-(2**63), 2**63 - 1, size=(args.library - len(real), 4), dtype=np.int64)
-        with store.transaction() as conn:
-            conn.executemany(
-                "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
-                "phash_mirror, degenerate, added_at, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?)",
-                ((f"random/{i}", "random", 320, 240, *map(int, rand[i]), ALGORITHM_VERSION)
-                 for i in range(len(rand))))
-        store.close()
+        seed_library(path, thumbs[:200], args.library)  # some posts will match these
         asyncio.run(run(args, port, path))
     with open(f"/proc/{host.pid}/stat") as fh:  # utime + stime, in clock ticks
         fields = fh.read().rsplit(")", 1)[1].split()

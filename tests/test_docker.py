@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT
+from tests.hosts import free_port
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
@@ -61,9 +61,7 @@ def test_install_entrypoint_and_healthcheck_in_a_clean_venv(tmp_path):
     r = subprocess.run([str(venv / "bin" / "pip"), *pip_args[1:-1], str(ROOT)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(f'[store]\npath = "{tmp_path / "data" / "store.sqlite"}"\n'
                       f'[server]\nhost = "127.0.0.1"\nport = {port}\n')

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-import socket
 
 import pytest
 from aiohttp import ClientSession, web
@@ -15,7 +14,7 @@ from aiohttp import ClientSession, web
 from feeds import make_source
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
-from tests.hosts import DaemonProcess, serve
+from tests.hosts import DaemonProcess, free_port, serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 
 pytestmark = pytest.mark.slow  # waits for a lease to come round
@@ -86,9 +85,7 @@ async def test_pushed_posts_are_recorded_signed_only_and_the_lease_is_renewed(tm
     site, hub = PhotoSite(samples), Hub(lease=2)
     db = tmp_path / "m.sqlite"
     make_library(db, samples)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     async with serve(site.app()) as images, serve(hub.app()) as hub_base:
         topic = f"{images}/websub-feed.xml"
         feed_app = web.Application()
@@ -146,9 +143,7 @@ def test_a_subscription_outlives_a_kill_9(tmp_path, samples):
     site, hub = PhotoSite(samples), Hub(lease=3600)
     db = tmp_path / "m.sqlite"
     make_library(db, samples)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     async def scenario():
         async with serve(site.app()) as images, serve(hub.app()) as hub_base:

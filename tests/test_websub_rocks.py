@@ -15,14 +15,13 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-import socket
 
 import pytest
 from aiohttp import ClientSession, web
 
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
-from tests.hosts import serve
+from tests.hosts import free_port, serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 
 pytestmark = pytest.mark.slow  # ~10 s: thirteen subscriptions, verified one by one
@@ -127,9 +126,7 @@ async def test_the_websub_rocks_subscriber_tests(tmp_path, samples):
     site, rocks = PhotoSite(samples), Rocks()
     db = tmp_path / "m.sqlite"
     make_library(db, samples)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     async with serve(site.app()) as images, serve(rocks.app()) as base:
         rocks.base, rocks.images = base, images
         cfg = config_for(images, db)
