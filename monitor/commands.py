@@ -59,8 +59,8 @@ def cmd_hash(args) -> int:
 
 def _store(args, *, writes: bool = False):
     """The store of ``--db``; only commands that add to it may create it."""
-    from monitor.records.store import Store
-    return Store(args.db, create=writes)
+    from monitor.records.engines import open_store
+    return open_store(args.db, create=writes)
 
 
 def cmd_library(args) -> int:

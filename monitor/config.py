@@ -41,7 +41,19 @@ class _Model(BaseModel):
 
 
 class StoreConfig(_Model):
-    path: str = "repost-monitor.sqlite"
+    path: str = "repost-monitor.sqlite"  # the embedded default: a SQLite file
+    url: str | None = None               # postgresql://user:password@host/db instead (scale-out)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store.url names a PostgreSQL database: postgresql://user:password@host:port/db")
+        return v
+
+    @property
+    def location(self) -> str:
+        return self.url or self.path
 
 
 class LibraryConfig(_Model):
@@ -313,7 +325,7 @@ def load_config(path: str | Path) -> Config:
     # Relative paths in the file are relative to the file, not to the cwd.
     base = path.resolve().parent
     return config.model_copy(update={
-        "store": StoreConfig(path=str(base / config.store.path)),
+        "store": config.store.model_copy(update={"path": str(base / config.store.path)}),
         "library": config.library.model_copy(update={"paths": [str(base / p) for p in config.library.paths]}),
         "feeds": [f.model_copy(update={"path": str(base / f.path)}) if f.path else f
                   for f in config.feeds],

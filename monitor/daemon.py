@@ -18,8 +18,9 @@ from monitor.fetch import Fetcher
 from monitor.metrics import Metrics
 from monitor.pipeline import FeedSettings, OnMatch, Pipeline
 from monitor.records.cache import FingerprintCache, default_cache_path
+from monitor.records.engines import open_store
 from monitor.records.library import Library
-from monitor.records.store import Store, StoreError
+from monitor.records.store import Store, StoreError  # Store: the interface both engines have
 from monitor.scan import add_files
 from monitor.search import radius
 from monitor.search.matcher import PRESETS, Matcher
@@ -122,7 +123,7 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
     metrics.init_labels([f.name for f in config.feeds], [a.name for a in config.alerts])
     say = say or (lambda text: log.info("%s", text))
     ready = {"ready": False, "phase": "starting"}
-    store = Store(config.store.path)
+    store = open_store(config.store.location)
     try:
         store.check_writable()
     except StoreError:
@@ -171,12 +172,12 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
         for source, why in report.skipped:
             log.warning("library: skipped %s: %s", source, why)
         cache.close()
-    log.info("library: %d entries indexed from %s", len(library.index), config.store.path)
+    log.info("library: %d entries indexed from %s", len(library.index), store.path)
     stale = await asyncio.to_thread(library.stale_count)
     if stale:
         log.warning("library: %d entries were fingerprinted by an older version or imported as "
                     "hashes; they match on fewer views until `repost-monitor library rehash "
-                    "--db %s` fingerprints them again", stale, config.store.path)
+                    "--db %s` fingerprints them again", stale, store.path)
     matcher = Matcher(library.index, PRESETS[config.match.tier])
     local_roots = tuple(f.path for f in config.feeds if f.type == "folder" and f.path)
     policy = config.alert_policy

@@ -40,3 +40,23 @@ def compiled_kernels():
     """
     from monitor.warmup import warm_up
     warm_up(None)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A PostgreSQL cluster of the tests' own (initdb in a temp dir, a free loopback port),
+    started on first use and stopped at the end of the session."""
+    from monitor.tools.services import throwaway
+    with throwaway(postgres=True, redis=False) as (pg, _):
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store_location(request, tmp_path) -> str:
+    """Where a store lives, for the repository tests that run on both engines: a SQLite
+    file, or a fresh database in the tests' PostgreSQL cluster (the slow tier: the cluster
+    takes seconds to start)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "m.sqlite")
+    import uuid
+    return request.getfixturevalue("postgres_cluster").create_database(f"t_{uuid.uuid4().hex[:16]}")

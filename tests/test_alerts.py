@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from monitor.daemon import run_daemon
+from monitor.records.engines import open_store
 from monitor.records.store import Store
 from tests.hosts import serve
 from tests.test_daemon import PhotoSite, config_for, make_library, until
@@ -79,13 +80,13 @@ def alert_config(base_feeds, base_recv, db, tmp_path, **over):
         ])]})
 
 
-async def test_alerts_reach_every_sink_once_with_signatures(tmp_path, samples):
+async def test_alerts_reach_every_sink_once_with_signatures(store_location, tmp_path, samples):
     site, recv = PhotoSite(samples), Receivers()
     site.post("rss", 1, ["small-chelsea.jpg", "other-apple.jpg"])
     site.post("json", 2, ["flip-rocket.jpg"])
     site.post("reddit", 3, ["q30-coffee.jpg"])
     site.post("mastodon", 4, ["small-chelsea.jpg"])
-    db = tmp_path / "m.sqlite"
+    db = store_location
     make_library(db, samples)
     async with serve(site.app()) as feeds, serve(recv.app()) as receivers:
         stop = asyncio.Event()
@@ -119,7 +120,7 @@ async def test_alerts_reach_every_sink_once_with_signatures(tmp_path, samples):
     assert sorted(x["library"]["label"] for x in lines) == ["library-coffee", "library-rocket"]
     assert 'repost_monitor_alert_deliveries_total{outcome="delivered",sink="slack"} 3.0' in metrics
     assert 'repost_monitor_alert_deliveries_total{outcome="failed",sink="slack"} 2.0' in metrics
-    states = Store(db).query("SELECT sink, state, COUNT(*) FROM alerts GROUP BY sink, state")
+    states = open_store(db).query("SELECT sink, state, COUNT(*) FROM alerts GROUP BY sink, state")
     assert sorted(states) == [("exact-only", "delivered", 2), ("hook", "delivered", 3),
                               ("slack", "delivered", 3)]
 
@@ -287,17 +288,17 @@ def _detect(store, outbox, n_alerts, start=1):
             url = f"http://reposts.example/{n}.jpg"
             conn.execute("INSERT INTO work (id, feed, item_id, image_url, discovered_at, state) "
                          "VALUES (?,?,?,?,?, 'done')", (n, "feed", str(n), url, _t.time()))
-            cur = conn.execute(
+            match_id = conn.execute(
                 "INSERT INTO matches (work_id, image_url, entry_id, tier, dhash_distance, phash_distance, "
-                "mirrored, feed, item_id, detected_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (n, url, 1, "near", 3, 4, 0, "feed", str(n), _t.time()))
+                "mirrored, feed, item_id, detected_at) VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                (n, url, 1, "near", 3, 4, 0, "feed", str(n), _t.time())).fetchone()[0]
             work = WorkItem(n, "feed", str(n), url, None, None, _t.time() - 5)
-            outbox.enqueue(conn, MatchRecord(cur.lastrowid, work, entry, Match(1, "near", 3, 4, False),
+            outbox.enqueue(conn, MatchRecord(match_id, work, entry, Match(1, "near", 3, 4, False),
                                              _t.time()))
     outbox.committed()
 
 
-async def test_a_backlog_after_an_outage_drains_in_ordered_batches(tmp_path):
+async def test_a_backlog_after_an_outage_drains_in_ordered_batches(store_location):
     from monitor.alerts.outbox import Outbox, SinkRule
     from monitor.alerts.sinks import SlackSink, WebhookSink
     from monitor.metrics import Metrics
@@ -330,7 +331,7 @@ async def test_a_backlog_after_an_outage_drains_in_ordered_batches(tmp_path):
     app = web.Application()
     app.router.add_post("/hook", hook)
     app.router.add_post("/slack", slack)
-    store = Store(tmp_path / "m.sqlite")
+    store = open_store(store_location)
     rule = SinkRule(backoff_base=0.05, backoff_max=0.2, max_attempts=1000)
     async with serve(app) as recv:
         outbox = Outbox(store, [(WebhookSink("hook", f"{recv}/hook", secret=SECRET, batch_size=50), rule),

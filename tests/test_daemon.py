@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
+from monitor.records.engines import is_url, open_store
 from monitor.records.library import Library
-from monitor.records.store import Store
 from monitor.scan import add_files
 from tests.conftest import PAYLOADS
 from tests.hosts import serve
@@ -158,7 +158,8 @@ def config_for(base, db, **extra):
              {"name": "broken", "type": "rss", "url": f"{base}/broken.xml"}]
     for f in feeds:
         f.update(interval=0.2, jitter=0.1, max_backoff=1.0)
-    return parse_config({"store": {"path": str(db)},
+    store = {"url": db} if is_url(db) else {"path": str(db)}
+    return parse_config({"store": store,
                          "limits": {"allowed_networks": ["127.0.0.0/8"], "max_image_bytes": 1_000_000,
                                     "read_timeout": 2, "retries": 1},
                          "library": {"reload_check_seconds": 0.2},
@@ -166,7 +167,7 @@ def config_for(base, db, **extra):
 
 
 def make_library(db, samples):
-    lib = Library(Store(db))
+    lib = Library(open_store(db))
     add_files(lib, sorted(samples.glob("library-*.jpg")), progress=False)
     lib.store.close()
 
@@ -181,14 +182,14 @@ async def until(predicate, timeout=30.0):
 
 
 def query(db, sql):
-    s = Store(db)
+    s = open_store(db)
     try:
         return s.query(sql)
     finally:
         s.close()
 
 
-async def test_every_feed_kind_end_to_end_with_bad_input(tmp_path, samples, caplog):
+async def test_every_feed_kind_end_to_end_with_bad_input(store_location, tmp_path, samples, caplog):
     caplog.set_level(logging.INFO)
     site = PhotoSite(samples)
     site.post("rss", 1, ["small-chelsea.jpg", "other-apple.jpg"])
@@ -196,7 +197,7 @@ async def test_every_feed_kind_end_to_end_with_bad_input(tmp_path, samples, capl
     site.post("reddit", 3, ["q30-coffee.jpg"])
     site.post("mastodon", 4, ["corrupt.jpg", "page.jpg", "oversized.jpg", "other-baboon.jpg"])
     site.post("mastodon", 5, ["small-chelsea.jpg"])  # the same URL again, through another feed
-    db = tmp_path / "m.sqlite"
+    db = store_location
     make_library(db, samples)
     records, running = [], {}
     async with serve(site.app()) as base:
@@ -285,13 +286,13 @@ async def test_feed_headers_from_config_reach_the_host(tmp_path, samples, monkey
     assert query(db, "SELECT consecutive_failures FROM feed_state WHERE feed='mastodon'") == [(0,)]
 
 
-async def test_restart_repeats_nothing_and_skips_nothing(tmp_path, samples):
+async def test_restart_repeats_nothing_and_skips_nothing(store_location, tmp_path, samples):
     site = PhotoSite(samples)
     names = ["small-chelsea.jpg", "flip-rocket.jpg", "q30-coffee.jpg", "other-apple.jpg",
              "other-baboon.jpg", "other-building.jpg", "other-coins.jpg"]
     for n, name in enumerate(names):
         site.post("rss", n, [name])
-    db = tmp_path / "m.sqlite"
+    db = store_location
     make_library(db, samples)
     first, second = [], []
     async with serve(site.app()) as base:
@@ -318,10 +319,10 @@ async def test_restart_repeats_nothing_and_skips_nothing(tmp_path, samples):
     assert query(db, "SELECT COUNT(*) FROM matches")[0][0] == 3
 
 
-async def test_library_changes_take_effect_without_restart(tmp_path, samples):
+async def test_library_changes_take_effect_without_restart(store_location, tmp_path, samples):
     site = PhotoSite(samples)
-    db = tmp_path / "m.sqlite"
-    Store(db).close()  # an empty library
+    db = store_location
+    open_store(db).close()  # an empty library
     records = []
     async with serve(site.app()) as base:
         stop = asyncio.Event()
@@ -331,7 +332,7 @@ async def test_library_changes_take_effect_without_restart(tmp_path, samples):
         await until(lambda: query(db, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 1)
         assert records == []
         # Another process adds to the library while the daemon runs.
-        other = Library(Store(db))
+        other = Library(open_store(db))
         add_files(other, [samples / "library-rocket.jpg"], progress=False)
         other.store.close()
         await asyncio.sleep(0.6)

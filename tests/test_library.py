@@ -1,4 +1,5 @@
-"""The protected library in a real SQLite file, its arrays and the fingerprint cache."""
+"""The protected library in a real store (a SQLite file; the tests taking ``store_location``
+run again on a PostgreSQL database), its arrays and the fingerprint cache."""
 
 import csv
 import shutil
@@ -10,6 +11,7 @@ from PIL import Image, ImageOps
 
 from monitor.fingerprints import fingerprint_bytes
 from monitor.records.cache import FingerprintCache
+from monitor.records.engines import open_store
 from monitor.records.library import Library, LibraryIndex, mirror_dhash, mirror_phash
 from monitor.records.store import Store
 from monitor.scan import add_files, fingerprint_files, import_csv, iter_image_files
@@ -17,9 +19,9 @@ from monitor.search.matcher import Matcher
 from tests.conftest import encode
 
 
-def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):
-    db = tmp_path / "lib.sqlite"
-    lib = Library(Store(db))
+def test_add_remove_reload_keeps_arrays_in_step(store_location, tmp_path, samples):
+    db = store_location
+    lib = Library(open_store(db))
     report = add_files(lib, [samples], cache=None, progress=False)
     assert len(report.added) == 16 and not report.skipped
     assert len(lib.index) == 16
@@ -28,7 +30,7 @@ def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):
     assert not lib.remove(victim)
     assert len(lib.index) == 15 and victim not in lib.index.ids.tolist()
     # A second process (here: a new Library on the same file) sees the same arrays.
-    again = Library(Store(db))
+    again = Library(open_store(db))
 
     def rows(index):  # (entry id, dhash, phash, fine hashes) of every row: whole picture and views
         return sorted(zip(index.ids.tolist(), index.hashes("dhash").tolist(),
@@ -37,7 +39,7 @@ def test_add_remove_reload_keeps_arrays_in_step(tmp_path, samples):
     assert again.index.rows > 15  # centre crops (and content boxes) are indexed too
     assert again.index.fine().any(axis=1).all()  # every row verifiable
     # A third start loads the packed snapshot the second one wrote: the same rows.
-    assert rows(Library(Store(db)).index) == rows(lib.index)
+    assert rows(Library(open_store(db)).index) == rows(lib.index)
     stats = again.stats()
     assert stats["entries"] == 15 and stats["indexed"] == 15
 
@@ -83,10 +85,10 @@ def test_bit_planes_stay_in_step_through_growth_adds_and_removes():
     assert (pq.tolist(), pl.tolist()) == tuple(x.tolist() for x in np.nonzero(ref))
 
 
-def test_degenerate_entries_are_stored_but_not_indexed(tmp_path):
+def test_degenerate_entries_are_stored_but_not_indexed(store_location, tmp_path):
     img = tmp_path / "flat.png"
     Image.new("RGB", (300, 200), (90, 90, 90)).save(img)
-    lib = Library(Store(tmp_path / "lib.sqlite"))
+    lib = Library(open_store(store_location))
     report = add_files(lib, [img], progress=False)
     assert report.added[0].degenerate == "flat"
     assert len(lib.index) == 0
@@ -183,12 +185,12 @@ def _as_written_before_fine_hashes(store):
                          (pack_views(views), eid))
 
 
-def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(tmp_path, library_images):
+def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(store_location, tmp_path, library_images):
     """Rows written by a version without fine hashes (NULL fine, 4-word views)."""
-    db = tmp_path / "lib.sqlite"
-    lib = Library(Store(db))
+    db = store_location
+    lib = Library(open_store(db))
     add_files(lib, library_images, cache=None, progress=False)
-    store = Store(db)
+    store = open_store(db)
     _as_written_before_fine_hashes(store)
     old = Library(store)
     assert old.index.rows == lib.index.rows and not old.index.fine().any()
@@ -199,7 +201,7 @@ def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(tmp_path, l
     assert m.entry_id == lib.entries()[0].id and m.fine_distance is None
 
 
-def test_rehash_brings_older_entries_up_to_date_in_place(tmp_path, library_images):
+def test_rehash_brings_older_entries_up_to_date_in_place(store_location, tmp_path, library_images):
     """`library rehash` (the real CLI) on rows written before fine hashes and the
     algorithm column: same ids and labels, fine hashes and views back, matches
     decided by the fine hashes again; an entry whose file is gone is kept and
@@ -208,13 +210,13 @@ def test_rehash_brings_older_entries_up_to_date_in_place(tmp_path, library_image
     import sys
 
     from monitor.fingerprints import ALGORITHM_VERSION
-    db = tmp_path / "lib.sqlite"
+    db = store_location
     files = [shutil.copy(p, tmp_path / p.name) for p in library_images[:3]]
-    lib = Library(Store(db))
+    lib = Library(open_store(db))
     add_files(lib, files, cache=None, progress=False, label="portfolio")
     before = {e.id: e for e in lib.entries()}
     _as_written_before_fine_hashes(lib.store)
-    assert Library(Store(db)).stats()["stale"] == 3
+    assert Library(open_store(db)).stats()["stale"] == 3
     gone = tmp_path / files[2].name
     gone.unlink()
 
@@ -224,7 +226,7 @@ def test_rehash_brings_older_entries_up_to_date_in_place(tmp_path, library_image
     assert "rehashed 2 entries" in out.stdout
     assert str(gone) in out.stderr and "re-add" in out.stderr
 
-    lib = Library(Store(db))
+    lib = Library(open_store(db))
     after = {e.id: e for e in lib.entries()}
     assert after.keys() == before.keys()  # in place: ids (and what links to them) stay
     assert all(after[i].label == "portfolio" and after[i].dhash == before[i].dhash for i in after)
@@ -240,21 +242,21 @@ def test_rehash_brings_older_entries_up_to_date_in_place(tmp_path, library_image
     assert m.entry_id == min(after) and m.tier == "near" and m.fine_distance is not None
 
 
-def test_adding_the_same_files_again_keeps_their_entries(tmp_path, library_images):
+def test_adding_the_same_files_again_keeps_their_entries(store_location, tmp_path, library_images):
     """The daemon adds its configured library paths at every start: unchanged
     files keep their ids (matches stay linked, nothing is new to retro-match);
     a changed file is a new entry."""
     files = [shutil.copy(p, tmp_path / p.name) for p in library_images[:3]]
-    lib = Library(Store(tmp_path / "lib.sqlite"))
+    lib = Library(open_store(store_location))
     first = [e.id for e in add_files(lib, files, cache=None, progress=False).added]
     version = lib.version()
-    again = Library(Store(tmp_path / "lib.sqlite"))
+    again = Library(open_store(store_location))
     assert [e.id for e in add_files(again, files, cache=None, progress=False).added] == first
     assert again.version() == version and len(again.index) == 3
     # An entry from an older version: the same picture, updated in place.
     with again.store.transaction() as conn:
         conn.execute("UPDATE library_entries SET fine=NULL, views=NULL, algorithm=NULL WHERE id=?", (first[0],))
-    assert Library(Store(tmp_path / "lib.sqlite")).stale_count() == 1
+    assert Library(open_store(store_location)).stale_count() == 1
     assert [e.id for e in add_files(again, files, cache=None, progress=False).added] == first
     assert again.stale_count() == 0 and again.index.fine()[again.index.ids == first[0]].any(axis=1).all()
     Image.open(library_images[4]).save(files[1])  # another picture under the same name

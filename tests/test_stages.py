@@ -1,6 +1,7 @@
-"""The pipeline's stages built directly, each with a real SQLite store in a temp folder, a
-real fetcher against a loopback photo site and the in-process transport: fast, and
-without the whole daemon around them."""
+"""The pipeline's stages built directly, each with a real store (a SQLite file in a temp
+folder, and again a PostgreSQL database in the tests' own cluster), a real fetcher against
+a loopback photo site and the in-process transport: fast, and without the whole daemon
+around them."""
 
 import asyncio
 import time
@@ -19,8 +20,8 @@ from monitor.pipeline.retro import LibraryWatcher
 from monitor.pipeline.transport import InProcessTransport
 from monitor.pipeline.worker import Worker
 from monitor.records import work as work_rows
+from monitor.records.engines import open_store
 from monitor.records.library import Library
-from monitor.records.store import Store
 from monitor.records.verdicts import set_verdict
 from monitor.scan import add_files
 from monitor.search.matcher import PRESETS, Matcher
@@ -31,8 +32,8 @@ LIMITS = FetchLimits(allowed_networks=("127.0.0.0/8",), retries=0, read_timeout=
 
 
 @pytest.fixture
-def library(tmp_path, samples):
-    lib = Library(Store(tmp_path / "m.sqlite"))
+def library(store_location, samples):
+    lib = Library(open_store(store_location))
     add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "rocket" not in p.name], progress=False)
     yield lib
     lib.store.close()

@@ -18,7 +18,7 @@ def recent_for_entry(conn: sqlite3.Connection, sink: str, entry_id: int, since: 
     """Alerts to ``sink`` for matches of ``entry_id`` since ``since``, counted up to ``limit``
     through the (entry_id, detected_at) index: flat cost however big a storm."""
     window = (sink, entry_id, since, since)
-    return conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 {_RECENT_FOR_ENTRY} LIMIT ?)",
+    return conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 {_RECENT_FOR_ENTRY} LIMIT ?) AS recent",
                         (*window, limit)).fetchone()[0]
 
 

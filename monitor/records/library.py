@@ -106,8 +106,9 @@ class Library:
         self._reload_rows()
         with self.store.transaction() as conn:
             if conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] == version:
-                conn.execute("INSERT OR REPLACE INTO index_snapshot (id, version, ids, dhash, phash, fine) "
-                             "VALUES (1, ?, ?, ?, ?, ?)",
+                conn.execute("INSERT INTO index_snapshot (id, version, ids, dhash, phash, fine) "
+                             "VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET version=excluded.version, "
+                             "ids=excluded.ids, dhash=excluded.dhash, phash=excluded.phash, fine=excluded.fine",
                              (version, self.index.ids.astype("<i8").tobytes(),
                               self.index.hashes("dhash").astype("<u8").tobytes(),
                               self.index.hashes("phash").astype("<u8").tobytes(),
@@ -171,7 +172,7 @@ class Library:
                                (source,)).fetchone()
             same_picture = old is not None and tuple(old[3:5]) == hashes[2:4]
             if same_picture:
-                conn.execute("UPDATE library_entries SET label=? WHERE id=? AND label IS NOT ?",
+                conn.execute("UPDATE library_entries SET label=? WHERE id=? AND label IS DISTINCT FROM ?",
                              (label, old[0], label))
                 if tuple(old[1:]) == hashes:
                     return self.get(old[0])
@@ -181,7 +182,7 @@ class Library:
                 entry_id = conn.execute(
                     "INSERT INTO library_entries (source, label, added_at, width, height, dhash, phash, "
                     "dhash_mirror, phash_mirror, degenerate, views, fine, algorithm) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (source, label, now, *hashes)).lastrowid
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id", (source, label, now, *hashes)).fetchone()[0]
         if same_picture:
             return self.replace_hashes(old[0], fp, algorithm)
         if old:
@@ -234,8 +235,9 @@ class Library:
         return _entry(rows[0]) if rows else None
 
     def entries(self, *, limit: int = -1, offset: int = 0) -> list[LibraryEntry]:
-        rows = self.store.query(f"SELECT {_COLUMNS} FROM library_entries ORDER BY id "
-                                "LIMIT ? OFFSET ?", (limit, offset))
+        # no limit: LIMIT -1 is SQLite's alone, LIMIT ALL PostgreSQL's alone
+        rows = self.store.query(f"SELECT {_COLUMNS} FROM library_entries ORDER BY id LIMIT ? OFFSET ?",
+                                (limit if limit >= 0 else 2**62, offset))
         return [_entry(r) for r in rows]
 
     def entries_by_id(self, ids: Iterable[int]) -> dict[int, LibraryEntry]:

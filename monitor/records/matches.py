@@ -46,18 +46,18 @@ def record(store: Store, work: WorkItem, matches: list[Match], fp: Fingerprint |
                 continue  # removed from the library a moment ago
             why = suppression(conn, m.entry_id, fp.dhash, feed=work.feed, author=work.author,
                               page_url=work.page_url, image_url=work.image_url)
-            cur = conn.execute(
+            row = conn.execute(
                 "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, dhash_distance, "
                 "phash_distance, mirrored, feed, item_id, page_url, author, published, detected_at, "
                 "repost_dhash, suppressed, fine_distance, matched_repost_dhash, matched_library_dhash) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance, m.phash_distance,
                  int(m.mirrored), work.feed, work.item_id, work.page_url, work.author, work.published, now,
                  u64_to_sql(fp.dhash), why, m.fine_distance,
                  None if m.query_dhash is None else u64_to_sql(m.query_dhash),
-                 None if m.library_dhash is None else u64_to_sql(m.library_dhash)))
-            if cur.rowcount:  # the same image URL via another feed: already recorded
-                rec = MatchRecord(cur.lastrowid, work, entry, m, now, why)
+                 None if m.library_dhash is None else u64_to_sql(m.library_dhash))).fetchone()
+            if row:  # none: the same image URL via another feed, already recorded
+                rec = MatchRecord(row[0], work, entry, m, now, why)
                 records.append(rec)
                 if enqueue is not None and why is None:
                     enqueue(conn, rec)

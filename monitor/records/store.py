@@ -218,8 +218,20 @@ _MIGRATIONS: list[str] = [
 ]
 
 
-# What a failing database raises, named here so no layer above records/ knows the engine.
-DatabaseError = sqlite3.Error
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:  # PostgreSQL support not installed: SQLite only
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
+
+
+# What a failing database raises (either engine), named here so no layer above records/
+# knows the engine: ``except DatabaseError``.
+DatabaseError = _database_errors()
 
 
 class StoreError(RuntimeError):
@@ -234,6 +246,8 @@ class Store:
     the file and loses at most the last transactions on power loss, not on
     a process kill.
     """
+
+    dialect = "sqlite"
 
     def __init__(self, path: str | Path, *, create: bool = True):
         """Open (and bring up to date) the store at ``path``; with ``create=False`` a
@@ -264,7 +278,8 @@ class Store:
         name, not later inside the pipeline."""
         try:
             with self.transaction() as conn:
-                conn.execute("INSERT OR REPLACE INTO store_meta (key, value) VALUES ('last_start', ?)",
+                conn.execute("INSERT INTO store_meta (key, value) VALUES ('last_start', ?) ON CONFLICT (key) "
+                             "DO UPDATE SET value=excluded.value",
                              (str(time.time()),))
         except sqlite3.Error as exc:
             raise StoreError(f"the store {self.path} cannot be written ({exc}); the daemon needs "

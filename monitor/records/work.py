@@ -78,13 +78,12 @@ def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> 
             new_items += 1
             published = item.published.timestamp() if item.published else None
             for url in item.image_urls:
-                cur = conn.execute(
+                row = conn.execute(
                     "INSERT OR IGNORE INTO work (feed, item_id, image_url, page_url, author, published, "
-                    "discovered_at) VALUES (?,?,?,?,?,?,?)",
-                    (feed, item.id, url, item.page_url, item.author, published, now))
-                if cur.rowcount:
-                    work.append(WorkItem(cur.lastrowid, feed, item.id, url, item.page_url, item.author,
-                                         published))
+                    "discovered_at) VALUES (?,?,?,?,?,?,?) RETURNING id",
+                    (feed, item.id, url, item.page_url, item.author, published, now)).fetchone()
+                if row:
+                    work.append(WorkItem(row[0], feed, item.id, url, item.page_url, item.author, published))
     return work, new_items
 
 
@@ -133,17 +132,23 @@ def cached_image(store: Store, url: str) -> Fingerprint | None:
     return stored_fingerprint(d, p, dm, pm, w, h, degenerate, fine, views)
 
 
+_IMAGE_COLUMNS = ("url, state, dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, error, "
+                  "fetched_at, fine, views")
+# A URL fetched again replaces its row whole (either engine).
+_IMAGE_UPSERT = "ON CONFLICT (url) DO UPDATE SET " + ", ".join(
+    f"{c}=excluded.{c}" for c in _IMAGE_COLUMNS.replace(" ", "").split(",")[1:])
+
+
 def image_failed(store: Store, url: str, error: str, now: float) -> None:
     with store.transaction() as conn:
-        conn.execute("INSERT OR REPLACE INTO images (url, state, error, fetched_at) VALUES (?,?,?,?)",
-                     (url, "failed", error, now))
+        conn.execute(f"INSERT INTO images ({_IMAGE_COLUMNS}) VALUES (?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?,?,"
+                     f"NULL,NULL) {_IMAGE_UPSERT}", (url, "failed", error, now))
 
 
 def image_ok(conn, url: str, fp: Fingerprint, now: float) -> None:
     """Inside the recording transaction: a new image's fingerprint, views and fine hashes."""
     conn.execute(
-        "INSERT OR REPLACE INTO images (url, state, dhash, phash, dhash_mirror, phash_mirror, width, height, "
-        "degenerate, error, fetched_at, fine, views) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT INTO images ({_IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) {_IMAGE_UPSERT}",
         (url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
          u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate, None, now, pack_fine(fp),
          pack_views(fp.views)))
