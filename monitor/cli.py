@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "library and record matches. SIGINT/SIGTERM stop it cleanly.")
     p.add_argument("--config", required=True, help="TOML config file")
     p.add_argument("--log-format", choices=("text", "json"), help="override log.format")
+    p.add_argument("--role", default="all",
+                   help="all (default: the whole daemon in one process), or roles of a scaled-out "
+                        "deployment over [transport] (Redis) and [store] url (PostgreSQL): "
+                        "intake, worker, shard:K (or shard: every shard), recorder, sender, comma-separated")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file",

@@ -302,12 +302,22 @@ def cmd_run(args) -> int:
     from monitor.logs import setup_logging
     config = load_config(args.config)
     setup_logging(args.log_format or config.log.format, config.log.level)
-    asyncio.run(run_daemon(config))
+    if args.role.strip() == "all":
+        asyncio.run(run_daemon(config))
+        return 0
+    from monitor.scaleout.node import parse_roles, run_node
+    try:
+        roles = parse_roles(args.role, config.transport.shards)
+    except ValueError as exc:
+        print(f"repost-monitor run: --role: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run_node(config, roles))
     return 0
 
 
 def cmd_check_config(args) -> int:
     from monitor.config import load_config
     config = load_config(args.config)
-    print(f"{args.config}: ok ({len(config.feeds)} feeds, store {config.store.path})")
+    store = config.store.path if config.store.url is None else "PostgreSQL"
+    print(f"{args.config}: ok ({len(config.feeds)} feeds, store {store})")
     return 0

@@ -231,6 +231,23 @@ class ServerConfig(_Model):
         return self
 
 
+class TransportConfig(_Model):
+    """Scale-out: the stages as roles in separate processes (``run --role``), work between
+    them on Redis Streams. Unused by ``--role all`` (one process, in-process queues)."""
+    url: str | None = None                # redis://host:port/db
+    prefix: str = "repost-monitor"        # stream and lease keys start with this
+    shards: Annotated[int, Field(ge=1, le=1024)] = 1   # the library split over this many shards
+    claim_idle_seconds: Annotated[float, Field(gt=0)] = 30.0  # a message held this long is taken over
+    max_deliveries: Annotated[int, Field(ge=1)] = 5    # then it goes to the dead-letter stream
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("transport.url names a Redis server: redis://host:port/db")
+        return v
+
+
 class LogConfig(_Model):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -245,6 +262,7 @@ class Config(_Model):
     alerts: list[AlertSinkConfig] = []
     alert_policy: AlertPolicyConfig = AlertPolicyConfig()
     server: ServerConfig = ServerConfig()
+    transport: TransportConfig = TransportConfig()
     log: LogConfig = LogConfig()
 
     @model_validator(mode="after")

@@ -58,7 +58,20 @@ def make_sink(cfg: AlertSinkConfig):
                           cfg.max_attempts, cfg.backoff_base, cfg.backoff_max)
 
 
-async def _warm_up_unless_stopped(say: Callable[[str], None], stop: asyncio.Event) -> bool:
+def configured_sources(config: Config) -> list[tuple[object, FeedSettings]]:
+    """(source adapter, watch settings) of every configured feed."""
+    out = []
+    for feed in config.feeds:
+        opts = {key: getattr(feed, key) for key in ("path", "catchup_url", "client_id", "client_secret",
+                                                    "user_agent", "token_url", "dids", "languages",
+                                                    "keywords", "image_url_template") if getattr(feed, key)}
+        opts["websub"] = feed.websub
+        out.append((make_source(feed.type, feed.name, feed.url, **opts),
+                    FeedSettings(feed.interval, feed.jitter, feed.max_backoff, tuple(feed.headers.items()))))
+    return out
+
+
+async def warm_up_unless_stopped(say: Callable[[str], None], stop: asyncio.Event) -> bool:
     """Compile the kernels (~30 s on a machine's first run) in a daemon thread, so a
     SIGTERM meanwhile stops the daemon at once: False if stopped first. (A thread of
     the default executor would hold the process until the compiler finished.)"""
@@ -150,7 +163,7 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
                  "AVX-512 VPOPCNTDQ" if "avx512vpopcntdq" in radius.host_features() else "no AVX-512 VPOPCNTDQ")
         metrics.set_build_info(kernel=kernel, cpu=radius.host_cpu())
         ready["phase"] = "compiling"
-        if not await _warm_up_unless_stopped(say, stop):
+        if not await warm_up_unless_stopped(say, stop):
             log.info("stopped while compiling the kernels")
             return
         ready["phase"] = "loading library"
@@ -194,14 +207,8 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
                             outbox=outbox,
                             retro_window=policy.retro_window_hours * 3600,
                             public_url=config.server.public_url)
-        for feed in config.feeds:
-            opts = {key: getattr(feed, key) for key in ("path", "catchup_url", "client_id", "client_secret",
-                                                        "user_agent", "token_url", "dids", "languages",
-                                                        "keywords", "image_url_template") if getattr(feed, key)}
-            opts["websub"] = feed.websub
-            pipeline.add_source(make_source(feed.type, feed.name, feed.url, **opts),
-                                FeedSettings(feed.interval, feed.jitter, feed.max_backoff,
-                                             tuple(feed.headers.items())))
+        for source, settings in configured_sources(config):
+            pipeline.add_source(source, settings)
         running = Running(config, store, library, pipeline, metrics, outbox, port=port, ready=ready)
         services.attach(store, library, pipeline, matcher, fetcher)
         if config.server.enabled:

@@ -85,6 +85,24 @@ class Metrics:
                                                "From alert created to delivered", ["sink"],
                                                buckets=LAG_BUCKETS, registry=r)
 
+        # Scale-out (roles over Redis Streams).
+        self.stream_length = Gauge(p + "stream_length", "Entries in a Redis stream between roles (work, "
+                                   "fingerprints, answers, dead)", ["stream"], registry=r)
+        self.stream_pending = Gauge(p + "stream_pending", "Entries delivered to a consumer group and not yet "
+                                    "acknowledged", ["stream", "group"], registry=r)
+        self.stream_lag = Gauge(p + "stream_lag", "Entries of a stream not yet delivered to the group",
+                                ["stream", "group"], registry=r)
+        self.stream_consumers = Gauge(p + "stream_consumers", "Consumers in a group (a shard group with none "
+                                      "makes posts wait)", ["stream", "group"], registry=r)
+        self.stream_oldest_pending_seconds = Gauge(p + "stream_oldest_pending_seconds", "Age of the oldest "
+                                                   "unacknowledged delivery", ["stream", "group"], registry=r)
+        self.shard_answers_waiting = Gauge(p + "shard_answers_waiting", "Images some shards have answered "
+                                           "for but not all (they wait, they are never recorded as no match)",
+                                           registry=r)
+        self.shard_answers_oldest_seconds = Gauge(p + "shard_answers_oldest_seconds", "How long the oldest "
+                                                  "incomplete image has waited for its shards", registry=r)
+        self.role_up = Gauge(p + "role_up", "1 for each role this process runs", ["role"], registry=r)
+
     def set_build_info(self, **extra: str) -> None:
         self.build_info.info({"version": __version__, "hash_algorithm": ALGORITHM_VERSION, **extra})
 

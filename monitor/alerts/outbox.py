@@ -61,8 +61,11 @@ def alert_payload(record, key: str) -> dict:
 
 class Outbox:
     def __init__(self, store: Store, sinks: list[tuple[object, SinkRule]], metrics: Metrics, *,
-                 flood_max: int = 20, flood_window: float = 600.0):
+                 flood_max: int = 20, flood_window: float = 600.0, idle_poll: float = 5.0):
         self.store = store
+        # An empty queue is read again this often; sooner when this process commits alerts
+        # (a sender in another process than the recorders polls at 0.5 s).
+        self.idle_poll = idle_poll
         self.sinks = sinks
         self.metrics = metrics
         # Past flood_max alerts for one entry within flood_window seconds, one
@@ -144,7 +147,7 @@ class Outbox:
             rows = alert_rows.queue_head(self.store, sink.name, max(100, batch_size))
             if not rows:
                 self._update_gauges(sink.name, force=True)
-                await self._sleep(sink.name, 5.0, stop)
+                await self._sleep(sink.name, self.idle_poll, stop)
                 continue
             while rows and not stop.is_set():
                 wait = rows[0][2] - time.time()

@@ -45,6 +45,10 @@ class Intake:
     def add_source(self, source: HttpSource | LocalSource, settings: FeedSettings) -> None:
         self.sources.append((source, settings))
 
+    def watch(self, source, cfg: FeedSettings, stop: asyncio.Event):
+        """The coroutine that watches one source until ``stop``: polls, or a held stream."""
+        return (self.streams.run if isinstance(source, StreamSource) else self._watch)(source, cfg, stop)
+
     def tasks(self, stop: asyncio.Event) -> list[asyncio.Task]:
         return [asyncio.create_task((self.streams.run if isinstance(s, StreamSource) else self._watch)(s, cfg, stop),
                                     name=f"watch:{s.name}") for s, cfg in self.sources] + [

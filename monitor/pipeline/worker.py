@@ -181,11 +181,17 @@ class Worker:
         finally:
             del self._inflight[work.image_url]
 
+    async def fingerprint(self, work: WorkItem) -> tuple[Fingerprint, bool]:
+        """(the image's fingerprint, whether it was fetched now) without matching: a fetch
+        worker of a scaled-out deployment, whose shards match (``matcher`` None)."""
+        fp, matches, _ = await self._fingerprint_url(work)
+        return fp, matches is not None  # None: from the store or another worker's fetch
+
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
         fp, seconds = fingerprint_query(data, self.max_pixels)
         self.metrics.fingerprint_seconds.observe(seconds)
-        return fp, self.match_timed(fp)
+        return fp, (self.match_timed(fp) if self.matcher is not None else [])
 
     async def _fingerprint_in_process(self, data: bytes) -> tuple[Fingerprint, float]:
         for _ in range(2):

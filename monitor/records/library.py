@@ -66,10 +66,17 @@ class AddReport:
 
 
 class Library:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, shard: tuple[int, int] | None = None):
+        """``shard`` (k, S): index only the entries whose id is k modulo S (a shard process
+        of a library split S ways); the table stays whole."""
         self.store = store
+        self.shard = shard
+        self._owned = "" if shard is None else f" AND id % {int(shard[1])} = {int(shard[0])}"
         self.index = LibraryIndex()
         self.reload()
+
+    def owns(self, entry_id: int) -> bool:
+        return self.shard is None or entry_id % self.shard[1] == self.shard[0]
 
     def version(self) -> int:
         """Bumped by triggers on every change to the table, by any process."""
@@ -85,8 +92,8 @@ class Library:
         """(id, fingerprint with its views and fine hashes) of usable entries above ``entry_id``."""
         out = []
         for eid, d, p, views, fine in self.store.query(
-                "SELECT id, dhash, phash, views, fine FROM library_entries WHERE id > ? AND degenerate IS NULL",
-                (entry_id,)):
+                "SELECT id, dhash, phash, views, fine FROM library_entries WHERE id > ? AND degenerate IS NULL"
+                + self._owned, (entry_id,)):
             fine, _ = unpack_fine(fine)
             out.append((eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0,
                                          views=unpack_views(views, with_fine=bool(fine)), fine=fine)))
@@ -97,6 +104,9 @@ class Library:
         (a million entries in a fraction of a second), else from the rows,
         then store a new snapshot for the next start."""
         version = self.version()
+        if self.shard is not None:  # the packed snapshot is of the whole library
+            self._reload_rows()
+            return
         snap = self.store.query("SELECT ids, dhash, phash, fine FROM index_snapshot WHERE id=1 "
                                 "AND version=? AND fine IS NOT NULL", (version,))
         if snap:
@@ -118,15 +128,15 @@ class Library:
         width = 1 + len(HASH_FIELDS)
         with self.store.lock:
             cursor = self.store.conn.execute(
-                f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL "
+                f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL{self._owned} "
                 "ORDER BY id")
             # fromiter over the flattened cursor: no list of a million tuples.
             flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
             fine_rows = self.store.conn.execute(
-                "SELECT id, fine FROM library_entries WHERE degenerate IS NULL ORDER BY id").fetchall()
+                f"SELECT id, fine FROM library_entries WHERE degenerate IS NULL{self._owned} ORDER BY id").fetchall()
             view_rows = self.store.conn.execute(
                 "SELECT id, views, fine IS NOT NULL FROM library_entries "
-                "WHERE degenerate IS NULL AND views IS NOT NULL").fetchall()
+                f"WHERE degenerate IS NULL AND views IS NOT NULL{self._owned}").fetchall()
         table = flat.reshape(-1, width)
         ids = [table[:, 0]]
         hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}
@@ -187,7 +197,7 @@ class Library:
             return self.replace_hashes(old[0], fp, algorithm)
         if old:
             self.index.remove(old[0])
-        if fp.degenerate is None:
+        if fp.degenerate is None and self.owns(entry_id):
             self.index.add(entry_id, fp)
         return LibraryEntry(entry_id, source, label, fp.width, fp.height, fp.dhash, fp.phash,
                             fp.dhash_mirror, fp.phash_mirror, fp.degenerate, now)
@@ -219,7 +229,7 @@ class Library:
                  pack_views(fp.views), pack_fine(fp), algorithm, entry_id))
         with self.index.lock:  # matchers never see the entry missing between the two
             self.index.remove(entry_id)
-            if fp.degenerate is None:
+            if fp.degenerate is None and self.owns(entry_id):
                 self.index.add(entry_id, fp)
         return self.get(entry_id)
 
@@ -241,15 +251,7 @@ class Library:
         return [_entry(r) for r in rows]
 
     def entries_by_id(self, ids: Iterable[int]) -> dict[int, LibraryEntry]:
-        ids = sorted({int(i) for i in ids})
-        out: dict[int, LibraryEntry] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in self.store.query(f"SELECT {_COLUMNS} FROM library_entries "
-                                      f"WHERE id IN ({marks})", chunk):
-                out[r[0]] = _entry(r)
-        return out
+        return entries_by_id(self.store, ids)
 
     def stats(self) -> dict:
         total, degenerate, first, last = self.store.query(
@@ -285,3 +287,15 @@ def mirror_phash(value: int) -> int:
     bits = np.unpackbits(np.frombuffer(value.to_bytes(8, "big"), np.uint8)).reshape(8, 8)
     bits[:, 1::2] ^= 1
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def entries_by_id(store: Store, ids: Iterable[int]) -> dict[int, LibraryEntry]:
+    """The entries with these ids (no index needed: a recorder of a scaled-out deployment)."""
+    ids = sorted({int(i) for i in ids})
+    out: dict[int, LibraryEntry] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        for r in store.query(f"SELECT {_COLUMNS} FROM library_entries WHERE id IN ({marks})", chunk):
+            out[r[0]] = _entry(r)
+    return out

@@ -36,33 +36,42 @@ def record(store: Store, work: WorkItem, matches: list[Match], fp: Fingerprint |
            enqueue: Callable[[object, MatchRecord], object] | None = None) -> list[MatchRecord]:
     """One transaction: a new image's fingerprint, each match (once per image URL and
     entry), the alerts ``enqueue(conn, record)`` queues for it, and the work row closed."""
-    records = []
     with store.transaction() as conn:
-        if new_image:
-            work_rows.image_ok(conn, work.image_url, fp, now)
-        for m in matches:
-            entry = entries.get(m.entry_id)
-            if entry is None:
-                continue  # removed from the library a moment ago
-            why = suppression(conn, m.entry_id, fp.dhash, feed=work.feed, author=work.author,
-                              page_url=work.page_url, image_url=work.image_url)
-            row = conn.execute(
-                "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, dhash_distance, "
-                "phash_distance, mirrored, feed, item_id, page_url, author, published, detected_at, "
-                "repost_dhash, suppressed, fine_distance, matched_repost_dhash, matched_library_dhash) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
-                (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance, m.phash_distance,
-                 int(m.mirrored), work.feed, work.item_id, work.page_url, work.author, work.published, now,
-                 u64_to_sql(fp.dhash), why, m.fine_distance,
-                 None if m.query_dhash is None else u64_to_sql(m.query_dhash),
-                 None if m.library_dhash is None else u64_to_sql(m.library_dhash))).fetchone()
-            if row:  # none: the same image URL via another feed, already recorded
-                rec = MatchRecord(row[0], work, entry, m, now, why)
-                records.append(rec)
-                if enqueue is not None and why is None:
-                    enqueue(conn, rec)
-        if close_work:
-            work_rows.close(conn, work.id, error, now)
+        return record_in(conn, work, matches, fp, entries, now, error=error, close_work=close_work,
+                         new_image=new_image, enqueue=enqueue)
+
+
+def record_in(conn, work: WorkItem, matches: list[Match], fp: Fingerprint | None,
+              entries: dict[int, LibraryEntry], now: float, *, error: str | None = None,
+              close_work: bool = True, new_image: bool = False,
+              enqueue: Callable[[object, MatchRecord], object] | None = None) -> list[MatchRecord]:
+    """:func:`record` inside a transaction the caller holds."""
+    records = []
+    if new_image:
+        work_rows.image_ok(conn, work.image_url, fp, now)
+    for m in matches:
+        entry = entries.get(m.entry_id)
+        if entry is None:
+            continue  # removed from the library a moment ago
+        why = suppression(conn, m.entry_id, fp.dhash, feed=work.feed, author=work.author,
+                          page_url=work.page_url, image_url=work.image_url)
+        row = conn.execute(
+            "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, dhash_distance, "
+            "phash_distance, mirrored, feed, item_id, page_url, author, published, detected_at, "
+            "repost_dhash, suppressed, fine_distance, matched_repost_dhash, matched_library_dhash) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+            (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance, m.phash_distance,
+             int(m.mirrored), work.feed, work.item_id, work.page_url, work.author, work.published, now,
+             u64_to_sql(fp.dhash), why, m.fine_distance,
+             None if m.query_dhash is None else u64_to_sql(m.query_dhash),
+             None if m.library_dhash is None else u64_to_sql(m.library_dhash))).fetchone()
+        if row:  # none: the same image URL via another feed, already recorded
+            rec = MatchRecord(row[0], work, entry, m, now, why)
+            records.append(rec)
+            if enqueue is not None and why is None:
+                enqueue(conn, rec)
+    if close_work:
+        work_rows.close(conn, work.id, error, now)
     return records
 
 

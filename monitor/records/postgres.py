@@ -187,21 +187,31 @@ CREATE TABLE websub_subscriptions (
 );
 """
 
-# (schema version, script): the baseline brings an empty database to SQLite's version.
-_MIGRATIONS: list[tuple[int, str]] = [(12, _BASELINE)]
+# (schema version, script): the baseline brings an empty database to SQLite's version 12;
+# each later one is the twin of SQLite's of the same number.
+_MIGRATIONS: list[tuple[int, str]] = [(12, _BASELINE), (13, """
+CREATE TABLE shard_answers (
+    work_id   BIGINT NOT NULL,
+    shard     INTEGER NOT NULL,
+    matches   TEXT NOT NULL,
+    added_at  DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (work_id, shard)
+);
+""")]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 
 
 @functools.lru_cache(maxsize=512)
-def translate(sql: str) -> str:
-    """SQLite's dialect, as the repositories write it, in psycopg's."""
+def translate(sql: str, bound: bool = True) -> str:
+    """SQLite's dialect, as the repositories write it, in psycopg's (``bound``: parameters
+    follow, so a literal % is escaped; without parameters psycopg leaves the text alone)."""
     ignore = re.match(r"\s*INSERT\s+OR\s+IGNORE\s+INTO\b", sql, re.IGNORECASE)
     if ignore:
         sql = "INSERT INTO" + sql[ignore.end():]
         at = re.search(r"\bRETURNING\b", sql, re.IGNORECASE)
         sql = (sql[:at.start()] + "ON CONFLICT DO NOTHING " + sql[at.start():] if at
                else sql.rstrip().rstrip(";") + " ON CONFLICT DO NOTHING")
-    return sql.replace("%", "%%").replace("?", "%s")
+    return sql.replace("%", "%%").replace("?", "%s") if bound else sql
 
 
 def redact(url: str) -> str:
@@ -220,7 +230,10 @@ class Connection:
 
     def execute(self, sql: str, params=()):
         cur = self.raw.cursor()
-        cur.execute(translate(sql), tuple(params) if params else None)
+        if params:
+            cur.execute(translate(sql), tuple(params))
+        else:
+            cur.execute(translate(sql, False))
         return cur
 
     def executemany(self, sql: str, rows):

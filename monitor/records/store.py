@@ -215,6 +215,17 @@ _MIGRATIONS: list[str] = [
         expires  REAL NOT NULL DEFAULT 0
     );
     """,
+    # 13: scale-out, what each shard answered for an image until every shard has: the
+    # recorder that stores the last answer records the image's matches, once
+    """
+    CREATE TABLE shard_answers (
+        work_id   INTEGER NOT NULL,
+        shard     INTEGER NOT NULL,
+        matches   TEXT NOT NULL,
+        added_at  REAL NOT NULL,
+        PRIMARY KEY (work_id, shard)
+    );
+    """,
 ]
 
 

@@ -87,10 +87,15 @@ def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> 
     return work, new_items
 
 
-def pending(store: Store) -> list[WorkItem]:
-    """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first."""
+def pending(store: Store, discovered_before: float | None = None) -> list[WorkItem]:
+    """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first; or
+    only the rows discovered before a time."""
+    if discovered_before is None:
+        return [WorkItem(*r) for r in store.query(
+            f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' ORDER BY id")]
     return [WorkItem(*r) for r in store.query(
-        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' ORDER BY id")]
+        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' AND discovered_at < ? ORDER BY id",
+        (discovered_before,))]
 
 
 def first_for_url(store: Store, url: str) -> WorkItem | None:

@@ -1,0 +1,33 @@
+"""Scale-out: each shard's answer for an image (its matches, as JSON) until every shard has
+answered. The answers and the decision to record are serialised on the image's work row,
+so with any number of recorders an image is recorded once, by whichever stores the last
+answer."""
+
+from __future__ import annotations
+
+from monitor.records.store import Store
+
+
+def hold_work(conn, work_id: int) -> str | None:
+    """Lock the work row for this transaction (PostgreSQL: the row; SQLite: the transaction
+    already holds the database); its state, or None if there is no such row."""
+    conn.execute("UPDATE work SET state=state WHERE id=?", (work_id,))
+    row = conn.execute("SELECT state FROM work WHERE id=?", (work_id,)).fetchone()
+    return row[0] if row else None
+
+
+def add(conn, work_id: int, shard: int, matches: str, now: float) -> dict[int, str]:
+    """Store one shard's answer (a repeat is ignored); every answer so far, by shard."""
+    conn.execute("INSERT OR IGNORE INTO shard_answers (work_id, shard, matches, added_at) VALUES (?,?,?,?)",
+                 (work_id, shard, matches, now))
+    return dict(conn.execute("SELECT shard, matches FROM shard_answers WHERE work_id=?", (work_id,)).fetchall())
+
+
+def clear(conn, work_id: int) -> None:
+    conn.execute("DELETE FROM shard_answers WHERE work_id=?", (work_id,))
+
+
+def waiting(store: Store, now: float) -> tuple[int, float]:
+    """(images with some shards' answers but not all, seconds the oldest has waited)."""
+    count, oldest = store.query("SELECT COUNT(DISTINCT work_id), MIN(added_at) FROM shard_answers")[0]
+    return count, (now - oldest) if oldest is not None else 0.0

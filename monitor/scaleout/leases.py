@@ -1,0 +1,53 @@
+"""Leases in Redis: one live holder of a thing at a time (a feed's watcher, an alert sink's
+sender), handed over within seconds when the holder dies (the key expires)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import RedisError
+
+log = logging.getLogger("repost_monitor.scaleout")
+
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+LEASE_SECONDS = 5.0  # a dead holder's lease is free this long after its last renewal
+
+
+async def hold(redis, key: str, holder: str, work: Callable[[], Awaitable[None]], stop: asyncio.Event,
+               ttl: float = LEASE_SECONDS) -> None:
+    """Run ``work()`` whenever this process holds ``key``: try to take it every ttl/3 s, renew
+    it as often while working, and cancel the work the moment it is lost."""
+    ms = str(int(ttl * 1000))
+    while not stop.is_set():
+        try:
+            got = await redis.set(key, holder, nx=True, px=int(ms))
+        except (RedisError, OSError):
+            got = False
+        if got:
+            log.info("lease %s taken", key)
+            task = asyncio.create_task(work(), name=f"lease:{key}")
+            try:
+                while not stop.is_set() and not task.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(task), ttl / 3)
+                    if task.done():
+                        break
+                    try:
+                        kept = await redis.eval(_RENEW, 1, key, holder, ms)
+                    except (RedisError, OSError):
+                        kept = 0  # cannot prove we still hold it: stop working
+                    if not kept:
+                        log.warning("lease %s lost; its work stops here", key)
+                        break
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                with contextlib.suppress(RedisError, OSError):
+                    await redis.eval(_RELEASE, 1, key, holder)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), ttl / 3)

@@ -1,0 +1,217 @@
+"""`repost-monitor run --role ROLE[,ROLE...]`: one process running some roles of a
+scaled-out deployment (any mix; as many such processes on as many machines as wanted).
+
+Roles: ``intake``, ``worker``, ``shard:K`` (K of ``transport.shards``; ``shard`` alone is
+every shard), ``recorder``, ``sender``. Every process serves ``/healthz``, ``/readyz``
+(ready once its roles run) and ``/metrics`` on ``[server]``; the intake also sweeps work
+rows left pending (queued by an intake that died between storing and queuing them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from monitor.alerts.outbox import Outbox
+from monitor.api.server import make_app, start_server
+from monitor.config import Config
+from monitor.daemon import configured_sources, make_sink, warm_up_unless_stopped
+from monitor.fetch import Fetcher
+from monitor.metrics import Metrics
+from monitor.pipeline.intake import Intake
+from monitor.pipeline.recorder import OnMatch, Recorder
+from monitor.pipeline.retro import LibraryWatcher
+from monitor.pipeline.worker import Worker
+from monitor.records import shard_answers
+from monitor.records import work as work_rows
+from monitor.records.engines import open_store
+from monitor.records.library import Library
+from monitor.scaleout import leases
+from monitor.scaleout.roles import FetchRole, RecorderRole, ShardRole, StreamTransport
+from monitor.scaleout.streams import ANSWERS, DEAD, FINGERPRINTS, WORK, RedisStreams, with_retry
+from monitor.search.matcher import PRESETS, Matcher
+
+log = logging.getLogger("repost_monitor.scaleout")
+
+ROLES = ("intake", "worker", "shard", "recorder", "sender")
+SWEEP_AFTER = 300.0  # a work row pending this long, and not re-queued since, is queued again
+
+
+def parse_roles(text: str, shards: int) -> list[tuple[str, int | None]]:
+    """"intake,worker,shard:0" -> [("intake", None), ("worker", None), ("shard", 0)]."""
+    out: list[tuple[str, int | None]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, number = part.partition(":")
+        if name not in ROLES:
+            raise ValueError(f"unknown role {name!r} (roles: all, {', '.join(ROLES)})")
+        if name != "shard":
+            if number:
+                raise ValueError(f"role {name} takes no number")
+            out.append((name, None))
+        elif not number:
+            out += [("shard", k) for k in range(shards)]
+        elif not number.isdigit() or int(number) >= shards:
+            raise ValueError(f"shard {number} of transport.shards = {shards}: shards are 0..{shards - 1}")
+        else:
+            out.append(("shard", int(number)))
+    if not out:
+        raise ValueError("no role given")
+    return out
+
+
+async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop: asyncio.Event | None = None,
+                   on_match: OnMatch | None = None, install_signals: bool = True,
+                   say: Callable[[str], None] | None = None) -> None:
+    if not config.transport.url:
+        raise ValueError("roles talk through Redis: set [transport] url = \"redis://...\"")
+    stop = stop or asyncio.Event()
+    if install_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    names = sorted({f"shard:{k}" if k is not None else n for n, k in roles})
+    metrics = Metrics()
+    for name in names:
+        metrics.role_up.labels(name).set(1)
+    ready = {"ready": False, "phase": "starting", "roles": names}
+    store = await asyncio.to_thread(open_store, config.store.location)
+    t = config.transport
+    streams = RedisStreams(t.url, t.prefix, claim_idle=t.claim_idle_seconds, max_deliveries=t.max_deliveries)
+    runner = None
+    try:
+        if config.server.enabled:
+            runner, port = await start_server(make_app(metrics, ready), config.server.host, config.server.port)
+            log.info("roles %s: /healthz, /readyz, /metrics on http://%s:%d", ",".join(names),
+                     config.server.host, port)
+        if any(n in ("worker", "shard") for n, _ in roles):
+            ready["phase"] = "compiling"
+            if not await warm_up_unless_stopped(say or (lambda text: log.info("%s", text)), stop):
+                return
+        ready["phase"] = "loading"
+        node = _Node(config, store, streams, metrics, stop, on_match)
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in await node.roles(roles)]
+        tasks.append(asyncio.create_task(node.watch_streams(any(n == "recorder" for n, _ in roles))))
+        ready.update(ready=True, phase="running")
+        log.info("running roles: %s", ", ".join(names))
+        await stop.wait()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await streams.close()
+        await asyncio.to_thread(store.close)
+        log.info("stopped")
+
+
+class _Node:
+    def __init__(self, config: Config, store, streams: RedisStreams, metrics: Metrics, stop: asyncio.Event,
+                 on_match):
+        self.config, self.store, self.streams, self.metrics, self.stop = config, store, streams, metrics, stop
+        policy = config.alert_policy
+        self.outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics, flood_max=policy.flood_max,
+                             flood_window=policy.flood_window_minutes * 60, idle_poll=0.5)
+        self.on_match = on_match
+
+    def recorder(self, library: Library | None) -> Recorder:
+        return Recorder(self.store, library, self.metrics, outbox=self.outbox, on_match=self.on_match)
+
+    def lease_key(self, what: str) -> str:
+        return f"{self.streams.prefix}:lease:{what}"
+
+    async def roles(self, roles) -> list[tuple[str, object]]:
+        cfg, out = self.config, []
+        limits = cfg.limits
+        for name, k in roles:
+            if name == "intake":
+                out.append(("intake", self.intake()))
+            elif name == "worker":
+                fetcher = Fetcher(limits.fetch_limits(()), observe=self.metrics.observe_fetch)
+                worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
+                                workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
+                                fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels)
+                out.append(("worker", self._with_fetcher(fetcher, FetchRole(worker, self.streams,
+                                                                            self.recorder(None),
+                                                                            limits.concurrency).run(self.stop))))
+            elif name == "shard":
+                library = await asyncio.to_thread(Library, self.store, (k, cfg.transport.shards))
+                log.info("shard %d of %d: %d entries indexed", k, cfg.transport.shards, len(library.index))
+                matcher = Matcher(library.index, PRESETS[cfg.match.tier])
+                watcher = LibraryWatcher(self.store, library, matcher, self.recorder(library), self.metrics,
+                                         check_seconds=min(cfg.library.reload_check_seconds, 1.0),
+                                         retro_window=cfg.alert_policy.retro_window_hours * 3600)
+                role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics)
+                out += [(f"shard:{k}", role.run(self.stop)), (f"library:{k}", watcher.run(self.stop))]
+            elif name == "recorder":
+                role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None), self.metrics)
+                out.append(("recorder", role.run(self.stop)))
+            elif name == "sender":
+                out.append(("sender", leases.hold(self.streams.redis, self.lease_key("sender"),
+                                                  self.streams.consumer, lambda: self.outbox.run(self.stop),
+                                                  self.stop)))
+        return out
+
+    async def _with_fetcher(self, fetcher: Fetcher, coro) -> None:
+        async with fetcher:
+            await coro
+
+    async def intake(self) -> None:
+        transport = StreamTransport(self.streams, self.stop, self.config.limits.queue_size)
+        sources = configured_sources(self.config)
+        roots = tuple(s.options["path"] for s, _ in sources if getattr(s, "kind", "") == "folder")
+        async with Fetcher(self.config.limits.fetch_limits(roots), observe=self.metrics.observe_fetch) as fetcher:
+            intake = Intake(self.store, fetcher, self.metrics, transport)
+            for source, settings in sources:
+                intake.add_source(source, settings)
+            held = [leases.hold(self.streams.redis, self.lease_key(f"feed:{s.name}"), self.streams.consumer,
+                                lambda s=s, c=c: intake.watch(s, c, self.stop), self.stop) for s, c in sources]
+            held.append(leases.hold(self.streams.redis, self.lease_key("sweeper"), self.streams.consumer,
+                                    lambda: self.sweep(transport), self.stop))
+            await asyncio.gather(*held)
+
+    async def sweep(self, transport: StreamTransport) -> None:
+        """Queue again the work rows pending for long (an intake died between storing and
+        queuing them); a row queued twice is recorded once."""
+        requeued: dict[int, float] = {}
+        while not self.stop.is_set():
+            now = time.time()
+            for row in await asyncio.to_thread(work_rows.pending, self.store, now - SWEEP_AFTER):
+                if now - requeued.get(row.id, 0.0) > SWEEP_AFTER:
+                    await transport.put(row)
+                    requeued[row.id] = now
+            try:
+                await asyncio.wait_for(self.stop.wait(), 60)
+            except TimeoutError:
+                pass
+
+    async def watch_streams(self, recorder: bool) -> None:
+        """The streams' gauges every 2 s; trimming under a lease (one trimmer is enough)."""
+        trimmed = 0.0
+        while not self.stop.is_set():
+            for stream in (WORK, FINGERPRINTS, ANSWERS):
+                stats = await with_retry("stream stats", lambda s=stream: self.streams.group_stats(s), self.stop)
+                for g in stats or []:
+                    labels = (stream, g["group"])
+                    self.metrics.stream_pending.labels(*labels).set(g["pending"])
+                    self.metrics.stream_lag.labels(*labels).set(g["lag"])
+                    self.metrics.stream_consumers.labels(*labels).set(g["consumers"])
+                    self.metrics.stream_oldest_pending_seconds.labels(*labels).set(g["oldest_pending_seconds"])
+            for stream in (WORK, FINGERPRINTS, ANSWERS, DEAD):
+                length = await with_retry("stream length", lambda s=stream: self.streams.length(s), self.stop)
+                self.metrics.stream_length.labels(stream).set(length or 0)
+            if recorder:
+                waiting, oldest = await asyncio.to_thread(shard_answers.waiting, self.store, time.time())
+                self.metrics.shard_answers_waiting.set(waiting)
+                self.metrics.shard_answers_oldest_seconds.set(oldest)
+            if time.monotonic() - trimmed > 10:
+                trimmed = time.monotonic()
+                got = await with_retry("trim lease", lambda: self.streams.redis.set(
+                    self.lease_key("trimmer"), self.streams.consumer, nx=True, px=15000), self.stop)
+                if got:
+                    for stream in (WORK, FINGERPRINTS, ANSWERS):
+                        await with_retry("trim", lambda s=stream: self.streams.trim(s), self.stop)
+            try:
+                await asyncio.wait_for(self.stop.wait(), 2.0)
+            except TimeoutError:
+                pass

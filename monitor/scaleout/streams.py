@@ -1,0 +1,185 @@
+"""Redis Streams between the roles: consumer groups, the pending-entries list, XAUTOCLAIM.
+
+Three streams carry the work (names under ``prefix``):
+
+- ``work``: work rows, intake -> fetch workers (group ``workers``);
+- ``fingerprints``: an image's fingerprint, workers -> every shard (group ``shard-K`` per
+  shard: each shard sees every fingerprint; replicas of a shard share its group's load);
+- ``answers``: one shard's matches for one image, shards -> recorders (group ``recorders``).
+
+Delivery is at least once: a message is acknowledged after its effect is stored; one held
+by a consumer that died is claimed by another after ``claim_idle`` seconds; one delivered
+``max_deliveries`` times goes to the ``dead`` stream (with where it came from) and is
+acknowledged, so a poison message never stalls the rest. Streams are trimmed below the
+oldest entry any group still needs, so Redis memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+log = logging.getLogger("repost_monitor.scaleout")
+
+WORK, FINGERPRINTS, ANSWERS, DEAD = "work", "fingerprints", "answers", "dead"
+
+
+def consumer_name() -> str:
+    """Unique per process (a replica on another machine, or a restart, is a new consumer)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+
+
+class RedisStreams:
+    def __init__(self, url: str, prefix: str = "repost-monitor", *, claim_idle: float = 30.0,
+                 max_deliveries: int = 5, dead_max: int = 100_000):
+        self.url = url
+        self.prefix = prefix
+        self.claim_idle_ms = int(claim_idle * 1000)
+        self.max_deliveries = max_deliveries
+        self.dead_max = dead_max
+        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
+        self.consumer = consumer_name()
+
+    def key(self, stream: str) -> str:
+        return f"{self.prefix}:{stream}"
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """The group reads the stream from its start: what was added before it existed too."""
+        try:
+            await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def add(self, stream: str, fields: dict) -> bytes:
+        return await self.redis.xadd(self.key(stream), fields)
+
+    async def read(self, stream: str, group: str, count: int, block: float) -> list[tuple[bytes, dict]]:
+        """Messages for this consumer: first those other consumers held too long (claimed),
+        then new ones, waiting up to ``block`` seconds."""
+        claimed = await self._claim(stream, group, count)
+        if claimed:
+            return claimed
+        got = await self.redis.xreadgroup(group, self.consumer, {self.key(stream): ">"}, count=count,
+                                          block=max(1, int(block * 1000)))
+        return [(mid, fields) for _, messages in got or [] for mid, fields in messages if fields is not None]
+
+    async def ack(self, stream: str, group: str, *ids: bytes) -> None:
+        if ids:
+            await self.redis.xack(self.key(stream), group, *ids)
+
+    async def _claim(self, stream: str, group: str, count: int) -> list[tuple[bytes, dict]]:
+        key = self.key(stream)
+        # Too many deliveries: to the dead-letter stream, acknowledged, out of everyone's way.
+        stale = await self.redis.xpending_range(key, group, min="-", max="+", count=count * 4,
+                                                idle=self.claim_idle_ms)
+        for entry in stale:
+            if entry["times_delivered"] >= self.max_deliveries:
+                await self.dead_letter(stream, group, entry["message_id"], entry["times_delivered"])
+        _, messages, _ = await self.redis.xautoclaim(key, group, self.consumer, self.claim_idle_ms,
+                                                     start_id="0-0", count=count)
+        return [(mid, fields) for mid, fields in messages if fields is not None]
+
+    async def dead_letter(self, stream: str, group: str, message_id: bytes, deliveries: int) -> None:
+        rows = await self.redis.xrange(self.key(stream), min=message_id, max=message_id)
+        fields = rows[0][1] if rows else {}
+        await self.redis.xadd(self.key(DEAD), {**fields, "origin_stream": stream, "origin_group": group,
+                                              "origin_id": message_id, "deliveries": str(deliveries),
+                                              "dead_at": str(time.time())}, maxlen=self.dead_max)
+        await self.redis.xack(self.key(stream), group, message_id)
+        log.error("message %s of %s (group %s) delivered %d times: moved to the dead-letter stream",
+                  message_id.decode(), stream, group, deliveries)
+
+    async def trim(self, stream: str) -> None:
+        """Drop the entries every group of the stream has read and acknowledged."""
+        key = self.key(stream)
+        try:
+            groups = await self.redis.xinfo_groups(key)
+        except ResponseError:
+            return  # no such stream yet
+        if not groups:
+            return
+        floor = None
+        for g in groups:
+            pending = await self.redis.xpending(key, g["name"])
+            oldest = pending["min"] if pending["pending"] else None
+            last = g["last-delivered-id"]
+            need = oldest if oldest is not None else _next_id(last)
+            floor = need if floor is None or _id_key(need) < _id_key(floor) else floor
+        if floor is not None:
+            await self.redis.xtrim(key, minid=floor, approximate=False)
+
+    async def group_stats(self, stream: str) -> list[dict]:
+        """Per group: consumers, pending, lag (entries not yet delivered), oldest pending age."""
+        key = self.key(stream)
+        try:
+            groups = await self.redis.xinfo_groups(key)
+        except ResponseError:
+            return []
+        out = []
+        for g in groups:
+            oldest_age = 0.0
+            if g["pending"]:
+                first = await self.redis.xpending_range(key, g["name"], min="-", max="+", count=1)
+                oldest_age = first[0]["time_since_delivered"] / 1000 if first else 0.0
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            out.append({"group": name, "consumers": g["consumers"], "pending": g["pending"],
+                        "lag": g.get("lag") or 0, "oldest_pending_seconds": oldest_age})
+        return out
+
+    async def length(self, stream: str) -> int:
+        return await self.redis.xlen(self.key(stream))
+
+    async def dead(self, count: int = 100) -> list[tuple[bytes, dict]]:
+        return await self.redis.xrange(self.key(DEAD), count=count)
+
+    async def replay_dead(self, ids: list[bytes] | None = None) -> int:
+        """Put dead letters back on their streams (all, or the given ids); the number replayed."""
+        replayed = 0
+        for mid, fields in await self.redis.xrange(self.key(DEAD)):
+            if ids is not None and mid not in ids:
+                continue
+            origin = fields.get(b"origin_stream", b"").decode()
+            body = {k: v for k, v in fields.items() if not k.startswith((b"origin_", b"deliveries", b"dead_at"))}
+            if origin:
+                await self.redis.xadd(self.key(origin), body)
+                await self.redis.xdel(self.key(DEAD), mid)
+                replayed += 1
+        return replayed
+
+
+def _id_key(mid) -> tuple[int, int]:
+    text = mid.decode() if isinstance(mid, bytes) else mid
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(mid) -> str:
+    ms, seq = _id_key(mid)
+    return f"{ms}-{seq + 1}"
+
+
+async def with_retry(what: str, call, stop: asyncio.Event, max_backoff: float = 5.0):
+    """Run ``call()`` until it succeeds or ``stop`` is set: Redis away (a restart) is waited
+    out with backoff, never a crash of the role."""
+    delay = 0.1
+    while not stop.is_set():
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(max_backoff, delay * 2)
+    return None

@@ -1,0 +1,63 @@
+"""What travels on the streams: a work row, a fingerprint, a shard's matches, as flat
+string fields (no pickle: a message is data, whoever wrote it)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict
+
+from monitor.fingerprints import Fingerprint
+from monitor.fingerprints.codec import pack_fine, pack_views, stored_fingerprint, u64_to_sql
+from monitor.records.work import WorkItem
+from monitor.search.matcher import Match
+
+
+def _text(fields: dict, key: str) -> str | None:
+    value = fields.get(key.encode(), fields.get(key))
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def work_fields(w: WorkItem) -> dict[str, str]:
+    return {"work": json.dumps([w.id, w.feed, w.item_id, w.image_url, w.page_url, w.author, w.published])}
+
+
+def work_from(fields: dict) -> WorkItem:
+    doc = json.loads(_text(fields, "work") or "null")
+    if not isinstance(doc, list) or len(doc) != 7 or not isinstance(doc[0], int):
+        raise ValueError("no work row in the message")
+    return WorkItem(*doc)
+
+
+def _b64(blob: bytes | None) -> str:
+    return base64.b64encode(blob).decode() if blob else ""
+
+
+def fingerprint_fields(fp: Fingerprint, fetched: bool) -> dict[str, str]:
+    return {"fp": json.dumps([u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
+                              u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate,
+                              _b64(pack_fine(fp)), _b64(pack_views(fp.views)), fetched])}
+
+
+def fingerprint_from(fields: dict) -> tuple[Fingerprint, bool]:
+    """(fingerprint, whether the worker fetched the image: its row is still to be written)."""
+    doc = json.loads(_text(fields, "fp") or "null")
+    if not isinstance(doc, list) or len(doc) != 10:
+        raise ValueError("no fingerprint in the message")
+    d, p, dm, pm, w, h, degenerate, fine, views, fetched = doc
+    return stored_fingerprint(d, p, dm, pm, w, h, degenerate, base64.b64decode(fine) if fine else None,
+                              base64.b64decode(views) if views else None), bool(fetched)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value  # numpy scalars from the kernels
+
+
+def matches_json(matches: list[Match]) -> str:
+    return json.dumps([{k: _plain(v) for k, v in asdict(m).items()} for m in matches])
+
+
+def matches_from(text: str) -> list[Match]:
+    return [Match(**m) for m in json.loads(text)]

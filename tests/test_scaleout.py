@@ -1,0 +1,123 @@
+"""Scale-out: the roles over a real Redis (redis-server, appendonly) and a real PostgreSQL
+(initdb), both started by the tests on free loopback ports; the same posts through the
+one-process daemon (SQLite) and through the roles give the same matches and alerts."""
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from aiohttp import web
+
+from monitor.config import parse_config
+from monitor.daemon import run_daemon
+from monitor.records.engines import open_store
+from monitor.scaleout.node import parse_roles, run_node
+from tests.hosts import serve
+from tests.test_daemon import PhotoSite, config_for, make_library, query, until
+
+pytestmark = pytest.mark.slow  # starts PostgreSQL and Redis
+
+REPOSTS = ["small-chelsea.jpg", "flip-rocket.jpg", "q30-coffee.jpg"]
+OTHERS = ["other-apple.jpg", "other-baboon.jpg", "other-building.jpg", "other-coins.jpg"]
+
+
+@pytest.fixture(scope="module")
+def services():
+    from monitor.tools.services import throwaway
+    with throwaway() as (pg, rd):
+        yield pg, rd
+
+
+class Hooks:
+    """A webhook receiver keeping every delivery, repeats included (to count duplicates)."""
+
+    def __init__(self):
+        self.deliveries: list[dict] = []
+
+    def app(self):
+        app = web.Application()
+
+        async def hook(request):
+            self.deliveries.append(json.loads(await request.read()))
+            return web.Response(text="ok")
+        app.router.add_post("/hook", hook)
+        return app
+
+    def labels(self) -> list[str]:
+        return sorted(a["library"]["label"] for a in self.deliveries)
+
+
+def names(rows):
+    """(image file name, entry id, tier) of match rows: the hosts' ports differ between runs."""
+    return [(u.rsplit("/", 1)[-1], e, t) for u, e, t in rows]
+
+
+def post_everything(site: PhotoSite) -> None:
+    for n, name in enumerate(REPOSTS + OTHERS + ["truncated.jpg"]):
+        site.post("rss" if n % 2 else "json", n, [name])
+
+
+def scaled_config(base, hooks, pg_url, redis_url, shards, **extra):
+    cfg = config_for(base, pg_url)
+    feeds = [f.model_dump() for f in cfg.feeds if f.name in ("rss", "json")]
+    return parse_config({**cfg.model_dump(), "feeds": feeds, "server": {"enabled": False},
+                         "alerts": [{"name": "hook", "type": "webhook", "url": f"{hooks}/hook"}],
+                         "transport": {"url": redis_url, "prefix": f"t-{uuid.uuid4().hex[:8]}", "shards": shards,
+                                       "claim_idle_seconds": 2.0, **extra}})
+
+
+def test_roles_are_parsed_and_checked():
+    assert parse_roles("intake,worker,shard:1,recorder,sender", 2) == [
+        ("intake", None), ("worker", None), ("shard", 1), ("recorder", None), ("sender", None)]
+    assert parse_roles("shard", 3) == [("shard", 0), ("shard", 1), ("shard", 2)]
+    for bad in ("shard:2", "bogus", "worker:1", ""):
+        with pytest.raises(ValueError):
+            parse_roles(bad, 2)
+
+
+async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_path, samples):
+    pg, rd = services
+    # The embedded default: one process, SQLite.
+    site, hooks = PhotoSite(samples), Hooks()
+    post_everything(site)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    async with serve(site.app()) as base, serve(hooks.app()) as recv:
+        cfg = config_for(base, db)
+        cfg = parse_config({**cfg.model_dump(), "feeds": [f.model_dump() for f in cfg.feeds
+                                                          if f.name in ("rss", "json")],
+                            "alerts": [{"name": "hook", "type": "webhook", "url": f"{recv}/hook"}]})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, install_signals=False))
+        await until(lambda: len(hooks.deliveries) == 3 and query(db, "SELECT COUNT(*) FROM work WHERE "
+                                                                      "state='pending'")[0][0] == 0)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    one_process = sorted(query(db, "SELECT image_url, entry_id, tier FROM matches"))
+    # The roles, all in this process, over Redis and PostgreSQL, the library in 2 shards.
+    site2, hooks2 = PhotoSite(samples), Hooks()
+    post_everything(site2)
+    url = pg.create_database(f"s_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    records = []
+    async with serve(site2.app()) as base, serve(hooks2.app()) as recv:
+        cfg = scaled_config(base, recv, url, rd.url, shards=2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 2),
+                                            stop=stop, on_match=records.append, install_signals=False))
+        await until(lambda: len(hooks2.deliveries) == 3 and query(url, "SELECT COUNT(*) FROM work WHERE "
+                                                                       "state='pending'")[0][0] == 0, 60)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    scaled = sorted(query(url, "SELECT image_url, entry_id, tier FROM matches"))
+    assert names(scaled) == names(one_process) and len(scaled) == 3
+    assert hooks2.labels() == hooks.labels() == ["library-chelsea", "library-coffee", "library-rocket"]
+    assert sorted(r.entry.label for r in records) == hooks.labels()
+    failed = query(url, "SELECT image_url, error FROM work WHERE state='failed'")
+    assert [u.rsplit("/", 1)[-1] for u, _ in failed] == ["truncated.jpg"]
+    assert query(url, "SELECT COUNT(*) FROM shard_answers") == [(0,)]
+    store = open_store(url)
+    assert store.query("SELECT COUNT(*) FROM alerts WHERE state='delivered'") == [(3,)]
+    store.close()
