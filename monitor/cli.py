@@ -19,6 +19,7 @@ from monitor.commands import (
     cmd_match,
     cmd_matches,
     cmd_run,
+    cmd_streams,
 )
 from monitor.search.tiers import TIER_NAMES
 from monitor.version import __version__
@@ -198,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "deployment over [transport] (Redis) and [store] url (PostgreSQL): "
                         "intake, worker, shard:K (or shard: every shard), recorder, sender, comma-separated")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("streams", help="scale-out: the Redis streams between roles, and dead letters",
+                       description="stats: length, consumers, pending and lag of every stream and group. "
+                                   "dead: the messages moved to the dead-letter stream after max_deliveries "
+                                   "failed deliveries (JSON). replay [ID...]: put them (all, or the given "
+                                   "ones) back on their streams.")
+    p.add_argument("--config", required=True, help="TOML config file (its [transport])")
+    p.add_argument("action", choices=("stats", "dead", "replay"))
+    p.add_argument("ids", nargs="*", help="dead-letter ids to replay (default: all)")
+    p.set_defaults(func=cmd_streams)
 
     p = sub.add_parser("check-config", help="validate a config file",
                        description="Validate a TOML config; each problem names its key.")

@@ -315,6 +315,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_streams(args) -> int:
+    import asyncio
+
+    from monitor.config import load_config
+    from monitor.scaleout import admin
+    config = load_config(args.config)
+    if args.action == "stats":
+        print(admin.dumps(asyncio.run(admin.stats(config))))
+    elif args.action == "dead":
+        print(admin.dumps(asyncio.run(admin.dead(config))))
+    else:
+        print(f"replayed {asyncio.run(admin.replay(config, args.ids))} dead letters")
+    return 0
+
+
 def cmd_check_config(args) -> int:
     from monitor.config import load_config
     config = load_config(args.config)

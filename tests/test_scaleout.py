@@ -121,3 +121,63 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
     store = open_store(url)
     assert store.query("SELECT COUNT(*) FROM alerts WHERE state='delivered'") == [(3,)]
     store.close()
+
+
+async def test_a_poison_answer_is_dead_lettered_and_nothing_else_stalls(services, tmp_path, samples):
+    """An answer the recorder cannot store (its fingerprint's width is not a number) fails on
+    every delivery: after max_deliveries it is in the dead-letter stream, with where it came
+    from; the good answer behind it was recorded at once. `streams dead` shows it and
+    `streams replay` puts it back."""
+    import subprocess
+    import sys
+
+    from feeds import FeedItem
+    from monitor.fingerprints import fingerprint_bytes
+    from monitor.records import work as work_rows
+    from monitor.scaleout.streams import ANSWERS, RedisStreams
+    from monitor.scaleout.wire import fingerprint_fields, matches_json, work_fields
+    from monitor.search.matcher import Match
+    from tests.conftest import SAMPLES
+    pg, rd = services
+    url = pg.create_database(f"p_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    store = open_store(url)
+    items = [FeedItem("feed", f"i{n}", (f"http://x/{n}.jpg",)) for n in (1, 2)]
+    (bad, good), _ = work_rows.record_items(store, "feed", items, 0.0)
+    store.close()
+    fp = fingerprint_bytes((SAMPLES / "library-chelsea.jpg").read_bytes(), views="query")
+    cfg = scaled_config("http://127.0.0.1:9", "http://127.0.0.1:9", url, rd.url, shards=1, max_deliveries=3,
+                        claim_idle_seconds=0.5)
+    streams = RedisStreams(rd.url, cfg.transport.prefix)
+    poison = {**work_fields(bad), **fingerprint_fields(fp, True), "shard": "0",
+              "matches": matches_json([Match(1, "exact", 0, 0, False)])}
+    poison["fp"] = poison["fp"].replace(f", {fp.width}, {fp.height},", ', "wide", 1,', 1)
+    await streams.add(ANSWERS, poison)
+    await streams.add(ANSWERS, {**work_fields(good), **fingerprint_fields(fp, True), "shard": "0",
+                                "matches": matches_json([Match(1, "exact", 0, 0, False)])})
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_node(cfg, [("recorder", None)], stop=stop, install_signals=False))
+    await until(lambda: query(url, "SELECT work_id FROM matches") == [(good.id,)], 20)
+    dead = []
+    for _ in range(100):
+        dead = await streams.dead()
+        if dead:
+            break
+        await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    assert len(dead) == 1 and dead[0][1][b"origin_stream"] == b"answers"
+    assert int(dead[0][1][b"deliveries"]) >= 3
+    assert query(url, "SELECT state FROM work ORDER BY id") == [("pending",), ("done",)]
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[store]\nurl = "{url}"\n[transport]\nurl = "{rd.url}"\nprefix = "{cfg.transport.prefix}"\n')
+    shown = subprocess.run([sys.executable, "-m", "monitor", "streams", "--config", str(conf), "dead"],
+                           capture_output=True, text=True, timeout=60)
+    [letter] = json.loads(shown.stdout)
+    assert letter["stream"] == "answers" and letter["group"] == "recorders" and letter["deliveries"] >= 3
+    assert json.loads(letter["fields"]["work"])[0] == bad.id
+    replayed = subprocess.run([sys.executable, "-m", "monitor", "streams", "--config", str(conf), "replay"],
+                              capture_output=True, text=True, timeout=60)
+    assert "replayed 1 dead letters" in replayed.stdout, replayed.stderr
+    assert await streams.dead() == [] and await streams.length(ANSWERS) >= 1
+    await streams.close()
