@@ -269,3 +269,40 @@ def test_roles_as_processes_survive_a_kill_9_of_each_kind(services, tmp_path, sa
     alerts = query(url, "SELECT match_id, idempotency_key FROM alerts WHERE sink='hook' ORDER BY match_id")
     assert len(alerts) == 15 and hooks.keys == [k for _, k in alerts]  # once each, in match order
     assert query(url, "SELECT COUNT(*) FROM shard_answers") == [(0,)]
+
+
+async def test_redis_and_postgresql_restarted_mid_stream_lose_nothing(services, tmp_path, samples):
+    """Redis (appendonly) and then PostgreSQL restarted while the roles work: they wait,
+    reconnect with backoff and resume; every image is recorded, every alert delivered once."""
+    pg, rd = services
+    url = pg.create_database(f"r_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    site, hooks = PhotoSite(samples), OrderedHooks()
+    names = [f"{name}?v={n}" for n in range(5) for name in REPOSTS + OTHERS]
+    for n, name in enumerate(names):
+        site.post("rss" if n % 2 else "json", n, [name])
+    async with serve(site.app()) as base, serve(hooks.app()) as recv:
+        cfg = scaled_config(base, recv, url, rd.url, shards=2)
+        cfg = parse_config({**cfg.model_dump(), "limits": {**cfg.limits.model_dump(), "per_host_rate": 5},
+                            "alerts": [{"name": "hook", "type": "webhook", "url": f"{recv}/hook",
+                                        "backoff_base": 0.2}]})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 2),
+                                            stop=stop, install_signals=False))
+
+        def done():
+            return query(url, "SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0]
+        await until(lambda: done() >= 8, 60)
+        await asyncio.to_thread(rd.restart)
+        await until(lambda: done() >= 18, 60)
+        await asyncio.to_thread(pg.restart)
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work") == [(len(names),)]
+                    and done() == len(names) and len(hooks.alerts) == 15, 120)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    rows = query(url, "SELECT image_url, entry_id FROM matches")
+    assert len(rows) == len(set(rows)) == 15
+    assert query(url, "SELECT state, COUNT(*) FROM work GROUP BY state") == [("done", len(names))]
+    alerts = query(url, "SELECT idempotency_key FROM alerts WHERE sink='hook' ORDER BY match_id")
+    assert hooks.keys == [k for (k,) in alerts]

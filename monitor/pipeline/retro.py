@@ -12,7 +12,7 @@ from monitor.pipeline.recorder import Recorder
 from monitor.records import work as work_rows
 from monitor.records.library import Library
 from monitor.records.matches import MatchRecord
-from monitor.records.store import Store
+from monitor.records.store import DatabaseError, Store
 from monitor.search.index import LibraryIndex
 from monitor.search.matcher import Matcher, query_rows
 
@@ -35,13 +35,17 @@ class LibraryWatcher:
                 return
             except TimeoutError:
                 pass
-            now = await asyncio.to_thread(self.library.signature)
-            if now != known:
-                await asyncio.to_thread(self.library.reload)
-                log.info("library changed: %d entries indexed", len(self.library.index))
-                if now[1] > known[1]:
-                    await self.retro_match(after_entry_id=known[1])
-                known = now
+            try:
+                now = await asyncio.to_thread(self.library.signature)
+                if now != known:
+                    await asyncio.to_thread(self.library.reload)
+                    log.info("library changed: %d entries indexed", len(self.library.index))
+                    if now[1] > known[1]:
+                        await self.retro_match(after_entry_id=known[1])
+                    known = now
+            except DatabaseError as exc:  # the store is away (a restart): look again next time
+                self.metrics.errors.labels("store").inc()
+                log.warning("library check failed (%s); trying again in %.0fs", exc, self.check_seconds)
             self.metrics.library_entries.set(len(self.library.index))
 
     async def retro_match(self, after_entry_id: int) -> list[MatchRecord]:

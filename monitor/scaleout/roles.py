@@ -20,6 +20,8 @@ import asyncio
 import logging
 import time
 
+from redis.exceptions import RedisError
+
 from monitor.fetch import FetchError
 from monitor.fingerprints import ImageError
 from monitor.metrics import Metrics
@@ -29,7 +31,7 @@ from monitor.records import matches as match_rows
 from monitor.records import shard_answers
 from monitor.records import work as work_rows
 from monitor.records.library import Library, entries_by_id
-from monitor.records.store import Store
+from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
 from monitor.scaleout.streams import ANSWERS, FINGERPRINTS, WORK, RedisStreams, with_retry
 from monitor.scaleout.wire import (
@@ -101,6 +103,9 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
                     continue
                 except asyncio.CancelledError:
                     raise
+                except (DatabaseError, RedisError, OSError) as exc:  # a server away: the message waits
+                    log.warning("%s: message %s not handled (%s); it will be retried", stream, mid, exc)
+                    continue
                 except Exception:  # noqa: BLE001 - left pending: claimed again later, then dead-lettered
                     log.exception("%s: handling message %s failed; it will be retried", stream, mid)
                     continue
