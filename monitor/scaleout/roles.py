@@ -103,7 +103,7 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
                     continue
                 except asyncio.CancelledError:
                     raise
-                except (DatabaseError, RedisError, OSError) as exc:  # a server away: the message waits
+                except (*DatabaseError, RedisError, OSError) as exc:  # a server away: the message waits
                     log.warning("%s: message %s not handled (%s); it will be retried", stream, mid, exc)
                     continue
                 except Exception:  # noqa: BLE001 - left pending: claimed again later, then dead-lettered
