@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("feeds", "jetstream"), default="feeds",
                    help="where the posts come from: an RSS feed and a JSON Feed (polled), or Bluesky's "
                         "Jetstream firehose replayed on loopback (pushed over a WebSocket); default: %(default)s")
+    p.add_argument("--shards", type=int, default=0, metavar="S",
+                   help="scaled out: the roles as separate processes over a Redis server and a throwaway "
+                        "PostgreSQL cluster the demo starts itself, the library in S shards (two replicas "
+                        "each, one killed half-way); needs the Debian packages redis-server and postgresql")
     p.add_argument("--forever", action="store_true", help="keep running after the last post")
     p.add_argument("--batch", action="store_true", help="run `match` on the posts instead of the daemon")
     p.add_argument("--verbose", action="store_true", help="show the daemon's log")

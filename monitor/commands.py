@@ -291,6 +291,9 @@ def cmd_demo(args) -> int:
         _warm_up()
         return run_batch_demo()
     setup_logging("text", "warning" if not args.verbose else "info")
+    if args.shards:
+        from monitor.tools.demo_scaled import run_scaled_demo
+        return asyncio.run(run_scaled_demo(args.shards, args.posts, args.rate, source=args.source))
     return asyncio.run(run_daemon_demo(args.posts, args.rate, args.forever, args.port, source=args.source))
 
 

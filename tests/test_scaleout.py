@@ -306,3 +306,18 @@ async def test_redis_and_postgresql_restarted_mid_stream_lose_nothing(services, 
     assert query(url, "SELECT state, COUNT(*) FROM work GROUP BY state") == [("done", len(names))]
     alerts = query(url, "SELECT idempotency_key FROM alerts WHERE sink='hook' ORDER BY match_id")
     assert hooks.keys == [k for (k,) in alerts]
+
+
+def test_the_scaled_demo_detects_every_repost_with_a_shard_replica_killed():
+    """`repost-monitor demo --shards 2`: its own PostgreSQL and Redis, the roles as processes,
+    one shard replica SIGKILLed half-way; every repost detected, the usual summary line."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "monitor", "demo", "--shards", "2", "--posts", "24", "--rate", "8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "killed one replica of shard 0 (SIGKILL)" in r.stdout
+    summary = r.stdout.splitlines()[-1]
+    reposts = int(summary.split(" reposts, ")[0].rsplit(" ", 1)[1])
+    assert summary.startswith("[demo] done: 24 posts") and f"{reposts} reposts, {reposts} detected" in summary
+    assert "0 false alarms" in summary

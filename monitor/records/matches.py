@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from monitor.fingerprints import Fingerprint
 from monitor.fingerprints.codec import sql_to_u64, u64_to_sql
 from monitor.records import work as work_rows
-from monitor.records.library import LibraryEntry
+from monitor.records.library import LibraryEntry, entries_by_id
 from monitor.records.store import Store
 from monitor.records.verdicts import suppression
 from monitor.records.work import WorkItem
@@ -124,3 +124,14 @@ def latest(store: Store, limit: int) -> list[tuple]:
     newest first: the command line's list."""
     return store.query("SELECT id, detected_at, tier, dhash_distance, image_url, entry_id, feed, verdict, "
                        "suppressed FROM matches ORDER BY id DESC LIMIT ?", (limit,))
+
+
+def records_after(store: Store, after_id: int, limit: int = 500) -> list[MatchRecord]:
+    """Matches recorded after ``after_id``, oldest first, as the recorder announced them
+    (a process watching another's recording: the scaled-out demo)."""
+    rows = store.query("SELECT id, work_id, feed, item_id, image_url, page_url, author, published, entry_id, "
+                       "tier, dhash_distance, phash_distance, mirrored, fine_distance, detected_at, suppressed "
+                       "FROM matches WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+    entries = entries_by_id(store, (r[8] for r in rows))
+    return [MatchRecord(r[0], WorkItem(*r[1:8]), entries[r[8]], Match(r[8], r[9], r[10], r[11], bool(r[12]), r[13]),
+                        r[14], r[15]) for r in rows if r[8] in entries]

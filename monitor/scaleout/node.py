@@ -211,6 +211,8 @@ class _Node:
                 if got:
                     for stream in (WORK, FINGERPRINTS, ANSWERS):
                         await with_retry("trim", lambda s=stream: self.streams.trim(s), self.stop)
+                        await with_retry("forget consumers", lambda s=stream: self.streams.forget_idle_consumers(s),
+                                         self.stop)
             try:
                 await asyncio.wait_for(self.stop.wait(), 2.0)
             except TimeoutError:

@@ -91,6 +91,14 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
     max_deliveries)."""
     await with_retry(f"group {group}", lambda: streams.ensure_group(stream, group), stop)
 
+    async def alive():
+        while not stop.is_set():
+            await with_retry("heartbeat", lambda: streams.heartbeat(stream, group), stop)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.5)
+            except TimeoutError:
+                pass
+
     async def loop():
         while not stop.is_set():
             batch = await with_retry(f"read {stream}", lambda: streams.read(stream, group, count, 1.0), stop)
@@ -111,7 +119,7 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
                     continue
                 await with_retry("ack", lambda m=mid: streams.ack(stream, group, m), stop)
 
-    await asyncio.gather(*(loop() for _ in range(tasks)))
+    await asyncio.gather(alive(), *(loop() for _ in range(tasks)))
 
 
 class FetchRole:

@@ -60,6 +60,29 @@ class RedisStreams:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def heartbeat(self, stream: str, group: str, ttl: float = 5.0) -> None:
+        """This consumer is alive for ``ttl`` more seconds (Redis 7.0 does not mark a consumer
+        that reads an empty stream as seen, so liveness is kept beside the group)."""
+        await self.redis.zadd(self.key(f"alive:{stream}:{group}"), {self.consumer: time.time() + ttl})
+
+    async def live_consumers(self, stream: str, group: str) -> int:
+        key = self.key(f"alive:{stream}:{group}")
+        await self.redis.zremrangebyscore(key, "-inf", time.time())
+        return await self.redis.zcard(key)
+
+    async def forget_idle_consumers(self, stream: str, idle: float = 3600.0) -> None:
+        """Remove consumers that hold nothing and have not been handed anything for ``idle``
+        seconds (processes long gone); one with pending entries stays until they are claimed."""
+        key = self.key(stream)
+        try:
+            groups = await self.redis.xinfo_groups(key)
+        except ResponseError:
+            return
+        for g in groups:
+            for c in await self.redis.xinfo_consumers(key, g["name"]):
+                if c["pending"] == 0 and c["idle"] > idle * 1000:
+                    await self.redis.xgroup_delconsumer(key, g["name"], c["name"])
+
     async def add(self, stream: str, fields: dict) -> bytes:
         return await self.redis.xadd(self.key(stream), fields)
 
@@ -119,7 +142,7 @@ class RedisStreams:
             await self.redis.xtrim(key, minid=floor, approximate=False)
 
     async def group_stats(self, stream: str) -> list[dict]:
-        """Per group: consumers, pending, lag (entries not yet delivered), oldest pending age."""
+        """Per group: live consumers, pending, lag (entries not yet delivered), oldest pending age."""
         key = self.key(stream)
         try:
             groups = await self.redis.xinfo_groups(key)
@@ -132,7 +155,7 @@ class RedisStreams:
                 first = await self.redis.xpending_range(key, g["name"], min="-", max="+", count=1)
                 oldest_age = first[0]["time_since_delivered"] / 1000 if first else 0.0
             name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-            out.append({"group": name, "consumers": g["consumers"], "pending": g["pending"],
+            out.append({"group": name, "consumers": await self.live_consumers(stream, name), "pending": g["pending"],
                         "lag": g.get("lag") or 0, "oldest_pending_seconds": oldest_age})
         return out
 

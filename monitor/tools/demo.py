@@ -291,15 +291,8 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
         detected: dict[str, str] = {}
 
         def on_match(rec):
-            name = host.post_name(rec.work.image_url)
-            detected[name] = rec.entry.label
-            lag = f", {rec.lag_seconds:.1f}s after publication" if rec.lag_seconds is not None else ""
-            flip = " mirrored" if rec.match.mirrored else ""
-            fine = f", fine {rec.match.fine_distance}/512" if rec.match.fine_distance is not None else ""
-            print(f"[detected] {rec.match.tier}{flip} dist={rec.match.dhash_distance}/64 "
-                  f"(pHash {rec.match.phash_distance}/64{fine}): {rec.work.image_url} is a repost of "
-                  f"library '{rec.entry.label}' (feed {rec.work.feed}, by {rec.work.author}{lag})",
-                  file=out, flush=True)
+            detected[host.post_name(rec.work.image_url)] = rec.entry.label
+            print_detection(rec, out)
 
         def on_ready(running):
             where = ("Jetstream /subscribe, each post among 9 events without a picture" if source == "jetstream"
@@ -343,6 +336,21 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
             await run_daemon(config, stop=stop, on_match=on_match, on_ready=on_ready, say=say)
         finally:
             await runner.cleanup()
+    return summarize(stream, detected, timed_out, out)
+
+
+def print_detection(rec, out) -> None:
+    lag = f", {rec.lag_seconds:.1f}s after publication" if rec.lag_seconds is not None else ""
+    flip = " mirrored" if rec.match.mirrored else ""
+    fine = f", fine {rec.match.fine_distance}/512" if rec.match.fine_distance is not None else ""
+    print(f"[detected] {rec.match.tier}{flip} dist={rec.match.dhash_distance}/64 "
+          f"(pHash {rec.match.phash_distance}/64{fine}): {rec.work.image_url} is a repost of "
+          f"library '{rec.entry.label}' (feed {rec.work.feed}, by {rec.work.author}{lag})",
+          file=out, flush=True)
+
+
+def summarize(stream: list[DemoImage], detected: dict[str, str], timed_out: list[str], out) -> int:
+    """The summary line, and each missed repost; the demo's exit status."""
     reposts = {p.name: p.repost_of for p in stream if p.repost_of}
     caught = {n for n in detected if n in reposts}
     false_alarms = [n for n in detected if n not in reposts]
