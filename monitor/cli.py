@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "library and record matches. SIGINT/SIGTERM stop it cleanly.")
     p.add_argument("--config", required=True, help="TOML config file")
     p.add_argument("--log-format", choices=("text", "json"), help="override log.format")
+    p.add_argument("--port", type=int, help="override server.port (several role processes on one machine)")
     p.add_argument("--role", default="all",
                    help="all (default: the whole daemon in one process), or roles of a scaled-out "
                         "deployment over [transport] (Redis) and [store] url (PostgreSQL): "

@@ -293,7 +293,8 @@ def cmd_demo(args) -> int:
     setup_logging("text", "warning" if not args.verbose else "info")
     if args.shards:
         from monitor.tools.demo_scaled import run_scaled_demo
-        return asyncio.run(run_scaled_demo(args.shards, args.posts, args.rate, source=args.source))
+        return asyncio.run(run_scaled_demo(args.shards, args.posts, args.rate, source=args.source,
+                                           keep_running=args.forever))
     return asyncio.run(run_daemon_demo(args.posts, args.rate, args.forever, args.port, source=args.source))
 
 
@@ -304,6 +305,8 @@ def cmd_run(args) -> int:
     from monitor.daemon import run_daemon
     from monitor.logs import setup_logging
     config = load_config(args.config)
+    if args.port is not None:
+        config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
     setup_logging(args.log_format or config.log.format, config.log.level)
     if args.role.strip() == "all":
         asyncio.run(run_daemon(config))

@@ -31,7 +31,7 @@ def queried_metrics() -> set[str]:
 def test_dashboard_json_shape():
     dash = json.loads((ROOT / "dashboards" / "repost-monitor.json").read_text())
     rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
-    assert rows == ["Ingest", "Matching", "Alerts", "Errors"]
+    assert rows == ["Ingest", "Matching", "Alerts", "Errors", "Scale-out"]
     for p in dash["panels"]:
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${datasource}" and p["fieldConfig"]["defaults"]["unit"]

@@ -93,3 +93,21 @@ def test_install_entrypoint_and_healthcheck_in_a_clean_venv(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def test_scaleout_compose_names_real_roles_and_its_config_is_valid():
+    import yaml
+    env = dict(os.environ, REPOST_API_TOKEN="example-token", POSTGRES_PASSWORD="pw")
+    r = subprocess.run([sys.executable, "-m", "monitor", "check-config",
+                        str(ROOT / "dashboards" / "compose" / "config-scaleout.toml")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    from monitor.scaleout.node import parse_roles
+    compose = yaml.safe_load((ROOT / "dashboards" / "compose" / "scaleout.yml").read_text())
+    roles = [s["command"][1] for s in compose["services"].values() if s.get("command", [""])[0] == "--role"]
+    assert {r.split(":")[0] for r in roles} == {"intake", "worker", "shard", "recorder", "sender"}
+    for role in roles:
+        parse_roles(role, 2)
+    prom = yaml.safe_load((ROOT / "dashboards" / "compose" / "prometheus-scaleout.yml").read_text())
+    scraped = set(prom["scrape_configs"][0]["dns_sd_configs"][0]["names"])
+    assert scraped == {name for name, s in compose["services"].items() if s.get("command", [""])[0] == "--role"}

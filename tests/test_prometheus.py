@@ -1,6 +1,7 @@
-"""A real Prometheus (Debian's package) scrapes the running demo daemon; every PromQL
-expression of the Grafana dashboard and of the alerting rules must return data, and
-promtool must accept the rules and the exposed metrics."""
+"""A real Prometheus (Debian's package) scrapes the running demo daemon and the role
+processes of the scaled-out demo (`demo --shards 2`); every PromQL expression of the
+Grafana dashboard and of the alerting rules must return data, and promtool must accept the
+rules and the exposed metrics."""
 
 import json
 import re
@@ -74,11 +75,22 @@ def scraped(tmp_path_factory):
     demo = subprocess.Popen([sys.executable, "-m", "monitor", "demo", "--posts", "30", "--rate", "6",
                              "--forever", "--port", str(port)],
                             stdout=open(tmp / "demo.out", "wb"), stderr=subprocess.STDOUT)
+    scaled = subprocess.Popen([sys.executable, "-m", "monitor", "demo", "--shards", "2", "--posts", "30", "--rate",
+                               "6", "--forever"], stdout=open(tmp / "scaled.out", "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "[demo] metrics: " in (tmp / "scaled.out").read_text(), 180, "the scaled demo's roles")
+    except AssertionError:
+        for proc in (demo, scaled):
+            proc.terminate()
+        raise AssertionError((tmp / "scaled.out").read_text()[-3000:]) from None
+    line = next(x for x in (tmp / "scaled.out").read_text().splitlines() if x.startswith("[demo] metrics: "))
+    roles = re.findall(r"http://(127\.0\.0\.1:\d+)/metrics", line)
+    targets = ", ".join(f"'{t}'" for t in [f"127.0.0.1:{port}", *roles])
     (tmp / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"rule_files:\n  - {ROOT / 'dashboards' / 'repost-monitor.rules.yml'}\n"
         f"scrape_configs:\n  - job_name: repost-monitor\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{port}']\n")
+        f"      - targets: [{targets}]\n")
     prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}"],
@@ -87,13 +99,15 @@ def scraped(tmp_path_factory):
     try:
         wait_for(lambda: (tmp / "demo.out").read_text().count("[detected]") >= 8, 120,
                  "demo detections")
+        wait_for(lambda: (tmp / "scaled.out").read_text().count("[detected]") >= 8, 120,
+                 "scaled demo detections")
         wait_for(lambda: json.loads(get(f"{api}/query?query=up"))["data"]["result"], 60, "a scrape")
         wait_for(lambda: float(json.loads(get(
             f"{api}/query?query=" + urllib.parse.quote("count_over_time(up[1m])")))
             ["data"]["result"][0]["value"][1]) >= 10, 60, "ten scrapes")
         yield {"api": api, "metrics": get(f"http://127.0.0.1:{port}/metrics")}
     finally:
-        for proc in (prom, demo):
+        for proc in (prom, demo, scaled):
             proc.terminate()
             try:
                 proc.wait(timeout=20)
@@ -116,11 +130,11 @@ def test_every_dashboard_query_returns_data(scraped):
 
 def test_every_rule_expression_returns_data(scraped):
     parts = rule_exprs()
-    assert len({name for name, _ in parts}) == 6
+    assert len({name for name, _ in parts}) == 9
     empty = [(n, e) for n, e in parts if not query(scraped["api"], e)]
     assert not empty, empty
     rules = json.loads(get(scraped["api"] + "/rules"))["data"]["groups"][0]["rules"]
-    assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 9 and all(r["health"] == "ok" for r in rules), rules
 
 
 def test_promtool_accepts_rules_and_metrics(scraped):

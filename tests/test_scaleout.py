@@ -207,6 +207,18 @@ class OrderedHooks:
         return app
 
 
+def many_posts(pg, samples):
+    """A fresh database with the library; 35 posts (5 copies, by URL, of 3 reposts and 4
+    others) on a photo site; the receiver of their alerts."""
+    url = pg.create_database(f"m_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    site, hooks = PhotoSite(samples), OrderedHooks()
+    names = [f"{name}?v={n}" for n in range(5) for name in REPOSTS + OTHERS]
+    for n, name in enumerate(names):
+        site.post("rss" if n % 2 else "json", n, [name])
+    return url, site, hooks, names
+
+
 def test_roles_as_processes_survive_a_kill_9_of_each_kind(services, tmp_path, samples):
     """intake, 2 workers, 2 shards x 2 replicas, a recorder and a sender as separate
     processes; mid-stream one of each kind is SIGKILLed (intake, recorder and sender are
@@ -215,12 +227,7 @@ def test_roles_as_processes_survive_a_kill_9_of_each_kind(services, tmp_path, sa
     match order."""
     from tests.hosts import DaemonProcess
     pg, rd = services
-    url = pg.create_database(f"k_{uuid.uuid4().hex[:12]}")
-    make_library(url, samples)
-    site, hooks = PhotoSite(samples), OrderedHooks()
-    names = [f"{name}?v={n}" for n in range(5) for name in REPOSTS + OTHERS]
-    for n, name in enumerate(names):
-        site.post("rss" if n % 2 else "json", n, [name])
+    url, site, hooks, names = many_posts(pg, samples)
     prefix = f"k-{uuid.uuid4().hex[:8]}"
 
     async def scenario():
@@ -275,12 +282,7 @@ async def test_redis_and_postgresql_restarted_mid_stream_lose_nothing(services, 
     """Redis (appendonly) and then PostgreSQL restarted while the roles work: they wait,
     reconnect with backoff and resume; every image is recorded, every alert delivered once."""
     pg, rd = services
-    url = pg.create_database(f"r_{uuid.uuid4().hex[:12]}")
-    make_library(url, samples)
-    site, hooks = PhotoSite(samples), OrderedHooks()
-    names = [f"{name}?v={n}" for n in range(5) for name in REPOSTS + OTHERS]
-    for n, name in enumerate(names):
-        site.post("rss" if n % 2 else "json", n, [name])
+    url, site, hooks, names = many_posts(pg, samples)
     async with serve(site.app()) as base, serve(hooks.app()) as recv:
         cfg = scaled_config(base, recv, url, rd.url, shards=2)
         cfg = parse_config({**cfg.model_dump(), "limits": {**cfg.limits.model_dump(), "per_host_rate": 5},
@@ -321,3 +323,38 @@ def test_the_scaled_demo_detects_every_repost_with_a_shard_replica_killed():
     reposts = int(summary.split(" reposts, ")[0].rsplit(" ", 1)[1])
     assert summary.startswith("[demo] done: 24 posts") and f"{reposts} reposts, {reposts} detected" in summary
     assert "0 false alarms" in summary
+
+
+async def test_an_entry_added_is_matchable_on_its_shard_within_2_s(services, tmp_path, samples):
+    """`library add` while the shards run: 2 s later a repost of the new picture is matched as
+    it arrives (retro-matching off, so nothing but the live shard could have matched it)."""
+    import subprocess
+    import sys
+
+    from monitor.records.library import Library
+    from monitor.scan import add_files
+    pg, rd = services
+    url = pg.create_database(f"a_{uuid.uuid4().hex[:12]}")
+    lib = Library(open_store(url))
+    add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "rocket" not in p.name], progress=False)
+    lib.store.close()
+    site, hooks = PhotoSite(samples), Hooks()
+    async with serve(site.app()) as base, serve(hooks.app()) as recv:
+        cfg = scaled_config(base, recv, url, rd.url, shards=2)
+        cfg = parse_config({**cfg.model_dump(), "alert_policy": {"retro_window_hours": 0}})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder", 2), stop=stop,
+                                            install_signals=False))
+        site.post("rss", 1, ["other-apple.jpg"])
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 1, 60)
+        added = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "monitor", "library", "--db", url,
+                                                         "add", str(samples / "library-rocket.jpg")],
+                                        capture_output=True, text=True, timeout=120)
+        assert added.returncode == 0, added.stderr
+        await asyncio.sleep(2.0)
+        site.post("json", 2, ["flip-rocket.jpg"])
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 2, 60)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    rows = query(url, "SELECT m.image_url, e.label FROM matches m JOIN library_entries e ON e.id = m.entry_id")
+    assert [(u.rsplit("/", 1)[-1], label) for u, label in rows] == [("flip-rocket.jpg", "library-rocket")]

@@ -38,7 +38,12 @@ class LibraryWatcher:
             try:
                 now = await asyncio.to_thread(self.library.signature)
                 if now != known:
-                    await asyncio.to_thread(self.library.reload)
+                    adds_only = now[1] > known[1] and now[0] - known[0] == await asyncio.to_thread(
+                        self.library.changes_after, known[1])
+                    if adds_only:  # new entries only: indexed in place
+                        await asyncio.to_thread(self.library.add_new, known[1])
+                    else:  # removals or updates: the index is built again
+                        await asyncio.to_thread(self.library.reload)
                     log.info("library changed: %d entries indexed", len(self.library.index))
                     if now[1] > known[1]:
                         await self.retro_match(after_entry_id=known[1])

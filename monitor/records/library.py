@@ -99,6 +99,19 @@ class Library:
                                          views=unpack_views(views, with_fine=bool(fine)), fine=fine)))
         return out
 
+    def changes_after(self, entry_id: int) -> int:
+        """Entries (usable or not) with an id above ``entry_id``: when the version moved by
+        exactly this much, the only changes were these additions."""
+        return self.store.query("SELECT COUNT(*) FROM library_entries WHERE id > ?", (entry_id,))[0][0]
+
+    def add_new(self, after_id: int) -> int:
+        """Index the entries added after ``after_id`` (this shard's), without a reload: a
+        library of millions takes a new entry in milliseconds. How many were indexed."""
+        added = self.entries_after(after_id)
+        for entry_id, fp in added:
+            self.index.add(entry_id, fp)
+        return len(added)
+
     def reload(self) -> None:
         """(Re)build the index: from the packed snapshot when it is current
         (a million entries in a fraction of a second), else from the rows,

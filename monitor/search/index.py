@@ -54,6 +54,11 @@ class LibraryIndex:
     def ids(self) -> np.ndarray:
         return self._ids[:self._n]
 
+    def memory_bytes(self) -> int:
+        """Bytes the arrays hold (allocated: capacity grows by doubling)."""
+        return (self._ids.nbytes + sum(a.nbytes for a in self._hashes.values()) + self._fine.nbytes
+                + self._planes.nbytes)
+
     def hashes(self, field: str = "dhash") -> np.ndarray:
         return self._hashes[field][:self._n]
 

@@ -235,6 +235,17 @@ class DemoFeedHost:
         return app
 
 
+async def start_host(stream: list[DemoImage], rate: float) -> tuple[DemoFeedHost, web.AppRunner]:
+    """The demo's feed host, serving on a free loopback port (``host.base``)."""
+    host = DemoFeedHost(stream, rate)
+    runner = web.AppRunner(host.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # noqa: SLF001
+    return host, runner
+
+
 # After the last post is out, the daemon has this long to process everything before the
 # demo gives up and names what it missed (polls run every second; a post takes milliseconds).
 DEADLINE_AFTER_PUBLISHING = 60.0
@@ -267,12 +278,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
     # Compile before anything is timed: the first run on a machine takes ~30 s here.
     await asyncio.to_thread(warm_up, say)
     stream = demo_stream(posts)
-    host = DemoFeedHost(stream, rate)
-    runner = web.AppRunner(host.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # noqa: SLF001
+    host, runner = await start_host(stream, rate)
     with tempfile.TemporaryDirectory(prefix="repost-monitor-demo-") as tmp:
         db = Path(tmp) / "demo.sqlite"
         library = Library(Store(db))

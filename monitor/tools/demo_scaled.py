@@ -8,13 +8,12 @@ held), and prints every detection and the same summary line as the one-process d
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-from aiohttp import web
 
 from monitor.records import matches as match_rows
 from monitor.records import work as work_rows
@@ -24,14 +23,14 @@ from monitor.scaleout.admin import stats
 from monitor.scan import add_files
 from monitor.tools.demo import (
     DEADLINE_AFTER_PUBLISHING,
-    DemoFeedHost,
     demo_feeds,
     demo_stream,
     print_detection,
     sample_library,
+    start_host,
     summarize,
 )
-from monitor.tools.services import ServiceMissing, throwaway
+from monitor.tools.services import ServiceMissing, free_port, throwaway
 from monitor.warmup import warm_up
 
 CLAIM_IDLE = 2.0  # seconds before a dead replica's messages are taken over (30 in production)
@@ -44,14 +43,15 @@ def _config(tmp: Path, pg_url: str, redis_url: str, shards: int, base: str, sour
     path = tmp / "config.toml"
     path.write_text(f'[store]\nurl = "{pg_url}"\n[match]\ntier = "near"\n'
                     '[limits]\nallowed_networks = ["127.0.0.0/8"]\nper_host_rate = 50\n'
-                    f'[server]\nenabled = false\n[transport]\nurl = "{redis_url}"\nshards = {shards}\n'
+                    f'[server]\nhost = "127.0.0.1"\n[transport]\nurl = "{redis_url}"\nshards = {shards}\n'
                     f"claim_idle_seconds = {CLAIM_IDLE}\n"
                     f'[[alerts]]\nname = "demo-archive"\ntype = "file"\npath = "{tmp / "alerts.jsonl"}"\n'
                     + feeds)
     return path
 
 
-async def run_scaled_demo(shards: int, posts: int = 40, rate: float = 4.0, out=None, source: str = "feeds") -> int:
+async def run_scaled_demo(shards: int, posts: int = 40, rate: float = 4.0, out=None, source: str = "feeds",
+                          keep_running: bool = False) -> int:
     out = out or sys.stdout
 
     def say(text: str) -> None:
@@ -66,19 +66,14 @@ async def run_scaled_demo(shards: int, posts: int = 40, rate: float = 4.0, out=N
         return 2
     try:
         say(f"PostgreSQL on 127.0.0.1:{pg.port}, Redis on 127.0.0.1:{rd.port} (throwaway, in a temp dir)")
-        return await _run(pg, rd, shards, posts, rate, out, source, say)
+        return await _run(pg, rd, shards, posts, rate, out, source, say, keep_running)
     finally:
         await asyncio.to_thread(services.__exit__, None, None, None)
 
 
-async def _run(pg, rd, shards, posts, rate, out, source, say) -> int:
+async def _run(pg, rd, shards, posts, rate, out, source, say, keep_running) -> int:
     stream = demo_stream(posts)
-    host = DemoFeedHost(stream, rate)
-    runner = web.AppRunner(host.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # noqa: SLF001
+    host, runner = await start_host(stream, rate)
     store = await asyncio.to_thread(open_store, pg.url)
     library = await asyncio.to_thread(Library, store)
     await asyncio.to_thread(add_files, library, sample_library(), progress=False)
@@ -89,19 +84,26 @@ async def _run(pg, rd, shards, posts, rate, out, source, say) -> int:
         config = _config(Path(tmp), pg.url, rd.url, shards, host.base, source)
         roles = [("intake", "intake"), ("worker", "worker"), ("recorder", "recorder"), ("sender", "sender")]
         roles += [(f"shard{k}{r}", f"shard:{k}") for k in range(shards) for r in "ab"]
+        ports = {}
         for name, role in roles:
+            ports[name] = free_port()
             with open(Path(tmp) / f"{name}.log", "wb") as log:
                 procs[name] = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(config),
-                                                "--role", role], stdout=subprocess.DEVNULL, stderr=log)
+                                                "--role", role, "--port", str(ports[name])],
+                                               stdout=subprocess.DEVNULL, stderr=log)
         try:
             say(f"{len(procs)} role processes: intake, worker, recorder, sender, and shards 0..{shards - 1} "
                 f"twice each; library: {len(library.index)} images in {shards} shards")
             await _wait_for_consumers(config, shards, procs, say)
+            say("metrics: " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items()))
             say(f"feed host on {host.base}; {len(stream)} posts, {rate:g} per second")
             host.start()
+            stop = asyncio.Event()  # SIGINT/SIGTERM: the role processes and servers are stopped too
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
             last, killed = 0, False
             deadline = host.started + len(stream) / rate + DEADLINE_AFTER_PUBLISHING
-            while True:
+            while not stop.is_set():
                 await asyncio.sleep(0.2)
                 host.stream_published()
                 for rec in await asyncio.to_thread(match_rows.records_after, store, last):
@@ -114,6 +116,8 @@ async def _run(pg, rd, shards, posts, rate, out, source, say) -> int:
                     say(f"killed one replica of shard 0 (SIGKILL); its twin takes over what it held "
                         f"after {CLAIM_IDLE:g} s")
                 seen, pending = await asyncio.to_thread(work_rows.counts, store)
+                if keep_running:
+                    continue
                 if host.done_publishing and seen >= len(stream) and pending == 0:
                     break
                 if time.time() > deadline:

@@ -1,0 +1,142 @@
+"""Throughput: the one-process daemon (SQLite) against the roles as processes over Redis and
+PostgreSQL, on the same posts, in turns.
+
+    python3 bench/scaleout.py IMAGES [--posts 10000] [--library 100000] [--turns 2] [--workers 2]
+
+Any folder of JPEG images will do. A feed host process (bench/pipeline.py's) hands out the
+posts, 320 px thumbnails, a JSON Feed batch per poll; some repost library pictures. The
+one-process daemon is `repost-monitor run`; the roles are an intake, ``--workers`` fetch
+workers, one shard and a recorder, each `repost-monitor run --role ...`, over a throwaway
+Redis and PostgreSQL (monitor/tools/services.py). Printed per turn: posts/s from the first
+row recorded to the last, and the time from a row's discovery to its recording (p50, p99:
+queueing included), read from the work table in both modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from pipeline import host_process, make_thumbs  # noqa: E402 - bench/pipeline.py, beside this file
+
+
+def seed(location: str, pictures: list[bytes], size: int) -> None:
+    from monitor.fingerprints import ALGORITHM_VERSION, fingerprint_bytes
+    from monitor.records.engines import open_store
+    from monitor.records.library import Library
+    store = open_store(location)
+    lib = Library(store)
+    for i, picture in enumerate(pictures):
+        lib.add_fingerprint(f"corpus/{i}", fingerprint_bytes(picture))
+    rand = np.random.default_rng(5).integers(-(2**63), 2**63 - 1, size=(size - len(pictures), 4), dtype=np.int64)
+    for start in range(0, len(rand), 20000):
+        with store.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
+                "phash_mirror, degenerate, added_at, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?)",
+                ((f"random/{i}", "random", 320, 240, *map(int, rand[i]), ALGORITHM_VERSION)
+                 for i in range(start, min(len(rand), start + 20000))))
+    store.close()
+
+
+def measure(location: str, posts: int, procs: list[subprocess.Popen], timeout: float = 1800) -> dict:
+    from monitor.records.engines import open_store
+    store = open_store(location)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            done = store.query("SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0]
+            if done >= posts:
+                break
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a daemon process exited")
+            time.sleep(0.5)
+        rows = np.array(store.query("SELECT discovered_at, finished_at FROM work WHERE finished_at IS NOT NULL"))
+    finally:
+        store.close()
+    first, last = rows[:, 1].min(), rows[:, 1].max()
+    lat = (rows[:, 1] - rows[:, 0]) * 1e3
+    return {"rate": len(rows) / (last - first), "p50": np.percentile(lat, 50), "p99": np.percentile(lat, 99)}
+
+
+def config_text(port: int, store: str, extra: str = "") -> str:
+    return (f"{store}\n[limits]\nallowed_networks = [\"127.0.0.0/8\"]\nper_host_rate = 100000\nqueue_size = 2000\n"
+            f"[server]\nenabled = false\n[log]\nlevel = \"warning\"\n{extra}"
+            f"[[feeds]]\nname = \"bench\"\ntype = \"jsonfeed\"\nurl = \"http://127.0.0.1:{port}/feed.json\"\n"
+            "interval = 0.05\njitter = 0\n")
+
+
+def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
+    q = mp.Queue()
+    host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q), daemon=True)
+    host.start()
+    port = q.get()
+    procs = []
+    try:
+        if mode == "one process":
+            db = tmp / f"one-{uuid.uuid4().hex[:6]}.sqlite"
+            seed(str(db), thumbs[:200], args.library)
+            conf = tmp / "one.toml"
+            conf.write_text(config_text(port, f'[store]\npath = "{db}"'))
+            procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf)]))
+            return measure(str(db), args.posts, procs)
+        url = pg.create_database(f"b_{uuid.uuid4().hex[:10]}")
+        seed(url, thumbs[:200], args.library)
+        conf = tmp / "roles.toml"
+        conf.write_text(config_text(port, f'[store]\nurl = "{url}"',
+                                    f'[transport]\nurl = "{rd.url}"\nprefix = "b-{uuid.uuid4().hex[:6]}"\n'))
+        roles = ["intake", "shard:0", "recorder"] + ["worker"] * args.workers
+        for role in roles:
+            procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf),
+                                           "--role", role]))
+        return measure(url, args.posts, procs)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+        host.terminate()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("--posts", type=int, default=10000)
+    ap.add_argument("--library", type=int, default=100000)
+    ap.add_argument("--turns", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="fetch worker processes in the roles mode")
+    args = ap.parse_args()
+    from monitor.tools.services import throwaway
+    from monitor.warmup import warm_up
+    warm_up(lambda text: print(text, file=sys.stderr))
+    thumbs = make_thumbs(args.corpus, 1021)
+    with open("/proc/cpuinfo") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
+    print(f"CPU: {cpu}, {os.cpu_count()} cores shared by every process (feed host, daemon or roles, "
+          f"Redis, PostgreSQL); {args.posts:,} posts, library {args.library:,} entries")
+    results: dict[str, list[dict]] = {"one process": [], "roles": []}
+    with throwaway() as (pg, rd), tempfile.TemporaryDirectory() as tmp:
+        for turn in range(args.turns):
+            for mode in results:
+                r = run_turn(mode, args, thumbs, Path(tmp), pg, rd)
+                results[mode].append(r)
+                print(f"turn {turn + 1}, {mode}: {r['rate']:.0f} posts/s, discovered -> recorded "
+                      f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms", flush=True)
+    one = np.median([r["rate"] for r in results["one process"]])
+    roles = np.median([r["rate"] for r in results["roles"]])
+    print(f"median: one process {one:.0f} posts/s, roles {roles:.0f} posts/s: roles / one process = "
+          f"{roles / one:.2f}x (target >= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
