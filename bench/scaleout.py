@@ -49,6 +49,12 @@ def seed(location: str, pictures: list[bytes], size: int) -> None:
     store.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:  # utime + stime, in clock ticks
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(location: str, posts: int, procs: list[subprocess.Popen], timeout: float = 1800) -> dict:
     from monitor.records.engines import open_store
     store = open_store(location)
@@ -62,11 +68,13 @@ def measure(location: str, posts: int, procs: list[subprocess.Popen], timeout: f
                 raise RuntimeError("a daemon process exited")
             time.sleep(0.5)
         rows = np.array(store.query("SELECT discovered_at, finished_at FROM work WHERE finished_at IS NOT NULL"))
+        cpu = [cpu_seconds(p.pid) for p in procs]
     finally:
         store.close()
     first, last = rows[:, 1].min(), rows[:, 1].max()
     lat = (rows[:, 1] - rows[:, 0]) * 1e3
-    return {"rate": len(rows) / (last - first), "p50": np.percentile(lat, 50), "p99": np.percentile(lat, 99)}
+    return {"rate": len(rows) / (last - first), "p50": np.percentile(lat, 50), "p99": np.percentile(lat, 99),
+            "cpu_ms_per_post": [c / len(rows) * 1e3 for c in cpu]}
 
 
 def config_text(port: int, store: str, extra: str = "") -> str:
@@ -74,6 +82,9 @@ def config_text(port: int, store: str, extra: str = "") -> str:
             f"[server]\nenabled = false\n[log]\nlevel = \"warning\"\n{extra}"
             f"[[feeds]]\nname = \"bench\"\ntype = \"jsonfeed\"\nurl = \"http://127.0.0.1:{port}/feed.json\"\n"
             "interval = 0.05\njitter = 0\n")
+
+
+ROLES = ["intake", "shard:0", "recorder"]
 
 
 def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
@@ -95,7 +106,7 @@ def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
         conf = tmp / "roles.toml"
         conf.write_text(config_text(port, f'[store]\nurl = "{url}"',
                                     f'[transport]\nurl = "{rd.url}"\nprefix = "b-{uuid.uuid4().hex[:6]}"\n'))
-        roles = ["intake", "shard:0", "recorder"] + ["worker"] * args.workers
+        roles = ROLES + ["worker"] * args.workers
         for role in roles:
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf),
                                            "--role", role]))
@@ -115,6 +126,7 @@ def main() -> None:
     ap.add_argument("--library", type=int, default=100000)
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="fetch worker processes in the roles mode")
+    ap.add_argument("--modes", default="one process,roles", help="which to run, comma-separated")
     args = ap.parse_args()
     from monitor.tools.services import throwaway
     from monitor.warmup import warm_up
@@ -124,14 +136,18 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} cores shared by every process (feed host, daemon or roles, "
           f"Redis, PostgreSQL); {args.posts:,} posts, library {args.library:,} entries")
-    results: dict[str, list[dict]] = {"one process": [], "roles": []}
+    results: dict[str, list[dict]] = {m: [] for m in args.modes.split(",")}
     with throwaway() as (pg, rd), tempfile.TemporaryDirectory() as tmp:
         for turn in range(args.turns):
             for mode in results:
                 r = run_turn(mode, args, thumbs, Path(tmp), pg, rd)
                 results[mode].append(r)
+                names = ["daemon"] if mode == "one process" else ROLES + ["worker"] * args.workers
+                cpu = ", ".join(f"{n} {c:.2f}" for n, c in zip(names, r["cpu_ms_per_post"], strict=True))
                 print(f"turn {turn + 1}, {mode}: {r['rate']:.0f} posts/s, discovered -> recorded "
-                      f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms", flush=True)
+                      f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms; CPU ms per post: {cpu}", flush=True)
+    if len(results) < 2:
+        return
     one = np.median([r["rate"] for r in results["one process"]])
     roles = np.median([r["rate"] for r in results["roles"]])
     print(f"median: one process {one:.0f} posts/s, roles {roles:.0f} posts/s: roles / one process = "

@@ -55,6 +55,11 @@ class Intake:
             asyncio.create_task(self._resume_pending(stop), name="resume")]
 
     async def queue_work(self, work: list[WorkItem]) -> None:
+        put_many = getattr(self.transport, "put_many", None)  # a stream takes a batch in one round trip
+        if put_many is not None and work:
+            await put_many(work)
+            self.metrics.queue_depth.labels("download").set(self.transport.depth())
+            return
         for w in work:
             await self.transport.put(w)
             self.metrics.queue_depth.labels("download").set(self.transport.depth())

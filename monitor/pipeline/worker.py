@@ -161,7 +161,12 @@ class Worker:
         """(fingerprint, matches or None, time downloaded) of an image URL: from the store
         if any feed already fetched it, from a concurrent fetch of the same URL, or fetched
         now (None for matches: this call did not match it)."""
-        cached = work_rows.cached_image(self.store, work.image_url)
+        if self.store.dialect == "sqlite":
+            # A local read of microseconds, and no await before the _inflight check below: an
+            # image another worker just finished is seen in one or the other, never neither.
+            cached = work_rows.cached_image(self.store, work.image_url)
+        else:  # a network round trip: off the loop (a scaled-out worker; its recorder is elsewhere)
+            cached = await asyncio.to_thread(work_rows.cached_image, self.store, work.image_url)
         if cached is not None:
             return cached, None, time.perf_counter()
         pending = self._inflight.get(work.image_url)

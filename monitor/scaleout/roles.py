@@ -63,6 +63,17 @@ class StreamTransport:
         self._checked = 0.0
 
     async def put(self, work: WorkItem) -> None:
+        await self.put_many([work])
+
+    async def put_many(self, works: list[WorkItem]) -> None:
+        """Add rows in pipelined batches (one round trip per 100), minding the backlog."""
+        for start in range(0, len(works), 100):
+            await self._room()
+            chunk = [work_fields(w) for w in works[start:start + 100]]
+            await with_retry("queue work", lambda c=chunk: self.streams.add_many(WORK, c), self.stop)
+            self._backlog += len(chunk)
+
+    async def _room(self) -> None:
         while time.monotonic() - self._checked > 0.5 or self._backlog > self.limit:
             self._checked = time.monotonic()
             stats = await with_retry("work backlog", lambda: self.streams.group_stats(WORK), self.stop) or []
@@ -70,8 +81,6 @@ class StreamTransport:
             if self._backlog <= self.limit or self.stop.is_set():
                 break
             await asyncio.sleep(0.2)
-        await with_retry("queue work", lambda: self.streams.add(WORK, work_fields(work)), self.stop)
-        self._backlog += 1
 
     async def get(self, stop: asyncio.Event) -> WorkItem | None:
         raise NotImplementedError("workers read the stream themselves")
@@ -84,11 +93,13 @@ class StreamTransport:
 
 
 async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop: asyncio.Event,
-                   *, count: int = 1, tasks: int = 1) -> None:
-    """``tasks`` loops reading ``stream`` as ``group``; ``handle(fields)`` does the work, then
-    the message is acknowledged. A message that cannot be read is dead-lettered at once; one
-    whose handling fails is left pending, to be claimed again (and dead-lettered after
-    max_deliveries)."""
+                   *, count: int = 1, tasks: int = 1, handle_batch=None) -> None:
+    """``tasks`` loops reading ``stream`` as ``group``, up to ``count`` messages at a time;
+    ``handle(fields)`` does the work of each (the batch's concurrently), then the batch is
+    acknowledged in one call. ``handle_batch(messages)``, where given, does a whole batch at
+    once (one transaction) and returns the ids to acknowledge, or None to fall back to one
+    by one. A message that cannot be read is dead-lettered at once; one whose handling
+    fails is left pending, to be claimed again (and dead-lettered after max_deliveries)."""
     await with_retry(f"group {group}", lambda: streams.ensure_group(stream, group), stop)
 
     async def alive():
@@ -99,25 +110,32 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
             except TimeoutError:
                 pass
 
+    async def one(mid, fields) -> bool:
+        """Handle one message: True to acknowledge it (done; or dead-lettered, acknowledged there)."""
+        try:
+            await handle(fields)
+            return True
+        except (ValueError, KeyError, TypeError) as exc:  # not a message we can read
+            log.error("%s: unreadable message %s (%s)", stream, mid, exc)
+            await with_retry("dead letter", lambda: streams.dead_letter(stream, group, mid, 0), stop)
+            return False
+        except asyncio.CancelledError:
+            raise
+        except (*DatabaseError, RedisError, OSError) as exc:  # a server away: the message waits
+            log.warning("%s: message %s not handled (%s); it will be retried", stream, mid, exc)
+        except Exception:  # noqa: BLE001 - left pending: claimed again later, then dead-lettered
+            log.exception("%s: handling message %s failed; it will be retried", stream, mid)
+        return False
+
     async def loop():
         while not stop.is_set():
-            batch = await with_retry(f"read {stream}", lambda: streams.read(stream, group, count, 1.0), stop)
-            for mid, fields in batch or []:
-                try:
-                    await handle(fields)
-                except (ValueError, KeyError, TypeError) as exc:  # not a message we can read
-                    log.error("%s: unreadable message %s (%s)", stream, mid, exc)
-                    await with_retry("dead letter", lambda m=mid: streams.dead_letter(stream, group, m, 0), stop)
-                    continue
-                except asyncio.CancelledError:
-                    raise
-                except (*DatabaseError, RedisError, OSError) as exc:  # a server away: the message waits
-                    log.warning("%s: message %s not handled (%s); it will be retried", stream, mid, exc)
-                    continue
-                except Exception:  # noqa: BLE001 - left pending: claimed again later, then dead-lettered
-                    log.exception("%s: handling message %s failed; it will be retried", stream, mid)
-                    continue
-                await with_retry("ack", lambda m=mid: streams.ack(stream, group, m), stop)
+            batch = await with_retry(f"read {stream}", lambda: streams.read(stream, group, count, 1.0), stop) or []
+            done = await handle_batch(batch) if handle_batch is not None and len(batch) > 1 else None
+            if done is None:  # one by one (or the batch failed as a whole): each message on its own
+                done = [mid for (mid, fields), ok in zip(batch, await asyncio.gather(
+                    *(one(mid, fields) for mid, fields in batch)), strict=True) if ok]
+            if done:
+                await with_retry("ack", lambda d=done: streams.ack(stream, group, *d), stop)
 
     await asyncio.gather(alive(), *(loop() for _ in range(tasks)))
 
@@ -155,16 +173,16 @@ class ShardRole:
         self.streams, self.metrics, self.tasks = streams, metrics, tasks
 
     async def handle(self, fields) -> None:
-        work = work_from(fields)
-        fp, fetched = fingerprint_from(fields)
+        work_from(fields)  # checked, passed on as it came
+        fp, _ = fingerprint_from(fields)
         start = time.perf_counter()
         matches = await asyncio.to_thread(self.matcher.match, fp)
         self.metrics.match_seconds.observe(time.perf_counter() - start)
-        await self.streams.add(ANSWERS, {**work_fields(work), **fingerprint_fields(fp, fetched),
-                                         "shard": str(self.shard), "matches": matches_json(matches)})
+        await self.streams.add(ANSWERS, {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard),
+                                         "matches": matches_json(matches)})
 
     async def run(self, stop: asyncio.Event) -> None:
-        await _consume(self.streams, FINGERPRINTS, shard_group(self.shard), self.handle, stop, count=8,
+        await _consume(self.streams, FINGERPRINTS, shard_group(self.shard), self.handle, stop, count=32,
                        tasks=self.tasks)
 
 
@@ -175,34 +193,54 @@ class RecorderRole:
         self.store, self.shards, self.streams = store, shards, streams
         self.recorder, self.metrics = recorder, metrics
 
-    def _store_answer(self, work: WorkItem, fp, fetched: bool, shard: int, matches: str):
-        now = time.time()
-        outbox = self.recorder.outbox
-        with self.store.transaction() as conn:
-            if shard_answers.hold_work(conn, work.id) != "pending":
-                return []  # recorded already (a repeated answer), or a row we do not have
-            answers = shard_answers.add(conn, work.id, shard, matches, now)
-            if len(answers) < self.shards:
-                return []  # the other shards have not answered yet
-            merged = [m for text in answers.values() for m in matches_from(text)]
-            entries = entries_by_id(self.store, (m.entry_id for m in merged)) if merged else {}
-            records = match_rows.record_in(conn, work, merged, fp, entries, now, new_image=fetched,
-                                           enqueue=outbox.enqueue if outbox is not None else None)
-            shard_answers.clear(conn, work.id)
-        if records and outbox is not None:
-            outbox.committed()
-        return records
-
-    async def handle(self, fields) -> None:
+    def _parse(self, fields):
         work = work_from(fields)
         fp, fetched = fingerprint_from(fields)
         shard = int(fields[b"shard"])
         if not 0 <= shard < self.shards:
             raise ValueError(f"an answer from shard {shard} of {self.shards}")
-        records = await asyncio.to_thread(self._store_answer, work, fp, fetched, shard,
-                                          fields[b"matches"].decode())
-        for rec in records:
+        return work, fp, fetched, shard, fields[b"matches"].decode()
+
+    def _store_answers(self, answers: list[tuple]):
+        """Each (work, fp, fetched, shard, matches) stored, and every image whose set they
+        complete recorded: one transaction."""
+        now = time.time()
+        outbox = self.recorder.outbox
+        records = []
+        with self.store.transaction() as conn:
+            for work, fp, fetched, shard, matches in answers:
+                if shard_answers.hold_work(conn, work.id) != "pending":
+                    continue  # recorded already (a repeated answer), or a row we do not have
+                stored = shard_answers.add(conn, work.id, shard, matches, now)
+                if len(stored) < self.shards:
+                    continue  # the other shards have not answered yet
+                merged = [m for text in stored.values() for m in matches_from(text)]
+                entries = entries_by_id(self.store, (m.entry_id for m in merged)) if merged else {}
+                records += match_rows.record_in(conn, work, merged, fp, entries, now, new_image=fetched,
+                                                enqueue=outbox.enqueue if outbox is not None else None)
+                shard_answers.clear(conn, work.id)
+        if records and outbox is not None:
+            outbox.committed()
+        return records
+
+    async def handle(self, fields) -> None:
+        for rec in await asyncio.to_thread(self._store_answers, [self._parse(fields)]):
             await self.recorder.announce(rec)
 
+    async def handle_batch(self, batch) -> list | None:
+        """The batch in one transaction; None (one by one) if any message is unreadable or the
+        transaction fails, so one poison answer never holds back the rest."""
+        try:
+            answers = [self._parse(fields) for _, fields in batch]
+            records = await asyncio.to_thread(self._store_answers, answers)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - retried message by message, where the culprit shows
+            return None
+        for rec in records:
+            await self.recorder.announce(rec)
+        return [mid for mid, _ in batch]
+
     async def run(self, stop: asyncio.Event) -> None:
-        await _consume(self.streams, ANSWERS, RECORDERS_GROUP, self.handle, stop, count=16)
+        await _consume(self.streams, ANSWERS, RECORDERS_GROUP, self.handle, stop, count=64,
+                       handle_batch=self.handle_batch)

@@ -45,6 +45,7 @@ class RedisStreams:
         self.dead_max = dead_max
         self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
         self.consumer = consumer_name()
+        self._claimed_at: dict[tuple[str, str], float] = {}
 
     def key(self, stream: str) -> str:
         return f"{self.prefix}:{stream}"
@@ -86,12 +87,23 @@ class RedisStreams:
     async def add(self, stream: str, fields: dict) -> bytes:
         return await self.redis.xadd(self.key(stream), fields)
 
+    async def add_many(self, stream: str, messages: list[dict]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fields in messages:
+                pipe.xadd(self.key(stream), fields)
+            await pipe.execute()
+
     async def read(self, stream: str, group: str, count: int, block: float) -> list[tuple[bytes, dict]]:
         """Messages for this consumer: first those other consumers held too long (claimed),
         then new ones, waiting up to ``block`` seconds."""
-        claimed = await self._claim(stream, group, count)
-        if claimed:
-            return claimed
+        # Claiming is a sweep over the pending list: a few times per claim_idle, not per read.
+        last = self._claimed_at.get((stream, group), 0.0)
+        if time.monotonic() - last > self.claim_idle_ms / 4000:
+            self._claimed_at[(stream, group)] = time.monotonic()
+            claimed = await self._claim(stream, group, count)
+            if claimed:
+                self._claimed_at[(stream, group)] = 0.0  # more may be waiting: look again next read
+                return claimed
         got = await self.redis.xreadgroup(group, self.consumer, {self.key(stream): ">"}, count=count,
                                           block=max(1, int(block * 1000)))
         return [(mid, fields) for _, messages in got or [] for mid, fields in messages if fields is not None]
