@@ -39,13 +39,18 @@ def make_thumbs(corpus: Path, limit: int) -> list[bytes]:
     return out
 
 
-def host_process(thumbs: list[bytes], posts: int, batch: int, port_q) -> None:
+def host_process(thumbs: list[bytes], posts: int, batch: int, port_q, rate: float | None = None) -> None:
+    """The feed host; with ``rate``, posts are published at that many per second (from the
+    first poll) instead of ``batch`` per poll."""
     from aiohttp import web
-    served = {"next": 0}
+    served = {"next": 0, "t0": None}
 
     async def feed(request):
         start = served["next"]
         stop = min(posts, start + batch)
+        if rate:
+            served["t0"] = served["t0"] or time.time()
+            stop = min(stop, int((time.time() - served["t0"]) * rate))
         served["next"] = stop
         base = f"http://{request.host}"
         items = [{"id": f"p{i}", "url": f"{base}/p/{i}", "image": f"{base}/img/{i}.jpg"}
