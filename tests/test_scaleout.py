@@ -358,3 +358,45 @@ async def test_an_entry_added_is_matchable_on_its_shard_within_2_s(services, tmp
         await asyncio.wait_for(task, 30)
     rows = query(url, "SELECT m.image_url, e.label FROM matches m JOIN library_entries e ON e.id = m.entry_id")
     assert [(u.rsplit("/", 1)[-1], label) for u, label in rows] == [("flip-rocket.jpg", "library-rocket")]
+
+
+async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_path, samples):
+    """Two intake processes: each feed is watched by one (a lease). The holder is SIGKILLed;
+    within a few seconds the other polls its feeds, and the posts made meanwhile are recorded,
+    each once."""
+    from tests.hosts import DaemonProcess
+    pg, rd = services
+    url = pg.create_database(f"f_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    site, hooks = PhotoSite(samples), Hooks()
+    async with serve(site.app()) as base, serve(hooks.app()) as recv:
+        cfg = scaled_config(base, recv, url, rd.url, shards=1)
+        conf = tmp_path / "c.toml"
+        conf.write_text(
+            f'[store]\nurl = "{url}"\n[limits]\nallowed_networks = ["127.0.0.0/8"]\n[server]\nenabled = false\n'
+            f'[transport]\nurl = "{rd.url}"\nprefix = "{cfg.transport.prefix}"\n'
+            f'[[feeds]]\nname = "rss"\ntype = "rss"\nurl = "{base}/rss.xml"\ninterval = 0.3\n')
+        intakes = {name: DaemonProcess(conf, tmp_path / f"{name}.log") for name in ("a", "b")}
+        for proc in intakes.values():
+            proc.cmd += ["--role", "intake"]
+            proc.start()
+        stop = asyncio.Event()
+        rest = asyncio.create_task(run_node(cfg, parse_roles("worker,shard,recorder", 1), stop=stop,
+                                            install_signals=False))
+        site.post("rss", 1, ["small-chelsea.jpg"])
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 1, 90)
+        holder = next(n for n, p in intakes.items() if "lease" in p.log() and "feed:rss taken" in p.log())
+        intakes[holder].kill()
+        killed_at = asyncio.get_running_loop().time()
+        site.post("rss", 2, ["flip-rocket.jpg"])
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 2, 30)
+        took_over = asyncio.get_running_loop().time() - killed_at
+        other = intakes["b" if holder == "a" else "a"]
+        assert "feed:rss taken" in other.log()
+        assert other.stop() == 0
+        stop.set()
+        await asyncio.wait_for(rest, 30)
+    assert took_over < 10  # the lease lasts 5 s after the last renewal
+    rows = query(url, "SELECT image_url FROM matches")
+    assert sorted(u.rsplit("/", 1)[-1] for (u,) in rows) == ["flip-rocket.jpg", "small-chelsea.jpg"]
+    assert query(url, "SELECT COUNT(*) FROM seen_items") == [(2,)]
