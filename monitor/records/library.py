@@ -115,13 +115,11 @@ class Library:
     def reload(self) -> None:
         """(Re)build the index: from the packed snapshot when it is current
         (a million entries in a fraction of a second), else from the rows,
-        then store a new snapshot for the next start."""
+        then store a new snapshot for the next start. A shard has a snapshot of its own part."""
         version = self.version()
-        if self.shard is not None:  # the packed snapshot is of the whole library
-            self._reload_rows()
-            return
-        snap = self.store.query("SELECT ids, dhash, phash, fine FROM index_snapshot WHERE id=1 "
-                                "AND version=? AND fine IS NOT NULL", (version,))
+        k, shards = self.shard if self.shard is not None else (0, 1)
+        snap = self.store.query("SELECT ids, dhash, phash, fine FROM index_snapshots WHERE shards=? AND shard=? "
+                                "AND version=?", (shards, k, version))
         if snap:
             ids, d, p, fine = (np.frombuffer(b, dtype="<u8") for b in snap[0])
             self.index.load(ids.view(np.int64), {"dhash": d, "phash": p}, fine)
@@ -129,10 +127,11 @@ class Library:
         self._reload_rows()
         with self.store.transaction() as conn:
             if conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] == version:
-                conn.execute("INSERT INTO index_snapshot (id, version, ids, dhash, phash, fine) "
-                             "VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET version=excluded.version, "
-                             "ids=excluded.ids, dhash=excluded.dhash, phash=excluded.phash, fine=excluded.fine",
-                             (version, self.index.ids.astype("<i8").tobytes(),
+                conn.execute("INSERT INTO index_snapshots (shards, shard, version, ids, dhash, phash, fine) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (shards, shard) DO UPDATE SET "
+                             "version=excluded.version, ids=excluded.ids, dhash=excluded.dhash, "
+                             "phash=excluded.phash, fine=excluded.fine",
+                             (shards, k, version, self.index.ids.astype("<i8").tobytes(),
                               self.index.hashes("dhash").astype("<u8").tobytes(),
                               self.index.hashes("phash").astype("<u8").tobytes(),
                               self.index.fine().astype("<u8").tobytes()))

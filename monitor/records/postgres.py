@@ -197,6 +197,18 @@ CREATE TABLE shard_answers (
     added_at  DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (work_id, shard)
 );
+"""), (14, """
+DROP TABLE index_snapshot;
+CREATE TABLE index_snapshots (
+    shards   INTEGER NOT NULL,
+    shard    INTEGER NOT NULL,
+    version  BIGINT NOT NULL,
+    ids      BYTEA NOT NULL,
+    dhash    BYTEA NOT NULL,
+    phash    BYTEA NOT NULL,
+    fine     BYTEA NOT NULL,
+    PRIMARY KEY (shards, shard)
+);
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

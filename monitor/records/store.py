@@ -226,6 +226,20 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (work_id, shard)
     );
     """,
+    # 14: a packed snapshot per shard split (shards, shard); (1, 0) is the whole library
+    """
+    DROP TABLE index_snapshot;
+    CREATE TABLE index_snapshots (
+        shards   INTEGER NOT NULL,
+        shard    INTEGER NOT NULL,
+        version  INTEGER NOT NULL,
+        ids      BLOB NOT NULL,
+        dhash    BLOB NOT NULL,
+        phash    BLOB NOT NULL,
+        fine     BLOB NOT NULL,
+        PRIMARY KEY (shards, shard)
+    );
+    """,
 ]
 
 
