@@ -71,7 +71,7 @@ def configured_sources(config: Config) -> list[tuple[object, FeedSettings]]:
     return out
 
 
-async def warm_up_unless_stopped(say: Callable[[str], None], stop: asyncio.Event) -> bool:
+async def warm_up_unless_stopped(say: Callable[[str], None], stop: asyncio.Event, notice_after: float = 1.0) -> bool:
     """Compile the kernels (~30 s on a machine's first run) in a daemon thread, so a
     SIGTERM meanwhile stops the daemon at once: False if stopped first. (A thread of
     the default executor would hold the process until the compiler finished.)"""
@@ -85,7 +85,7 @@ async def warm_up_unless_stopped(say: Callable[[str], None], stop: asyncio.Event
     def compile_kernels() -> None:
         error = None
         try:
-            warm_up(say)
+            warm_up(say, notice_after=notice_after)
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop
             error = exc
         try:
