@@ -13,6 +13,7 @@ import asyncio
 import logging
 import multiprocessing
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -32,6 +33,8 @@ log = logging.getLogger("repost_monitor.pipeline")
 
 # Failures that will not change on a retry: cached per URL, so the same bad
 # image reached through another feed is not fetched again.
+RECENT_FETCHES = 256  # results kept after a fetch, for a worker that read the store just before it was written
+
 PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address", "bad_url",
                           "blocked_path"}
 
@@ -67,6 +70,7 @@ class Worker:
         self.max_pixels = max_pixels
         self.active = 0
         self._inflight: dict[str, asyncio.Future] = {}
+        self._recent: OrderedDict[str, tuple] = OrderedDict()  # the last fetches' results, by URL
         # Downloaded images waiting for a fingerprint thread. No new download
         # starts while this many wait: on a fast network the downloads would
         # otherwise outrun the CPU and every image would queue for it (the
@@ -161,11 +165,9 @@ class Worker:
         """(fingerprint, matches or None, time downloaded) of an image URL: from the store
         if any feed already fetched it, from a concurrent fetch of the same URL, or fetched
         now (None for matches: this call did not match it)."""
-        if self.store.dialect == "sqlite":
-            # A local read of microseconds, and no await before the _inflight check below: an
-            # image another worker just finished is seen in one or the other, never neither.
+        if self.store.dialect == "sqlite":  # a local read of microseconds
             cached = work_rows.cached_image(self.store, work.image_url)
-        else:  # a network round trip: off the loop (a scaled-out worker; its recorder is elsewhere)
+        else:  # a network round trip: off the loop
             cached = await asyncio.to_thread(work_rows.cached_image, self.store, work.image_url)
         if cached is not None:
             return cached, None, time.perf_counter()
@@ -173,11 +175,19 @@ class Worker:
         if pending is not None:
             fp, _, downloaded = await asyncio.shield(pending)
             return fp, None, downloaded
+        # Fetched by another worker while the store was read (its row not yet written then,
+        # its fetch no longer in flight now): that fetch's fingerprint, not a second download.
+        recent = self._recent.get(work.image_url)
+        if recent is not None:
+            return recent[0], None, recent[2]
         fut = asyncio.get_running_loop().create_future()
         self._inflight[work.image_url] = fut
         try:
             result = await self._download_and_hash(work)
             fut.set_result(result)
+            self._recent[work.image_url] = result
+            if len(self._recent) > RECENT_FETCHES:
+                self._recent.popitem(last=False)
             return result
         except BaseException as exc:
             fut.set_exception(exc)
