@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 
 from aiohttp import web
 
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (for a server that must be told its port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from monitor.tools.services import free_port  # noqa: F401 - the tests' one free-port helper
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,6 @@ default cache) cannot hide a hang or a silent wait. Slow: each compiles.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from tests.hosts import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +62,6 @@ def test_demo_from_a_cold_cache(tmp_path):
     assert "missed" not in r.stdout
     assert time.monotonic() - start < 300
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, dict]:

@@ -6,7 +6,6 @@ rules and the exposed metrics."""
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT
+from tests.hosts import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -24,11 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     reason="LOUD SKIP: Prometheus is not installed (apt-get install prometheus); .ci/run installs it, "
            "so on CI this test runs")]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout=5.0):

@@ -133,9 +133,8 @@ class _Node:
                 worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
                                 workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
                                 fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels)
-                out.append(("worker", self._with_fetcher(fetcher, FetchRole(worker, self.streams,
-                                                                            self.recorder(None),
-                                                                            limits.concurrency).run(self.stop))))
+                role = FetchRole(worker, self.streams, limits.concurrency)
+                out.append(("worker", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "shard":
                 library = await asyncio.to_thread(Library, self.store, (k, cfg.transport.shards))
                 log.info("shard %d of %d: %d entries indexed", k, cfg.transport.shards, len(library.index))
@@ -146,7 +145,7 @@ class _Node:
                 role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics)
                 out += [(f"shard:{k}", role.run(self.stop)), (f"library:{k}", watcher.run(self.stop))]
             elif name == "recorder":
-                role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None), self.metrics)
+                role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None))
                 out.append(("recorder", role.run(self.stop)))
             elif name == "sender":
                 out.append(("sender", leases.hold(self.streams.redis, self.lease_key("sender"),

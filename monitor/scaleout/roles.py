@@ -143,15 +143,15 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
 class FetchRole:
     """``work`` -> download, fingerprint -> ``fingerprints``."""
 
-    def __init__(self, worker: Worker, streams: RedisStreams, recorder: Recorder, tasks: int = 16):
-        self.worker, self.streams, self.recorder, self.tasks = worker, streams, recorder, tasks
+    def __init__(self, worker: Worker, streams: RedisStreams, tasks: int = 16):
+        self.worker, self.streams, self.tasks = worker, streams, tasks
 
     async def handle(self, fields) -> None:
         work = work_from(fields)
         try:
             fp, fetched = await self.worker.fingerprint(work)
         except (FetchError, ImageError, work_rows.CachedFailure) as exc:
-            await asyncio.to_thread(self.recorder.finish, work, [], None, error=str(exc))
+            await asyncio.to_thread(self.worker.recorder.finish, work, [], None, error=str(exc))
             log.warning("image skipped: %s: %s", work.image_url, exc, extra={"url": work.image_url})
             return
         await self.streams.add(FINGERPRINTS, {**work_fields(work), **fingerprint_fields(fp, fetched)})
@@ -189,9 +189,8 @@ class ShardRole:
 class RecorderRole:
     """``answers`` -> stored; the last shard's answer records the image."""
 
-    def __init__(self, store: Store, shards: int, streams: RedisStreams, recorder: Recorder, metrics: Metrics):
-        self.store, self.shards, self.streams = store, shards, streams
-        self.recorder, self.metrics = recorder, metrics
+    def __init__(self, store: Store, shards: int, streams: RedisStreams, recorder: Recorder):
+        self.store, self.shards, self.streams, self.recorder = store, shards, streams, recorder
 
     def _parse(self, fields):
         work = work_from(fields)
