@@ -92,10 +92,27 @@ class Intake:
                 log.exception("feed %s: unexpected error; next poll in %.0fs", source.name, delay,
                               extra={"feed": source.name})
             delay *= 1 + random.uniform(-cfg.jitter, cfg.jitter)
+            await self._sleep(source.name, delay, stop)
+
+    async def _sleep(self, feed: str, delay: float, stop: asyncio.Event) -> None:
+        """Until the next poll. A hub that verifies meanwhile (often just after the poll that
+        subscribed) makes the lease known: the sleep is cut to when it is due for renewal."""
+        deadline = time.monotonic() + max(0.05, delay)
+        wake = self.websub.wakeup(feed)
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            wake.clear()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
             try:
-                await asyncio.wait_for(stop.wait(), timeout=max(0.05, delay))
-            except TimeoutError:
-                pass
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            renew = self.websub.renew_in(feed) if wake.is_set() else None
+            if renew is not None:
+                deadline = min(deadline, time.monotonic() + renew)
 
     def feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
         self.metrics.feed_polls.labels(feed, "error").inc()

@@ -11,6 +11,10 @@ renewed at 80% of their length, with the same secret and hub (also after a 304),
 subscriptions are stored, so a restart or a kill -9 goes on accepting the hub's pushes.
 Polling goes on meanwhile, at ``SAFETY_POLL_SECONDS`` once subscribed, at the feed's
 interval while no hub answers.
+
+Scaled out, the intake that holds a feed's lease subscribes while the hub's requests may
+reach another process (the API role, another intake): each side reads the stored row when
+its own copy is unverified, awaiting verification, or fails a signature.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ LEASE_ASKED = 86_400          # seconds of lease asked for; the hub decides
 RENEW_AT = 0.8                # of the lease granted
 VERIFY_WAIT = 300.0           # a hub that has not verified a request by then is asked again
 HUB_REDIRECTS = 3             # 307/308 from a hub that moved (websub.rocks tests 203, 204)
+REFRESH_EVERY = 1.0           # seconds between reads of a feed's stored subscription
 SAFETY_POLL_SECONDS = 3600.0  # a subscribed feed is still polled this often, in case a push is lost
 SIGNATURES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 
@@ -45,6 +50,12 @@ class WebSub:
         # Stored subscriptions: one row a feed, read once at start.
         self.subscriptions: dict[str, Subscription] = subscription_rows.load(intake.store) if public_url else {}
         self._pending: dict[str, float] = {}  # feed -> when a (re)subscription was asked, until verified
+        self._refreshed: dict[str, float] = {}  # feed -> when its stored row was last read
+        self._wakeups: dict[str, asyncio.Event] = {}  # set when a feed's subscription is verified
+
+    def wakeup(self, feed: str) -> asyncio.Event:
+        """Set when the hub verifies the feed's subscription: its watcher's sleep is recomputed."""
+        return self._wakeups.setdefault(feed, asyncio.Event())
 
     def _source(self, feed: str) -> HttpSource | None:
         return next((s for s, _ in self.intake.sources if s.name == feed and isinstance(s, HttpSource)), None)
@@ -76,7 +87,12 @@ class WebSub:
     async def after_poll(self, source: HttpSource, body: bytes | None, headers) -> None:
         """Subscribe (or renew) when the feed names a hub; ``body`` None is a 304, which renews
         where the feed was. A hub that fails leaves polling as it was."""
-        if not self.public_url or not source.options.get("websub", True) or not self.due(source.name):
+        if not self.public_url or not source.options.get("websub", True):
+            return
+        sub = self.subscriptions.get(source.name)
+        if sub is not None and (source.name in self._pending or not sub.verified):
+            await self._refresh(source.name)  # verified meanwhile by another process?
+        if not self.due(source.name):
             return
         sub = self.subscriptions.get(source.name)
         found = await asyncio.to_thread(source.hub, body, headers) if body is not None else None
@@ -113,11 +129,36 @@ class WebSub:
         log.info("feed %s: subscribed at WebSub hub %s, awaiting its verification", source.name, hub,
                  extra={"feed": source.name})
 
+    async def _refresh(self, feed: str) -> Subscription | None:
+        """The stored row (written by whichever process last subscribed or was verified); at
+        most once a second per feed, so a stream of forged requests costs no store reads."""
+        if time.monotonic() - self._refreshed.get(feed, -REFRESH_EVERY) < REFRESH_EVERY:
+            return self.subscriptions.get(feed)
+        self._refreshed[feed] = time.monotonic()
+        sub = await asyncio.to_thread(subscription_rows.load_one, self.intake.store, feed)
+        if sub is None:
+            self.subscriptions.pop(feed, None)
+            return None
+        mine = self.subscriptions.get(feed)
+        self.subscriptions[feed] = sub
+        if sub.verified and (mine is None or sub.asked_at > mine.asked_at or not mine.verified):
+            self._pending.pop(feed, None)  # our request was verified, by the process the hub reached
+        return sub
+
+    def _asked(self, feed: str, sub: Subscription) -> bool:
+        """A request of ours awaits the hub's verification (asked by this process, or by
+        another one recently: the stored row's ``asked_at``)."""
+        return feed in self._pending or time.time() - sub.asked_at < VERIFY_WAIT
+
     # -- the hub's requests (routed from /websub/{feed}) -----------------------------------
     async def verify(self, feed: str, query) -> str | None:
         """The challenge to echo when the hub's verification of intent matches a subscription
         we asked for; None (answer 404) otherwise (websub.rocks test 205)."""
+        if not self.public_url:
+            return None
         sub = self.subscriptions.get(feed)
+        if sub is None or not sub.verified or query.get("hub.topic") != sub.topic:
+            sub = await self._refresh(feed)
         mode, topic = query.get("hub.mode"), query.get("hub.topic")
         if sub is None or topic != sub.topic:
             return None
@@ -128,7 +169,7 @@ class WebSub:
             self._pending.pop(feed, None)
             await asyncio.to_thread(subscription_rows.delete, self.intake.store, feed)
             return ""
-        if mode != "subscribe" or not query.get("hub.challenge") or (feed not in self._pending and not sub.verified):
+        if mode != "subscribe" or not query.get("hub.challenge") or (not self._asked(feed, sub) and not sub.verified):
             return None
         try:
             lease = float(query.get("hub.lease_seconds", LEASE_ASKED))
@@ -138,6 +179,7 @@ class WebSub:
         sub.verified, sub.asked_at, sub.expires = True, now, now + max(1.0, lease)
         self._pending.pop(feed, None)
         await asyncio.to_thread(subscription_rows.save, self.intake.store, sub)
+        self.wakeup(feed).set()
         log.info("feed %s: WebSub subscription verified for %.0f s", feed, lease, extra={"feed": feed})
         return query["hub.challenge"]
 
@@ -146,15 +188,24 @@ class WebSub:
         acknowledged and ignored (the spec's advice: no oracle for forgers); a missing one
         is refused (websub.rocks test 302)."""
         sub, source = self.subscriptions.get(feed), self._source(feed)
-        if sub is None or not sub.verified or source is None:
+        if source is None or not self.public_url:
+            return "unknown"
+        if sub is None or not sub.verified:
+            sub = await self._refresh(feed)
+        if sub is None or not sub.verified:
             return "unknown"
         if not signature.strip():
             log.warning("feed %s: unsigned WebSub delivery refused", feed, extra={"feed": feed})
             return "unsigned"
         method, _, given = signature.partition("=")
         digest = SIGNATURES.get(method.strip().lower())
-        if digest is None or not hmac.compare_digest(hmac.new(sub.secret.encode(), body, digest).hexdigest(),
-                                                      given.strip().lower()):
+
+        def signed(secret: str) -> bool:
+            return digest is not None and hmac.compare_digest(hmac.new(secret.encode(), body, digest).hexdigest(),
+                                                              given.strip().lower())
+
+        if not signed(sub.secret) and (digest is None or (sub := await self._refresh(feed)) is None
+                                       or not signed(sub.secret)):  # a new secret, stored by another process?
             log.warning("feed %s: WebSub delivery with a wrong signature ignored", feed, extra={"feed": feed})
             return "bad_signature"
         try:

@@ -23,6 +23,13 @@ def load(store: Store) -> dict[str, Subscription]:
     return {r[0]: Subscription(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows}
 
 
+def load_one(store: Store, feed: str) -> Subscription | None:
+    rows = store.query("SELECT feed, hub, topic, secret, asked_at, verified, expires FROM websub_subscriptions "
+                       "WHERE feed=?", (feed,))
+    return Subscription(rows[0][0], rows[0][1], rows[0][2], rows[0][3], rows[0][4], bool(rows[0][5]),
+                        rows[0][6]) if rows else None
+
+
 def save(store: Store, sub: Subscription) -> None:
     with store.transaction() as conn:
         conn.execute("INSERT INTO websub_subscriptions (feed, hub, topic, secret, asked_at, verified, expires) "
