@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", default="all",
                    help="all (default: the whole daemon in one process), or roles of a scaled-out "
                         "deployment over [transport] (Redis) and [store] url (PostgreSQL): "
-                        "intake, worker, shard:K (or shard: every shard), recorder, sender, comma-separated")
+                        "intake, worker, shard:K (or shard: every shard), recorder, sender, api, comma-separated")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("streams", help="scale-out: the Redis streams between roles, and dead letters",

@@ -239,6 +239,7 @@ class TransportConfig(_Model):
     shards: Annotated[int, Field(ge=1, le=1024)] = 1   # the library split over this many shards
     claim_idle_seconds: Annotated[float, Field(gt=0)] = 30.0  # a message held this long is taken over
     max_deliveries: Annotated[int, Field(ge=1)] = 5    # then it goes to the dead-letter stream
+    check_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # /v1/check waits this long for every shard
 
     @field_validator("url")
     @classmethod

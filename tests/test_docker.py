@@ -105,7 +105,7 @@ def test_scaleout_compose_names_real_roles_and_its_config_is_valid():
     from monitor.scaleout.node import parse_roles
     compose = yaml.safe_load((ROOT / "dashboards" / "compose" / "scaleout.yml").read_text())
     roles = [s["command"][1] for s in compose["services"].values() if s.get("command", [""])[0] == "--role"]
-    assert {r.split(":")[0] for r in roles} == {"intake", "worker", "shard", "recorder", "sender"}
+    assert {r.split(":")[0] for r in roles} == {"intake", "worker", "shard", "recorder", "sender", "api"}
     for role in roles:
         parse_roles(role, 2)
     prom = yaml.safe_load((ROOT / "dashboards" / "compose" / "prometheus-scaleout.yml").read_text())

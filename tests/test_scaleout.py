@@ -3,6 +3,7 @@
 one-process daemon (SQLite) and through the roles give the same matches and alerts."""
 
 import asyncio
+import contextlib
 import json
 import uuid
 
@@ -68,8 +69,8 @@ def scaled_config(base, hooks, pg_url, redis_url, shards, **extra):
 
 
 def test_roles_are_parsed_and_checked():
-    assert parse_roles("intake,worker,shard:1,recorder,sender", 2) == [
-        ("intake", None), ("worker", None), ("shard", 1), ("recorder", None), ("sender", None)]
+    assert parse_roles("intake,worker,shard:1,recorder,sender,api", 2) == [
+        ("intake", None), ("worker", None), ("shard", 1), ("recorder", None), ("sender", None), ("api", None)]
     assert parse_roles("shard", 3) == [("shard", 0), ("shard", 1), ("shard", 2)]
     for bad in ("shard:2", "bogus", "worker:1", ""):
         with pytest.raises(ValueError):
@@ -400,3 +401,107 @@ async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_
     rows = query(url, "SELECT image_url FROM matches")
     assert sorted(u.rsplit("/", 1)[-1] for (u,) in rows) == ["flip-rocket.jpg", "small-chelsea.jpg"]
     assert query(url, "SELECT COUNT(*) FROM seen_items") == [(2,)]
+
+
+@contextlib.asynccontextmanager
+async def roles_running(cfg, roles: str, ready_url: str):
+    """run_node with these roles until the block ends (failing or not), once ``ready_url`` answers 200."""
+    import aiohttp
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_node(cfg, parse_roles(roles, cfg.transport.shards), stop=stop,
+                                        install_signals=False))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):
+                assert not task.done(), task.result()
+                try:
+                    async with http.get(ready_url) as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_the_api_role_checks_ingests_and_takes_the_hubs_pushes(services, tmp_path, samples):
+    """`--role api` over 2 shards: /v1/check asks every shard (an upload and a URL), a post
+    pushed to /v1/ingest and an uploaded image are recorded by the roles and alert, a new
+    library entry added through the API is matched by its shard, and the WebSub hub's
+    verification and push, sent to the API's public URL for a feed the intake subscribed,
+    are taken there. With a shard missing, /v1/check answers 503, not a short list."""
+    import aiohttp
+
+    from monitor.tools.services import free_port
+    from tests.test_api import upload
+    from tests.test_websub import Hub, rss
+    pg, rd = services
+    url = pg.create_database(f"api_{uuid.uuid4().hex[:12]}")
+    from monitor.records.library import Library
+    from monitor.scan import add_files
+    lib = Library(open_store(url))  # the fruits picture is added later, through the API
+    add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "fruits" not in p.name], progress=False)
+    lib.store.close()
+    site, hooks, hub = PhotoSite(samples), Hooks(), Hub(lease=3600)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    async with serve(site.app()) as images, serve(hooks.app()) as recv, serve(hub.app()) as hub_base, \
+            aiohttp.ClientSession() as http:
+        topic = f"{images}/websub-feed.xml"
+        feed_app = web.Application()
+
+        async def feed(request):
+            return web.Response(body=rss(images, [("p1", "other-apple.jpg")]), content_type="application/rss+xml",
+                                headers={"Link": f'<{hub_base}/hub>; rel="hub", <{topic}>; rel="self"'})
+        feed_app.router.add_get("/websub-feed.xml", feed)
+        async with serve(feed_app) as feeds_base:
+            cfg = scaled_config(images, recv, url, rd.url, shards=2)
+            cfg = parse_config({**cfg.model_dump(), "server": {"port": port, "public_url": api},
+                                "feeds": [{"name": "blog", "type": "rss", "url": f"{feeds_base}/websub-feed.xml",
+                                           "interval": 3600}]})
+            async with roles_running(cfg, "intake,worker,shard,recorder,sender,api", f"{api}/v1/openapi.json"):
+                # checks: every shard asked, nothing recorded
+                async with http.post(f"{api}/v1/check", data=upload(site.images["small-chelsea.jpg"][0])) as r:
+                    out = await r.json()
+                    assert r.status == 200 and [m["label"] for m in out["matches"]] == ["library-chelsea"], out
+                async with http.post(f"{api}/v1/check", json={"url": f"{images}/img/flip-rocket.jpg"}) as r:
+                    out = await r.json()
+                    assert r.status == 200 and [m["label"] for m in out["matches"]] == ["library-rocket"], out
+                async with http.post(f"{api}/v1/check", data=upload((samples / "other-apple.jpg").read_bytes())) as r:
+                    assert r.status == 200 and (await r.json())["matches"] == []
+                assert query(url, "SELECT COUNT(*) FROM matches") == [(0,)]
+                # a pushed post and an upload: recorded by the roles, alerted by the sender
+                async with http.post(f"{api}/v1/ingest", json={"image_urls": [f"{images}/img/q30-coffee.jpg"],
+                                                               "id": "post-1"}) as r:
+                    assert r.status == 202 and (await r.json())["status"] == "queued"
+                async with http.post(f"{api}/v1/ingest", data=upload(site.images["flip-rocket.jpg"][0],
+                                                                     id="post-2")) as r:
+                    assert r.status == 202
+                await until(lambda: sorted(hooks.labels()) == ["library-coffee", "library-rocket"], 60)
+                # a library entry added through the API: its shard matches it within 2 s
+                fruits = (samples / "library-fruits.jpg").read_bytes()
+                async with http.post(f"{api}/v1/library", data=upload(fruits, name="fruits.jpg", label="fruits")) as r:
+                    assert r.status == 201, await r.text()
+                    fruits_id = (await r.json())["added"][0]["id"]
+                await asyncio.sleep(2.0)
+                async with http.post(f"{api}/v1/check", data=upload(fruits)) as r:
+                    assert [m["entry_id"] for m in (await r.json())["matches"]] == [fruits_id]
+                # WebSub: the intake subscribed with the API's URL; the API verified and takes pushes
+                await until(lambda: hub.verified == [True], 30)
+                assert hub.subscriptions[0]["hub.callback"] == f"{api}/websub/blog"
+                assert await hub.publish(rss(images, [("p2", "small-chelsea.jpg")])) == "recorded"
+                assert await hub.publish(rss(images, [("p3", "flip-rocket.jpg")]), secret="wrong") == "bad_signature"
+                await until(lambda: "library-chelsea" in hooks.labels(), 60)
+        # one shard of two, nobody serving the other: a check is refused, not answered in part
+        cfg = parse_config({**cfg.model_dump(), "feeds": [],
+                            "transport": {**cfg.transport.model_dump(), "check_timeout_seconds": 1.0}})
+        async with roles_running(cfg, "api,shard:0", f"{api}/v1/openapi.json"):
+            async with http.post(f"{api}/v1/check", data=upload(site.images["small-chelsea.jpg"][0])) as r:
+                out = await r.json()
+                assert r.status == 503 and out["error"]["code"] == "match_unavailable" and "shard 1" in \
+                    out["error"]["message"], out
+    assert sorted(hooks.labels()) == ["library-chelsea", "library-coffee", "library-rocket"]
+    assert query(url, "SELECT COUNT(*) FROM alerts") == [(3,)]

@@ -19,6 +19,7 @@ from monitor.api.openapi import OPENAPI
 from monitor.fetch import FetchError
 from monitor.fingerprints import ImageError, fingerprint_bytes
 from monitor.isotime import iso
+from monitor.pipeline.transport import MatchUnavailable
 from monitor.records import matches as match_rows
 from monitor.records.alerts import list_alerts, resend_dead
 from monitor.records.verdicts import allowances, set_allowances, set_verdict
@@ -115,7 +116,10 @@ async def check(request: web.Request) -> web.Response:
         want_alert = form.alert in ("1", "true", "yes")
         url, page_url = _upload_url(data), form.page_url
         fp = await _fingerprint(request, data)
-        matches = await asyncio.get_running_loop().run_in_executor(svc.pipeline.executor, svc.matcher.match, fp)
+        try:
+            matches = await svc.pipeline.match(fp)
+        except MatchUnavailable as exc:
+            raise error(503, "match_unavailable", str(exc)) from None
     else:
         doc = await json_body(request, m.CheckRequest)
         want_alert, page_url, url = doc.alert, doc.page_url, doc.url
@@ -128,7 +132,9 @@ async def check(request: web.Request) -> web.Response:
                         f"fetch_{exc.reason}", str(exc)) from None
         except ImageError as exc:
             raise error(422, f"image_{exc.reason}", str(exc)) from None
-    entries = svc.library.entries_by_id(x.entry_id for x in matches)
+        except MatchUnavailable as exc:
+            raise error(503, "match_unavailable", str(exc)) from None
+    entries = await asyncio.to_thread(svc.library.entries_by_id, [x.entry_id for x in matches])
     recorded = []
     if want_alert:
         item = FeedItem("check", hashlib.sha256(url.encode()).hexdigest()[:16], (url,), page_url)

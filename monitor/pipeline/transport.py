@@ -9,6 +9,10 @@ from typing import Protocol
 from monitor.records.work import WorkItem
 
 
+class MatchUnavailable(RuntimeError):
+    """A synchronous match could not be answered now (a scaled-out shard with no live replica)."""
+
+
 class Transport(Protocol):
     """Work rows from intake to the workers, in order, with back-pressure."""
 

@@ -246,7 +246,8 @@ class Worker:
             else:
                 fp, seconds = await self._fingerprint_in_process(data)
                 self.metrics.fingerprint_seconds.observe(seconds)
-                matches = await loop.run_in_executor(self.executor, self.match_timed, fp)
+                matches = (await loop.run_in_executor(self.executor, self.match_timed, fp)
+                           if self.matcher is not None else [])
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()
             work_rows.image_failed(self.store, work.image_url, str(exc), time.time())

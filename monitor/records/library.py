@@ -66,17 +66,20 @@ class AddReport:
 
 
 class Library:
-    def __init__(self, store: Store, shard: tuple[int, int] | None = None):
+    def __init__(self, store: Store, shard: tuple[int, int] | None = None, *, indexed: bool = True):
         """``shard`` (k, S): index only the entries whose id is k modulo S (a shard process
-        of a library split S ways); the table stays whole."""
+        of a library split S ways); the table stays whole. ``indexed`` False: the table
+        alone, no index (the API role of a scaled-out deployment: the shards match)."""
         self.store = store
         self.shard = shard
+        self.indexed = indexed
         self._owned = "" if shard is None else f" AND id % {int(shard[1])} = {int(shard[0])}"
         self.index = LibraryIndex()
-        self.reload()
+        if indexed:
+            self.reload()
 
     def owns(self, entry_id: int) -> bool:
-        return self.shard is None or entry_id % self.shard[1] == self.shard[0]
+        return self.indexed and (self.shard is None or entry_id % self.shard[1] == self.shard[0])
 
     def version(self) -> int:
         """Bumped by triggers on every change to the table, by any process."""

@@ -2,9 +2,10 @@
 scaled-out deployment (any mix; as many such processes on as many machines as wanted).
 
 Roles: ``intake``, ``worker``, ``shard:K`` (K of ``transport.shards``; ``shard`` alone is
-every shard), ``recorder``, ``sender``. Every process serves ``/healthz``, ``/readyz``
-(ready once its roles run) and ``/metrics`` on ``[server]``; the intake also sweeps work
-rows left pending (queued by an intake that died between storing and queuing them).
+every shard), ``recorder``, ``sender``, ``api``. Every process serves ``/healthz``,
+``/readyz`` (ready once its roles run) and ``/metrics`` on ``[server]``; with ``api`` also
+``/v1``, ``/review`` and the WebSub callbacks. The intake also sweeps work rows left
+pending (queued by an intake that died between storing and queuing them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from monitor.alerts.outbox import Outbox
-from monitor.api.server import make_app, start_server
+from monitor.api.server import Services, make_app, start_server
 from monitor.config import Config
 from monitor.daemon import configured_sources, make_sink, warm_up_unless_stopped
 from monitor.fetch import Fetcher
@@ -30,13 +31,14 @@ from monitor.records import work as work_rows
 from monitor.records.engines import open_store
 from monitor.records.library import Library
 from monitor.scaleout import leases
-from monitor.scaleout.roles import FetchRole, RecorderRole, ShardRole, StreamTransport
-from monitor.scaleout.streams import ANSWERS, DEAD, FINGERPRINTS, WORK, RedisStreams, with_retry
+from monitor.scaleout.api import RolePipeline
+from monitor.scaleout.roles import FetchRole, RecorderRole, ShardedChecks, ShardRole, StreamTransport
+from monitor.scaleout.streams import ANSWERS, CHECKS, DEAD, FINGERPRINTS, WORK, RedisStreams, with_retry
 from monitor.search.matcher import PRESETS, Matcher
 
 log = logging.getLogger("repost_monitor.scaleout")
 
-ROLES = ("intake", "worker", "shard", "recorder", "sender")
+ROLES = ("intake", "worker", "shard", "recorder", "sender", "api")
 SWEEP_AFTER = 300.0  # a work row pending this long, and not re-queued since, is queued again
 
 
@@ -80,9 +82,11 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
     t = config.transport
     streams = RedisStreams(t.url, t.prefix, claim_idle=t.claim_idle_seconds, max_deliveries=t.max_deliveries)
     runner = None
+    services = _services(config) if any(n == "api" for n, _ in roles) else None
     try:
         if config.server.enabled:
-            runner, port = await start_server(make_app(metrics, ready), config.server.host, config.server.port)
+            runner, port = await start_server(make_app(metrics, ready, services), config.server.host,
+                                              config.server.port)
             log.info("roles %s: /healthz, /readyz, /metrics on http://%s:%d", ",".join(names),
                      config.server.host, port)
         if any(n in ("worker", "shard") for n, _ in roles):
@@ -92,7 +96,7 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
             if not await warm_up_unless_stopped(say or (lambda text: log.info("%s", text)), stop, notice_after=8.0):
                 return
         ready["phase"] = "loading"
-        node = _Node(config, store, streams, metrics, stop, on_match)
+        node = _Node(config, store, streams, metrics, stop, on_match, services)
         tasks = [asyncio.create_task(coro, name=name) for name, coro in await node.roles(roles)]
         tasks.append(asyncio.create_task(node.watch_streams(any(n == "recorder" for n, _ in roles))))
         ready.update(ready=True, phase="running")
@@ -107,10 +111,18 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
         log.info("stopped")
 
 
+def _services(config: Config) -> Services:
+    s = config.server
+    return Services(token=s.token, hmac_secret=s.hmac_secret, library_folders=tuple(s.library_folders),
+                    allowed_hosts=tuple(s.allowed_hosts), allowed_origins=tuple(s.allowed_origins),
+                    loopback_only=s.is_loopback, allow_unauthenticated=s.allow_unauthenticated)
+
+
 class _Node:
     def __init__(self, config: Config, store, streams: RedisStreams, metrics: Metrics, stop: asyncio.Event,
-                 on_match):
+                 on_match, services: Services | None = None):
         self.config, self.store, self.streams, self.metrics, self.stop = config, store, streams, metrics, stop
+        self.services = services
         policy = config.alert_policy
         self.outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics, flood_max=policy.flood_max,
                              flood_window=policy.flood_window_minutes * 60, idle_poll=0.5)
@@ -147,6 +159,8 @@ class _Node:
             elif name == "recorder":
                 role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None))
                 out.append(("recorder", role.run(self.stop)))
+            elif name == "api":
+                out.append(("api", self.api()))
             elif name == "sender":
                 out.append(("sender", leases.hold(self.streams.redis, self.lease_key("sender"),
                                                   self.streams.consumer, lambda: self.outbox.run(self.stop),
@@ -162,7 +176,8 @@ class _Node:
         sources = configured_sources(self.config)
         roots = tuple(s.options["path"] for s, _ in sources if getattr(s, "kind", "") == "folder")
         async with Fetcher(self.config.limits.fetch_limits(roots), observe=self.metrics.observe_fetch) as fetcher:
-            intake = Intake(self.store, fetcher, self.metrics, transport)
+            # public_url: the hub's requests go there, to an api role (any replica)
+            intake = Intake(self.store, fetcher, self.metrics, transport, self.config.server.public_url)
             for source, settings in sources:
                 intake.add_source(source, settings)
             held = [leases.hold(self.streams.redis, self.lease_key(f"feed:{s.name}"), self.streams.consumer,
@@ -170,6 +185,28 @@ class _Node:
             held.append(leases.hold(self.streams.redis, self.lease_key("sweeper"), self.streams.consumer,
                                     lambda: self.sweep(transport), self.stop))
             await asyncio.gather(*held)
+
+    async def api(self) -> None:
+        """The handlers' services, over the streams; the library's table without an index."""
+        cfg, limits = self.config, self.config.limits
+        transport = StreamTransport(self.streams, self.stop, limits.queue_size)
+        library = await asyncio.to_thread(Library, self.store, indexed=False)
+        checks = ShardedChecks(self.streams, cfg.transport.shards, [t.name for t in PRESETS[cfg.match.tier]],
+                               cfg.transport.check_timeout_seconds)
+        async with Fetcher(limits.fetch_limits(()), observe=self.metrics.observe_fetch) as fetcher:
+            intake = Intake(self.store, fetcher, self.metrics, transport, cfg.server.public_url)
+            for source, settings in configured_sources(cfg):  # watched by the intakes; here for WebSub pushes
+                intake.add_source(source, settings)
+            worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
+                            workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
+                            fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels)
+            await worker.start()
+            try:
+                self.services.attach(self.store, library, RolePipeline(intake, worker, checks, self.streams, self.stop),
+                                     None, fetcher)
+                await self.stop.wait()
+            finally:
+                await worker.close()
 
     async def sweep(self, transport: StreamTransport) -> None:
         """Queue again the work rows pending for long (an intake died between storing and
@@ -190,7 +227,7 @@ class _Node:
         """The streams' gauges every 2 s; trimming under a lease (one trimmer is enough)."""
         trimmed = 0.0
         while not self.stop.is_set():
-            for stream in (WORK, FINGERPRINTS, ANSWERS):
+            for stream in (WORK, FINGERPRINTS, ANSWERS, CHECKS):
                 stats = await with_retry("stream stats", lambda s=stream: self.streams.group_stats(s), self.stop)
                 for g in stats or []:
                     labels = (stream, g["group"])
@@ -198,7 +235,7 @@ class _Node:
                     self.metrics.stream_lag.labels(*labels).set(g["lag"])
                     self.metrics.stream_consumers.labels(*labels).set(g["consumers"])
                     self.metrics.stream_oldest_pending_seconds.labels(*labels).set(g["oldest_pending_seconds"])
-            for stream in (WORK, FINGERPRINTS, ANSWERS, DEAD):
+            for stream in (WORK, FINGERPRINTS, ANSWERS, CHECKS, DEAD):
                 length = await with_retry("stream length", lambda s=stream: self.streams.length(s), self.stop)
                 self.metrics.stream_length.labels(stream).set(length or 0)
             if recorder:
@@ -210,7 +247,7 @@ class _Node:
                 got = await with_retry("trim lease", lambda: self.streams.redis.set(
                     self.lease_key("trimmer"), self.streams.consumer, nx=True, px=15000), self.stop)
                 if got:
-                    for stream in (WORK, FINGERPRINTS, ANSWERS):
+                    for stream in (WORK, FINGERPRINTS, ANSWERS, CHECKS):
                         await with_retry("trim", lambda s=stream: self.streams.trim(s), self.stop)
                         await with_retry("forget consumers", lambda s=stream: self.streams.forget_idle_consumers(s),
                                          self.stop)

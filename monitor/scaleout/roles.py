@@ -17,15 +17,18 @@ loses nothing; what is repeated is recorded once (unique keys, the answers' tabl
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+import uuid
 
 from redis.exceptions import RedisError
 
 from monitor.fetch import FetchError
-from monitor.fingerprints import ImageError
+from monitor.fingerprints import Fingerprint, ImageError
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.transport import MatchUnavailable
 from monitor.pipeline.worker import Worker
 from monitor.records import matches as match_rows
 from monitor.records import shard_answers
@@ -33,7 +36,7 @@ from monitor.records import work as work_rows
 from monitor.records.library import Library, entries_by_id
 from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
-from monitor.scaleout.streams import ANSWERS, FINGERPRINTS, WORK, RedisStreams, with_retry
+from monitor.scaleout.streams import ANSWERS, CHECKS, FINGERPRINTS, WORK, RedisStreams, with_retry
 from monitor.scaleout.wire import (
     fingerprint_fields,
     fingerprint_from,
@@ -42,7 +45,7 @@ from monitor.scaleout.wire import (
     work_fields,
     work_from,
 )
-from monitor.search.matcher import Matcher
+from monitor.search.matcher import Match, Matcher
 
 log = logging.getLogger("repost_monitor.scaleout")
 
@@ -181,9 +184,65 @@ class ShardRole:
         await self.streams.add(ANSWERS, {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard),
                                          "matches": matches_json(matches)})
 
+    async def handle_check(self, fields) -> None:
+        """A synchronous check: this shard's matches pushed onto the asker's reply list."""
+        reply = (fields.get(b"reply") or b"").decode()
+        if not reply.startswith(f"{self.streams.prefix}:reply:"):
+            raise ValueError("a check without a reply list of ours")
+        if float(fields[b"deadline"]) < time.time():
+            return  # the asker has given up (this shard was away): nobody to answer
+        fp, _ = fingerprint_from(fields)
+        matches = await asyncio.to_thread(self.matcher.match, fp)
+        async with self.streams.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(reply, json.dumps([self.shard, matches_json(matches)]))
+            pipe.expire(reply, 60)
+            await pipe.execute()
+
     async def run(self, stop: asyncio.Event) -> None:
-        await _consume(self.streams, FINGERPRINTS, shard_group(self.shard), self.handle, stop, count=32,
-                       tasks=self.tasks)
+        await asyncio.gather(
+            _consume(self.streams, FINGERPRINTS, shard_group(self.shard), self.handle, stop, count=32,
+                     tasks=self.tasks),
+            _consume(self.streams, CHECKS, shard_group(self.shard), self.handle_check, stop, count=8))
+
+
+class ShardsUnavailable(MatchUnavailable):
+    def __init__(self, missing: list[int]):
+        super().__init__(f"no answer from shard {', '.join(map(str, missing))} in time (no live replica?)")
+        self.missing = missing
+
+
+class ShardedChecks:
+    """``/v1/check`` under roles: the fingerprint goes to every shard on ``checks`` and
+    each shard's matches come back on a reply list of this request's own; merged, best
+    first, as one process's matcher orders them."""
+
+    def __init__(self, streams: RedisStreams, shards: int, tier_names: list[str], timeout: float = 10.0):
+        self.streams, self.shards, self.timeout = streams, shards, timeout
+        self._tier_rank = {name: i for i, name in enumerate(tier_names)}
+
+    async def match(self, fp: Fingerprint) -> list[Match]:
+        if fp.degenerate is not None:
+            return []
+        reply = f"{self.streams.prefix}:reply:{uuid.uuid4().hex}"
+        deadline = time.time() + self.timeout
+        await self.streams.add(CHECKS, {**fingerprint_fields(fp, False),
+                                        "reply": reply, "deadline": repr(deadline)})
+        answers: dict[int, list[Match]] = {}
+        try:
+            while len(answers) < self.shards:
+                left = deadline - time.time()
+                if left <= 0:
+                    raise ShardsUnavailable(sorted(set(range(self.shards)) - set(answers)))
+                got = await self.streams.redis.blpop([reply], timeout=min(left, 1.0))
+                if got:
+                    shard, text = json.loads(got[1])
+                    answers[int(shard)] = matches_from(text)
+        finally:
+            await self.streams.redis.delete(reply)
+        merged = [m for ms in answers.values() for m in ms]
+        return sorted(merged, key=lambda m: (self._tier_rank.get(m.tier, len(self._tier_rank)),
+                                             m.dhash_distance, m.entry_id))
+
 
 
 class RecorderRole:

@@ -1,11 +1,13 @@
 """Redis Streams between the roles: consumer groups, the pending-entries list, XAUTOCLAIM.
 
-Three streams carry the work (names under ``prefix``):
+Three streams carry the work (names under ``prefix``), a fourth the API's synchronous checks:
 
 - ``work``: work rows, intake -> fetch workers (group ``workers``);
 - ``fingerprints``: an image's fingerprint, workers -> every shard (group ``shard-K`` per
   shard: each shard sees every fingerprint; replicas of a shard share its group's load);
-- ``answers``: one shard's matches for one image, shards -> recorders (group ``recorders``).
+- ``answers``: one shard's matches for one image, shards -> recorders (group ``recorders``);
+- ``checks``: a fingerprint to match now (``/v1/check``), API -> every shard (group
+  ``shard-K``); each shard pushes its answer onto the reply list the request names.
 
 Delivery is at least once: a message is acknowledged after its effect is stored; one held
 by a consumer that died is claimed by another after ``claim_idle`` seconds; one delivered
@@ -27,7 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger("repost_monitor.scaleout")
 
-WORK, FINGERPRINTS, ANSWERS, DEAD = "work", "fingerprints", "answers", "dead"
+WORK, FINGERPRINTS, ANSWERS, CHECKS, DEAD = "work", "fingerprints", "answers", "checks", "dead"
 
 
 def consumer_name() -> str:
