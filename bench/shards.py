@@ -9,8 +9,9 @@ pictures (with their views and fine hashes) and ``--entries`` random entries wit
 loads its part (Library(store, shard=(k, S))) and matches every query, as the shard role
 does. Printed per split: entries and rows per shard, array memory per shard, the first
 load (from the rows, writing the shard's snapshot) and a later one (from it), match time
-per query per shard (median), and whether the union of the shards' matches is
-the unsplit library's match set.
+per query per shard (median) one at a time and in batches of 32 (``match_many``, what
+the shard role does with a backlog), and whether the union of the shards' matches, both
+ways, is the unsplit library's match set.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def main() -> None:
         reference = None
         for shards in (1, 2, 4):
             found: set = set()
-            rows, memory, loads, reloads, times = [], [], [], [], []
+            batched: set = set()
+            rows, memory, loads, reloads, times, batch_times = [], [], [], [], [], []
             for k in range(shards):
                 s = Store(path)
                 t = time.perf_counter()
@@ -98,6 +100,11 @@ def main() -> None:
                     per.append(time.perf_counter() - t)
                     found |= {(q_i, m.entry_id, m.tier) for m in got}
                 times.append(statistics.median(per))
+                t = time.perf_counter()
+                for b in range(0, len(queries), 32):
+                    for q_i, got in enumerate(matcher.match_many(queries[b:b + 32]), start=b):
+                        batched |= {(q_i, m.entry_id, m.tier) for m in got}
+                batch_times.append((time.perf_counter() - t) / len(queries))
                 rows.append(part.index.rows)
                 memory.append(part.index.memory_bytes())
                 del part, matcher
@@ -108,8 +115,10 @@ def main() -> None:
             print(f"{shards} shard(s): rows per shard {min(rows):,}-{max(rows):,}; arrays per shard "
                   f"{max(memory) / 1e6:.0f} MB ({max(memory) / ((args.entries + 200) / shards):.0f} B/entry); "
                   f"first load {max(loads):.1f} s, later {max(reloads):.1f} s; "
-                  f"match per query per shard {statistics.median(times) * 1e3:.2f} ms; "
-                  f"{len(found)} matches: {same}")
+                  f"match per query per shard {statistics.median(times) * 1e3:.2f} ms one at a time, "
+                  f"{statistics.median(batch_times) * 1e3:.2f} ms in batches of 32 "
+                  f"({statistics.median(times) / statistics.median(batch_times):.1f}x); "
+                  f"{len(found)} matches: {same}{'' if batched == found else ' (BATCHED DIFFER)'}")
 
 
 if __name__ == "__main__":

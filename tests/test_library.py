@@ -7,6 +7,7 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
+import pytest
 from PIL import Image, ImageOps
 
 from monitor.fingerprints import fingerprint_bytes
@@ -280,3 +281,71 @@ def test_shards_split_the_library_and_reload_from_their_own_snapshots(store_loca
     again = Library(open_store(store_location), shard=(1, 2))
     assert rows(again.index) == rows(parts[1].index)
     assert Library(open_store(store_location)).index.rows == whole.index.rows
+
+
+def _index_rows(library):
+    """The index's (id, dhash, phash) rows, in a stable order: two indexes hold the same iff equal."""
+    ix = library.index
+    return sorted(zip(ix.ids.tolist(), ix.hashes("dhash").tolist(), ix.hashes("phash").tolist(), strict=True))
+
+
+@pytest.mark.slow
+async def test_a_shard_replays_the_change_log_after_its_snapshot_and_hears_changes_at_once(
+        postgres_cluster, samples, monkeypatch):
+    """PostgreSQL: a shard starts from its snapshot and replays the change log after it
+    (inserts, a removal, an update; no rows read again), and a running shard hears a change
+    by NOTIFY at once, not at its next look (30 s here)."""
+    import asyncio
+    import time
+    import uuid
+
+    from monitor.metrics import Metrics
+    from monitor.pipeline.recorder import Recorder
+    from monitor.pipeline.retro import LibraryWatcher
+    url = postgres_cluster.create_database(f"log_{uuid.uuid4().hex[:12]}")
+    images = sorted(samples.glob("library-*.jpg"))
+    writer = Library(open_store(url))
+    add_files(writer, images[:4], progress=False)
+    for k in (0, 1):  # each shard reads its rows and stores a snapshot with its checkpoint
+        first = Library(open_store(url), (k, 2))
+        assert first.checkpoint > 0 and len(first.index)
+    # changes after the snapshot: two new entries, one removed, one given another picture
+    entries = writer.entries()
+    add_files(writer, images[4:], progress=False)
+    writer.remove(entries[0].id)
+    other = fingerprint_bytes((samples / "other-apple.jpg").read_bytes(), views="library")
+    writer.replace_hashes(entries[1].id, other)
+    reads = []
+    real = Library._reload_rows
+    monkeypatch.setattr(Library, "_reload_rows", lambda self: (reads.append(1), real(self))[1])
+    for k in (0, 1):
+        replayed = Library(open_store(url), (k, 2))
+        assert reads == [], "the rows were read again: the snapshot and the log were not used"
+        monkeypatch.setattr(Library, "_reload_rows", real)
+        fresh = Library(open_store(url), (k, 2))
+        fresh.index.load(fresh.index.ids[:0], {"dhash": fresh.index.hashes("dhash")[:0],
+                                               "phash": fresh.index.hashes("phash")[:0]}, fresh.index.fine()[:0])
+        fresh._reload_rows()  # the truth: this shard's rows as they are now
+        assert _index_rows(replayed) == _index_rows(fresh) and len(fresh.index)
+        assert {i for i in replayed.index.ids.tolist()} == {e.id for e in writer.entries()
+                                                           if e.id % 2 == k and e.degenerate is None}
+        monkeypatch.setattr(Library, "_reload_rows", lambda self: (reads.append(1), real(self))[1])
+    # a running shard: a NOTIFY wakes it (its own look is 30 s away)
+    shard = Library(open_store(url), (0, 2))
+    metrics = Metrics()
+    watcher = LibraryWatcher(shard.store, shard, Matcher(shard.index), Recorder(shard.store, shard, metrics),
+                             metrics, check_seconds=30, retro_window=0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    await asyncio.sleep(1.0)  # listening
+    while True:  # an entry this shard owns (even id)
+        added = writer.add_fingerprint(f"probe-{uuid.uuid4().hex}", fingerprint_bytes(
+            (samples / "other-baboon.jpg").read_bytes(), views="library"))
+        if added.id % 2 == 0:
+            break
+    start = time.monotonic()
+    while added.id not in shard.index.ids.tolist():
+        assert time.monotonic() - start < 2.0, "the change was not heard within 2 s"
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 10)

@@ -172,3 +172,27 @@ def test_threshold_mode_means_what_imagehash_users_expect(tmp_path, library_imag
     assert not any(r.match.mirrored for r in plain)
     with_views, _ = match_files([str(inputs)], lib, threshold_tiers(10), progress=False, log=null)
     assert len(with_views) > len(plain)  # the views find the crops: that is the tiers' job, not --threshold's
+
+
+def test_match_many_is_match_of_each(library_images, other_images):
+    """A shard's batch (one pass over the library) answers exactly what one-by-one matching does."""
+    from PIL import Image
+
+    from monitor.fingerprints import fingerprint_bytes
+    from monitor.records.library import LibraryIndex
+    from monitor.search.matcher import PRESETS, Matcher
+    from tests.conftest import encode
+    index = LibraryIndex()
+    for i, p in enumerate(library_images):
+        index.add(i + 1, fingerprint_bytes(p.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    queries = []
+    for p in library_images + other_images:
+        img = Image.open(p).convert("RGB")
+        queries.append(fingerprint_bytes(encode(img.resize((img.width // 2, img.height // 2)), quality=40)))
+        queries.append(fingerprint_bytes(encode(img.crop((0, 0, img.width * 9 // 10, img.height)))))
+    queries.append(fingerprint_bytes(encode(Image.new("RGB", (64, 64), "white"))))  # degenerate
+    many = matcher.match_many(queries)
+    assert many == [matcher.match(q) for q in queries]
+    assert sum(1 for m in many if m) >= len(library_images) and many[-1] == []
+    assert matcher.match_many([]) == []

@@ -505,3 +505,27 @@ async def test_the_api_role_checks_ingests_and_takes_the_hubs_pushes(services, t
                     out["error"]["message"], out
     assert sorted(hooks.labels()) == ["library-chelsea", "library-coffee", "library-rocket"]
     assert query(url, "SELECT COUNT(*) FROM alerts") == [(3,)]
+
+
+async def test_a_lease_holder_whose_work_fails_takes_it_up_again(services):
+    """The sender's outbox (the work under a lease) failing, as on a PostgreSQL restart, must
+    not end the holder: the work starts again, and stops with the holder."""
+    import redis.asyncio as aioredis
+
+    from monitor.scaleout import leases
+    _, rd = services
+    client = aioredis.Redis.from_url(rd.url)
+    runs, stop = [], asyncio.Event()
+
+    async def work():
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise OSError("the store went away")
+        await stop.wait()
+    task = asyncio.create_task(leases.hold(client, f"t-{uuid.uuid4().hex[:8]}:lease:sender", "me", work, stop,
+                                           ttl=0.6))
+    await until(lambda: len(runs) == 2, 10)
+    assert not task.done()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    await client.aclose()

@@ -9,6 +9,7 @@ import time
 
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
+from monitor.records import changes
 from monitor.records import work as work_rows
 from monitor.records.library import Library
 from monitor.records.matches import MatchRecord
@@ -27,6 +28,9 @@ class LibraryWatcher:
         self.check_seconds, self.retro_window = check_seconds, retro_window
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.library.checkpoint is not None:  # PostgreSQL: the change log, woken by NOTIFY
+            await self._tail(stop)
+            return
         known = await asyncio.to_thread(self.library.signature)
         self.metrics.library_entries.set(len(self.library.index))
         while not stop.is_set():
@@ -53,28 +57,65 @@ class LibraryWatcher:
                 log.warning("library check failed (%s); trying again in %.0fs", exc, self.check_seconds)
             self.metrics.library_entries.set(len(self.library.index))
 
-    async def retro_match(self, after_entry_id: int) -> list[MatchRecord]:
-        """Match images seen within ``retro_window`` against entries with a larger id
-        (the ones just added); the entry's matches alert as usual."""
+    async def _tail(self, stop: asyncio.Event) -> None:
+        """Apply the change log as it grows: a NOTIFY wakes this at once, and it looks every
+        ``check_seconds`` anyway (a notification is lost while the connection is). New
+        entries are retro-matched by id, whatever order their ids committed in."""
+        listener = changes.ChangeListener(self.store.url)
+        self.metrics.library_entries.set(len(self.library.index))
+        try:
+            while not stop.is_set():
+                try:
+                    inserted, read = await asyncio.to_thread(self.library.catch_up)
+                    if read:
+                        log.info("library changed: %d changes applied, %d entries indexed", read,
+                                 len(self.library.index))
+                        self.metrics.library_entries.set(len(self.library.index))
+                    if inserted:
+                        await self.retro_match(entry_ids=inserted)
+                except DatabaseError as exc:  # the store is away (a restart): look again next time
+                    self.metrics.errors.labels("store").inc()
+                    log.warning("library check failed (%s); trying again in %.0fs", exc, self.check_seconds)
+                await self._wait_for_change(listener, stop)
+        finally:
+            await listener.close()
+
+    async def _wait_for_change(self, listener: changes.ChangeListener, stop: asyncio.Event) -> None:
+        waits = {asyncio.ensure_future(listener.wait(self.check_seconds)), asyncio.ensure_future(stop.wait())}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None and not stop.is_set():  # the server away: the timeout instead
+                    await asyncio.wait({asyncio.ensure_future(stop.wait())}, timeout=self.check_seconds)
+        finally:
+            for task in waits:
+                task.cancel()
+
+    async def retro_match(self, after_entry_id: int | None = None, entry_ids: list[int] | None = None
+                          ) -> list[MatchRecord]:
+        """Match images seen within ``retro_window`` against the entries just added: those
+        with an id above ``after_entry_id``, or ``entry_ids``; their matches alert as usual."""
         if self.retro_window <= 0:
             return []
-        found = await asyncio.to_thread(self._retro_pairs, after_entry_id)
+        found = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
         records: list[MatchRecord] = []
         for url, (fp, matches) in found.items():
             work = work_rows.first_for_url(self.store, url)
             if work is not None:
                 records += self.recorder.finish(work, matches, fp, close_work=False)
         if records:
-            log.info("retroactive matching: %d new matches for entries added after id %d",
-                     len(records), after_entry_id)
+            what = f"entries added after id {after_entry_id}" if entry_ids is None else f"{len(entry_ids)} new entries"
+            log.info("retroactive matching: %d new matches for %s", len(records), what)
         for rec in records:
             await self.recorder.announce(rec)
         return records
 
-    def _retro_pairs(self, after_entry_id: int) -> dict:
+    def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None) -> dict:
         """{image URL: (its fingerprint, its matches among the new entries)}."""
         index = LibraryIndex()
-        for entry_id, fp in self.library.entries_after(after_entry_id):
+        new = (self.library.entries_after(after_entry_id or 0) if entry_ids is None
+               else self.library.fingerprints_of(entry_ids))
+        for entry_id, fp in new:
             index.add(entry_id, fp)
         images = work_rows.recent_images(self.store, time.time() - self.retro_window)
         if not images or not len(index):

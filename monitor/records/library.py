@@ -27,6 +27,7 @@ from monitor.fingerprints.codec import (
     unpack_views,
 )
 from monitor.fingerprints.fasthash import FINE_WORDS
+from monitor.records import changes, snapshots
 from monitor.records.store import Store
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 
@@ -54,6 +55,8 @@ def _entry(row: tuple) -> LibraryEntry:
 
 IMPORTED = "imported"  # library_entries.algorithm of hashes imported from a CSV
 
+SNAPSHOT_AFTER_CHANGES = 10_000  # a start that replayed this many changes stores a new snapshot
+
 _COLUMNS = ("id, source, label, width, height, dhash, phash, dhash_mirror, phash_mirror, "
             "degenerate, added_at")
 
@@ -75,6 +78,8 @@ class Library:
         self.indexed = indexed
         self._owned = "" if shard is None else f" AND id % {int(shard[1])} = {int(shard[0])}"
         self.index = LibraryIndex()
+        # PostgreSQL: the change-log id this index reflects (None: no log; SQLite polls the version)
+        self.checkpoint: int | None = None
         if indexed:
             self.reload()
 
@@ -93,18 +98,45 @@ class Library:
 
     def entries_after(self, entry_id: int) -> list[tuple[int, Fingerprint]]:
         """(id, fingerprint with its views and fine hashes) of usable entries above ``entry_id``."""
+        return self._fingerprints("id > ?", (entry_id,))
+
+    def fingerprints_of(self, ids: Iterable[int]) -> list[tuple[int, Fingerprint]]:
+        """(id, fingerprint) of those of these entries that exist, are usable and are this shard's."""
+        ids = sorted(set(ids))
+        return [row for start in range(0, len(ids), 500) for row in self._fingerprints(
+            f"id IN ({','.join('?' * len(ids[start:start + 500]))})", ids[start:start + 500])]
+
+    def _fingerprints(self, where: str, params) -> list[tuple[int, Fingerprint]]:
         out = []
         for eid, d, p, views, fine in self.store.query(
-                "SELECT id, dhash, phash, views, fine FROM library_entries WHERE id > ? AND degenerate IS NULL"
-                + self._owned, (entry_id,)):
+                f"SELECT id, dhash, phash, views, fine FROM library_entries WHERE {where} AND degenerate IS NULL"
+                + self._owned, params):
             fine, _ = unpack_fine(fine)
             out.append((eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0,
                                          views=unpack_views(views, with_fine=bool(fine)), fine=fine)))
         return out
 
+    def catch_up(self) -> tuple[list[int], int]:
+        """Apply the change log after the checkpoint (PostgreSQL): each entry touched is indexed
+        again as its row is now, or dropped. (ids inserted that this index holds, changes read)."""
+        inserted, read = [], 0
+        while True:
+            rows = changes.changes_after(self.store, self.checkpoint or 0)
+            if not rows:
+                return inserted, read
+            read += len(rows)
+            touched = {eid for _, eid, _ in rows if self.owns(eid)}
+            current = dict(self.fingerprints_of(touched))
+            with self.index.lock:  # matchers never see an entry missing between the two
+                for eid in sorted(touched):
+                    self.index.remove(eid)
+                    if eid in current:
+                        self.index.add(eid, current[eid])
+            inserted += [eid for _, eid, op in rows if op == "INSERT" and eid in current]
+            self.checkpoint = rows[-1][0]
+
     def changes_after(self, entry_id: int) -> int:
-        """Entries (usable or not) with an id above ``entry_id``: when the version moved by
-        exactly this much, the only changes were these additions."""
+        """Entries with an id above ``entry_id`` (the version moved by as much: additions only)."""
         return self.store.query("SELECT COUNT(*) FROM library_entries WHERE id > ?", (entry_id,))[0][0]
 
     def add_new(self, after_id: int) -> int:
@@ -116,64 +148,36 @@ class Library:
         return len(added)
 
     def reload(self) -> None:
-        """(Re)build the index: from the packed snapshot when it is current
-        (a million entries in a fraction of a second), else from the rows,
-        then store a new snapshot for the next start. A shard has a snapshot of its own part."""
+        """(Re)build the index: from the packed snapshot when it is current, else from the
+        rows, then store a new snapshot for the next start. A shard has a snapshot of its own
+        part. With a change log (PostgreSQL), any snapshot will do: the log after it is replayed."""
+        split = self.shard if self.shard is not None else (0, 1)
+        if changes.has_log(self.store):
+            return self._reload_from_log(split)
         version = self.version()
-        k, shards = self.shard if self.shard is not None else (0, 1)
-        snap = self.store.query("SELECT ids, dhash, phash, fine FROM index_snapshots WHERE shards=? AND shard=? "
-                                "AND version=?", (shards, k, version))
+        snap = snapshots.load(self.store, split, version=version)
         if snap:
-            ids, d, p, fine = (np.frombuffer(b, dtype="<u8") for b in snap[0])
-            self.index.load(ids.view(np.int64), {"dhash": d, "phash": p}, fine)
-            return
+            return self.index.load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
         self._reload_rows()
-        with self.store.transaction() as conn:
-            if conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] == version:
-                conn.execute("INSERT INTO index_snapshots (shards, shard, version, ids, dhash, phash, fine) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (shards, shard) DO UPDATE SET "
-                             "version=excluded.version, ids=excluded.ids, dhash=excluded.dhash, "
-                             "phash=excluded.phash, fine=excluded.fine",
-                             (shards, k, version, self.index.ids.astype("<i8").tobytes(),
-                              self.index.hashes("dhash").astype("<u8").tobytes(),
-                              self.index.hashes("phash").astype("<u8").tobytes(),
-                              self.index.fine().astype("<u8").tobytes()))
+        snapshots.save(self.store, split, self.index, version, None, only_if_current=True)
+
+    def _reload_from_log(self, split: tuple[int, int]) -> None:
+        snap = snapshots.load(self.store, split)
+        if snap:
+            self.index.load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
+            self.checkpoint = snap.change_id
+            _, replayed = self.catch_up()
+            if replayed < SNAPSHOT_AFTER_CHANGES:
+                return
+        else:
+            start = changes.last_change(self.store)  # before the rows: what follows is replayed
+            self._reload_rows()
+            self.checkpoint = start
+            self.catch_up()
+        snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
 
     def _reload_rows(self) -> None:
-        width = 1 + len(HASH_FIELDS)
-        with self.store.lock:
-            cursor = self.store.conn.execute(
-                f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL{self._owned} "
-                "ORDER BY id")
-            # fromiter over the flattened cursor: no list of a million tuples.
-            flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
-            fine_rows = self.store.conn.execute(
-                f"SELECT id, fine FROM library_entries WHERE degenerate IS NULL{self._owned} ORDER BY id").fetchall()
-            view_rows = self.store.conn.execute(
-                "SELECT id, views, fine IS NOT NULL FROM library_entries "
-                f"WHERE degenerate IS NULL AND views IS NOT NULL{self._owned}").fetchall()
-        table = flat.reshape(-1, width)
-        ids = [table[:, 0]]
-        hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}
-        fine = np.zeros((table.shape[0], FINE_WORDS), np.uint64)
-        for i, (_, blob) in enumerate(fine_rows):
-            if blob:
-                fine[i] = np.frombuffer(blob, "<u8")[:FINE_WORDS]
-        fines = [fine]
-        for layout, words_per_view in ((0, 4), (1, VIEW_WORDS)):
-            rows = [(i, b) for i, b, has_fine in view_rows if has_fine == layout]
-            if not rows:
-                continue
-            blobs = [b for _, b in rows]
-            words = np.frombuffer(b"".join(blobs), dtype="<u8").reshape(-1, words_per_view)
-            ids.append(np.repeat(np.array([i for i, _ in rows], np.int64),
-                                 [len(b) // (8 * words_per_view) for b in blobs]))
-            hashes["dhash"].append(words[:, 0].astype(np.uint64))
-            hashes["phash"].append(words[:, 1].astype(np.uint64))
-            fines.append(words[:, 4:4 + FINE_WORDS].astype(np.uint64) if layout
-                         else np.zeros((words.shape[0], FINE_WORDS), np.uint64))
-        self.index.load(np.concatenate(ids), {f: np.concatenate(v) for f, v in hashes.items()},
-                        np.concatenate(fines))
+        self.index.load(*_read_rows(self.store, self._owned))
 
     # -- writes ---------------------------------------------------------------
     def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None, *,
@@ -281,6 +285,43 @@ class Library:
                 "index_rows": self.index.rows,
                 "index_bytes": self.index.rows * 8 * (1 + len(HASH_FIELDS) + FINE_WORDS + 1),
                 "top_labels": dict(labels)}
+
+
+def _read_rows(store: Store, owned: str) -> tuple[np.ndarray, dict, np.ndarray]:
+    """(ids, hashes, fine) of the usable entries' rows and views (``owned``: a shard's filter)."""
+    width = 1 + len(HASH_FIELDS)
+    with store.lock:
+        cursor = store.conn.execute(
+            f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL{owned} "
+            "ORDER BY id")
+        # fromiter over the flattened cursor: no list of a million tuples.
+        flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
+        fine_rows = store.conn.execute(
+            f"SELECT id, fine FROM library_entries WHERE degenerate IS NULL{owned} ORDER BY id").fetchall()
+        view_rows = store.conn.execute(
+            "SELECT id, views, fine IS NOT NULL FROM library_entries "
+            f"WHERE degenerate IS NULL AND views IS NOT NULL{owned}").fetchall()
+    table = flat.reshape(-1, width)
+    ids = [table[:, 0]]
+    hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}
+    fine = np.zeros((table.shape[0], FINE_WORDS), np.uint64)
+    for i, (_, blob) in enumerate(fine_rows):
+        if blob:
+            fine[i] = np.frombuffer(blob, "<u8")[:FINE_WORDS]
+    fines = [fine]
+    for layout, words_per_view in ((0, 4), (1, VIEW_WORDS)):
+        rows = [(i, b) for i, b, has_fine in view_rows if has_fine == layout]
+        if not rows:
+            continue
+        blobs = [b for _, b in rows]
+        words = np.frombuffer(b"".join(blobs), dtype="<u8").reshape(-1, words_per_view)
+        ids.append(np.repeat(np.array([i for i, _ in rows], np.int64),
+                             [len(b) // (8 * words_per_view) for b in blobs]))
+        hashes["dhash"].append(words[:, 0].astype(np.uint64))
+        hashes["phash"].append(words[:, 1].astype(np.uint64))
+        fines.append(words[:, 4:4 + FINE_WORDS].astype(np.uint64) if layout
+                     else np.zeros((words.shape[0], FINE_WORDS), np.uint64))
+    return np.concatenate(ids), {f: np.concatenate(v) for f, v in hashes.items()}, np.concatenate(fines)
 
 
 def mirror_dhash(value: int) -> int:

@@ -209,6 +209,8 @@ CREATE TABLE index_snapshots (
     fine     BYTEA NOT NULL,
     PRIMARY KEY (shards, shard)
 );
+"""), (15, """
+ALTER TABLE index_snapshots ADD COLUMN change_id BIGINT;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

@@ -240,6 +240,10 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (shards, shard)
     );
     """,
+    # 15: the change-log id a snapshot reflects (PostgreSQL: shards replay the log after it)
+    """
+    ALTER TABLE index_snapshots ADD COLUMN change_id INTEGER;
+    """,
 ]
 
 

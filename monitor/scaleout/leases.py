@@ -33,8 +33,16 @@ async def hold(redis, key: str, holder: str, work: Callable[[], Awaitable[None]]
             task = asyncio.create_task(work(), name=f"lease:{key}")
             try:
                 while not stop.is_set() and not task.done():
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         await asyncio.wait_for(asyncio.shield(task), ttl / 3)
+                    except TimeoutError:
+                        pass
+                    except asyncio.CancelledError:
+                        if task.cancelled() and not stop.is_set():
+                            break  # the work was cancelled, not this holder
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the work failed (a server away): taken up again
+                        log.warning("lease %s: its work failed (%s); starting it again", key, exc)
                     if task.done():
                         break
                     try:

@@ -184,6 +184,30 @@ class ShardRole:
         await self.streams.add(ANSWERS, {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard),
                                          "matches": matches_json(matches)})
 
+    async def handle_batch(self, batch) -> list | None:
+        """The batch matched in one pass over the shard's part of the library, the answers
+        added in one round trip; None (one by one) if any message is unreadable."""
+        try:
+            parsed = [(fields, fingerprint_from(fields)[0]) for _, fields in batch]
+            for fields, _ in parsed:
+                work_from(fields)
+        except (ValueError, KeyError, TypeError):
+            return None
+        start = time.perf_counter()
+        try:
+            answers = await asyncio.to_thread(self.matcher.match_many, [fp for _, fp in parsed])
+            each = (time.perf_counter() - start) / len(parsed)
+            for _ in parsed:
+                self.metrics.match_seconds.observe(each)
+            await self.streams.add_many(ANSWERS, [
+                {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard), "matches": matches_json(m)}
+                for (fields, _), m in zip(parsed, answers, strict=True)])
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one by one, where each failure is handled on its own
+            return None
+        return [mid for mid, _ in batch]
+
     async def handle_check(self, fields) -> None:
         """A synchronous check: this shard's matches pushed onto the asker's reply list."""
         reply = (fields.get(b"reply") or b"").decode()
@@ -201,7 +225,7 @@ class ShardRole:
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.gather(
             _consume(self.streams, FINGERPRINTS, shard_group(self.shard), self.handle, stop, count=32,
-                     tasks=self.tasks),
+                     tasks=self.tasks, handle_batch=self.handle_batch),
             _consume(self.streams, CHECKS, shard_group(self.shard), self.handle_check, stop, count=8))
 
 

@@ -172,35 +172,52 @@ class Matcher:
         A degenerate fingerprint (flat, tiny) matches nothing: it would
         otherwise match every other flat image.
         """
-        if fp.degenerate is not None:
-            return []
+        return self.match_many([fp])[0]
+
+    def match_many(self, fps: list[Fingerprint]) -> list[list[Match]]:
+        """:meth:`match` of each fingerprint, in one pass over the library per kind of
+        query (with fine hashes, without): a shard answers a batch of posts at once."""
+        out: list[list[Match]] = [[] for _ in fps]
+        with_fine, without = [], []
+        for i, fp in enumerate(fps):
+            if fp.degenerate is None:
+                views = (fp, *fp.views)
+                fines = [fine_words(v) for v in views]
+                (with_fine if all(x is not None for x in fines) else without).append((i, views, fines))
+        for group, fine in ((with_fine, True), (without, False)):
+            if group:
+                self._match_group(group, fine, out)
+        return out
+
+    def _match_group(self, group: list, fine: bool, out: list[list[Match]]) -> None:
         # Every view, plain and mirrored, in one pass over the library: rows
         # 2k and 2k+1 are view k and its mirror.
-        views = (fp, *fp.views)
-        qd = np.array([h for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
-        qp = np.array([h for v in views for h in (v.phash, v.phash_mirror)], np.uint64)
-        fines = [fine_words(v) for v in views]
-        qf = np.concatenate(fines) if all(x is not None for x in fines) else None
+        qd = np.array([h for _, views, _ in group for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
+        qp = np.array([h for _, views, _ in group for v in views for h in (v.phash, v.phash_mirror)], np.uint64)
+        owner = np.array([i for i, views, _ in group for _ in range(2 * len(views))], np.int64)
+        qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
         with self.index.lock:
             pq, pl, pd = pairs_within(qd, self.index.hashes("dhash"), self.radius,
-                                               planes=self.index.planes(), threads=1)
+                                      planes=self.index.planes(), threads=1)
             if not pq.size:
-                return []
+                return
             at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
                                           self.index.fine())
             ids = self.index.ids[pl[at]]
             lib_views = self.index.hashes("dhash")[pl[at]]
-        best: dict[int, tuple[tuple[int, int], Match]] = {}
+        best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
+            row = pq[at[i]]
             m = Match(int(ids[i]), self.tiers[tier[i]].name, int(pd[at[i]]), int(p[i]),
-                      bool(pq[at[i]] % 2), int(f[i]) if f[i] >= 0 else None,
-                      int(qd[pq[at[i]]]), int(lib_views[i]))
+                      bool(row % 2), int(f[i]) if f[i] >= 0 else None, int(qd[row]), int(lib_views[i]))
             rank = (int(tier[i]), _score(m))
-            old = best.get(m.entry_id)
+            key = (int(owner[row]), m.entry_id)
+            old = best.get(key)
             if old is None or rank < old[0]:
-                best[m.entry_id] = (rank, m)
-        return [m for _, m in sorted(best.values(), key=lambda x: (x[0][0], x[1].dhash_distance,
-                                                                   x[1].entry_id))]
+                best[key] = (rank, m)
+        for (query, _), (_, m) in sorted(best.items(), key=lambda x: (x[0][0], x[1][0][0], x[1][1].dhash_distance,
+                                                                         x[1][1].entry_id)):
+            out[query].append(m)
 
     def match_batch(self, dhash: np.ndarray, phash: np.ndarray, dhash_mirror: np.ndarray,
                     phash_mirror: np.ndarray, *, best_only: bool = False,
