@@ -330,6 +330,19 @@ async def test_a_shard_replays_the_change_log_after_its_snapshot_and_hears_chang
         assert {i for i in replayed.index.ids.tolist()} == {e.id for e in writer.entries()
                                                            if e.id % 2 == k and e.degenerate is None}
         monkeypatch.setattr(Library, "_reload_rows", lambda self: (reads.append(1), real(self))[1])
+    # a bulk import since the snapshot (more changes than SNAPSHOT_AFTER_CHANGES): the rows are
+    # read, much faster than replaying the entries one by one, and a new snapshot is stored
+    import monitor.records.library as library_module
+    monkeypatch.setattr(library_module, "SNAPSHOT_AFTER_CHANGES", 2)
+    add_files(writer, [samples / "other-apple.jpg", samples / "other-baboon.jpg", samples / "other-coins.jpg"],
+              progress=False)
+    reads.clear()
+    bulk = Library(open_store(url), (0, 2))
+    assert reads == [1] and bulk.checkpoint == max(r for (r,) in bulk.store.query("SELECT id FROM library_changes"))
+    reads.clear()
+    Library(open_store(url), (0, 2))
+    assert reads == [], "the new snapshot was not stored"
+    monkeypatch.setattr(Library, "_reload_rows", real)
     # a running shard: a NOTIFY wakes it (its own look is 30 s away)
     shard = Library(open_store(url), (0, 2))
     metrics = Metrics()
@@ -347,5 +360,15 @@ async def test_a_shard_replays_the_change_log_after_its_snapshot_and_hears_chang
     while added.id not in shard.index.ids.tolist():
         assert time.monotonic() - start < 2.0, "the change was not heard within 2 s"
         await asyncio.sleep(0.02)
+    # a bulk import while running (more changes than SNAPSHOT_AFTER_CHANGES): the rows read, the index swapped
+    monkeypatch.setattr(library_module, "SNAPSHOT_AFTER_CHANGES", 0)
+    report = await asyncio.to_thread(add_files, writer, [samples / f"other-{n}.jpg" for n in
+                                                         ("building", "graf1", "home", "messi5")], progress=False)
+    owned = {e.id for e in report.added if e.id % 2 == 0 and e.degenerate is None}
+    start = time.monotonic()
+    while not owned <= set(shard.index.ids.tolist()):
+        assert time.monotonic() - start < 5.0, "the bulk import was not indexed"
+        await asyncio.sleep(0.05)
+    assert _index_rows(shard) == _index_rows(Library(open_store(url), (0, 2)))
     stop.set()
     await asyncio.wait_for(task, 10)

@@ -24,6 +24,10 @@ def last_change(store: Store) -> int:
     return store.query("SELECT COALESCE(MAX(id), 0) FROM library_changes")[0][0]
 
 
+def count_after(store: Store, change_id: int) -> int:
+    return store.query("SELECT COUNT(*) FROM library_changes WHERE id > ?", (change_id,))[0][0]
+
+
 def changes_after(store: Store, change_id: int, limit: int = 50_000) -> list[tuple[int, int, str]]:
     """(change id, entry id, INSERT|UPDATE|DELETE) after ``change_id``, oldest first."""
     return store.query("SELECT id, entry_id, op FROM library_changes WHERE id > ? ORDER BY id LIMIT ?",

@@ -55,7 +55,7 @@ def _entry(row: tuple) -> LibraryEntry:
 
 IMPORTED = "imported"  # library_entries.algorithm of hashes imported from a CSV
 
-SNAPSHOT_AFTER_CHANGES = 10_000  # a start that replayed this many changes stores a new snapshot
+SNAPSHOT_AFTER_CHANGES = 10_000  # more changes than this after a snapshot: a start reads the rows
 
 _COLUMNS = ("id, source, label, width, height, dhash, phash, dhash_mirror, phash_mirror, "
             "degenerate, added_at")
@@ -125,6 +125,13 @@ class Library:
             if not rows:
                 return inserted, read
             read += len(rows)
+            if len(rows) > SNAPSHOT_AFTER_CHANGES:  # a bulk import: the rows read, the index swapped at once
+                ids, hashes, fine = _read_rows(self.store, self._owned)  # (may hold later changes: replayed next)
+                self.index.load(ids, hashes, fine)
+                held = set(ids.tolist())
+                inserted += [eid for _, eid, op in rows if op == "INSERT" and eid in held]
+                self.checkpoint = rows[-1][0]
+                continue
             touched = {eid for _, eid, _ in rows if self.owns(eid)}
             current = dict(self.fingerprints_of(touched))
             with self.index.lock:  # matchers never see an entry missing between the two
@@ -162,18 +169,18 @@ class Library:
         snapshots.save(self.store, split, self.index, version, None, only_if_current=True)
 
     def _reload_from_log(self, split: tuple[int, int]) -> None:
+        """The snapshot and the changes after it; the rows when the log after it is long (a
+        bulk import since: reading rows is much faster than replaying them one by one)."""
         snap = snapshots.load(self.store, split)
-        if snap:
+        if snap and changes.count_after(self.store, snap.change_id) <= SNAPSHOT_AFTER_CHANGES:
             self.index.load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
             self.checkpoint = snap.change_id
-            _, replayed = self.catch_up()
-            if replayed < SNAPSHOT_AFTER_CHANGES:
-                return
-        else:
-            start = changes.last_change(self.store)  # before the rows: what follows is replayed
-            self._reload_rows()
-            self.checkpoint = start
             self.catch_up()
+            return
+        start = changes.last_change(self.store)  # before the rows: what follows is replayed
+        self._reload_rows()
+        self.checkpoint = start
+        self.catch_up()
         snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
 
     def _reload_rows(self) -> None:
@@ -221,21 +228,16 @@ class Library:
         return LibraryEntry(entry_id, source, label, fp.width, fp.height, fp.dhash, fp.phash,
                             fp.dhash_mirror, fp.phash_mirror, fp.degenerate, now)
 
-    def stale(self) -> list[tuple[int, str]]:
-        """(id, source) of the entries fingerprinted by another hash algorithm
-        than this version's (older versions, imported hashes): they match on
-        fewer views, some on the 64-bit hashes alone, until rehashed."""
-        return self.store.query("SELECT id, source FROM library_entries WHERE algorithm IS NULL "
-                                "OR algorithm != ? ORDER BY id", (ALGORITHM_VERSION,))
-
     def stale_count(self) -> int:
         return self.store.query("SELECT COUNT(*) FROM library_entries WHERE algorithm IS NULL "
                                 "OR algorithm != ?", (ALGORITHM_VERSION,))[0][0]
 
     def sources(self, *, every: bool = False) -> list[tuple[int, str]]:
-        """(id, source) of every entry, or of the stale ones (what `rehash` redoes)."""
-        return (self.store.query("SELECT id, source FROM library_entries ORDER BY id") if every
-                else self.stale())
+        """(id, source) of every entry, or of the stale ones (what `rehash` redoes): fingerprinted
+        by another algorithm than this version's, they match on fewer views until rehashed."""
+        return self.store.query("SELECT id, source FROM library_entries " + ("" if every else
+                                "WHERE algorithm IS NULL OR algorithm != ? ") + "ORDER BY id",
+                                () if every else (ALGORITHM_VERSION,))
 
     def replace_hashes(self, entry_id: int, fp: Fingerprint,
                         algorithm: str = ALGORITHM_VERSION) -> LibraryEntry:
