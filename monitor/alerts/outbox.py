@@ -12,6 +12,7 @@ said so; a crash in between re-sends it with the same idempotency key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -73,6 +74,7 @@ class Outbox:
         self.flood_max = flood_max
         self.flood_window = flood_window
         self._wake = {sink.name: asyncio.Event() for sink, _ in sinks}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the senders' (set by run)
         self._gauged: dict[str, float] = {}
 
     # -- producer side: inside the match transaction ---------------------------
@@ -106,7 +108,19 @@ class Outbox:
         return count
 
     def committed(self) -> None:
-        """Wake the senders after the transaction that enqueued committed."""
+        """Wake the senders after the transaction that enqueued committed. Recorders call
+        this from worker threads too; asyncio events are set on the senders' loop only."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if self._loop is not None and here is not self._loop:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to wake
+                self._loop.call_soon_threadsafe(self._wake_senders)
+            return
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
         for event in self._wake.values():
             event.set()
 
@@ -114,6 +128,7 @@ class Outbox:
     async def run(self, stop: asyncio.Event) -> None:
         if not self.sinks:
             return
+        self._loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession() as session:
             await asyncio.gather(*(self._send_loop(session, sink, rule, stop)
                                    for sink, rule in self.sinks))

@@ -177,36 +177,35 @@ class ShardRole:
 
     async def handle(self, fields) -> None:
         work_from(fields)  # checked, passed on as it came
-        fp, _ = fingerprint_from(fields)
-        start = time.perf_counter()
-        matches = await asyncio.to_thread(self.matcher.match, fp)
-        self.metrics.match_seconds.observe(time.perf_counter() - start)
-        await self.streams.add(ANSWERS, {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard),
-                                         "matches": matches_json(matches)})
+        await self._answer([(fields, fingerprint_from(fields)[0])])
 
     async def handle_batch(self, batch) -> list | None:
         """The batch matched in one pass over the shard's part of the library, the answers
-        added in one round trip; None (one by one) if any message is unreadable."""
+        added in one round trip; None (one by one, where each failure is handled on its
+        own) if any message is unreadable or the batch fails."""
         try:
             parsed = [(fields, fingerprint_from(fields)[0]) for _, fields in batch]
             for fields, _ in parsed:
                 work_from(fields)
         except (ValueError, KeyError, TypeError):
             return None
-        start = time.perf_counter()
         try:
-            answers = await asyncio.to_thread(self.matcher.match_many, [fp for _, fp in parsed])
-            each = (time.perf_counter() - start) / len(parsed)
-            for _ in parsed:
-                self.metrics.match_seconds.observe(each)
-            await self.streams.add_many(ANSWERS, [
-                {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard), "matches": matches_json(m)}
-                for (fields, _), m in zip(parsed, answers, strict=True)])
+            await self._answer(parsed)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - one by one, where each failure is handled on its own
+        except Exception:  # noqa: BLE001 - retried one by one
             return None
         return [mid for mid, _ in batch]
+
+    async def _answer(self, parsed: list[tuple[dict, Fingerprint]]) -> None:
+        start = time.perf_counter()
+        answers = await asyncio.to_thread(self.matcher.match_many, [fp for _, fp in parsed])
+        each = (time.perf_counter() - start) / len(parsed)
+        for _ in parsed:
+            self.metrics.match_seconds.observe(each)
+        await self.streams.add_many(ANSWERS, [
+            {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard), "matches": matches_json(m)}
+            for (fields, _), m in zip(parsed, answers, strict=True)])
 
     async def handle_check(self, fields) -> None:
         """A synchronous check: this shard's matches pushed onto the asker's reply list."""
