@@ -72,7 +72,7 @@ def configured_sources(config: Config) -> list[tuple[object, FeedSettings]]:
 
 
 async def warm_up_unless_stopped(say: Callable[[str], None], stop: asyncio.Event, notice_after: float = 1.0) -> bool:
-    """Compile the kernels (~30 s on a machine's first run) in a daemon thread, so a
+    """Compile the kernels (~10 s on a machine's first run) in a daemon thread, so a
     SIGTERM meanwhile stops the daemon at once: False if stopped first. (A thread of
     the default executor would hold the process until the compiler finished.)"""
     loop = asyncio.get_running_loop()
@@ -152,7 +152,7 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
                         allow_unauthenticated=config.server.allow_unauthenticated)
     try:
         # The server answers /healthz (and /readyz: not ready) while the kernels compile,
-        # which takes ~30 s on a machine's first run.
+        # which takes ~10 s on a machine's first run.
         if config.server.enabled:
             runner, port = await start_server(make_app(metrics, ready, services),
                                               config.server.host, config.server.port)

@@ -108,3 +108,28 @@ def test_run_answers_health_while_compiling(tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert "compiling the matching kernels, first run only" in out
+
+
+def test_a_cold_cache_is_compiled_in_separate_processes_at_once(tmp_path):
+    """On a cold cache the kernels compile in up to `processes` interpreters at once
+    (numba holds the GIL while compiling); the caller then only loads them."""
+    probe = """
+import json
+from monitor import warmup
+from monitor.fingerprints import fasthash
+from monitor.search import matcher
+before = {m: warmup.is_cached(m) for m in warmup.PRODUCTION_KERNELS}
+warmup.warm_up(None, processes=2)
+after = {m: warmup.is_cached(m) for m in warmup.PRODUCTION_KERNELS}
+stats = [k.stats for k in (fasthash._grids_and_hashes, matcher._verify)]
+print(json.dumps({"before": before, "after": after, "hits": [len(s.cache_hits) for s in stats],
+                  "misses": [len(s.cache_misses) for s in stats], "left": len(warmup._compilers)}))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], env=cold_env(tmp_path), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert not any(seen["before"].values()) and all(seen["after"].values())
+    # compiled by the helpers, loaded here: cache hits, no misses
+    assert seen["misses"] == [0, 0] and all(seen["hits"]), seen
+    assert seen["left"] == 0

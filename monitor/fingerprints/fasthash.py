@@ -145,12 +145,6 @@ FINE_WORDS = 8
 
 
 @njit(cache=True, nogil=True)
-def _median(values):
-    s = np.sort(values.ravel())
-    return (s[31] + s[32]) / 2.0  # np.median of 64 values
-
-
-@njit(cache=True, nogil=True)
 def _pack(bits):
     """64 booleans, row-major, first = most significant bit (imagehash's order)."""
     v = np.uint64(0)
@@ -160,10 +154,44 @@ def _pack(bits):
 
 
 @njit(cache=True, nogil=True)
-def _pack_into(bits, out, start):
-    """len(bits) (a multiple of 64) booleans into out[start:], 64 per word."""
-    for w in range(bits.size // 64):
-        out[start + w] = _pack(bits[w * 64:(w + 1) * 64])
+def median(values):
+    """np.median of a 1-D float64 array, by a Shell sort of a copy: for the few
+    hundred values it meets as fast as np.sort, and far less to compile
+    (np.sort's quicksort is over a second of a cold start)."""
+    s = values.copy()
+    n = s.size
+    for gap in (132, 57, 23, 10, 4, 1):  # Ciura's gaps
+        for i in range(gap, n):
+            v = s[i]
+            j = i
+            while j >= gap and s[j - gap] > v:
+                s[j] = s[j - gap]
+                j -= gap
+            s[j] = v
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2.0
+
+
+@njit(cache=True, nogil=True)
+def _pack_above_median(block, out, out_mirrored):
+    """A square DCT block's bits (coefficient > the block's median, row-major),
+    64 per word, into ``out``, and the mirrored picture's (whose odd DCT-II
+    columns have the opposite sign) into ``out_mirrored``. Plain loops, and
+    outputs passed as arrays: numba's slice assignment and array comparisons
+    bring seconds of compile time on a cold cache (their error paths), and
+    constant arguments one compiled copy per constant."""
+    n = block.shape[0]
+    vals = np.empty(n * n)
+    for mirrored in range(2):
+        dest = out_mirrored if mirrored else out
+        for r in range(n):
+            for c in range(n):
+                vals[r * n + c] = -block[r, c] if mirrored and c % 2 == 1 else block[r, c]
+        median_ = median(vals)
+        for w in range(n * n // 64):
+            v = np.uint64(0)
+            for i in range(w * 64, (w + 1) * 64):
+                v = (v << np.uint64(1)) | np.uint64(vals[i] > median_)
+            dest[w] = v
 
 
 @njit(cache=True, nogil=True)
@@ -175,21 +203,18 @@ def _fine_bits(grid17, dct16, out):
         for c in range(16):
             d[r * 16 + c] = grid17[r, c + 1] > grid17[r, c]
             dm[r * 16 + c] = grid17[r, 15 - c] > grid17[r, 16 - c]
-    dct_m = dct16.copy()
-    for c in range(1, 16, 2):  # mirroring flips the sign of odd DCT-II columns
-        dct_m[:, c] = -dct_m[:, c]
-    for block, start in ((dct16, 0), (dct_m, 8)):
-        s = np.sort(block.ravel())
-        _pack_into((block > (s[127] + s[128]) / 2.0).ravel(), out, start)
-    _pack_into(d, out, 4)
-    _pack_into(dm, out, 12)
+    _pack_above_median(dct16, out[0:4], out[8:12])
+    for w in range(4):
+        out[4 + w] = _pack(d[w * 64:(w + 1) * 64])
+        out[12 + w] = _pack(dm[w * 64:(w + 1) * 64])
 
 
 @njit(cache=True, nogil=True)
-def _hash_bits(grid9, low, grid32, out):
+def _hash_bits(grid9, dct16, grid32, out):
     """dHash, pHash, mirrored dHash, mirrored pHash into out[0:4] from the 9x8
-    grid and the 8x8 low DCT coefficients; returns the degenerate-check
-    statistics (grid32's std, share of flat dHash steps, rising steps)."""
+    grid and the 16x16 low DCT block (pHash takes its 8x8 corner); returns the
+    degenerate-check statistics (grid32's std, share of flat dHash steps,
+    rising steps)."""
     d = np.empty(64, np.bool_)
     dm = np.empty(64, np.bool_)
     flat = 0
@@ -202,14 +227,27 @@ def _hash_bits(grid9, low, grid32, out):
             dm[r * 8 + c] = grid9[r, 7 - c] > grid9[r, 8 - c]
             flat += abs(step) <= 1
             rising += step > 0
-    low_m = low.copy()
-    for c in range(1, 8, 2):  # mirroring flips the sign of odd DCT-II columns
-        low_m[:, c] = -low_m[:, c]
+    low = np.empty((8, 8))
+    for r in range(8):
+        for c in range(8):
+            low[r, c] = dct16[r, c]
     out[0] = _pack(d)
-    out[1] = _pack((low > _median(low)).ravel())
+    _pack_above_median(low, out[1:2], out[3:4])
     out[2] = _pack(dm)
-    out[3] = _pack((low_m > _median(low_m)).ravel())
-    return grid32.astype(np.float64).std(), flat / 64.0, rising
+    return _std(grid32), flat / 64.0, rising
+
+
+@njit(cache=True, nogil=True)
+def _std(a):
+    """np.std of a 2-D array (two passes, as numpy; np.std's own compile costs ~1 s)."""
+    total = 0.0
+    for v in a.ravel():
+        total += v
+    mean = total / a.size
+    squares = 0.0
+    for v in a.ravel():
+        squares += (v - mean) * (v - mean)
+    return math.sqrt(squares / a.size)
 
 
 @njit(cache=True, nogil=True)
@@ -218,7 +256,7 @@ def _grids_and_hashes(grey, h9, v9, h17, v16, h32, v32, dct, out, fine):
     grid32 = _resample(g, h32, v32)
     dct16 = dct @ grid32 @ dct.T
     _fine_bits(_resample(g, h17, v16), dct16, fine)
-    return _hash_bits(_resample(g, h9, v9), np.ascontiguousarray(dct16[:8, :8]), grid32, out)
+    return _hash_bits(_resample(g, h9, v9), dct16, grid32, out)
 
 
 def hashes(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, int]:
@@ -227,6 +265,11 @@ def hashes(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, int]
     grid32's std, the share of flat dHash steps and the number of rising ones
     (for fingerprint.degenerate_reason)."""
     in_h, in_w = grey.shape
+    if grey.flags.writeable:
+        # As read-only, the type Pillow's arrays have: numba compiles one copy
+        # per type, and a second one costs seconds on a cold cache.
+        grey = grey.view()
+        grey.setflags(write=False)
     out = np.empty(4, np.uint64)
     fine = np.empty(2 * FINE_WORDS, np.uint64)
     stats = _grids_and_hashes(grey, dense_weights(in_w, 9), dense_weights(in_h, 8),
@@ -241,9 +284,10 @@ def hashes_of_grids(grid9: np.ndarray, dct16: np.ndarray, grid32: np.ndarray,
     (the exact path's, made the way imagehash makes them)."""
     out = np.empty(4, np.uint64)
     fine = np.empty(2 * FINE_WORDS, np.uint64)
-    dct16 = np.ascontiguousarray(dct16, np.float64)
-    _fine_bits(np.ascontiguousarray(grid17), dct16, fine)
-    return (out, fine, *_hash_bits(grid9, np.ascontiguousarray(dct16[:8, :8]), grid32, out))
+    # As float64, the dtype of the fast path's grids: one compiled version serves both.
+    grid9, dct16, grid32, grid17 = (np.ascontiguousarray(a, np.float64) for a in (grid9, dct16, grid32, grid17))
+    _fine_bits(grid17, dct16, fine)
+    return (out, fine, *_hash_bits(grid9, dct16, grid32, out))
 
 
 def lanczos(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:

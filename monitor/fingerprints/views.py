@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 from PIL import Image
 
+from monitor.fingerprints import fasthash
 from monitor.fingerprints.core import Fingerprint, fingerprint_grey
 
 WORK_SIDE = 256            # analyse the layout on a small copy: fast and noise-tolerant
@@ -96,7 +97,7 @@ def _frame_colour(std, mean):
             k += 1
     if k == 0:
         return -1.0
-    return np.median(picked[:k])
+    return fasthash.median(picked[:k])
 
 
 @njit(cache=True, nogil=True)
@@ -202,10 +203,10 @@ def _may_be_tilted(a):
     and almost none in the middle, which a pasted picture covers. Night skies
     and objects on white, whose corners are also plain, fail the last two."""
     h, w = a.shape
-    c = np.array([float(a[0, 0]), float(a[0, w - 1]), float(a[h - 1, 0]), float(a[h - 1, w - 1])])
-    if c.max() - c.min() > TILT_BACKGROUND:
+    c0, c1, c2, c3 = float(a[0, 0]), float(a[0, w - 1]), float(a[h - 1, 0]), float(a[h - 1, w - 1])
+    if max(c0, c1, c2, c3) - min(c0, c1, c2, c3) > TILT_BACKGROUND:
         return False
-    fill = c.mean()
+    fill = (c0 + c1 + c2 + c3) / 4.0
     total = middle = 0
     for y in range(h):
         inner_row = h // 4 <= y < h - h // 4
@@ -355,4 +356,6 @@ def library_fingerprints(grey: Image.Image, size: tuple[int, int], *,
 
 def warm_up() -> None:
     content_box(Image.effect_noise((40, 30), 40))
-    _may_be_tilted(np.zeros((8, 8), np.uint8))
+    flat = np.zeros((8, 8), np.uint8)
+    flat.setflags(write=False)  # read-only, as Pillow's arrays are: one compiled copy
+    _may_be_tilted(flat)

@@ -48,7 +48,9 @@ def fingerprint_query(data: bytes, max_pixels: int | None) -> tuple[Fingerprint,
 
 
 def _warm_worker() -> None:
-    warm_up(None, "fingerprint")  # compiled code loaded before the first image, not on it
+    # compiled code loaded before the first image, not on it; in this process alone,
+    # as the pool's other workers are compiling too
+    warm_up(None, "fingerprint", processes=1)
 
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:

@@ -92,7 +92,7 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
         if any(n in ("worker", "shard") for n, _ in roles):
             ready["phase"] = "compiling"
             # Role processes often start side by side on few cores: loading the cached kernels
-            # can then pass a second; only a real compile (~30 s) earns the notice.
+            # can then pass a second; only a real compile (~10 s) earns the notice.
             if not await warm_up_unless_stopped(say or (lambda text: log.info("%s", text)), stop, notice_after=8.0):
                 return
         ready["phase"] = "loading"

@@ -184,8 +184,9 @@ def _fill_planes(hashes, planes):
     group = np.empty(64, np.uint64)
     for g in range((n + 63) // 64):  # 64 entries = one word of every plane
         k = min(64, n - g * 64)
-        group[:] = 0
-        group[:k] = hashes[g * 64:g * 64 + k]
+        # a loop, not slice assignment, whose error path is seconds of compiling
+        for i in range(64):
+            group[i] = hashes[g * 64 + i] if i < k else np.uint64(0)
         _transpose64(group)
         base = (g // WORDS) * BLOCK_WORDS + g % WORDS
         for i in range(64):

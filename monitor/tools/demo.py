@@ -146,7 +146,7 @@ class DemoFeedHost:
 
     def start(self) -> None:
         """Begin publishing: called once the daemon watches (its kernels compiled, which
-        takes ~30 s on a machine's first run), so no post scrolls off the feeds unseen."""
+        takes ~10 s on a machine's first run), so no post scrolls off the feeds unseen."""
         if self.started is None:
             self.started = time.time()
 
@@ -275,7 +275,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
     def say(text: str) -> None:
         print(f"[demo] {text}", file=out, flush=True)
 
-    # Compile before anything is timed: the first run on a machine takes ~30 s here.
+    # Compile before anything is timed: the first run on a machine takes ~10 s here.
     await asyncio.to_thread(warm_up, say)
     stream = demo_stream(posts)
     host, runner = await start_host(stream, rate)
