@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -62,6 +63,13 @@ class LibraryConfig(_Model):
     paths: list[str] = []
     label: str | None = None
     reload_check_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # Each index row's fine hashes (64 of its 96 bytes, read only for the few candidates
+    # that pass the dHash and pHash gates): "file" maps them from an unlinked file in
+    # index_dir (default: the SQLite store's folder, else the system's temp folder) that
+    # the system pages in where candidates fall, leaving 28 resident bytes a row;
+    # "memory" keeps them in RAM.
+    fine_hashes: Literal["file", "memory"] = "file"
+    index_dir: str | None = None
 
 
 class MatchConfig(_Model):
@@ -265,6 +273,17 @@ class Config(_Model):
     server: ServerConfig = ServerConfig()
     transport: TransportConfig = TransportConfig()
     log: LogConfig = LogConfig()
+
+    @property
+    def index_spill_dir(self) -> str | None:
+        """Where the index maps its fine hashes from (None: kept in RAM)."""
+        if self.library.fine_hashes == "memory":
+            return None
+        if self.library.index_dir:
+            return os.path.expanduser(self.library.index_dir)
+        if self.store.url is None and self.store.path != ":memory:":
+            return str(Path(self.store.path).expanduser().resolve().parent)
+        return tempfile.gettempdir()
 
     @model_validator(mode="after")
     def _unique_feed_names(self):

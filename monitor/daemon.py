@@ -177,7 +177,7 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
 
 async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, services: Services,
                  port: int | None, stop: asyncio.Event, on_match, on_ready) -> None:
-    library = await asyncio.to_thread(Library, store)
+    library = await asyncio.to_thread(Library, store, spill_dir=config.index_spill_dir)
     if config.library.paths:
         cache = FingerprintCache(default_cache_path())
         report = await asyncio.to_thread(add_files, library, config.library.paths,

@@ -196,3 +196,39 @@ def test_match_many_is_match_of_each(library_images, other_images):
     assert many == [matcher.match(q) for q in queries]
     assert sum(1 for m in many if m) >= len(library_images) and many[-1] == []
     assert matcher.match_many([]) == []
+
+
+def test_fine_hashes_kept_in_a_file_match_as_in_ram(tmp_path, library_images, other_images):
+    """The index can keep each row's fine hashes (64 of 96 bytes) in an unlinked file,
+    read only for the candidates past the dHash + pHash gate: the same matches as in RAM
+    through adds, growth, removes and a load, and nothing left in the folder."""
+    from tests.conftest import encode
+    fps = [fingerprint_bytes(p.read_bytes(), views="library") for p in library_images]
+    in_ram, in_file = LibraryIndex(capacity=2), LibraryIndex(capacity=2, spill_dir=str(tmp_path))
+    for index in (in_ram, in_file):
+        for i, fp in enumerate(fps):
+            index.add(i + 1, fp)  # grows from 2 rows many times over
+        index.remove(3)
+    assert list(tmp_path.iterdir()) == []  # unlinked: nothing left behind, even after a kill -9
+    queries = []
+    for p in library_images + other_images:
+        img = Image.open(p).convert("RGB")
+        queries.append(fingerprint_bytes(encode(img.resize((img.width // 2, img.height // 2)), quality=40)))
+        queries.append(fingerprint_bytes(encode(img.crop((0, 0, img.width * 9 // 10, img.height)), quality=60)))
+    matches = Matcher(in_ram, PRESETS["near"]).match_many(queries)
+    assert Matcher(in_file, PRESETS["near"]).match_many(queries) == matches
+    assert sum(1 for m in matches if m) >= len(library_images) - 1
+    assert any(m.fine_distance is not None for ms in matches for m in ms)  # decided with the file's rows
+    assert np.array_equal(in_file.fine(), in_ram.fine())
+    assert in_file.file_bytes() >= in_file.rows * 64 and in_ram.file_bytes() == 0
+    assert in_ram.memory_bytes() - in_file.memory_bytes() >= in_ram.rows * 64
+    # a load (a snapshot read at start) writes the file at once
+    loaded = LibraryIndex(spill_dir=str(tmp_path))
+    loaded.load(in_ram.ids, {f: in_ram.hashes(f) for f in ("dhash", "phash")}, in_ram.fine())
+    assert Matcher(loaded, PRESETS["near"]).match_many(queries) == matches
+    assert np.array_equal(loaded.fine(), in_ram.fine()) and np.array_equal(loaded.ids, in_ram.ids)
+    # ids are int32 while they fit, widened when one does not
+    assert in_file.ids.dtype == np.int32
+    in_file.add(2**40, fps[2])
+    assert in_file.ids.dtype == np.int64 and in_file.ids[-1] == 2**40
+    assert 2**40 in {m.entry_id for m in Matcher(in_file, PRESETS["near"]).match(queries[4])}  # image 2 resized

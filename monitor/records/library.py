@@ -69,15 +69,16 @@ class AddReport:
 
 
 class Library:
-    def __init__(self, store: Store, shard: tuple[int, int] | None = None, *, indexed: bool = True):
+    def __init__(self, store: Store, shard: tuple[int, int] | None = None, *, indexed: bool = True,
+                 spill_dir: str | None = None):
         """``shard`` (k, S): index only the entries whose id is k modulo S (a shard process
         of a library split S ways); the table stays whole. ``indexed`` False: the table
-        alone, no index (the API role of a scaled-out deployment: the shards match)."""
+        alone, no index (the API role). ``spill_dir``: see LibraryIndex."""
         self.store = store
         self.shard = shard
         self.indexed = indexed
         self._owned = "" if shard is None else f" AND id % {int(shard[1])} = {int(shard[0])}"
-        self.index = LibraryIndex()
+        self.index = LibraryIndex(spill_dir=spill_dir)
         # PostgreSQL: the change-log id this index reflects (None: no log; SQLite polls the version)
         self.checkpoint: int | None = None
         if indexed:
@@ -285,7 +286,8 @@ class Library:
                 "hash_algorithm": ALGORITHM_VERSION,
                 "first_added": first, "last_added": last,
                 "index_rows": self.index.rows,
-                "index_bytes": self.index.rows * 8 * (1 + len(HASH_FIELDS) + FINE_WORDS + 1),
+                "index_bytes": self.index.memory_bytes(),
+                "index_file_bytes": self.index.file_bytes(),
                 "top_labels": dict(labels)}
 
 

@@ -148,7 +148,8 @@ class _Node:
                 role = FetchRole(worker, self.streams, limits.concurrency)
                 out.append(("worker", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "shard":
-                library = await asyncio.to_thread(Library, self.store, (k, cfg.transport.shards))
+                library = await asyncio.to_thread(Library, self.store, (k, cfg.transport.shards),
+                                                    spill_dir=cfg.index_spill_dir)
                 log.info("shard %d of %d: %d entries indexed", k, cfg.transport.shards, len(library.index))
                 matcher = Matcher(library.index, PRESETS[cfg.match.tier])
                 watcher = LibraryWatcher(self.store, library, matcher, self.recorder(library), self.metrics,

@@ -2,10 +2,20 @@
 
 Changed in place (amortised O(1) add, swap-with-last remove), so adding an image
 to a library of a million never rebuilds anything.
+
+Of a row's 96 bytes, 64 are its fine hashes, read only for the candidates whose
+dHash and pHash (in RAM) pass the first gates: a handful per query, where the
+radius search alone yields hundreds at a million entries. With a ``spill_dir``
+the fine hashes live in a file those few are read from (the page cache keeps it
+near at hand, and may let it go under memory pressure), so 28 bytes a row stay
+resident (~180 per protected image at its ~6.4 rows; ids are int32 while they
+fit) instead of 96 (bench/library_memory.py measures it).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 
 import numpy as np
@@ -18,6 +28,81 @@ from monitor.search import bitslice
 HASH_FIELDS = ("dhash", "phash")
 
 
+_ROW_BYTES = FINE_WORDS * 8
+
+
+class _FineRows:
+    """The rows' fine hashes: a (capacity, FINE_WORDS) array in RAM, or an unlinked
+    file in ``spill_dir`` (gone with the process, even after a kill -9) read and
+    written row by row with positional I/O. Not a memory mapping: the few rows a
+    query reads would each bring their neighbours into this process's resident
+    set (the kernel maps up to 64 KiB around a fault), and after a few thousand
+    queries the whole file would count as resident."""
+
+    def __init__(self, capacity: int, spill_dir: str | None, rows: np.ndarray | None = None):
+        self.file = None
+        if spill_dir is None:
+            self.fine = np.zeros((capacity, FINE_WORDS), np.uint64)
+            if rows is not None:
+                self.fine[:rows.shape[0]] = rows
+            return
+        self.fine = None
+        self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="repost-monitor-index-")
+        if rows is not None and rows.shape[0]:
+            os.pwrite(self.file.fileno(), np.ascontiguousarray(rows, "<u8").tobytes(), 0)
+        self.grow(capacity)
+
+    @property
+    def mapped(self) -> bool:
+        return self.file is not None
+
+    def size_bytes(self) -> int:
+        return os.fstat(self.file.fileno()).st_size if self.file else 0
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` rows; a file only lengthens (sparse: all zero, "unknown")."""
+        if self.file is None:
+            grown = np.zeros((capacity, FINE_WORDS), np.uint64)
+            keep = min(capacity, self.fine.shape[0])
+            grown[:keep] = self.fine[:keep]
+            self.fine = grown
+        elif self.size_bytes() < capacity * _ROW_BYTES:
+            self.file.truncate(capacity * _ROW_BYTES)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), FINE_WORDS) fine hashes of these rows."""
+        if self.file is None:
+            return self.fine[rows]
+        fd = self.file.fileno()
+        data = b"".join(os.pread(fd, _ROW_BYTES, int(r) * _ROW_BYTES) for r in rows)
+        return np.frombuffer(data, "<u8").astype(np.uint64).reshape(-1, FINE_WORDS)
+
+    def read_all(self, n: int) -> np.ndarray:
+        if self.file is None:
+            return self.fine[:n]
+        data = os.pread(self.file.fileno(), n * _ROW_BYTES, 0)
+        return np.frombuffer(data, "<u8").astype(np.uint64).reshape(n, FINE_WORDS)
+
+    def write(self, row: int, words: np.ndarray | int) -> None:
+        if self.file is None:
+            self.fine[row] = words
+        else:
+            data = (np.zeros(FINE_WORDS, "<u8") if isinstance(words, int) else np.asarray(words, "<u8")).tobytes()
+            os.pwrite(self.file.fileno(), data, row * _ROW_BYTES)
+
+    def copy_row(self, dst: int, src: int) -> None:
+        if self.file is None:
+            self.fine[dst] = self.fine[src]
+        else:
+            os.pwrite(self.file.fileno(), os.pread(self.file.fileno(), _ROW_BYTES, src * _ROW_BYTES),
+                      dst * _ROW_BYTES)
+
+
+def _id_type(largest_id: int) -> type:
+    """Row -> entry ids as int32 while they fit (4 bytes a row less), else int64."""
+    return np.int32 if -2**31 <= largest_id < 2**31 else np.int64
+
+
 class LibraryIndex:
     """Hashes of every usable entry as uint64 arrays, one row per view.
 
@@ -27,16 +112,18 @@ class LibraryIndex:
     are kept in the store but left out: their hashes would match anything.
     ``fine`` holds each row's 256-bit verification hashes (FINE_WORDS words;
     all zero where unknown, which a real fine hash never is: half its pHash
-    bits are set by construction).
+    bits are set by construction). ``spill_dir``: keep the fine hashes in a
+    file there (see the module's note).
     """
 
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = 1024, spill_dir: str | None = None):
         self.lock = threading.RLock()
+        self.spill_dir = spill_dir
         self._n = 0
         self._entries = 0
-        self._ids = np.empty(capacity, np.int64)
+        self._ids = np.empty(capacity, np.int32)  # int64 once an id needs it (_id_type)
         self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
-        self._fine = np.zeros((capacity, FINE_WORDS), np.uint64)
+        self._fine_rows = _FineRows(capacity, spill_dir)
         # dHash rows again in bit-plane layout for the bit-sliced radius search
         # (monitor/bitslice.py); kept in step with every add and remove.
         self._planes = bitslice.to_planes(np.empty(0, np.uint64), capacity)
@@ -55,16 +142,27 @@ class LibraryIndex:
         return self._ids[:self._n]
 
     def memory_bytes(self) -> int:
-        """Bytes the arrays hold (allocated: capacity grows by doubling)."""
-        return (self._ids.nbytes + sum(a.nbytes for a in self._hashes.values()) + self._fine.nbytes
-                + self._planes.nbytes)
+        """Bytes of RAM the arrays hold (allocated: capacity grows by 1.25x); the
+        fine hashes count only when they are not in a file."""
+        ram = self._ids.nbytes + sum(a.nbytes for a in self._hashes.values()) + self._planes.nbytes
+        return ram + (0 if self._fine_rows.mapped else self._fine_rows.fine.nbytes)
+
+    def file_bytes(self) -> int:
+        """Bytes of fine hashes kept in a file (0 when they are in RAM)."""
+        return self._fine_rows.size_bytes()
 
     def hashes(self, field: str = "dhash") -> np.ndarray:
         return self._hashes[field][:self._n]
 
     def fine(self) -> np.ndarray:
-        """Rows' fine hashes, (rows, FINE_WORDS) (call under ``lock``)."""
-        return self._fine[:self._n]
+        """Every row's fine hashes, (rows, FINE_WORDS) (call under ``lock``): a view
+        in RAM, a copy read from the file when they are in one (a snapshot, a batch)."""
+        return self._fine_rows.read_all(self._n)
+
+    def fine_of(self, rows: np.ndarray) -> np.ndarray:
+        """The fine hashes of these rows, (len(rows), FINE_WORDS) (call under ``lock``):
+        what a query's few candidates past the first gates read."""
+        return self._fine_rows.read(rows)
 
     def planes(self) -> np.ndarray:
         """The dHash rows as bit-planes (call under ``lock``, like :meth:`hashes`)."""
@@ -73,31 +171,37 @@ class LibraryIndex:
     def _grow(self, need: int) -> None:
         if need <= self._ids.shape[0]:
             return
-        size = max(need, 2 * self._ids.shape[0])
-        ids = np.empty(size, np.int64)
+        # x1.25, not x2: still amortised O(1), and the first add after loading a
+        # million entries does not double the index's memory
+        size = max(need, self._ids.shape[0] + self._ids.shape[0] // 4, 1024)
+        ids = np.empty(size, self._ids.dtype)
         ids[:self._n] = self._ids[:self._n]
         self._ids = ids
         for f, arr in self._hashes.items():
             grown = np.empty(size, np.uint64)
             grown[:self._n] = arr[:self._n]
             self._hashes[f] = grown
-        fine = np.zeros((size, FINE_WORDS), np.uint64)
-        fine[:self._n] = self._fine[:self._n]
-        self._fine = fine
+        self._fine_rows.grow(size)
         planes = np.zeros(bitslice.plane_words(size), np.uint64)
         planes[:self._planes.shape[0]] = self._planes
         self._planes = planes
 
     def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray], fine: np.ndarray | None = None) -> None:
         with self.lock:
-            self._ids = np.array(ids, np.int64)
+            ids = np.asarray(ids, np.int64)
+            wide = ids.size and _id_type(int(ids.max())) is np.int64 or _id_type(int(ids.min(initial=0))) is np.int64
+            self._ids = ids.astype(np.int64 if wide else np.int32)
             self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
-            self._fine = (np.array(fine, np.uint64).reshape(-1, FINE_WORDS) if fine is not None
-                          else np.zeros((self._ids.shape[0], FINE_WORDS), np.uint64))
+            self._fine_rows = _FineRows(self._ids.shape[0], self.spill_dir,
+                                        None if fine is None else np.asarray(fine, np.uint64).reshape(-1, FINE_WORDS))
             self._planes = bitslice.to_planes(self._hashes["dhash"])
             self._n = self._ids.shape[0]
             self._entries = int(np.unique(self._ids).size)
             self.version += 1
+
+    def _widen_ids(self, entry_id: int) -> None:
+        if self._ids.dtype == np.int32 and _id_type(entry_id) is np.int64:
+            self._ids = self._ids.astype(np.int64)
 
     def _rows_of(self, entry_id: int) -> np.ndarray:
         # A vectorised scan (~0.5 ms per million rows) instead of an id->row
@@ -110,6 +214,7 @@ class LibraryIndex:
             if self._rows_of(entry_id).size:
                 return
             views = [fp, *getattr(fp, "views", ())]
+            self._widen_ids(entry_id)
             self._grow(self._n + len(views))
             for view in views:
                 row = self._n
@@ -117,7 +222,7 @@ class LibraryIndex:
                 for f in HASH_FIELDS:
                     self._hashes[f][row] = getattr(view, f)
                 fine = getattr(view, "fine", b"")  # duck-typed callers may have none
-                self._fine[row] = np.frombuffer(fine, "<u8") if fine else 0
+                self._fine_rows.write(row, np.frombuffer(fine, "<u8") if fine else 0)
                 bitslice.set_lane(self._planes, row, np.uint64(view.dhash))
                 self._n += 1
             self._entries += 1
@@ -134,7 +239,7 @@ class LibraryIndex:
                     self._ids[row] = self._ids[last]
                     for arr in self._hashes.values():
                         arr[row] = arr[last]
-                    self._fine[row] = self._fine[last]
+                    self._fine_rows.copy_row(row, last)
                     bitslice.set_lane(self._planes, row, self._hashes["dhash"][row])
                 bitslice.set_lane(self._planes, last, np.uint64(0))
                 self._n = last

@@ -94,15 +94,17 @@ def _known(fine, row):
 
 
 @njit(cache=True, nogil=True)
-def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, lib_fine, d_max, p_max, s_max, score_max,
+def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, cand_fine, d_max, p_max, s_max, score_max,
             sum_bound):
     """The second pass over the kernel's candidates, in one compiled loop.
 
     Returns, for the candidates that meet a tier: their positions in the
     input, pHash distance, fine distance (-1 where the tier decided without
     it) and tier (index of the strictest tier met). Only candidates within
-    ``sum_bound`` of dHash + pHash pay for the fine hashes. ``q_fine`` with
-    no rows means the query has no fine hashes.
+    ``sum_bound`` of dHash + pHash pay for the fine hashes: ``cand_fine[i]``
+    holds candidate i's library row's (read for those alone: see
+    :func:`_past_first_gates`). ``q_fine`` with no rows means the query has
+    no fine hashes.
     """
     n = pq.size
     tiers = d_max.size
@@ -117,10 +119,10 @@ def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, lib_fine, d_max, p_max, s_ma
         if d + p > sum_bound:
             continue
         f = np.int64(-1)
-        if q_fine.shape[0] > 0 and _known(q_fine, q) and _known(lib_fine, e):
+        if q_fine.shape[0] > 0 and _known(q_fine, q) and _known(cand_fine, i):
             f = 0
             for w in range(q_fine.shape[1]):
-                f += popcount64(q_fine[q, w] ^ lib_fine[e, w])
+                f += popcount64(q_fine[q, w] ^ cand_fine[i, w])
         tier = tiers
         for t in range(tiers):
             if d > d_max[t]:
@@ -145,6 +147,20 @@ def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, lib_fine, d_max, p_max, s_ma
 _NO_FINE = np.zeros((0, FINE_WORDS), np.uint64)
 
 
+def _past_first_gates(pq, pl, pd, q_phash, lib_phash, sum_bound: int) -> np.ndarray:
+    """Candidates whose dHash + pHash distance is within ``sum_bound``: the only
+    ones whose fine hashes any tier reads (numpy, not compiled: a few hundred)."""
+    p = np.bitwise_count(q_phash[pq] ^ lib_phash[pl])
+    return np.flatnonzero(pd.astype(np.int64) + p <= sum_bound)
+
+
+def _candidate_fine(n: int, past: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(n, FINE_WORDS): the fine hashes ``rows`` at candidate positions ``past``, zero elsewhere."""
+    out = np.zeros((n, FINE_WORDS), np.uint64)
+    out[past] = rows
+    return out
+
+
 class Matcher:
     def __init__(self, index: LibraryIndex, tiers: tuple[Tier, ...] = PRESETS["loose"]):
         if not tiers:
@@ -161,9 +177,14 @@ class Matcher:
         self._sum_bound = max(FINE_CANDIDATE_SUM if (self._score_max >= 0).any() else 0,
                               int(self._s_max.max()), 0)
 
-    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, lib_fine):
+    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, read_fine):
+        """The second pass; ``read_fine(rows)`` gives library rows' fine hashes, asked
+        only for the candidates past the dHash + pHash gate."""
+        past = _past_first_gates(pq, pl, pd, q_phash, lib_phash, self._sum_bound) if q_fine is not None \
+            else np.zeros(0, np.int64)
+        cand_fine = _candidate_fine(pq.size, past, read_fine(pl[past]))
         return _verify(pq, pl, pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
-                       lib_fine, self._d_max, self._p_max, self._s_max, self._score_max,
+                       cand_fine, self._d_max, self._p_max, self._s_max, self._score_max,
                        self._sum_bound)
 
     def match(self, fp: Fingerprint) -> list[Match]:
@@ -202,7 +223,7 @@ class Matcher:
             if not pq.size:
                 return
             at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
-                                          self.index.fine())
+                                          self.index.fine_of)
             ids = self.index.ids[pl[at]]
             lib_views = self.index.hashes("dhash")[pl[at]]
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
@@ -242,7 +263,7 @@ class Matcher:
         qfine = (np.ascontiguousarray(np.concatenate([fine, fine_mirror]), np.uint64)
                  if fine is not None and fine_mirror is not None else None)
         pq, pl, pd = pairs_within(queries, lib_d, self.radius, planes=planes, threads=threads)
-        at, p, f, tier = self._verify(pq, pl, pd, qphash, lib_p, qfine, lib_f)
+        at, p, f, tier = self._verify(pq, pl, pd, qphash, lib_p, qfine, lambda rows: lib_f[rows])
         pq, pl = pq[at], pl[at]
         q = pq % m if m else pq
         if owners is not None:
