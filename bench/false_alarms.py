@@ -1,0 +1,98 @@
+"""False alarms at the scale of real libraries: every image of one or more folders of
+unrelated pictures against all the others, through the shipped matcher.
+
+    python3 bench/false_alarms.py ../shared/corpus-large [../shared/corpus] [--limit N]
+
+Any folders of distinct pictures will do (near-duplicates inside them count as false
+pairs: the pairs found are printed for review). Every picture is a library entry (with its
+library views) and, in turn, an incoming image (with its query views) matched against all
+the other entries: n x (n - 1) unrelated pairs. Printed per tier: false pairs, pair
+false-positive rate (with its 95% upper bound when few or none are seen), the share of
+pictures that would alarm against this library, and that share projected to libraries of
+100,000 and 1,000,000 entries from the pair rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def upper_95(k: int, n: int) -> float:
+    """One-sided 95% upper bound on a rate after k events in n trials (exact for k = 0,
+    the normal approximation with continuity beyond)."""
+    if k == 0:
+        return 1 - 0.05 ** (1 / n)
+    p = (k + 0.5) / n
+    return p + 1.645 * math.sqrt(p * (1 - p) / n)
+
+
+def fingerprints(files: list[Path], views: str) -> list:
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(_fp, [(f, views) for f in files], chunksize=32))
+
+
+def _fp(args):
+    from monitor import fingerprint_bytes
+    path, views = args
+    return fingerprint_bytes(path.read_bytes(), views=views)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", type=Path, nargs="+")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N pictures of each folder")
+    args = ap.parse_args()
+    from monitor.search.index import LibraryIndex
+    from monitor.search.matcher import PRESETS, Matcher
+    from monitor.warmup import warm_up
+    warm_up(lambda text: print(text, file=sys.stderr))
+    files = []
+    for folder in args.folders:
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        files += found[:args.limit] if args.limit else found
+    t = time.perf_counter()
+    library = fingerprints(files, "library")
+    incoming = fingerprints(files, "query")
+    print(f"{len(files):,} pictures from {', '.join(map(str, args.folders))}: fingerprinted "
+          f"(library and query views) in {time.perf_counter() - t:.0f} s")
+    index = LibraryIndex()
+    skipped = 0
+    for i, fp in enumerate(library):
+        if fp.degenerate is None:
+            index.add(i, fp)
+        else:
+            skipped += 1
+    entries = len(index)
+    queries = [i for i, fp in enumerate(incoming) if fp.degenerate is None]
+    pairs = len(queries) * (entries - 1)
+    print(f"library: {entries:,} entries ({index.rows:,} rows; {skipped} low-detail pictures left out); "
+          f"{len(queries):,} incoming pictures; {pairs:,} unrelated pairs")
+    for tier in ("exact", "near", "loose"):
+        matcher = Matcher(index, PRESETS[tier])
+        t = time.perf_counter()
+        found = matcher.match_many([incoming[i] for i in queries])
+        spent = time.perf_counter() - t
+        false = [(queries[k], m) for k, ms in enumerate(found) for m in ms if m.entry_id != queries[k]]
+        alarming = len({q for q, _ in false})
+        rate = len(false) / pairs
+        bound = upper_95(len(false), pairs)
+        proj = [1 - (1 - rate) ** n for n in (100_000, 1_000_000)]
+        print(f"up to {tier:5s}: {len(false)} false pairs; pair FPR {rate:.2e} (95% upper bound {bound:.1e}); "
+              f"pictures alarming {alarming / len(queries):.2%}; projected at 100k / 1M entries "
+              f"{proj[0]:.1%} / {proj[1]:.1%}; {spent / len(queries) * 1e3:.2f} ms per picture")
+        if tier == "near":
+            for q, m in false[:20]:
+                print(f"    {files[q].name} -> {files[m.entry_id].name} ({m.tier}: dHash {m.dhash_distance}, "
+                      f"pHash {m.phash_distance}, fine {m.fine_distance})")
+
+
+if __name__ == "__main__":
+    main()
