@@ -262,6 +262,11 @@ def build_edits() -> dict[str, tuple[str, object]]:
     return E
 
 
+def views_in_use() -> tuple[str, ...]:
+    from monitor.fingerprints import views
+    return views.LIBRARY_CROPS
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("corpus", type=Path)
@@ -270,7 +275,13 @@ def main() -> None:
     ap.add_argument("--library", type=int, default=200)
     ap.add_argument("--distractors", type=int, default=1000)
     ap.add_argument("--max-side", type=int, default=512)
+    ap.add_argument("--library-crops", help="comma-separated library crop views to index instead of the "
+                    "shipped ones (monitor.fingerprints.views.CROPS names): what each view earns")
+    ap.add_argument("--no-peers", action="store_true", help="skip imagehash")
     args = ap.parse_args()
+    if args.library_crops is not None:
+        from monitor.fingerprints import views
+        views.LIBRARY_CROPS = tuple(n for n in args.library_crops.split(",") if n)
     import imagehash
     from PIL import Image
 
@@ -314,6 +325,7 @@ def main() -> None:
         fp = fingerprint_bytes(b, views="library")
         if fp.degenerate is None:
             index.add(i, fp)
+    print(f"library crops {','.join(views_in_use())}: {index.rows / max(1, len(index)):.2f} rows per entry")
     q_fps = [fingerprint_bytes(b, views="query") for b in queries]
     d_fps = [fingerprint_bytes(b, views="query") for b in distractors]
     truth_a = np.array(truth)
@@ -332,7 +344,8 @@ def main() -> None:
               f"(pair FPR {(wrong + d_pairs) / pairs:.1e}); unrelated pictures alarming "
               f"{sum(1 for ms in d_found if ms) / len(distractors):.2%}", flush=True)
     # peers at pair FPR <= 1e-4 on the same pairs
-    for name, fn in (("imagehash pHash", imagehash.phash), ("imagehash dHash", imagehash.dhash)):
+    for name, fn in () if args.no_peers else (("imagehash pHash", imagehash.phash),
+                                              ("imagehash dHash", imagehash.dhash)):
         def h(data, fn=fn):
             return int(str(fn(Image.open(io.BytesIO(data)))), 16)
         lib_h = np.array([h(b) for b in lib_bytes], np.uint64)

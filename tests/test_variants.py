@@ -98,6 +98,31 @@ def test_deep_centre_and_side_crops_match_through_library_views(library_images, 
         assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
 
 
+def test_crops_to_the_feeds_shapes_match_through_library_views(library_images, other_images):
+    """A picture cut to a feed's shape (square, 4:5 portrait, 16:9), which removes up to
+    half of one side, matches through the entry's view of that shape; only entries of
+    another shape get one."""
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index)
+    missed = []
+    for i, path in enumerate(library_images):
+        picture = Image.open(path).convert("RGB")
+        w, h = picture.size
+        for name, ratio in (("square", 1.0), ("4:5", 0.8), ("16:9", 16 / 9)):
+            if abs(w / h / ratio - 1) <= 0.12:
+                continue  # already about that shape: the whole view covers it
+            cw, ch = (int(h * ratio), h) if w / h > ratio else (w, int(w / ratio))
+            crop = picture.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+            repost = fingerprint_bytes(encode(crop.resize((cw * 3 // 4, ch * 3 // 4)), quality=70), views="query")
+            if i not in {m.entry_id for m in matcher.match(repost)}:
+                missed.append((path.name, name))
+    assert not missed
+    for path in other_images:
+        assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
+
+
 def _night_sky(img: Image.Image) -> Image.Image:
     """The picture below a band of plain black sky: rows with no detail at all."""
     img = img.convert("RGB")

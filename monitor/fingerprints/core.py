@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - a platform without a wheel falls back 
 # Bumped whenever a change alters hash values; caches keyed on it go stale.
 # v3: frame detection keeps the last busy row; v4: fast-path grids from one compiled call,
 # tilted-picture query view, library views at a 30% centre crop and 15% side crops
-ALGORITHM_VERSION = "dhash-phash-v6-fine-turns"
+ALGORITHM_VERSION = "dhash-phash-v7-feed-shapes"
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any real thumbnail
 # JPEG covers MPO (phone multi-picture JPEGs): its opener returns them.
