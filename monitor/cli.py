@@ -10,6 +10,7 @@ from monitor.commands import (
     DEFAULT_DB,
     cmd_alerts,
     cmd_audit,
+    cmd_calibrate,
     cmd_check_config,
     cmd_dedupe,
     cmd_demo,
@@ -173,6 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.html", help="also write a visual HTML report")
     _add_scan_options(p)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("calibrate", help="measure the near and loose tiers on your own pictures",
+                       description="Make reposts of the pictures to protect with common edits, match them and "
+                                   "the unrelated pictures against the pictures, and pick each tier's score "
+                                   "limit where unrelated pairs match at most at its target rate (95%% upper "
+                                   "bound). Prints recall per edit; --write stores the limits in the config's "
+                                   "[match] near_score and loose_score, keeping the rest of the file.")
+    p.add_argument("library", nargs="+", help="pictures to protect: files or folders (up to --limit)")
+    p.add_argument("--unrelated", nargs="+", required=True,
+                   help="pictures that are not reposts of them (the more the better: ~120,000 pairs "
+                        "show the near tier's rate)")
+    p.add_argument("--limit", type=int, default=300, help="pictures to protect used (default: %(default)s)")
+    p.add_argument("--unrelated-limit", type=int, default=2000, help="unrelated pictures used (default: %(default)s)")
+    p.add_argument("--near-rate", type=float, default=2.5e-5, help="near's pair rate (default: %(default)s)")
+    p.add_argument("--loose-rate", type=float, default=1e-4, help="loose's pair rate (default: %(default)s)")
+    p.add_argument("--write", metavar="CONFIG", help="store the measured limits in this TOML config")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="run the self-contained demo (no network needed)",
                        description="Start a feed host on loopback publishing posts (some are "

@@ -245,6 +245,26 @@ def cmd_audit(args) -> int:
     return 1 if counts.get("missing") or counts.get("altered") else 0
 
 
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from monitor.config import load_config
+    from monitor.tools import calibrate
+    _warm_up()
+    result = calibrate.calibrate(args.library, args.unrelated, limit=args.limit,
+                                 unrelated_limit=args.unrelated_limit, near_rate=args.near_rate,
+                                 loose_rate=args.loose_rate, say=_say)
+    calibrate.report(result)
+    if args.write:
+        path = Path(args.write)
+        calibrate.write_config(path, result)
+        load_config(path)  # what was written must still load: ConfigError otherwise
+        written = [t.name for t in result.tiers if t.measured]
+        print(f"[ok] {path}: [match] " + (", ".join(f"{n}_score" for n in written) if written
+                                          else "nothing measured, nothing written"))
+    return 0
+
+
 # An audit of a big tree is mostly intact files: the report shows problems first, and
 # thumbnails of only this many intact ones (a 1,021-image audit was 20.6 MB with all).
 AUDIT_INTACT_THUMBNAILS = 50

@@ -22,7 +22,7 @@ from feeds.registry import SOURCE_TYPES
 from monitor.alerts.sinks import SLACK_MAX_BATCH
 from monitor.fetch import FetchLimits
 from monitor.fingerprints import DEFAULT_MAX_PIXELS
-from monitor.search.tiers import TIER_NAMES
+from monitor.search.tiers import TIER_NAMES, Tier, preset
 
 TierName = Literal[TIER_NAMES]  # type: ignore[valid-type]  # from the presets, not copied
 
@@ -77,6 +77,15 @@ class MatchConfig(_Model):
     # The radius search kernel: auto picks for this CPU (tiled with AVX-512 VPOPCNTDQ,
     # bit-sliced otherwise); $REPOST_MONITOR_KERNEL overrides this key.
     kernel: Literal["auto", "bitsliced", "tiled"] = "auto"
+    # The near and loose tiers' score limits (dHash + pHash + fine-hash bits, of 640) in
+    # place of the shipped 139 and 153: what `repost-monitor calibrate` measures on your
+    # own library and unrelated pictures, and writes here.
+    near_score: Annotated[int, Field(ge=0, le=640)] | None = None
+    loose_score: Annotated[int, Field(ge=0, le=640)] | None = None
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return preset(self.tier, near_score=self.near_score, loose_score=self.loose_score)
 
 
 class LimitsConfig(_Model):

@@ -23,7 +23,7 @@ from monitor.records.library import Library
 from monitor.records.store import Store, StoreError  # Store: the interface both engines have
 from monitor.scan import add_files
 from monitor.search import radius
-from monitor.search.matcher import PRESETS, Matcher
+from monitor.search.matcher import Matcher
 from monitor.warmup import warm_up
 
 log = logging.getLogger("repost_monitor.daemon")
@@ -191,7 +191,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
         log.warning("library: %d entries were fingerprinted by an older version or imported as "
                     "hashes; they match on fewer views until `repost-monitor library rehash "
                     "--db %s` fingerprints them again", stale, store.path)
-    matcher = Matcher(library.index, PRESETS[config.match.tier])
+    matcher = Matcher(library.index, config.match.tiers)
     local_roots = tuple(f.path for f in config.feeds if f.type == "folder" and f.path)
     policy = config.alert_policy
     outbox = Outbox(store, [make_sink(a) for a in config.alerts], metrics,

@@ -151,7 +151,7 @@ class _Node:
                 library = await asyncio.to_thread(Library, self.store, (k, cfg.transport.shards),
                                                     spill_dir=cfg.index_spill_dir)
                 log.info("shard %d of %d: %d entries indexed", k, cfg.transport.shards, len(library.index))
-                matcher = Matcher(library.index, PRESETS[cfg.match.tier])
+                matcher = Matcher(library.index, cfg.match.tiers)
                 watcher = LibraryWatcher(self.store, library, matcher, self.recorder(library), self.metrics,
                                          check_seconds=min(cfg.library.reload_check_seconds, 1.0),
                                          retro_window=cfg.alert_policy.retro_window_hours * 3600)

@@ -4,6 +4,7 @@ names from here."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -50,3 +51,11 @@ def threshold_tiers(threshold: int) -> tuple[Tier, ...]:
 
 
 TIER_NAMES = tuple(PRESETS)  # exact, near, loose: the names users pick
+
+
+def preset(name: str, *, near_score: int | None = None, loose_score: int | None = None) -> tuple[Tier, ...]:
+    """The tiers up to ``name``, with the near and loose score limits replaced where
+    given (`repost-monitor calibrate` measures them on a user's own pictures)."""
+    scores = {"near": near_score, "loose": loose_score}
+    return tuple(t if scores.get(t.name) is None else dataclasses.replace(t, score_max=scores[t.name])
+                 for t in PRESETS[name])
