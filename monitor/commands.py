@@ -72,11 +72,11 @@ def cmd_library(args) -> int:
         report = add_files(lib, args.paths, label=args.label, cache=_cache(args),
                                progress=_progress(args))
         for source, why in report.skipped:
-            print(f"[skip] {source}: {why}", file=sys.stderr)
+            print(f"[{'weak' if why.startswith('weak') else 'skip'}] {source}: {why}", file=sys.stderr)
         present = len(report.added) - report.new
         print(f"[ok] {report.new:,} new, {present:,} already present in {args.db} "
               f"({len(lib.index):,} indexed)")
-        return 3 if any(not why.startswith("degenerate") for _, why in report.skipped) else 0
+        return 3 if any(not why.startswith(("degenerate", "weak")) for _, why in report.skipped) else 0
     if args.library_cmd == "import":
         report = import_csv(lib, args.csv, label=args.label)
         for source, why in report.skipped:

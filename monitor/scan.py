@@ -136,7 +136,10 @@ def add_files(library: Library, paths: Iterable[str | Path], *, label: str | Non
             continue
         entry = library.add_fingerprint(source, r.fingerprint, label)
         added.append(entry)
-        if entry.degenerate:
+        if entry.degenerate == "low_detail":
+            skipped.append((source, "weak protection (low detail): matched only on near-identical copies, "
+                                    "not on edited reposts"))
+        elif entry.degenerate:
             skipped.append((source, f"degenerate ({entry.degenerate}): stored, never matched"))
     return AddReport(added, skipped, sum(e.added_at >= start for e in added))
 

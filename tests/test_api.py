@@ -100,6 +100,7 @@ async def test_auth_is_required_and_errors_are_json(daemon):
     assert status == 401
     status, body = await api.call("GET", "/v1/library")
     assert status == 200 and body["total"] == 5
+    assert {e["protection"] for e in body["entries"]} == {"full"}  # weak: low detail; none: flat or tiny
     status, body = await api.call("POST", "/v1/ingest", data=b"{not json",
                                   headers={"Content-Type": "application/json"})
     assert status == 400 and body["error"]["code"] == "bad_json"

@@ -3,9 +3,13 @@ into their config, the rest of the file kept."""
 
 import tomllib
 
+import pytest
+
 from monitor.cli import main
 from monitor.config import load_config
 from monitor.search.tiers import PRESETS
+
+pytestmark = pytest.mark.slow  # ~200 pictures fingerprinted per run
 
 CONFIG = """# my monitor
 [store]

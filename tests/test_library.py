@@ -372,3 +372,50 @@ async def test_a_shard_replays_the_change_log_after_its_snapshot_and_hears_chang
     assert _index_rows(shard) == _index_rows(Library(open_store(url), (0, 2)))
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+def _soft_art(x: int, y: int = 100, contrast: int = 30) -> Image.Image:
+    """A minimalist picture: a soft disc on a gentle gradient (most dHash steps flat)."""
+    from PIL import ImageDraw, ImageFilter
+    g = np.linspace(0, 1, 360)[:, None] * np.ones((1, 480))
+    base = 150 + 60 * g
+    img = Image.fromarray(np.dstack([base, base * 0.95, base * 0.9]).clip(0, 255).astype(np.uint8))
+    ImageDraw.Draw(img).ellipse((x, y, x + 160, y + 160), fill=(150 + contrast, 140 + contrast, 120 + contrast))
+    return img.filter(ImageFilter.GaussianBlur(2))
+
+
+@pytest.mark.slow
+def test_low_detail_entries_are_weakly_protected_and_the_owner_is_told(tmp_path, library_images, other_images):
+    """A low-detail picture is indexed with a flag: its near-identical copies match (as
+    exact, decided on the fine hashes too), a similar low-detail picture does not, nor do
+    unrelated ones; `library add` says [weak] and `stats` counts it; a start from the
+    snapshot keeps the flag."""
+    import subprocess
+    import sys
+    art = tmp_path / "art"
+    art.mkdir()
+    for name, img in (("disc-left.jpg", _soft_art(100)), ("disc-right.jpg", _soft_art(260, contrast=40))):
+        img.save(art / name, quality=92)
+    db = tmp_path / "lib.sqlite"
+    out = subprocess.run([sys.executable, "-m", "monitor", "library", "--db", str(db), "add", str(art),
+                          *map(str, library_images), "--no-cache"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("[weak]") == 2 and "matched only on near-identical copies" in out.stderr
+    lib = Library(Store(db))
+    assert lib.stats()["weak_protection"] == 2
+    assert len(lib.index) == 2 + len(library_images)
+    entries = {Path(e.source).name: e.id for e in lib.entries()}
+    for index in (lib.index, Library(Store(db)).index):  # built from the rows, then from the snapshot
+        low = set(index.ids[index.low_detail() == 1].tolist())
+        assert low == {entries["disc-left.jpg"], entries["disc-right.jpg"]}
+        matcher = Matcher(index)  # loose: the widest tiers
+
+        def found(img: Image.Image, quality: int, matcher=matcher) -> list:
+            return matcher.match(fingerprint_bytes(encode(img, quality=quality), views="query"))
+        [m] = found(_soft_art(100), 70)
+        assert m.entry_id == entries["disc-left.jpg"] and m.tier == "exact" and m.fine_distance is not None
+        assert [m.entry_id for m in found(_soft_art(100).resize((432, 324)), 85)] == [entries["disc-left.jpg"]]
+        assert found(_soft_art(180), 90) == []  # the same style, another picture
+        for path in other_images:
+            assert all(m.entry_id not in low for m in matcher.match(fingerprint_bytes(path.read_bytes(),
+                                                                                       views="query")))

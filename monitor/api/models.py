@@ -130,6 +130,9 @@ class Entry(_Response):
     dhash: str
     phash: str
     degenerate: str | None
+    protection: Literal["full", "weak", "none"] = Field(
+        description="full; weak: low detail, matched only on near-identical copies; none: flat or tiny, "
+                    "never matched")
     added_at: str = Field(description="ISO 8601 with zone")
 
 

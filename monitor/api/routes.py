@@ -25,6 +25,7 @@ from monitor.records.alerts import list_alerts, resend_dead
 from monitor.records.verdicts import allowances, set_allowances, set_verdict
 from monitor.records.work import CachedFailure
 from monitor.scan import add_files
+from monitor.search.tiers import protection_of
 
 
 def _is_multipart(request: web.Request) -> bool:
@@ -152,7 +153,7 @@ async def check(request: web.Request) -> web.Response:
 def _entry(e) -> m.Entry:
     return m.Entry(id=e.id, source=e.source, label=e.label, width=e.width, height=e.height,
                    dhash=f"{e.dhash:016x}", phash=f"{e.phash:016x}", degenerate=e.degenerate,
-                   added_at=iso(e.added_at))
+                   protection=protection_of(e.degenerate), added_at=iso(e.added_at))
 
 
 def paging(request: web.Request, default: int = 50) -> tuple[int, int]:

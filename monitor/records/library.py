@@ -30,6 +30,7 @@ from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.records import changes, snapshots
 from monitor.records.store import Store
 from monitor.search.index import HASH_FIELDS, LibraryIndex
+from monitor.search.tiers import protection_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +110,11 @@ class Library:
 
     def _fingerprints(self, where: str, params) -> list[tuple[int, Fingerprint]]:
         out = []
-        for eid, d, p, views, fine in self.store.query(
-                f"SELECT id, dhash, phash, views, fine FROM library_entries WHERE {where} AND degenerate IS NULL"
-                + self._owned, params):
+        for eid, d, p, views, fine, degenerate in self.store.query(
+                f"SELECT id, dhash, phash, views, fine, degenerate FROM library_entries WHERE {where} "
+                f"AND {_INDEXED}" + self._owned, params):
             fine, _ = unpack_fine(fine)
-            out.append((eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0,
+            out.append((eid, Fingerprint(sql_to_u64(d), sql_to_u64(p), 0, 0, 0, 0, degenerate=degenerate,
                                          views=unpack_views(views, with_fine=bool(fine)), fine=fine)))
         return out
 
@@ -128,7 +129,7 @@ class Library:
             read += len(rows)
             if len(rows) > SNAPSHOT_AFTER_CHANGES:  # a bulk import: the rows read, the index swapped at once
                 ids, hashes, fine = _read_rows(self.store, self._owned)  # (may hold later changes: replayed next)
-                self.index.load(ids, hashes, fine)
+                self._load(ids, hashes, fine)
                 held = set(ids.tolist())
                 inserted += [eid for _, eid, op in rows if op == "INSERT" and eid in held]
                 self.checkpoint = rows[-1][0]
@@ -165,7 +166,7 @@ class Library:
         version = self.version()
         snap = snapshots.load(self.store, split, version=version)
         if snap:
-            return self.index.load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
+            return self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
         self._reload_rows()
         snapshots.save(self.store, split, self.index, version, None, only_if_current=True)
 
@@ -174,7 +175,7 @@ class Library:
         bulk import since: reading rows is much faster than replaying them one by one)."""
         snap = snapshots.load(self.store, split)
         if snap and changes.count_after(self.store, snap.change_id) <= SNAPSHOT_AFTER_CHANGES:
-            self.index.load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
+            self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
             self.checkpoint = snap.change_id
             self.catch_up()
             return
@@ -185,7 +186,15 @@ class Library:
         snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
 
     def _reload_rows(self) -> None:
-        self.index.load(*_read_rows(self.store, self._owned))
+        self._load(*_read_rows(self.store, self._owned))
+
+    def _load(self, ids, hashes, fine) -> None:
+        """The index loaded whole; low-detail entries flagged (snapshots keep no flags)."""
+        low = [eid for (eid,) in self.store.query(
+            f"SELECT id FROM library_entries WHERE degenerate = 'low_detail'{self._owned}")]
+        with self.index.lock:
+            self.index.load(ids, hashes, fine)
+            self.index.mark_low_detail(low)
 
     # -- writes ---------------------------------------------------------------
     def add_fingerprint(self, source: str, fp: Fingerprint, label: str | None = None, *,
@@ -224,7 +233,7 @@ class Library:
             return self.replace_hashes(old[0], fp, algorithm)
         if old:
             self.index.remove(old[0])
-        if fp.degenerate is None and self.owns(entry_id):
+        if indexed_entry(fp.degenerate) and self.owns(entry_id):
             self.index.add(entry_id, fp)
         return LibraryEntry(entry_id, source, label, fp.width, fp.height, fp.dhash, fp.phash,
                             fp.dhash_mirror, fp.phash_mirror, fp.degenerate, now)
@@ -251,7 +260,7 @@ class Library:
                  pack_views(fp.views), pack_fine(fp), algorithm, entry_id))
         with self.index.lock:  # matchers never see the entry missing between the two
             self.index.remove(entry_id)
-            if fp.degenerate is None and self.owns(entry_id):
+            if indexed_entry(fp.degenerate) and self.owns(entry_id):
                 self.index.add(entry_id, fp)
         return self.get(entry_id)
 
@@ -276,19 +285,34 @@ class Library:
         return entries_by_id(self.store, ids)
 
     def stats(self) -> dict:
-        total, degenerate, first, last = self.store.query(
-            "SELECT COUNT(*), COUNT(degenerate), MIN(added_at), MAX(added_at) "
-            "FROM library_entries")[0]
-        labels = self.store.query("SELECT label, COUNT(*) FROM library_entries GROUP BY label "
+        return library_stats(self)
+
+
+def library_stats(library: Library) -> dict:
+    """Counts and index sizes for `library stats` and the API."""
+    total, degenerate, weak, first, last = library.store.query(
+        "SELECT COUNT(*), COUNT(degenerate), SUM(CASE WHEN degenerate = 'low_detail' THEN 1 ELSE 0 END), "
+        "MIN(added_at), MAX(added_at) FROM library_entries")[0]
+    labels = library.store.query("SELECT label, COUNT(*) FROM library_entries GROUP BY label "
                                   "ORDER BY COUNT(*) DESC LIMIT 20")
-        return {"entries": total, "indexed": len(self.index), "degenerate": degenerate,
-                "stale": self.stale_count(),
-                "hash_algorithm": ALGORITHM_VERSION,
-                "first_added": first, "last_added": last,
-                "index_rows": self.index.rows,
-                "index_bytes": self.index.memory_bytes(),
-                "index_file_bytes": self.index.file_bytes(),
-                "top_labels": dict(labels)}
+    return {"entries": total, "indexed": len(library.index), "degenerate": degenerate,
+            "weak_protection": weak or 0,  # low detail: near-identical copies only
+            "stale": library.stale_count(),
+            "hash_algorithm": ALGORITHM_VERSION,
+            "first_added": first, "last_added": last,
+            "index_rows": library.index.rows,
+            "index_bytes": library.index.memory_bytes(),
+            "index_file_bytes": library.index.file_bytes(),
+            "top_labels": dict(labels)}
+
+
+# Entries the index holds: all but flat and tiny ones (low-detail ones, flagged, match
+# only near-identical copies: monitor.search.tiers.LOW_DETAIL_*).
+_INDEXED = "(degenerate IS NULL OR degenerate = 'low_detail')"
+
+
+def indexed_entry(degenerate: str | None) -> bool:
+    return protection_of(degenerate) != "none"
 
 
 def _read_rows(store: Store, owned: str) -> tuple[np.ndarray, dict, np.ndarray]:
@@ -296,15 +320,15 @@ def _read_rows(store: Store, owned: str) -> tuple[np.ndarray, dict, np.ndarray]:
     width = 1 + len(HASH_FIELDS)
     with store.lock:
         cursor = store.conn.execute(
-            f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE degenerate IS NULL{owned} "
+            f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE {_INDEXED}{owned} "
             "ORDER BY id")
         # fromiter over the flattened cursor: no list of a million tuples.
         flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
         fine_rows = store.conn.execute(
-            f"SELECT id, fine FROM library_entries WHERE degenerate IS NULL{owned} ORDER BY id").fetchall()
+            f"SELECT id, fine FROM library_entries WHERE {_INDEXED}{owned} ORDER BY id").fetchall()
         view_rows = store.conn.execute(
             "SELECT id, views, fine IS NOT NULL FROM library_entries "
-            f"WHERE degenerate IS NULL AND views IS NOT NULL{owned}").fetchall()
+            f"WHERE {_INDEXED} AND views IS NOT NULL{owned}").fetchall()
     table = flat.reshape(-1, width)
     ids = [table[:, 0]]
     hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}

@@ -123,6 +123,9 @@ class LibraryIndex:
         self._entries = 0
         self._ids = np.empty(capacity, np.int32)  # int64 once an id needs it (_id_type)
         self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
+        # 1 where the row belongs to a low-detail entry, matched only near-identically
+        # (monitor.search.tiers.LOW_DETAIL_*)
+        self._low_detail = np.zeros(capacity, np.uint8)
         self._fine_rows = _FineRows(capacity, spill_dir)
         # dHash rows again in bit-plane layout for the bit-sliced radius search
         # (monitor/bitslice.py); kept in step with every add and remove.
@@ -144,7 +147,8 @@ class LibraryIndex:
     def memory_bytes(self) -> int:
         """Bytes of RAM the arrays hold (allocated: capacity grows by 1.25x); the
         fine hashes count only when they are not in a file."""
-        ram = self._ids.nbytes + sum(a.nbytes for a in self._hashes.values()) + self._planes.nbytes
+        ram = (self._ids.nbytes + sum(a.nbytes for a in self._hashes.values()) + self._planes.nbytes
+               + self._low_detail.nbytes)
         return ram + (0 if self._fine_rows.mapped else self._fine_rows.fine.nbytes)
 
     def file_bytes(self) -> int:
@@ -153,6 +157,16 @@ class LibraryIndex:
 
     def hashes(self, field: str = "dhash") -> np.ndarray:
         return self._hashes[field][:self._n]
+
+    def low_detail(self) -> np.ndarray:
+        """Rows' low-detail flags, uint8 (call under ``lock``)."""
+        return self._low_detail[:self._n]
+
+    def mark_low_detail(self, entry_ids) -> None:
+        """Flag these entries' rows as low detail (after a load: snapshots do not keep it)."""
+        with self.lock:
+            self._low_detail[:self._n] = np.isin(self._ids[:self._n], np.asarray(list(entry_ids), np.int64))
+            self.version += 1
 
     def fine(self) -> np.ndarray:
         """Every row's fine hashes, (rows, FINE_WORDS) (call under ``lock``): a view
@@ -181,6 +195,9 @@ class LibraryIndex:
             grown = np.empty(size, np.uint64)
             grown[:self._n] = arr[:self._n]
             self._hashes[f] = grown
+        flags = np.zeros(size, np.uint8)
+        flags[:self._n] = self._low_detail[:self._n]
+        self._low_detail = flags
         self._fine_rows.grow(size)
         planes = np.zeros(bitslice.plane_words(size), np.uint64)
         planes[:self._planes.shape[0]] = self._planes
@@ -192,6 +209,7 @@ class LibraryIndex:
             wide = ids.size and _id_type(int(ids.max())) is np.int64 or _id_type(int(ids.min(initial=0))) is np.int64
             self._ids = ids.astype(np.int64 if wide else np.int32)
             self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
+            self._low_detail = np.zeros(self._ids.shape[0], np.uint8)
             self._fine_rows = _FineRows(self._ids.shape[0], self.spill_dir,
                                         None if fine is None else np.asarray(fine, np.uint64).reshape(-1, FINE_WORDS))
             self._planes = bitslice.to_planes(self._hashes["dhash"])
@@ -221,6 +239,7 @@ class LibraryIndex:
                 self._ids[row] = entry_id
                 for f in HASH_FIELDS:
                     self._hashes[f][row] = getattr(view, f)
+                self._low_detail[row] = getattr(fp, "degenerate", None) == "low_detail"
                 fine = getattr(view, "fine", b"")  # duck-typed callers may have none
                 self._fine_rows.write(row, np.frombuffer(fine, "<u8") if fine else 0)
                 bitslice.set_lane(self._planes, row, np.uint64(view.dhash))
@@ -239,6 +258,7 @@ class LibraryIndex:
                     self._ids[row] = self._ids[last]
                     for arr in self._hashes.values():
                         arr[row] = arr[last]
+                    self._low_detail[row] = self._low_detail[last]
                     self._fine_rows.copy_row(row, last)
                     bitslice.set_lane(self._planes, row, self._hashes["dhash"][row])
                 bitslice.set_lane(self._planes, last, np.uint64(0))

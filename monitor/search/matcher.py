@@ -28,7 +28,18 @@ from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
 from monitor.search.radius import pairs_within
-from monitor.search.tiers import EXACT, FINE_CANDIDATE_SUM, LOOSE, NEAR, PRESETS, Tier, threshold_tiers
+from monitor.search.tiers import (
+    EXACT,
+    FINE_CANDIDATE_SUM,
+    LOOSE,
+    LOW_DETAIL_DHASH_MAX,
+    LOW_DETAIL_FINE_MAX,
+    LOW_DETAIL_PHASH_MAX,
+    NEAR,
+    PRESETS,
+    Tier,
+    threshold_tiers,
+)
 
 __all__ = ["EXACT", "FINE_CANDIDATE_SUM", "LOOSE", "NEAR", "PRESETS", "Match", "Matcher", "PairMatches", "QueryRows",
            "Tier", "fine_words", "query_rows", "threshold_tiers"]
@@ -94,8 +105,8 @@ def _known(fine, row):
 
 
 @njit(cache=True, nogil=True)
-def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, cand_fine, d_max, p_max, s_max, score_max,
-            sum_bound):
+def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, cand_fine, q_low, lib_low, d_max, p_max, s_max,
+            score_max, sum_bound):
     """The second pass over the kernel's candidates, in one compiled loop.
 
     Returns, for the candidates that meet a tier: their positions in the
@@ -104,7 +115,9 @@ def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, cand_fine, d_max, p_max, s_m
     ``sum_bound`` of dHash + pHash pay for the fine hashes: ``cand_fine[i]``
     holds candidate i's library row's (read for those alone: see
     :func:`_past_first_gates`). ``q_fine`` with no rows means the query has
-    no fine hashes.
+    no fine hashes. A pair with a low-detail side (``q_low``, ``lib_low``;
+    ``q_low`` empty: no query is) meets only the low-detail limits, on the
+    fine hashes too, and counts as the strictest tier.
     """
     n = pq.size
     tiers = d_max.size
@@ -123,6 +136,14 @@ def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, cand_fine, d_max, p_max, s_m
             f = 0
             for w in range(q_fine.shape[1]):
                 f += popcount64(q_fine[q, w] ^ cand_fine[i, w])
+        if lib_low[e] != 0 or (q_low.shape[0] > 0 and q_low[q] != 0):
+            if d <= LOW_DETAIL_DHASH_MAX and p <= LOW_DETAIL_PHASH_MAX and 0 <= f <= LOW_DETAIL_FINE_MAX:
+                keep[k] = i
+                p_out[k] = p
+                f_out[k] = f
+                t_out[k] = 0
+                k += 1
+            continue
         tier = tiers
         for t in range(tiers):
             if d > d_max[t]:
@@ -145,6 +166,7 @@ def _verify(pq, pl, pd, q_phash, lib_phash, q_fine, cand_fine, d_max, p_max, s_m
 
 
 _NO_FINE = np.zeros((0, FINE_WORDS), np.uint64)
+_NO_FLAGS = np.zeros(0, np.uint8)
 
 
 def _past_first_gates(pq, pl, pd, q_phash, lib_phash, sum_bound: int) -> np.ndarray:
@@ -177,15 +199,15 @@ class Matcher:
         self._sum_bound = max(FINE_CANDIDATE_SUM if (self._score_max >= 0).any() else 0,
                               int(self._s_max.max()), 0)
 
-    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, read_fine):
+    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, read_fine, lib_low, q_low=None):
         """The second pass; ``read_fine(rows)`` gives library rows' fine hashes, asked
         only for the candidates past the dHash + pHash gate."""
         past = _past_first_gates(pq, pl, pd, q_phash, lib_phash, self._sum_bound) if q_fine is not None \
             else np.zeros(0, np.int64)
         cand_fine = _candidate_fine(pq.size, past, read_fine(pl[past]))
         return _verify(pq, pl, pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
-                       cand_fine, self._d_max, self._p_max, self._s_max, self._score_max,
-                       self._sum_bound)
+                       cand_fine, _NO_FLAGS if q_low is None else q_low, lib_low, self._d_max, self._p_max,
+                       self._s_max, self._score_max, self._sum_bound)
 
     def match(self, fp: Fingerprint) -> list[Match]:
         """Every library entry this fingerprint matches, best first.
@@ -201,7 +223,7 @@ class Matcher:
         out: list[list[Match]] = [[] for _ in fps]
         with_fine, without = [], []
         for i, fp in enumerate(fps):
-            if fp.degenerate is None:
+            if fp.degenerate in (None, "low_detail"):  # flat and tiny pictures match nothing
                 views = (fp, *fp.views)
                 fines = [fine_words(v) for v in views]
                 (with_fine if all(x is not None for x in fines) else without).append((i, views, fines))
@@ -216,6 +238,8 @@ class Matcher:
         qd = np.array([h for _, views, _ in group for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
         qp = np.array([h for _, views, _ in group for v in views for h in (v.phash, v.phash_mirror)], np.uint64)
         owner = np.array([i for i, views, _ in group for _ in range(2 * len(views))], np.int64)
+        low = np.array([views[0].degenerate == "low_detail" for _, views, _ in group for _ in range(2 * len(views))],
+                       np.uint8)
         qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
         with self.index.lock:
             pq, pl, pd = pairs_within(qd, self.index.hashes("dhash"), self.radius,
@@ -223,7 +247,7 @@ class Matcher:
             if not pq.size:
                 return
             at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
-                                          self.index.fine_of)
+                                          self.index.fine_of, self.index.low_detail(), low)
             ids = self.index.ids[pl[at]]
             lib_views = self.index.hashes("dhash")[pl[at]]
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
@@ -258,12 +282,13 @@ class Matcher:
             lib_f = self.index.fine().copy()
             ids = self.index.ids.copy()
             planes = self.index.planes().copy()
+            lib_low = self.index.low_detail().copy()
         queries = np.concatenate([dhash, dhash_mirror]).astype(np.uint64)
         qphash = np.concatenate([phash, phash_mirror]).astype(np.uint64)
         qfine = (np.ascontiguousarray(np.concatenate([fine, fine_mirror]), np.uint64)
                  if fine is not None and fine_mirror is not None else None)
         pq, pl, pd = pairs_within(queries, lib_d, self.radius, planes=planes, threads=threads)
-        at, p, f, tier = self._verify(pq, pl, pd, qphash, lib_p, qfine, lambda rows: lib_f[rows])
+        at, p, f, tier = self._verify(pq, pl, pd, qphash, lib_p, qfine, lambda rows: lib_f[rows], lib_low)
         pq, pl = pq[at], pl[at]
         q = pq % m if m else pq
         if owners is not None:
