@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -95,6 +97,9 @@ def main() -> None:
               f"pictures alarming {alarming / len(queries):.2%}; projected at 100k / 1M entries "
               f"{proj[0]:.1%} / {proj[1]:.1%}; {spent / len(queries) * 1e3:.2f} ms per picture")
         if tier == "near":
+            scores = np.array([m.dhash_distance + m.phash_distance + (m.fine_distance or 0) for _, m in false])
+            print("    false pairs by score (dHash + pHash + fine; exact pairs count 0-10 + fine): " + ", ".join(
+                f"<= {t}: {int((scores <= t).sum())}" for t in (40, 60, 80, 100, 120, 139)))
             for q, m in false[:20]:
                 print(f"    {files[q].name} -> {files[m.entry_id].name} ({m.tier}: dHash {m.dhash_distance}, "
                       f"pHash {m.phash_distance}, fine {m.fine_distance})")
