@@ -77,8 +77,8 @@ def one_library(corpus: Path, entries: int, mode: str, queries: int) -> dict:
         for fp in fps:
             q = np.array([h for v in (fp, *fp.views) for h in (v.dhash, v.dhash_mirror)], np.uint64)
             with index.lock:
-                candidates.append(pairs_within(q, index.hashes("dhash"), matcher.radius, planes=index.planes(),
-                                               threads=1)[0].size)
+                candidates.append(pairs_within(q, index.dhash_array(), matcher.radius, planes=index.planes(),
+                                               threads=1, rows=index.rows)[0].size)
             t = time.perf_counter()
             matcher.match(fp)
             times.append(time.perf_counter() - t)

@@ -225,14 +225,44 @@ def _masks(q, radius, qmask, tmask):
 
 
 @njit(cache=True, nogil=True)
-def _scan(queries, library, planes, radius, q0, q1):
+def lane_value(planes, e):
+    """The hash in entry slot ``e`` (set_lane's inverse): bit i from plane i."""
+    base = (e // BLOCK) * BLOCK_WORDS + (e % BLOCK) // 64
+    shift = np.uint64(e % 64)
+    h = np.uint64(0)
+    for i in range(64):
+        h |= ((planes[base + i * WORDS] >> shift) & np.uint64(1)) << np.uint64(i)
+    return h
+
+
+@njit(cache=True, nogil=True)
+def _from_planes(planes, out):
+    n = out.shape[0]
+    group = np.empty(64, np.uint64)
+    for g in range((n + 63) // 64):
+        base = (g // WORDS) * BLOCK_WORDS + g % WORDS
+        for i in range(64):
+            group[i] = planes[base + i * WORDS]
+        _transpose64(group)
+        for i in range(min(64, n - g * 64)):
+            out[g * 64 + i] = group[i]
+
+
+def from_planes(planes: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` hashes held in ``planes`` (to_planes' inverse)."""
+    out = np.empty(n, np.uint64)
+    _from_planes(planes, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _scan(queries, n, planes, radius, q0, q1):
     """Every pair within ``radius`` for queries [q0, q1), grouped by library chunk.
 
     Library chunks are the outer loop so a chunk's planes stay in L2 while
     every query passes over it; within a chunk pairs come query by query in
     entry order, so a stable sort by query restores (query, entry) order.
     """
-    n = library.shape[0]
     nblocks = planes.shape[0] // BLOCK_WORDS
     qmask = np.empty(64, np.uint64)
     tmask = np.empty(7, np.uint64)
@@ -254,13 +284,15 @@ def _scan(queries, library, planes, radius, q0, q1):
                     out_q = np.concatenate((out_q[:k], np.empty(size - k, np.int64)))
                     out_l = np.concatenate((out_l[:k], np.empty(size - k, np.int64)))
                     out_d = np.concatenate((out_d[:k], np.empty(size - k, np.uint8)))
-                k = _emit_block(words, b, n, q, qv, library, out_q, out_l, out_d, k)
+                k = _emit_block(words, b, n, q, qv, planes, out_q, out_l, out_d, k)
     return out_q[:k], out_l[:k], out_d[:k]
 
 
 @njit(cache=True, nogil=True)
-def _emit_block(words, b, n, q, qv, library, out_q, out_l, out_d, k):
-    """Append the hits of block ``b`` (its mask in ``words``); returns the new count."""
+def _emit_block(words, b, n, q, qv, planes, out_q, out_l, out_d, k):
+    """Append the hits of block ``b`` (its mask in ``words``); returns the new count.
+    A hit's distance is taken from the planes themselves (the block is in cache), so
+    the library needs no separate array of its hashes."""
     for w in range(WORDS):
         bits = words[w]
         while bits:
@@ -270,38 +302,43 @@ def _emit_block(words, b, n, q, qv, library, out_q, out_l, out_d, k):
             if e < n:  # not a padding lane of the last block
                 out_q[k] = q
                 out_l[k] = e
-                out_d[k] = popcount64(qv ^ library[e])
+                out_d[k] = popcount64(qv ^ lane_value(planes, e))
                 k += 1
     return k
 
 
-def pairs_within(queries: np.ndarray, library: np.ndarray, radius: int, *,
-                 planes: np.ndarray | None = None, threads: int | None = None):
+def pairs_within(queries: np.ndarray, library: np.ndarray | None, radius: int, *,
+                 planes: np.ndarray | None = None, threads: int | None = None, rows: int | None = None):
     """Every (query, entry) pair within ``radius`` bits, ordered by query then entry.
 
     Returns ``(pair_query, pair_library, pair_distance)``, the same pairs as
     ``kernel.batch(queries, library, radius)``. ``planes`` is
     ``to_planes(library)`` (or a longer array with zeroed room after it) when
-    the caller keeps it. ``threads`` None uses one thread for small batches and
+    the caller keeps it; with ``planes``, ``library`` may be None and ``rows``
+    its length. ``threads`` None uses one thread for small batches and
     every core for big ones; the scan releases the GIL, so plain threads run it
     in parallel (no numba ``parallel=True``, whose compile costs seconds).
     """
     if not 0 <= radius <= 64:
         raise ValueError(f"radius must be 0..64 bits, got {radius}")
     queries = np.ascontiguousarray(queries, dtype=np.uint64)
-    library = np.ascontiguousarray(library, dtype=np.uint64)
-    if planes is None:
-        planes = to_planes(library)
-    planes = planes[:plane_words(library.shape[0])]  # blocks past the last entry hold nothing
-    m, n = queries.shape[0], library.shape[0]
+    if library is not None:
+        library = np.ascontiguousarray(library, dtype=np.uint64)
+        rows = library.shape[0]
+        if planes is None:
+            planes = to_planes(library)
+    elif planes is None or rows is None:
+        raise ValueError("pairs_within needs the library's hashes, or its planes and rows")
+    planes = planes[:plane_words(rows)]  # blocks past the last entry hold nothing
+    m, n = queries.shape[0], rows
     if threads is None:
         threads = (os.cpu_count() or 1) if m * n >= PARALLEL_MIN_PAIRS and m > 1 else 1
     if threads <= 1 or m < 2:
-        parts = [_scan(queries, library, planes, radius, 0, m)]
+        parts = [_scan(queries, n, planes, radius, 0, m)]
     else:
         step = (m + threads - 1) // threads
         with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(lambda q0: _scan(queries, library, planes, radius, q0, min(m, q0 + step)),
+            parts = list(pool.map(lambda q0: _scan(queries, n, planes, radius, q0, min(m, q0 + step)),
                                   range(0, m, step)))
     pq, pl, pd = (np.concatenate(x) for x in zip(*parts, strict=True)) if len(parts) > 1 else parts[0]
     if m > 1 and pq.size:
@@ -314,4 +351,5 @@ def warm_up() -> None:
     lib = np.arange(3, dtype=np.uint64)
     planes = to_planes(lib)
     set_lane(planes, 1, lib[1])
-    pairs_within(lib, lib, 4, planes=planes, threads=1)
+    pairs_within(lib, None, 4, planes=planes, threads=1, rows=3)
+    from_planes(planes, 3)

@@ -21,7 +21,7 @@ import threading
 import numpy as np
 
 from monitor.fingerprints.fasthash import FINE_WORDS
-from monitor.search import bitslice
+from monitor.search import bitslice, radius
 
 # The index holds only what the kernel and verification read: queries bring
 # their own mirror hashes, so library mirrors stay in the table.
@@ -116,13 +116,18 @@ class LibraryIndex:
     file there (see the module's note).
     """
 
-    def __init__(self, capacity: int = 1024, spill_dir: str | None = None):
+    def __init__(self, capacity: int = 1024, spill_dir: str | None = None, keep_dhash: bool | None = None):
         self.lock = threading.RLock()
         self.spill_dir = spill_dir
         self._n = 0
         self._entries = 0
         self._ids = np.empty(capacity, np.int32)  # int64 once an id needs it (_id_type)
-        self._hashes = {f: np.empty(capacity, np.uint64) for f in HASH_FIELDS}
+        # The dHash rows live in the bit-planes (the bit-sliced search reads nothing else);
+        # a plain array of them too only for the tiled kernel, which scans one.
+        if keep_dhash is None:
+            keep_dhash = radius.active() == "tiled"
+        self._stored = HASH_FIELDS if keep_dhash else ("phash",)
+        self._hashes = {f: np.empty(capacity, np.uint64) for f in self._stored}
         # 1 where the row belongs to a low-detail entry, matched only near-identically
         # (monitor.search.tiers.LOW_DETAIL_*)
         self._low_detail = np.zeros(capacity, np.uint8)
@@ -156,7 +161,21 @@ class LibraryIndex:
         return self._fine_rows.size_bytes()
 
     def hashes(self, field: str = "dhash") -> np.ndarray:
-        return self._hashes[field][:self._n]
+        """Rows' hashes (call under ``lock``): a view, or for dHash without its own
+        array a copy read back from the planes (snapshots, batches, tests)."""
+        if field in self._hashes:
+            return self._hashes[field][:self._n]
+        return bitslice.from_planes(self._planes, self._n)
+
+    def dhash_array(self) -> np.ndarray | None:
+        """The dHash rows as a plain array when kept (the tiled kernel), else None."""
+        return self._hashes["dhash"][:self._n] if "dhash" in self._hashes else None
+
+    def dhash_of(self, rows: np.ndarray) -> np.ndarray:
+        """These rows' dHashes (call under ``lock``)."""
+        if "dhash" in self._hashes:
+            return self._hashes["dhash"][rows]
+        return np.array([bitslice.lane_value(self._planes, int(r)) for r in rows], np.uint64)
 
     def low_detail(self) -> np.ndarray:
         """Rows' low-detail flags, uint8 (call under ``lock``)."""
@@ -208,11 +227,11 @@ class LibraryIndex:
             ids = np.asarray(ids, np.int64)
             wide = ids.size and _id_type(int(ids.max())) is np.int64 or _id_type(int(ids.min(initial=0))) is np.int64
             self._ids = ids.astype(np.int64 if wide else np.int32)
-            self._hashes = {f: np.array(hashes[f], np.uint64) for f in HASH_FIELDS}
+            self._hashes = {f: np.array(hashes[f], np.uint64) for f in self._stored}
             self._low_detail = np.zeros(self._ids.shape[0], np.uint8)
             self._fine_rows = _FineRows(self._ids.shape[0], self.spill_dir,
                                         None if fine is None else np.asarray(fine, np.uint64).reshape(-1, FINE_WORDS))
-            self._planes = bitslice.to_planes(self._hashes["dhash"])
+            self._planes = bitslice.to_planes(np.asarray(hashes["dhash"], np.uint64))
             self._n = self._ids.shape[0]
             self._entries = int(np.unique(self._ids).size)
             self.version += 1
@@ -237,7 +256,7 @@ class LibraryIndex:
             for view in views:
                 row = self._n
                 self._ids[row] = entry_id
-                for f in HASH_FIELDS:
+                for f in self._stored:
                     self._hashes[f][row] = getattr(view, f)
                 self._low_detail[row] = getattr(fp, "degenerate", None) == "low_detail"
                 fine = getattr(view, "fine", b"")  # duck-typed callers may have none
@@ -260,7 +279,7 @@ class LibraryIndex:
                         arr[row] = arr[last]
                     self._low_detail[row] = self._low_detail[last]
                     self._fine_rows.copy_row(row, last)
-                    bitslice.set_lane(self._planes, row, self._hashes["dhash"][row])
+                    bitslice.set_lane(self._planes, row, np.uint64(bitslice.lane_value(self._planes, last)))
                 bitslice.set_lane(self._planes, last, np.uint64(0))
                 self._n = last
             self._entries -= 1

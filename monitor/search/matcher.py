@@ -242,14 +242,14 @@ class Matcher:
                        np.uint8)
         qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
         with self.index.lock:
-            pq, pl, pd = pairs_within(qd, self.index.hashes("dhash"), self.radius,
-                                      planes=self.index.planes(), threads=1)
+            pq, pl, pd = pairs_within(qd, self.index.dhash_array(), self.radius,
+                                      planes=self.index.planes(), threads=1, rows=self.index.rows)
             if not pq.size:
                 return
             at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
                                           self.index.fine_of, self.index.low_detail(), low)
             ids = self.index.ids[pl[at]]
-            lib_views = self.index.hashes("dhash")[pl[at]]
+            lib_views = self.index.dhash_of(pl[at])
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]

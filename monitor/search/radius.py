@@ -65,16 +65,19 @@ def active() -> str:
     return _active or use(choose())
 
 
-def pairs_within(queries: np.ndarray, library: np.ndarray, radius: int, *, planes: np.ndarray | None = None,
-                 threads: int | None = None, kernel: str | None = None):
+def pairs_within(queries: np.ndarray, library: np.ndarray | None, radius: int, *, planes: np.ndarray | None = None,
+                 threads: int | None = None, kernel: str | None = None, rows: int | None = None):
     """Every (query, row) pair within ``radius`` bits, ordered by query then row:
-    ``(pair_query, pair_library, pair_distance)``. ``planes`` serves the bit-sliced kernel."""
+    ``(pair_query, pair_library, pair_distance)``. ``planes`` serves the bit-sliced kernel,
+    which needs no ``library`` array with them (``rows``: its length)."""
     if (kernel or active()) == "tiled":
         if not 0 <= radius <= 64:
             raise ValueError(f"radius must be 0..64 bits, got {radius}")
+        if library is None:
+            library = bitslice.from_planes(planes, rows)
         _, _, pq, pl, pd = tiled.batch(queries, library, radius, threads=threads)
         return pq, pl, pd
-    return bitslice.pairs_within(queries, library, radius, planes=planes, threads=threads)
+    return bitslice.pairs_within(queries, library, radius, planes=planes, threads=threads, rows=rows)
 
 
 def warm_up() -> None:
