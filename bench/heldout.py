@@ -263,8 +263,8 @@ def build_edits() -> dict[str, tuple[str, object]]:
 
 
 def views_in_use() -> tuple[str, ...]:
-    from monitor.fingerprints import views
-    return views.LIBRARY_CROPS
+    from monitor.fingerprints import crops
+    return crops.LIBRARY_CROPS
 
 
 def main() -> None:
@@ -276,12 +276,12 @@ def main() -> None:
     ap.add_argument("--distractors", type=int, default=1000)
     ap.add_argument("--max-side", type=int, default=512)
     ap.add_argument("--library-crops", help="comma-separated library crop views to index instead of the "
-                    "shipped ones (monitor.fingerprints.views.CROPS names): what each view earns")
+                    "shipped ones (monitor.fingerprints.crops.CROPS names): what each view earns")
     ap.add_argument("--no-peers", action="store_true", help="skip imagehash")
     args = ap.parse_args()
     if args.library_crops is not None:
-        from monitor.fingerprints import views
-        views.LIBRARY_CROPS = tuple(n for n in args.library_crops.split(",") if n)
+        from monitor.fingerprints import crops
+        crops.LIBRARY_CROPS = tuple(n for n in args.library_crops.split(",") if n)
     import imagehash
     from PIL import Image
 

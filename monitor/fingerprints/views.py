@@ -24,6 +24,7 @@ from PIL import Image
 
 from monitor.fingerprints import fasthash
 from monitor.fingerprints.core import Fingerprint, fingerprint_grey
+from monitor.fingerprints.crops import library_crops
 
 WORK_SIDE = 256            # analyse the layout on a small copy: fast and noise-tolerant
 BUSY_STD = 6.0             # a row/column with a grey-level std above this carries picture
@@ -32,6 +33,7 @@ GAP_SHARE = 0.02           # quiet gaps shorter than this (share of the side) do
 MIN_KEEP = 0.15            # a box smaller than this share of a side is not trusted
 MIN_CHANGE = 0.03          # a box within 3% of the whole image is the whole image
 SIDE_CROP = 0.15           # library side crops: this share cut off one side
+TRIM_SHARE = 0.25          # a band this short at a box's top or bottom, split off by a quiet row, is not picture
 ASPECT_CLOSE = 0.12        # an entry this close to a crop's aspect ratio gets no such crop
 TILT_MIN_SIDE = 192        # px: the decode a tilt is measured on (angles to ~0.3 degrees)
 TILT_MIN, TILT_MAX = 0.8, 12.0   # degrees: below, hashes are already close; above, rare
@@ -63,6 +65,27 @@ def _longest_busy_run(activity, gap):
         if best_start < 0 or last - start > best_end - 1 - best_start:
             best_start, best_end = start, last + 1
     return best_start, best_end
+
+
+@njit(cache=True, nogil=True)
+def _trim_ends(activity, start, end):
+    """[start, end) less a short band at either end that a quiet row separates from
+    the rest (within TRIM_SHARE of the run): a screenshot's account row above the
+    picture, its buttons below, joined to the picture by a gap short enough to bridge."""
+    reach = int(TRIM_SHARE * (end - start))
+    cut = -1
+    for i in range(start, start + reach):
+        if activity[i] <= BUSY_STD:
+            cut = i
+    if cut >= 0:
+        start = cut + 1
+    cut = -1
+    for i in range(end - 1, end - 1 - reach, -1):
+        if activity[i] <= BUSY_STD:
+            cut = i
+    if cut >= 0:
+        end = cut
+    return start, end
 
 
 @njit(cache=True, nogil=True)
@@ -119,9 +142,11 @@ def _busy_box(a, row_gap, col_gap):
     columns' longest run within it; all -1 when there is none."""
     std, mean = _row_stats(a, 0, a.shape[0], 1)
     frame = _frame_colour(std, mean)
-    top, bottom = _longest_busy_run(_activity(std, mean, frame), row_gap)
+    activity = _activity(std, mean, frame)
+    top, bottom = _longest_busy_run(activity, row_gap)
     if top < 0:
         return -1, -1, -1, -1
+    top, bottom = _trim_ends(activity, top, bottom)
     std, mean = _row_stats(a, top, bottom, 0)
     left, right = _longest_busy_run(_activity(std, mean, frame), col_gap)
     if left < 0:
@@ -272,55 +297,6 @@ def untilted(grey: Image.Image, angle: float) -> Image.Image | None:
     upright = grey.rotate(-angle, resample=Image.BILINEAR, expand=False)
     cx, cy, mw, mh = big_w / 2, big_h / 2, 0.49 * w, 0.49 * h
     return upright.crop((int(round(cx - mw)), int(round(cy - mh)), int(round(cx + mw)), int(round(cy + mh))))
-
-
-def _centre(share: float) -> Callable[[int, int], tuple[int, int, int, int] | None]:
-    def box(w: int, h: int):
-        dx, dy = int(w * share / 2), int(h * share / 2)
-        return dx, dy, w - dx, h - dy
-    return box
-
-
-def _side(side: str, share: float) -> Callable[[int, int], tuple[int, int, int, int] | None]:
-    def box(w: int, h: int):
-        cw, ch = int(w * share), int(h * share)
-        return {"left": (cw, 0, w, h), "right": (0, 0, w - cw, h),
-                "top": (0, ch, w, h), "bottom": (0, 0, w, h - ch)}[side]
-    return box
-
-
-def _aspect(ratio: float) -> Callable[[int, int], tuple[int, int, int, int] | None]:
-    """The centred crop to width/height ``ratio`` (a platform's feed shape), or None
-    where the entry's own shape is within ASPECT_CLOSE of it (the whole view covers it)."""
-    def box(w: int, h: int):
-        if abs(w / h / ratio - 1) <= ASPECT_CLOSE:
-            return None
-        cw, ch = (int(h * ratio), h) if w / h > ratio else (w, int(w / ratio))
-        return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
-    return box
-
-
-# Library views by name: the crops a repost's picture lands near.
-CROPS: dict[str, Callable[[int, int], tuple[int, int, int, int] | None]] = {
-    "centre-10": _centre(0.1), "centre-20": _centre(0.2), "centre-30": _centre(0.3),
-    "left-15": _side("left", SIDE_CROP), "right-15": _side("right", SIDE_CROP),
-    "top-15": _side("top", SIDE_CROP), "bottom-15": _side("bottom", SIDE_CROP),
-    "square": _aspect(1.0), "portrait-4:5": _aspect(0.8), "wide-16:9": _aspect(16 / 9),
-}
-# Measured on bench/heldout.py's tuning half (40 albumentations/OpenCV edits, 100 pictures,
-# near tier): the feed shapes lift crop recall from 47% to 76% and all edits from 77.8% to
-# 84.1% for +2.4 rows per entry there (only entries of another shape get each). The 20% and
-# 30% centre crops earn only 0.3 points there but close the gaps a crop to the subject
-# falls in (tests/test_variants.py); top and bottom crops would add 2 points for 2 rows.
-LIBRARY_CROPS = ("centre-10", "centre-20", "centre-30", "left-15", "right-15",
-                 "square", "portrait-4:5", "wide-16:9")
-
-
-def library_crops(grey: Image.Image, names: tuple[str, ...] | None = None) -> list[Image.Image]:
-    """The crops ``names`` (default LIBRARY_CROPS) of a library entry."""
-    w, h = grey.size
-    boxes = [CROPS[name](w, h) for name in (LIBRARY_CROPS if names is None else names)]
-    return [grey.crop(box) for box in boxes if box is not None]
 
 
 def _upright_box(pixels: np.ndarray, box: tuple[int, int, int, int] | None) -> bool:
