@@ -342,8 +342,8 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
           f"plain dHash + one kernel pass {ms['plain']:.2f} ms; ours: all query views "
           f"{ms['fingerprint']:.2f} ms + matcher {ms['near']:.2f} ms (near, the default) / "
           f"{ms['loose']:.2f} ms (loose) = {ours['near'] / ms['plain']:.2f}x / "
-          f"{ours['loose'] / ms['plain']:.2f}x; memory per entry "
-          f"{per_entry} views x (16 bytes of 64-bit hashes + 64 of fine hashes + 8 of bit-planes + 8 of id)",
+          f"{ours['loose'] / ms['plain']:.2f}x; memory per entry {per_entry} rows x (8 bytes of bit-planes + 8 of "
+          f"pHash + 4 of id + 1 flag in RAM, 64 of fine hashes in RAM or a file)",
           flush=True)
 
 
@@ -415,7 +415,7 @@ def main() -> None:
     systems["ours (robust)"] = (score_ours(q_o, lib_o, True, True), score_ours(d_o, lib_o, True, True))
     print(f"hashing: peers {t_peer:.0f}s; ours {t_q / len(queries) * 1e3:.1f} ms per query image "
           f"({np.mean([len(f) for f in q_o]):.2f} views), {t_lib / len(lib_bytes) * 1e3:.1f} ms per library "
-          f"entry ({np.mean([len(f) for f in lib_o]):.2f} views, 80 bytes of hashes each)", flush=True)
+          f"entry ({np.mean([len(f) for f in lib_o]):.2f} views)", flush=True)
 
     cost(queries, lib_o)
     truth_a = np.array(truth)
