@@ -64,10 +64,10 @@ class LibraryConfig(_Model):
     label: str | None = None
     reload_check_seconds: Annotated[float, Field(gt=0)] = 2.0
     # Each index row's fine hashes (64 of its 96 bytes, read only for the few candidates
-    # that pass the dHash and pHash gates): "file" maps them from an unlinked file in
-    # index_dir (default: the SQLite store's folder, else the system's temp folder) that
-    # the system pages in where candidates fall, leaving 28 resident bytes a row;
-    # "memory" keeps them in RAM.
+    # that pass the dHash and pHash gates): "file" keeps them in an unlinked file in
+    # index_dir (default: the SQLite store's folder, else the system's temp folder), read
+    # by position for those candidates, leaving 21 resident bytes a row; "memory" keeps
+    # them in RAM.
     fine_hashes: Literal["file", "memory"] = "file"
     index_dir: str | None = None
 

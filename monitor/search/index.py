@@ -4,12 +4,14 @@ Changed in place (amortised O(1) add, swap-with-last remove), so adding an image
 to a library of a million never rebuilds anything.
 
 Of a row's 96 bytes, 64 are its fine hashes, read only for the candidates whose
-dHash and pHash (in RAM) pass the first gates: a handful per query, where the
-radius search alone yields hundreds at a million entries. With a ``spill_dir``
-the fine hashes live in a file those few are read from (the page cache keeps it
-near at hand, and may let it go under memory pressure), so 28 bytes a row stay
-resident (~180 per protected image at its ~6.4 rows; ids are int32 while they
-fit) instead of 96 (bench/library_memory.py measures it).
+dHash and pHash pass the first gates: a handful per query, where the radius
+search alone yields hundreds at a million entries. With a ``spill_dir`` they
+live in a file those few are read from (the page cache keeps it near at hand,
+and may let it go under memory pressure). The dHash rows live only as
+bit-planes (the bit-sliced search reads nothing else; a hit's distance comes
+from its lane). So 21 bytes a row stay resident (planes 8, pHash 8, id 4 while
+ids fit int32, low-detail flag 1) instead of 96: ~220 per protected image at
+its ~9.4 rows (bench/library_memory.py measures it).
 """
 
 from __future__ import annotations
