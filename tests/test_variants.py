@@ -1,5 +1,6 @@
 """Robust views: the picture inside a frame, and matching a framed, captioned repost."""
 
+import pytest
 from PIL import Image, ImageDraw
 
 from monitor.fingerprints import decode_grey, fingerprint_bytes
@@ -68,6 +69,7 @@ def _feed_post(img: Image.Image) -> tuple[Image.Image, tuple[int, int, int, int]
     return page, (0, 100, width, 100 + pic.height)
 
 
+@pytest.mark.slow  # a library with every view, reposts through all query views
 def test_a_feed_post_s_picture_is_boxed_without_the_rows_next_to_it(library_images, other_images):
     """The account row and the buttons are bridged to the picture by their short gaps;
     the box leaves them out (a short band split off by a quiet row is not picture), so the
@@ -115,6 +117,7 @@ def test_tilted_repost_matches_through_the_upright_view(library_images):
             assert i in {m.entry_id for m in matcher.match(repost)}, (path, angle)
 
 
+@pytest.mark.slow  # a library with every view, reposts through all query views
 def test_deep_centre_and_side_crops_match_through_library_views(library_images, other_images):
     index = LibraryIndex()
     for i, path in enumerate(library_images):
@@ -133,6 +136,7 @@ def test_deep_centre_and_side_crops_match_through_library_views(library_images, 
         assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query")), path
 
 
+@pytest.mark.slow  # a library with every view, reposts through all query views
 def test_crops_to_the_feeds_shapes_match_through_library_views(library_images, other_images):
     """A picture cut to a feed's shape (square, 4:5 portrait, 16:9), which removes up to
     half of one side, matches through the entry's view of that shape; only entries of

@@ -55,7 +55,7 @@ class _FineRows:
         self.grow(capacity)
 
     @property
-    def mapped(self) -> bool:
+    def in_file(self) -> bool:
         return self.file is not None
 
     def size_bytes(self) -> int:
@@ -156,7 +156,7 @@ class LibraryIndex:
         fine hashes count only when they are not in a file."""
         ram = (self._ids.nbytes + sum(a.nbytes for a in self._hashes.values()) + self._planes.nbytes
                + self._low_detail.nbytes)
-        return ram + (0 if self._fine_rows.mapped else self._fine_rows.fine.nbytes)
+        return ram + (0 if self._fine_rows.in_file else self._fine_rows.fine.nbytes)
 
     def file_bytes(self) -> int:
         """Bytes of fine hashes kept in a file (0 when they are in RAM)."""
