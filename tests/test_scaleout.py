@@ -463,6 +463,9 @@ async def test_the_api_role_checks_ingests_and_takes_the_hubs_pushes(services, t
                                 "feeds": [{"name": "blog", "type": "rss", "url": f"{feeds_base}/websub-feed.xml",
                                            "interval": 3600}]})
             async with roles_running(cfg, "intake,worker,shard,recorder,sender,api", f"{api}/v1/openapi.json"):
+                from monitor.search import radius
+                async with http.get(f"{api}/metrics") as r:  # [match] kernel applied, as in one process
+                    assert f'kernel="{radius.choose(cfg.match.kernel)}"' in await r.text()
                 # checks: every shard asked, nothing recorded
                 async with http.post(f"{api}/v1/check", data=upload(site.images["small-chelsea.jpg"][0])) as r:
                     out = await r.json()

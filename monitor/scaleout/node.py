@@ -34,6 +34,7 @@ from monitor.scaleout import leases
 from monitor.scaleout.api import RolePipeline
 from monitor.scaleout.roles import FetchRole, RecorderRole, ShardedChecks, ShardRole, StreamTransport
 from monitor.scaleout.streams import ANSWERS, CHECKS, DEAD, FINGERPRINTS, WORK, RedisStreams, with_retry
+from monitor.search import radius
 from monitor.search.matcher import PRESETS, Matcher
 
 log = logging.getLogger("repost_monitor.scaleout")
@@ -89,6 +90,10 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
                                               config.server.port)
             log.info("roles %s: /healthz, /readyz, /metrics on http://%s:%d", ",".join(names),
                      config.server.host, port)
+        # [match] kernel, as the one-process daemon applies it: before the warm-up and the
+        # shards' indexes (which keep a plain dHash array only for the tiled kernel)
+        kernel = radius.use(radius.choose(config.match.kernel))
+        metrics.set_build_info(kernel=kernel, cpu=radius.host_cpu())
         if any(n in ("worker", "shard") for n, _ in roles):
             ready["phase"] = "compiling"
             # Role processes often start side by side on few cores: loading the cached kernels
