@@ -15,7 +15,6 @@ pictures that would alarm against this library, and that share projected to libr
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -24,15 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-
-def upper_95(k: int, n: int) -> float:
-    """One-sided 95% upper bound on a rate after k events in n trials (exact for k = 0,
-    the normal approximation with continuity beyond)."""
-    if k == 0:
-        return 1 - 0.05 ** (1 / n)
-    p = (k + 0.5) / n
-    return p + 1.645 * math.sqrt(p * (1 - p) / n)
+from monitor.tools.calibrate import upper_95  # noqa: E402  (the one the calibrate command reports)
 
 
 def fingerprints(files: list[Path], views: str) -> list:

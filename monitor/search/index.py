@@ -227,8 +227,8 @@ class LibraryIndex:
     def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray], fine: np.ndarray | None = None) -> None:
         with self.lock:
             ids = np.asarray(ids, np.int64)
-            wide = ids.size and _id_type(int(ids.max())) is np.int64 or _id_type(int(ids.min(initial=0))) is np.int64
-            self._ids = ids.astype(np.int64 if wide else np.int32)
+            extremes = (int(ids.min()), int(ids.max())) if ids.size else (0,)
+            self._ids = ids.astype(np.int64 if any(_id_type(i) is np.int64 for i in extremes) else np.int32)
             self._hashes = {f: np.array(hashes[f], np.uint64) for f in self._stored}
             self._low_detail = np.zeros(self._ids.shape[0], np.uint8)
             self._fine_rows = _FineRows(self._ids.shape[0], self.spill_dir,

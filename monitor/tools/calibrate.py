@@ -148,12 +148,13 @@ def calibrate(library: list[str | Path], unrelated: list[str | Path], *, limit: 
     for i, (path, img) in enumerate(lib):
         fp = _fingerprint(_jpeg(img, 92), "library")
         if fp is None:
-            skipped.append((str(path), "low detail: not indexed"))
+            skipped.append((str(path), "flat, tiny or low detail: left out of the calibration"))
         else:
             index.add(i, fp)
     reposts, truth, kinds = [], [], []
+    indexed = set(index.ids.tolist())
     for i, (_, img) in enumerate(lib):
-        if i not in set(index.ids.tolist()):
+        if i not in indexed:
             continue
         for name, edit in EDITS.items():
             fp = _fingerprint(edit(img), "query")
