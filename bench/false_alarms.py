@@ -9,7 +9,10 @@ library views) and, in turn, an incoming image (with its query views) matched ag
 the other entries: n x (n - 1) unrelated pairs. Printed per tier: false pairs, pair
 false-positive rate (with its 95% upper bound when few or none are seen), the share of
 pictures that would alarm against this library, and that share projected to libraries of
-100,000 and 1,000,000 entries from the pair rate.
+100,000 and 1,000,000 entries from the pair rate. `--pairs FILE` writes every false pair to
+a CSV for review; `bench/false_alarm_review.csv` holds 48 near pairs of corpus-large and
+corpus drawn at random and looked at side by side (one picture's derivatives, or different
+pictures).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", type=Path, nargs="+")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N pictures of each folder")
+    ap.add_argument("--pairs", type=Path, help="write every false pair of every tier to this CSV, for review")
     args = ap.parse_args()
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
@@ -72,6 +76,7 @@ def main() -> None:
     print(f"library: {entries:,} entries ({index.rows:,} rows; {len(low)} low-detail, weakly protected; "
           f"{skipped} flat or tiny left out); "
           f"{len(queries):,} incoming pictures; {pairs:,} unrelated pairs")
+    rows = []
     for tier in ("exact", "near", "loose"):
         matcher = Matcher(index, PRESETS[tier])
         t = time.perf_counter()
@@ -87,6 +92,7 @@ def main() -> None:
               f"pair FPR {rate:.2e} (95% upper bound {bound:.1e}); "
               f"pictures alarming {alarming / len(queries):.2%}; projected at 100k / 1M entries "
               f"{proj[0]:.1%} / {proj[1]:.1%}; {spent / len(queries) * 1e3:.2f} ms per picture")
+        rows += [(tier, files[q], files[m.entry_id], m) for q, m in false]
         if tier == "near":
             scores = np.array([m.dhash_distance + m.phash_distance + (m.fine_distance or 0) for _, m in false])
             print("    false pairs by score (dHash + pHash + fine; exact pairs count 0-10 + fine): " + ", ".join(
@@ -94,6 +100,14 @@ def main() -> None:
             for q, m in false[:20]:
                 print(f"    {files[q].name} -> {files[m.entry_id].name} ({m.tier}: dHash {m.dhash_distance}, "
                       f"pHash {m.phash_distance}, fine {m.fine_distance})")
+    if args.pairs:
+        import csv
+        with args.pairs.open("w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(["up_to_tier", "incoming", "entry", "tier", "dhash", "phash", "fine"])
+            for tier, query, entry, m in rows:
+                writer.writerow([tier, query, entry, m.tier, m.dhash_distance, m.phash_distance, m.fine_distance])
+        print(f"false pairs written to {args.pairs}")
 
 
 if __name__ == "__main__":

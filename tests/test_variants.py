@@ -1,5 +1,6 @@
 """Robust views: the picture inside a frame, and matching a framed, captioned repost."""
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -8,6 +9,14 @@ from monitor.fingerprints.views import content_box, tilt, untilted
 from monitor.records.library import LibraryIndex
 from monitor.search.matcher import Matcher
 from tests.conftest import encode
+
+
+def _library_matcher(library_images) -> Matcher:
+    """A matcher over the sample library, every entry with all its library views."""
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    return Matcher(index)
 
 
 def _framed(img: Image.Image) -> tuple[Image.Image, tuple[int, int, int, int]]:
@@ -38,10 +47,7 @@ def test_a_picture_without_frame_has_no_box():
 
 
 def test_framed_captioned_repost_matches_through_the_frame_view(library_images, other_images):
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index)
+    matcher = _library_matcher(library_images)
     for i, path in enumerate(library_images[:4]):
         page, _ = _framed(Image.open(path).convert("RGB"))
         repost = fingerprint_bytes(encode(page.resize((page.width // 2, page.height // 2)), quality=70),
@@ -74,10 +80,7 @@ def test_a_feed_post_s_picture_is_boxed_without_the_rows_next_to_it(library_imag
     """The account row and the buttons are bridged to the picture by their short gaps;
     the box leaves them out (a short band split off by a quiet row is not picture), so the
     post matches through the frame view."""
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index)
+    matcher = _library_matcher(library_images)
     for i, path in enumerate(library_images):
         page, (left, top, right, bottom) = _feed_post(Image.open(path))
         box = content_box(page.convert("L"))
@@ -105,10 +108,7 @@ def test_tilt_is_measured_on_pictures_turned_on_a_plain_background(library_image
 
 
 def test_tilted_repost_matches_through_the_upright_view(library_images):
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index)
+    matcher = _library_matcher(library_images)
     for i, path in enumerate(library_images[:4]):
         picture = Image.open(path).convert("RGB")
         for angle in (2, -5):
@@ -119,10 +119,7 @@ def test_tilted_repost_matches_through_the_upright_view(library_images):
 
 @pytest.mark.slow  # a library with every view, reposts through all query views
 def test_deep_centre_and_side_crops_match_through_library_views(library_images, other_images):
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index)
+    matcher = _library_matcher(library_images)
     for i, path in enumerate(library_images):
         picture = Image.open(path).convert("RGB")
         w, h = picture.size
@@ -141,10 +138,7 @@ def test_crops_to_the_feeds_shapes_match_through_library_views(library_images, o
     """A picture cut to a feed's shape (square, 4:5 portrait, 16:9), which removes up to
     half of one side, matches through the entry's view of that shape; only entries of
     another shape get one."""
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index)
+    matcher = _library_matcher(library_images)
     missed = []
     for i, path in enumerate(library_images):
         picture = Image.open(path).convert("RGB")
@@ -236,3 +230,48 @@ def test_upright_bordered_picture_skips_the_tilt_measurement(library_images):
             query_fingerprints(grey, size, exact=False, detail=lambda t=turned, a=asked: a.append(1) or t)
             assert asked, (path, angle)
             asked.clear()
+
+
+def _story(img: Image.Image, width: int = 360, tall: bool = True) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A 9:16 story (or, ``tall=False``, a 16:9 video frame): the picture centred over
+    a blurred, enlarged copy of itself, with a progress bar and a reply box on top."""
+    from PIL import ImageFilter
+    w, h = (width, width * 16 // 9) if tall else (width * 16 // 9, width)
+    canvas = img.convert("RGB").resize((w, h)).filter(ImageFilter.GaussianBlur(20))
+    scale = min(0.92 * w / img.width, 0.8 * h / img.height)
+    pic = img.convert("RGB").resize((int(img.width * scale), int(img.height * scale)))
+    left, top = (w - pic.width) // 2, (h - pic.height) // 2
+    canvas.paste(pic, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((8, 8, w - 8, 11), fill="white")
+    draw.rectangle((12, h - 52, w - 60, h - 16), outline="white")
+    draw.text((24, h - 40), "Send message", fill="white")
+    return canvas, (left, top, left + pic.width, top + pic.height)
+
+
+def test_blurred_fill_box_finds_a_story_s_picture_and_nothing_in_plain_pictures(library_images, other_images):
+    from monitor.fingerprints.blurfill import blurred_fill_box
+    for path in library_images[:4]:
+        for tall in (True, False):
+            story, (left, top, right, bottom) = _story(Image.open(path), tall=tall)
+            grey = story.convert("L").resize((story.width // 2, story.height // 2))
+            box = blurred_fill_box(np.asarray(grey))
+            assert box is not None, (path.name, tall)
+            along = (top, bottom, box[1], box[3]) if tall else (left, right, box[0], box[2])
+            assert abs(along[2] * 2 - along[0]) <= 6 and abs(along[3] * 2 - along[1]) <= 6, (path.name, box)
+    # pictures of ordinary shapes are not looked at; a long picture without fills has no such edges
+    for path in library_images + other_images:
+        img = Image.open(path).convert("L")
+        assert blurred_fill_box(np.asarray(img)) is None or max(img.size) >= 1.5 * min(img.size), path.name
+    assert blurred_fill_box(np.asarray(Image.effect_noise((120, 240), 40))) is None
+
+
+def test_a_story_over_a_blurred_copy_matches_through_the_fill_view(library_images, other_images):
+    matcher = _library_matcher(library_images)
+    for i, path in enumerate(library_images):
+        story, _ = _story(Image.open(path))
+        repost = fingerprint_bytes(encode(story, quality=80), views="query")
+        assert i in {m.entry_id for m in matcher.match(repost)}, path.name
+    for path in other_images:
+        story, _ = _story(Image.open(path))
+        assert not matcher.match(fingerprint_bytes(encode(story, quality=80), views="query")), path.name

@@ -4,7 +4,8 @@ Pure functions of decoded greyscale images (no I/O):
 
 - :func:`content_box` finds the picture inside borders, letterbox bars, padding,
   caption bands and screenshot frames: the longest run of "busy" rows, then of
-  busy columns within it. A query is fingerprinted whole and inside that box.
+  busy columns within it. A query is fingerprinted whole and inside that box
+  (or, on a long image with no plain frame, inside a blurred fill: blurfill.py).
 - :func:`tilt` finds a picture pasted at a small angle on a plain background
   (what "rotate" in an editor or a meme app makes); the query is then also
   fingerprinted turned back upright and cut to the picture.
@@ -23,6 +24,7 @@ from numba import njit
 from PIL import Image
 
 from monitor.fingerprints import fasthash
+from monitor.fingerprints.blurfill import blurred_fill_box, is_long
 from monitor.fingerprints.core import Fingerprint, fingerprint_grey
 from monitor.fingerprints.crops import library_crops
 
@@ -335,10 +337,32 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
                 inner = inner.crop(box)
             views.append(fingerprint_grey(inner, inner.size, exact=exact))
             return views
-    if box is not None:
-        inner = grey.crop(box)
-        views.append(fingerprint_grey(inner, (box[2] - box[0], box[3] - box[1]), exact=exact))
+    # A long image may hold its picture in a plain frame (a screenshot) or in a
+    # blurred copy of itself (a story): each finder sees only its own kind, and a
+    # busy-run guess can land on a blurred fill's part, so both boxes are hashed.
+    for found in dict.fromkeys(b for b in (box, _blurred_fill_box(grey, pixels, detail)) if b is not None):
+        views.append(fingerprint_grey(grey.crop(found), (found[2] - found[0], found[3] - found[1]), exact=exact))
     return views
+
+
+def _blurred_fill_box(grey: Image.Image, pixels: np.ndarray,
+                      detail: Callable[[], Image.Image] | None) -> tuple[int, int, int, int] | None:
+    """:func:`blurred_fill_box` in ``grey``'s pixels. Measured on the larger decode
+    when ``grey`` is small (an edge's row is then known to a pixel of 200, not of 40)."""
+    if not is_long(pixels):
+        return None
+    if detail is not None and max(grey.size) < WORK_SIDE:
+        small = _work_copy(detail())[0]
+        scale = small.size[0] / grey.size[0]  # layout copy px per grey px
+        found = blurred_fill_box(np.asarray(small))
+    else:
+        small, scale = _work_copy(grey)
+        found = blurred_fill_box(pixels if scale == 1.0 else np.asarray(small))
+    if found is None:
+        return None
+    w, h = grey.size
+    left, top, right, bottom = (int(round(v / scale)) for v in found)
+    return left, top, min(w, right), min(h, bottom)
 
 
 def library_turns(grey: Image.Image) -> list[Image.Image]:
