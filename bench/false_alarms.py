@@ -29,23 +29,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from monitor.tools.calibrate import upper_95  # noqa: E402  (the one the calibrate command reports)
 
 
-def fingerprints(files: list[Path], views: str) -> list:
+def fingerprints(files: list[Path], views: str, keypoints: bool) -> list:
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        return list(pool.map(_fp, [(f, views) for f in files], chunksize=32))
+        return list(pool.map(_fp, [(f, views, keypoints) for f in files], chunksize=32))
 
 
 def _fp(args):
     from monitor import fingerprint_bytes
-    path, views = args
-    return fingerprint_bytes(path.read_bytes(), views=views)
+    path, views, keypoints = args
+    return fingerprint_bytes(path.read_bytes(), views=views, keypoints=keypoints)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", type=Path, nargs="+")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N pictures of each folder")
+    ap.add_argument("--halves", action="store_true", help="every other picture is a library entry, the rest "
+                    "come in: no picture meets its own entry, so each gets the second look (keypoints) "
+                    "that a post no tier met gets")
+    ap.add_argument("--no-keypoints", action="store_true", help="the hashes alone: no second look at the "
+                    "nearest entries' keypoints ([match] keypoints = false)")
     ap.add_argument("--pairs", type=Path, help="write every false pair of every tier to this CSV, for review")
+    ap.add_argument("--tiers", default="exact,near,loose", help="the tiers to measure, comma-separated")
     args = ap.parse_args()
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
@@ -56,14 +62,16 @@ def main() -> None:
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
         files += found[:args.limit] if args.limit else found
     t = time.perf_counter()
-    library = fingerprints(files, "library")
-    incoming = fingerprints(files, "query")
+    library = fingerprints(files, "library", True)
+    incoming = fingerprints(files, "query", not args.no_keypoints)
     print(f"{len(files):,} pictures from {', '.join(map(str, args.folders))}: fingerprinted "
           f"(library and query views) in {time.perf_counter() - t:.0f} s")
     index = LibraryIndex()
     skipped = 0
     low = set()
     for i, fp in enumerate(library):
+        if args.halves and i % 2:
+            continue
         if fp.degenerate in (None, "low_detail"):  # low detail: indexed, matched near-identically only
             index.add(i, fp)
             if fp.degenerate:
@@ -71,13 +79,14 @@ def main() -> None:
         else:
             skipped += 1
     entries = len(index)
-    queries = [i for i, fp in enumerate(incoming) if fp.degenerate in (None, "low_detail")]
-    pairs = len(queries) * (entries - 1)
+    queries = [i for i, fp in enumerate(incoming) if fp.degenerate in (None, "low_detail")
+               and not (args.halves and i % 2 == 0)]
+    pairs = len(queries) * (entries - (0 if args.halves else 1))
     print(f"library: {entries:,} entries ({index.rows:,} rows; {len(low)} low-detail, weakly protected; "
           f"{skipped} flat or tiny left out); "
           f"{len(queries):,} incoming pictures; {pairs:,} unrelated pairs")
     rows = []
-    for tier in ("exact", "near", "loose"):
+    for tier in args.tiers.split(","):
         matcher = Matcher(index, PRESETS[tier])
         t = time.perf_counter()
         found = matcher.match_many([incoming[i] for i in queries])
@@ -98,15 +107,17 @@ def main() -> None:
             print("    false pairs by score (dHash + pHash + fine; exact pairs count 0-10 + fine): " + ", ".join(
                 f"<= {t}: {int((scores <= t).sum())}" for t in (40, 60, 80, 100, 120, 139)))
             for q, m in false[:20]:
-                print(f"    {files[q].name} -> {files[m.entry_id].name} ({m.tier}: dHash {m.dhash_distance}, "
-                      f"pHash {m.phash_distance}, fine {m.fine_distance})")
+                print(f"    {files[q].name} -> {files[m.entry_id].name} ({m.tier} by {m.decided_by}: "
+                      f"dHash {m.dhash_distance}, pHash {m.phash_distance}, fine {m.fine_distance}, "
+                      f"inliers {m.inliers})")
     if args.pairs:
         import csv
         with args.pairs.open("w", newline="") as out:
             writer = csv.writer(out)
-            writer.writerow(["up_to_tier", "incoming", "entry", "tier", "dhash", "phash", "fine"])
+            writer.writerow(["up_to_tier", "incoming", "entry", "tier", "dhash", "phash", "fine", "inliers"])
             for tier, query, entry, m in rows:
-                writer.writerow([tier, query, entry, m.tier, m.dhash_distance, m.phash_distance, m.fine_distance])
+                writer.writerow([tier, query, entry, m.tier, m.dhash_distance, m.phash_distance, m.fine_distance,
+                                 m.inliers])
         print(f"false pairs written to {args.pairs}")
 
 

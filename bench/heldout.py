@@ -278,6 +278,8 @@ def main() -> None:
     ap.add_argument("--library-crops", help="comma-separated library crop views to index instead of the "
                     "shipped ones (monitor.fingerprints.crops.CROPS names): what each view earns")
     ap.add_argument("--no-peers", action="store_true", help="skip imagehash")
+    ap.add_argument("--no-keypoints", action="store_true", help="the hashes alone: no second look at the "
+                    "nearest entries' keypoints ([match] keypoints = false)")
     args = ap.parse_args()
     if args.library_crops is not None:
         from monitor.fingerprints import crops
@@ -326,8 +328,9 @@ def main() -> None:
         if fp.degenerate is None:
             index.add(i, fp)
     print(f"library crops {','.join(views_in_use())}: {index.rows / max(1, len(index)):.2f} rows per entry")
-    q_fps = [fingerprint_bytes(b, views="query") for b in queries]
-    d_fps = [fingerprint_bytes(b, views="query") for b in distractors]
+    kp = not args.no_keypoints
+    q_fps = [fingerprint_bytes(b, views="query", keypoints=kp) for b in queries]
+    d_fps = [fingerprint_bytes(b, views="query", keypoints=kp) for b in distractors]
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _, _) in edits.items()}
     results: dict[str, np.ndarray] = {}

@@ -27,6 +27,7 @@ FINGERPRINT_KERNELS = ("monitor.fingerprints.fasthash",   # grids, DCT and the f
 PRODUCTION_KERNELS = FINGERPRINT_KERNELS + (
     "monitor.search.radius",     # the radius search chosen for this CPU (bit-sliced or tiled)
     "monitor.search.matcher",    # the candidates' verification pass
+    "monitor.search.detective",  # keypoint descriptors paired, for the second look
 )
 
 # Measured on a 2-core AMD EPYC from an empty NUMBA_CACHE_DIR: every kernel in 14 s
@@ -36,7 +37,8 @@ COLD_START_SECONDS = 15  # rounded up: slower or one-core machines
 # Seconds each module's kernels take to compile (same machine): how cold modules
 # are shared out between compiler processes.
 COMPILE_SECONDS = {"monitor.fingerprints.fasthash": 8.0, "monitor.fingerprints.views": 2.5,
-                   "monitor.search.radius": 3.0, "monitor.search.matcher": 1.0}
+                   "monitor.search.radius": 3.0, "monitor.search.matcher": 1.0,
+                   "monitor.search.detective": 0.5}
 
 _compilers: list[subprocess.Popen] = []  # stopped at exit if still running
 

@@ -2,7 +2,8 @@
 
 Pure functions of bytes, no I/O: decoding and hashing (``core``), the compiled
 grids and hashes (``fasthash``), the extra views of a picture (``views``: frames,
-tilts, crops; geometry only), and their packed form for storage (``codec``).
+tilts, crops; geometry only), local features (``keypoints``) and their packed form
+for storage (``codec``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from monitor.fingerprints.core import (
     from_hex,
     to_hex,
 )
+from monitor.fingerprints.keypoints import KEY_MIN_SIDE, find_keypoints
 from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
 
 __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
@@ -27,13 +29,27 @@ __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError
 
 
 def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      views: str | None = None) -> Fingerprint:
+                      views: str | None = None, keypoints: bool | None = None) -> Fingerprint:
     """Fingerprint an encoded image. Raises ImageError for bad input.
 
     ``views="query"`` adds the view inside a detected frame, ``views="library"``
-    the centre crops and content box of a library entry (monitor/variants.py).
+    the centre crops and content box of a library entry (monitor/fingerprints/views.py).
+    ``keypoints`` (default: for library entries) adds the picture's local features.
     """
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
+    fp = _fingerprint_views(data, grey, size, fast, max_pixels, views)
+    if keypoints if keypoints is not None else views == "library":
+        if fp.degenerate in (None, "low_detail"):
+            # larger than the hashes' decode: corners need pixels (decoded whole already
+            # when the picture is small or not a JPEG)
+            big = grey if min(grey.size) >= KEY_MIN_SIDE or grey.size == size else decode_grey(
+                data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
+            fp = dataclasses.replace(fp, keypoints=find_keypoints(big))
+    return fp
+
+
+def _fingerprint_views(data: bytes, grey, size: tuple[int, int], fast: bool, max_pixels: int,
+                       views: str | None) -> Fingerprint:
     if views is None:
         return fingerprint_grey(grey, size, exact=not fast)
     if views == "query":

@@ -86,6 +86,10 @@ class Fingerprint:
     # by an older version), and the matcher then decides on the 64-bit hashes.
     fine: bytes = b""
     fine_mirror: bytes = b""
+    # The picture's local features (monitor/fingerprints/keypoints.py) for the
+    # matcher's second look; empty where not computed (the query side computes
+    # them when [match] keypoints is on, every library entry has them).
+    keypoints: bytes = b""
 
     @property
     def dhash_hex(self) -> str:

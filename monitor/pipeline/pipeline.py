@@ -34,7 +34,7 @@ class Pipeline:
     def __init__(self, store: Store, library: Library, matcher: Matcher, fetcher: Fetcher,
                  metrics: Metrics, *, queue_size: int = 1000, workers: int = 16,
                  fingerprint_workers: int = 2, fingerprint_processes: int = 0,
-                 max_pixels: int | None = None,
+                 max_pixels: int | None = None, keypoints: bool = True,
                  on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
                  outbox=None, retro_window: float = 72 * 3600, transport: Transport | None = None,
                  public_url: str | None = None):
@@ -45,7 +45,8 @@ class Pipeline:
         self.intake = Intake(store, fetcher, metrics, self.transport, public_url)
         self.worker = Worker(store, fetcher, matcher, self.recorder, metrics, self.transport,
                              workers=workers, fingerprint_workers=fingerprint_workers,
-                             fingerprint_processes=fingerprint_processes, max_pixels=max_pixels)
+                             fingerprint_processes=fingerprint_processes, max_pixels=max_pixels,
+                             keypoints=keypoints)
         self.library_watcher = LibraryWatcher(store, library, matcher, self.recorder, metrics,
                                               check_seconds=library_check_seconds, retro_window=retro_window)
 

@@ -39,12 +39,13 @@ PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address
                           "blocked_path"}
 
 
-def fingerprint_query(data: bytes, max_pixels: int | None) -> tuple[Fingerprint, float]:
-    """An incoming image's fingerprint (all query views) and the seconds it took;
-    runs in a fingerprint worker process."""
+def fingerprint_query(data: bytes, max_pixels: int | None, keypoints: bool = True) -> tuple[Fingerprint, float]:
+    """An incoming image's fingerprint (all query views, and its keypoints for the
+    matcher's second look when asked) and the seconds it took; runs in a fingerprint
+    worker process."""
     start = time.perf_counter()
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return fingerprint_bytes(data, views="query", **kwargs), time.perf_counter() - start
+    return fingerprint_bytes(data, views="query", keypoints=keypoints, **kwargs), time.perf_counter() - start
 
 
 def _warm_worker() -> None:
@@ -62,8 +63,9 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
 class Worker:
     def __init__(self, store: Store, fetcher: Fetcher, matcher: Matcher, recorder: Recorder,
                  metrics: Metrics, transport: Transport, *, workers: int = 16, fingerprint_workers: int = 2,
-                 fingerprint_processes: int = 0, max_pixels: int | None = None):
+                 fingerprint_processes: int = 0, max_pixels: int | None = None, keypoints: bool = True):
         self.store, self.fetcher, self.matcher = store, fetcher, matcher
+        self.keypoints = keypoints  # [match] keypoints: found on every post, for the second look
         self.recorder, self.metrics, self.transport = recorder, metrics, transport
         self.workers = workers
         self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
@@ -206,7 +208,7 @@ class Worker:
 
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
-        fp, seconds = fingerprint_query(data, self.max_pixels)
+        fp, seconds = fingerprint_query(data, self.max_pixels, self.keypoints)
         self.metrics.fingerprint_seconds.observe(seconds)
         return fp, (self.match_timed(fp) if self.matcher is not None else [])
 
@@ -214,7 +216,7 @@ class Worker:
         for _ in range(2):
             pool = self.processes
             try:
-                return await asyncio.wrap_future(pool.submit(fingerprint_query, data, self.max_pixels))
+                return await asyncio.wrap_future(pool.submit(fingerprint_query, data, self.max_pixels, self.keypoints))
             except BrokenProcessPool:
                 # A worker died (a decoder crash, the OOM killer) on this image
                 # or on one beside it: new workers, and one more try, so only

@@ -35,10 +35,10 @@ class FingerprintCache:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS fingerprints_v3 (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                "CREATE TABLE IF NOT EXISTS fingerprints_v4 (path TEXT, size INTEGER, mtime_ns INTEGER, "
                 "algorithm TEXT, dhash INTEGER, phash INTEGER, dhash_mirror INTEGER, "
                 "phash_mirror INTEGER, width INTEGER, height INTEGER, degenerate TEXT, views BLOB, "
-                "fine BLOB, PRIMARY KEY (path, size, mtime_ns, algorithm))")
+                "fine BLOB, keypoints BLOB, PRIMARY KEY (path, size, mtime_ns, algorithm))")
             self._conn.commit()
 
     @staticmethod
@@ -50,19 +50,19 @@ class FingerprintCache:
         with self._lock:
             row = self._conn.execute(
                 "SELECT dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, views, "
-                "fine FROM fingerprints_v3 WHERE path=? AND size=? AND mtime_ns=? AND algorithm=?",
+                "fine, keypoints FROM fingerprints_v4 WHERE path=? AND size=? AND mtime_ns=? AND algorithm=?",
                 self._key(path, views)).fetchone()
         if row is None:
             return None
         fine, fine_mirror = unpack_fine(row[8])
         return Fingerprint(*(sql_to_u64(v) for v in row[:4]), row[4], row[5], row[6],
-                           unpack_views(row[7], with_fine=bool(fine)), fine, fine_mirror)
+                           unpack_views(row[7], with_fine=bool(fine)), fine, fine_mirror, row[9] or b"")
 
     def put(self, path: Path, fp: Fingerprint, views: str | None = None) -> None:
         row = self._key(path, views) + (u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                                         u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror),
                                         fp.width, fp.height, fp.degenerate, pack_views(fp.views),
-                                        pack_fine(fp))
+                                        pack_fine(fp), fp.keypoints or None)
         with self._lock:
             self._pending.append(row)
             if len(self._pending) >= COMMIT_EVERY:
@@ -70,8 +70,8 @@ class FingerprintCache:
 
     def _flush_locked(self) -> None:
         if self._pending:
-            self._conn.executemany("INSERT OR REPLACE INTO fingerprints_v3 VALUES "
-                                   "(?,?,?,?,?,?,?,?,?,?,?,?,?)", self._pending)
+            self._conn.executemany("INSERT OR REPLACE INTO fingerprints_v4 VALUES "
+                                   "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self._pending)
             self._conn.commit()
             self._pending.clear()
 

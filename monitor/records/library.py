@@ -8,6 +8,7 @@ index and the ``library_entries`` table in step.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from monitor.fingerprints.codec import (
 )
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.records import changes, snapshots
+from monitor.records import keypoints as keypoint_rows
 from monitor.records.store import Store
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.tiers import protection_of
@@ -80,6 +82,7 @@ class Library:
         self.indexed = indexed
         self._owned = "" if shard is None else f" AND id % {int(shard[1])} = {int(shard[0])}"
         self.index = LibraryIndex(spill_dir=spill_dir)
+        self.index.keypoints_reader = functools.partial(keypoint_rows.read, store)  # read for candidates
         # PostgreSQL: the change-log id this index reflects (None: no log; SQLite polls the version)
         self.checkpoint: int | None = None
         if indexed:
@@ -221,6 +224,7 @@ class Library:
                 conn.execute("UPDATE library_entries SET label=? WHERE id=? AND label IS DISTINCT FROM ?",
                              (label, old[0], label))
                 if tuple(old[1:]) == hashes:
+                    keypoint_rows.put(conn, old[0], fp, replace=False)  # an entry from before keypoints
                     return self.get(old[0])
             elif old:
                 conn.execute("DELETE FROM library_entries WHERE id=?", old[:1])
@@ -229,6 +233,7 @@ class Library:
                     "INSERT INTO library_entries (source, label, added_at, width, height, dhash, phash, "
                     "dhash_mirror, phash_mirror, degenerate, views, fine, algorithm) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id", (source, label, now, *hashes)).fetchone()[0]
+                keypoint_rows.put(conn, entry_id, fp)
         if same_picture:
             return self.replace_hashes(old[0], fp, algorithm)
         if old:
@@ -258,6 +263,7 @@ class Library:
                 (fp.width, fp.height, u64_to_sql(fp.dhash), u64_to_sql(fp.phash),
                  u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror), fp.degenerate,
                  pack_views(fp.views), pack_fine(fp), algorithm, entry_id))
+            keypoint_rows.put(conn, entry_id, fp)
         with self.index.lock:  # matchers never see the entry missing between the two
             self.index.remove(entry_id)
             if indexed_entry(fp.degenerate) and self.owns(entry_id):
@@ -309,6 +315,7 @@ def library_stats(library: Library) -> dict:
 # Entries the index holds: all but flat and tiny ones (low-detail ones, flagged, match
 # only near-identical copies: monitor.search.tiers.LOW_DETAIL_*).
 _INDEXED = "(degenerate IS NULL OR degenerate = 'low_detail')"
+
 
 
 def indexed_entry(degenerate: str | None) -> bool:

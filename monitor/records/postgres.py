@@ -211,6 +211,11 @@ CREATE TABLE index_snapshots (
 );
 """), (15, """
 ALTER TABLE index_snapshots ADD COLUMN change_id BIGINT;
+"""), (16, """
+CREATE TABLE entry_keypoints (
+    entry_id  BIGINT PRIMARY KEY REFERENCES library_entries(id) ON DELETE CASCADE,
+    keypoints BYTEA NOT NULL
+);
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

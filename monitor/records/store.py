@@ -244,6 +244,14 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE index_snapshots ADD COLUMN change_id INTEGER;
     """,
+    # 16: each entry's keypoints (monitor/fingerprints/keypoints.py), apart from the hashes
+    # every load reads: ~9 KB an entry, read for a post's few unsure candidates only
+    """
+    CREATE TABLE entry_keypoints (
+        entry_id  INTEGER PRIMARY KEY REFERENCES library_entries(id) ON DELETE CASCADE,
+        keypoints BLOB NOT NULL
+    );
+    """,
 ]
 
 

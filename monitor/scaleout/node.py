@@ -149,7 +149,8 @@ class _Node:
                 fetcher = Fetcher(limits.fetch_limits(()), observe=self.metrics.observe_fetch)
                 worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
                                 workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
-                                fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels)
+                                fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
+                                keypoints=cfg.match.keypoints)
                 role = FetchRole(worker, self.streams, limits.concurrency)
                 out.append(("worker", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "shard":
@@ -205,7 +206,8 @@ class _Node:
                 intake.add_source(source, settings)
             worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
                             workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
-                            fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels)
+                            fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
+                            keypoints=cfg.match.keypoints)
             await worker.start()
             try:
                 self.services.attach(self.store, library, RolePipeline(intake, worker, checks, self.streams, self.stop),

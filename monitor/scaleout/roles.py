@@ -45,6 +45,7 @@ from monitor.scaleout.wire import (
     work_fields,
     work_from,
 )
+from monitor.search import detective
 from monitor.search.matcher import Match, Matcher
 
 log = logging.getLogger("repost_monitor.scaleout")
@@ -262,7 +263,7 @@ class ShardedChecks:
                     answers[int(shard)] = matches_from(text)
         finally:
             await self.streams.redis.delete(reply)
-        merged = [m for ms in answers.values() for m in ms]
+        merged = detective.merged_across_shards([m for ms in answers.values() for m in ms])
         return sorted(merged, key=lambda m: (self._tier_rank.get(m.tier, len(self._tier_rank)),
                                              m.dhash_distance, m.entry_id))
 
@@ -295,7 +296,7 @@ class RecorderRole:
                 stored = shard_answers.add(conn, work.id, shard, matches, now)
                 if len(stored) < self.shards:
                     continue  # the other shards have not answered yet
-                merged = [m for text in stored.values() for m in matches_from(text)]
+                merged = detective.merged_across_shards([m for text in stored.values() for m in matches_from(text)])
                 entries = entries_by_id(self.store, (m.entry_id for m in merged)) if merged else {}
                 records += match_rows.record_in(conn, work, merged, fp, entries, now, new_image=fetched,
                                                 enqueue=outbox.enqueue if outbox is not None else None)

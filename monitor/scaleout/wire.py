@@ -4,6 +4,7 @@ string fields (no pickle: a message is data, whoever wrote it)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from dataclasses import asdict
 
@@ -38,17 +39,20 @@ def _b64(blob: bytes | None) -> str:
 def fingerprint_fields(fp: Fingerprint, fetched: bool) -> dict[str, str]:
     return {"fp": json.dumps([u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
                               u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate,
-                              _b64(pack_fine(fp)), _b64(pack_views(fp.views)), fetched])}
+                              _b64(pack_fine(fp)), _b64(pack_views(fp.views)), fetched, _b64(fp.keypoints)])}
 
 
 def fingerprint_from(fields: dict) -> tuple[Fingerprint, bool]:
     """(fingerprint, whether the worker fetched the image: its row is still to be written)."""
     doc = json.loads(_text(fields, "fp") or "null")
-    if not isinstance(doc, list) or len(doc) != 10:
+    if not isinstance(doc, list) or len(doc) not in (10, 11):  # 10: a message from before keypoints
         raise ValueError("no fingerprint in the message")
-    d, p, dm, pm, w, h, degenerate, fine, views, fetched = doc
-    return stored_fingerprint(d, p, dm, pm, w, h, degenerate, base64.b64decode(fine) if fine else None,
-                              base64.b64decode(views) if views else None), bool(fetched)
+    d, p, dm, pm, w, h, degenerate, fine, views, fetched, *keypoints = doc
+    fp = stored_fingerprint(d, p, dm, pm, w, h, degenerate, base64.b64decode(fine) if fine else None,
+                            base64.b64decode(views) if views else None)
+    if keypoints and keypoints[0]:
+        fp = dataclasses.replace(fp, keypoints=base64.b64decode(keypoints[0]))
+    return fp, bool(fetched)
 
 
 def _plain(value):

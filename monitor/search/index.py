@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -138,6 +139,11 @@ class LibraryIndex:
         # (monitor/bitslice.py); kept in step with every add and remove.
         self._planes = bitslice.to_planes(np.empty(0, np.uint64), capacity)
         self.version = 0  # bumped on every change; lets callers notice them
+        # Entries' keypoints, for the matcher's second look at a few candidates: read
+        # through ``keypoints_reader(ids) -> {id: bytes}`` where a store keeps them
+        # (monitor.records.library sets it), else kept here as added.
+        self.keypoints_reader: Callable[[list[int]], dict[int, bytes]] | None = None
+        self._keypoints: dict[int, bytes] = {}
 
     def __len__(self) -> int:
         """Entries indexed (not rows)."""
@@ -242,6 +248,12 @@ class LibraryIndex:
         if self._ids.dtype == np.int32 and _id_type(entry_id) is np.int64:
             self._ids = self._ids.astype(np.int64)
 
+    def keypoints_of(self, entry_ids: list[int]) -> dict[int, bytes]:
+        """{entry id: packed keypoints} of those of these entries that have them."""
+        if self.keypoints_reader is not None:
+            return self.keypoints_reader(entry_ids)
+        return {e: self._keypoints[e] for e in entry_ids if e in self._keypoints}
+
     def _rows_of(self, entry_id: int) -> np.ndarray:
         # A vectorised scan (~0.5 ms per million rows) instead of an id->row
         # dict, which would cost ~100 bytes per entry and 0.4 s per million to load.
@@ -265,6 +277,8 @@ class LibraryIndex:
                 self._fine_rows.write(row, np.frombuffer(fine, "<u8") if fine else 0)
                 bitslice.set_lane(self._planes, row, np.uint64(view.dhash))
                 self._n += 1
+            if self.keypoints_reader is None and getattr(fp, "keypoints", b""):
+                self._keypoints[entry_id] = fp.keypoints
             self._entries += 1
             self.version += 1
 
@@ -284,6 +298,7 @@ class LibraryIndex:
                     bitslice.set_lane(self._planes, row, np.uint64(bitslice.lane_value(self._planes, last)))
                 bitslice.set_lane(self._planes, last, np.uint64(0))
                 self._n = last
+            self._keypoints.pop(entry_id, None)
             self._entries -= 1
             self.version += 1
             return True

@@ -25,6 +25,7 @@ from numba import njit
 
 from monitor.fingerprints import Fingerprint
 from monitor.fingerprints.fasthash import FINE_WORDS
+from monitor.search import detective
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
 from monitor.search.radius import pairs_within
@@ -57,9 +58,12 @@ class Match:
     # showing which bits differ; the whole pictures' hashes may be far apart.
     query_dhash: int | None = None
     library_dhash: int | None = None
+    inliers: int | None = None  # keypoint pairs that agree on one geometry (monitor/search/detective.py)
 
     @property
     def decided_by(self) -> str:
+        if self.inliers is not None:
+            return "keypoints"
         if self.tier == "threshold":
             return "dhash"
         return "dhash+phash" if self.fine_distance is None else "dhash+phash+fine"
@@ -198,6 +202,9 @@ class Matcher:
         # no tier accepts a pair whose dHash + pHash exceeds this
         self._sum_bound = max(FINE_CANDIDATE_SUM if (self._score_max >= 0).any() else 0,
                               int(self._s_max.max()), 0)
+        # a post no tier met gets a second look at its nearest entries' keypoints, and a
+        # match there counts as near (where near is among the tiers)
+        self._second_look_tier = "near" if any(t.name == "near" for t in tiers) else None
 
     def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, read_fine, lib_low, q_low=None):
         """The second pass; ``read_fine(rows)`` gives library rows' fine hashes, asked
@@ -250,6 +257,19 @@ class Matcher:
                                           self.index.fine_of, self.index.low_detail(), low)
             ids = self.index.ids[pl[at]]
             lib_views = self.index.dhash_of(pl[at])
+            met = set(owner[pq[at]].tolist())
+            unsure = {i: views[0].keypoints for i, views, _ in group
+                      if i not in met and views[0].keypoints and views[0].degenerate is None}
+            if unsure and self._second_look_tier is not None:
+                # plain views only (keypoints are not mirror-invariant), full-detail entries only
+                plain = np.flatnonzero((pq % 2 == 0) & (self.index.low_detail()[pl] == 0))
+                candidates = detective.nearest_candidates(
+                    owner[pq[plain]], self.index.ids[pl[plain]], pd[plain].astype(np.int64),
+                    np.bitwise_count(qp[pq[plain]] ^ self.index.hashes("phash")[pl[plain]]).astype(np.int64),
+                    set(unsure))
+        if unsure and self._second_look_tier is not None:
+            for query, found in detective.second_look(unsure, candidates, self.index.keypoints_of).items():
+                out[query] += [Match(e, self._second_look_tier, d, p, False, inliers=n) for e, d, p, n in found]
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]

@@ -1,0 +1,52 @@
+"""Local features of a picture, for the matcher's second look (monitor/search/detective.py).
+
+A crop from one side, a shear, a perspective warp or a crop that also changes the aspect
+moves every cell of a 9x8 or 32x32 grid, so the global hashes drift apart; corners and
+blobs of the picture stay where the picture is. ORB (OpenCV) finds up to MAX_KEYPOINTS of
+them on a copy KEY_SIDE px on its long side, each with a 256-bit binary descriptor.
+
+Stored form (bytes, the one place that knows it): per keypoint its x and y in that copy's
+pixels as float16, then its 32 descriptor bytes; the count is the length / KEY_BYTES.
+Pure functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from PIL import Image
+
+KEY_SIDE = 320          # px, the long side keypoints are found at (finer adds time, not matches)
+KEY_MIN_SIDE = 240      # px, the short side of the decode they are found on (then shrunk to KEY_SIDE)
+MAX_KEYPOINTS = 256     # ~9 KB per picture stored; 500 verified no more of bench/heldout.py's reposts
+DESCRIPTOR_BYTES = 32
+KEY_BYTES = 4 + DESCRIPTOR_BYTES
+FAST_THRESHOLD = 10     # OpenCV's default 20 finds too few corners in soft pictures
+
+cv2.setNumThreads(1)    # the fingerprint workers are the parallelism; OpenCV's own pool would fight them
+_orb = cv2.ORB_create(nfeatures=MAX_KEYPOINTS, fastThreshold=FAST_THRESHOLD)
+
+
+def keypoint_copy(grey: Image.Image) -> np.ndarray:
+    """``grey`` at KEY_SIDE px on its long side at most, as a uint8 array."""
+    w, h = grey.size
+    scale = KEY_SIDE / max(w, h)
+    if scale < 1:
+        grey = grey.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.BILINEAR)
+    return np.asarray(grey)
+
+
+def find_keypoints(grey: Image.Image) -> bytes:
+    """The packed keypoints of a greyscale picture (b"" when it has none)."""
+    points, descriptors = _orb.detectAndCompute(keypoint_copy(grey), None)
+    if descriptors is None or not points:
+        return b""
+    xy = np.array([p.pt for p in points], np.float16).view(np.uint8).reshape(-1, 4)
+    return np.hstack([xy, descriptors]).tobytes()
+
+
+def unpack_keypoints(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(xy as (k, 2) float32, descriptors as (k, 32) uint8) of packed keypoints."""
+    rows = np.frombuffer(blob, np.uint8).reshape(-1, KEY_BYTES)
+    xy = np.ascontiguousarray(rows[:, :4]).view(np.float16).astype(np.float32).reshape(-1, 2)
+    return xy, np.ascontiguousarray(rows[:, 4:])

@@ -1,0 +1,28 @@
+"""Library entries' keypoints (monitor/fingerprints/keypoints.py): ~9 KB an entry, in a
+table of their own, apart from the hashes every index load reads; the matcher reads a
+post's few unsure candidates' (monitor/search/detective.py)."""
+
+from __future__ import annotations
+
+from monitor.fingerprints import Fingerprint
+
+
+def put(conn, entry_id: int, fp: Fingerprint, *, replace: bool = True) -> None:
+    """Store an entry's keypoints, inside the caller's transaction (``replace`` False:
+    only where the entry has none yet, as for an entry added before keypoints)."""
+    if fp.keypoints:
+        conn.execute("INSERT INTO entry_keypoints (entry_id, keypoints) VALUES (?, ?) ON CONFLICT (entry_id) DO "
+                     + ("UPDATE SET keypoints = excluded.keypoints" if replace else "NOTHING"),
+                     (entry_id, fp.keypoints))
+
+
+def read(store, ids) -> dict[int, bytes]:
+    """{id: packed keypoints} of those of these entries that have them."""
+    ids = sorted({int(i) for i in ids})
+    out: dict[int, bytes] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        out.update((eid, bytes(blob)) for eid, blob in store.query(
+            f"SELECT entry_id, keypoints FROM entry_keypoints WHERE entry_id IN ({','.join('?' * len(chunk))})",
+            chunk))
+    return out

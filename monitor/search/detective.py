@@ -1,0 +1,158 @@
+"""The second look: keypoints verified geometrically, where the global hashes are unsure.
+
+The hashes (the bouncer) decide most posts at once. A repost cut from one side, sheared,
+warped in perspective or cropped to another shape drifts past their limits, yet its
+nearest library entries by dHash + pHash are still the right picture in most cases
+(bench/heldout.py: the true entry is first for 88% of such misses, in the first four for
+94%). For a post that met no entry, the matcher hands its few nearest candidates here:
+their ORB descriptors are paired by Hamming distance (numpy's popcount over 256 bits,
+nearest against second nearest, Lowe's ratio test), and the pairs must agree on one
+similarity transform (rotation, scale, shift: OpenCV's RANSAC). Unrelated pictures share
+a few chance pairs but not one geometry; a repost shares dozens.
+
+Pure computation on arrays: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from numba import njit
+
+from monitor.fingerprints.keypoints import unpack_keypoints
+from monitor.search.popcount import popcount64
+
+CANDIDATE_SUM = 40      # dHash + pHash bits: the candidates worth a second look
+CANDIDATES = 4          # ... the nearest this many entries per post
+MIN_INLIERS = 15        # pairs that agree on one transform (unrelated pictures: ~2% reach 12)
+RATIO = 0.8             # nearest descriptor closer than this share of the second nearest
+RANSAC_PX = 4.0         # px at KEY_SIDE: how far a pair may land from the transform
+MIN_SCALE, MAX_SCALE = 0.25, 4.0  # a repost is not a thumbnail's corner blown up 10x
+MIDDLE = 0.5            # the middle half (each way) of the entry's keypoints' extent...
+MIN_MIDDLE_INLIERS = 5  # ... holds at least this many of the pairs that agree
+
+
+@dataclass(frozen=True, slots=True)
+class Keypoints:
+    xy: np.ndarray           # (k, 2) float32
+    words: np.ndarray        # (k, 4) uint64: the 256-bit descriptors
+
+    @classmethod
+    def of(cls, blob: bytes) -> Keypoints | None:
+        if not blob:
+            return None
+        xy, descriptors = unpack_keypoints(blob)
+        return cls(xy, descriptors.view(np.uint64).reshape(-1, 4))
+
+    def __len__(self) -> int:
+        return self.xy.shape[0]
+
+
+def warm_up() -> None:
+    words = np.zeros((2, 4), np.uint64)
+    _nearest_two(words, words)
+
+
+@njit(cache=True, nogil=True)
+def _nearest_two(query, entry):
+    """For each query descriptor: its nearest entry descriptor, that distance and the
+    second nearest's (256-bit Hamming: four XOR + popcount)."""
+    n, m = query.shape[0], entry.shape[0]
+    nearest = np.empty(n, np.int64)
+    first = np.empty(n, np.int64)
+    second = np.empty(n, np.int64)
+    for i in range(n):
+        b1, b2, at = 1 << 20, 1 << 20, -1
+        for j in range(m):
+            d = (popcount64(query[i, 0] ^ entry[j, 0]) + popcount64(query[i, 1] ^ entry[j, 1])
+                 + popcount64(query[i, 2] ^ entry[j, 2]) + popcount64(query[i, 3] ^ entry[j, 3]))
+            if d < b1:
+                b2, b1, at = b1, d, j
+            elif d < b2:
+                b2 = d
+        nearest[i], first[i], second[i] = at, b1, b2
+    return nearest, first, second
+
+
+def _pairs(query: Keypoints, entry: Keypoints) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (in query, in entry) of descriptor pairs that pass the ratio test."""
+    nearest, first, second = _nearest_two(query.words, entry.words)
+    keep = np.flatnonzero(first < RATIO * second)
+    return keep, nearest[keep]
+
+
+def inliers(query: Keypoints, entry: Keypoints) -> int:
+    """How many descriptor pairs agree on one similarity transform of ``query`` onto
+    ``entry`` (0 when there are too few pairs, or the transform is no repost's)."""
+    if len(query) < 8 or len(entry) < 8:
+        return 0
+    qi, ei = _pairs(query, entry)
+    if qi.size < 6:
+        return 0
+    transform, mask = cv2.estimateAffinePartial2D(query.xy[qi], entry.xy[ei], method=cv2.RANSAC,
+                                                  ransacReprojThreshold=RANSAC_PX)
+    if transform is None or mask is None:
+        return 0
+    scale = float(np.hypot(transform[0, 0], transform[1, 0]))
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        return 0
+    agreed = ei[mask.ravel().astype(bool)]
+    # Two pictures in one frame (a museum's gilt frame, an app's template) agree on the
+    # frame's corners alone: a repost's pairs reach into the middle of the entry too.
+    lo, hi = entry.xy.min(axis=0), entry.xy.max(axis=0)
+    margin = (hi - lo) * (1 - MIDDLE) / 2
+    inside = np.all((entry.xy[agreed] >= lo + margin) & (entry.xy[agreed] <= hi - margin), axis=1)
+    return agreed.size if inside.sum() >= MIN_MIDDLE_INLIERS else 0
+
+
+def nearest_candidates(owner: np.ndarray, entry: np.ndarray, dhash: np.ndarray, phash: np.ndarray,
+                       unsure: set[int]) -> dict[int, list[tuple[int, int, int]]]:
+    """Per unsure query, its CANDIDATES nearest entries within CANDIDATE_SUM, as
+    (entry id, dHash, pHash distance). The arguments are parallel arrays over the
+    first pass's candidate pairs (one per view pair): an entry's best pair ranks it."""
+    summed = dhash + phash
+    keep = np.flatnonzero(summed <= CANDIDATE_SUM)
+    order = keep[np.lexsort((entry[keep], summed[keep]))]
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for k in order:
+        q = int(owner[k])
+        if q not in unsure:
+            continue
+        chosen = out.setdefault(q, [])
+        e = int(entry[k])
+        if len(chosen) < CANDIDATES and all(e != c[0] for c in chosen):
+            chosen.append((e, int(dhash[k]), int(phash[k])))
+    return out
+
+
+def second_look(queries: dict[int, bytes], candidates: dict[int, list[tuple[int, int, int]]],
+                read: Callable[[list[int]], dict[int, bytes]]) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Per query (packed keypoints by query number), the candidates that pass, as
+    (entry id, dHash, pHash distance, inliers), most inliers first. ``read(ids)`` gives
+    entries' stored keypoints."""
+    stored = read(sorted({c[0] for chosen in candidates.values() for c in chosen}))
+    out: dict[int, list[tuple[int, int, int, int]]] = {}
+    for q, chosen in candidates.items():
+        query = Keypoints.of(queries[q])
+        if query is None:
+            continue
+        for e, d, p in chosen:
+            entry = Keypoints.of(stored.get(e, b""))
+            n = inliers(query, entry) if entry is not None else 0
+            if n >= MIN_INLIERS:
+                out.setdefault(q, []).append((e, d, p, n))
+        if q in out:
+            out[q].sort(key=lambda found: -found[3])
+    return out
+
+
+def merged_across_shards(matches: list) -> list:
+    """Shards' answers for one post, merged as one library would have answered: a post
+    that some shard met by its hashes got no second look there, so keypoint matches
+    other shards found for it are dropped."""
+    if any(m.inliers is None for m in matches):
+        return [m for m in matches if m.inliers is None]
+    return matches

@@ -1,0 +1,147 @@
+"""The second look: keypoints of a post that no tier met, against its nearest entries',
+verified geometrically; stored with the library in a real store (SQLite file; the tests
+taking ``store_location`` run again on PostgreSQL)."""
+
+import io
+import json
+import shutil
+
+from PIL import Image
+
+from monitor.fingerprints import fingerprint_bytes
+from monitor.fingerprints.keypoints import KEY_BYTES, unpack_keypoints
+from monitor.pipeline.worker import fingerprint_query
+from monitor.records.engines import open_store
+from monitor.records.library import Library
+from monitor.scaleout.wire import fingerprint_fields, fingerprint_from
+from monitor.scan import add_files
+from monitor.search.index import LibraryIndex
+from monitor.search.matcher import PRESETS, Matcher
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _side_and_top(img: Image.Image) -> Image.Image:
+    """18% cut off the left and 8% off the top: every cell of the hashes' grids moves."""
+    return img.crop((int(img.width * 0.18), int(img.height * 0.08), img.width, img.height))
+
+
+def _turned_and_cut(img: Image.Image) -> Image.Image:
+    return img.rotate(4, Image.BICUBIC).crop((int(img.width * 0.1), int(img.height * 0.05), img.width,
+                                             int(img.height * 0.95)))
+
+
+def _found(matcher: Matcher, data: bytes, keypoints: bool) -> dict[int, object]:
+    return {m.entry_id: m for m in matcher.match(fingerprint_bytes(data, views="query", keypoints=keypoints))}
+
+
+def test_the_second_look_finds_cut_and_turned_reposts_the_hashes_miss(library_images, other_images):
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        fp = fingerprint_bytes(path.read_bytes(), views="library")
+        assert len(fp.keypoints) // KEY_BYTES >= 100, path.name  # every entry has its keypoints
+        index.add(i, fp)
+    matcher = Matcher(index, PRESETS["near"])
+    for edit in (_side_and_top, _turned_and_cut):
+        missed = caught = 0
+        for i, path in enumerate(library_images):
+            data = _jpeg(edit(Image.open(path)))
+            if i in _found(matcher, data, keypoints=False):
+                continue
+            missed += 1
+            found = _found(matcher, data, keypoints=True)
+            if i in found:
+                caught += 1
+                m = found[i]
+                assert m.tier == "near" and m.decided_by == "keypoints" and m.inliers >= 15, m
+                assert 0 <= m.dhash_distance <= 16 and m.phash_distance >= 0
+            assert set(found) <= {i}, (path.name, found)  # never another entry
+        assert missed >= 4 and caught >= missed - 1, (edit.__name__, missed, caught)
+    for path in other_images:  # unrelated pictures, whole and cut: no second look passes
+        for data in (path.read_bytes(), _jpeg(_side_and_top(Image.open(path)))):
+            assert not _found(matcher, data, keypoints=True), path.name
+    # an exact-only matcher never looks twice: a keypoint match counts as near
+    exact = Matcher(index, PRESETS["exact"])
+    assert not exact.match(fingerprint_bytes(_jpeg(_side_and_top(Image.open(library_images[0]))),
+                                             views="query", keypoints=True))
+
+
+def _in_frame(picture: Image.Image, frame: Image.Image) -> Image.Image:
+    """``picture`` inside a wide ornate border cut from ``frame`` (a museum's gilt frame,
+    an app's template): the border is 30% of the result."""
+    w, h = 400, 500
+    out = frame.convert("RGB").resize((w, h))
+    out.paste(picture.convert("RGB").resize((int(w * 0.7), int(h * 0.7))), (int(w * 0.15), int(h * 0.15)))
+    return out
+
+
+def test_two_pictures_in_one_frame_are_not_one_picture(library_images, other_images):
+    """The frame's keypoints agree on one geometry, but none in the middle of the entry
+    does: the second look turns the pair down."""
+    frame = Image.open(next(p for p in other_images if "baboon" in p.name))
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(_jpeg(_in_frame(Image.open(path), frame)), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    for i, path in enumerate(library_images):
+        other = library_images[(i + 1) % len(library_images)]
+        framed = _in_frame(Image.open(other), frame)
+        assert i not in _found(matcher, _jpeg(_side_and_top(framed)), keypoints=True), (path.name, other.name)
+    # while the same framed picture, cut, is found
+    hits = [i in _found(matcher, _jpeg(_side_and_top(_in_frame(Image.open(p), frame))), keypoints=True)
+            for i, p in enumerate(library_images)]
+    assert sum(hits) >= len(hits) - 1, hits
+
+
+def test_keypoints_are_stored_with_the_library_and_read_for_candidates(store_location, tmp_path, library_images):
+    files = [shutil.copy(p, tmp_path / p.name) for p in library_images]
+    lib = Library(open_store(store_location))
+    ids = [e.id for e in add_files(lib, files, cache=None, progress=False).added]
+    stored = lib.index.keypoints_of(ids)
+    assert sorted(stored) == sorted(ids) and all(len(b) % KEY_BYTES == 0 and b for b in stored.values())
+    xy, descriptors = unpack_keypoints(stored[ids[0]])
+    assert xy.shape[1] == 2 and descriptors.shape[1] == 32 and (xy >= 0).all()
+    reposts = [_jpeg(_side_and_top(Image.open(p))) for p in library_images]
+    # a new process: the index from the snapshot, the keypoints from the store
+    again = Library(open_store(store_location))
+    matcher = Matcher(again.index, PRESETS["near"])
+    found = [again_id in _found(matcher, data, keypoints=True) for again_id, data in zip(ids, reposts, strict=True)]
+    assert sum(found) >= len(found) - 1, found
+    # entries added before keypoints get them when their files are added again (the daemon
+    # adds its library paths at every start); the library's version does not move
+    with again.store.transaction() as conn:
+        conn.execute("DELETE FROM entry_keypoints WHERE entry_id = ?", (ids[0],))
+    version = again.version()
+    add_files(again, files, cache=None, progress=False)
+    assert ids[0] in again.index.keypoints_of([ids[0]]) and again.version() == version
+    # a removed entry's keypoints go with it
+    again.remove(ids[1])
+    assert again.index.keypoints_of(ids).keys() == set(ids) - {ids[1]}
+
+
+def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images):
+    data = _jpeg(_side_and_top(Image.open(library_images[0])))
+    fp, _ = fingerprint_query(data, None, True)
+    assert fp.keypoints
+    back, fetched = fingerprint_from(fingerprint_fields(fp, True))
+    assert back.keypoints == fp.keypoints and back.dhash == fp.dhash and fetched
+    assert fingerprint_query(data, None, False)[0].keypoints == b""  # [match] keypoints = false
+    # a message from a worker of the version before keypoints still reads
+    old = fingerprint_fields(fp, False)
+    old["fp"] = json.dumps(json.loads(old["fp"])[:10])
+    assert fingerprint_from(old)[0].keypoints == b""
+
+
+def test_shards_answers_merge_as_one_library_would_answer():
+    from monitor.search.detective import merged_across_shards
+    from monitor.search.matcher import Match
+    by_hashes = Match(1, "near", 9, 12, False, 90)
+    by_keypoints = Match(2, "near", 14, 20, False, inliers=40)
+    # one shard met the post by its hashes: in one library it would have had no second look
+    assert merged_across_shards([by_keypoints, by_hashes]) == [by_hashes]
+    assert merged_across_shards([by_keypoints]) == [by_keypoints]
+    assert merged_across_shards([]) == []
