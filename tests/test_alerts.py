@@ -125,6 +125,7 @@ async def test_alerts_reach_every_sink_once_with_signatures(store_location, tmp_
                               ("slack", "delivered", 3)]
 
 
+@pytest.mark.slow  # a sink retried until it gives up: seconds of backoff
 async def test_dead_letters_are_kept_and_resendable(tmp_path, samples):
     site, recv = PhotoSite(samples), Receivers()
     site.post("rss", 1, ["small-chelsea.jpg"])

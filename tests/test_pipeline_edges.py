@@ -211,6 +211,7 @@ async def test_ipv6_forms_of_private_ipv4_are_refused(host):
     assert AddressGuard().allows("64:ff9b::808:808")  # NAT64 of a public address is public
 
 
+@pytest.mark.slow  # waits out a host's rate limit on purpose
 async def test_download_time_excludes_the_wait_for_the_host_rate_limit(samples):
     data = (samples / "other-apple.jpg").read_bytes()
     app = web.Application()
