@@ -132,6 +132,7 @@ async def run(args, port: int, lib_path: str) -> None:
         "feeds": [{"name": "bench", "type": "jsonfeed", "url": f"http://127.0.0.1:{port}/feed.json",
                    "interval": 0.05, "jitter": 0}],
         "server": {"enabled": False}, "log": {"level": "warning"},
+        "match": {"keypoints": not args.no_keypoints},
     })
     stop = asyncio.Event()
     state = {}
@@ -160,7 +161,8 @@ async def run(args, port: int, lib_path: str) -> None:
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     text = state["metrics"]
     rate = (args.posts - state["first"]) / state["elapsed"]
-    print(f"posts: {args.posts:,}; library: {args.library:,} entries; matches recorded: {state['matches']:,}")
+    print(f"posts: {args.posts:,}; library: {args.library:,} entries; matches recorded: {state['matches']:,}; "
+          f"second look {'off' if args.no_keypoints else 'on'}")
     print(f"throughput: {rate:.0f} posts/s end to end (target >= 400)")
     p50 = histogram_quantile(text, "repost_monitor_image_to_record_duration_seconds", 0.5)
     p99 = histogram_quantile(text, "repost_monitor_image_to_record_duration_seconds", 0.99)
@@ -187,6 +189,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=0,
                     help="limits.fingerprint_processes (0: threads of the daemon)")
     ap.add_argument("--concurrency", type=int, default=16, help="downloads in flight (the daemon's default)")
+    ap.add_argument("--no-keypoints", action="store_true", help="[match] keypoints = false: hashes alone, "
+                    "no keypoints found on each post for the second look")
     args = ap.parse_args()
     thumbs = make_thumbs(args.corpus, 1021)
     print(f"{len(thumbs)} thumbnails, mean {np.mean([len(t) for t in thumbs]) / 1e3:.0f} KB")

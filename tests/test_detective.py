@@ -145,3 +145,35 @@ def test_shards_answers_merge_as_one_library_would_answer():
     assert merged_across_shards([by_keypoints, by_hashes]) == [by_hashes]
     assert merged_across_shards([by_keypoints]) == [by_keypoints]
     assert merged_across_shards([]) == []
+
+
+def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_images, other_images):
+    """The one-process daemon passes the image, not its keypoints: a post the hashes
+    match, or one far from every entry, never pays for them."""
+    from monitor.fingerprints import keypoints_of_bytes
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    calls = []
+
+    def lazily(data):
+        def find():
+            calls.append(1)
+            return keypoints_of_bytes(data)
+        return find
+
+    same = library_images[0].read_bytes()
+    assert 0 in {m.entry_id for m in matcher.match(fingerprint_bytes(same, views="query"), lazily(same))}
+    assert not calls  # met by its hashes
+    cut = _jpeg(_side_and_top(Image.open(library_images[2])))
+    found = matcher.match(fingerprint_bytes(cut, views="query"), lazily(cut))
+    assert [m.decided_by for m in found if m.entry_id == 2] == ["keypoints"] and len(calls) == 1
+    far = 0
+    for path in other_images:
+        before = len(calls)
+        assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query"), lazily(path.read_bytes()))
+        far += len(calls) == before
+    assert far >= len(other_images) // 2  # most unrelated pictures are near no entry at all
+    broken = matcher.match(fingerprint_bytes(cut, views="query"), lambda: b"\x00" * 7)  # not keypoints
+    assert broken == []

@@ -25,7 +25,8 @@ from monitor.fingerprints.keypoints import KEY_MIN_SIDE, find_keypoints
 from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
 
 __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
-           "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex", "to_hex"]
+           "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex", "keypoints_of_bytes",
+           "to_hex"]
 
 
 def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -38,14 +39,20 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     """
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
     fp = _fingerprint_views(data, grey, size, fast, max_pixels, views)
-    if keypoints if keypoints is not None else views == "library":
-        if fp.degenerate in (None, "low_detail"):
-            # larger than the hashes' decode: corners need pixels (decoded whole already
-            # when the picture is small or not a JPEG)
-            big = grey if min(grey.size) >= KEY_MIN_SIDE or grey.size == size else decode_grey(
-                data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
-            fp = dataclasses.replace(fp, keypoints=find_keypoints(big))
+    if (keypoints if keypoints is not None else views == "library") and fp.degenerate in (None, "low_detail"):
+        fp = dataclasses.replace(fp, keypoints=keypoints_of_bytes(data, fast=fast, max_pixels=max_pixels,
+                                                                  grey=grey, size=size))
     return fp
+
+
+def keypoints_of_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       grey=None, size: tuple[int, int] | None = None) -> bytes:
+    """An encoded image's packed keypoints (monitor/fingerprints/keypoints.py), decoded
+    larger than for the hashes: corners need pixels. ``grey`` and ``size``: the hashes'
+    decode, used as it is when it is large enough (a small picture, a PNG decoded whole)."""
+    if grey is None or not (min(grey.size) >= KEY_MIN_SIDE or grey.size == size):
+        grey = decode_grey(data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
+    return find_keypoints(grey)
 
 
 def _fingerprint_views(data: bytes, grey, size: tuple[int, int], fast: bool, max_pixels: int,

@@ -10,6 +10,7 @@ and hashing run in spawned worker processes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from monitor.fetch import Fetcher, FetchError
-from monitor.fingerprints import Fingerprint, ImageError, fingerprint_bytes
+from monitor.fingerprints import Fingerprint, ImageError, fingerprint_bytes, keypoints_of_bytes
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.transport import Transport
@@ -65,7 +66,7 @@ class Worker:
                  metrics: Metrics, transport: Transport, *, workers: int = 16, fingerprint_workers: int = 2,
                  fingerprint_processes: int = 0, max_pixels: int | None = None, keypoints: bool = True):
         self.store, self.fetcher, self.matcher = store, fetcher, matcher
-        self.keypoints = keypoints  # [match] keypoints: found on every post, for the second look
+        self.keypoints = keypoints  # [match] keypoints: the second look, for the posts that need one
         self.recorder, self.metrics, self.transport = recorder, metrics, transport
         self.workers = workers
         self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
@@ -151,9 +152,16 @@ class Worker:
         fp, matches, _, _ = await self._fingerprint_and_match(WorkItem(0, feed, "", url, None, None, None))
         return fp, matches
 
-    def match_timed(self, fp: Fingerprint) -> list[Match]:
+    def match_timed(self, fp: Fingerprint, data: bytes | None = None) -> list[Match]:
+        """The fingerprint's matches; with the image's ``data`` (the second look on), its
+        keypoints are found only if the post needs a second look (no tier met it, and some
+        entries are near): most posts never pay for them."""
         start = time.perf_counter()
-        matches = self.matcher.match(fp)
+        keypoints = None
+        if data is not None and self.keypoints and not fp.keypoints:
+            kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+            keypoints = functools.partial(keypoints_of_bytes, data, **kwargs)
+        matches = self.matcher.match(fp, keypoints)
         self.metrics.match_seconds.observe(time.perf_counter() - start)
         return matches
 
@@ -208,15 +216,18 @@ class Worker:
 
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
-        fp, seconds = fingerprint_query(data, self.max_pixels, self.keypoints)
+        # Matched here: keypoints only if the matcher asks. Fingerprinted for shards that
+        # match elsewhere (no matcher): keypoints now, when the second look is on.
+        fp, seconds = fingerprint_query(data, self.max_pixels, self.keypoints and self.matcher is None)
         self.metrics.fingerprint_seconds.observe(seconds)
-        return fp, (self.match_timed(fp) if self.matcher is not None else [])
+        return fp, (self.match_timed(fp, data) if self.matcher is not None else [])
 
     async def _fingerprint_in_process(self, data: bytes) -> tuple[Fingerprint, float]:
         for _ in range(2):
             pool = self.processes
             try:
-                return await asyncio.wrap_future(pool.submit(fingerprint_query, data, self.max_pixels, self.keypoints))
+                return await asyncio.wrap_future(pool.submit(fingerprint_query, data, self.max_pixels,
+                                                               self.keypoints and self.matcher is None))
             except BrokenProcessPool:
                 # A worker died (a decoder crash, the OOM killer) on this image
                 # or on one beside it: new workers, and one more try, so only
@@ -250,7 +261,7 @@ class Worker:
             else:
                 fp, seconds = await self._fingerprint_in_process(data)
                 self.metrics.fingerprint_seconds.observe(seconds)
-                matches = (await loop.run_in_executor(self.executor, self.match_timed, fp)
+                matches = (await loop.run_in_executor(self.executor, self.match_timed, fp, data)
                            if self.matcher is not None else [])
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()

@@ -25,7 +25,7 @@ from numba import njit
 from monitor.fingerprints.keypoints import unpack_keypoints
 from monitor.search.popcount import popcount64
 
-CANDIDATE_SUM = 40      # dHash + pHash bits: the candidates worth a second look
+CANDIDATE_SUM = 36      # dHash + pHash bits: the candidates worth a second look
 CANDIDATES = 4          # ... the nearest this many entries per post
 MIN_INLIERS = 15        # pairs that agree on one transform (unrelated pictures: ~2% reach 12)
 RATIO = 0.8             # nearest descriptor closer than this share of the second nearest
@@ -128,15 +128,22 @@ def nearest_candidates(owner: np.ndarray, entry: np.ndarray, dhash: np.ndarray, 
     return out
 
 
-def second_look(queries: dict[int, bytes], candidates: dict[int, list[tuple[int, int, int]]],
+def second_look(queries: dict[int, bytes | Callable[[], bytes]], candidates: dict[int, list[tuple[int, int, int]]],
                 read: Callable[[list[int]], dict[int, bytes]]) -> dict[int, list[tuple[int, int, int, int]]]:
-    """Per query (packed keypoints by query number), the candidates that pass, as
-    (entry id, dHash, pHash distance, inliers), most inliers first. ``read(ids)`` gives
-    entries' stored keypoints."""
+    """Per query, the candidates that pass, as (entry id, dHash, pHash distance, inliers),
+    most inliers first. ``queries``: packed keypoints by query number, or what finds them
+    (called only for a query with candidates: a post far from every entry costs nothing).
+    ``read(ids)`` gives entries' stored keypoints."""
     stored = read(sorted({c[0] for chosen in candidates.values() for c in chosen}))
     out: dict[int, list[tuple[int, int, int, int]]] = {}
     for q, chosen in candidates.items():
-        query = Keypoints.of(queries[q])
+        if not chosen:
+            continue
+        found = queries[q]
+        try:
+            query = Keypoints.of(found() if callable(found) else found)
+        except (ValueError, OSError, cv2.error):  # a larger decode that fails: the hashes' answer stands
+            continue
         if query is None:
             continue
         for e, d, p in chosen:

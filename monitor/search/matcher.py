@@ -17,6 +17,7 @@ A pair's tier is the strictest tier it meets; an entry's match is its best row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -216,15 +217,17 @@ class Matcher:
                        cand_fine, _NO_FLAGS if q_low is None else q_low, lib_low, self._d_max, self._p_max,
                        self._s_max, self._score_max, self._sum_bound)
 
-    def match(self, fp: Fingerprint) -> list[Match]:
+    def match(self, fp: Fingerprint, keypoints: Callable[[], bytes] | None = None) -> list[Match]:
         """Every library entry this fingerprint matches, best first.
 
         A degenerate fingerprint (flat, tiny) matches nothing: it would
-        otherwise match every other flat image.
+        otherwise match every other flat image. ``keypoints``: finds the post's
+        keypoints (``fp.keypoints`` else), called only when it needs a second look.
         """
-        return self.match_many([fp])[0]
+        return self.match_many([fp], None if keypoints is None else [keypoints])[0]
 
-    def match_many(self, fps: list[Fingerprint]) -> list[list[Match]]:
+    def match_many(self, fps: list[Fingerprint],
+                   keypoints: list[Callable[[], bytes] | None] | None = None) -> list[list[Match]]:
         """:meth:`match` of each fingerprint, in one pass over the library per kind of
         query (with fine hashes, without): a shard answers a batch of posts at once."""
         out: list[list[Match]] = [[] for _ in fps]
@@ -236,10 +239,10 @@ class Matcher:
                 (with_fine if all(x is not None for x in fines) else without).append((i, views, fines))
         for group, fine in ((with_fine, True), (without, False)):
             if group:
-                self._match_group(group, fine, out)
+                self._match_group(group, fine, out, keypoints or [None] * len(fps))
         return out
 
-    def _match_group(self, group: list, fine: bool, out: list[list[Match]]) -> None:
+    def _match_group(self, group: list, fine: bool, out: list[list[Match]], keypoints: list) -> None:
         # Every view, plain and mirrored, in one pass over the library: rows
         # 2k and 2k+1 are view k and its mirror.
         qd = np.array([h for _, views, _ in group for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
@@ -258,8 +261,8 @@ class Matcher:
             ids = self.index.ids[pl[at]]
             lib_views = self.index.dhash_of(pl[at])
             met = set(owner[pq[at]].tolist())
-            unsure = {i: views[0].keypoints for i, views, _ in group
-                      if i not in met and views[0].keypoints and views[0].degenerate is None}
+            unsure = {i: views[0].keypoints or keypoints[i] for i, views, _ in group
+                      if i not in met and (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
             if unsure and self._second_look_tier is not None:
                 # plain views only (keypoints are not mirror-invariant), full-detail entries only
                 plain = np.flatnonzero((pq % 2 == 0) & (self.index.low_detail()[pl] == 0))
