@@ -51,7 +51,7 @@ def alert_payload(record, key: str) -> dict:
         "idempotency_key": key, "match_id": record.id, "tier": m.tier,
         "distance_bits": m.dhash_distance, "phash_distance_bits": m.phash_distance, "bits": 64,
         "fine_distance_bits": m.fine_distance, "fine_bits": 512,
-        "decided_by": m.decided_by, "mirrored": m.mirrored,
+        "decided_by": m.decided_by, "mirrored": m.mirrored, "keypoint_inliers": m.inliers,
         "library": {"id": e.id, "label": e.label, "source": e.source},
         "repost": {"image_url": w.image_url, "page_url": w.page_url, "source": w.feed,
                    "item_id": w.item_id, "author": w.author, "published": iso(w.published)},

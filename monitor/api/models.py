@@ -190,6 +190,8 @@ class CheckMatch(_Response):
     phash_distance_bits: int
     fine_distance_bits: int | None
     mirrored: bool
+    decided_by: str
+    keypoint_inliers: int | None = None  # a match by the second look: keypoint pairs that agree
 
 
 class CheckResult(_Response):

@@ -148,7 +148,8 @@ async def check(request: web.Request) -> web.Response:
         matches=[m.CheckMatch(entry_id=x.entry_id, label=entries[x.entry_id].label,
                               source=entries[x.entry_id].source, tier=x.tier,
                               distance_bits=x.dhash_distance, phash_distance_bits=x.phash_distance,
-                              fine_distance_bits=x.fine_distance, mirrored=x.mirrored)
+                              fine_distance_bits=x.fine_distance, mirrored=x.mirrored,
+                              decided_by=x.decided_by, keypoint_inliers=x.inliers)
                  for x in matches if x.entry_id in entries]))
 
 
