@@ -6,6 +6,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import imagehash
 import pytest
@@ -209,3 +210,22 @@ def test_audit_report_shows_problems_first_and_caps_intact_thumbnails(tmp_path):
     assert kinds[0] == "missing" and kinds.count("intact") == 55
     assert page.count("data:image/jpeg;base64,") == 1 + 2 * 50  # the missing file, then 50 intact pairs
     assert "thumbnails of the first 50 intact files only" in page
+
+
+def test_match_gives_inputs_no_tier_met_a_second_look(tree, tmp_path):
+    """A picture cut from one side and the top: the hashes miss it, its keypoints do not."""
+    inputs = tmp_path / "cut"
+    inputs.mkdir()
+    with Image.open(tree / "library" / "library-chelsea.jpg") as img:
+        img = img.convert("RGB")
+        img.crop((int(img.width * 0.18), int(img.height * 0.08), img.width, img.height)).save(
+            inputs / "cut.jpg", quality=80)
+    shutil.copy(tree / "input" / "other-baboon.jpg", inputs / "other.jpg")
+    r = run("match", inputs, "--library", tree / "library", "--format", "jsonl", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(Path(x["input"]).name, Path(x["library"]).name, x["tier"], x["decided_by"]) for x in rows] == [
+        ("cut.jpg", "library-chelsea.jpg", "near", "keypoints")]
+    assert rows[0]["keypoint_inliers"] >= 15
+    r = run("match", inputs, "--library", tree / "library", "--no-cache")
+    assert "keypoints agree, near)" in r.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import sys
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from monitor.fingerprints import Fingerprint
+from monitor.fingerprints import Fingerprint, keypoints_of_bytes
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import Library
 from monitor.records.store import Store
@@ -96,10 +97,23 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     elapsed = time.perf_counter() - start
     comparisons = 2 * rows_in.dhash.size * library.index.rows  # every view, plain and mirrored
     print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
-    entries = library.entries_by_id(pairs.entry_id.tolist())
+    per_query = matcher.matches_of(pairs)
+    if not whole_pictures:  # as the daemon: a second look for the inputs no tier met
+        missing = [q for q in range(len(good)) if q not in per_query]
+        looked = matcher.match_many([queries[q] for q in missing],
+                                    [functools.partial(_file_keypoints, good[q].path) for q in missing])
+        for q, found in zip(missing, looked, strict=True):
+            by_keypoints = [m for m in found if m.inliers is not None]
+            if by_keypoints:
+                per_query[q] = by_keypoints[:1] if best else by_keypoints
+    entries = library.entries_by_id([m.entry_id for found in per_query.values() for m in found])
     rows = [MatchRow(str(good[q].path), entries[m.entry_id].source, entries[m.entry_id].label, m)
-            for q, found in matcher.matches_of(pairs).items() for m in found]
+            for q, found in sorted(per_query.items()) for m in found]
     return rows, bad
+
+
+def _file_keypoints(path: Path) -> bytes:
+    return keypoints_of_bytes(path.read_bytes())
 
 
 def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
@@ -108,6 +122,7 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
             m = r.match
             flip = " mirrored" if m.mirrored else ""
             fine = f", fine {m.fine_distance}/512" if m.fine_distance is not None else ""
+            fine = f", {m.inliers} keypoints agree" if m.inliers is not None else fine
             print(f"[match] dist={m.dhash_distance}/64 bits (pHash {m.phash_distance}/64{fine}, "
                   f"{m.tier}{flip}) {r.library} -> {r.input}", file=out)
     elif fmt == "csv":
@@ -125,7 +140,8 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
                                   "tier": m.tier, "dhash_distance": m.dhash_distance,
                                   "phash_distance": m.phash_distance, "mirrored": m.mirrored,
                                   "fine_distance": m.fine_distance, "bits": 64,
-                                  "fine_bits": 512}) + "\n")
+                                  "fine_bits": 512, "decided_by": m.decided_by,
+                                  "keypoint_inliers": m.inliers}) + "\n")
     else:
         raise ValueError(f"unknown format {fmt!r}")
 
