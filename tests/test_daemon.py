@@ -181,6 +181,18 @@ async def until(predicate, timeout=30.0):
     raise AssertionError("condition not met in time")
 
 
+async def daemon_until(base, db, done) -> list:
+    """The daemon run against the host at ``base`` until ``done()``: the match records it announced."""
+    records = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_daemon(config_for(base, db), stop=stop, on_match=records.append,
+                                          install_signals=False))
+    await until(done)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    return records
+
+
 def query(db, sql):
     s = open_store(db)
     try:

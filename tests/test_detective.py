@@ -177,3 +177,33 @@ def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_imag
     assert far >= len(other_images) // 2  # most unrelated pictures are near no entry at all
     broken = matcher.match(fingerprint_bytes(cut, views="query"), lambda: b"\x00" * 7)  # not keypoints
     assert broken == []
+
+
+async def test_the_daemon_records_a_second_look_match_and_says_so(store_location, samples):
+    """End to end: a feed host posts a picture cut from one side; the daemon's hashes miss
+    it, its second look finds it; the match row, the listing, /review's rows and the
+    records read back by another process all say it was decided by keypoints."""
+    from monitor.alerts.outbox import alert_payload
+    from monitor.records import matches as match_rows
+    from tests.hosts import serve
+    from tests.test_daemon import PhotoSite, daemon_until, make_library, query
+    site = PhotoSite(samples)
+    site.add_image("cut-fruits.jpg", _jpeg(_side_and_top(Image.open(samples / "library-fruits.jpg"))),
+                   "library-fruits")
+    make_library(store_location, samples)
+    site.post("rss", 1, ["cut-fruits.jpg", "other-apple.jpg"])
+    async with serve(site.app()) as base:
+        records = await daemon_until(base, store_location, lambda: query(
+            store_location, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] >= 2)
+    assert [(r.entry.label, r.match.tier, r.match.decided_by) for r in records] == [
+        ("library-fruits", "near", "keypoints")]
+    inliers = records[0].match.inliers
+    assert inliers >= 15 and alert_payload(records[0], "k")["keypoint_inliers"] == inliers
+    store = open_store(store_location)
+    try:
+        listed, total = match_rows.list_matches(store, {}, 10, 0)
+        assert total == 1 and listed[0]["keypoint_inliers"] == inliers
+        assert match_rows.review_rows(store, 10, 0)[0].keypoint_inliers == inliers
+        assert match_rows.records_after(store, 0)[0].match.decided_by == "keypoints"
+    finally:
+        store.close()

@@ -156,6 +156,8 @@ class Match(_Response):
     dhash_distance: int
     phash_distance: int
     fine_distance: int | None
+    keypoint_inliers: int | None = Field(None, description="a match by the second look: keypoint pairs that "
+                                         "agree on one geometry; null for a match by the hashes")
     mirrored: bool
     feed: str
     item_id: str

@@ -58,13 +58,13 @@ def record_in(conn, work: WorkItem, matches: list[Match], fp: Fingerprint | None
         row = conn.execute(
             "INSERT OR IGNORE INTO matches (work_id, image_url, entry_id, tier, dhash_distance, "
             "phash_distance, mirrored, feed, item_id, page_url, author, published, detected_at, "
-            "repost_dhash, suppressed, fine_distance, matched_repost_dhash, matched_library_dhash) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+            "repost_dhash, suppressed, fine_distance, matched_repost_dhash, matched_library_dhash, "
+            "keypoint_inliers) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (work.id, work.image_url, m.entry_id, m.tier, m.dhash_distance, m.phash_distance,
              int(m.mirrored), work.feed, work.item_id, work.page_url, work.author, work.published, now,
              u64_to_sql(fp.dhash), why, m.fine_distance,
              None if m.query_dhash is None else u64_to_sql(m.query_dhash),
-             None if m.library_dhash is None else u64_to_sql(m.library_dhash))).fetchone()
+             None if m.library_dhash is None else u64_to_sql(m.library_dhash), m.inliers)).fetchone()
         if row:  # none: the same image URL via another feed, already recorded
             rec = MatchRecord(row[0], work, entry, m, now, why)
             records.append(rec)
@@ -77,7 +77,7 @@ def record_in(conn, work: WorkItem, matches: list[Match], fp: Fingerprint | None
 
 LIST_COLUMNS = ("id", "image_url", "entry_id", "tier", "dhash_distance", "phash_distance", "mirrored", "feed",
                 "item_id", "page_url", "author", "published", "detected_at", "verdict", "suppressed",
-                "fine_distance")
+                "fine_distance", "keypoint_inliers")
 FILTERS = ("tier", "feed", "verdict", "entry_id")
 
 
@@ -109,14 +109,15 @@ class ReviewRow:
     page_url: str | None
     repost_view_dhash: int | None    # the two views that met (None for matches older than that)
     library_view_dhash: int | None
+    keypoint_inliers: int | None = None  # a match by the second look
 
 
 def review_rows(store: Store, limit: int, offset: int) -> list[ReviewRow]:
     rows = store.query("SELECT id, image_url, entry_id, tier, dhash_distance, phash_distance, mirrored, feed, "
-                       "author, verdict, suppressed, page_url, matched_repost_dhash, matched_library_dhash "
-                       "FROM matches ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
+                       "author, verdict, suppressed, page_url, matched_repost_dhash, matched_library_dhash, "
+                       "keypoint_inliers FROM matches ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
     return [ReviewRow(*r[:6], bool(r[6]), *r[7:12], None if r[12] is None else sql_to_u64(r[12]),
-                      None if r[13] is None else sql_to_u64(r[13])) for r in rows]
+                      None if r[13] is None else sql_to_u64(r[13]), r[14]) for r in rows]
 
 
 def latest(store: Store, limit: int) -> list[tuple]:
@@ -130,8 +131,9 @@ def records_after(store: Store, after_id: int, limit: int = 500) -> list[MatchRe
     """Matches recorded after ``after_id``, oldest first, as the recorder announced them
     (a process watching another's recording: the scaled-out demo)."""
     rows = store.query("SELECT id, work_id, feed, item_id, image_url, page_url, author, published, entry_id, "
-                       "tier, dhash_distance, phash_distance, mirrored, fine_distance, detected_at, suppressed "
-                       "FROM matches WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+                       "tier, dhash_distance, phash_distance, mirrored, fine_distance, detected_at, suppressed, "
+                       "keypoint_inliers FROM matches WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
     entries = entries_by_id(store, (r[8] for r in rows))
-    return [MatchRecord(r[0], WorkItem(*r[1:8]), entries[r[8]], Match(r[8], r[9], r[10], r[11], bool(r[12]), r[13]),
-                        r[14], r[15]) for r in rows if r[8] in entries]
+    return [MatchRecord(r[0], WorkItem(*r[1:8]), entries[r[8]],
+                        Match(r[8], r[9], r[10], r[11], bool(r[12]), r[13], inliers=r[16]), r[14], r[15])
+            for r in rows if r[8] in entries]

@@ -216,6 +216,8 @@ CREATE TABLE entry_keypoints (
     entry_id  BIGINT PRIMARY KEY REFERENCES library_entries(id) ON DELETE CASCADE,
     keypoints BYTEA NOT NULL
 );
+"""), (17, """
+ALTER TABLE matches ADD COLUMN keypoint_inliers INTEGER;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

@@ -252,6 +252,10 @@ _MIGRATIONS: list[str] = [
         keypoints BLOB NOT NULL
     );
     """,
+    # 17: a match by the second look: how many keypoint pairs agreed (NULL: by the hashes)
+    """
+    ALTER TABLE matches ADD COLUMN keypoint_inliers INTEGER;
+    """,
 ]
 
 
