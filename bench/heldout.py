@@ -262,6 +262,26 @@ def build_edits() -> dict[str, tuple[str, object]]:
     return E
 
 
+def with_random_entries(index, count: int, first_id: int):
+    """``index`` with ``count`` more entries of random dHash, pHash and fine rows (as many
+    rows each as its entries have on average), bulk-loaded; its keypoints kept."""
+    import tempfile
+
+    from monitor.search.index import LibraryIndex
+    rows = max(1, round(index.rows / max(1, len(index))))
+    rng = np.random.default_rng(5)
+    n = count * rows
+    ids = np.concatenate([index.ids, np.repeat(np.arange(first_id, first_id + count), rows)])
+    dhash = np.concatenate([index.dhash_array(), rng.integers(0, 2**64 - 1, n, dtype=np.uint64)])
+    phash = np.concatenate([index.hashes("phash"), rng.integers(0, 2**64 - 1, n, dtype=np.uint64)])
+    fine = np.concatenate([index.fine(), rng.integers(0, 2**64 - 1, (n, index.fine().shape[1]), dtype=np.uint64)])
+    big = LibraryIndex(spill_dir=tempfile.gettempdir(), keep_dhash=False)
+    big._keypoints = dict(index._keypoints)  # noqa: SLF001 - a bench reusing the entries' keypoints
+    big.load(ids, {"dhash": dhash, "phash": phash}, fine)
+    print(f"library: + {count:,} random entries ({n:,} rows); {big.rows:,} rows in all", flush=True)
+    return big
+
+
 def views_in_use() -> tuple[str, ...]:
     from monitor.fingerprints import crops
     return crops.LIBRARY_CROPS
@@ -281,6 +301,9 @@ def main() -> None:
     ap.add_argument("--extra-entries", type=int, default=0, help="also index this many further pictures of "
                     "--distractors-from (not among the unrelated posts) as library entries: recall and "
                     "false pairs against a larger library")
+    ap.add_argument("--random-entries", type=int, default=0, help="also index this many entries of random "
+                    "hashes (as many rows each as a real entry, no keypoints): how the nearest candidates "
+                    "of the second look crowd as the library grows to millions")
     ap.add_argument("--no-keypoints", action="store_true", help="the hashes alone: no second look at the "
                     "nearest entries' keypoints ([match] keypoints = false)")
     args = ap.parse_args()
@@ -327,7 +350,7 @@ def main() -> None:
           f"({len(edits)} edits), {len(distractors)} unrelated pictures; made in {time.perf_counter() - t:.0f} s",
           flush=True)
 
-    index = LibraryIndex()
+    index = LibraryIndex(keep_dhash=True)
     for i, b in enumerate(lib_bytes):
         fp = fingerprint_bytes(b, views="library")
         if fp.degenerate is None:
@@ -338,6 +361,8 @@ def main() -> None:
             index.add(len(lib_bytes) + k, fp)
     if extra_files:
         print(f"library: {len(lib_bytes)} pictures with reposts + {len(extra_files):,} further entries")
+    if args.random_entries:
+        index = with_random_entries(index, args.random_entries, len(lib_bytes) + len(extra_files))
     print(f"library crops {','.join(views_in_use())}: {index.rows / max(1, len(index)):.2f} rows per entry")
     kp = not args.no_keypoints
     q_fps = [fingerprint_bytes(b, views="query", keypoints=kp) for b in queries]

@@ -242,6 +242,9 @@ class LibraryIndex:
             self._planes = bitslice.to_planes(np.asarray(hashes["dhash"], np.uint64))
             self._n = self._ids.shape[0]
             self._entries = int(np.unique(self._ids).size)
+            if self._keypoints:  # kept for the entries still indexed
+                present = set(np.unique(self._ids).tolist())
+                self._keypoints = {e: k for e, k in self._keypoints.items() if e in present}
             self.version += 1
 
     def _widen_ids(self, entry_id: int) -> None:
