@@ -19,7 +19,7 @@ from monitor.metrics import Metrics
 from monitor.pipeline import FeedSettings, OnMatch, Pipeline
 from monitor.records.cache import FingerprintCache, default_cache_path
 from monitor.records.engines import open_store
-from monitor.records.library import Library
+from monitor.records.library import Library, keypoints_missing
 from monitor.records.store import Store, StoreError  # Store: the interface both engines have
 from monitor.scan import add_files
 from monitor.search import radius
@@ -191,6 +191,12 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
         log.warning("library: %d entries were fingerprinted by an older version or imported as "
                     "hashes; they match on fewer views until `repost-monitor library rehash "
                     "--db %s` fingerprints them again", stale, store.path)
+    if config.match.keypoints:
+        bare = await asyncio.to_thread(keypoints_missing, library)
+        if bare:
+            log.warning("library: %d entries have no keypoints (added by an older version or imported as "
+                        "hashes); the second look skips them until `repost-monitor library rehash --all "
+                        "--db %s` finds them", bare, store.path)
     matcher = Matcher(library.index, config.match.tiers)
     local_roots = tuple(f.path for f in config.feeds if f.type == "folder" and f.path)
     policy = config.alert_policy

@@ -116,8 +116,10 @@ def test_keypoints_are_stored_with_the_library_and_read_for_candidates(store_loc
     with again.store.transaction() as conn:
         conn.execute("DELETE FROM entry_keypoints WHERE entry_id = ?", (ids[0],))
     version = again.version()
+    assert again.stats()["without_keypoints"] == 1  # `library stats` tells, and the daemon warns
     add_files(again, files, cache=None, progress=False)
     assert ids[0] in again.index.keypoints_of([ids[0]]) and again.version() == version
+    assert again.stats()["without_keypoints"] == 0
     # a removed entry's keypoints go with it
     again.remove(ids[1])
     assert again.index.keypoints_of(ids).keys() == set(ids) - {ids[1]}

@@ -26,3 +26,10 @@ def read(store, ids) -> dict[int, bytes]:
             f"SELECT entry_id, keypoints FROM entry_keypoints WHERE entry_id IN ({','.join('?' * len(chunk))})",
             chunk))
     return out
+
+
+def missing(store, indexed: str) -> int:
+    """Indexed entries (``indexed``: the SQL condition) with no keypoints stored: added by a
+    version before them, or imported as hashes; the second look skips them."""
+    return store.query(f"SELECT COUNT(*) FROM library_entries e WHERE {indexed} AND NOT EXISTS "
+                       "(SELECT 1 FROM entry_keypoints k WHERE k.entry_id = e.id)")[0][0]

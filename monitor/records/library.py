@@ -304,12 +304,19 @@ def library_stats(library: Library) -> dict:
     return {"entries": total, "indexed": len(library.index), "degenerate": degenerate,
             "weak_protection": weak or 0,  # low detail: near-identical copies only
             "stale": library.stale_count(),
+            # no keypoints for the second look (`library rehash --all` finds them)
+            "without_keypoints": keypoints_missing(library),
             "hash_algorithm": ALGORITHM_VERSION,
             "first_added": first, "last_added": last,
             "index_rows": library.index.rows,
             "index_bytes": library.index.memory_bytes(),
             "index_file_bytes": library.index.file_bytes(),
             "top_labels": dict(labels)}
+
+
+def keypoints_missing(library: Library) -> int:
+    """Indexed entries with no keypoints stored (added before them, or imported as hashes)."""
+    return keypoint_rows.missing(library.store, _INDEXED)
 
 
 # Entries the index holds: all but flat and tiny ones (low-detail ones, flagged, match
