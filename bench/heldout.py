@@ -23,6 +23,7 @@ alarm.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import random
@@ -304,6 +305,8 @@ def main() -> None:
     ap.add_argument("--random-entries", type=int, default=0, help="also index this many entries of random "
                     "hashes (as many rows each as a real entry, no keypoints): how the nearest candidates "
                     "of the second look crowd as the library grows to millions")
+    ap.add_argument("--lazy-keypoints", action="store_true", help="find a post's keypoints (and its mirror "
+                    "image's) only when it needs a second look, as the one-process daemon does")
     ap.add_argument("--no-keypoints", action="store_true", help="the hashes alone: no second look at the "
                     "nearest entries' keypoints ([match] keypoints = false)")
     args = ap.parse_args()
@@ -314,6 +317,7 @@ def main() -> None:
     from PIL import Image
 
     from monitor import fingerprint_bytes
+    from monitor.fingerprints import keypoints_of_bytes
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     from monitor.warmup import warm_up
@@ -364,18 +368,22 @@ def main() -> None:
     if args.random_entries:
         index = with_random_entries(index, args.random_entries, len(lib_bytes) + len(extra_files))
     print(f"library crops {','.join(views_in_use())}: {index.rows / max(1, len(index)):.2f} rows per entry")
-    kp = not args.no_keypoints
+    # keypoints found with the hashes (a scaled-out fetch worker), or as the one-process
+    # daemon finds them: only for a post that needs a second look, of its mirror image too
+    kp = not args.no_keypoints and not args.lazy_keypoints
     q_fps = [fingerprint_bytes(b, views="query", keypoints=kp) for b in queries]
     d_fps = [fingerprint_bytes(b, views="query", keypoints=kp) for b in distractors]
+    q_lazy = [functools.partial(keypoints_of_bytes, b) for b in queries] if args.lazy_keypoints else None
+    d_lazy = [functools.partial(keypoints_of_bytes, b) for b in distractors] if args.lazy_keypoints else None
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _, _) in edits.items()}
     results: dict[str, np.ndarray] = {}
     for tier in ("near", "loose"):
         matcher = Matcher(index, PRESETS[tier])
-        found = matcher.match_many(q_fps)
+        found = matcher.match_many(q_fps, q_lazy)
         hit = np.array([any(m.entry_id == truth[k] for m in ms) for k, ms in enumerate(found)])
         wrong = sum(1 for k, ms in enumerate(found) for m in ms if m.entry_id != truth[k])
-        d_found = matcher.match_many(d_fps)
+        d_found = matcher.match_many(d_fps, d_lazy)
         d_pairs = sum(len(ms) for ms in d_found)
         entries = len(index)
         pairs = len(queries) * (entries - 1) + len(distractors) * entries

@@ -6,7 +6,7 @@ import io
 import json
 import shutil
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from monitor.fingerprints import fingerprint_bytes
 from monitor.fingerprints.keypoints import KEY_BYTES, unpack_keypoints
@@ -160,9 +160,9 @@ def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_imag
     calls = []
 
     def lazily(data):
-        def find():
-            calls.append(1)
-            return keypoints_of_bytes(data)
+        def find(mirrored=False):
+            calls.append(mirrored)
+            return keypoints_of_bytes(data, mirrored=mirrored)
         return find
 
     same = library_images[0].read_bytes()
@@ -177,8 +177,14 @@ def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_imag
         assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query"), lazily(path.read_bytes()))
         far += len(calls) == before
     assert far >= len(other_images) // 2  # most unrelated pictures are near no entry at all
-    broken = matcher.match(fingerprint_bytes(cut, views="query"), lambda: b"\x00" * 7)  # not keypoints
+    broken = matcher.match(fingerprint_bytes(cut, views="query"), lambda mirrored: b"\x00" * 7)  # not keypoints
     assert broken == []
+    # cut and mirrored: the candidate met the post's mirror image, whose keypoints are found then
+    calls.clear()
+    flipped = _jpeg(ImageOps.mirror(_side_and_top(Image.open(library_images[2]))))
+    found = matcher.match(fingerprint_bytes(flipped, views="query"), lazily(flipped))
+    assert [(m.decided_by, m.mirrored) for m in found if m.entry_id == 2] == [("keypoints", True)]
+    assert True in calls
 
 
 async def test_the_daemon_records_a_second_look_match_and_says_so(store_location, samples):

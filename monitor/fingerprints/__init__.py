@@ -46,13 +46,14 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
 
 
 def keypoints_of_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       grey=None, size: tuple[int, int] | None = None) -> bytes:
-    """An encoded image's packed keypoints (monitor/fingerprints/keypoints.py), decoded
-    larger than for the hashes: corners need pixels. ``grey`` and ``size``: the hashes'
-    decode, used as it is when it is large enough (a small picture, a PNG decoded whole)."""
+                       grey=None, size: tuple[int, int] | None = None, mirrored: bool = False) -> bytes:
+    """An encoded image's packed keypoints (monitor/fingerprints/keypoints.py), or its
+    mirror image's, decoded larger than for the hashes: corners need pixels. ``grey`` and
+    ``size``: the hashes' decode, used as it is when it is large enough (a small picture,
+    a PNG decoded whole)."""
     if grey is None or not (min(grey.size) >= KEY_MIN_SIDE or grey.size == size):
         grey = decode_grey(data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
-    return find_keypoints(grey)
+    return find_keypoints(grey, mirrored)
 
 
 def _fingerprint_views(data: bytes, grey, size: tuple[int, int], fast: bool, max_pixels: int,

@@ -36,9 +36,11 @@ def keypoint_copy(grey: Image.Image) -> np.ndarray:
     return np.asarray(grey)
 
 
-def find_keypoints(grey: Image.Image) -> bytes:
-    """The packed keypoints of a greyscale picture (b"" when it has none)."""
-    points, descriptors = _orb.detectAndCompute(keypoint_copy(grey), None)
+def find_keypoints(grey: Image.Image, mirrored: bool = False) -> bytes:
+    """The packed keypoints of a greyscale picture, or of its mirror image (ORB's
+    descriptors are not mirror-invariant); b"" when it has none."""
+    copy = keypoint_copy(grey)
+    points, descriptors = _orb.detectAndCompute(np.ascontiguousarray(copy[:, ::-1]) if mirrored else copy, None)
     if descriptors is None or not points:
         return b""
     xy = np.array([p.pt for p in points], np.float16).view(np.uint8).reshape(-1, 4)

@@ -109,50 +109,60 @@ def inliers(query: Keypoints, entry: Keypoints) -> int:
 
 
 def nearest_candidates(owner: np.ndarray, entry: np.ndarray, dhash: np.ndarray, phash: np.ndarray,
-                       unsure: set[int]) -> dict[int, list[tuple[int, int, int]]]:
+                       mirrored: np.ndarray, unsure: set[int],
+                       mirrorable: set[int]) -> dict[int, list[tuple[int, int, int, bool]]]:
     """Per unsure query, its CANDIDATES nearest entries within CANDIDATE_SUM, as
-    (entry id, dHash, pHash distance). The arguments are parallel arrays over the
-    first pass's candidate pairs (one per view pair): an entry's best pair ranks it."""
+    (entry id, dHash, pHash distance, whether the post's mirror image met it). The
+    arguments are parallel arrays over the first pass's candidate pairs (one per view
+    pair, plain or mirrored): an entry's best pair ranks it. Pairs of a post's mirror
+    image count only for the posts in ``mirrorable`` (whose mirror's keypoints can be
+    found: the image is at hand)."""
     summed = dhash + phash
     keep = np.flatnonzero(summed <= CANDIDATE_SUM)
     order = keep[np.lexsort((entry[keep], summed[keep]))]
-    out: dict[int, list[tuple[int, int, int]]] = {}
+    out: dict[int, list[tuple[int, int, int, bool]]] = {}
     for k in order:
         q = int(owner[k])
-        if q not in unsure:
+        if q not in unsure or (mirrored[k] and q not in mirrorable):
             continue
         chosen = out.setdefault(q, [])
         e = int(entry[k])
         if len(chosen) < CANDIDATES and all(e != c[0] for c in chosen):
-            chosen.append((e, int(dhash[k]), int(phash[k])))
+            chosen.append((e, int(dhash[k]), int(phash[k]), bool(mirrored[k])))
     return out
 
 
-def second_look(queries: dict[int, bytes | Callable[[], bytes]], candidates: dict[int, list[tuple[int, int, int]]],
-                read: Callable[[list[int]], dict[int, bytes]]) -> dict[int, list[tuple[int, int, int, int]]]:
-    """Per query, the candidates that pass, as (entry id, dHash, pHash distance, inliers),
-    most inliers first. ``queries``: packed keypoints by query number, or what finds them
-    (called only for a query with candidates: a post far from every entry costs nothing).
-    ``read(ids)`` gives entries' stored keypoints."""
+def _query_keypoints(found: bytes | Callable[..., bytes], mirrored: bool) -> Keypoints | None:
+    """A post's keypoints, or its mirror image's: packed (unmirrored only), or found now."""
+    if not callable(found):
+        return None if mirrored else Keypoints.of(found)
+    try:
+        return Keypoints.of(found(mirrored=mirrored))
+    except (ValueError, OSError, cv2.error):  # a larger decode that fails: the hashes' answer stands
+        return None
+
+
+def second_look(queries: dict[int, bytes | Callable[..., bytes]],
+                candidates: dict[int, list[tuple[int, int, int, bool]]],
+                read: Callable[[list[int]], dict[int, bytes]]) -> dict[int, list[tuple[int, int, int, bool, int]]]:
+    """Per query, the candidates that pass, as (entry id, dHash, pHash distance, mirrored,
+    inliers), most inliers first. ``queries``: packed keypoints by query number, or what
+    finds them (``mirrored=`` True: of the mirror image), called only for a query with
+    candidates, and for its mirror image only if a candidate met that: a post far from
+    every entry costs nothing. ``read(ids)`` gives entries' stored keypoints."""
     stored = read(sorted({c[0] for chosen in candidates.values() for c in chosen}))
-    out: dict[int, list[tuple[int, int, int, int]]] = {}
+    out: dict[int, list[tuple[int, int, int, bool, int]]] = {}
     for q, chosen in candidates.items():
-        if not chosen:
-            continue
-        found = queries[q]
-        try:
-            query = Keypoints.of(found() if callable(found) else found)
-        except (ValueError, OSError, cv2.error):  # a larger decode that fails: the hashes' answer stands
-            continue
-        if query is None:
-            continue
-        for e, d, p in chosen:
-            entry = Keypoints.of(stored.get(e, b""))
-            n = inliers(query, entry) if entry is not None else 0
+        views: dict[bool, Keypoints | None] = {}
+        for e, d, p, mirrored in chosen:
+            if mirrored not in views:
+                views[mirrored] = _query_keypoints(queries[q], mirrored)
+            query, entry = views[mirrored], Keypoints.of(stored.get(e, b""))
+            n = inliers(query, entry) if query is not None and entry is not None else 0
             if n >= MIN_INLIERS:
-                out.setdefault(q, []).append((e, d, p, n))
+                out.setdefault(q, []).append((e, d, p, mirrored, n))
         if q in out:
-            out[q].sort(key=lambda found: -found[3])
+            out[q].sort(key=lambda found: -found[4])
     return out
 
 

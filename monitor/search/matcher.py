@@ -217,17 +217,19 @@ class Matcher:
                        cand_fine, _NO_FLAGS if q_low is None else q_low, lib_low, self._d_max, self._p_max,
                        self._s_max, self._score_max, self._sum_bound)
 
-    def match(self, fp: Fingerprint, keypoints: Callable[[], bytes] | None = None) -> list[Match]:
+    def match(self, fp: Fingerprint, keypoints: Callable[..., bytes] | None = None) -> list[Match]:
         """Every library entry this fingerprint matches, best first.
 
         A degenerate fingerprint (flat, tiny) matches nothing: it would
-        otherwise match every other flat image. ``keypoints``: finds the post's
-        keypoints (``fp.keypoints`` else), called only when it needs a second look.
+        otherwise match every other flat image. ``keypoints(mirrored=False)``:
+        finds the post's keypoints, or its mirror image's, called only when it
+        needs a second look (else ``fp.keypoints``, which serve unmirrored
+        candidates only).
         """
         return self.match_many([fp], None if keypoints is None else [keypoints])[0]
 
     def match_many(self, fps: list[Fingerprint],
-                   keypoints: list[Callable[[], bytes] | None] | None = None) -> list[list[Match]]:
+                   keypoints: list[Callable[..., bytes] | None] | None = None) -> list[list[Match]]:
         """:meth:`match` of each fingerprint, in one pass over the library per kind of
         query (with fine hashes, without): a shard answers a batch of posts at once."""
         out: list[list[Match]] = [[] for _ in fps]
@@ -264,15 +266,14 @@ class Matcher:
             unsure = {i: views[0].keypoints or keypoints[i] for i, views, _ in group
                       if i not in met and (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
             if unsure and self._second_look_tier is not None:
-                # plain views only (keypoints are not mirror-invariant), full-detail entries only
-                plain = np.flatnonzero((pq % 2 == 0) & (self.index.low_detail()[pl] == 0))
+                near = np.flatnonzero(self.index.low_detail()[pl] == 0)  # full-detail entries only
                 candidates = detective.nearest_candidates(
-                    owner[pq[plain]], self.index.ids[pl[plain]], pd[plain].astype(np.int64),
-                    np.bitwise_count(qp[pq[plain]] ^ self.index.hashes("phash")[pl[plain]]).astype(np.int64),
-                    set(unsure))
+                    owner[pq[near]], self.index.ids[pl[near]], pd[near].astype(np.int64),
+                    np.bitwise_count(qp[pq[near]] ^ self.index.hashes("phash")[pl[near]]).astype(np.int64),
+                    pq[near] % 2 == 1, set(unsure), {q for q, found in unsure.items() if callable(found)})
         if unsure and self._second_look_tier is not None:
             for query, found in detective.second_look(unsure, candidates, self.index.keypoints_of).items():
-                out[query] += [Match(e, self._second_look_tier, d, p, False, inliers=n) for e, d, p, n in found]
+                out[query] += [Match(e, self._second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in found]
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]

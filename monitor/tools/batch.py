@@ -112,8 +112,8 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     return rows, bad
 
 
-def _file_keypoints(path: Path) -> bytes:
-    return keypoints_of_bytes(path.read_bytes())
+def _file_keypoints(path: Path, mirrored: bool = False) -> bytes:
+    return keypoints_of_bytes(path.read_bytes(), mirrored=mirrored)
 
 
 def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
