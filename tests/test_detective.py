@@ -215,3 +215,17 @@ async def test_the_daemon_records_a_second_look_match_and_says_so(store_location
         assert match_rows.records_after(store, 0)[0].match.decided_by == "keypoints"
     finally:
         store.close()
+
+
+def test_a_damaged_stored_keypoint_row_skips_its_entry_not_the_batch(library_images, caplog):
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    good = index.keypoints_of(list(range(len(library_images))))
+    index.keypoints_reader = lambda ids: {e: (b"\x01" * 7 if e == 2 else good[e]) for e in ids if e in good}
+    matcher = Matcher(index, PRESETS["near"])
+    cuts = [_jpeg(_side_and_top(Image.open(library_images[i]))) for i in (2, 3)]
+    found = matcher.match_many([fingerprint_bytes(c, views="query", keypoints=True) for c in cuts])
+    assert [m.entry_id for m in found[0]] == []  # its entry's row is damaged: no second look there
+    assert 3 in {m.entry_id for m in found[1]}  # the post beside it still gets one
+    assert "library entry 2: its stored keypoints are damaged" in caplog.text

@@ -15,6 +15,7 @@ Pure computation on arrays: no I/O.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from numba import njit
 
 from monitor.fingerprints.keypoints import unpack_keypoints
 from monitor.search.popcount import popcount64
+
+log = logging.getLogger("repost_monitor.search")
 
 CANDIDATE_SUM = 36      # dHash + pHash bits: the candidates worth a second look
 CANDIDATES = 4          # ... the nearest this many entries per post
@@ -142,6 +145,17 @@ def _query_keypoints(found: bytes | Callable[..., bytes], mirrored: bool) -> Key
         return None
 
 
+def _stored_keypoints(entry_id: int, blob: bytes) -> Keypoints | None:
+    """An entry's stored keypoints; None (the entry skipped, with a warning) when the blob
+    is not keypoints: one damaged row never fails the posts matched beside it."""
+    try:
+        return Keypoints.of(blob)
+    except ValueError:
+        log.warning("library entry %d: its stored keypoints are damaged (%d bytes); the second look "
+                    "skips it until `library rehash --all`", entry_id, len(blob))
+        return None
+
+
 def second_look(queries: dict[int, bytes | Callable[..., bytes]],
                 candidates: dict[int, list[tuple[int, int, int, bool]]],
                 read: Callable[[list[int]], dict[int, bytes]]) -> dict[int, list[tuple[int, int, int, bool, int]]]:
@@ -150,14 +164,15 @@ def second_look(queries: dict[int, bytes | Callable[..., bytes]],
     finds them (``mirrored=`` True: of the mirror image), called only for a query with
     candidates, and for its mirror image only if a candidate met that: a post far from
     every entry costs nothing. ``read(ids)`` gives entries' stored keypoints."""
-    stored = read(sorted({c[0] for chosen in candidates.values() for c in chosen}))
+    stored = {e: _stored_keypoints(e, blob)
+              for e, blob in read(sorted({c[0] for chosen in candidates.values() for c in chosen})).items()}
     out: dict[int, list[tuple[int, int, int, bool, int]]] = {}
     for q, chosen in candidates.items():
         views: dict[bool, Keypoints | None] = {}
         for e, d, p, mirrored in chosen:
             if mirrored not in views:
                 views[mirrored] = _query_keypoints(queries[q], mirrored)
-            query, entry = views[mirrored], Keypoints.of(stored.get(e, b""))
+            query, entry = views[mirrored], stored.get(e)
             n = inliers(query, entry) if query is not None and entry is not None else 0
             if n >= MIN_INLIERS:
                 out.setdefault(q, []).append((e, d, p, mirrored, n))
