@@ -265,10 +265,8 @@ def build_edits() -> dict[str, tuple[str, object]]:
 
 def with_random_entries(index, count: int, first_id: int):
     """``index`` with ``count`` more entries of random dHash, pHash and fine rows (as many
-    rows each as its entries have on average), bulk-loaded; its keypoints kept."""
-    import tempfile
-
-    from monitor.search.index import LibraryIndex
+    rows each as its entries have on average), bulk-loaded (a load keeps the keypoints of
+    the entries it still holds)."""
     rows = max(1, round(index.rows / max(1, len(index))))
     rng = np.random.default_rng(5)
     n = count * rows
@@ -276,11 +274,9 @@ def with_random_entries(index, count: int, first_id: int):
     dhash = np.concatenate([index.dhash_array(), rng.integers(0, 2**64 - 1, n, dtype=np.uint64)])
     phash = np.concatenate([index.hashes("phash"), rng.integers(0, 2**64 - 1, n, dtype=np.uint64)])
     fine = np.concatenate([index.fine(), rng.integers(0, 2**64 - 1, (n, index.fine().shape[1]), dtype=np.uint64)])
-    big = LibraryIndex(spill_dir=tempfile.gettempdir(), keep_dhash=False)
-    big._keypoints = dict(index._keypoints)  # noqa: SLF001 - a bench reusing the entries' keypoints
-    big.load(ids, {"dhash": dhash, "phash": phash}, fine)
-    print(f"library: + {count:,} random entries ({n:,} rows); {big.rows:,} rows in all", flush=True)
-    return big
+    index.load(ids, {"dhash": dhash, "phash": phash}, fine)
+    print(f"library: + {count:,} random entries ({n:,} rows); {index.rows:,} rows in all", flush=True)
+    return index
 
 
 def views_in_use() -> tuple[str, ...]:
