@@ -9,7 +9,12 @@ library views) and, in turn, an incoming image (with its query views) matched ag
 the other entries: n x (n - 1) unrelated pairs. Printed per tier: false pairs, pair
 false-positive rate (with its 95% upper bound when few or none are seen), the share of
 pictures that would alarm against this library, and that share projected to libraries of
-100,000 and 1,000,000 entries from the pair rate. `--pairs FILE` writes every false pair to
+100,000 and 1,000,000 entries from the pair rate; then the same for the pairs across sources
+only. A picture's source is its file name's first word (up to the first "-" or "_"; in
+shared/corpus-large and shared/corpus, the Debian package's project: `nexuiz`, `0ad`,
+`wesnoth`): pictures of one game share textures and their variants, so pairs inside one
+source hold derivatives, while pairs across sources are unrelated by construction, not by
+our matcher's say. `--pairs FILE` writes every false pair to
 a CSV for review; `bench/false_alarm_review.csv` holds 48 near pairs of corpus-large and
 corpus drawn at random and looked at side by side (one picture's derivatives, or different
 pictures).
@@ -18,9 +23,12 @@ pictures).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,10 @@ def fingerprints(files: list[Path], views: str, keypoints: bool) -> list:
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         return list(pool.map(_fp, [(f, views, keypoints) for f in files], chunksize=32))
+
+
+def source_of(path: Path) -> str:
+    return re.split(r"[-_]", path.name, maxsplit=1)[0]
 
 
 def _fp(args):
@@ -63,17 +75,21 @@ def main() -> None:
         files += found[:args.limit] if args.limit else found
     t = time.perf_counter()
     library = fingerprints(files, "library", True)
-    incoming = fingerprints(files, "query", not args.no_keypoints)
+    incoming = fingerprints(files, "query", False)
+    # keypoints found only for a post that needs them, its mirror image's too: the daemon's way
+    found_later = None if args.no_keypoints else [functools.partial(_file_keypoints, f) for f in files]
     print(f"{len(files):,} pictures from {', '.join(map(str, args.folders))}: fingerprinted "
           f"(library and query views) in {time.perf_counter() - t:.0f} s")
     index = LibraryIndex()
     skipped = 0
     low = set()
+    entry_ids: list[int] = []
     for i, fp in enumerate(library):
         if args.halves and i % 2:
             continue
         if fp.degenerate in (None, "low_detail"):  # low detail: indexed, matched near-identically only
             index.add(i, fp)
+            entry_ids.append(i)
             if fp.degenerate:
                 low.add(i)
         else:
@@ -82,6 +98,10 @@ def main() -> None:
     queries = [i for i, fp in enumerate(incoming) if fp.degenerate in (None, "low_detail")
                and not (args.halves and i % 2 == 0)]
     pairs = len(queries) * (entries - (0 if args.halves else 1))
+    sources = [source_of(f) for f in files]
+    by_source = Counter(sources[i] for i in queries)
+    entry_sources = Counter(sources[i] for i in entry_ids)
+    cross = sum(n * (len(entry_ids) - entry_sources[s]) for s, n in by_source.items())
     print(f"library: {entries:,} entries ({index.rows:,} rows; {len(low)} low-detail, weakly protected; "
           f"{skipped} flat or tiny left out); "
           f"{len(queries):,} incoming pictures; {pairs:,} unrelated pairs")
@@ -89,7 +109,8 @@ def main() -> None:
     for tier in args.tiers.split(","):
         matcher = Matcher(index, PRESETS[tier])
         t = time.perf_counter()
-        found = matcher.match_many([incoming[i] for i in queries])
+        found = matcher.match_many([incoming[i] for i in queries],
+                                   None if found_later is None else [found_later[i] for i in queries])
         spent = time.perf_counter() - t
         false = [(queries[k], m) for k, ms in enumerate(found) for m in ms if m.entry_id != queries[k]]
         alarming = len({q for q, _ in false})
@@ -101,9 +122,17 @@ def main() -> None:
               f"pair FPR {rate:.2e} (95% upper bound {bound:.1e}); "
               f"pictures alarming {alarming / len(queries):.2%}; projected at 100k / 1M entries "
               f"{proj[0]:.1%} / {proj[1]:.1%}; {spent / len(queries) * 1e3:.2f} ms per picture")
+        apart = [(q, m) for q, m in false if sources[q] != sources[m.entry_id]]
+        confirmed = sum(1 for _, m in false if m.inliers is not None)
+        print(f"    across sources: {len(apart)} false pairs of {cross:,} (pair FPR {len(apart) / cross:.2e}, "
+              f"95% upper bound {upper_95(len(apart), cross):.1e}); by keypoints (confirmed or second look) "
+              f"{confirmed} of all {len(false)}")
+        for q, m in apart[:30]:
+            print(f"      {files[q].name} -> {files[m.entry_id].name} ({m.tier} by {m.decided_by}, "
+                  f"score {_score(m)}, inliers {m.inliers})")
         rows += [(tier, files[q], files[m.entry_id], m) for q, m in false]
         if tier == "near":
-            scores = np.array([m.dhash_distance + m.phash_distance + (m.fine_distance or 0) for _, m in false])
+            scores = np.array([_score(m) for _, m in false])
             print("    false pairs by score (dHash + pHash + fine; exact pairs count 0-10 + fine): " + ", ".join(
                 f"<= {t}: {int((scores <= t).sum())}" for t in (40, 60, 80, 100, 120, 139)))
             for q, m in false[:20]:
@@ -119,6 +148,15 @@ def main() -> None:
                 writer.writerow([tier, query, entry, m.tier, m.dhash_distance, m.phash_distance, m.fine_distance,
                                  m.inliers])
         print(f"false pairs written to {args.pairs}")
+
+
+def _score(m) -> int:
+    return m.dhash_distance + m.phash_distance + (m.fine_distance or 0)
+
+
+def _file_keypoints(path: Path, mirrored: bool = False) -> bytes:
+    from monitor.fingerprints import keypoints_of_bytes
+    return keypoints_of_bytes(path.read_bytes(), mirrored=mirrored)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,10 @@ class MatchConfig(_Model):
     loose_score: Annotated[int, Field(ge=0, le=640)] | None = None
     # A post that no tier met gets a second look: its keypoints against its four nearest
     # entries', verified geometrically (crops from one side, shears, warps: held-out
-    # recall 88.8% -> ~98%). ~3.4 ms more for a post that needs it; false turns the look
-    # off (hashes alone, the CPU per post of earlier versions).
+    # recall 88.8% -> ~98%); and a near or loose match the hashes are unsure of (score
+    # above 40) stands only if the keypoints agree too (false pairs between different
+    # pictures: bench/false_alarms.py). ~3.4 ms more for a post that needs either; false
+    # turns both off (hashes alone, the CPU per post and the false alarms of earlier versions).
     keypoints: bool = True
 
     @property

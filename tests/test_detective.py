@@ -5,8 +5,9 @@ taking ``store_location`` run again on PostgreSQL)."""
 import io
 import json
 import shutil
+from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from monitor.fingerprints import fingerprint_bytes
 from monitor.fingerprints.keypoints import KEY_BYTES, unpack_keypoints
@@ -149,21 +150,28 @@ def test_shards_answers_merge_as_one_library_would_answer():
     assert merged_across_shards([]) == []
 
 
-def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_images, other_images):
-    """The one-process daemon passes the image, not its keypoints: a post the hashes
-    match, or one far from every entry, never pays for them."""
+def _lazily(calls: list[bool]):
+    """What the one-process daemon passes: finds a post's keypoints (or its mirror
+    image's) when asked, noting each call in ``calls``."""
     from monitor.fingerprints import keypoints_of_bytes
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index, PRESETS["near"])
-    calls = []
 
-    def lazily(data):
+    def lazily(data: bytes):
         def find(mirrored=False):
             calls.append(mirrored)
             return keypoints_of_bytes(data, mirrored=mirrored)
         return find
+    return lazily
+
+
+def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_images, other_images):
+    """The one-process daemon passes the image, not its keypoints: a post the hashes
+    match, or one far from every entry, never pays for them."""
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    calls: list[bool] = []
+    lazily = _lazily(calls)
 
     same = library_images[0].read_bytes()
     assert 0 in {m.entry_id for m in matcher.match(fingerprint_bytes(same, views="query"), lazily(same))}
@@ -185,6 +193,53 @@ def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_imag
     found = matcher.match(fingerprint_bytes(flipped, views="query"), lazily(flipped))
     assert [(m.decided_by, m.mirrored) for m in found if m.entry_id == 2] == [("keypoints", True)]
     assert True in calls
+
+
+IMAGES = Path(__file__).resolve().parent / "images"
+
+
+def test_unsure_hash_matches_stand_only_where_the_keypoints_agree(library_images):
+    """Two real unrelated textures (tests/images: riveted plate, rusty pipes) meet at near
+    by their hashes alone; their keypoints share no geometry, so the match is dropped. A
+    repost scoring as high is kept, with its inliers; a close copy never asks for keypoints;
+    where the geometry cannot be told (an eagerly sent post's mirror image, an entry stored
+    without keypoints) the hashes' answer stands."""
+    from monitor.search import detective
+    index = LibraryIndex()
+    rocket = next(p for p in library_images if p.name == "library-rocket.jpg")
+    index.add(5, fingerprint_bytes(rocket.read_bytes(), views="library"))
+    index.add(9, fingerprint_bytes((IMAGES / "texture-rustpipes.jpg").read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    rivets = (IMAGES / "texture-rivets.jpg").read_bytes()
+    alone = matcher.match(fingerprint_bytes(rivets, views="query", keypoints=False))
+    assert [(m.entry_id, m.tier, m.decided_by) for m in alone] == [(9, "near", "dhash+phash+fine")]
+    assert detective.needs_confirmation(alone[0])
+    assert matcher.match(fingerprint_bytes(rivets, views="query", keypoints=True)) == []
+    calls: list[bool] = []
+    lazily = _lazily(calls)
+
+    assert matcher.match(fingerprint_bytes(rivets, views="query"), lazily(rivets)) == [] and calls == [False]
+    img = Image.open(rocket).convert("RGB")
+    edited = ImageEnhance.Contrast(img.crop((0, int(img.height * 0.07), img.width, img.height))).enhance(1.5)
+    repost = _jpeg(edited)
+    kept = matcher.match(fingerprint_bytes(repost, views="query", keypoints=True))
+    assert [(m.entry_id, m.decided_by) for m in kept] == [(5, "dhash+phash+fine+keypoints")]
+    assert kept[0].fine_distance is not None and kept[0].inliers >= detective.CONFIRM_INLIERS
+    assert kept[0].dhash_distance + kept[0].phash_distance + kept[0].fine_distance > detective.CONFIRM_ABOVE
+    calls.clear()
+    close = _jpeg(img)
+    assert [(m.entry_id, m.inliers) for m in matcher.match(fingerprint_bytes(close, views="query"), lazily(close))] \
+        == [(5, None)] and calls == []
+    flipped = _jpeg(ImageOps.mirror(edited))
+    eager = matcher.match(fingerprint_bytes(flipped, views="query", keypoints=True))
+    assert [(m.entry_id, m.mirrored, m.inliers) for m in eager] == [(5, True, None)]  # cannot be told: stands
+    lazy = matcher.match(fingerprint_bytes(flipped, views="query"), lazily(flipped))
+    assert [(m.entry_id, m.mirrored) for m in lazy] == [(5, True)] and lazy[0].inliers >= 10 and True in calls
+    bare = LibraryIndex()  # entries from before keypoints were stored: the hashes decide
+    fp = fingerprint_bytes((IMAGES / "texture-rustpipes.jpg").read_bytes(), views="library", keypoints=False)
+    bare.add(9, fp)
+    assert [m.entry_id for m in Matcher(bare, PRESETS["near"]).match(
+        fingerprint_bytes(rivets, views="query", keypoints=True))] == [9]
 
 
 async def test_the_daemon_records_a_second_look_match_and_says_so(store_location, samples):

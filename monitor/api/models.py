@@ -156,8 +156,9 @@ class Match(_Response):
     dhash_distance: int
     phash_distance: int
     fine_distance: int | None
-    keypoint_inliers: int | None = Field(None, description="a match by the second look: keypoint pairs that "
-                                         "agree on one geometry; null for a match by the hashes")
+    keypoint_inliers: int | None = Field(None, description="keypoint pairs that agree on one geometry: a "
+                                         "match by the second look (fine_distance null), or a hash match they "
+                                         "confirmed; null where the hashes alone decided")
     mirrored: bool
     feed: str
     item_id: str
@@ -193,7 +194,7 @@ class CheckMatch(_Response):
     fine_distance_bits: int | None
     mirrored: bool
     decided_by: str
-    keypoint_inliers: int | None = None  # a match by the second look: keypoint pairs that agree
+    keypoint_inliers: int | None = None  # keypoint pairs that agree: a second look's match, or a confirmed one
 
 
 class CheckResult(_Response):

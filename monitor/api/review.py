@@ -50,7 +50,7 @@ async def review(request: web.Request) -> web.Response:
             r.library_view_dhash, r.repost_view_dhash if r.library_view_dhash is not None else None,
             r.dhash_distance, r.phash_distance,
             ("mirrored; " if r.mirrored else "")
-            + (f"by keypoints: {r.keypoint_inliers} pairs agree; " if r.keypoint_inliers is not None else "")
+            + (f"keypoints: {r.keypoint_inliers} pairs agree; " if r.keypoint_inliers is not None else "")
             + (f"no alert: {r.suppressed}" if r.suppressed else ""),
             r.id, r.verdict,
             right_link=r.page_url if r.page_url and r.page_url.startswith(("http://", "https://")) else None,

@@ -21,10 +21,14 @@ KEY_MIN_SIDE = 240      # px, the short side of the decode they are found on (th
 MAX_KEYPOINTS = 256     # ~9 KB per picture stored; 500 verified no more of bench/heldout.py's reposts
 DESCRIPTOR_BYTES = 32
 KEY_BYTES = 4 + DESCRIPTOR_BYTES
-FAST_THRESHOLD = 10     # OpenCV's default 20 finds too few corners in soft pictures
+# Corner contrast: OpenCV's default 20 finds too few corners in soft pictures; a smooth one
+# (wood grain, a sky, stripes) that finds fewer than ENOUGH is searched again, finer, so
+# that its keypoints can still tell it from a look-alike (monitor/search/detective.py)
+FAST_THRESHOLDS = (10, 4, 1)
+ENOUGH = 32
 
 cv2.setNumThreads(1)    # the fingerprint workers are the parallelism; OpenCV's own pool would fight them
-_orb = cv2.ORB_create(nfeatures=MAX_KEYPOINTS, fastThreshold=FAST_THRESHOLD)
+_orbs = [cv2.ORB_create(nfeatures=MAX_KEYPOINTS, fastThreshold=t) for t in FAST_THRESHOLDS]
 
 
 def keypoint_copy(grey: Image.Image) -> np.ndarray:
@@ -40,7 +44,12 @@ def find_keypoints(grey: Image.Image, mirrored: bool = False) -> bytes:
     """The packed keypoints of a greyscale picture, or of its mirror image (ORB's
     descriptors are not mirror-invariant); b"" when it has none."""
     copy = keypoint_copy(grey)
-    points, descriptors = _orb.detectAndCompute(np.ascontiguousarray(copy[:, ::-1]) if mirrored else copy, None)
+    if mirrored:
+        copy = np.ascontiguousarray(copy[:, ::-1])
+    for orb in _orbs:
+        points, descriptors = orb.detectAndCompute(copy, None)
+        if descriptors is not None and len(points) >= ENOUGH:
+            break
     if descriptors is None or not points:
         return b""
     xy = np.array([p.pt for p in points], np.float16).view(np.uint8).reshape(-1, 4)

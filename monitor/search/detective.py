@@ -10,11 +10,18 @@ bits, nearest against second nearest, Lowe's ratio test), and the pairs must agr
 similarity transform (rotation, scale, shift: OpenCV's RANSAC). Unrelated pictures share
 a few chance pairs but not one geometry; a repost shares dozens.
 
+The same check confirms the hashes' own unsure answers: a near or loose match whose score
+(dHash + pHash + fine) is above CONFIRM_ABOVE stands only if the two pictures' keypoints
+agree on one geometry too. Nearly all false pairs of real unrelated pictures are such
+matches (two grass tiles, two cloudy skies: bench/false_alarms.py): their keypoints share
+no geometry, while a repost's do.
+
 Pure computation on arrays: no I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +43,11 @@ RANSAC_PX = 4.0         # px at KEY_SIDE: how far a pair may land from the trans
 MIN_SCALE, MAX_SCALE = 0.25, 4.0  # a repost is not a thumbnail's corner blown up 10x
 MIDDLE = 0.5            # the middle half (each way) of the entry's keypoints' extent...
 MIN_MIDDLE_INLIERS = 5  # ... holds at least this many of the pairs that agree
+MIN_KEYPOINTS = 8       # fewer on either side: no geometry agrees
+# A hash match scoring above this (dHash + pHash + fine, of 640 bits) needs its keypoints'
+# agreement: no false pair of bench/false_alarms.py's 44.8M scores at or below it...
+CONFIRM_ABOVE = 40
+CONFIRM_INLIERS = 10    # ... and the hashes already agree, so fewer pairs than MIN_INLIERS confirm
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +102,7 @@ def _pairs(query: Keypoints, entry: Keypoints) -> tuple[np.ndarray, np.ndarray]:
 def inliers(query: Keypoints, entry: Keypoints) -> int:
     """How many descriptor pairs agree on one similarity transform of ``query`` onto
     ``entry`` (0 when there are too few pairs, or the transform is no repost's)."""
-    if len(query) < 8 or len(entry) < 8:
+    if len(query) < MIN_KEYPOINTS or len(entry) < MIN_KEYPOINTS:
         return 0
     qi, ei = _pairs(query, entry)
     if qi.size < 6:
@@ -135,12 +147,16 @@ def nearest_candidates(owner: np.ndarray, entry: np.ndarray, dhash: np.ndarray, 
     return out
 
 
+_NONE_FOUND = Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, 4), np.uint64))
+
+
 def _query_keypoints(found: bytes | Callable[..., bytes], mirrored: bool) -> Keypoints | None:
-    """A post's keypoints, or its mirror image's: packed (unmirrored only), or found now."""
+    """A post's keypoints, or its mirror image's: packed (unmirrored only), or found now;
+    None when they are not at hand (a smooth picture's none found is no keypoints, not None)."""
     if not callable(found):
-        return None if mirrored else Keypoints.of(found)
+        return None if mirrored else Keypoints.of(found) or _NONE_FOUND
     try:
-        return Keypoints.of(found(mirrored=mirrored))
+        return Keypoints.of(found(mirrored=mirrored)) or _NONE_FOUND
     except (ValueError, OSError, cv2.error):  # a larger decode that fails: the hashes' answer stands
         return None
 
@@ -156,6 +172,25 @@ def _stored_keypoints(entry_id: int, blob: bytes) -> Keypoints | None:
         return None
 
 
+def _geometries(queries: dict[int, bytes | Callable[..., bytes]], wanted: dict[int, list[tuple[int, bool]]],
+                read: Callable[[list[int]], dict[int, bytes]]) -> dict[tuple[int, int, bool], int | None]:
+    """Per (query, entry id, mirrored) of ``wanted``: the inliers of that pair (0 where
+    either side has too few keypoints: a sky, a gradient, stripes), or None where the
+    geometry cannot be told (either side's keypoints not at hand). The query's keypoints
+    (or its mirror image's) are found once, and only when a pair asks for them."""
+    stored = {e: _stored_keypoints(e, blob)
+              for e, blob in read(sorted({e for pairs in wanted.values() for e, _ in pairs})).items()}
+    out: dict[tuple[int, int, bool], int | None] = {}
+    for q, pairs in wanted.items():
+        views: dict[bool, Keypoints | None] = {}
+        for e, mirrored in pairs:
+            if mirrored not in views:
+                views[mirrored] = _query_keypoints(queries[q], mirrored)
+            query, entry = views[mirrored], stored.get(e)
+            out[q, e, mirrored] = inliers(query, entry) if query is not None and entry is not None else None
+    return out
+
+
 def second_look(queries: dict[int, bytes | Callable[..., bytes]],
                 candidates: dict[int, list[tuple[int, int, int, bool]]],
                 read: Callable[[list[int]], dict[int, bytes]]) -> dict[int, list[tuple[int, int, int, bool, int]]]:
@@ -164,27 +199,53 @@ def second_look(queries: dict[int, bytes | Callable[..., bytes]],
     finds them (``mirrored=`` True: of the mirror image), called only for a query with
     candidates, and for its mirror image only if a candidate met that: a post far from
     every entry costs nothing. ``read(ids)`` gives entries' stored keypoints."""
-    stored = {e: _stored_keypoints(e, blob)
-              for e, blob in read(sorted({c[0] for chosen in candidates.values() for c in chosen})).items()}
+    told = _geometries(queries, {q: [(c[0], c[3]) for c in chosen] for q, chosen in candidates.items()}, read)
     out: dict[int, list[tuple[int, int, int, bool, int]]] = {}
     for q, chosen in candidates.items():
-        views: dict[bool, Keypoints | None] = {}
-        for e, d, p, mirrored in chosen:
-            if mirrored not in views:
-                views[mirrored] = _query_keypoints(queries[q], mirrored)
-            query, entry = views[mirrored], stored.get(e)
-            n = inliers(query, entry) if query is not None and entry is not None else 0
-            if n >= MIN_INLIERS:
-                out.setdefault(q, []).append((e, d, p, mirrored, n))
-        if q in out:
-            out[q].sort(key=lambda found: -found[4])
+        found = [(e, d, p, mirrored, told[q, e, mirrored] or 0) for e, d, p, mirrored in chosen]
+        found = sorted((c for c in found if c[4] >= MIN_INLIERS), key=lambda c: -c[4])
+        if found:
+            out[q] = found
     return out
+
+
+def needs_confirmation(match) -> bool:
+    """Whether a hash match (a :class:`~monitor.search.matcher.Match`) stands only with its
+    keypoints' agreement: not exact, scored with fine hashes, above CONFIRM_ABOVE."""
+    if match.tier == "exact" or match.fine_distance is None or match.inliers is not None:
+        return False
+    return match.dhash_distance + match.phash_distance + match.fine_distance > CONFIRM_ABOVE
+
+
+def confirmed(found: dict[int, list], sources: dict[int, bytes | Callable[..., bytes]],
+              read: Callable[[list[int]], dict[int, bytes]]) -> tuple[dict[int, list], dict[int, set[int]]]:
+    """``found`` (hash matches per query: :class:`~monitor.search.matcher.Match` lists) with
+    every match that :func:`needs_confirmation` checked: kept with its inliers when the
+    geometry agrees, or as it is when that cannot be told; dropped when it does not. Also
+    returns the entries dropped per query. ``sources``: each query's keypoints, or what
+    finds them; a query without any keeps the hashes' answer."""
+    wanted = {q: [(m.entry_id, m.mirrored) for m in matches if needs_confirmation(m)]
+              for q, matches in found.items() if q in sources}
+    wanted = {q: pairs for q, pairs in wanted.items() if pairs}
+    if not wanted:
+        return found, {}
+    told = _geometries(sources, wanted, read)
+    out: dict[int, list] = {}
+    rejected: dict[int, set[int]] = {}
+    for q, matches in found.items():
+        for m in matches:
+            n = told.get((q, m.entry_id, m.mirrored))
+            if n is not None and n < CONFIRM_INLIERS:
+                rejected.setdefault(q, set()).add(m.entry_id)
+            else:
+                out.setdefault(q, []).append(m if n is None else dataclasses.replace(m, inliers=n))
+    return out, rejected
 
 
 def merged_across_shards(matches: list) -> list:
     """Shards' answers for one post, merged as one library would have answered: a post
     that some shard met by its hashes got no second look there, so keypoint matches
     other shards found for it are dropped."""
-    if any(m.inliers is None for m in matches):
-        return [m for m in matches if m.inliers is None]
+    if any(not m.by_second_look for m in matches):
+        return [m for m in matches if not m.by_second_look]
     return matches

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -30,6 +29,7 @@ from monitor.search import detective
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
 from monitor.search.radius import pairs_within
+from monitor.search.rows import PairMatches, QueryRows, best_per_pair, fine_words, query_rows
 from monitor.search.tiers import (
     EXACT,
     FINE_CANDIDATE_SUM,
@@ -59,45 +59,28 @@ class Match:
     # showing which bits differ; the whole pictures' hashes may be far apart.
     query_dhash: int | None = None
     library_dhash: int | None = None
-    inliers: int | None = None  # keypoint pairs that agree on one geometry (monitor/search/detective.py)
+    # keypoint pairs that agree on one geometry (monitor/search/detective.py): a match by
+    # the second look, or a hash match the keypoints confirmed
+    inliers: int | None = None
+
+    @property
+    def by_second_look(self) -> bool:
+        """Found by keypoints alone (the second look scores no fine hashes; every
+        hash match the keypoints confirm was scored with them)."""
+        return self.inliers is not None and self.fine_distance is None
 
     @property
     def decided_by(self) -> str:
-        if self.inliers is not None:
+        if self.by_second_look:
             return "keypoints"
         if self.tier == "threshold":
             return "dhash"
-        return "dhash+phash" if self.fine_distance is None else "dhash+phash+fine"
-
-
-@dataclass(frozen=True, slots=True)
-class PairMatches:
-    """Batch results as parallel arrays (one row per matching pair)."""
-    query: np.ndarray        # index into the query list
-    entry_id: np.ndarray
-    tier: np.ndarray         # index into Matcher.tiers
-    dhash_distance: np.ndarray
-    phash_distance: np.ndarray
-    mirrored: np.ndarray
-    fine_distance: np.ndarray  # -1 where the pair was decided without fine hashes
-    query_dhash: np.ndarray    # the dHashes of the two views that met
-    library_dhash: np.ndarray
-
-    def _take(self, keep) -> PairMatches:
-        return PairMatches(*(a[keep] for a in (self.query, self.entry_id, self.tier, self.dhash_distance,
-                                               self.phash_distance, self.mirrored, self.fine_distance,
-                                               self.query_dhash, self.library_dhash)))
+        hashes = "dhash+phash" if self.fine_distance is None else "dhash+phash+fine"
+        return hashes if self.inliers is None else hashes + "+keypoints"
 
 
 def _score(m: Match) -> int:
     return m.dhash_distance + m.phash_distance + (m.fine_distance or 0)
-
-
-def fine_words(fp) -> np.ndarray | None:
-    """(2, FINE_WORDS) uint64: the fine hashes of a fingerprint and its mirror, or None."""
-    if not fp.fine:
-        return None
-    return np.frombuffer(fp.fine + fp.fine_mirror, "<u8").astype(np.uint64).reshape(2, -1)
 
 
 @njit(cache=True, nogil=True)
@@ -262,18 +245,16 @@ class Matcher:
                                           self.index.fine_of, self.index.low_detail(), low)
             ids = self.index.ids[pl[at]]
             lib_views = self.index.dhash_of(pl[at])
-            met = set(owner[pq[at]].tolist())
-            unsure = {i: views[0].keypoints or keypoints[i] for i, views, _ in group
-                      if i not in met and (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
-            if unsure and self._second_look_tier is not None:
+            # posts that may end with no match (none yet, or only matches the keypoints must
+            # confirm) get their nearest entries ready for a second look
+            sources = {i: views[0].keypoints or keypoints[i] for i, views, _ in group
+                       if (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
+            if sources and self._second_look_tier is not None:
                 near = np.flatnonzero(self.index.low_detail()[pl] == 0)  # full-detail entries only
                 candidates = detective.nearest_candidates(
                     owner[pq[near]], self.index.ids[pl[near]], pd[near].astype(np.int64),
                     np.bitwise_count(qp[pq[near]] ^ self.index.hashes("phash")[pl[near]]).astype(np.int64),
-                    pq[near] % 2 == 1, set(unsure), {q for q, found in unsure.items() if callable(found)})
-        if unsure and self._second_look_tier is not None:
-            for query, found in detective.second_look(unsure, candidates, self.index.keypoints_of).items():
-                out[query] += [Match(e, self._second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in found]
+                    pq[near] % 2 == 1, set(sources), {q for q, found in sources.items() if callable(found)})
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]
@@ -284,9 +265,22 @@ class Matcher:
             old = best.get(key)
             if old is None or rank < old[0]:
                 best[key] = (rank, m)
+        found: dict[int, list[Match]] = {}
         for (query, _), (_, m) in sorted(best.items(), key=lambda x: (x[0][0], x[1][0][0], x[1][1].dhash_distance,
                                                                          x[1][1].entry_id)):
-            out[query].append(m)
+            found.setdefault(query, []).append(m)
+        found, rejected = self.confirmed(found, sources)
+        for query, matches in found.items():
+            out[query] += matches
+        if sources and self._second_look_tier is not None:
+            unmet = {q: [c for c in chosen if c[0] not in rejected.get(q, ())]
+                     for q, chosen in candidates.items() if not found.get(q)}
+            for query, looked in detective.second_look(sources, unmet, self.index.keypoints_of).items():
+                out[query] += [Match(e, self._second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in looked]
+
+    def confirmed(self, found: dict[int, list[Match]], sources: dict) -> tuple[dict[int, list[Match]], dict]:
+        """:func:`detective.confirmed` against this library's keypoints."""
+        return detective.confirmed(found, sources, self.index.keypoints_of)
 
     def match_batch(self, dhash: np.ndarray, phash: np.ndarray, dhash_mirror: np.ndarray,
                     phash_mirror: np.ndarray, *, best_only: bool = False,
@@ -320,7 +314,7 @@ class Matcher:
         res = PairMatches(q, ids[pl], tier, pd[at].astype(np.int64), p, pq >= m, f, queries[pq], lib_d[pl])
         if not mirrored:  # mirrored copies do not count: drop them before the best per pair is kept
             res = res._take(~res.mirrored)
-        return _best_per_pair(res, best_only)
+        return best_per_pair(res, best_only)
 
     def matches_of(self, pairs: PairMatches) -> dict[int, list[Match]]:
         """A batch result as :class:`Match` lists per query index: the one conversion."""
@@ -338,50 +332,6 @@ class Matcher:
         return self.match_batch(rows.dhash, rows.phash, rows.dhash_mirror, rows.phash_mirror,
                                 owners=rows.owners, fine=rows.fine, fine_mirror=rows.fine_mirror,
                                 **kwargs)
-
-
-class QueryRows(NamedTuple):
-    dhash: np.ndarray
-    phash: np.ndarray
-    dhash_mirror: np.ndarray
-    phash_mirror: np.ndarray
-    owners: np.ndarray
-    fine: np.ndarray         # (rows, FINE_WORDS); zero rows where unknown
-    fine_mirror: np.ndarray
-
-
-def query_rows(fps: list[Fingerprint]) -> QueryRows:
-    """Arrays over every view of every fingerprint, for :meth:`Matcher.match_rows`."""
-    rows, owners, fines = [], [], []
-    zero = np.zeros((2, FINE_WORDS), np.uint64)
-    for i, fp in enumerate(fps):
-        for view in (fp, *fp.views):
-            rows.append((view.dhash, view.phash, view.dhash_mirror, view.phash_mirror))
-            owners.append(i)
-            f = fine_words(view)
-            fines.append(zero if f is None else f)
-    table = np.array(rows, np.uint64).reshape(-1, 4)
-    fine = np.array(fines, np.uint64).reshape(-1, 2, FINE_WORDS)
-    return QueryRows(table[:, 0], table[:, 1], table[:, 2], table[:, 3], np.array(owners, np.int64),
-                     fine[:, 0], fine[:, 1])
-
-
-def _best_per_pair(res: PairMatches, best_only: bool) -> PairMatches:
-    """One row per (query, entry) (the better of plain/mirrored), or one row
-    per query with ``best_only``; sorted by query, tier, distance."""
-    score = res.dhash_distance + res.phash_distance + np.maximum(res.fine_distance, 0)
-    res = res._take(np.lexsort((res.mirrored, score, res.tier, res.entry_id, res.query)))
-    if res.query.size:
-        key_new = np.ones(res.query.size, bool)
-        key_new[1:] = (res.query[1:] != res.query[:-1]) | (res.entry_id[1:] != res.entry_id[:-1])
-        res = res._take(key_new)
-    score = res.dhash_distance + res.phash_distance + np.maximum(res.fine_distance, 0)
-    res = res._take(np.lexsort((res.entry_id, score, res.tier, res.query)))
-    if best_only and res.query.size:
-        first = np.ones(res.query.size, bool)
-        first[1:] = res.query[1:] != res.query[:-1]
-        res = res._take(first)
-    return res
 
 
 def warm_up() -> None:

@@ -98,14 +98,15 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     comparisons = 2 * rows_in.dhash.size * library.index.rows  # every view, plain and mirrored
     print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
     per_query = matcher.matches_of(pairs)
-    if not whole_pictures:  # as the daemon: a second look for the inputs no tier met
+    if not whole_pictures:  # as the daemon: unsure matches confirmed by keypoints, a second look
+        sources = {q: functools.partial(_file_keypoints, r.path) for q, r in enumerate(good)}
+        per_query = {q: found for q, found in matcher.confirmed(per_query, sources)[0].items() if found}
         missing = [q for q in range(len(good)) if q not in per_query]
-        looked = matcher.match_many([queries[q] for q in missing],
-                                    [functools.partial(_file_keypoints, good[q].path) for q in missing])
+        looked = matcher.match_many([queries[q] for q in missing], [sources[q] for q in missing])
         for q, found in zip(missing, looked, strict=True):
-            by_keypoints = [m for m in found if m.inliers is not None]
-            if by_keypoints:
-                per_query[q] = by_keypoints[:1] if best else by_keypoints
+            found = [m for m in found if mirrored or not m.mirrored]
+            if found:
+                per_query[q] = found[:1] if best else found
     entries = library.entries_by_id([m.entry_id for found in per_query.values() for m in found])
     rows = [MatchRow(str(good[q].path), entries[m.entry_id].source, entries[m.entry_id].label, m)
             for q, found in sorted(per_query.items()) for m in found]
@@ -122,7 +123,7 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
             m = r.match
             flip = " mirrored" if m.mirrored else ""
             fine = f", fine {m.fine_distance}/512" if m.fine_distance is not None else ""
-            fine = f", {m.inliers} keypoints agree" if m.inliers is not None else fine
+            fine += f", {m.inliers} keypoints agree" if m.inliers is not None else ""
             print(f"[match] dist={m.dhash_distance}/64 bits (pHash {m.phash_distance}/64{fine}, "
                   f"{m.tier}{flip}) {r.library} -> {r.input}", file=out)
     elif fmt == "csv":
