@@ -21,7 +21,7 @@ from monitor.fingerprints.core import (
     from_hex,
     to_hex,
 )
-from monitor.fingerprints.keypoints import KEY_MIN_SIDE, find_keypoints
+from monitor.fingerprints.keypoints import ENTRY_KEYPOINTS, KEY_MIN_SIDE, QUERY_KEYPOINTS, find_keypoints
 from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
 
 __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
@@ -40,20 +40,23 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
     fp = _fingerprint_views(data, grey, size, fast, max_pixels, views)
     if (keypoints if keypoints is not None else views == "library") and fp.degenerate in (None, "low_detail"):
+        limit = ENTRY_KEYPOINTS if views == "library" else QUERY_KEYPOINTS
         fp = dataclasses.replace(fp, keypoints=keypoints_of_bytes(data, fast=fast, max_pixels=max_pixels,
-                                                                  grey=grey, size=size))
+                                                                  grey=grey, size=size, limit=limit))
     return fp
 
 
 def keypoints_of_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       grey=None, size: tuple[int, int] | None = None, mirrored: bool = False) -> bytes:
+                       grey=None, size: tuple[int, int] | None = None, mirrored: bool = False,
+                       limit: int = QUERY_KEYPOINTS) -> bytes:
     """An encoded image's packed keypoints (monitor/fingerprints/keypoints.py), or its
     mirror image's, decoded larger than for the hashes: corners need pixels. ``grey`` and
     ``size``: the hashes' decode, used as it is when it is large enough (a small picture,
-    a PNG decoded whole)."""
+    a PNG decoded whole). ``limit``: at most this many (a post's by default; a library
+    entry's are ENTRY_KEYPOINTS)."""
     if grey is None or not (min(grey.size) >= KEY_MIN_SIDE or grey.size == size):
         grey = decode_grey(data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
-    return find_keypoints(grey, mirrored)
+    return find_keypoints(grey, mirrored, limit)
 
 
 def _fingerprint_views(data: bytes, grey, size: tuple[int, int], fast: bool, max_pixels: int,
