@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import os
 import random
@@ -223,7 +224,7 @@ def pdq(data: bytes):
 
 def ours(data: bytes, library_side: bool):
     """Every view, exactly as the monitor fingerprints an entry or an incoming image."""
-    fp = fingerprint_bytes(data, views="library" if library_side else "query", keypoints=True)
+    fp = fingerprint_bytes(data, views="library" if library_side else "query")  # a post's keypoints: lazily
     return [dataclasses.replace(fp, views=()), *fp.views]
 
 
@@ -264,8 +265,9 @@ def score_ours(q_fps, l_fps, views: bool, fine: bool = False) -> np.ndarray:
     return best
 
 
-def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
+def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries: list[bytes], distractors: list[bytes]) -> None:
     """What ships: monitor.search.matcher.Matcher with its tiers on the same images."""
+    from monitor.fingerprints import keypoints_of_bytes
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     index = LibraryIndex()
@@ -274,12 +276,14 @@ def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
     print("\n== the shipped matcher (monitor.search.matcher tiers: exact, near, loose) ==")
     for tier in ("exact", "near", "loose"):
         matcher = Matcher(index, PRESETS[tier])
-        # as the daemon matches a post: every view, and the second look (keypoints) for
-        # a post no tier met
-        found = matcher.match_many([dataclasses.replace(v[0], views=tuple(v[1:])) for v in q_o])
+        # as the daemon matches a post: every view; its keypoints found only if it needs them
+        # (a second look for a post no tier met, an unsure match confirmed)
+        found = matcher.match_many([dataclasses.replace(v[0], views=tuple(v[1:])) for v in q_o],
+                                   [functools.partial(keypoints_of_bytes, b) for b in queries])
         hit = np.array([any(m.entry_id == truth_a[q] for m in ms) for q, ms in enumerate(found)])
         wrong = sum(m.entry_id != truth_a[q] for q, ms in enumerate(found) for m in ms)
-        dfound = matcher.match_many([dataclasses.replace(v[0], views=tuple(v[1:])) for v in d_o])
+        dfound = matcher.match_many([dataclasses.replace(v[0], views=tuple(v[1:])) for v in d_o],
+                                    [functools.partial(keypoints_of_bytes, b) for b in distractors])
         alarming = sum(1 for ms in dfound if ms)
         pairs = len(q_o) * (len(lib_o) - 1) + len(d_o) * len(lib_o)
         fams = defaultdict(list)
@@ -290,12 +294,14 @@ def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families) -> None:
               + ", ".join(f"{f} {np.mean(v):.0%}" for f, v in fams.items()))
 
 
-def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300) -> None:
-    """Time per incoming image of what the monitor does (all query views, the
-    matcher over a library of ``entries`` entries with all their views) against a
-    plain dHash fingerprint and one kernel pass over one row per entry, timed in
-    turns on the same images (a shared VM's speed drifts)."""
-    from monitor.fingerprints import Fingerprint
+def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 100_000, sample: int = 300) -> None:
+    """Time per incoming image of what the one-process daemon does (all query views, then
+    the matcher over a library of ``entries`` entries with all their views, the post's
+    keypoints found only if it needs them) against a plain dHash fingerprint and one
+    kernel pass over one row per entry, timed in turns on the same images (a shared VM's
+    speed drifts). Reposts (each near its entry: many need keypoints) and unrelated posts
+    (most of any feed) are timed apart, each also with the hashes alone."""
+    from monitor.fingerprints import Fingerprint, keypoints_of_bytes
     from monitor.search import tiled as kernel
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
@@ -316,31 +322,37 @@ def cost(queries: list[bytes], lib_o, entries: int = 100_000, sample: int = 300)
     warm_up(None)
     # A seeded random sample: a stride would pick the same few of the 39
     # transformations over and over (the queries come library picture by picture).
-    picked = [queries[i] for i in sorted(rng.choice(len(queries), min(sample, len(queries)),
-                                                    replace=False))]
-    spent: dict[str, float] = defaultdict(float)
+    picked = {kind: [pool[i] for i in sorted(rng.choice(len(pool), min(sample, len(pool)), replace=False))]
+              for kind, pool in (("reposts", queries), ("unrelated posts", distractors))}
+    n = min(len(v) for v in picked.values())
+    picked = {kind: images[:n] for kind, images in picked.items()}
+    spent: dict[tuple, float] = defaultdict(float)
     clock = time.perf_counter
-    for data in picked:
-        t = clock()
-        kernel.within(np.uint64(fingerprint_bytes(data).dhash), plain_rows, 10)
-        spent["plain"] += clock() - t
-        for keypoints in (False, True):  # [match] keypoints off, and on (the default)
+    for turn in zip(*picked.values(), strict=True):  # reposts and unrelated posts in turns too
+        for kind, data in zip(picked, turn, strict=True):
             t = clock()
-            fp = fingerprint_bytes(data, views="query", keypoints=keypoints)
-            spent["fingerprint", keypoints] += clock() - t
+            kernel.within(np.uint64(fingerprint_bytes(data).dhash), plain_rows, 10)
+            spent[kind, "plain"] += clock() - t
+            t = clock()
+            fp = fingerprint_bytes(data, views="query")
+            spent[kind, "fingerprint"] += clock() - t
             for name, matcher in matchers.items():
                 t = clock()
-                matcher.match(fp)
-                spent[name, keypoints] += clock() - t
-    n = len(picked)
+                matcher.match(fp, functools.partial(keypoints_of_bytes, data))  # [match] keypoints = true
+                spent[kind, name, True] += clock() - t
+                t = clock()
+                matcher.match(fp)  # keypoints = false: the hashes alone
+                spent[kind, name, False] += clock() - t
     ms = {k: v / n * 1e3 for k, v in spent.items()}
-    for keypoints, what in ((True, "with the second look (keypoints, the default)"), (False, "hashes alone")):
-        near, loose = (ms["fingerprint", keypoints] + ms[t, keypoints] for t in ("near", "loose"))
-        print(f"cost per incoming image, {entries:,}-entry library ({index.rows:,} rows with views), {what}: "
-              f"plain dHash + one kernel pass {ms['plain']:.2f} ms; ours: all query views "
-              f"{ms['fingerprint', keypoints]:.2f} ms + matcher {ms['near', keypoints]:.2f} ms (near) / "
-              f"{ms['loose', keypoints]:.2f} ms (loose) = {near / ms['plain']:.2f}x / {loose / ms['plain']:.2f}x",
-              flush=True)
+    print(f"cost per incoming image, {entries:,}-entry library ({index.rows:,} rows with views), {n} of each kind, "
+          f"against a plain dHash + one kernel pass:", flush=True)
+    for kind in picked:
+        plain, fp = ms[kind, "plain"], ms[kind, "fingerprint"]
+        for keypoints, what in ((True, "keypoints as needed (the default)"), (False, "hashes alone")):
+            near, loose = (ms[kind, t, keypoints] for t in ("near", "loose"))
+            print(f"    {kind}, {what}: plain {plain:.2f} ms; ours: all query views {fp:.2f} ms + matcher "
+                  f"{near:.2f} ms (near) / {loose:.2f} ms (loose) = {(fp + near) / plain:.2f}x / "
+                  f"{(fp + loose) / plain:.2f}x", flush=True)
     print(f"memory per entry: {per_entry} rows x (8 bytes of bit-planes + 8 of pHash + 4 of id + 1 flag in RAM, "
           f"64 of fine hashes in RAM or a file), keypoints ~9 KB in the store")
 
@@ -415,10 +427,10 @@ def main() -> None:
           f"({np.mean([len(f) for f in q_o]):.2f} views), {t_lib / len(lib_bytes) * 1e3:.1f} ms per library "
           f"entry ({np.mean([len(f) for f in lib_o]):.2f} views)", flush=True)
 
-    cost(queries, lib_o)
+    cost(queries, distractors, lib_o)
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _) in transforms.items()}
-    product_tiers(lib_o, q_o, d_o, truth_a, kinds, families)
+    product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries, distractors)
     # 2.5e-5: the pair rate at which <= 0.5% of unrelated posts alarm against 200 entries
     for fpr in (1e-3, 1e-4, 2.5e-5):
         print(f"\n== threshold at pair false-positive rate <= {fpr:.2%} ==")

@@ -6,7 +6,8 @@ blobs of the picture stay where the picture is. ORB (OpenCV) finds up to MAX_KEY
 them on a copy KEY_SIDE px on its long side, each with a 256-bit binary descriptor.
 
 Stored form (bytes, the one place that knows it): per keypoint its x and y in that copy's
-pixels as float16, then its 32 descriptor bytes; the count is the length / KEY_BYTES.
+pixels as float16, then its 32 descriptor bytes, strongest corner first; the count is the
+length / KEY_BYTES.
 Pure functions: no I/O.
 """
 
@@ -58,8 +59,10 @@ def find_keypoints(grey: Image.Image, mirrored: bool = False, limit: int = QUERY
             break
     if descriptors is None or not points:
         return b""
-    xy = np.array([p.pt for p in points], np.float16).view(np.uint8).reshape(-1, 4)
-    return np.hstack([xy, descriptors]).tobytes()
+    # strongest first: the first N of them are (about) the N that ORB would keep
+    order = np.argsort([-p.response for p in points], kind="stable")
+    xy = np.array([points[i].pt for i in order], np.float16).view(np.uint8).reshape(-1, 4)
+    return np.hstack([xy, descriptors[order]]).tobytes()
 
 
 def unpack_keypoints(blob: bytes) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from numba import njit
 
-from monitor.fingerprints.keypoints import unpack_keypoints
+from monitor.fingerprints.keypoints import KEY_BYTES, unpack_keypoints
 from monitor.search.popcount import popcount64
 
 log = logging.getLogger("repost_monitor.search")
@@ -44,6 +44,10 @@ MIN_SCALE, MAX_SCALE = 0.25, 4.0  # a repost is not a thumbnail's corner blown u
 MIDDLE = 0.5            # the middle half (each way) of the entry's keypoints' extent...
 MIN_MIDDLE_INLIERS = 5  # ... holds at least this many of the pairs that agree
 MIN_KEYPOINTS = 8       # fewer on either side: no geometry agrees
+# A second look pairs the post's strongest this many (of up to QUERY_KEYPOINTS) with each of
+# its four candidates, most of them wrong: half the pairing, the same recall (bench/heldout.py's
+# tuning half; 256: 0.4 points less); a confirmation (one entry the hashes met) pairs them all.
+SECOND_LOOK_KEYPOINTS = 512
 # A hash match scoring above this (dHash + pHash + fine, of 640 bits) needs its keypoints'
 # agreement: no false pair of bench/false_alarms.py's 44.8M scores at or below it...
 CONFIRM_ABOVE = 40
@@ -150,13 +154,15 @@ def nearest_candidates(owner: np.ndarray, entry: np.ndarray, dhash: np.ndarray, 
 _NONE_FOUND = Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, 4), np.uint64))
 
 
-def _query_keypoints(found: bytes | Callable[..., bytes], mirrored: bool) -> Keypoints | None:
+def _query_keypoints(found: bytes | Callable[..., bytes], mirrored: bool, strongest: int | None) -> Keypoints | None:
     """A post's keypoints, or its mirror image's: packed (unmirrored only), or found now;
-    None when they are not at hand (a smooth picture's none found is no keypoints, not None)."""
-    if not callable(found):
-        return None if mirrored else Keypoints.of(found) or _NONE_FOUND
+    the ``strongest`` first of them only where given. None when they are not at hand (a
+    smooth picture's none found is no keypoints, not None)."""
+    if mirrored and not callable(found):
+        return None
     try:
-        return Keypoints.of(found(mirrored=mirrored)) or _NONE_FOUND
+        blob = found(mirrored=mirrored) if callable(found) else found
+        return Keypoints.of(blob[:strongest * KEY_BYTES] if strongest else blob) or _NONE_FOUND
     except (ValueError, OSError, cv2.error):  # a larger decode that fails: the hashes' answer stands
         return None
 
@@ -173,7 +179,8 @@ def _stored_keypoints(entry_id: int, blob: bytes) -> Keypoints | None:
 
 
 def _geometries(queries: dict[int, bytes | Callable[..., bytes]], wanted: dict[int, list[tuple[int, bool]]],
-                read: Callable[[list[int]], dict[int, bytes]]) -> dict[tuple[int, int, bool], int | None]:
+                read: Callable[[list[int]], dict[int, bytes]],
+                strongest: int | None = None) -> dict[tuple[int, int, bool], int | None]:
     """Per (query, entry id, mirrored) of ``wanted``: the inliers of that pair (0 where
     either side has too few keypoints: a sky, a gradient, stripes), or None where the
     geometry cannot be told (either side's keypoints not at hand). The query's keypoints
@@ -185,7 +192,7 @@ def _geometries(queries: dict[int, bytes | Callable[..., bytes]], wanted: dict[i
         views: dict[bool, Keypoints | None] = {}
         for e, mirrored in pairs:
             if mirrored not in views:
-                views[mirrored] = _query_keypoints(queries[q], mirrored)
+                views[mirrored] = _query_keypoints(queries[q], mirrored, strongest)
             query, entry = views[mirrored], stored.get(e)
             out[q, e, mirrored] = inliers(query, entry) if query is not None and entry is not None else None
     return out
@@ -199,7 +206,8 @@ def second_look(queries: dict[int, bytes | Callable[..., bytes]],
     finds them (``mirrored=`` True: of the mirror image), called only for a query with
     candidates, and for its mirror image only if a candidate met that: a post far from
     every entry costs nothing. ``read(ids)`` gives entries' stored keypoints."""
-    told = _geometries(queries, {q: [(c[0], c[3]) for c in chosen] for q, chosen in candidates.items()}, read)
+    told = _geometries(queries, {q: [(c[0], c[3]) for c in chosen] for q, chosen in candidates.items()}, read,
+                       SECOND_LOOK_KEYPOINTS)
     out: dict[int, list[tuple[int, int, int, bool, int]]] = {}
     for q, chosen in candidates.items():
         found = [(e, d, p, mirrored, told[q, e, mirrored] or 0) for e, d, p, mirrored in chosen]

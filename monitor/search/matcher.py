@@ -17,6 +17,7 @@ A pair's tier is the strictest tier it meets; an entry's match is its best row.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -247,7 +248,9 @@ class Matcher:
             lib_views = self.index.dhash_of(pl[at])
             # posts that may end with no match (none yet, or only matches the keypoints must
             # confirm) get their nearest entries ready for a second look
-            sources = {i: views[0].keypoints or keypoints[i] for i, views, _ in group
+            # (found once each way, though a confirmation and a second look may both ask)
+            sources = {i: views[0].keypoints or functools.lru_cache(maxsize=2)(keypoints[i])
+                       for i, views, _ in group
                        if (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
             if sources and self._second_look_tier is not None:
                 near = np.flatnonzero(self.index.low_detail()[pl] == 0)  # full-detail entries only
