@@ -23,7 +23,6 @@ pictures).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 import sys
@@ -65,6 +64,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=Path, help="write every false pair of every tier to this CSV, for review")
     ap.add_argument("--tiers", default="exact,near,loose", help="the tiers to measure, comma-separated")
     args = ap.parse_args()
+    from monitor.fingerprints import KeypointFinder
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     from monitor.warmup import warm_up
@@ -77,7 +77,7 @@ def main() -> None:
     library = fingerprints(files, "library", True)
     incoming = fingerprints(files, "query", False)
     # keypoints found only for a post that needs them, its mirror image's too: the daemon's way
-    found_later = None if args.no_keypoints else [functools.partial(_file_keypoints, f) for f in files]
+    found_later = None if args.no_keypoints else [KeypointFinder(f.read_bytes) for f in files]
     print(f"{len(files):,} pictures from {', '.join(map(str, args.folders))}: fingerprinted "
           f"(library and query views) in {time.perf_counter() - t:.0f} s")
     index = LibraryIndex()
@@ -152,11 +152,6 @@ def main() -> None:
 
 def _score(m) -> int:
     return m.dhash_distance + m.phash_distance + (m.fine_distance or 0)
-
-
-def _file_keypoints(path: Path, mirrored: bool = False) -> bytes:
-    from monitor.fingerprints import keypoints_of_bytes
-    return keypoints_of_bytes(path.read_bytes(), mirrored=mirrored)
 
 
 if __name__ == "__main__":

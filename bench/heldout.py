@@ -23,7 +23,6 @@ alarm.
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import os
 import random
@@ -313,7 +312,7 @@ def main() -> None:
     from PIL import Image
 
     from monitor import fingerprint_bytes
-    from monitor.fingerprints import keypoints_of_bytes
+    from monitor.fingerprints import KeypointFinder
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     from monitor.warmup import warm_up
@@ -369,8 +368,8 @@ def main() -> None:
     kp = not args.no_keypoints and not args.lazy_keypoints
     q_fps = [fingerprint_bytes(b, views="query", keypoints=kp) for b in queries]
     d_fps = [fingerprint_bytes(b, views="query", keypoints=kp) for b in distractors]
-    q_lazy = [functools.partial(keypoints_of_bytes, b) for b in queries] if args.lazy_keypoints else None
-    d_lazy = [functools.partial(keypoints_of_bytes, b) for b in distractors] if args.lazy_keypoints else None
+    q_lazy = [KeypointFinder(b) for b in queries] if args.lazy_keypoints else None
+    d_lazy = [KeypointFinder(b) for b in distractors] if args.lazy_keypoints else None
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _, _) in edits.items()}
     results: dict[str, np.ndarray] = {}

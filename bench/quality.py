@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import io
 import os
 import random
@@ -267,7 +266,7 @@ def score_ours(q_fps, l_fps, views: bool, fine: bool = False) -> np.ndarray:
 
 def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries: list[bytes], distractors: list[bytes]) -> None:
     """What ships: monitor.search.matcher.Matcher with its tiers on the same images."""
-    from monitor.fingerprints import keypoints_of_bytes
+    from monitor.fingerprints import KeypointFinder
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     index = LibraryIndex()
@@ -279,11 +278,11 @@ def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries: list[bytes
         # as the daemon matches a post: every view; its keypoints found only if it needs them
         # (a second look for a post no tier met, an unsure match confirmed)
         found = matcher.match_many([dataclasses.replace(v[0], views=tuple(v[1:])) for v in q_o],
-                                   [functools.partial(keypoints_of_bytes, b) for b in queries])
+                                   [KeypointFinder(b) for b in queries])
         hit = np.array([any(m.entry_id == truth_a[q] for m in ms) for q, ms in enumerate(found)])
         wrong = sum(m.entry_id != truth_a[q] for q, ms in enumerate(found) for m in ms)
         dfound = matcher.match_many([dataclasses.replace(v[0], views=tuple(v[1:])) for v in d_o],
-                                    [functools.partial(keypoints_of_bytes, b) for b in distractors])
+                                    [KeypointFinder(b) for b in distractors])
         alarming = sum(1 for ms in dfound if ms)
         pairs = len(q_o) * (len(lib_o) - 1) + len(d_o) * len(lib_o)
         fams = defaultdict(list)
@@ -301,7 +300,7 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
     kernel pass over one row per entry, timed in turns on the same images (a shared VM's
     speed drifts). Reposts (each near its entry: many need keypoints) and unrelated posts
     (most of any feed) are timed apart, each also with the hashes alone."""
-    from monitor.fingerprints import Fingerprint, keypoints_of_bytes
+    from monitor.fingerprints import Fingerprint, KeypointFinder
     from monitor.search import tiled as kernel
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
@@ -338,7 +337,7 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
             spent[kind, "fingerprint"] += clock() - t
             for name, matcher in matchers.items():
                 t = clock()
-                matcher.match(fp, functools.partial(keypoints_of_bytes, data))  # [match] keypoints = true
+                matcher.match(fp, KeypointFinder(data))  # [match] keypoints = true
                 spent[kind, name, True] += clock() - t
                 t = clock()
                 matcher.match(fp)  # keypoints = false: the hashes alone

@@ -9,6 +9,7 @@ for storage (``codec``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from monitor.fingerprints.core import (
     ALGORITHM_VERSION,
@@ -25,7 +26,8 @@ from monitor.fingerprints.keypoints import ENTRY_KEYPOINTS, KEY_MIN_SIDE, QUERY_
 from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
 
 __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
-           "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex", "keypoints_of_bytes",
+           "KeypointFinder", "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex",
+           "keypoints_of_bytes",
            "to_hex"]
 
 
@@ -57,6 +59,29 @@ def keypoints_of_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFA
     if grey is None or not (min(grey.size) >= KEY_MIN_SIDE or grey.size == size):
         grey = decode_grey(data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
     return find_keypoints(grey, mirrored, limit)
+
+
+class KeypointFinder:
+    """A post's keypoints, or its mirror image's, found when first asked for (the matcher
+    calls it with ``mirrored=``) from one decode of the image: a post that needs no second
+    look costs nothing, one whose candidates met both it and its mirror image decodes once.
+    ``data``: the encoded image, or what reads it (a file not read until needed)."""
+
+    def __init__(self, data: bytes | Callable[[], bytes], *, fast: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self._data, self._fast, self._max_pixels = data, fast, max_pixels
+        self._grey = None
+        self._found: dict[bool, bytes] = {}
+
+    def __call__(self, mirrored: bool = False) -> bytes:
+        if mirrored not in self._found:
+            if self._grey is None:
+                data = self._data() if callable(self._data) else self._data
+                self._grey = decode_grey(data, fast=self._fast, max_pixels=self._max_pixels, min_side=KEY_MIN_SIDE)[0]
+            self._found[mirrored] = find_keypoints(self._grey, mirrored, QUERY_KEYPOINTS)
+            if len(self._found) == 2:
+                self._grey = None  # both found: the decode is no longer needed
+        return self._found[mirrored]
 
 
 def _fingerprint_views(data: bytes, grey, size: tuple[int, int], fast: bool, max_pixels: int,

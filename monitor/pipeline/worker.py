@@ -10,7 +10,6 @@ and hashing run in spawned worker processes.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import multiprocessing
 import time
@@ -19,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from monitor.fetch import Fetcher, FetchError
-from monitor.fingerprints import Fingerprint, ImageError, fingerprint_bytes, keypoints_of_bytes
+from monitor.fingerprints import Fingerprint, ImageError, KeypointFinder, fingerprint_bytes
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.transport import Transport
@@ -160,7 +159,7 @@ class Worker:
         keypoints = None
         if data is not None and self.keypoints and not fp.keypoints:
             kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-            keypoints = functools.partial(keypoints_of_bytes, data, **kwargs)
+            keypoints = KeypointFinder(data, **kwargs)
         matches = self.matcher.match(fp, keypoints)
         self.metrics.match_seconds.observe(time.perf_counter() - start)
         return matches

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import json
 import sys
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from monitor.fingerprints import Fingerprint, keypoints_of_bytes
+from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import Library
 from monitor.records.store import Store
@@ -99,7 +98,7 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     print(f"[run] {comparisons:,} pair comparisons in {elapsed:.3f}s", file=log)
     per_query = matcher.matches_of(pairs)
     if not whole_pictures:  # as the daemon: unsure matches confirmed by keypoints, a second look
-        sources = {q: functools.partial(_file_keypoints, r.path) for q, r in enumerate(good)}
+        sources = {q: KeypointFinder(r.path.read_bytes) for q, r in enumerate(good)}
         per_query = {q: found for q, found in matcher.confirmed(per_query, sources)[0].items() if found}
         missing = [q for q in range(len(good)) if q not in per_query]
         looked = matcher.match_many([queries[q] for q in missing], [sources[q] for q in missing])
@@ -111,10 +110,6 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     rows = [MatchRow(str(good[q].path), entries[m.entry_id].source, entries[m.entry_id].label, m)
             for q, found in sorted(per_query.items()) for m in found]
     return rows, bad
-
-
-def _file_keypoints(path: Path, mirrored: bool = False) -> bytes:
-    return keypoints_of_bytes(path.read_bytes(), mirrored=mirrored)
 
 
 def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
