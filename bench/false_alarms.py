@@ -15,9 +15,10 @@ shared/corpus-large and shared/corpus, the Debian package's project: `nexuiz`, `
 `wesnoth`): pictures of one game share textures and their variants, so pairs inside one
 source hold derivatives, while pairs across sources are unrelated by construction, not by
 our matcher's say. `--pairs FILE` writes every false pair to
-a CSV for review; `bench/false_alarm_review.csv` holds 48 near pairs of corpus-large and
-corpus drawn at random and looked at side by side (one picture's derivatives, or different
-pictures).
+a CSV for review. Looked at side by side (one picture's derivatives, or different pictures):
+`bench/cross_source_review.csv`, every near pair across sources; `bench/within_source_review.csv`,
+24 near pairs inside one source drawn at random; `bench/false_alarm_review.csv`, 48 near pairs
+of an earlier version (before unsure matches were confirmed by keypoints).
 """
 
 from __future__ import annotations
