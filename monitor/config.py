@@ -86,7 +86,7 @@ class MatchConfig(_Model):
     # entries', verified geometrically (crops from one side, shears, warps: held-out
     # recall 88.8% -> ~98%); and a near or loose match the hashes are unsure of (score
     # above 40) stands only if the keypoints agree too (false pairs between different
-    # pictures: bench/false_alarms.py). ~3.4 ms more for a post that needs either; false
+    # pictures: bench/false_alarms.py). ~3-5 ms more for a post that needs either; false
     # turns both off (hashes alone, the CPU per post and the false alarms of earlier versions).
     keypoints: bool = True
 

@@ -27,8 +27,7 @@ from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, quer
 
 __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
            "KeypointFinder", "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex",
-           "keypoints_of_bytes",
-           "to_hex"]
+           "keypoints_of_bytes", "to_hex"]
 
 
 def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,

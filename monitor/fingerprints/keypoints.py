@@ -2,8 +2,9 @@
 
 A crop from one side, a shear, a perspective warp or a crop that also changes the aspect
 moves every cell of a 9x8 or 32x32 grid, so the global hashes drift apart; corners and
-blobs of the picture stay where the picture is. ORB (OpenCV) finds up to MAX_KEYPOINTS of
-them on a copy KEY_SIDE px on its long side, each with a 256-bit binary descriptor.
+blobs of the picture stay where the picture is. ORB (OpenCV) finds up to ENTRY_KEYPOINTS
+of them (a post: QUERY_KEYPOINTS) on a copy KEY_SIDE px on its long side, each with a
+256-bit binary descriptor.
 
 Stored form (bytes, the one place that knows it): per keypoint its x and y in that copy's
 pixels as float16, then its 32 descriptor bytes, strongest corner first; the count is the
