@@ -36,6 +36,10 @@ from monitor.search.popcount import popcount64
 log = logging.getLogger("repost_monitor.search")
 
 CANDIDATE_SUM = 36      # dHash + pHash bits: the candidates worth a second look
+# ... where the post's mirror image met them: a flipped and cut repost is rarer than a cut
+# one, and its keypoints cost a second ORB. Against bench/heldout.py's library, 2 in 3
+# unrelated posts that got a look needed the mirror image's keypoints at 36, 1 in 6 at 30.
+MIRRORED_CANDIDATE_SUM = 30
 CANDIDATES = 4          # ... the nearest this many entries per post
 MIN_INLIERS = 15        # pairs that agree on one transform (unrelated pictures: ~2% reach 12)
 RATIO = 0.8             # nearest descriptor closer than this share of the second nearest
@@ -130,14 +134,15 @@ def inliers(query: Keypoints, entry: Keypoints) -> int:
 def nearest_candidates(owner: np.ndarray, entry: np.ndarray, dhash: np.ndarray, phash: np.ndarray,
                        mirrored: np.ndarray, unsure: set[int],
                        mirrorable: set[int]) -> dict[int, list[tuple[int, int, int, bool]]]:
-    """Per unsure query, its CANDIDATES nearest entries within CANDIDATE_SUM, as
+    """Per unsure query, its CANDIDATES nearest entries within CANDIDATE_SUM (pairs of
+    its mirror image: MIRRORED_CANDIDATE_SUM), as
     (entry id, dHash, pHash distance, whether the post's mirror image met it). The
     arguments are parallel arrays over the first pass's candidate pairs (one per view
     pair, plain or mirrored): an entry's best pair ranks it. Pairs of a post's mirror
     image count only for the posts in ``mirrorable`` (whose mirror's keypoints can be
     found: the image is at hand)."""
     summed = dhash + phash
-    keep = np.flatnonzero(summed <= CANDIDATE_SUM)
+    keep = np.flatnonzero(summed <= np.where(mirrored, MIRRORED_CANDIDATE_SUM, CANDIDATE_SUM))
     order = keep[np.lexsort((entry[keep], summed[keep]))]
     out: dict[int, list[tuple[int, int, int, bool]]] = {}
     for k in order:
