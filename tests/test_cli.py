@@ -10,7 +10,7 @@ from pathlib import Path
 
 import imagehash
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 pytestmark = pytest.mark.slow  # every test here starts the command as a subprocess
 
@@ -229,3 +229,29 @@ def test_match_gives_inputs_no_tier_met_a_second_look(tree, tmp_path):
     assert rows[0]["keypoint_inliers"] >= 15
     r = run("match", inputs, "--library", tree / "library", "--no-cache")
     assert "keypoints agree, near)" in r.stdout
+
+
+def test_match_drops_unsure_matches_whose_keypoints_disagree(tree, tmp_path):
+    """Batch match confirms as the daemon does: two real unrelated textures that the hashes
+    alone meet at near are not reported; a cropped, contrast-changed repost scoring as
+    high is, decided by its hashes and keypoints together."""
+    images = Path(__file__).resolve().parent / "images"
+    lib, inputs = tmp_path / "library", tmp_path / "inputs"
+    lib.mkdir()
+    inputs.mkdir()
+    shutil.copy(images / "texture-rustpipes.jpg", lib / "rustpipes.jpg")
+    shutil.copy(tree / "library" / "library-rocket.jpg", lib / "rocket.jpg")
+    shutil.copy(images / "texture-rivets.jpg", inputs / "rivets.jpg")
+    with Image.open(lib / "rocket.jpg") as img:
+        img = img.convert("RGB")
+        ImageEnhance.Contrast(img.crop((0, int(img.height * 0.07), img.width, img.height))).enhance(1.5).save(
+            inputs / "repost.jpg", quality=80)
+    r = run("match", inputs, "--library", lib, "--format", "jsonl", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(Path(x["input"]).name, Path(x["library"]).name, x["decided_by"]) for x in rows] == [
+        ("repost.jpg", "rocket.jpg", "dhash+phash+fine+keypoints")]
+    assert rows[0]["keypoint_inliers"] >= 10 and rows[0]["fine_distance"] is not None
+    r = run("match", inputs, "--library", lib, "--threshold", "16", "--format", "jsonl", "--no-cache")
+    assert ("rivets.jpg", "rustpipes.jpg") in {(Path(x["input"]).name, Path(x["library"]).name)
+                                               for x in map(json.loads, r.stdout.splitlines())}
