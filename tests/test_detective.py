@@ -151,14 +151,16 @@ def test_shards_answers_merge_as_one_library_would_answer():
 
 
 def _lazily(calls: list[bool]):
-    """What the one-process daemon passes: finds a post's keypoints (or its mirror
-    image's) when asked, noting each call in ``calls``."""
-    from monitor.fingerprints import keypoints_of_bytes
+    """What the one-process daemon passes (a KeypointFinder): finds a post's keypoints (or
+    its mirror image's) when asked, noting each call in ``calls``."""
+    from monitor.fingerprints import KeypointFinder
 
     def lazily(data: bytes):
+        finder = KeypointFinder(data)
+
         def find(mirrored=False):
             calls.append(mirrored)
-            return keypoints_of_bytes(data, mirrored=mirrored)
+            return finder(mirrored=mirrored)
         return find
     return lazily
 

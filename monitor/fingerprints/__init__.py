@@ -27,7 +27,7 @@ from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, quer
 
 __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
            "KeypointFinder", "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex",
-           "keypoints_of_bytes", "to_hex"]
+           "to_hex"]
 
 
 def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -42,22 +42,18 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     fp = _fingerprint_views(data, grey, size, fast, max_pixels, views)
     if (keypoints if keypoints is not None else views == "library") and fp.degenerate in (None, "low_detail"):
         limit = ENTRY_KEYPOINTS if views == "library" else QUERY_KEYPOINTS
-        fp = dataclasses.replace(fp, keypoints=keypoints_of_bytes(data, fast=fast, max_pixels=max_pixels,
-                                                                  grey=grey, size=size, limit=limit))
+        fp = dataclasses.replace(fp, keypoints=find_keypoints(_keypoint_grey(data, fast, max_pixels, grey, size),
+                                                              limit=limit))
     return fp
 
 
-def keypoints_of_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       grey=None, size: tuple[int, int] | None = None, mirrored: bool = False,
-                       limit: int = QUERY_KEYPOINTS) -> bytes:
-    """An encoded image's packed keypoints (monitor/fingerprints/keypoints.py), or its
-    mirror image's, decoded larger than for the hashes: corners need pixels. ``grey`` and
-    ``size``: the hashes' decode, used as it is when it is large enough (a small picture,
-    a PNG decoded whole). ``limit``: at most this many (a post's by default; a library
-    entry's are ENTRY_KEYPOINTS)."""
+def _keypoint_grey(data: bytes, fast: bool, max_pixels: int, grey=None, size: tuple[int, int] | None = None):
+    """The decode keypoints are found on, larger than for the hashes (corners need pixels):
+    ``grey``, the hashes' own decode of ``size``, where it is large enough already (a
+    small picture, a PNG decoded whole)."""
     if grey is None or not (min(grey.size) >= KEY_MIN_SIDE or grey.size == size):
         grey = decode_grey(data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
-    return find_keypoints(grey, mirrored, limit)
+    return grey
 
 
 class KeypointFinder:
@@ -76,7 +72,7 @@ class KeypointFinder:
         if mirrored not in self._found:
             if self._grey is None:
                 data = self._data() if callable(self._data) else self._data
-                self._grey = decode_grey(data, fast=self._fast, max_pixels=self._max_pixels, min_side=KEY_MIN_SIDE)[0]
+                self._grey = _keypoint_grey(data, self._fast, self._max_pixels)
             self._found[mirrored] = find_keypoints(self._grey, mirrored, QUERY_KEYPOINTS)
             if len(self._found) == 2:
                 self._grey = None  # both found: the decode is no longer needed

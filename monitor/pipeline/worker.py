@@ -152,9 +152,9 @@ class Worker:
         return fp, matches
 
     def match_timed(self, fp: Fingerprint, data: bytes | None = None) -> list[Match]:
-        """The fingerprint's matches; with the image's ``data`` (the second look on), its
-        keypoints are found only if the post needs a second look (no tier met it, and some
-        entries are near): most posts never pay for them."""
+        """The fingerprint's matches; with the image's ``data`` (keypoints on), its keypoints
+        are found only if the post needs them (a second look: no tier met it, and some
+        entries are near; or an unsure match to confirm): most posts never pay for them."""
         start = time.perf_counter()
         keypoints = None
         if data is not None and self.keypoints and not fp.keypoints:

@@ -324,7 +324,6 @@ def keypoints_missing(library: Library) -> int:
 _INDEXED = "(degenerate IS NULL OR degenerate = 'low_detail')"
 
 
-
 def indexed_entry(degenerate: str | None) -> bool:
     return protection_of(degenerate) != "none"
 

@@ -99,7 +99,7 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     per_query = matcher.matches_of(pairs)
     if not whole_pictures:  # as the daemon: unsure matches confirmed by keypoints, a second look
         sources = {q: KeypointFinder(r.path.read_bytes) for q, r in enumerate(good)}
-        per_query = {q: found for q, found in matcher.confirmed(per_query, sources)[0].items() if found}
+        per_query = matcher.confirmed(per_query, sources)[0]
         missing = [q for q in range(len(good)) if q not in per_query]
         looked = matcher.match_many([queries[q] for q in missing], [sources[q] for q in missing])
         for q, found in zip(missing, looked, strict=True):
