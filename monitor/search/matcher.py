@@ -237,6 +237,11 @@ class Matcher:
         low = np.array([views[0].degenerate == "low_detail" for _, views, _ in group for _ in range(2 * len(views))],
                        np.uint8)
         qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
+        # each post's keypoints, or what finds them (found once each way, though a
+        # confirmation and a second look may both ask)
+        sources = {i: views[0].keypoints or functools.lru_cache(maxsize=2)(keypoints[i])
+                   for i, views, _ in group if (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
+        looking = bool(sources) and self._second_look_tier is not None
         with self.index.lock:
             pq, pl, pd = pairs_within(qd, self.index.dhash_array(), self.radius,
                                       planes=self.index.planes(), threads=1, rows=self.index.rows)
@@ -246,18 +251,10 @@ class Matcher:
                                           self.index.fine_of, self.index.low_detail(), low)
             ids = self.index.ids[pl[at]]
             lib_views = self.index.dhash_of(pl[at])
-            # posts that may end with no match (none yet, or only matches the keypoints must
-            # confirm) get their nearest entries ready for a second look
-            # (found once each way, though a confirmation and a second look may both ask)
-            sources = {i: views[0].keypoints or functools.lru_cache(maxsize=2)(keypoints[i])
-                       for i, views, _ in group
-                       if (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
-            if sources and self._second_look_tier is not None:
-                near = np.flatnonzero(self.index.low_detail()[pl] == 0)  # full-detail entries only
-                candidates = detective.nearest_candidates(
-                    owner[pq[near]], self.index.ids[pl[near]], pd[near].astype(np.int64),
-                    np.bitwise_count(qp[pq[near]] ^ self.index.hashes("phash")[pl[near]]).astype(np.int64),
-                    pq[near] % 2 == 1, set(sources), {q for q, found in sources.items() if callable(found)})
+            if looking:  # the pairs a second look would pick its candidates from: full-detail entries
+                near = np.flatnonzero(self.index.low_detail()[pl] == 0)
+                near_ids = self.index.ids[pl[near]]
+                near_p = np.bitwise_count(qp[pq[near]] ^ self.index.hashes("phash")[pl[near]]).astype(np.int64)
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]
@@ -275,9 +272,11 @@ class Matcher:
         found, rejected = self.confirmed(found, sources)
         for query, matches in found.items():
             out[query] += matches
-        if sources and self._second_look_tier is not None:
-            unmet = {q: [c for c in chosen if c[0] not in rejected.get(q, ())]
-                     for q, chosen in candidates.items() if not found.get(q)}
+        if looking:  # posts left with no match: their nearest entries, but those the keypoints just rejected
+            candidates = detective.nearest_candidates(
+                owner[pq[near]], near_ids, pd[near].astype(np.int64), near_p, pq[near] % 2 == 1,
+                {q for q in sources if not found.get(q)}, {q for q, src in sources.items() if callable(src)})
+            unmet = {q: [c for c in chosen if c[0] not in rejected.get(q, ())] for q, chosen in candidates.items()}
             for query, looked in detective.second_look(sources, unmet, self.index.keypoints_of).items():
                 out[query] += [Match(e, self._second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in looked]
 
