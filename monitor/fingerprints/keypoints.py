@@ -61,8 +61,9 @@ def find_keypoints(grey: Image.Image, mirrored: bool = False, limit: int = QUERY
     if descriptors is None or not points:
         return b""
     # strongest first: the first N of them are (about) the N that ORB would keep
-    order = np.argsort([-p.response for p in points], kind="stable")
-    xy = np.array([points[i].pt for i in order], np.float16).view(np.uint8).reshape(-1, 4)
+    response = np.fromiter((p.response for p in points), np.float32, len(points))
+    order = np.argsort(-response, kind="stable")
+    xy = cv2.KeyPoint_convert(points)[order].astype(np.float16).view(np.uint8).reshape(-1, 4)
     return np.hstack([xy, descriptors[order]]).tobytes()
 
 
