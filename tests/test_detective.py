@@ -286,3 +286,25 @@ def test_a_damaged_stored_keypoint_row_skips_its_entry_not_the_batch(library_ima
     assert [m.entry_id for m in found[0]] == []  # its entry's row is damaged: no second look there
     assert 3 in {m.entry_id for m in found[1]}  # the post beside it still gets one
     assert "library entry 2: its stored keypoints are damaged" in caplog.text
+
+
+def test_second_look_candidates_must_be_near_on_the_fine_hashes_too():
+    """A post's candidate pairs (one per view pair): an entry within dHash + pHash 36 is
+    looked at only if dHash + pHash + fine is within CANDIDATE_SCORE as well (where both
+    sides have fine hashes); the nearest four per post, mirror-image pairs held to 30."""
+    import numpy as np
+
+    from monitor.search import detective
+
+    owner = np.array([0, 0, 0, 0, 1, 1, 2])
+    entry = np.array([10, 11, 11, 12, 10, 13, 14])
+    dhash = np.array([10, 12, 12, 14, 8, 14, 10])
+    phash = np.array([14, 20, 20, 20, 20, 15, 10])
+    fine = np.array([200, 300, 180, -1, 250, 150, 150])  # -1: no fine hashes on one side
+    mirrored = np.array([False, False, False, False, False, True, True])
+    got = detective.nearest_candidates(owner, entry, dhash, phash, fine, mirrored, {0, 1, 2}, {1})
+    # entry 11 passes by its second view pair; 12 on the 64-bit limit alone
+    assert got[0] == [(10, 10, 14, False), (11, 12, 20, False), (12, 14, 20, False)]
+    assert got[1] == [(13, 14, 15, True)]  # 10 is too far on the fine hashes; 13 met the mirror image at 29
+    assert 2 not in got  # its only pair met the mirror image, whose keypoints are not at hand
+    assert detective.CANDIDATE_SCORE == 240 and detective.CANDIDATE_SUM == 36

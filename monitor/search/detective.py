@@ -40,6 +40,12 @@ CANDIDATE_SUM = 36      # dHash + pHash bits: the candidates worth a second look
 # one, and its keypoints cost a second ORB. Against bench/heldout.py's library, 2 in 3
 # unrelated posts that got a look needed the mirror image's keypoints at 36, 1 in 6 at 30.
 MIRRORED_CANDIDATE_SUM = 30
+# ... whose dHash + pHash + fine score (the fine hashes' 512 bits too) is within this: a cut
+# repost's nearest view pairs keep some finer likeness, a look-alike's mostly none. Tuning half of
+# bench/heldout.py: posts that get a look fall from 66% to 36% of unrelated ones against 4,200
+# entries (20% to 11% against 200), and 0.2 points of recall are lost (a dHash + pHash
+# limit of 32 instead halves them too, at 0.5 points).
+CANDIDATE_SCORE = 240
 CANDIDATES = 4          # ... the nearest this many entries per post
 MIN_INLIERS = 15        # pairs that agree on one transform (unrelated pictures: ~2% reach 12)
 RATIO = 0.8             # nearest descriptor closer than this share of the second nearest
@@ -132,17 +138,19 @@ def inliers(query: Keypoints, entry: Keypoints) -> int:
 
 
 def nearest_candidates(owner: np.ndarray, entry: np.ndarray, dhash: np.ndarray, phash: np.ndarray,
-                       mirrored: np.ndarray, unsure: set[int],
+                       fine: np.ndarray, mirrored: np.ndarray, unsure: set[int],
                        mirrorable: set[int]) -> dict[int, list[tuple[int, int, int, bool]]]:
     """Per unsure query, its CANDIDATES nearest entries within CANDIDATE_SUM (pairs of
-    its mirror image: MIRRORED_CANDIDATE_SUM), as
+    its mirror image: MIRRORED_CANDIDATE_SUM) and CANDIDATE_SCORE, as
     (entry id, dHash, pHash distance, whether the post's mirror image met it). The
     arguments are parallel arrays over the first pass's candidate pairs (one per view
-    pair, plain or mirrored): an entry's best pair ranks it. Pairs of a post's mirror
-    image count only for the posts in ``mirrorable`` (whose mirror's keypoints can be
-    found: the image is at hand)."""
+    pair, plain or mirrored; ``fine``: -1 where unknown, and then the 64-bit limit
+    alone decides): an entry's best pair ranks it. Pairs of a post's mirror image count
+    only for the posts in ``mirrorable`` (whose mirror's keypoints can be found: the
+    image is at hand)."""
     summed = dhash + phash
-    keep = np.flatnonzero(summed <= np.where(mirrored, MIRRORED_CANDIDATE_SUM, CANDIDATE_SUM))
+    keep = np.flatnonzero((summed <= np.where(mirrored, MIRRORED_CANDIDATE_SUM, CANDIDATE_SUM))
+                          & ((fine < 0) | (summed + fine <= CANDIDATE_SCORE)))
     order = keep[np.lexsort((entry[keep], summed[keep]))]
     out: dict[int, list[tuple[int, int, int, bool]]] = {}
     for k in order:

@@ -255,6 +255,7 @@ class Matcher:
                 near = np.flatnonzero(self.index.low_detail()[pl] == 0)
                 near_ids = self.index.ids[pl[near]]
                 near_p = np.bitwise_count(qp[pq[near]] ^ self.index.hashes("phash")[pl[near]]).astype(np.int64)
+                near_fine = self._fine_distances(qf, pq[near], pl[near], pd[near] + near_p)
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]
@@ -274,11 +275,24 @@ class Matcher:
             out[query] += matches
         if looking:  # posts left with no match: their nearest entries, but those the keypoints just rejected
             candidates = detective.nearest_candidates(
-                owner[pq[near]], near_ids, pd[near].astype(np.int64), near_p, pq[near] % 2 == 1,
+                owner[pq[near]], near_ids, pd[near].astype(np.int64), near_p, near_fine, pq[near] % 2 == 1,
                 {q for q in sources if not found.get(q)}, {q for q, src in sources.items() if callable(src)})
             unmet = {q: [c for c in chosen if c[0] not in rejected.get(q, ())] for q, chosen in candidates.items()}
             for query, looked in detective.second_look(sources, unmet, self.index.keypoints_of).items():
                 out[query] += [Match(e, self._second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in looked]
+
+    def _fine_distances(self, q_fine: np.ndarray | None, rows_q: np.ndarray, rows_l: np.ndarray,
+                        summed: np.ndarray) -> np.ndarray:
+        """The fine distance (bits of 512) of each pair within detective.CANDIDATE_SUM of
+        dHash + pHash (the rows the verification read already: a handful), -1 for the
+        others and where either side has no fine hashes (call under the index's lock)."""
+        out = np.full(rows_q.size, -1, np.int64)
+        at = np.flatnonzero(summed <= detective.CANDIDATE_SUM) if q_fine is not None else ()
+        if len(at):
+            lib, query = self.index.fine_of(rows_l[at]), q_fine[rows_q[at]]
+            bits = np.bitwise_count(lib ^ query).sum(axis=1, dtype=np.int64)
+            out[at] = np.where(lib.any(axis=1) & query.any(axis=1), bits, -1)
+        return out
 
     def confirmed(self, found: dict[int, list[Match]], sources: dict) -> tuple[dict[int, list[Match]], dict]:
         """:func:`detective.confirmed` against this library's keypoints."""
