@@ -158,9 +158,9 @@ def _lazily(calls: list[bool]):
     def lazily(data: bytes):
         finder = KeypointFinder(data)
 
-        def find(mirrored=False):
+        def find(mirrored=False, limit=1024):
             calls.append(mirrored)
-            return finder(mirrored=mirrored)
+            return finder(mirrored=mirrored, limit=limit)
         return find
     return lazily
 
@@ -187,7 +187,7 @@ def test_keypoints_are_found_only_for_posts_that_need_a_second_look(library_imag
         assert not matcher.match(fingerprint_bytes(path.read_bytes(), views="query"), lazily(path.read_bytes()))
         far += len(calls) == before
     assert far >= len(other_images) // 2  # most unrelated pictures are near no entry at all
-    broken = matcher.match(fingerprint_bytes(cut, views="query"), lambda mirrored: b"\x00" * 7)  # not keypoints
+    broken = matcher.match(fingerprint_bytes(cut, views="query"), lambda mirrored, limit: b"\x00" * 7)  # not keypoints
     assert broken == []
     # cut and mirrored: the candidate met the post's mirror image, whose keypoints are found then
     calls.clear()

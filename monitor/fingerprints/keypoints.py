@@ -14,6 +14,8 @@ Pure functions: no I/O.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 from PIL import Image
@@ -34,8 +36,12 @@ FAST_THRESHOLDS = (10, 4, 1)
 ENOUGH = 32
 
 cv2.setNumThreads(1)    # the fingerprint workers are the parallelism; OpenCV's own pool would fight them
-_orbs = {limit: [cv2.ORB_create(nfeatures=limit, fastThreshold=t) for t in FAST_THRESHOLDS]
-         for limit in (ENTRY_KEYPOINTS, QUERY_KEYPOINTS)}
+
+
+@functools.cache
+def _orbs(limit: int) -> list:
+    """ORB detectors keeping at most ``limit`` keypoints, one per FAST threshold."""
+    return [cv2.ORB_create(nfeatures=limit, fastThreshold=t) for t in FAST_THRESHOLDS]
 
 
 def keypoint_copy(grey: Image.Image) -> np.ndarray:
@@ -49,12 +55,12 @@ def keypoint_copy(grey: Image.Image) -> np.ndarray:
 
 def find_keypoints(grey: Image.Image, mirrored: bool = False, limit: int = QUERY_KEYPOINTS) -> bytes:
     """The packed keypoints of a greyscale picture, or of its mirror image (ORB's
-    descriptors are not mirror-invariant), at most ``limit`` (ENTRY_KEYPOINTS or
-    QUERY_KEYPOINTS); b"" when it has none."""
+    descriptors are not mirror-invariant), at most ``limit`` (ENTRY_KEYPOINTS,
+    QUERY_KEYPOINTS, or fewer for a second look); b"" when it has none."""
     copy = keypoint_copy(grey)
     if mirrored:
         copy = np.ascontiguousarray(copy[:, ::-1])
-    for orb in _orbs[limit]:
+    for orb in _orbs(limit):
         points, descriptors = orb.detectAndCompute(copy, None)
         if descriptors is not None and len(points) >= ENOUGH:
             break

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from numba import njit
 
-from monitor.fingerprints.keypoints import KEY_BYTES, unpack_keypoints
+from monitor.fingerprints.keypoints import KEY_BYTES, QUERY_KEYPOINTS, unpack_keypoints
 from monitor.search.popcount import popcount64
 
 log = logging.getLogger("repost_monitor.search")
@@ -54,9 +54,11 @@ MIN_SCALE, MAX_SCALE = 0.25, 4.0  # a repost is not a thumbnail's corner blown u
 MIDDLE = 0.5            # the middle half (each way) of the entry's keypoints' extent...
 MIN_MIDDLE_INLIERS = 5  # ... holds at least this many of the pairs that agree
 MIN_KEYPOINTS = 8       # fewer on either side: no geometry agrees
-# A second look pairs the post's strongest this many (of up to QUERY_KEYPOINTS) with each of
-# its four candidates, most of them wrong: half the pairing, the same recall (bench/heldout.py's
-# tuning half; 256: 0.4 points less); a confirmation (one entry the hashes met) pairs them all.
+# A second look finds the post's strongest this many (of up to QUERY_KEYPOINTS; where more were
+# found already for a confirmation, it takes the strongest this many of them) and pairs them with
+# each of its four candidates, most of them wrong: a fifth less ORB and half the pairing, the same
+# recall (bench/heldout.py's tuning half; 256: 0.2 points less); a confirmation (one entry the
+# hashes met) finds and pairs all QUERY_KEYPOINTS.
 SECOND_LOOK_KEYPOINTS = 512
 # A hash match scoring above this (dHash + pHash + fine, of 640 bits) needs its keypoints'
 # agreement: no false pair of bench/false_alarms.py's 44.8M scores at or below it...
@@ -174,7 +176,7 @@ def _query_keypoints(found: bytes | Callable[..., bytes], mirrored: bool, strong
     if mirrored and not callable(found):
         return None
     try:
-        blob = found(mirrored=mirrored) if callable(found) else found
+        blob = found(mirrored=mirrored, limit=strongest or QUERY_KEYPOINTS) if callable(found) else found
         return Keypoints.of(blob[:strongest * KEY_BYTES] if strongest else blob) or _NONE_FOUND
     except (ValueError, OSError, cv2.error):  # a larger decode that fails: the hashes' answer stands
         return None
@@ -216,7 +218,8 @@ def second_look(queries: dict[int, bytes | Callable[..., bytes]],
                 read: Callable[[list[int]], dict[int, bytes]]) -> dict[int, list[tuple[int, int, int, bool, int]]]:
     """Per query, the candidates that pass, as (entry id, dHash, pHash distance, mirrored,
     inliers), most inliers first. ``queries``: packed keypoints by query number, or what
-    finds them (``mirrored=`` True: of the mirror image), called only for a query with
+    finds them (``mirrored=`` True: of the mirror image; ``limit=``: at most that many,
+    more allowed), called only for a query with
     candidates, and for its mirror image only if a candidate met that: a post far from
     every entry costs nothing. ``read(ids)`` gives entries' stored keypoints."""
     told = _geometries(queries, {q: [(c[0], c[3]) for c in chosen] for q, chosen in candidates.items()}, read,

@@ -205,8 +205,8 @@ class Matcher:
         """Every library entry this fingerprint matches, best first.
 
         A degenerate fingerprint (flat, tiny) matches nothing: it would
-        otherwise match every other flat image. ``keypoints(mirrored=False)``:
-        finds the post's keypoints, or its mirror image's, called only when it
+        otherwise match every other flat image. ``keypoints(mirrored=False, limit=N)``:
+        finds the post's keypoints (at most N), or its mirror image's, called only when it
         needs a second look (else ``fp.keypoints``, which serve unmirrored
         candidates only).
         """
@@ -239,7 +239,7 @@ class Matcher:
         qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
         # each post's keypoints, or what finds them (found once each way, though a
         # confirmation and a second look may both ask)
-        sources = {i: views[0].keypoints or functools.lru_cache(maxsize=2)(keypoints[i])
+        sources = {i: views[0].keypoints or functools.lru_cache(maxsize=4)(keypoints[i])
                    for i, views, _ in group if (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
         looking = bool(sources) and self._second_look_tier is not None
         with self.index.lock:
