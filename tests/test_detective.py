@@ -2,6 +2,7 @@
 verified geometrically; stored with the library in a real store (SQLite file; the tests
 taking ``store_location`` run again on PostgreSQL)."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -127,16 +128,38 @@ def test_keypoints_are_stored_with_the_library_and_read_for_candidates(store_loc
 
 
 def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images):
-    data = _jpeg(_side_and_top(Image.open(library_images[0])))
-    fp, _ = fingerprint_query(data, None, True)
-    assert fp.keypoints
-    back, fetched = fingerprint_from(fingerprint_fields(fp, True))
-    assert back.keypoints == fp.keypoints and back.dhash == fp.dhash and fetched
-    assert fingerprint_query(data, None, False)[0].keypoints == b""  # [match] keypoints = false
+    """A scaled-out fetch worker sends the small copy keypoints are found on; the shard
+    finds them from it only for a post that needs them, of its mirror image too, and
+    answers as the one-process daemon does."""
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    cut = _jpeg(_side_and_top(Image.open(library_images[2])))
+    flipped = _jpeg(ImageOps.mirror(_side_and_top(Image.open(library_images[2]))))
+    for data, mirrored in ((cut, False), (flipped, True)):
+        fp, _ = fingerprint_query(data, None, True)
+        assert fp.keypoint_picture and not fp.keypoints
+        fields = fingerprint_fields(fp, True)
+        assert "picture" in fields and "picture" not in json.loads(fields["fp"])  # the recorder never gets it
+        back, fetched = fingerprint_from(fields)
+        assert back.keypoint_picture == fp.keypoint_picture and back.dhash == fp.dhash and fetched
+        shard = [(m.entry_id, m.decided_by, m.mirrored, m.inliers) for m in matcher.match(back)]
+        lazily = [(m.entry_id, m.decided_by, m.mirrored, m.inliers) for m in matcher.match(
+            fingerprint_bytes(data, views="query"), _lazily([])(data))]
+        assert shard == lazily and (2, "keypoints", mirrored) == shard[0][:3], (shard, lazily)
+    # a post met surely by its hashes: its picture is never unpacked (a damaged one is not noticed)
+    same, _ = fingerprint_query(library_images[0].read_bytes(), None, True)
+    assert 0 in {m.entry_id for m in matcher.match(dataclasses.replace(same, keypoint_picture=b"\x07" * 9))}
+    # a damaged picture where keypoints are needed: the hashes' answer (none) stands
+    damaged = dataclasses.replace(fingerprint_query(cut, None, True)[0], keypoint_picture=b"\x07" * 9)
+    assert matcher.match(damaged) == []
+    assert fingerprint_query(cut, None, False)[0].keypoint_picture == b""  # [match] keypoints = false
     # a message from a worker of the version before keypoints still reads
     old = fingerprint_fields(fp, False)
+    old.pop("picture")
     old["fp"] = json.dumps(json.loads(old["fp"])[:10])
-    assert fingerprint_from(old)[0].keypoints == b""
+    assert fingerprint_from(old)[0].keypoints == b"" and fingerprint_from(old)[0].keypoint_picture == b""
 
 
 def test_shards_answers_merge_as_one_library_would_answer():
@@ -242,6 +265,9 @@ def test_unsure_hash_matches_stand_only_where_the_keypoints_agree(library_images
     bare.add(9, fp)
     assert [m.entry_id for m in Matcher(bare, PRESETS["near"]).match(
         fingerprint_bytes(rivets, views="query", keypoints=True))] == [9]
+    calls.clear()  # ... and the post's own keypoints are not found for nothing
+    assert [m.entry_id for m in Matcher(bare, PRESETS["near"]).match(
+        fingerprint_bytes(rivets, views="query"), lazily(rivets))] == [9] and calls == []
 
 
 async def test_the_daemon_records_a_second_look_match_and_says_so(store_location, samples):

@@ -9,11 +9,13 @@ import uuid
 
 import pytest
 from aiohttp import web
+from PIL import Image, ImageOps
 
 from monitor.config import parse_config
 from monitor.daemon import run_daemon
 from monitor.records.engines import open_store
 from monitor.scaleout.node import parse_roles, run_node
+from tests.conftest import encode
 from tests.hosts import serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 
@@ -59,6 +61,15 @@ def post_everything(site: PhotoSite) -> None:
         site.post("rss" if n % 2 else "json", n, [name])
 
 
+def post_cut_and_flipped(site: PhotoSite, samples) -> None:
+    """A repost cut from two sides and mirrored: only the second look, on the post's mirror
+    image, finds it (a shard finds those keypoints from the picture the worker sent)."""
+    img = Image.open(samples / "library-astronaut.jpg")
+    cut = ImageOps.mirror(img.crop((int(img.width * 0.18), int(img.height * 0.08), img.width, img.height)))
+    site.add_image("cutflip-astronaut.jpg", encode(cut, quality=80), "library-astronaut")
+    site.post("json", 99, ["cutflip-astronaut.jpg"])
+
+
 def scaled_config(base, hooks, pg_url, redis_url, shards, **extra):
     cfg = config_for(base, pg_url)
     feeds = [f.model_dump() for f in cfg.feeds if f.name in ("rss", "json")]
@@ -82,6 +93,7 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
     # The embedded default: one process, SQLite.
     site, hooks = PhotoSite(samples), Hooks()
     post_everything(site)
+    post_cut_and_flipped(site, samples)
     db = tmp_path / "m.sqlite"
     make_library(db, samples)
     async with serve(site.app()) as base, serve(hooks.app()) as recv:
@@ -91,7 +103,7 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
                             "alerts": [{"name": "hook", "type": "webhook", "url": f"{recv}/hook"}]})
         stop = asyncio.Event()
         task = asyncio.create_task(run_daemon(cfg, stop=stop, install_signals=False))
-        await until(lambda: len(hooks.deliveries) == 3 and query(db, "SELECT COUNT(*) FROM work WHERE "
+        await until(lambda: len(hooks.deliveries) == 4 and query(db, "SELECT COUNT(*) FROM work WHERE "
                                                                       "state='pending'")[0][0] == 0)
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -99,6 +111,7 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
     # The roles, all in this process, over Redis and PostgreSQL, the library in 2 shards.
     site2, hooks2 = PhotoSite(samples), Hooks()
     post_everything(site2)
+    post_cut_and_flipped(site2, samples)
     url = pg.create_database(f"s_{uuid.uuid4().hex[:12]}")
     make_library(url, samples)
     records = []
@@ -107,20 +120,23 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
         stop = asyncio.Event()
         task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 2),
                                             stop=stop, on_match=records.append, install_signals=False))
-        await until(lambda: len(hooks2.deliveries) == 3 and query(url, "SELECT COUNT(*) FROM work WHERE "
+        await until(lambda: len(hooks2.deliveries) == 4 and query(url, "SELECT COUNT(*) FROM work WHERE "
                                                                        "state='pending'")[0][0] == 0, 60)
         await asyncio.sleep(0.5)
         stop.set()
         await asyncio.wait_for(task, 30)
     scaled = sorted(query(url, "SELECT image_url, entry_id, tier FROM matches"))
-    assert names(scaled) == names(one_process) and len(scaled) == 3
-    assert hooks2.labels() == hooks.labels() == ["library-chelsea", "library-coffee", "library-rocket"]
+    assert names(scaled) == names(one_process) and len(scaled) == 4
+    assert hooks2.labels() == hooks.labels() == ["library-astronaut", "library-chelsea", "library-coffee",
+                                                 "library-rocket"]
+    flipped = [a for a in hooks2.deliveries if a["repost"]["image_url"].endswith("/cutflip-astronaut.jpg")]
+    assert [a["decided_by"] for a in flipped] == ["keypoints"], flipped
     assert sorted(r.entry.label for r in records) == hooks.labels()
     failed = query(url, "SELECT image_url, error FROM work WHERE state='failed'")
     assert [u.rsplit("/", 1)[-1] for u, _ in failed] == ["truncated.jpg"]
     assert query(url, "SELECT COUNT(*) FROM shard_answers") == [(0,)]
     store = open_store(url)
-    assert store.query("SELECT COUNT(*) FROM alerts WHERE state='delivered'") == [(3,)]
+    assert store.query("SELECT COUNT(*) FROM alerts WHERE state='delivered'") == [(4,)]
     store.close()
 
 

@@ -35,8 +35,9 @@ def _is_multipart(request: web.Request) -> bool:
 async def _fingerprint(request: web.Request, data: bytes, views: str = "query"):
     svc = request.app[SERVICES_KEY]
     kwargs = {"max_pixels": svc.pipeline.max_pixels} if svc.pipeline.max_pixels else {}
-    if views == "query":  # as the pipeline's posts: keypoints for the second look when it is on
-        kwargs["keypoints"] = svc.pipeline.worker.keypoints
+    if views == "query":  # as the pipeline's posts: keypoints for the second look when it is on,
+        # found (from this small copy) only if the matcher asks, here or on a shard
+        kwargs["keypoint_picture"] = svc.pipeline.worker.keypoints
     try:
         return await asyncio.get_running_loop().run_in_executor(
             svc.pipeline.executor, lambda: fingerprint_bytes(data, views=views, **kwargs))

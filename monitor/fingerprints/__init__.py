@@ -22,7 +22,15 @@ from monitor.fingerprints.core import (
     from_hex,
     to_hex,
 )
-from monitor.fingerprints.keypoints import ENTRY_KEYPOINTS, KEY_MIN_SIDE, QUERY_KEYPOINTS, find_keypoints
+from monitor.fingerprints.keypoints import (
+    ENTRY_KEYPOINTS,
+    KEY_MIN_SIDE,
+    QUERY_KEYPOINTS,
+    keypoint_copy,
+    keypoints_of_copy,
+    pack_picture,
+    unpack_picture,
+)
 from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
 
 __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
@@ -31,19 +39,26 @@ __all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError
 
 
 def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      views: str | None = None, keypoints: bool | None = None) -> Fingerprint:
+                      views: str | None = None, keypoints: bool | None = None,
+                      keypoint_picture: bool = False) -> Fingerprint:
     """Fingerprint an encoded image. Raises ImageError for bad input.
 
     ``views="query"`` adds the view inside a detected frame, ``views="library"``
     the centre crops and content box of a library entry (monitor/fingerprints/views.py).
-    ``keypoints`` (default: for library entries) adds the picture's local features.
+    ``keypoints`` (default: for library entries) adds the picture's local features;
+    ``keypoint_picture`` the small copy they are found on instead, for a matcher
+    elsewhere to find them only if the post needs them (:class:`KeypointFinder`).
     """
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
     fp = _fingerprint_views(data, grey, size, fast, max_pixels, views)
-    if (keypoints if keypoints is not None else views == "library") and fp.degenerate in (None, "low_detail"):
-        limit = ENTRY_KEYPOINTS if views == "library" else QUERY_KEYPOINTS
-        fp = dataclasses.replace(fp, keypoints=find_keypoints(_keypoint_grey(data, fast, max_pixels, grey, size),
-                                                              limit=limit))
+    wanted = keypoints if keypoints is not None else views == "library"
+    if (wanted or keypoint_picture) and fp.degenerate in (None, "low_detail"):
+        copy = keypoint_copy(_keypoint_grey(data, fast, max_pixels, grey, size))
+        if wanted:
+            fp = dataclasses.replace(fp, keypoints=keypoints_of_copy(
+                copy, limit=ENTRY_KEYPOINTS if views == "library" else QUERY_KEYPOINTS))
+        else:
+            fp = dataclasses.replace(fp, keypoint_picture=pack_picture(copy))
     return fp
 
 
@@ -61,12 +76,14 @@ class KeypointFinder:
     calls it with ``mirrored=`` and ``limit=``) from one decode of the image: a post that
     needs no second look costs nothing, one whose candidates met both it and its mirror
     image decodes once.
-    ``data``: the encoded image, or what reads it (a file not read until needed)."""
+    ``data``: the encoded image, or what reads it (a file not read until needed); or
+    ``picture``: a fingerprint's ``keypoint_picture``, the copy they are found on."""
 
-    def __init__(self, data: bytes | Callable[[], bytes], *, fast: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, data: bytes | Callable[[], bytes] = b"", *, fast: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, picture: bytes = b""):
         self._data, self._fast, self._max_pixels = data, fast, max_pixels
-        self._grey = None
+        self._picture = picture
+        self._copy = None
         self._found: dict[bool, tuple[int, bytes]] = {}  # mirrored: (limit, keypoints)
 
     def __call__(self, mirrored: bool = False, limit: int = QUERY_KEYPOINTS) -> bytes:
@@ -74,12 +91,12 @@ class KeypointFinder:
         a fifth less than 1,024), or more where more were found already."""
         have = self._found.get(mirrored)
         if have is None or have[0] < limit:
-            if self._grey is None:
+            if self._copy is None and self._picture:
+                self._copy = unpack_picture(self._picture)  # ValueError: not one (the caller's to handle)
+            elif self._copy is None:
                 data = self._data() if callable(self._data) else self._data
-                self._grey = _keypoint_grey(data, self._fast, self._max_pixels)
-            self._found[mirrored] = (limit, find_keypoints(self._grey, mirrored, limit))
-            if all(self._found.get(m, (0,))[0] >= QUERY_KEYPOINTS for m in (False, True)):
-                self._grey = None  # all found that can be asked for: the decode is no longer needed
+                self._copy = keypoint_copy(_keypoint_grey(data, self._fast, self._max_pixels))
+            self._found[mirrored] = (limit, keypoints_of_copy(self._copy, mirrored, limit))
         return self._found[mirrored][1]
 
 

@@ -53,11 +53,30 @@ def keypoint_copy(grey: Image.Image) -> np.ndarray:
     return np.asarray(grey)
 
 
+def pack_picture(copy: np.ndarray) -> bytes:
+    """A keypoint copy as bytes (what a scaled-out fetch worker sends the shards, which
+    find its keypoints only if the post needs them): its width as 2 bytes, then the pixels."""
+    return copy.shape[1].to_bytes(2, "little") + np.ascontiguousarray(copy, np.uint8).tobytes()
+
+
+def unpack_picture(blob: bytes) -> np.ndarray:
+    """:func:`pack_picture`'s copy; ValueError for bytes that are not one."""
+    width = int.from_bytes(blob[:2], "little")
+    pixels = len(blob) - 2
+    if not 0 < width <= KEY_SIDE or pixels <= 0 or pixels % width or pixels // width > KEY_SIDE:
+        raise ValueError(f"not a keypoint picture ({len(blob)} bytes)")
+    return np.frombuffer(blob, np.uint8, offset=2).reshape(-1, width)
+
+
 def find_keypoints(grey: Image.Image, mirrored: bool = False, limit: int = QUERY_KEYPOINTS) -> bytes:
     """The packed keypoints of a greyscale picture, or of its mirror image (ORB's
     descriptors are not mirror-invariant), at most ``limit`` (ENTRY_KEYPOINTS,
     QUERY_KEYPOINTS, or fewer for a second look); b"" when it has none."""
-    copy = keypoint_copy(grey)
+    return keypoints_of_copy(keypoint_copy(grey), mirrored, limit)
+
+
+def keypoints_of_copy(copy: np.ndarray, mirrored: bool = False, limit: int = QUERY_KEYPOINTS) -> bytes:
+    """:func:`find_keypoints` of a picture's :func:`keypoint_copy`."""
     if mirrored:
         copy = np.ascontiguousarray(copy[:, ::-1])
     for orb in _orbs(limit):

@@ -39,13 +39,14 @@ PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address
                           "blocked_path"}
 
 
-def fingerprint_query(data: bytes, max_pixels: int | None, keypoints: bool = True) -> tuple[Fingerprint, float]:
-    """An incoming image's fingerprint (all query views, and its keypoints for the
-    matcher's second look when asked) and the seconds it took; runs in a fingerprint
-    worker process."""
+def fingerprint_query(data: bytes, max_pixels: int | None, keypoint_picture: bool = True) -> tuple[Fingerprint, float]:
+    """An incoming image's fingerprint (all query views, and when asked the small copy its
+    keypoints are found on, for the second look of a matcher elsewhere) and the seconds it
+    took; runs in a fingerprint worker process."""
     start = time.perf_counter()
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return fingerprint_bytes(data, views="query", keypoints=keypoints, **kwargs), time.perf_counter() - start
+    fp = fingerprint_bytes(data, views="query", keypoint_picture=keypoint_picture, **kwargs)
+    return fp, time.perf_counter() - start
 
 
 def _warm_worker() -> None:
@@ -216,7 +217,8 @@ class Worker:
     def _hash_and_match(self, data: bytes):
         """Decode, hash and match in one worker-thread call (one hop, not two)."""
         # Matched here: keypoints only if the matcher asks. Fingerprinted for shards that
-        # match elsewhere (no matcher): keypoints now, when the second look is on.
+        # match elsewhere (no matcher): the copy keypoints are found on, for the shards to
+        # find them only if the post needs them, when the second look is on.
         fp, seconds = fingerprint_query(data, self.max_pixels, self.keypoints and self.matcher is None)
         self.metrics.fingerprint_seconds.observe(seconds)
         return fp, (self.match_timed(fp, data) if self.matcher is not None else [])

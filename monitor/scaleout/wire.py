@@ -37,13 +37,20 @@ def _b64(blob: bytes | None) -> str:
 
 
 def fingerprint_fields(fp: Fingerprint, fetched: bool) -> dict[str, str]:
-    return {"fp": json.dumps([u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
-                              u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate,
-                              _b64(pack_fine(fp)), _b64(pack_views(fp.views)), fetched, _b64(fp.keypoints)])}
+    """The fingerprint as message fields: ``fp``, and ``picture`` where it has a keypoint
+    picture (a field of its own, ~70 KB: shards pass ``fp`` on to the recorder, not this)."""
+    fields = {"fp": json.dumps([u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
+                                u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate,
+                                _b64(pack_fine(fp)), _b64(pack_views(fp.views)), fetched, _b64(fp.keypoints)])}
+    if fp.keypoint_picture:
+        fields["picture"] = _b64(fp.keypoint_picture)
+    return fields
 
 
 def fingerprint_from(fields: dict) -> tuple[Fingerprint, bool]:
-    """(fingerprint, whether the worker fetched the image: its row is still to be written)."""
+    """(fingerprint, whether the worker fetched the image: its row is still to be written).
+    A keypoint picture is taken as it came: one that is not is found out, and skipped,
+    only if the matcher asks for its keypoints."""
     doc = json.loads(_text(fields, "fp") or "null")
     if not isinstance(doc, list) or len(doc) not in (10, 11):  # 10: a message from before keypoints
         raise ValueError("no fingerprint in the message")
@@ -52,6 +59,9 @@ def fingerprint_from(fields: dict) -> tuple[Fingerprint, bool]:
                             base64.b64decode(views) if views else None)
     if keypoints and keypoints[0]:
         fp = dataclasses.replace(fp, keypoints=base64.b64decode(keypoints[0]))
+    picture = _text(fields, "picture")
+    if picture:
+        fp = dataclasses.replace(fp, keypoint_picture=base64.b64decode(picture))
     return fp, bool(fetched)
 
 

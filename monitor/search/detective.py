@@ -206,10 +206,14 @@ def _geometries(queries: dict[int, bytes | Callable[..., bytes]], wanted: dict[i
     for q, pairs in wanted.items():
         views: dict[bool, Keypoints | None] = {}
         for e, mirrored in pairs:
+            entry = stored.get(e)
+            if entry is None:  # an entry without keypoints (imported hashes, an older version): not told
+                out[q, e, mirrored] = None
+                continue
             if mirrored not in views:
                 views[mirrored] = _query_keypoints(queries[q], mirrored, strongest)
-            query, entry = views[mirrored], stored.get(e)
-            out[q, e, mirrored] = inliers(query, entry) if query is not None and entry is not None else None
+            query = views[mirrored]
+            out[q, e, mirrored] = inliers(query, entry) if query is not None else None
     return out
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from monitor.fingerprints import Fingerprint
+from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search import detective
 from monitor.search.index import HASH_FIELDS, LibraryIndex
@@ -172,6 +172,17 @@ def _candidate_fine(n: int, past: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _keypoint_source(fp: Fingerprint, finder: Callable[..., bytes] | None) -> bytes | Callable[..., bytes] | None:
+    """A post's keypoints (packed), or what finds them: from its keypoint picture (sent
+    by a scaled-out fetch worker), or the caller's finder (called once each way, though
+    a confirmation and a second look may both ask); None where there is neither."""
+    if fp.keypoints:
+        return fp.keypoints
+    if fp.keypoint_picture:
+        return KeypointFinder(picture=fp.keypoint_picture)
+    return functools.lru_cache(maxsize=4)(finder) if finder is not None else None
+
+
 class Matcher:
     def __init__(self, index: LibraryIndex, tiers: tuple[Tier, ...] = PRESETS["loose"]):
         if not tiers:
@@ -207,8 +218,8 @@ class Matcher:
         A degenerate fingerprint (flat, tiny) matches nothing: it would
         otherwise match every other flat image. ``keypoints(mirrored=False, limit=N)``:
         finds the post's keypoints (at most N), or its mirror image's, called only when it
-        needs a second look (else ``fp.keypoints``, which serve unmirrored
-        candidates only).
+        needs a second look (else those ``fp.keypoint_picture`` gives, or
+        ``fp.keypoints``, which serve unmirrored candidates only).
         """
         return self.match_many([fp], None if keypoints is None else [keypoints])[0]
 
@@ -239,8 +250,8 @@ class Matcher:
         qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
         # each post's keypoints, or what finds them (found once each way, though a
         # confirmation and a second look may both ask)
-        sources = {i: views[0].keypoints or functools.lru_cache(maxsize=4)(keypoints[i])
-                   for i, views, _ in group if (views[0].keypoints or keypoints[i]) and views[0].degenerate is None}
+        sources = {i: source for i, views, _ in group
+                   if views[0].degenerate is None and (source := _keypoint_source(views[0], keypoints[i]))}
         looking = bool(sources) and self._second_look_tier is not None
         with self.index.lock:
             pq, pl, pd = pairs_within(qd, self.index.dhash_array(), self.radius,
