@@ -38,8 +38,8 @@ def seed(location: str, pictures: list[bytes], size: int) -> None:
     from monitor.records.library import Library
     store = open_store(location)
     lib = Library(store)
-    for i, picture in enumerate(pictures):
-        lib.add_fingerprint(f"corpus/{i}", fingerprint_bytes(picture))
+    for i, picture in enumerate(pictures):  # as `library add` adds them: views and keypoints
+        lib.add_fingerprint(f"corpus/{i}", fingerprint_bytes(picture, views="library"))
     rand = np.random.default_rng(5).integers(-(2**63), 2**63 - 1, size=(size - len(pictures), 4), dtype=np.int64)
     for start in range(0, len(rand), 20000):
         with store.transaction() as conn:
