@@ -142,7 +142,9 @@ def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images):
         assert fp.keypoint_picture and not fp.keypoints
         fields = fingerprint_fields(fp, True)
         assert "picture" in fields and "picture" not in json.loads(fields["fp"])  # the recorder never gets it
-        back, fetched = fingerprint_from(fields)
+        assert fields["picture"] == fp.keypoint_picture  # raw bytes: Redis fields are binary-safe
+        back, fetched = fingerprint_from({k.encode(): v if isinstance(v, bytes) else v.encode()
+                                          for k, v in fields.items()})  # as Redis gives them back
         assert back.keypoint_picture == fp.keypoint_picture and back.dhash == fp.dhash and fetched
         shard = [(m.entry_id, m.decided_by, m.mirrored, m.inliers) for m in matcher.match(back)]
         lazily = [(m.entry_id, m.decided_by, m.mirrored, m.inliers) for m in matcher.match(

@@ -169,6 +169,7 @@ async def test_a_poison_answer_is_dead_lettered_and_nothing_else_stalls(services
     poison = {**work_fields(bad), **fingerprint_fields(fp, True), "shard": "0",
               "matches": matches_json([Match(1, "exact", 0, 0, False)])}
     poison["fp"] = poison["fp"].replace(f", {fp.width}, {fp.height},", ', "wide", 1,', 1)
+    poison["picture"] = b"\x00\xff" * 100  # a keypoint picture's raw bytes: shown by its size
     await streams.add(ANSWERS, poison)
     await streams.add(ANSWERS, {**work_fields(good), **fingerprint_fields(fp, True), "shard": "0",
                                 "matches": matches_json([Match(1, "exact", 0, 0, False)])})
@@ -193,6 +194,7 @@ async def test_a_poison_answer_is_dead_lettered_and_nothing_else_stalls(services
     [letter] = json.loads(shown.stdout)
     assert letter["stream"] == "answers" and letter["group"] == "recorders" and letter["deliveries"] >= 3
     assert json.loads(letter["fields"]["work"])[0] == bad.id
+    assert letter["fields"]["picture"] == "<200 bytes: the post's keypoint picture>"
     replayed = subprocess.run([sys.executable, "-m", "monitor", "streams", "--config", str(conf), "replay"],
                               capture_output=True, text=True, timeout=60)
     assert "replayed 1 dead letters" in replayed.stdout, replayed.stderr

@@ -30,7 +30,8 @@ async def dead(config: Config, count: int = 100) -> list[dict]:
     try:
         out = []
         for mid, fields in await streams.dead(count):
-            text = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            text = {k.decode(): v.decode(errors="replace") if k != b"picture"
+                    else f"<{len(v)} bytes: the post's keypoint picture>" for k, v in fields.items()}
             out.append({"id": mid.decode(), "stream": text.pop("origin_stream", ""),
                         "group": text.pop("origin_group", ""), "origin_id": text.pop("origin_id", ""),
                         "deliveries": int(text.pop("deliveries", "0") or 0),

@@ -36,14 +36,16 @@ def _b64(blob: bytes | None) -> str:
     return base64.b64encode(blob).decode() if blob else ""
 
 
-def fingerprint_fields(fp: Fingerprint, fetched: bool) -> dict[str, str]:
+def fingerprint_fields(fp: Fingerprint, fetched: bool) -> dict[str, str | bytes]:
     """The fingerprint as message fields: ``fp``, and ``picture`` where it has a keypoint
-    picture (a field of its own, ~70 KB: shards pass ``fp`` on to the recorder, not this)."""
-    fields = {"fp": json.dumps([u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
-                                u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate,
-                                _b64(pack_fine(fp)), _b64(pack_views(fp.views)), fetched, _b64(fp.keypoints)])}
+    picture (a field of its own, ~70 KB as raw bytes, which Redis fields hold as they are:
+    shards pass ``fp`` on to the recorder, not this)."""
+    doc = [u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror), u64_to_sql(fp.phash_mirror),
+           fp.width, fp.height, fp.degenerate, _b64(pack_fine(fp)), _b64(pack_views(fp.views)), fetched,
+           _b64(fp.keypoints)]
+    fields: dict[str, str | bytes] = {"fp": json.dumps(doc)}
     if fp.keypoint_picture:
-        fields["picture"] = _b64(fp.keypoint_picture)
+        fields["picture"] = fp.keypoint_picture
     return fields
 
 
@@ -59,9 +61,9 @@ def fingerprint_from(fields: dict) -> tuple[Fingerprint, bool]:
                             base64.b64decode(views) if views else None)
     if keypoints and keypoints[0]:
         fp = dataclasses.replace(fp, keypoints=base64.b64decode(keypoints[0]))
-    picture = _text(fields, "picture")
+    picture = fields.get(b"picture", fields.get("picture"))
     if picture:
-        fp = dataclasses.replace(fp, keypoint_picture=base64.b64decode(picture))
+        fp = dataclasses.replace(fp, keypoint_picture=bytes(picture))
     return fp, bool(fetched)
 
 
