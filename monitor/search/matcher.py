@@ -202,15 +202,22 @@ class Matcher:
         # match there counts as near (where near is among the tiers)
         self._second_look_tier = "near" if any(t.name == "near" for t in tiers) else None
 
-    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, read_fine, lib_low, q_low=None):
+    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, read_fine, lib_low, q_low=None, pair_fine=None):
         """The second pass; ``read_fine(rows)`` gives library rows' fine hashes, asked
-        only for the candidates past the dHash + pHash gate."""
+        only for the candidates past the dHash + pHash gate. ``pair_fine`` (an int64
+        array over the pairs, filled with -1): each such candidate's fine distance is
+        written into it where both sides have fine hashes (the second look's candidates
+        are held to it)."""
         past = _past_first_gates(pq, pl, pd, q_phash, lib_phash, self._sum_bound) if q_fine is not None \
             else np.zeros(0, np.int64)
-        cand_fine = _candidate_fine(pq.size, past, read_fine(pl[past]))
+        rows = read_fine(pl[past])
+        if pair_fine is not None and past.size:
+            query = q_fine[pq[past]]
+            bits = np.bitwise_count(rows ^ query).sum(axis=1, dtype=np.int64)
+            pair_fine[past] = np.where(rows.any(axis=1) & query.any(axis=1), bits, -1)
         return _verify(pq, pl, pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
-                       cand_fine, _NO_FLAGS if q_low is None else q_low, lib_low, self._d_max, self._p_max,
-                       self._s_max, self._score_max, self._sum_bound)
+                       _candidate_fine(pq.size, past, rows), _NO_FLAGS if q_low is None else q_low, lib_low,
+                       self._d_max, self._p_max, self._s_max, self._score_max, self._sum_bound)
 
     def match(self, fp: Fingerprint, keypoints: Callable[..., bytes] | None = None) -> list[Match]:
         """Every library entry this fingerprint matches, best first.
@@ -258,15 +265,15 @@ class Matcher:
                                       planes=self.index.planes(), threads=1, rows=self.index.rows)
             if not pq.size:
                 return
+            pair_fine = np.full(pq.size, -1, np.int64) if looking else None
             at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
-                                          self.index.fine_of, self.index.low_detail(), low)
+                                          self.index.fine_of, self.index.low_detail(), low, pair_fine)
             ids = self.index.ids[pl[at]]
             lib_views = self.index.dhash_of(pl[at])
             if looking:  # the pairs a second look would pick its candidates from: full-detail entries
                 near = np.flatnonzero(self.index.low_detail()[pl] == 0)
                 near_ids = self.index.ids[pl[near]]
                 near_p = np.bitwise_count(qp[pq[near]] ^ self.index.hashes("phash")[pl[near]]).astype(np.int64)
-                near_fine = self._fine_distances(qf, pq[near], pl[near], pd[near] + near_p)
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]
@@ -286,24 +293,11 @@ class Matcher:
             out[query] += matches
         if looking:  # posts left with no match: their nearest entries, but those the keypoints just rejected
             candidates = detective.nearest_candidates(
-                owner[pq[near]], near_ids, pd[near].astype(np.int64), near_p, near_fine, pq[near] % 2 == 1,
+                owner[pq[near]], near_ids, pd[near].astype(np.int64), near_p, pair_fine[near], pq[near] % 2 == 1,
                 {q for q in sources if not found.get(q)}, {q for q, src in sources.items() if callable(src)})
             unmet = {q: [c for c in chosen if c[0] not in rejected.get(q, ())] for q, chosen in candidates.items()}
             for query, looked in detective.second_look(sources, unmet, self.index.keypoints_of).items():
                 out[query] += [Match(e, self._second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in looked]
-
-    def _fine_distances(self, q_fine: np.ndarray | None, rows_q: np.ndarray, rows_l: np.ndarray,
-                        summed: np.ndarray) -> np.ndarray:
-        """The fine distance (bits of 512) of each pair within detective.CANDIDATE_SUM of
-        dHash + pHash (the rows the verification read already: a handful), -1 for the
-        others and where either side has no fine hashes (call under the index's lock)."""
-        out = np.full(rows_q.size, -1, np.int64)
-        at = np.flatnonzero(summed <= detective.CANDIDATE_SUM) if q_fine is not None else ()
-        if len(at):
-            lib, query = self.index.fine_of(rows_l[at]), q_fine[rows_q[at]]
-            bits = np.bitwise_count(lib ^ query).sum(axis=1, dtype=np.int64)
-            out[at] = np.where(lib.any(axis=1) & query.any(axis=1), bits, -1)
-        return out
 
     def confirmed(self, found: dict[int, list[Match]], sources: dict) -> tuple[dict[int, list[Match]], dict]:
         """:func:`detective.confirmed` against this library's keypoints."""
