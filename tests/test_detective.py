@@ -5,6 +5,7 @@ taking ``store_location`` run again on PostgreSQL)."""
 import dataclasses
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def test_keypoints_are_stored_with_the_library_and_read_for_candidates(store_loc
     assert again.index.keypoints_of(ids).keys() == set(ids) - {ids[1]}
 
 
-def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images):
+def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images, caplog):
     """A scaled-out fetch worker sends the small copy keypoints are found on; the shard
     finds them from it only for a post that needs them, of its mirror image too, and
     answers as the one-process daemon does."""
@@ -155,7 +156,9 @@ def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images):
     assert 0 in {m.entry_id for m in matcher.match(dataclasses.replace(same, keypoint_picture=b"\x07" * 9))}
     # a damaged picture where keypoints are needed: the hashes' answer (none) stands
     damaged = dataclasses.replace(fingerprint_query(cut, None, True)[0], keypoint_picture=b"\x07" * 9)
-    assert matcher.match(damaged) == []
+    with caplog.at_level(logging.WARNING, logger="repost_monitor.search"):
+        assert matcher.match(damaged) == []
+    assert "not a keypoint picture (9 bytes)" in caplog.text and "the hashes' answer stands" in caplog.text
     assert fingerprint_query(cut, None, False)[0].keypoint_picture == b""  # [match] keypoints = false
     # a message from a worker of the version before keypoints still reads
     old = fingerprint_fields(fp, False)

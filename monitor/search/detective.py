@@ -178,7 +178,8 @@ def _query_keypoints(found: bytes | Callable[..., bytes], mirrored: bool, strong
     try:
         blob = found(mirrored=mirrored, limit=strongest or QUERY_KEYPOINTS) if callable(found) else found
         return Keypoints.of(blob[:strongest * KEY_BYTES] if strongest else blob) or _NONE_FOUND
-    except (ValueError, OSError, cv2.error):  # a larger decode that fails: the hashes' answer stands
+    except (ValueError, OSError, cv2.error) as exc:  # a larger decode, a damaged keypoint picture
+        log.warning("a post's keypoints could not be found (%s); the hashes' answer stands", exc)
         return None
 
 
