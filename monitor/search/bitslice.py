@@ -123,11 +123,12 @@ def _block_hits(typingctx, planes, block, qmask, tmask, out, slot):
 
         for dst, kind, names in _TREE_OPS:
             a = [value(n) for n in names]
-            if kind == "xor3":
-                values[dst] = builder.xor(builder.xor(a[0], a[1]), a[2])
-            elif kind == "maj":
-                values[dst] = builder.or_(builder.and_(a[0], a[1]),
-                                          builder.and_(a[2], builder.or_(a[0], a[1])))
+            if kind == "xor3":  # a full adder's sum; its carry (the next op) reuses a ^ b
+                half, half_of = builder.xor(a[0], a[1]), names
+                values[dst] = builder.xor(half, a[2])
+            elif kind == "maj":  # (a & b) | (c & (a ^ b)): one op fewer than with a | b
+                assert names == half_of, "a carry follows the sum of the same three inputs"
+                values[dst] = builder.or_(builder.and_(a[0], a[1]), builder.and_(a[2], half))
             elif kind == "xor":
                 values[dst] = builder.xor(a[0], a[1])
             else:
