@@ -40,7 +40,14 @@ def test_add_remove_reload_keeps_arrays_in_step(store_location, tmp_path, sample
     assert again.index.rows > 15  # centre crops (and content boxes) are indexed too
     assert again.index.fine().any(axis=1).all()  # every row verifiable
     # A third start loads the packed snapshot the second one wrote: the same rows.
-    assert rows(Library(open_store(db)).index) == rows(lib.index)
+    third = Library(open_store(db))
+    assert rows(third.index) == rows(lib.index)
+
+    def core(index):  # (entry id, dhash) of the rows a mirror image is compared with
+        flags = index.core_flags()
+        return sorted(zip(index.ids[flags].tolist(), index.hashes("dhash")[flags].tolist(), strict=True))
+    assert len(core(lib.index)) == 4 * 15  # whole, centre crop, left and right crops
+    assert core(again.index) == core(third.index) == core(lib.index)  # from the rows, from the snapshot
     stats = again.stats()
     assert stats["entries"] == 15 and stats["indexed"] == 15
 
@@ -78,12 +85,64 @@ def test_bit_planes_stay_in_step_through_growth_adds_and_removes():
         else:
             index.add(step, FP(int(rng.integers(0, 2**63))))
             live.append(step)
-    assert (index.planes() == bitslice.to_planes(index.hashes("dhash"))).all()
+    store = index.core  # (a whole picture, no views: every entry's one row is there)
+    assert store.n == len(live) and not index.other.n
+    assert (store.scan_planes() == bitslice.to_planes(store.dhash())).all()
     # and the radius search over them agrees with a plain scan
-    q = index.hashes("dhash")[:7] ^ np.uint64(3)
-    pq, pl, _ = bitslice.pairs_within(q, index.hashes("dhash"), 6, planes=index.planes())
-    ref = np.bitwise_count(q[:, None] ^ index.hashes("dhash")[None, :]) <= 6
+    q = store.dhash()[:7] ^ np.uint64(3)
+    pq, pl, _ = bitslice.pairs_within(q, store.dhash(), 6, planes=store.scan_planes())
+    ref = np.bitwise_count(q[:, None] ^ store.dhash()[None, :]) <= 6
     assert (pq.tolist(), pl.tolist()) == tuple(x.tolist() for x in np.nonzero(ref))
+
+
+def test_core_rows_stay_in_step_through_adds_removes_and_loads():
+    """Each entry's whole picture and its views at CORE_POSITIONS are kept in a row store
+    of their own, through growth, removals from anywhere and a reload; the first pass
+    compares mirror images with those rows only, and plain views with every row."""
+    from monitor.search import bitslice
+    from monitor.search.first_pass import first_pass
+    from monitor.search.lanes import CORE_POSITIONS
+    rng = np.random.default_rng(7)
+    index = LibraryIndex(capacity=4)
+
+    class FP:
+        def __init__(self, v, views=()):
+            self.dhash, self.phash = v, v ^ 1
+            self.dhash_mirror = self.phash_mirror = v ^ 2
+            self.views = views
+
+    live, expected = [], {}
+    for step in range(1200):
+        if live and rng.random() < 0.3:
+            gone = live.pop(int(rng.integers(len(live))))
+            index.remove(gone)
+            del expected[gone]
+        else:
+            values = [int(v) for v in rng.integers(0, 2**63, int(rng.integers(1, 12)))]
+            index.add(step, FP(values[0], tuple(FP(v) for v in values[1:])))
+            live.append(step)
+            expected[step] = {(step, v) for k, v in enumerate(values) if k in CORE_POSITIONS}
+
+    def check(ix):
+        flags = ix.core_flags()
+        got = set(zip(ix.ids[flags].tolist(), ix.hashes("dhash")[flags].tolist(), strict=True))
+        assert got == set().union(*expected.values()) and len(got) == flags.sum()
+        for store in (ix.core, ix.other):  # the planes kept in step with the rows
+            assert (bitslice.from_planes(store.scan_planes(), store.n) == store.dhash()).all()
+        lib = ix.hashes("dhash")
+        queries = np.concatenate([lib[:5], lib[-5:], lib[:5]]) ^ np.uint64(0x10101)
+        mirrored = np.arange(15) >= 10
+        with ix.lock:
+            pq, pl, pd = first_pass(ix, queries, mirrored, 6)
+        near = np.bitwise_count(queries[:, None] ^ lib[None, :]) <= 6
+        near[10:, ~flags] = False
+        assert (pq.tolist(), pl.tolist()) == tuple(x.tolist() for x in np.nonzero(near))
+        assert (pd == np.bitwise_count(queries[pq] ^ lib[pl])).all()
+
+    check(index)
+    again = LibraryIndex()
+    again.load(index.ids, {f: index.hashes(f) for f in ("dhash", "phash")}, index.fine(), index.core_flags())
+    check(again)
 
 
 def test_degenerate_entries_are_stored_but_not_indexed(store_location, tmp_path):

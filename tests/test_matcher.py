@@ -230,11 +230,11 @@ def test_fine_hashes_kept_in_a_file_match_as_in_ram(tmp_path, library_images, ot
     assert in_ram.memory_bytes() - in_file.memory_bytes() >= in_ram.rows * 64
     # a load (a snapshot read at start) writes the file at once
     loaded = LibraryIndex(spill_dir=str(tmp_path))
-    loaded.load(in_ram.ids, {f: in_ram.hashes(f) for f in ("dhash", "phash")}, in_ram.fine())
+    loaded.load(in_ram.ids, {f: in_ram.hashes(f) for f in ("dhash", "phash")}, in_ram.fine(), in_ram.core_flags())
     assert Matcher(loaded, PRESETS["near"]).match_many(queries) == matches
     assert np.array_equal(loaded.fine(), in_ram.fine()) and np.array_equal(loaded.ids, in_ram.ids)
     # ids are int32 while they fit, widened when one does not
-    assert in_file.ids.dtype == np.int32
+    assert in_file.core.ids.dtype == in_file.other.ids.dtype == np.int32
     in_file.add(2**40, fps[2])
-    assert in_file.ids.dtype == np.int64 and in_file.ids[-1] == 2**40
+    assert in_file.core.ids.dtype == in_file.other.ids.dtype == np.int64 and in_file.ids[-1] == 2**40
     assert 2**40 in {m.entry_id for m in Matcher(in_file, PRESETS["near"]).match(queries[4])}  # image 2 resized

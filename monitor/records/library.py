@@ -9,7 +9,6 @@ index and the ``library_entries`` table in step.
 from __future__ import annotations
 
 import functools
-import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ import numpy as np
 
 from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint
 from monitor.fingerprints.codec import (
-    VIEW_WORDS,
     pack_fine,
     pack_views,
     sql_to_u64,
@@ -27,11 +25,10 @@ from monitor.fingerprints.codec import (
     unpack_fine,
     unpack_views,
 )
-from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.records import changes, snapshots
 from monitor.records import keypoints as keypoint_rows
 from monitor.records.store import Store
-from monitor.search.index import HASH_FIELDS, LibraryIndex
+from monitor.search.index import LibraryIndex
 from monitor.search.tiers import protection_of
 
 
@@ -131,8 +128,8 @@ class Library:
                 return inserted, read
             read += len(rows)
             if len(rows) > SNAPSHOT_AFTER_CHANGES:  # a bulk import: the rows read, the index swapped at once
-                ids, hashes, fine = _read_rows(self.store, self._owned)  # (may hold later changes: replayed next)
-                self._load(ids, hashes, fine)
+                ids, hashes, fine, core = snapshots.read_rows(self.store, self._owned, _INDEXED)  # (+later: replayed)
+                self._load(ids, hashes, fine, core)
                 held = set(ids.tolist())
                 inserted += [eid for _, eid, op in rows if op == "INSERT" and eid in held]
                 self.checkpoint = rows[-1][0]
@@ -169,7 +166,7 @@ class Library:
         version = self.version()
         snap = snapshots.load(self.store, split, version=version)
         if snap:
-            return self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
+            return self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine, snap.core)
         self._reload_rows()
         snapshots.save(self.store, split, self.index, version, None, only_if_current=True)
 
@@ -178,7 +175,7 @@ class Library:
         bulk import since: reading rows is much faster than replaying them one by one)."""
         snap = snapshots.load(self.store, split)
         if snap and changes.count_after(self.store, snap.change_id) <= SNAPSHOT_AFTER_CHANGES:
-            self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine)
+            self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine, snap.core)
             self.checkpoint = snap.change_id
             self.catch_up()
             return
@@ -189,14 +186,14 @@ class Library:
         snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
 
     def _reload_rows(self) -> None:
-        self._load(*_read_rows(self.store, self._owned))
+        self._load(*snapshots.read_rows(self.store, self._owned, _INDEXED))
 
-    def _load(self, ids, hashes, fine) -> None:
+    def _load(self, ids, hashes, fine, core) -> None:
         """The index loaded whole; low-detail entries flagged (snapshots keep no flags)."""
         low = [eid for (eid,) in self.store.query(
             f"SELECT id FROM library_entries WHERE degenerate = 'low_detail'{self._owned}")]
         with self.index.lock:
-            self.index.load(ids, hashes, fine)
+            self.index.load(ids, hashes, fine, core)
             self.index.mark_low_detail(low)
 
     # -- writes ---------------------------------------------------------------
@@ -326,43 +323,6 @@ _INDEXED = "(degenerate IS NULL OR degenerate = 'low_detail')"
 
 def indexed_entry(degenerate: str | None) -> bool:
     return protection_of(degenerate) != "none"
-
-
-def _read_rows(store: Store, owned: str) -> tuple[np.ndarray, dict, np.ndarray]:
-    """(ids, hashes, fine) of the usable entries' rows and views (``owned``: a shard's filter)."""
-    width = 1 + len(HASH_FIELDS)
-    with store.lock:
-        cursor = store.conn.execute(
-            f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE {_INDEXED}{owned} "
-            "ORDER BY id")
-        # fromiter over the flattened cursor: no list of a million tuples.
-        flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
-        fine_rows = store.conn.execute(
-            f"SELECT id, fine FROM library_entries WHERE {_INDEXED}{owned} ORDER BY id").fetchall()
-        view_rows = store.conn.execute(
-            "SELECT id, views, fine IS NOT NULL FROM library_entries "
-            f"WHERE {_INDEXED} AND views IS NOT NULL{owned}").fetchall()
-    table = flat.reshape(-1, width)
-    ids = [table[:, 0]]
-    hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}
-    fine = np.zeros((table.shape[0], FINE_WORDS), np.uint64)
-    for i, (_, blob) in enumerate(fine_rows):
-        if blob:
-            fine[i] = np.frombuffer(blob, "<u8")[:FINE_WORDS]
-    fines = [fine]
-    for layout, words_per_view in ((0, 4), (1, VIEW_WORDS)):
-        rows = [(i, b) for i, b, has_fine in view_rows if has_fine == layout]
-        if not rows:
-            continue
-        blobs = [b for _, b in rows]
-        words = np.frombuffer(b"".join(blobs), dtype="<u8").reshape(-1, words_per_view)
-        ids.append(np.repeat(np.array([i for i, _ in rows], np.int64),
-                             [len(b) // (8 * words_per_view) for b in blobs]))
-        hashes["dhash"].append(words[:, 0].astype(np.uint64))
-        hashes["phash"].append(words[:, 1].astype(np.uint64))
-        fines.append(words[:, 4:4 + FINE_WORDS].astype(np.uint64) if layout
-                     else np.zeros((words.shape[0], FINE_WORDS), np.uint64))
-    return np.concatenate(ids), {f: np.concatenate(v) for f, v in hashes.items()}, np.concatenate(fines)
 
 
 def mirror_dhash(value: int) -> int:

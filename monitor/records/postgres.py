@@ -218,6 +218,9 @@ CREATE TABLE entry_keypoints (
 );
 """), (17, """
 ALTER TABLE matches ADD COLUMN keypoint_inliers INTEGER;
+"""), (18, """
+DELETE FROM index_snapshots;
+ALTER TABLE index_snapshots ADD COLUMN core BYTEA;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

@@ -1,16 +1,21 @@
-"""Packed index snapshots, one per shard split (shards, shard); (1, 0) is the whole library.
-A start loads its snapshot (a million entries in a fraction of a second) instead of
-reading every row. SQLite uses one only at the library version it was taken at;
-PostgreSQL one at any age, replaying the change log after its ``change_id``."""
+"""The index's rows as the library reads them, and packed index snapshots, one per shard
+split (shards, shard); (1, 0) is the whole library. A start loads its snapshot (a million
+entries in a fraction of a second) instead of reading every row. SQLite uses one only at
+the library version it was taken at; PostgreSQL one at any age, replaying the change log
+after its ``change_id``."""
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import numpy as np
 
+from monitor.fingerprints.codec import VIEW_WORDS
+from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.records.store import Store
-from monitor.search.index import LibraryIndex
+from monitor.search.index import HASH_FIELDS, LibraryIndex
+from monitor.search.lanes import CORE_POSITIONS
 
 
 class Snapshot(NamedTuple):
@@ -18,6 +23,7 @@ class Snapshot(NamedTuple):
     dhash: np.ndarray   # uint64
     phash: np.ndarray
     fine: np.ndarray
+    core: np.ndarray    # bool per row: an entry's core row (monitor/search/lanes.py)
     change_id: int | None
 
 
@@ -25,12 +31,14 @@ def load(store: Store, shard: tuple[int, int], *, version: int | None = None) ->
     """The shard's snapshot: at ``version``, or (None) any with a change-log checkpoint."""
     k, shards = shard
     where = "version=?" if version is not None else "change_id IS NOT NULL"
-    rows = store.query(f"SELECT ids, dhash, phash, fine, change_id FROM index_snapshots WHERE shards=? AND shard=? "
-                       f"AND {where}", (shards, k) + ((version,) if version is not None else ()))
-    if not rows:
+    rows = store.query(f"SELECT ids, dhash, phash, fine, core, change_id FROM index_snapshots "
+                       f"WHERE shards=? AND shard=? AND {where}",
+                       (shards, k) + ((version,) if version is not None else ()))
+    if not rows or rows[0][4] is None:  # none, or taken before snapshots kept the core rows
         return None
     ids, d, p, fine = (np.frombuffer(b, dtype="<u8") for b in rows[0][:4])
-    return Snapshot(ids.view(np.int64), d, p, fine, rows[0][4])
+    core = np.unpackbits(np.frombuffer(rows[0][4], np.uint8), count=ids.size).astype(bool)
+    return Snapshot(ids.view(np.int64), d, p, fine, core, rows[0][5])
 
 
 def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int, change_id: int | None,
@@ -42,11 +50,56 @@ def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int
         if only_if_current and conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] \
                 != version:
             return
-        conn.execute("INSERT INTO index_snapshots (shards, shard, version, ids, dhash, phash, fine, change_id) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (shards, shard) DO UPDATE SET "
+        conn.execute("INSERT INTO index_snapshots (shards, shard, version, ids, dhash, phash, fine, core, change_id) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (shards, shard) DO UPDATE SET "
                      "version=excluded.version, ids=excluded.ids, dhash=excluded.dhash, "
-                     "phash=excluded.phash, fine=excluded.fine, change_id=excluded.change_id",
+                     "phash=excluded.phash, fine=excluded.fine, core=excluded.core, "
+                     "change_id=excluded.change_id",
                      (shards, k, version, index.ids.astype("<i8").tobytes(),
                       index.hashes("dhash").astype("<u8").tobytes(),
                       index.hashes("phash").astype("<u8").tobytes(),
-                      index.fine().astype("<u8").tobytes(), change_id))
+                      index.fine().astype("<u8").tobytes(), np.packbits(index.core_flags()).tobytes(),
+                      change_id))
+
+
+def read_rows(store: Store, owned: str, indexed: str) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
+    """(ids, hashes, fine, core) of the usable entries' rows and views (``indexed``: which
+    entries are, ``owned``: a shard's filter, both SQL conditions); ``core`` marks each
+    entry's core rows (monitor/search/lanes.py). Each entry's whole row comes first."""
+    width = 1 + len(HASH_FIELDS)
+    with store.lock:
+        cursor = store.conn.execute(
+            f"SELECT id, {', '.join(HASH_FIELDS)} FROM library_entries WHERE {indexed}{owned} "
+            "ORDER BY id")
+        # fromiter over the flattened cursor: no list of a million tuples.
+        flat = np.fromiter(itertools.chain.from_iterable(cursor), dtype=np.int64)
+        fine_rows = store.conn.execute(
+            f"SELECT id, fine FROM library_entries WHERE {indexed}{owned} ORDER BY id").fetchall()
+        view_rows = store.conn.execute(
+            "SELECT id, views, fine IS NOT NULL FROM library_entries "
+            f"WHERE {indexed} AND views IS NOT NULL{owned}").fetchall()
+    table = flat.reshape(-1, width)
+    ids = [table[:, 0]]
+    hashes = {f: [table[:, i + 1].view(np.uint64)] for i, f in enumerate(HASH_FIELDS)}
+    fine = np.zeros((table.shape[0], FINE_WORDS), np.uint64)
+    for i, (_, blob) in enumerate(fine_rows):
+        if blob:
+            fine[i] = np.frombuffer(blob, "<u8")[:FINE_WORDS]
+    fines = [fine]
+    cores = [np.ones(table.shape[0], bool)]  # the whole pictures
+    for layout, words_per_view in ((0, 4), (1, VIEW_WORDS)):
+        rows = [(i, b) for i, b, has_fine in view_rows if has_fine == layout]
+        if not rows:
+            continue
+        blobs = [b for _, b in rows]
+        words = np.frombuffer(b"".join(blobs), dtype="<u8").reshape(-1, words_per_view)
+        counts = [len(b) // (8 * words_per_view) for b in blobs]
+        ids.append(np.repeat(np.array([i for i, _ in rows], np.int64), counts))
+        rank = 1 + np.arange(sum(counts)) - np.repeat(np.cumsum([0, *counts[:-1]]), counts)  # 1: first view
+        cores.append(np.isin(rank, CORE_POSITIONS))
+        hashes["dhash"].append(words[:, 0].astype(np.uint64))
+        hashes["phash"].append(words[:, 1].astype(np.uint64))
+        fines.append(words[:, 4:4 + FINE_WORDS].astype(np.uint64) if layout
+                     else np.zeros((words.shape[0], FINE_WORDS), np.uint64))
+    return (np.concatenate(ids), {f: np.concatenate(v) for f, v in hashes.items()}, np.concatenate(fines),
+            np.concatenate(cores))

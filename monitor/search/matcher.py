@@ -1,9 +1,10 @@
 """The match decision: dHash kernel pass, verification, tiers.
 
-First pass: the 64-bit dHash of each query view (the whole picture, the
-picture inside a detected frame) and of its mirror image against every
-library row (each entry whole, at centre crops, inside its own frame) with
-the numba kernel, at the loosest tier's radius. Second pass, on the few
+First pass (first_pass.py): the 64-bit dHash of each query view (the whole
+picture, the picture inside a detected frame) against every library row (each
+entry whole, at centre crops, inside its own frame), and of its mirror image
+against each entry's whole picture and 10% centre crop, with the numba kernel,
+at the loosest tier's radius. Second pass, on the few
 candidates: their pHash distance (an independent 64-bit hash) and the
 distance of their 256-bit fine hashes (pHash-256 and dHash-256, finer
 detail the first pass never saw). A candidate passes a tier when dHash +
@@ -27,9 +28,9 @@ from numba import njit
 from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search import detective
+from monitor.search.first_pass import first_pass
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
-from monitor.search.radius import pairs_within
 from monitor.search.rows import PairMatches, QueryRows, best_per_pair, fine_words, query_rows
 from monitor.search.tiers import (
     EXACT,
@@ -202,20 +203,25 @@ class Matcher:
         # match there counts as near (where near is among the tiers)
         self._second_look_tier = "near" if any(t.name == "near" for t in tiers) else None
 
-    def _verify(self, pq, pl, pd, q_phash, lib_phash, q_fine, read_fine, lib_low, q_low=None, pair_fine=None):
-        """The second pass; ``read_fine(rows)`` gives library rows' fine hashes, asked
-        only for the candidates past the dHash + pHash gate. ``pair_fine`` (an int64
+    def _verify(self, pq, pl, pd, q_phash, q_fine, q_low=None, pair_fine=None, lib_phash=None, lib_low=None):
+        """The second pass over the first pass's pairs (under the index's lock): the library
+        rows' pHashes and flags are gathered for the pairs, their fine hashes only for the
+        candidates past the dHash + pHash gate (``lib_phash``, ``lib_low``: the pHashes and
+        flags where the caller has gathered them already). ``pair_fine`` (an int64
         array over the pairs, filled with -1): each such candidate's fine distance is
         written into it where both sides have fine hashes (the second look's candidates
         are held to it)."""
-        past = _past_first_gates(pq, pl, pd, q_phash, lib_phash, self._sum_bound) if q_fine is not None \
+        lib_phash = self.index.phash_of(pl) if lib_phash is None else lib_phash
+        lib_low = self.index.low_detail_of(pl) if lib_low is None else lib_low
+        at = np.arange(pq.size)  # the library arrays above are per pair
+        past = _past_first_gates(pq, at, pd, q_phash, lib_phash, self._sum_bound) if q_fine is not None \
             else np.zeros(0, np.int64)
-        rows = read_fine(pl[past])
+        rows = self.index.fine_of(pl[past])
         if pair_fine is not None and past.size:
             query = q_fine[pq[past]]
             bits = np.bitwise_count(rows ^ query).sum(axis=1, dtype=np.int64)
             pair_fine[past] = np.where(rows.any(axis=1) & query.any(axis=1), bits, -1)
-        return _verify(pq, pl, pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
+        return _verify(pq, at, pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
                        _candidate_fine(pq.size, past, rows), _NO_FLAGS if q_low is None else q_low, lib_low,
                        self._d_max, self._p_max, self._s_max, self._score_max, self._sum_bound)
 
@@ -261,19 +267,19 @@ class Matcher:
                    if views[0].degenerate is None and (source := _keypoint_source(views[0], keypoints[i]))}
         looking = bool(sources) and self._second_look_tier is not None
         with self.index.lock:
-            pq, pl, pd = pairs_within(qd, self.index.dhash_array(), self.radius,
-                                      planes=self.index.planes(), threads=1, rows=self.index.rows)
+            pq, pl, pd = first_pass(self.index, qd, np.arange(qd.size) % 2 == 1, self.radius)
             if not pq.size:
                 return
             pair_fine = np.full(pq.size, -1, np.int64) if looking else None
-            at, p, f, tier = self._verify(pq, pl, pd, qp, self.index.hashes("phash"), qf,
-                                          self.index.fine_of, self.index.low_detail(), low, pair_fine)
-            ids = self.index.ids[pl[at]]
+            lib_phash, lib_low = self.index.phash_of(pl), self.index.low_detail_of(pl)
+            at, p, f, tier = self._verify(pq, pl, pd, qp, qf, low, pair_fine, lib_phash, lib_low)
+            lib_ids = self.index.ids_of(pl)
+            ids = lib_ids[at]
             lib_views = self.index.dhash_of(pl[at])
             if looking:  # the pairs a second look would pick its candidates from: full-detail entries
-                near = np.flatnonzero(self.index.low_detail()[pl] == 0)
-                near_ids = self.index.ids[pl[near]]
-                near_p = np.bitwise_count(qp[pq[near]] ^ self.index.hashes("phash")[pl[near]]).astype(np.int64)
+                near = np.flatnonzero(lib_low == 0)
+                near_ids = lib_ids[near]
+                near_p = np.bitwise_count(qp[pq[near]] ^ lib_phash[near]).astype(np.int64)
         best: dict[tuple[int, int], tuple[tuple[int, int], Match]] = {}
         for i in range(at.size):
             row = pq[at[i]]
@@ -315,24 +321,19 @@ class Matcher:
         and ``fine_mirror`` are (M, FINE_WORDS) (all-zero rows: unknown).
         """
         m = dhash.shape[0]
-        with self.index.lock:
-            lib_d = self.index.hashes("dhash").copy()
-            lib_p = self.index.hashes("phash").copy()
-            lib_f = self.index.fine().copy()
-            ids = self.index.ids.copy()
-            planes = self.index.planes().copy()
-            lib_low = self.index.low_detail().copy()
         queries = np.concatenate([dhash, dhash_mirror]).astype(np.uint64)
         qphash = np.concatenate([phash, phash_mirror]).astype(np.uint64)
         qfine = (np.ascontiguousarray(np.concatenate([fine, fine_mirror]), np.uint64)
                  if fine is not None and fine_mirror is not None else None)
-        pq, pl, pd = pairs_within(queries, lib_d, self.radius, planes=planes, threads=threads)
-        at, p, f, tier = self._verify(pq, pl, pd, qphash, lib_p, qfine, lambda rows: lib_f[rows], lib_low)
-        pq, pl = pq[at], pl[at]
+        with self.index.lock:  # (batch work runs on an index of its own: holding it costs no one)
+            pq, pl, pd = first_pass(self.index, queries, np.arange(queries.size) >= m, self.radius, threads=threads)
+            at, p, f, tier = self._verify(pq, pl, pd, qphash, qfine)
+            pq, pl = pq[at], pl[at]
+            ids, lib_d = self.index.ids_of(pl), self.index.dhash_of(pl)
         q = pq % m if m else pq
         if owners is not None:
             q = np.asarray(owners, np.int64)[q]
-        res = PairMatches(q, ids[pl], tier, pd[at].astype(np.int64), p, pq >= m, f, queries[pq], lib_d[pl])
+        res = PairMatches(q, ids, tier, pd[at].astype(np.int64), p, pq >= m, f, queries[pq], lib_d)
         if not mirrored:  # mirrored copies do not count: drop them before the best per pair is kept
             res = res._take(~res.mirrored)
         return best_per_pair(res, best_only)
