@@ -59,8 +59,10 @@ class Metrics:
                                              "Decode and hash time per image",
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.match_seconds = Histogram(p + "match_duration_seconds",
-                                       "Library comparison time per image",
+                                       "Library comparison time per image (its share of its batch's)",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.match_batch_size = Histogram(p + "match_batch_size", "Posts matched in one pass over the library",
+                                          buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.pipeline_seconds = Histogram(p + "image_to_record_duration_seconds",
                                           "From image downloaded to match recorded",
                                           buckets=LATENCY_BUCKETS, registry=r)

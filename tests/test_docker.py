@@ -43,6 +43,7 @@ def test_dockerfile_shape():
         "repost-monitor", "run", "--config", "/etc/repost-monitor/config.toml"]
 
 
+@pytest.mark.slow  # ~2 s: the daemon's config check in a fresh interpreter
 def test_compose_example_config_is_valid(tmp_path):
     env = dict(os.environ, REPOST_API_TOKEN="example-token")
     r = subprocess.run([sys.executable, "-m", "monitor", "check-config",
@@ -95,6 +96,7 @@ def test_install_entrypoint_and_healthcheck_in_a_clean_venv(tmp_path):
         assert proc.wait(timeout=30) == 0
 
 
+@pytest.mark.slow  # ~2 s: the daemon's config check in a fresh interpreter
 def test_scaleout_compose_names_real_roles_and_its_config_is_valid():
     import yaml
     env = dict(os.environ, REPOST_API_TOKEN="example-token", POSTGRES_PASSWORD="pw")

@@ -180,28 +180,57 @@ def test_threshold_mode_means_what_imagehash_users_expect(tmp_path, library_imag
     assert len(with_views) > len(plain)  # the views find the crops: that is the tiers' job, not --threshold's
 
 
-def test_match_many_is_match_of_each(library_images, other_images):
-    """A shard's batch (one pass over the library) answers exactly what one-by-one matching does."""
-    from PIL import Image
-
-    from monitor.fingerprints import fingerprint_bytes
-    from monitor.records.library import LibraryIndex
-    from monitor.search.matcher import PRESETS, Matcher
+def _library_and_posts(library_images, other_images) -> tuple[Matcher, list[Fingerprint]]:
+    """A matcher over the library pictures, and posts: each picture (library or other)
+    halved at JPEG q40, and cut 10% on the right."""
     from tests.conftest import encode
     index = LibraryIndex()
     for i, p in enumerate(library_images):
         index.add(i + 1, fingerprint_bytes(p.read_bytes(), views="library"))
-    matcher = Matcher(index, PRESETS["near"])
     queries = []
     for p in library_images + other_images:
         img = Image.open(p).convert("RGB")
         queries.append(fingerprint_bytes(encode(img.resize((img.width // 2, img.height // 2)), quality=40)))
         queries.append(fingerprint_bytes(encode(img.crop((0, 0, img.width * 9 // 10, img.height)))))
+    return Matcher(index, PRESETS["near"]), queries
+
+
+def test_match_many_is_match_of_each(library_images, other_images):
+    """A shard's batch (one pass over the library) answers exactly what one-by-one matching does."""
+    from tests.conftest import encode
+    matcher, queries = _library_and_posts(library_images, other_images)
     queries.append(fingerprint_bytes(encode(Image.new("RGB", (64, 64), "white"))))  # degenerate
     many = matcher.match_many(queries)
     assert many == [matcher.match(q) for q in queries]
     assert sum(1 for m in many if m) >= len(library_images) and many[-1] == []
     assert matcher.match_many([]) == []
+
+
+def test_posts_waiting_are_matched_together_with_the_same_answers(library_images, other_images):
+    """The daemon's match threads take every post waiting into one pass: the answers are
+    match()'s, the batches grow under load, and a post that breaks matching fails alone."""
+    import dataclasses
+    import threading
+
+    from monitor.search.batcher import MatchBatcher
+    matcher, queries = _library_and_posts(library_images, other_images)
+    broken = dataclasses.replace(queries[0], fine=b"\x01" * 3)  # fine hashes of no valid length
+    batches, lock = [], threading.Lock()
+
+    def on_batch(size, seconds):
+        with lock:
+            batches.append(size)
+    batcher = MatchBatcher(matcher, on_batch=on_batch)
+    try:
+        futures = [batcher.submit(q) for q in queries[:3] + [broken] + queries[3:]]
+        answers = [f.exception(timeout=60) or f.result() for f in futures]
+    finally:
+        batcher.close()
+    assert isinstance(answers[3], ValueError)  # its own failure, not its neighbours'
+    del answers[3]
+    assert answers == [matcher.match(q) for q in queries]
+    assert sum(1 for a in answers if a) >= len(library_images)
+    assert sum(batches) >= len(queries) + 1 and max(batches) > 1  # (a failed batch is matched again alone)
 
 
 def test_fine_hashes_kept_in_a_file_match_as_in_ram(tmp_path, library_images, other_images):

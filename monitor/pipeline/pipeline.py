@@ -90,7 +90,7 @@ class Pipeline:
 
     async def match(self, fp: Fingerprint) -> list:
         """Match now, recording nothing (``/v1/check``)."""
-        return await asyncio.get_running_loop().run_in_executor(self.worker.executor, self.worker.match_timed, fp)
+        return await self.worker.match(fp)
 
     async def retro_match(self, after_entry_id: int) -> list[MatchRecord]:
         return await self.library_watcher.retro_match(after_entry_id)

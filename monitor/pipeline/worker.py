@@ -10,6 +10,7 @@ and hashing run in spawned worker processes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import time
@@ -26,6 +27,7 @@ from monitor.records import work as work_rows
 from monitor.records.matches import MatchRecord
 from monitor.records.store import Store
 from monitor.records.work import WorkItem
+from monitor.search.batcher import MatchBatcher
 from monitor.search.matcher import Match, Matcher
 from monitor.warmup import warm_up
 
@@ -55,6 +57,13 @@ def _warm_worker() -> None:
     warm_up(None, "fingerprint", processes=1)
 
 
+def _observe_batch(metrics: Metrics, posts: int, seconds: float) -> None:
+    """A match batch's metrics: each post's share of its time, and the batch's size."""
+    for _ in range(posts):
+        metrics.match_seconds.observe(seconds / posts)
+    metrics.match_batch_size.observe(posts)
+
+
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     # spawn: forking a process that runs threads (the event loop's helpers) can deadlock
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -70,6 +79,10 @@ class Worker:
         self.recorder, self.metrics, self.transport = recorder, metrics, transport
         self.workers = workers
         self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
+        # posts matched on threads of their own, every post waiting in one pass (batcher.py)
+        self.batcher = (MatchBatcher(matcher, threads=max(1, fingerprint_workers // 2),
+                                     on_batch=functools.partial(_observe_batch, metrics))
+                        if matcher is not None else None)
         self.fingerprint_processes = fingerprint_processes
         self.processes = _process_pool(fingerprint_processes) if fingerprint_processes else None
         self.max_pixels = max_pixels
@@ -97,6 +110,8 @@ class Worker:
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.executor.shutdown)
+        if self.batcher is not None:
+            await loop.run_in_executor(None, self.batcher.close)
         if self.processes is not None:
             await loop.run_in_executor(None, self.processes.shutdown)
 
@@ -140,7 +155,7 @@ class Worker:
 
     async def process_fingerprint(self, work: WorkItem, fp: Fingerprint) -> list[MatchRecord]:
         """Match and record an image fingerprinted elsewhere (an API upload)."""
-        matches = await asyncio.get_running_loop().run_in_executor(self.executor, self.match_timed, fp)
+        matches = await self.match(fp)
         records = self.recorder.finish(work, matches, fp)
         for rec in records:
             await self.recorder.announce(rec)
@@ -152,25 +167,23 @@ class Worker:
         fp, matches, _, _ = await self._fingerprint_and_match(WorkItem(0, feed, "", url, None, None, None))
         return fp, matches
 
-    def match_timed(self, fp: Fingerprint, data: bytes | None = None) -> list[Match]:
-        """The fingerprint's matches; with the image's ``data`` (keypoints on), its keypoints
-        are found only if the post needs them (a second look: no tier met it, and some
-        entries are near; or an unsure match to confirm): most posts never pay for them."""
-        start = time.perf_counter()
+    async def match(self, fp: Fingerprint, data: bytes | None = None) -> list[Match]:
+        """The fingerprint's matches, in the next batch; with the image's ``data`` (keypoints
+        on), its keypoints are found only if the post needs them (a second look: no tier
+        met it, and some entries are near; or an unsure match to confirm): most posts never
+        pay for them."""
         keypoints = None
         if data is not None and self.keypoints and not fp.keypoints:
             kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
             keypoints = KeypointFinder(data, **kwargs)
-        matches = self.matcher.match(fp, keypoints)
-        self.metrics.match_seconds.observe(time.perf_counter() - start)
-        return matches
+        return await asyncio.wrap_future(self.batcher.submit(fp, keypoints))
 
     async def _fingerprint_and_match(self, work: WorkItem):
         """(fingerprint, matches, time downloaded, whether this call fetched the image)."""
         fp, matches, downloaded_at = await self._fingerprint_url(work)
         fetched = matches is not None
         if not fetched:  # fingerprint from the store or another worker's fetch: match it now
-            matches = await asyncio.get_running_loop().run_in_executor(self.executor, self.match_timed, fp)
+            matches = await self.match(fp)
         return fp, matches, downloaded_at, fetched
 
     async def _fingerprint_url(self, work: WorkItem):
@@ -214,14 +227,14 @@ class Worker:
         fp, matches, _ = await self._fingerprint_url(work)
         return fp, matches is not None  # None: from the store or another worker's fetch
 
-    def _hash_and_match(self, data: bytes):
-        """Decode, hash and match in one worker-thread call (one hop, not two)."""
-        # Matched here: keypoints only if the matcher asks. Fingerprinted for shards that
-        # match elsewhere (no matcher): the copy keypoints are found on, for the shards to
-        # find them only if the post needs them, when the second look is on.
+    def _hash(self, data: bytes) -> Fingerprint:
+        """Decode and hash on a worker thread."""
+        # Fingerprinted for shards that match elsewhere (no matcher): the copy keypoints are
+        # found on, for the shards to find them only if the post needs them, when the
+        # second look is on. Matched here, a post's keypoints are found only if the matcher asks.
         fp, seconds = fingerprint_query(data, self.max_pixels, self.keypoints and self.matcher is None)
         self.metrics.fingerprint_seconds.observe(seconds)
-        return fp, (self.match_timed(fp, data) if self.matcher is not None else [])
+        return fp
 
     async def _fingerprint_in_process(self, data: bytes) -> tuple[Fingerprint, float]:
         for _ in range(2):
@@ -258,12 +271,11 @@ class Worker:
         self.metrics.queue_depth.labels("fingerprint").set(self._backlog)
         try:
             if self.processes is None:
-                fp, matches = await loop.run_in_executor(self.executor, self._hash_and_match, data)
+                fp = await loop.run_in_executor(self.executor, self._hash, data)
             else:
                 fp, seconds = await self._fingerprint_in_process(data)
                 self.metrics.fingerprint_seconds.observe(seconds)
-                matches = (await loop.run_in_executor(self.executor, self.match_timed, fp, data)
-                           if self.matcher is not None else [])
+            matches = await self.match(fp, data) if self.matcher is not None else []
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()
             work_rows.image_failed(self.store, work.image_url, str(exc), time.time())
