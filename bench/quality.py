@@ -326,6 +326,7 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
     n = min(len(v) for v in picked.values())
     picked = {kind: images[:n] for kind, images in picked.items()}
     spent: dict[tuple, float] = defaultdict(float)
+    posts: dict[str, list] = defaultdict(list)
     clock = time.perf_counter
     for turn in zip(*picked.values(), strict=True):  # reposts and unrelated posts in turns too
         for kind, data in zip(picked, turn, strict=True):
@@ -335,6 +336,7 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
             t = clock()
             fp = fingerprint_bytes(data, views="query")
             spent[kind, "fingerprint"] += clock() - t
+            posts[kind].append((fp, data))
             for name, matcher in matchers.items():
                 t = clock()
                 matcher.match(fp, KeypointFinder(data))  # [match] keypoints = true
@@ -342,6 +344,14 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
                 t = clock()
                 matcher.match(fp)  # keypoints = false: the hashes alone
                 spent[kind, name, False] += clock() - t
+    for kind, items in posts.items():  # as the daemon's match threads take posts under load
+        for keypoints in (True, False):
+            t = clock()
+            for i in range(0, len(items), 8):
+                group = items[i:i + 8]
+                matchers["near"].match_many([fp for fp, _ in group],
+                                            [KeypointFinder(data) for _, data in group] if keypoints else None)
+            spent[kind, "near batched", keypoints] = clock() - t
     ms = {k: v / n * 1e3 for k, v in spent.items()}
     print(f"cost per incoming image, {entries:,}-entry library ({index.rows:,} rows with views), {n} of each kind, "
           f"against a plain dHash + one kernel pass:", flush=True)
@@ -352,6 +362,10 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
             print(f"    {kind}, {what}: plain {plain:.2f} ms; ours: all query views {fp:.2f} ms + matcher "
                   f"{near:.2f} ms (near) / {loose:.2f} ms (loose) = {(fp + near) / plain:.2f}x / "
                   f"{(fp + loose) / plain:.2f}x", flush=True)
+        batched = {k: ms[kind, "near batched", k] for k in (True, False)}
+        print(f"    {kind}, matched in batches of 8 (the daemon under load), near: matcher {batched[True]:.2f} ms "
+              f"with keypoints as needed = {(fp + batched[True]) / plain:.2f}x, {batched[False]:.2f} ms with the "
+              f"hashes alone = {(fp + batched[False]) / plain:.2f}x (timed after the turns)", flush=True)
     print(f"memory per entry: {per_entry} rows x (8 bytes of bit-planes + 8 of pHash + 4 of id + 1 flag in RAM, "
           f"64 of fine hashes in RAM or a file), keypoints ~9 KB in the store")
 
