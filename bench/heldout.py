@@ -273,7 +273,7 @@ def with_random_entries(index, count: int, first_id: int):
     dhash = np.concatenate([index.hashes("dhash"), rng.integers(0, 2**64 - 1, n, dtype=np.uint64)])
     phash = np.concatenate([index.hashes("phash"), rng.integers(0, 2**64 - 1, n, dtype=np.uint64)])
     fine = np.concatenate([index.fine(), rng.integers(0, 2**64 - 1, (n, index.fine().shape[1]), dtype=np.uint64)])
-    from monitor.search.lanes import CORE_POSITIONS
+    from monitor.search.core_rows import CORE_POSITIONS
     core = np.concatenate([index.core_flags(), np.tile(np.isin(np.arange(rows), CORE_POSITIONS), count)])
     index.load(ids, {"dhash": dhash, "phash": phash}, fine, core)
     print(f"library: + {count:,} random entries ({n:,} rows); {index.rows:,} rows in all", flush=True)

@@ -100,8 +100,8 @@ def test_core_rows_stay_in_step_through_adds_removes_and_loads():
     of their own, through growth, removals from anywhere and a reload; the first pass
     compares mirror images with those rows only, and plain views with every row."""
     from monitor.search import bitslice
+    from monitor.search.core_rows import CORE_POSITIONS
     from monitor.search.first_pass import first_pass
-    from monitor.search.lanes import CORE_POSITIONS
     rng = np.random.default_rng(7)
     index = LibraryIndex(capacity=4)
 

@@ -14,8 +14,8 @@ import numpy as np
 from monitor.fingerprints.codec import VIEW_WORDS
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.records.store import Store
+from monitor.search.core_rows import CORE_POSITIONS
 from monitor.search.index import HASH_FIELDS, LibraryIndex
-from monitor.search.lanes import CORE_POSITIONS
 
 
 class Snapshot(NamedTuple):
@@ -23,7 +23,7 @@ class Snapshot(NamedTuple):
     dhash: np.ndarray   # uint64
     phash: np.ndarray
     fine: np.ndarray
-    core: np.ndarray    # bool per row: an entry's core row (monitor/search/lanes.py)
+    core: np.ndarray    # bool per row: an entry's core row (monitor/search/core_rows.py)
     change_id: int | None
 
 
@@ -65,7 +65,7 @@ def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int
 def read_rows(store: Store, owned: str, indexed: str) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
     """(ids, hashes, fine, core) of the usable entries' rows and views (``indexed``: which
     entries are, ``owned``: a shard's filter, both SQL conditions); ``core`` marks each
-    entry's core rows (monitor/search/lanes.py). Each entry's whole row comes first."""
+    entry's core rows (monitor/search/core_rows.py). Each entry's whole row comes first."""
     width = 1 + len(HASH_FIELDS)
     with store.lock:
         cursor = store.conn.execute(

@@ -256,7 +256,7 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE matches ADD COLUMN keypoint_inliers INTEGER;
     """,
-    # 18: which rows are entries' core rows (monitor/search/lanes.py), packed bits; the
+    # 18: which rows are entries' core rows (monitor/search/core_rows.py), packed bits; the
     # snapshots taken before do not say, so the next start reads the rows again
     """
     DELETE FROM index_snapshots;

@@ -1,7 +1,7 @@
 """The matcher's first pass: every (query hash, library row) pair within the dHash radius.
 
 A post's own views go against every row (each entry whole, its crops, its frame); its
-mirror images only against each entry's core rows (monitor/search/lanes.py). Each of the
+mirror images only against each entry's core rows (monitor/search/core_rows.py). Each of the
 index's two row stores is read once, by every query that needs it.
 """
 

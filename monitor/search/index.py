@@ -1,7 +1,7 @@
 """The library as the kernels see it: each entry's rows (its whole picture and views) in
 two row stores (monitor/search/row_store.py).
 
-``core`` holds each entry's core rows (monitor/search/lanes.py: its whole picture, centre
+``core`` holds each entry's core rows (monitor/search/core_rows.py: its whole picture, centre
 crop and side crops), ``other`` the rest of its views. Every view of a post is compared
 with both, its mirror images with the core rows only; a store is read once per post
 either way, so where a large library makes the first pass wait on memory, splitting
@@ -22,7 +22,7 @@ import numpy as np
 
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search import radius
-from monitor.search.lanes import CORE_POSITIONS, core_rows_of
+from monitor.search.core_rows import CORE_POSITIONS, core_rows_of
 from monitor.search.row_store import HASH_FIELDS, RowStore
 
 __all__ = ["HASH_FIELDS", "LibraryIndex"]
@@ -146,7 +146,7 @@ class LibraryIndex:
 
     def load(self, ids: np.ndarray, hashes: dict[str, np.ndarray], fine: np.ndarray | None = None,
              core: np.ndarray | None = None) -> None:
-        """``core``: a bool per row, True on each entry's core rows (lanes.CORE_POSITIONS);
+        """``core``: a bool per row, True on each entry's core rows (core_rows.CORE_POSITIONS);
         None finds them from the rows' order, as :meth:`add` lays an entry out."""
         with self.lock:
             ids = np.asarray(ids, np.int64)

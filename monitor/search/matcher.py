@@ -159,10 +159,11 @@ _NO_FINE = np.zeros((0, FINE_WORDS), np.uint64)
 _NO_FLAGS = np.zeros(0, np.uint8)
 
 
-def _past_first_gates(pq, pl, pd, q_phash, lib_phash, sum_bound: int) -> np.ndarray:
+def _past_first_gates(pq, pd, q_phash, pair_phash, sum_bound: int) -> np.ndarray:
     """Candidates whose dHash + pHash distance is within ``sum_bound``: the only
-    ones whose fine hashes any tier reads (numpy, not compiled: a few hundred)."""
-    p = np.bitwise_count(q_phash[pq] ^ lib_phash[pl])
+    ones whose fine hashes any tier reads (numpy, not compiled: a few hundred).
+    ``pair_phash``: each pair's library row's pHash."""
+    p = np.bitwise_count(q_phash[pq] ^ pair_phash)
     return np.flatnonzero(pd.astype(np.int64) + p <= sum_bound)
 
 
@@ -213,15 +214,15 @@ class Matcher:
         are held to it)."""
         lib_phash = self.index.phash_of(pl) if lib_phash is None else lib_phash
         lib_low = self.index.low_detail_of(pl) if lib_low is None else lib_low
-        at = np.arange(pq.size)  # the library arrays above are per pair
-        past = _past_first_gates(pq, at, pd, q_phash, lib_phash, self._sum_bound) if q_fine is not None \
+        past = _past_first_gates(pq, pd, q_phash, lib_phash, self._sum_bound) if q_fine is not None \
             else np.zeros(0, np.int64)
         rows = self.index.fine_of(pl[past])
         if pair_fine is not None and past.size:
             query = q_fine[pq[past]]
             bits = np.bitwise_count(rows ^ query).sum(axis=1, dtype=np.int64)
             pair_fine[past] = np.where(rows.any(axis=1) & query.any(axis=1), bits, -1)
-        return _verify(pq, at, pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
+        # the library's arrays here are per pair: pair i's row is i
+        return _verify(pq, np.arange(pq.size), pd, q_phash, lib_phash, _NO_FINE if q_fine is None else q_fine,
                        _candidate_fine(pq.size, past, rows), _NO_FLAGS if q_low is None else q_low, lib_low,
                        self._d_max, self._p_max, self._s_max, self._score_max, self._sum_bound)
 
