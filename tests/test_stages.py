@@ -160,3 +160,48 @@ async def test_library_watcher_matches_recent_images_against_new_entries(library
         await worker.close()
     assert [r.entry.label for r in records] == ["library-rocket"] and records[0].match.mirrored
     assert s.recorded[-1].id == records[0].id
+
+
+def test_a_poll_is_recorded_in_a_few_statements_with_every_item_once(store_location):
+    """record_items writes a poll in multi-row statements: new items get a work row per
+    image URL, in the poll's order; an item seen before, an id twice in one poll and a URL
+    twice in one item add nothing; more items than one statement takes still all count.
+    cached_images answers many URLs at once, as cached_image does each."""
+    from datetime import UTC, datetime
+
+    from monitor.fingerprints import Fingerprint
+    store = open_store(store_location)
+    when = datetime(2026, 5, 1, tzinfo=UTC)
+    first, new = work_rows.record_items(store, "f", [FeedItem("f", "1", ("http://h/1.jpg",))], 1.0)
+    assert new == 1 and [w.item_id for w in first] == ["1"]
+    poll = [FeedItem("f", "1", ("http://h/1.jpg",)),                                  # seen before
+            FeedItem("f", "2", ("http://h/2a.jpg", "http://h/2b.jpg", "http://h/2a.jpg"), "http://h/p2", "ann", when),
+            FeedItem("f", "2", ("http://h/other.jpg",)),                              # the same id again
+            *(FeedItem("f", f"n{i}", (f"http://h/n{i}.jpg",)) for i in range(work_rows.RECORD_CHUNK + 50))]
+    work, new = work_rows.record_items(store, "f", poll, 2.0)
+    assert new == 1 + work_rows.RECORD_CHUNK + 50
+    assert [(w.item_id, w.image_url) for w in work] == [
+        ("2", "http://h/2a.jpg"), ("2", "http://h/2b.jpg"),
+        *((f"n{i}", f"http://h/n{i}.jpg") for i in range(work_rows.RECORD_CHUNK + 50))]
+    assert [w.id for w in work] == sorted(w.id for w in work) and work[0].id > first[0].id
+    assert (work[0].page_url, work[0].author, work[0].published) == ("http://h/p2", "ann", when.timestamp())
+    rows = store.query("SELECT id, feed, item_id, image_url FROM work ORDER BY id")
+    assert [tuple(r) for r in rows] == [(w.id, "f", w.item_id, w.image_url) for w in first + work]
+    assert work_rows.record_items(store, "f", poll, 3.0) == ([], 0)  # all seen now
+    # the other feed's item of the same id is its own
+    assert work_rows.record_items(store, "g", poll[:1], 4.0)[1] == 1
+
+    fp = Fingerprint(1, 2, 3, 4, 64, 48)
+    with store.transaction() as conn:
+        work_rows.image_ok(conn, "http://h/1.jpg", fp, 5.0)
+    work_rows.image_failed(store, "http://h/2a.jpg", "http_4xx: HTTP 404", 5.0)
+    known = work_rows.cached_images(store, ["http://h/1.jpg", "http://h/2a.jpg", "http://h/none.jpg",
+                                            "http://h/1.jpg"])
+    assert set(known) == {"http://h/1.jpg", "http://h/2a.jpg"}
+    assert (known["http://h/1.jpg"].dhash, known["http://h/1.jpg"].width) == (1, 64)
+    assert isinstance(known["http://h/2a.jpg"], work_rows.CachedFailure)
+    assert known["http://h/2a.jpg"].reason == "http_4xx"
+    assert work_rows.cached_image(store, "http://h/1.jpg") == known["http://h/1.jpg"]
+    with pytest.raises(work_rows.CachedFailure):
+        work_rows.cached_image(store, "http://h/2a.jpg")
+    store.close()

@@ -86,6 +86,11 @@ class KeypointFinder:
         self._copy = None
         self._found: dict[bool, tuple[int, bytes]] = {}  # mirrored: (limit, keypoints)
 
+    @property
+    def searched(self) -> int:
+        """How many ways (0, 1, or 2 with the mirror image) the keypoints were searched for."""
+        return len(self._found)
+
     def __call__(self, mirrored: bool = False, limit: int = QUERY_KEYPOINTS) -> bytes:
         """At most ``limit`` keypoints (a second look asks for fewer: ORB keeping 512 costs
         a fifth less than 1,024), or more where more were found already."""

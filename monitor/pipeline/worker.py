@@ -37,6 +37,8 @@ log = logging.getLogger("repost_monitor.pipeline")
 # image reached through another feed is not fetched again.
 RECENT_FETCHES = 256  # results kept after a fetch, for a worker that read the store just before it was written
 
+LOOK_UP = object()  # Worker.fingerprint's ``known`` when the caller has not read the store
+
 PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address", "bad_url",
                           "blocked_path"}
 
@@ -62,6 +64,19 @@ def _observe_batch(metrics: Metrics, posts: int, seconds: float) -> None:
     for _ in range(posts):
         metrics.match_seconds.observe(seconds / posts)
     metrics.match_batch_size.observe(posts)
+
+
+async def _stored_fingerprint(store: Store, url: str, known=LOOK_UP) -> Fingerprint | None:
+    """The fingerprint the store holds for an image URL, None if never fetched (raises the
+    CachedFailure of a URL that failed for good); ``known``: the store's answer where the
+    caller has it already (``work_rows.cached_images``)."""
+    if known is LOOK_UP:
+        if store.dialect == "sqlite":  # a local read of microseconds
+            return work_rows.cached_image(store, url)
+        return await asyncio.to_thread(work_rows.cached_image, store, url)  # a round trip: off the loop
+    if isinstance(known, work_rows.CachedFailure):
+        raise known
+    return known
 
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:
@@ -186,14 +201,12 @@ class Worker:
             matches = await self.match(fp)
         return fp, matches, downloaded_at, fetched
 
-    async def _fingerprint_url(self, work: WorkItem):
+    async def _fingerprint_url(self, work: WorkItem, known=LOOK_UP):
         """(fingerprint, matches or None, time downloaded) of an image URL: from the store
         if any feed already fetched it, from a concurrent fetch of the same URL, or fetched
-        now (None for matches: this call did not match it)."""
-        if self.store.dialect == "sqlite":  # a local read of microseconds
-            cached = work_rows.cached_image(self.store, work.image_url)
-        else:  # a network round trip: off the loop
-            cached = await asyncio.to_thread(work_rows.cached_image, self.store, work.image_url)
+        now (None for matches: this call did not match it). ``known``: what the store holds
+        for the URL where the caller has read it already (``work_rows.cached_images``)."""
+        cached = await _stored_fingerprint(self.store, work.image_url, known)
         if cached is not None:
             return cached, None, time.perf_counter()
         pending = self._inflight.get(work.image_url)
@@ -221,10 +234,11 @@ class Worker:
         finally:
             del self._inflight[work.image_url]
 
-    async def fingerprint(self, work: WorkItem) -> tuple[Fingerprint, bool]:
+    async def fingerprint(self, work: WorkItem, known=LOOK_UP) -> tuple[Fingerprint, bool]:
         """(the image's fingerprint, whether it was fetched now) without matching: a fetch
-        worker of a scaled-out deployment, whose shards match (``matcher`` None)."""
-        fp, matches, _ = await self._fingerprint_url(work)
+        worker of a scaled-out deployment, whose shards match (``matcher`` None). ``known``:
+        as for :meth:`_fingerprint_url`."""
+        fp, matches, _ = await self._fingerprint_url(work, known)
         return fp, matches is not None  # None: from the store or another worker's fetch
 
     def _hash(self, data: bytes) -> Fingerprint:

@@ -11,8 +11,7 @@ from monitor.records.store import Store
 def hold_work(conn, work_id: int) -> str | None:
     """Lock the work row for this transaction (PostgreSQL: the row; SQLite: the transaction
     already holds the database); its state, or None if there is no such row."""
-    conn.execute("UPDATE work SET state=state WHERE id=?", (work_id,))
-    row = conn.execute("SELECT state FROM work WHERE id=?", (work_id,)).fetchone()
+    row = conn.execute("UPDATE work SET state=state WHERE id=? RETURNING state", (work_id,)).fetchone()
     return row[0] if row else None
 
 

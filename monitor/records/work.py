@@ -64,26 +64,38 @@ def set_feed_cursor(store: Store, feed: str, cursor: str) -> None:
 
 
 # -- work rows ------------------------------------------------------------------------------
+RECORD_CHUNK = 200  # items per statement (x 7 values: within SQLite's 32,766 bound parameters)
+
 def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> tuple[list[WorkItem], int]:
     """Work rows for the items not seen before, in one transaction: (the new rows, how many
     items were new). An item seen before (by id, per feed) adds nothing."""
     work: list[WorkItem] = []
     new_items = 0
+    # Multi-row statements, RECORD_CHUNK items at a time: a poll of hundreds of items is a
+    # few statements, not two per item (a round trip each, on PostgreSQL).
     with store.transaction() as conn:
-        for item in items:
-            cur = conn.execute("INSERT OR IGNORE INTO seen_items (feed, item_id, seen_at) VALUES (?,?,?)",
-                               (feed, item.id, now))
-            if cur.rowcount == 0:
+        for start in range(0, len(items), RECORD_CHUNK):
+            firsts: dict[str, FeedItem] = {}  # an id twice in one poll: its first item counts
+            for item in items[start:start + RECORD_CHUNK]:
+                firsts.setdefault(item.id, item)
+            chunk = list(firsts.values())
+            fresh = {r[0] for r in conn.execute(
+                "INSERT OR IGNORE INTO seen_items (feed, item_id, seen_at) VALUES "
+                + ",".join(["(?,?,?)"] * len(chunk)) + " RETURNING item_id",
+                [v for item in chunk for v in (feed, item.id, now)]).fetchall()}
+            new_items += len(fresh)
+            rows = [(feed, item.id, url, item.page_url, item.author,
+                     item.published.timestamp() if item.published else None, now)
+                    for item in chunk if item.id in fresh for url in dict.fromkeys(item.image_urls)]
+            if not rows:
                 continue
-            new_items += 1
-            published = item.published.timestamp() if item.published else None
-            for url in item.image_urls:
-                row = conn.execute(
-                    "INSERT OR IGNORE INTO work (feed, item_id, image_url, page_url, author, published, "
-                    "discovered_at) VALUES (?,?,?,?,?,?,?) RETURNING id",
-                    (feed, item.id, url, item.page_url, item.author, published, now)).fetchone()
-                if row:
-                    work.append(WorkItem(row[0], feed, item.id, url, item.page_url, item.author, published))
+            got = conn.execute(
+                "INSERT OR IGNORE INTO work (feed, item_id, image_url, page_url, author, published, "
+                "discovered_at) VALUES " + ",".join(["(?,?,?,?,?,?,?)"] * len(rows)) + " RETURNING id, item_id, "
+                "image_url", [v for row in rows for v in row]).fetchall()
+            ids = {(item_id, url): work_id for work_id, item_id, url in got}
+            work += [WorkItem(ids[(item_id, url)], feed, item_id, url, page, author, published)
+                     for _, item_id, url, page, author, published, _ in rows if (item_id, url) in ids]
     return work, new_items
 
 
@@ -123,18 +135,41 @@ class CachedFailure(Exception):
         self.reason, self.message = reason, message
 
 
+_CACHED_COLUMNS = "url, state, dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, error, fine, views"
+
+
+def _cached(row) -> Fingerprint | CachedFailure:
+    _, state, d, p, dm, pm, w, h, degenerate, error, fine, views = row
+    if state != "ok":
+        reason, _, message = (error or "failed: earlier failure").partition(": ")
+        return CachedFailure(reason, f"{message} (cached)")
+    return stored_fingerprint(d, p, dm, pm, w, h, degenerate, fine, views)
+
+
 def cached_image(store: Store, url: str) -> Fingerprint | None:
     """The stored fingerprint of an image URL fetched before (by any feed), None if never
     fetched; raises CachedFailure if it failed for good."""
-    rows = store.query("SELECT state, dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, "
-                       "error, fine, views FROM images WHERE url=?", (url,))
+    rows = store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url=?", (url,))
     if not rows:
         return None
-    state, d, p, dm, pm, w, h, degenerate, error, fine, views = rows[0]
-    if state != "ok":
-        reason, _, message = (error or "failed: earlier failure").partition(": ")
-        raise CachedFailure(reason, f"{message} (cached)")
-    return stored_fingerprint(d, p, dm, pm, w, h, degenerate, fine, views)
+    found = _cached(rows[0])
+    if isinstance(found, CachedFailure):
+        raise found
+    return found
+
+
+def cached_images(store: Store, urls: list[str]) -> dict[str, Fingerprint | CachedFailure]:
+    """:func:`cached_image` of many URLs in one query per 500 (a scaled-out fetch worker's
+    batch: one round trip to the store, not one per image): only URLs fetched before
+    appear, a failure as its CachedFailure (not raised)."""
+    urls = list(dict.fromkeys(urls))
+    out: dict[str, Fingerprint | CachedFailure] = {}
+    for start in range(0, len(urls), 500):
+        chunk = urls[start:start + 500]
+        for row in store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url IN "
+                               f"({','.join('?' * len(chunk))})", tuple(chunk)):
+            out[row[0]] = _cached(row)
+    return out
 
 
 _IMAGE_COLUMNS = ("url, state, dhash, phash, dhash_mirror, phash_mirror, width, height, degenerate, error, "

@@ -29,7 +29,7 @@ from monitor.fingerprints import Fingerprint, ImageError
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.transport import MatchUnavailable
-from monitor.pipeline.worker import Worker
+from monitor.pipeline.worker import LOOK_UP, Worker
 from monitor.records import matches as match_rows
 from monitor.records import shard_answers
 from monitor.records import work as work_rows
@@ -145,25 +145,73 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
 
 
 class FetchRole:
-    """``work`` -> download, fingerprint -> ``fingerprints``."""
+    """``work`` -> download, fingerprint -> ``fingerprints``; ``concurrency`` images at a
+    time, read in small batches: per batch one read, one look in the store for the images
+    it knows, one round trip for the fingerprints and one acknowledgement (per image, these
+    round trips cost a worker more CPU than the image's fingerprint). Small, because a
+    batch is acknowledged when its slowest download is done."""
 
-    def __init__(self, worker: Worker, streams: RedisStreams, tasks: int = 16):
-        self.worker, self.streams, self.tasks = worker, streams, tasks
+    def __init__(self, worker: Worker, streams: RedisStreams, concurrency: int = 16):
+        self.worker, self.streams = worker, streams
+        self.batch = max(1, min(8, concurrency // 4))
+        self.tasks = -(-concurrency // self.batch)
 
-    async def handle(self, fields) -> None:
-        work = work_from(fields)
+    async def _fields(self, work: WorkItem, known=LOOK_UP) -> dict | None:
+        """The image's message for ``fingerprints``; None where it failed for good (its work
+        row closed with the reason)."""
         try:
-            fp, fetched = await self.worker.fingerprint(work)
+            fp, fetched = await self.worker.fingerprint(work, known)
         except (FetchError, ImageError, work_rows.CachedFailure) as exc:
             await asyncio.to_thread(self.worker.recorder.finish, work, [], None, error=str(exc))
             log.warning("image skipped: %s: %s", work.image_url, exc, extra={"url": work.image_url})
-            return
-        await self.streams.add(FINGERPRINTS, {**work_fields(work), **fingerprint_fields(fp, fetched)})
+            return None
+        return {**work_fields(work), **fingerprint_fields(fp, fetched)}
+
+    async def handle(self, fields) -> None:
+        message = await self._fields(work_from(fields))
+        if message is not None:
+            await self.streams.add(FINGERPRINTS, message)
+
+    async def handle_batch(self, batch) -> list | None:
+        """The batch's images concurrently; the ids to acknowledge: those done (a failure
+        recorded is done), not those a server error left undone (claimed again later).
+        None (one by one) if a message is unreadable or the store cannot be read."""
+        try:
+            works = [work_from(fields) for _, fields in batch]
+        except (ValueError, KeyError, TypeError):
+            return None
+        try:
+            known = await asyncio.to_thread(work_rows.cached_images, self.worker.store,
+                                            [w.image_url for w in works])
+        except DatabaseError:
+            return None
+        outcomes = await asyncio.gather(*(self._fields(w, known.get(w.image_url)) for w in works),
+                                        return_exceptions=True)
+        done, messages = [], []
+        for (mid, _), work, outcome in zip(batch, works, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                log.error("%s: work %s (%s) not done (%r); it will be retried", WORK, mid, work.image_url, outcome,
+                          exc_info=outcome if not isinstance(outcome, (*DatabaseError, RedisError, OSError)) else None)
+                continue
+            done.append(mid)
+            if outcome is not None:
+                messages.append(outcome)
+        if messages:
+            try:
+                await self.streams.add_many(FINGERPRINTS, messages)
+            except (RedisError, OSError) as exc:
+                log.warning("%s: %d fingerprints not added (%s); their work will be retried", FINGERPRINTS,
+                            len(messages), exc)
+                return []
+        return done
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.worker.start()
         try:
-            await _consume(self.streams, WORK, WORKERS_GROUP, self.handle, stop, tasks=self.tasks)
+            await _consume(self.streams, WORK, WORKERS_GROUP, self.handle, stop, count=self.batch,
+                           tasks=self.tasks, handle_batch=self.handle_batch)
         finally:
             await self.worker.close()
 
@@ -293,14 +341,18 @@ class RecorderRole:
             for work, fp, fetched, shard, matches in answers:
                 if shard_answers.hold_work(conn, work.id) != "pending":
                     continue  # recorded already (a repeated answer), or a row we do not have
-                stored = shard_answers.add(conn, work.id, shard, matches, now)
-                if len(stored) < self.shards:
-                    continue  # the other shards have not answered yet
+                if self.shards == 1:  # the answer is the whole set: nothing to keep until the others come
+                    stored = {shard: matches}
+                else:
+                    stored = shard_answers.add(conn, work.id, shard, matches, now)
+                    if len(stored) < self.shards:
+                        continue  # the other shards have not answered yet
                 merged = detective.merged_across_shards([m for text in stored.values() for m in matches_from(text)])
                 entries = entries_by_id(self.store, (m.entry_id for m in merged)) if merged else {}
                 records += match_rows.record_in(conn, work, merged, fp, entries, now, new_image=fetched,
                                                 enqueue=outbox.enqueue if outbox is not None else None)
-                shard_answers.clear(conn, work.id)
+                if self.shards > 1:
+                    shard_answers.clear(conn, work.id)
         if records and outbox is not None:
             outbox.committed()
         return records
