@@ -205,3 +205,45 @@ def test_a_poll_is_recorded_in_a_few_statements_with_every_item_once(store_locat
     with pytest.raises(work_rows.CachedFailure):
         work_rows.cached_image(store, "http://h/2a.jpg")
     store.close()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_recorder_batch_records_each_image_once_whatever_is_repeated(library, samples, shards):
+    """The scaled-out recorder's batch (RecorderRole._store_answers, on both engines): an
+    image is recorded, once, with the answer that completes its set of shards; a repeated
+    answer, in the same batch or a later one, changes nothing; partial answers are kept
+    until the set is complete, then cleared; the new images' rows and the work rows are
+    written for the whole batch."""
+    from monitor.fingerprints import fingerprint_bytes
+    from monitor.records import shard_answers
+    from monitor.scaleout.roles import RecorderRole
+    from monitor.scaleout.wire import matches_json
+    store = library.store
+    metrics = Metrics()
+    role = RecorderRole(store, shards, None, Recorder(store, library, metrics))
+    fp = fingerprint_bytes((samples / "library-chelsea.jpg").read_bytes(), views="query")
+    [hit] = Matcher(library.index, PRESETS["near"]).match(fp)
+    urls = [f"http://h/{i}.jpg" for i in range(3)]
+    work, _ = work_rows.record_items(store, "f", [FeedItem("f", str(i), (u,)) for i, u in enumerate(urls)], 1.0)
+    a, b, c = work
+    met, none = matches_json([hit]), matches_json([])
+
+    def answers(*pairs):
+        return [(w, fp, True, shard, text) for w, shard, text in pairs]
+    last = shards - 1
+    first = role._store_answers(answers((a, 0, met), (a, last, none), (a, last, none), (b, 0, none)))
+    states = dict(store.query("SELECT id, state FROM work"))
+    if shards == 1:
+        assert [r.work.id for r in first] == [a.id] and states == {a.id: "done", b.id: "done", c.id: "pending"}
+    else:
+        assert [r.work.id for r in first] == [a.id] and states == {a.id: "done", b.id: "pending", c.id: "pending"}
+        assert shard_answers.waiting(store, 2.0)[0] == 1  # b: shard 0 of 2 so far
+        assert role._store_answers(answers((b, 1, none), (b, 1, none))) == []
+    assert role._store_answers(answers((a, 0, met), (c, last, none))) == []  # a repeat; c's last shard only
+    states = dict(store.query("SELECT id, state FROM work"))
+    assert states[a.id] == states[b.id] == "done"
+    assert states[c.id] == ("done" if shards == 1 else "pending")
+    assert store.query("SELECT work_id, entry_id FROM matches") == [(a.id, hit.entry_id)]
+    recorded = {u for (u,) in store.query("SELECT url FROM images WHERE state='ok'")}
+    assert recorded == ({*urls} if shards == 1 else {urls[0], urls[1]})
+    assert shard_answers.waiting(store, 2.0)[0] == (0 if shards == 1 else 1)  # c waits for shard 0

@@ -8,11 +8,18 @@ from __future__ import annotations
 from monitor.records.store import Store
 
 
-def hold_work(conn, work_id: int) -> str | None:
-    """Lock the work row for this transaction (PostgreSQL: the row; SQLite: the transaction
-    already holds the database); its state, or None if there is no such row."""
-    row = conn.execute("UPDATE work SET state=state WHERE id=? RETURNING state", (work_id,)).fetchone()
-    return row[0] if row else None
+def hold_works(conn, work_ids: list[int]) -> dict[int, str]:
+    """Lock these work rows for this transaction (PostgreSQL: the rows, by one statement per
+    500 ids, which reads them in the table's order rather than the batch's; SQLite: the
+    transaction already holds the database); their states by id, rows we do not have left
+    out."""
+    ids = sorted(set(work_ids))
+    out: dict[int, str] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        out.update(conn.execute(f"UPDATE work SET state=state WHERE id IN ({','.join('?' * len(chunk))}) "
+                                "RETURNING id, state", chunk).fetchall())
+    return out
 
 
 def add(conn, work_id: int, shard: int, matches: str, now: float) -> dict[int, str]:

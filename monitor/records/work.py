@@ -115,10 +115,18 @@ def first_for_url(store: Store, url: str) -> WorkItem | None:
     return WorkItem(*rows[0]) if rows else None
 
 
+_CLOSE = "UPDATE work SET state=?, error=?, finished_at=? WHERE id=?"
+
+
 def close(conn, work_id: int, error: str | None, now: float) -> None:
     """Inside the recording transaction: the row is done, or failed with its reason."""
-    conn.execute("UPDATE work SET state=?, error=?, finished_at=? WHERE id=?",
-                 ("failed" if error else "done", error, now, work_id))
+    conn.execute(_CLOSE, ("failed" if error else "done", error, now, work_id))
+
+
+def close_many(conn, work_ids: list[int], now: float) -> None:
+    """:func:`close` of many rows, done, in one executemany."""
+    if work_ids:
+        conn.executemany(_CLOSE, [("done", None, now, work_id) for work_id in work_ids])
 
 
 def counts(store: Store) -> tuple[int, int]:
@@ -185,13 +193,25 @@ def image_failed(store: Store, url: str, error: str, now: float) -> None:
                      f"NULL,NULL) {_IMAGE_UPSERT}", (url, "failed", error, now))
 
 
+def _image_row(url: str, fp: Fingerprint, now: float) -> tuple:
+    return (url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
+            u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate, None, now, pack_fine(fp),
+            pack_views(fp.views))
+
+
+_IMAGE_OK = f"INSERT INTO images ({_IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) {_IMAGE_UPSERT}"
+
+
 def image_ok(conn, url: str, fp: Fingerprint, now: float) -> None:
     """Inside the recording transaction: a new image's fingerprint, views and fine hashes."""
-    conn.execute(
-        f"INSERT INTO images ({_IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) {_IMAGE_UPSERT}",
-        (url, "ok", u64_to_sql(fp.dhash), u64_to_sql(fp.phash), u64_to_sql(fp.dhash_mirror),
-         u64_to_sql(fp.phash_mirror), fp.width, fp.height, fp.degenerate, None, now, pack_fine(fp),
-         pack_views(fp.views)))
+    conn.execute(_IMAGE_OK, _image_row(url, fp, now))
+
+
+def images_ok(conn, images: list[tuple[str, Fingerprint]], now: float) -> None:
+    """:func:`image_ok` of many (url, fingerprint) in one executemany (PostgreSQL: one
+    pipelined round trip, not one per image)."""
+    if images:
+        conn.executemany(_IMAGE_OK, [_image_row(url, fp, now) for url, fp in images])
 
 
 def recent_images(store: Store, since: float) -> dict[str, Fingerprint]:

@@ -336,10 +336,11 @@ class RecorderRole:
         complete recorded: one transaction."""
         now = time.time()
         outbox = self.recorder.outbox
-        records = []
         with self.store.transaction() as conn:
+            states = shard_answers.hold_works(conn, [work.id for work, *_ in answers])
+            complete = []
             for work, fp, fetched, shard, matches in answers:
-                if shard_answers.hold_work(conn, work.id) != "pending":
+                if states.get(work.id) != "pending":
                     continue  # recorded already (a repeated answer), or a row we do not have
                 if self.shards == 1:  # the answer is the whole set: nothing to keep until the others come
                     stored = {shard: matches}
@@ -347,12 +348,13 @@ class RecorderRole:
                     stored = shard_answers.add(conn, work.id, shard, matches, now)
                     if len(stored) < self.shards:
                         continue  # the other shards have not answered yet
+                    shard_answers.clear(conn, work.id)
+                states[work.id] = "done"  # a repeat of an answer later in this batch changes nothing
                 merged = detective.merged_across_shards([m for text in stored.values() for m in matches_from(text)])
                 entries = entries_by_id(self.store, (m.entry_id for m in merged)) if merged else {}
-                records += match_rows.record_in(conn, work, merged, fp, entries, now, new_image=fetched,
-                                                enqueue=outbox.enqueue if outbox is not None else None)
-                if self.shards > 1:
-                    shard_answers.clear(conn, work.id)
+                complete.append((work, merged, fp, entries, fetched))
+            records = match_rows.record_many(conn, complete, now,
+                                             enqueue=outbox.enqueue if outbox is not None else None)
         if records and outbox is not None:
             outbox.committed()
         return records
