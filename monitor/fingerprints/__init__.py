@@ -16,6 +16,7 @@ from monitor.fingerprints.core import (
     DEFAULT_MAX_PIXELS,
     Fingerprint,
     ImageError,
+    _draft_scale,
     decode_grey,
     degenerate_reason,
     fingerprint_grey,
@@ -50,10 +51,11 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     elsewhere to find them only if the post needs them (:class:`KeypointFinder`).
     """
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
-    fp = _fingerprint_views(data, grey, size, fast, max_pixels, views)
+    larger = _LargerDecodes(data, fast, max_pixels, grey, size)
+    fp = _fingerprint_views(grey, size, fast, views, larger)
     wanted = keypoints if keypoints is not None else views == "library"
     if (wanted or keypoint_picture) and fp.degenerate in (None, "low_detail"):
-        copy = keypoint_copy(_keypoint_grey(data, fast, max_pixels, grey, size))
+        copy = keypoint_copy(larger(KEY_MIN_SIDE))
         if wanted:
             fp = dataclasses.replace(fp, keypoints=keypoints_of_copy(
                 copy, limit=ENTRY_KEYPOINTS if views == "library" else QUERY_KEYPOINTS))
@@ -62,13 +64,9 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     return fp
 
 
-def _keypoint_grey(data: bytes, fast: bool, max_pixels: int, grey=None, size: tuple[int, int] | None = None):
-    """The decode keypoints are found on, larger than for the hashes (corners need pixels):
-    ``grey``, the hashes' own decode of ``size``, where it is large enough already (a
-    small picture, a PNG decoded whole)."""
-    if grey is None or not (min(grey.size) >= KEY_MIN_SIDE or grey.size == size):
-        grey = decode_grey(data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
-    return grey
+def _keypoint_grey(data: bytes, fast: bool, max_pixels: int):
+    """The decode keypoints are found on, larger than for the hashes (corners need pixels)."""
+    return decode_grey(data, fast=fast, max_pixels=max_pixels, min_side=KEY_MIN_SIDE)[0]
 
 
 class KeypointFinder:
@@ -105,16 +103,39 @@ class KeypointFinder:
         return self._found[mirrored][1]
 
 
-def _fingerprint_views(data: bytes, grey, size: tuple[int, int], fast: bool, max_pixels: int,
-                       views: str | None) -> Fingerprint:
+class _LargerDecodes:
+    """Larger decodes of one image than the hashes' (a tilt is measured, keypoints are found
+    on more pixels), by the short side wanted: the hashes' own decode where it is large
+    enough (PNG and WebP come decoded whole), and each JPEG DCT scale decoded once: the
+    sides asked of a feed-sized picture often fall on one scale (a 320 px thumbnail's tilt
+    and keypoints both need all its pixels), and a decode costs as much as the hashes."""
+
+    def __init__(self, data: bytes, fast: bool, max_pixels: int, grey, size: tuple[int, int]):
+        self.data, self.fast, self.max_pixels, self.grey, self.size = data, fast, max_pixels, grey, size
+        self._by_scale: dict[int, object] = {}
+
+    def enough(self, min_side: int) -> bool:
+        """Whether the hashes' decode serves for ``min_side``."""
+        return min(self.grey.size) >= min_side or self.grey.size == self.size
+
+    def __call__(self, min_side: int):
+        if self.enough(min_side):
+            return self.grey
+        scale = _draft_scale(self.size, min_side)
+        if scale not in self._by_scale:
+            self._by_scale[scale] = decode_grey(self.data, fast=self.fast, max_pixels=self.max_pixels,
+                                                min_side=min_side)[0]
+        return self._by_scale[scale]
+
+
+def _fingerprint_views(grey, size: tuple[int, int], fast: bool, views: str | None,
+                       larger: _LargerDecodes) -> Fingerprint:
     if views is None:
         return fingerprint_grey(grey, size, exact=not fast)
     if views == "query":
         # A tilted picture's outline needs more pixels than its hashes: decoded
         # again, larger, only for images whose corners look like a plain fill.
-        # (PNG, WebP and small JPEGs come decoded whole already: no second decode.)
-        detail = None if min(grey.size) >= TILT_MIN_SIDE or grey.size == size else (lambda: decode_grey(
-            data, fast=fast, max_pixels=max_pixels, min_side=TILT_MIN_SIDE)[0])
+        detail = None if larger.enough(TILT_MIN_SIDE) else (lambda: larger(TILT_MIN_SIDE))
         whole, *extra = query_fingerprints(grey, size, exact=not fast, detail=detail)
     else:
         whole, *extra = library_fingerprints(grey, size, exact=not fast)
