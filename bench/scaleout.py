@@ -10,7 +10,8 @@ workers, one shard and a recorder, each `repost-monitor run --role ...`, over a 
 Redis and PostgreSQL (monitor/tools/services.py). Printed per turn: posts/s from the first
 row recorded to the last, and the time from a row's discovery to its recording (p50, p99:
 queueing included; rows of the first 5 s left out, when processes are still starting), read
-from the work table in both modes. ``--rate`` publishes at a set pace (latency at a load the
+from the work table in both modes; and the CPU time per post of each process, in the roles
+mode of the Redis server and the PostgreSQL cluster too (where the rest of the cores go). ``--rate`` publishes at a set pace (latency at a load the
 machine carries) instead of as fast as the daemon polls (throughput).
 """
 
@@ -51,15 +52,36 @@ def seed(location: str, pictures: list[bytes], size: int) -> None:
     store.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:  # utime + stime, in clock ticks
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """A process's CPU time (utime + stime; with ``children``, also its exited children's)."""
+    with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def measure(location: str, posts: int, procs: list[subprocess.Popen], timeout: float = 1800) -> dict:
+def services_cpu(pg, rd) -> dict[str, float]:
+    """CPU seconds so far of the throwaway Redis server, and of the PostgreSQL cluster (the
+    postmaster, its live backends and those that exited)."""
+    postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    backends = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == postmaster:
+                        backends += cpu_seconds(int(entry))
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+    return {"redis": cpu_seconds(rd.proc.pid), "postgresql": cpu_seconds(postmaster, children=True) + backends}
+
+
+def measure(location: str, posts: int, procs: list[subprocess.Popen], services=None, timeout: float = 1800) -> dict:
+    """Posts/s, latency and CPU ms per post of each process (and, given ``services`` as
+    (pg, rd), of Redis and PostgreSQL) from the first row recorded to the last."""
     from monitor.records.engines import open_store
     store = open_store(location)
+    before = services_cpu(*services) if services else {}
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -71,6 +93,7 @@ def measure(location: str, posts: int, procs: list[subprocess.Popen], timeout: f
             time.sleep(0.5)
         rows = np.array(store.query("SELECT discovered_at, finished_at FROM work WHERE finished_at IS NOT NULL"))
         cpu = [cpu_seconds(p.pid) for p in procs]
+        after = services_cpu(*services) if services else {}
     finally:
         store.close()
     first, last = rows[:, 1].min(), rows[:, 1].max()
@@ -78,7 +101,8 @@ def measure(location: str, posts: int, procs: list[subprocess.Popen], timeout: f
     steady = rows[rows[:, 0] > rows[:, 0].min() + 5.0]
     lat = (steady[:, 1] - steady[:, 0]) * 1e3
     return {"rate": len(rows) / (last - first), "p50": np.percentile(lat, 50), "p99": np.percentile(lat, 99),
-            "cpu_ms_per_post": [c / len(rows) * 1e3 for c in cpu]}
+            "cpu_ms_per_post": [c / len(rows) * 1e3 for c in cpu],
+            "services_ms_per_post": {k: (after[k] - before[k]) / len(rows) * 1e3 for k in after}}
 
 
 def config_text(port: int, store: str, extra: str = "") -> str:
@@ -114,7 +138,7 @@ def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
         for role in roles:
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf),
                                            "--role", role]))
-        return measure(url, args.posts, procs)
+        return measure(url, args.posts, procs, (pg, rd))
     finally:
         for p in procs:
             p.terminate()
@@ -149,7 +173,8 @@ def main() -> None:
                 r = run_turn(mode, args, thumbs, Path(tmp), pg, rd)
                 results[mode].append(r)
                 names = ["daemon"] if mode == "one process" else ROLES + ["worker"] * args.workers
-                cpu = ", ".join(f"{n} {c:.2f}" for n, c in zip(names, r["cpu_ms_per_post"], strict=True))
+                cpu = ", ".join([f"{n} {c:.2f}" for n, c in zip(names, r["cpu_ms_per_post"], strict=True)]
+                                + [f"{n} {c:.2f}" for n, c in r["services_ms_per_post"].items()])
                 print(f"turn {turn + 1}, {mode}: {r['rate']:.0f} posts/s, discovered -> recorded "
                       f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms; CPU ms per post: {cpu}", flush=True)
     if len(results) < 2:
