@@ -478,3 +478,35 @@ def test_low_detail_entries_are_weakly_protected_and_the_owner_is_told(tmp_path,
         for path in other_images:
             assert all(m.entry_id not in low for m in matcher.match(fingerprint_bytes(path.read_bytes(),
                                                                                        views="query")))
+
+
+def test_entries_keypoints_are_read_once_until_they_may_have_changed(store_location, samples):
+    """The second look reads a candidate's keypoints from the store once: later looks at
+    the same entry take them from memory, until the entry is re-indexed (a rehash writes new
+    keypoints), the index is reloaded, or more entries than the cache holds were read since."""
+    from monitor.records import keypoints as keypoint_rows
+    from monitor.search import index as index_module
+    lib = Library(open_store(store_location))
+    a = lib.add_fingerprint("a", fingerprint_bytes((samples / "library-chelsea.jpg").read_bytes(), views="library"))
+    b = lib.add_fingerprint("b", fingerprint_bytes((samples / "library-coffee.jpg").read_bytes(), views="library"))
+    reads: list[list[int]] = []
+
+    def reader(ids):  # the store's own read, observed
+        reads.append(sorted(ids))
+        return keypoint_rows.read(lib.store, ids)
+    lib.index.keypoints_reader = reader
+    first = lib.index.keypoints_of([a.id, b.id])
+    assert set(first) == {a.id, b.id} and all(first.values())
+    assert lib.index.keypoints_of([a.id, b.id]) == first and reads == [[a.id, b.id]]
+    rehashed = fingerprint_bytes((samples / "library-astronaut.jpg").read_bytes(), views="library")
+    lib.replace_hashes(a.id, rehashed)  # new keypoints for a: read again, b's still held
+    assert lib.index.keypoints_of([a.id, b.id]) == {a.id: rehashed.keypoints, b.id: first[b.id]}
+    assert reads[1:] == [[a.id]]
+    lib.reload()
+    lib.index.keypoints_reader = reader
+    lib.index.keypoints_of([b.id])
+    assert reads[2:] == [[b.id]]
+    small = index_module.RecentKeypoints(reader, size=1)
+    small([a.id]), small([b.id]), small([a.id])
+    assert reads[3:] == [[a.id], [b.id], [a.id]]  # only the last one entry kept
+    lib.store.close()

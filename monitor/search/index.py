@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -26,6 +27,50 @@ from monitor.search.core_rows import CORE_POSITIONS, core_rows_of
 from monitor.search.row_store import HASH_FIELDS, RowStore
 
 __all__ = ["HASH_FIELDS", "LibraryIndex"]
+
+
+KEYPOINT_CACHE_ENTRIES = 2048  # entries' keypoints kept after a read: ~9 KB each, ~18 MB in all
+
+
+class RecentKeypoints:
+    """The entries' keypoints read last (``read(ids) -> {id: bytes}``), the last
+    KEYPOINT_CACHE_ENTRIES kept: the same few entries are near many posts (a library's
+    look-alikes), and a read is a round trip to the store (PostgreSQL: another machine).
+    :meth:`forget` drops an entry whose keypoints may have changed."""
+
+    def __init__(self, read: Callable[[list[int]], dict[int, bytes]], size: int = KEYPOINT_CACHE_ENTRIES):
+        self.read, self.size = read, size
+        self._held: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped by forget: a read that raced it is not kept
+
+    def __call__(self, entry_ids: list[int]) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        with self._lock:
+            for e in entry_ids:
+                if e in self._held:
+                    self._held.move_to_end(e)
+                    out[e] = self._held[e]
+            generation = self._generation
+        missing = [e for e in entry_ids if e not in out]
+        if missing:
+            got = self.read(missing)
+            with self._lock:
+                if generation == self._generation:
+                    self._held.update(got)
+                    while len(self._held) > self.size:
+                        self._held.popitem(last=False)
+            out.update(got)
+        return out
+
+    def forget(self, entry_id: int | None = None) -> None:
+        """Drop one entry's keypoints (None: every entry's)."""
+        with self._lock:
+            self._generation += 1
+            if entry_id is None:
+                self._held.clear()
+            else:
+                self._held.pop(entry_id, None)
 
 
 def _give_back_freed_memory() -> None:
@@ -63,6 +108,7 @@ class LibraryIndex:
         # (monitor.records.library sets it), else kept here as added.
         self.keypoints_reader: Callable[[list[int]], dict[int, bytes]] | None = None
         self._keypoints: dict[int, bytes] = {}
+        self._recent: RecentKeypoints | None = None  # the reader's last answers
 
     def __len__(self) -> int:
         """Entries indexed (not rows)."""
@@ -156,6 +202,8 @@ class LibraryIndex:
             for store, rows in ((self.core, core), (self.other, ~core)):
                 store.load(ids[rows], dhash[rows], phash[rows], None if fine is None else fine[rows])
             self._entries = int(np.unique(ids).size)
+            if self._recent is not None:
+                self._recent.forget()
             if self._keypoints:  # kept for the entries still indexed
                 present = set(np.unique(ids).tolist())
                 self._keypoints = {e: k for e, k in self._keypoints.items() if e in present}
@@ -165,7 +213,10 @@ class LibraryIndex:
     def keypoints_of(self, entry_ids: list[int]) -> dict[int, bytes]:
         """{entry id: packed keypoints} of those of these entries that have them."""
         if self.keypoints_reader is not None:
-            return self.keypoints_reader(entry_ids)
+            recent = self._recent
+            if recent is None or recent.read is not self.keypoints_reader:
+                recent = self._recent = RecentKeypoints(self.keypoints_reader)
+            return recent(entry_ids)
         return {e: self._keypoints[e] for e in entry_ids if e in self._keypoints}
 
     def add(self, entry_id: int, fp) -> None:
@@ -187,6 +238,8 @@ class LibraryIndex:
                 return False
             self.other.remove(entry_id)
             self._keypoints.pop(entry_id, None)
+            if self._recent is not None:  # re-added after a rehash: its keypoints read again
+                self._recent.forget(entry_id)
             self._entries -= 1
             self.version += 1
             return True
