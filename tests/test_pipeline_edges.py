@@ -116,6 +116,7 @@ async def test_a_pending_row_that_cannot_be_fetched_ends_failed_with_its_reason(
     assert state == "failed" and error.startswith("bad_url")
 
 
+@pytest.mark.slow  # ~2.5 s
 def test_a_read_only_store_fails_at_start_naming_the_file(tmp_path, samples):
     db = tmp_path / "m.sqlite"
     make_library(db, samples)
