@@ -11,8 +11,9 @@ Redis and PostgreSQL (monitor/tools/services.py). Printed per turn: posts/s from
 row recorded to the last, and the time from a row's discovery to its recording (p50, p99:
 queueing included; rows of the first 5 s left out, when processes are still starting), read
 from the work table in both modes; and the CPU time per post of each process, in the roles
-mode of the Redis server and the PostgreSQL cluster too (where the rest of the cores go). ``--rate`` publishes at a set pace (latency at a load the
-machine carries) instead of as fast as the daemon polls (throughput).
+mode of the Redis server and the PostgreSQL cluster too (where the rest of the cores go).
+``--rate`` publishes at a set pace (latency at a load the machine carries) instead of as fast
+as the daemon polls (throughput).
 """
 
 from __future__ import annotations

@@ -247,3 +247,25 @@ def test_a_recorder_batch_records_each_image_once_whatever_is_repeated(library, 
     recorded = {u for (u,) in store.query("SELECT url FROM images WHERE state='ok'")}
     assert recorded == ({*urls} if shards == 1 else {urls[0], urls[1]})
     assert shard_answers.waiting(store, 2.0)[0] == (0 if shards == 1 else 1)  # c waits for shard 0
+
+
+async def test_the_in_process_queue_hands_out_rows_in_order_and_none_once_stopped():
+    """A worker takes rows in order, straight from a queue that holds some and by waiting
+    on an empty one; once stopping, None, the rows left waiting in the store for the next
+    start."""
+    transport, stop = InProcessTransport(4), asyncio.Event()
+    rows = [work_rows.WorkItem(i, "f", str(i), f"http://h/{i}.jpg", None, None, None) for i in range(3)]
+    for w in rows[:2]:
+        await transport.put(w)
+    assert [await transport.get(stop), await transport.get(stop)] == rows[:2] and transport.depth() == 0
+    waiting = asyncio.ensure_future(transport.get(stop))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    await transport.put(rows[2])
+    assert await waiting == rows[2]
+    waiting = asyncio.ensure_future(transport.get(stop))
+    await asyncio.sleep(0.01)
+    stop.set()
+    assert await waiting is None
+    await transport.put(rows[0])
+    assert await transport.get(stop) is None and transport.depth() == 1

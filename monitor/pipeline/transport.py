@@ -38,6 +38,10 @@ class InProcessTransport:
         await self._queue.put(work)
 
     async def get(self, stop: asyncio.Event) -> WorkItem | None:
+        if stop.is_set():
+            return None
+        if not self._queue.empty():  # under load, nearly always: no tasks made and waited on
+            return self._queue.get_nowait()
         get = asyncio.ensure_future(self._queue.get())
         stopping = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
