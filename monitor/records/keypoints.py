@@ -5,6 +5,7 @@ post's few unsure candidates' (monitor/search/detective.py)."""
 from __future__ import annotations
 
 from monitor.fingerprints import Fingerprint
+from monitor.records.store import in_chunks
 
 
 def put(conn, entry_id: int, fp: Fingerprint, *, replace: bool = True) -> None:
@@ -18,13 +19,10 @@ def put(conn, entry_id: int, fp: Fingerprint, *, replace: bool = True) -> None:
 
 def read(store, ids) -> dict[int, bytes]:
     """{id: packed keypoints} of those of these entries that have them."""
-    ids = sorted({int(i) for i in ids})
     out: dict[int, bytes] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
+    for marks, chunk in in_chunks(sorted({int(i) for i in ids})):
         out.update((eid, bytes(blob)) for eid, blob in store.query(
-            f"SELECT entry_id, keypoints FROM entry_keypoints WHERE entry_id IN ({','.join('?' * len(chunk))})",
-            chunk))
+            f"SELECT entry_id, keypoints FROM entry_keypoints WHERE entry_id IN ({marks})", chunk))
     return out
 
 

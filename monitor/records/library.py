@@ -27,7 +27,7 @@ from monitor.fingerprints.codec import (
 )
 from monitor.records import changes, snapshots
 from monitor.records import keypoints as keypoint_rows
-from monitor.records.store import Store
+from monitor.records.store import Store, in_chunks
 from monitor.search.index import LibraryIndex
 from monitor.search.tiers import protection_of
 
@@ -104,9 +104,8 @@ class Library:
 
     def fingerprints_of(self, ids: Iterable[int]) -> list[tuple[int, Fingerprint]]:
         """(id, fingerprint) of those of these entries that exist, are usable and are this shard's."""
-        ids = sorted(set(ids))
-        return [row for start in range(0, len(ids), 500) for row in self._fingerprints(
-            f"id IN ({','.join('?' * len(ids[start:start + 500]))})", ids[start:start + 500])]
+        return [row for marks, chunk in in_chunks(sorted(set(ids)))
+                for row in self._fingerprints(f"id IN ({marks})", chunk)]
 
     def _fingerprints(self, where: str, params) -> list[tuple[int, Fingerprint]]:
         out = []
@@ -348,11 +347,8 @@ def mirror_phash(value: int) -> int:
 
 def entries_by_id(store: Store, ids: Iterable[int]) -> dict[int, LibraryEntry]:
     """The entries with these ids (no index needed: a recorder of a scaled-out deployment)."""
-    ids = sorted({int(i) for i in ids})
     out: dict[int, LibraryEntry] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        marks = ",".join("?" * len(chunk))
+    for marks, chunk in in_chunks(sorted({int(i) for i in ids})):
         for r in store.query(f"SELECT {_COLUMNS} FROM library_entries WHERE id IN ({marks})", chunk):
             out[r[0]] = _entry(r)
     return out

@@ -5,7 +5,7 @@ answer."""
 
 from __future__ import annotations
 
-from monitor.records.store import Store
+from monitor.records.store import Store, in_chunks
 
 
 def hold_works(conn, work_ids: list[int]) -> dict[int, str]:
@@ -13,12 +13,10 @@ def hold_works(conn, work_ids: list[int]) -> dict[int, str]:
     500 ids, which reads them in the table's order rather than the batch's; SQLite: the
     transaction already holds the database); their states by id, rows we do not have left
     out."""
-    ids = sorted(set(work_ids))
     out: dict[int, str] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        out.update(conn.execute(f"UPDATE work SET state=state WHERE id IN ({','.join('?' * len(chunk))}) "
-                                "RETURNING id, state", chunk).fetchall())
+    for marks, chunk in in_chunks(sorted(work_ids)):
+        out.update(conn.execute(f"UPDATE work SET state=state WHERE id IN ({marks}) RETURNING id, state",
+                                chunk).fetchall())
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -279,6 +280,18 @@ def _database_errors() -> tuple[type[Exception], ...]:
 # What a failing database raises (either engine), named here so no layer above records/
 # knows the engine: ``except DatabaseError``.
 DatabaseError = _database_errors()
+
+
+IN_CHUNK = 500  # values per ``IN (...)`` list: far below either engine's bound-parameter limit
+
+
+def in_chunks(values: Iterable) -> Iterator[tuple[str, list]]:
+    """``values`` (repeats dropped, order kept) IN_CHUNK at a time, each chunk with the
+    ``?,?,...`` placeholders of its ``IN (...)`` list."""
+    values = list(dict.fromkeys(values))
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = values[start:start + IN_CHUNK]
+        yield ",".join("?" * len(chunk)), chunk
 
 
 class StoreError(RuntimeError):

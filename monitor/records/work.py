@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from feeds import FeedItem
 from monitor.fingerprints import Fingerprint
 from monitor.fingerprints.codec import pack_fine, pack_views, stored_fingerprint, u64_to_sql
-from monitor.records.store import Store
+from monitor.records.store import Store, in_chunks
 
 _WORK_COLUMNS = "id, feed, item_id, image_url, page_url, author, published"
 
@@ -170,12 +170,9 @@ def cached_images(store: Store, urls: list[str]) -> dict[str, Fingerprint | Cach
     """:func:`cached_image` of many URLs in one query per 500 (a scaled-out fetch worker's
     batch: one round trip to the store, not one per image): only URLs fetched before
     appear, a failure as its CachedFailure (not raised)."""
-    urls = list(dict.fromkeys(urls))
     out: dict[str, Fingerprint | CachedFailure] = {}
-    for start in range(0, len(urls), 500):
-        chunk = urls[start:start + 500]
-        for row in store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url IN "
-                               f"({','.join('?' * len(chunk))})", tuple(chunk)):
+    for marks, chunk in in_chunks(urls):
+        for row in store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url IN ({marks})", chunk):
             out[row[0]] = _cached(row)
     return out
 
