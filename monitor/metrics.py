@@ -71,6 +71,9 @@ class Metrics:
         self.queue_depth = Gauge(p + "queue_depth", "Work items waiting", ["queue"], registry=r)
         self.queue_capacity = Gauge(p + "queue_capacity", "Queue size limit", ["queue"], registry=r)
         self.matches = Counter(p + "matches_total", "Matches recorded", ["tier"], registry=r)
+        self.unsure_refetches = Counter(p + "unsure_refetches_total", "Images fetched again for their "
+                                        "keypoints to confirm an unsure match (matched from a stored "
+                                        "fingerprint), by result (fetched, unreachable)", ["result"], registry=r)
         self.errors = Counter(p + "errors_total", "Errors by pipeline stage", ["stage"], registry=r)
         self.detection_lag = Histogram(p + "detection_lag_seconds",
                                        "From publication to match recorded",

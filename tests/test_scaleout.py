@@ -379,6 +379,47 @@ async def test_an_entry_added_is_matchable_on_its_shard_within_2_s(services, tmp
     assert [(u.rsplit("/", 1)[-1], label) for u, label in rows] == [("flip-rocket.jpg", "library-rocket")]
 
 
+async def test_the_shards_confirm_unsure_matches_of_stored_fingerprints_and_retro_matches(services, samples):
+    """An image seen before its look-alike entry existed (retro-matching, on the shard that
+    owns the entry) and a URL another feed posted already (the worker sends the stored
+    fingerprint, without the picture) are fetched again where a match is unsure: two
+    unrelated textures that meet by their hashes (tests/images) are rejected both times, a
+    cut and brightened repost is confirmed and recorded once."""
+    from PIL import ImageEnhance
+
+    from monitor.records.library import Library
+    from monitor.scan import add_files
+    from tests.test_detective import IMAGES, _jpeg
+    pg, rd = services
+    url = pg.create_database(f"c_{uuid.uuid4().hex[:12]}")
+    lib = Library(open_store(url))
+    add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "rocket" not in p.name], progress=False)
+    site, hooks = PhotoSite(samples), Hooks()
+    site.add_image("rivets.jpg", (IMAGES / "texture-rivets.jpg").read_bytes())
+    rocket = Image.open(samples / "library-rocket.jpg").convert("RGB")
+    site.add_image("cut-rocket.jpg", _jpeg(ImageEnhance.Contrast(
+        rocket.crop((0, int(rocket.height * 0.07), rocket.width, rocket.height))).enhance(1.5)))
+    matched = "SELECT m.image_url, e.label FROM matches m JOIN library_entries e ON e.id = m.entry_id"
+    async with serve(site.app()) as base, serve(hooks.app()) as recv:
+        cfg = scaled_config(base, recv, url, rd.url, shards=2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder", 2), stop=stop,
+                                            install_signals=False))
+        site.post("rss", 1, ["rivets.jpg", "cut-rocket.jpg"])
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 2, 60)
+        await asyncio.to_thread(add_files, lib, [IMAGES / "texture-rustpipes.jpg", samples / "library-rocket.jpg"],
+                                progress=False)
+        await until(lambda: query(url, matched) and site.hits["rivets.jpg"] == 2, 60)  # both retro-matched
+        site.post("json", 2, ["rivets.jpg", "cut-rocket.jpg"])
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state='done'")[0][0] == 4, 60)
+        await until(lambda: site.hits["rivets.jpg"] == 3, 30)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    lib.store.close()
+    assert [(u.rsplit("/", 1)[-1], label) for u, label in query(url, matched)] == [("cut-rocket.jpg", "library-rocket")]
+    assert site.hits["cut-rocket.jpg"] == 3  # fetched, fetched again by the retro-match, and for the second feed
+
+
 async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_path, samples):
     """Two intake processes: each feed is watched by one (a lease). The holder is SIGKILLed;
     within a few seconds the other polls its feeds, and the posts made meanwhile are recorded,

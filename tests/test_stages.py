@@ -269,3 +269,52 @@ async def test_the_in_process_queue_hands_out_rows_in_order_and_none_once_stoppe
     assert await waiting is None
     await transport.put(rows[0])
     assert await transport.get(stop) is None and transport.depth() == 1
+
+
+async def test_an_unsure_match_is_confirmed_however_the_image_comes_back(store_location, samples):
+    """The keypoints' confirmation of an unsure hash match holds on every path, not only
+    for a fresh download: an image seen before the entry existed (retro-matching), and a
+    URL fetched already (from the store, by another feed) are fetched again when, and only
+    when, a match needs confirming. Two real unrelated textures (tests/images: riveted
+    plate, rusty pipes) meet by their hashes and are rejected each time; a repost cut and
+    brightened, as unsure by its hashes, is confirmed by its keypoints each time."""
+    from PIL import Image, ImageEnhance
+
+    from tests.test_detective import IMAGES, _jpeg
+    site = PhotoSite(samples)
+    site.add_image("rivets.jpg", (IMAGES / "texture-rivets.jpg").read_bytes())
+    rocket = Image.open(samples / "library-rocket.jpg").convert("RGB")
+    site.add_image("cut-rocket.jpg", _jpeg(ImageEnhance.Contrast(
+        rocket.crop((0, int(rocket.height * 0.07), rocket.width, rocket.height))).enhance(1.5)))
+    library = Library(open_store(store_location))
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        worker = s.worker(fetcher)
+        urls = [f"{base}/img/rivets.jpg", f"{base}/img/cut-rocket.jpg"]
+        first, _ = work_rows.record_items(s.store, "a", [FeedItem("a", str(k), (u,)) for k, u in enumerate(urls)],
+                                          time.time())
+        assert [await worker.process(w) for w in first] == [[], []]  # nothing protected yet
+        assert site.hits["rivets.jpg"] == site.hits["cut-rocket.jpg"] == 1
+        before = library.signature()
+        add_files(library, [IMAGES / "texture-rustpipes.jpg", samples / "library-rocket.jpg"], progress=False)
+        watcher = LibraryWatcher(s.store, library, s.matcher, s.recorder, s.metrics, check_seconds=30,
+                                 fetch_image=fetcher.fetch_image)
+        records = await watcher.retro_match(after_entry_id=before[1])
+        assert [(r.entry.label, r.match.decided_by) for r in records] \
+            == [("library-rocket", "dhash+phash+fine+keypoints")]
+        assert site.hits["rivets.jpg"] == site.hits["cut-rocket.jpg"] == 2  # fetched again to confirm
+        # the same URLs from another feed: the stored fingerprints, confirmed the same way
+        again, _ = work_rows.record_items(s.store, "b", [FeedItem("b", str(k), (u,)) for k, u in enumerate(urls)],
+                                          time.time())
+        assert [await worker.process(w) for w in again] == [[], []]  # rivets rejected, the rocket's recorded
+        assert site.hits["rivets.jpg"] == site.hits["cut-rocket.jpg"] == 3
+        fp, matches = await worker.check_url(urls[0])
+        assert matches == [] and site.hits["rivets.jpg"] == 4
+        # a URL that is gone by then: the hashes' answer stands (the geometry cannot be told)
+        del site.images["rivets.jpg"]
+        fp, matches = await worker.check_url(urls[0])
+        assert [library.get(m.entry_id).label for m in matches] == ["texture-rustpipes"]
+        assert s.metrics.unsure_refetches.labels("unreachable")._value.get() == 1
+        await worker.close()
+    assert [r.entry.label for r in s.recorded] == ["library-rocket"]
+    library.store.close()

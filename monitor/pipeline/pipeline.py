@@ -48,7 +48,9 @@ class Pipeline:
                              fingerprint_processes=fingerprint_processes, max_pixels=max_pixels,
                              keypoints=keypoints)
         self.library_watcher = LibraryWatcher(store, library, matcher, self.recorder, metrics,
-                                              check_seconds=library_check_seconds, retro_window=retro_window)
+                                              check_seconds=library_check_seconds, retro_window=retro_window,
+                                              fetch_image=fetcher.fetch_image if keypoints else None,
+                                              max_pixels=max_pixels)
 
     # What the API and the daemon use.
     @property

@@ -6,26 +6,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+from monitor.fingerprints import Fingerprint
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.refetch import confirmed_again, matched_in_thread
 from monitor.records import changes
 from monitor.records import work as work_rows
 from monitor.records.library import Library
 from monitor.records.matches import MatchRecord
 from monitor.records.store import DatabaseError, Store
 from monitor.search.index import LibraryIndex
-from monitor.search.matcher import Matcher, query_rows
+from monitor.search.matcher import Match, Matcher, query_rows
 
 log = logging.getLogger("repost_monitor.pipeline")
+
+REFETCHES = 8  # images fetched again at once for a retro-match's confirmations
 
 
 class LibraryWatcher:
     def __init__(self, store: Store, library: Library, matcher: Matcher, recorder: Recorder,
-                 metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600):
+                 metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600,
+                 fetch_image: Callable[[str], Awaitable[bytes]] | None = None, max_pixels: int | None = None):
         self.store, self.library, self.matcher = store, library, matcher
         self.recorder, self.metrics = recorder, metrics
         self.check_seconds, self.retro_window = check_seconds, retro_window
+        # what fetches an image again for its keypoints (an unsure match to confirm); None: keypoints off
+        self.fetch_image, self.max_pixels = fetch_image, max_pixels
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.library.checkpoint is not None:  # PostgreSQL: the change log, woken by NOTIFY
@@ -97,9 +105,18 @@ class LibraryWatcher:
         with an id above ``after_entry_id``, or ``entry_ids``; their matches alert as usual."""
         if self.retro_window <= 0:
             return []
-        found = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
+        matcher, found = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
+        fetching = asyncio.Semaphore(REFETCHES)
+
+        async def confirmed(url: str, fp: Fingerprint, matches: list[Match]) -> list[Match]:
+            async with fetching:
+                return await confirmed_again(matches, url, self.fetch_image,
+                                             matched_in_thread(matcher, fp, self.max_pixels), self.metrics)
+        settled = await asyncio.gather(*(confirmed(url, fp, matches) for url, (fp, matches) in found.items()))
         records: list[MatchRecord] = []
-        for url, (fp, matches) in found.items():
+        for (url, (fp, _)), matches in zip(found.items(), settled, strict=True):
+            if not matches:
+                continue
             work = work_rows.first_for_url(self.store, url)
             if work is not None:
                 records += self.recorder.finish(work, matches, fp, close_work=False)
@@ -110,17 +127,19 @@ class LibraryWatcher:
             await self.recorder.announce(rec)
         return records
 
-    def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None) -> dict:
-        """{image URL: (its fingerprint, its matches among the new entries)}."""
+    def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None) -> tuple[Matcher, dict]:
+        """The new entries' matcher, and {image URL: (its fingerprint, its matches among them
+        by the hashes)}."""
         index = LibraryIndex()
+        index.keypoints_reader = self.library.index.keypoints_reader  # for a confirmation
         new = (self.library.entries_after(after_entry_id or 0) if entry_ids is None
                else self.library.fingerprints_of(entry_ids))
         for entry_id, fp in new:
             index.add(entry_id, fp)
         images = work_rows.recent_images(self.store, time.time() - self.retro_window)
-        if not images or not len(index):
-            return {}
-        urls = list(images)
         matcher = Matcher(index, self.matcher.tiers)
+        if not images or not len(index):
+            return matcher, {}
+        urls = list(images)
         per_query = matcher.matches_of(matcher.match_rows(query_rows([images[u] for u in urls]), threads=1))
-        return {urls[q]: (images[urls[q]], matches) for q, matches in per_query.items()}
+        return matcher, {urls[q]: (images[urls[q]], matches) for q, matches in per_query.items()}

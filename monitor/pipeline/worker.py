@@ -22,6 +22,7 @@ from monitor.fetch import Fetcher, FetchError
 from monitor.fingerprints import Fingerprint, ImageError, KeypointFinder, fingerprint_bytes
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.refetch import confirmed_again
 from monitor.pipeline.transport import Transport
 from monitor.records import work as work_rows
 from monitor.records.matches import MatchRecord
@@ -197,8 +198,9 @@ class Worker:
         """(fingerprint, matches, time downloaded, whether this call fetched the image)."""
         fp, matches, downloaded_at = await self._fingerprint_url(work)
         fetched = matches is not None
-        if not fetched:  # fingerprint from the store or another worker's fetch: match it now
-            matches = await self.match(fp)
+        if not fetched:  # from the store or another worker's fetch: matched now, the unsure confirmed
+            matches = await confirmed_again(await self.match(fp), work.image_url, self.keypoints and
+                                            self.fetcher.fetch_image, lambda data: self.match(fp, data), self.metrics)
         return fp, matches, downloaded_at, fetched
 
     async def _fingerprint_url(self, work: WorkItem, known=LOOK_UP):

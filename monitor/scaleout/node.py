@@ -158,11 +158,15 @@ class _Node:
                                                     spill_dir=cfg.index_spill_dir)
                 log.info("shard %d of %d: %d entries indexed", k, cfg.transport.shards, len(library.index))
                 matcher = Matcher(library.index, cfg.match.tiers)
+                # images fetched again for an unsure match's keypoints (monitor/pipeline/refetch.py)
+                fetcher = Fetcher(limits.fetch_limits(()), observe=self.metrics.observe_fetch)
+                again = {"fetch_image": fetcher.fetch_image if cfg.match.keypoints else None,
+                         "max_pixels": limits.max_pixels}
                 watcher = LibraryWatcher(self.store, library, matcher, self.recorder(library), self.metrics,
                                          check_seconds=min(cfg.library.reload_check_seconds, 1.0),
-                                         retro_window=cfg.alert_policy.retro_window_hours * 3600)
-                role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics)
-                out += [(f"shard:{k}", role.run(self.stop)), (f"library:{k}", watcher.run(self.stop))]
+                                         retro_window=cfg.alert_policy.retro_window_hours * 3600, **again)
+                role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics, **again)
+                out.append((f"shard:{k}", self._with_fetcher(fetcher, role.run(self.stop), watcher.run(self.stop))))
             elif name == "recorder":
                 role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None))
                 out.append(("recorder", role.run(self.stop)))
@@ -174,9 +178,9 @@ class _Node:
                                                   self.stop)))
         return out
 
-    async def _with_fetcher(self, fetcher: Fetcher, coro) -> None:
+    async def _with_fetcher(self, fetcher: Fetcher, *coros) -> None:
         async with fetcher:
-            await coro
+            await asyncio.gather(*coros)
 
     async def intake(self) -> None:
         transport = StreamTransport(self.streams, self.stop, self.config.limits.queue_size)

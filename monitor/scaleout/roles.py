@@ -28,6 +28,7 @@ from monitor.fetch import FetchError
 from monitor.fingerprints import Fingerprint, ImageError
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.refetch import confirmed_again, matched_in_thread
 from monitor.pipeline.transport import MatchUnavailable
 from monitor.pipeline.worker import LOOK_UP, Worker
 from monitor.records import matches as match_rows
@@ -220,9 +221,12 @@ class ShardRole:
     """``fingerprints`` -> this shard's matches -> ``answers``."""
 
     def __init__(self, shard: int, shards: int, library: Library, matcher: Matcher, streams: RedisStreams,
-                 metrics: Metrics, tasks: int = 2):
+                 metrics: Metrics, tasks: int = 2, fetch_image=None, max_pixels: int | None = None):
         self.shard, self.shards, self.library, self.matcher = shard, shards, library, matcher
         self.streams, self.metrics, self.tasks = streams, metrics, tasks
+        # an image fetched again where a fingerprint came without its picture (read from the
+        # store) and a match is unsure; None: keypoints off
+        self.fetch_image, self.max_pixels = fetch_image, max_pixels
 
     async def handle(self, fields) -> None:
         work_from(fields)  # checked, passed on as it came
@@ -249,6 +253,10 @@ class ShardRole:
     async def _answer(self, parsed: list[tuple[dict, Fingerprint]]) -> None:
         start = time.perf_counter()
         answers = await asyncio.to_thread(self.matcher.match_many, [fp for _, fp in parsed])
+        answers = await asyncio.gather(*(  # a fingerprint with its picture was confirmed already
+            confirmed_again(m, work_from(fields).image_url, None if fp.keypoint_picture else self.fetch_image,
+                            matched_in_thread(self.matcher, fp, self.max_pixels), self.metrics)
+            for (fields, fp), m in zip(parsed, answers, strict=True)))
         each = (time.perf_counter() - start) / len(parsed)
         for _ in parsed:
             self.metrics.match_seconds.observe(each)
