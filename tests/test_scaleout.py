@@ -501,10 +501,13 @@ async def test_the_api_role_checks_ingests_and_takes_the_hubs_pushes(services, t
     url = pg.create_database(f"api_{uuid.uuid4().hex[:12]}")
     from monitor.records.library import Library
     from monitor.scan import add_files
+    from tests.test_detective import IMAGES
     lib = Library(open_store(url))  # the fruits picture is added later, through the API
-    add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "fruits" not in p.name], progress=False)
+    add_files(lib, [p for p in sorted(samples.glob("library-*.jpg")) if "fruits" not in p.name]
+              + [IMAGES / "texture-rustpipes.jpg"], progress=False)
     lib.store.close()
     site, hooks, hub = PhotoSite(samples), Hooks(), Hub(lease=3600)
+    site.add_image("rivets.jpg", (IMAGES / "texture-rivets.jpg").read_bytes())  # meets the pipes by its hashes
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     async with serve(site.app()) as images, serve(hooks.app()) as recv, serve(hub.app()) as hub_base, \
@@ -543,6 +546,14 @@ async def test_the_api_role_checks_ingests_and_takes_the_hubs_pushes(services, t
                                                                      id="post-2")) as r:
                     assert r.status == 202
                 await until(lambda: sorted(hooks.labels()) == ["library-coffee", "library-rocket"], 60)
+                # a URL a post brought already: its stored fingerprint, its unsure match confirmed (rejected)
+                async with http.post(f"{api}/v1/ingest", json={"image_urls": [f"{images}/img/rivets.jpg"],
+                                                               "id": "post-3"}) as r:
+                    assert r.status == 202
+                await until(lambda: query(url, "SELECT state FROM work WHERE image_url LIKE '%rivets%'")
+                            == [("done",)], 60)
+                async with http.post(f"{api}/v1/check", json={"url": f"{images}/img/rivets.jpg"}) as r:
+                    assert r.status == 200 and (await r.json())["matches"] == [] and site.hits["rivets.jpg"] == 2
                 # a library entry added through the API: its shard matches it within 2 s
                 fruits = (samples / "library-fruits.jpg").read_bytes()
                 async with http.post(f"{api}/v1/library", data=upload(fruits, name="fruits.jpg", label="fruits")) as r:

@@ -17,7 +17,8 @@ import asyncio
 from feeds import FeedItem
 from monitor.fingerprints import Fingerprint
 from monitor.pipeline.intake import Intake
-from monitor.pipeline.worker import Worker
+from monitor.pipeline.refetch import confirmed_again
+from monitor.pipeline.worker import Worker, fingerprint_query
 from monitor.records.matches import MatchRecord
 from monitor.records.work import WorkItem
 from monitor.scaleout.roles import ShardedChecks
@@ -63,4 +64,12 @@ class RolePipeline:
         """Fingerprinted by the feeds' own path (the stored fingerprint if a feed fetched the
         URL), matched by every shard."""
         fp, _ = await self.worker.fingerprint(WorkItem(0, "check", "", url, None, None, None))
-        return fp, await self.checks.match(fp)
+        # a stored fingerprint has no keypoint picture: the image fetched again for an unsure match
+        refetch = self.worker.keypoints and not fp.keypoint_picture and self.worker.fetcher.fetch_image
+        return fp, await confirmed_again(await self.checks.match(fp), url, refetch, self._matched_with_picture,
+                                         self.worker.metrics)
+
+    async def _matched_with_picture(self, data: bytes) -> list[Match]:
+        fp, _ = await asyncio.get_running_loop().run_in_executor(self.executor, fingerprint_query, data,
+                                                                 self.max_pixels)
+        return await self.checks.match(fp)
