@@ -106,6 +106,30 @@ def test_group_finds_variants_at_the_loose_tier(catalog):
     assert {"chelsea-bright.jpg", "chelsea-mirrored.jpg", "library-chelsea.jpg"} <= members
 
 
+def test_look_alike_textures_are_not_duplicates_but_a_cut_edit_is_a_variant(catalog, samples):
+    """As the daemon does: a pair unsure by its hashes stands only where the two pictures'
+    keypoints agree. A riveted plate and rusty pipes (tests/images) meet by their hashes
+    and must not be grouped (dedupe --apply would move one away); the rocket cut and
+    brightened, as unsure, is its variant."""
+    from tests.test_detective import IMAGES
+    (catalog / "textures").mkdir()
+    for name in ("texture-rivets.jpg", "texture-rustpipes.jpg"):
+        shutil.copy(IMAGES / name, catalog / "textures" / name)
+    with Image.open(samples / "library-rocket.jpg") as img:
+        img = img.convert("RGB")
+        ImageEnhance.Contrast(img.crop((0, int(img.height * 0.07), img.width, img.height))).enhance(1.5).save(
+            catalog / "exports" / "rocket-cut.jpg", quality=80)
+    for command in ("dedupe", "group"):
+        r = run(command, catalog, "--no-cache", "--format", "jsonl")
+        assert r.returncode == 0, r.stderr
+        found = [json.loads(x) for x in r.stdout.splitlines()]
+        assert not [x for x in found if "texture-" in x["path"]], (command, found)
+    groups = {}
+    for x in found:  # group's
+        groups.setdefault(x["group"], set()).add(os.path.basename(x["path"]))
+    assert any({"rocket-cut.jpg", "library-rocket.jpg"} <= g for g in groups.values()), groups
+
+
 @pytest.fixture
 def migration(tmp_path, samples):
     old, new = tmp_path / "old", tmp_path / "new"

@@ -8,17 +8,21 @@ and, with ``--report``, an HTML page (monitor/report.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monitor.fingerprints import Fingerprint
+from monitor.fingerprints import ENTRY_KEYPOINTS, Fingerprint, KeypointFinder
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import LibraryIndex
 from monitor.scan import fingerprint_files, iter_image_files
 from monitor.search.matcher import PRESETS, Match, Matcher, Tier, query_rows
+
+log = logging.getLogger("repost_monitor.catalog")
 
 KEEP_POLICIES = ("largest-resolution", "largest-file", "newest", "oldest", "prefer-prefix")
 
@@ -87,6 +91,18 @@ def _index(images: list[Image_]) -> LibraryIndex:
     return index
 
 
+def _file_keypoints(images: list[Image_], ids: list[int]) -> dict[int, bytes]:
+    """The keypoints of these images as a library entry keeps them; an unreadable file has
+    none (its pairs then stand by their hashes, as an entry without keypoints does)."""
+    out = {}
+    for i in ids:
+        try:
+            out[i] = KeypointFinder(images[i].path.read_bytes)(limit=ENTRY_KEYPOINTS)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: keypoints not found (%s); its unsure pairs stand by their hashes", images[i].path, exc)
+    return out
+
+
 def similar_pairs(queries: list[Image_], targets: list[Image_], tiers: tuple[Tier, ...], *,
                   mirrored: bool) -> list[Pair]:
     """Every (query, target) pair within the tiers (indices into the lists)."""
@@ -94,6 +110,10 @@ def similar_pairs(queries: list[Image_], targets: list[Image_], tiers: tuple[Tie
         return []
     matcher = Matcher(_index(targets), tiers)
     per_query = matcher.matches_of(matcher.match_rows(query_rows([q.fp for q in queries])))
+    # As the daemon: an unsure pair stands only where the two pictures' keypoints agree
+    # (two grass tiles are not duplicates), found from the files for such pairs alone.
+    matcher.index.keypoints_reader = functools.partial(_file_keypoints, targets)
+    per_query, _ = matcher.confirmed(per_query, {q: KeypointFinder(queries[q].path.read_bytes) for q in per_query})
     return [Pair(q, m.entry_id, m) for q, found in sorted(per_query.items()) for m in found
             if (mirrored or not m.mirrored) and not queries[q].fp.degenerate]
 
