@@ -113,18 +113,23 @@ class LibraryWatcher:
                 return await confirmed_again(matches, url, self.fetch_image,
                                              matched_in_thread(matcher, fp, self.max_pixels), self.metrics)
         settled = await asyncio.gather(*(confirmed(url, fp, matches) for url, (fp, matches) in found.items()))
-        records: list[MatchRecord] = []
-        for (url, (fp, _)), matches in zip(found.items(), settled, strict=True):
-            if not matches:
-                continue
-            work = work_rows.first_for_url(self.store, url)
-            if work is not None:
-                records += self.recorder.finish(work, matches, fp, close_work=False)
+        records = await asyncio.to_thread(self._record, [(url, fp, matches) for (url, (fp, _)), matches
+                                                         in zip(found.items(), settled, strict=True) if matches])
         if records:
             what = f"entries added after id {after_entry_id}" if entry_ids is None else f"{len(entry_ids)} new entries"
             log.info("retroactive matching: %d new matches for %s", len(records), what)
         for rec in records:
             await self.recorder.announce(rec)
+        return records
+
+    def _record(self, found: list[tuple[str, Fingerprint, list[Match]]]) -> list[MatchRecord]:
+        """Each image's matches recorded against its first work row (a transaction each: off
+        the event loop, as a retro-match of many recent images writes many)."""
+        records: list[MatchRecord] = []
+        for url, fp, matches in found:
+            work = work_rows.first_for_url(self.store, url)
+            if work is not None:
+                records += self.recorder.finish(work, matches, fp, close_work=False)
         return records
 
     def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None) -> tuple[Matcher, dict]:
