@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageEnhance, ImageOps
 
 from monitor.fingerprints import fingerprint_bytes
-from monitor.fingerprints.keypoints import KEY_BYTES, unpack_keypoints
+from monitor.fingerprints.keypoints import KEY_BYTES, is_packed_picture, unpack_keypoints
 from monitor.pipeline.worker import fingerprint_query
 from monitor.records.engines import open_store
 from monitor.records.library import Library
@@ -129,18 +129,24 @@ def test_keypoints_are_stored_with_the_library_and_read_for_candidates(store_loc
 
 
 def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images, caplog):
-    """A scaled-out fetch worker sends the small copy keypoints are found on; the shard
-    finds them from it only for a post that needs them, of its mirror image too, and
-    answers as the one-process daemon does."""
+    """A scaled-out fetch worker sends the small copy keypoints are found on, or the
+    encoded image itself where that is shorter (a feed's thumbnail); the shard finds them
+    from it only for a post that needs them, of its mirror image too, and answers as the
+    one-process daemon does."""
     index = LibraryIndex()
     for i, path in enumerate(library_images):
         index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
     matcher = Matcher(index, PRESETS["near"])
     cut = _jpeg(_side_and_top(Image.open(library_images[2])))
     flipped = _jpeg(ImageOps.mirror(_side_and_top(Image.open(library_images[2]))))
-    for data, mirrored in ((cut, False), (flipped, True)):
+    big = _side_and_top(Image.open(library_images[2])).convert("RGB")
+    buf = io.BytesIO()  # larger than its copy: the copy goes
+    big.resize((big.width * 3, big.height * 3), Image.BICUBIC).save(buf, "PNG")
+    for data, mirrored, packed in ((cut, False, False), (flipped, True, False), (buf.getvalue(), False, True)):
         fp, _ = fingerprint_query(data, None, True)
         assert fp.keypoint_picture and not fp.keypoints
+        assert (fp.keypoint_picture != data) == packed == is_packed_picture(fp.keypoint_picture)
+        assert len(fp.keypoint_picture) <= 2 + 320 * 320
         fields = fingerprint_fields(fp, True)
         assert "picture" in fields and "picture" not in json.loads(fields["fp"])  # the recorder never gets it
         assert fields["picture"] == fp.keypoint_picture  # raw bytes: Redis fields are binary-safe
@@ -158,7 +164,11 @@ def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images, 
     damaged = dataclasses.replace(fingerprint_query(cut, None, True)[0], keypoint_picture=b"\x07" * 9)
     with caplog.at_level(logging.WARNING, logger="repost_monitor.search"):
         assert matcher.match(damaged) == []
-    assert "not a keypoint picture (9 bytes)" in caplog.text and "the hashes' answer stands" in caplog.text
+    assert "not_an_image" in caplog.text and "the hashes' answer stands" in caplog.text
+    caplog.clear()  # ... a damaged copy too
+    with caplog.at_level(logging.WARNING, logger="repost_monitor.search"):
+        assert matcher.match(dataclasses.replace(damaged, keypoint_picture=b"\x40\x01" + b"\x07" * 9)) == []
+    assert "not a keypoint picture (11 bytes)" in caplog.text and "the hashes' answer stands" in caplog.text
     assert fingerprint_query(cut, None, False)[0].keypoint_picture == b""  # [match] keypoints = false
     # a message from a worker of the version before keypoints still reads
     old = fingerprint_fields(fp, False)

@@ -27,6 +27,8 @@ from monitor.fingerprints.keypoints import (
     ENTRY_KEYPOINTS,
     KEY_MIN_SIDE,
     QUERY_KEYPOINTS,
+    copy_bytes,
+    is_packed_picture,
     keypoint_copy,
     keypoints_of_copy,
     pack_picture,
@@ -47,14 +49,19 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     ``views="query"`` adds the view inside a detected frame, ``views="library"``
     the centre crops and content box of a library entry (monitor/fingerprints/views.py).
     ``keypoints`` (default: for library entries) adds the picture's local features;
-    ``keypoint_picture`` the small copy they are found on instead, for a matcher
-    elsewhere to find them only if the post needs them (:class:`KeypointFinder`).
+    ``keypoint_picture`` the small copy they are found on instead (or ``data`` itself where
+    that is shorter), for a matcher elsewhere to find them only if the post needs them
+    (:class:`KeypointFinder`).
     """
     grey, size = decode_grey(data, fast=fast, max_pixels=max_pixels)
     larger = _LargerDecodes(data, fast, max_pixels, grey, size)
     fp = _fingerprint_views(grey, size, fast, views, larger)
     wanted = keypoints if keypoints is not None else views == "library"
     if (wanted or keypoint_picture) and fp.degenerate in (None, "low_detail"):
+        if not wanted and len(data) <= copy_bytes(*size):
+            # the encoded image is the shorter message (a feed's thumbnail), and costs no
+            # decode here: decoded where the keypoints are found, only if they are asked for
+            return dataclasses.replace(fp, keypoint_picture=data)
         copy = keypoint_copy(larger(KEY_MIN_SIDE))
         if wanted:
             fp = dataclasses.replace(fp, keypoints=keypoints_of_copy(
@@ -75,7 +82,8 @@ class KeypointFinder:
     needs no second look costs nothing, one whose candidates met both it and its mirror
     image decodes once.
     ``data``: the encoded image, or what reads it (a file not read until needed); or
-    ``picture``: a fingerprint's ``keypoint_picture``, the copy they are found on."""
+    ``picture``: a fingerprint's ``keypoint_picture``, the copy they are found on (or the
+    encoded image, where that was shorter)."""
 
     def __init__(self, data: bytes | Callable[[], bytes] = b"", *, fast: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, picture: bytes = b""):
@@ -94,10 +102,10 @@ class KeypointFinder:
         a fifth less than 1,024), or more where more were found already."""
         have = self._found.get(mirrored)
         if have is None or have[0] < limit:
-            if self._copy is None and self._picture:
+            if self._copy is None and is_packed_picture(self._picture):
                 self._copy = unpack_picture(self._picture)  # ValueError: not one (the caller's to handle)
-            elif self._copy is None:
-                data = self._data() if callable(self._data) else self._data
+            elif self._copy is None:  # ImageError (a ValueError) where the bytes are no image
+                data = self._picture or (self._data() if callable(self._data) else self._data)
                 self._copy = keypoint_copy(_keypoint_grey(data, self._fast, self._max_pixels))
             self._found[mirrored] = (limit, keypoints_of_copy(self._copy, mirrored, limit))
         return self._found[mirrored][1]

@@ -90,8 +90,9 @@ class Fingerprint:
     # matcher's second look; empty where not computed (the query side computes
     # them when [match] keypoints is on, every library entry has them).
     keypoints: bytes = b""
-    # Or the small greyscale copy they are found on (keypoints.pack_picture), which a
-    # scaled-out fetch worker sends: the shards find keypoints only for posts that need them.
+    # Or the small greyscale copy they are found on (keypoints.pack_picture), or the encoded
+    # image itself where that is shorter, which a scaled-out fetch worker sends: the shards
+    # find keypoints only for posts that need them.
     keypoint_picture: bytes = b""
 
     @property

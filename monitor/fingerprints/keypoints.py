@@ -53,6 +53,20 @@ def keypoint_copy(grey: Image.Image) -> np.ndarray:
     return np.asarray(grey)
 
 
+def copy_bytes(width: int, height: int) -> int:
+    """The length of :func:`pack_picture`'s bytes for a picture of these sides."""
+    scale = min(1.0, KEY_SIDE / max(width, height, 1))
+    w, h = (max(8, round(width * scale)), max(8, round(height * scale))) if scale < 1 else (width, height)
+    return 2 + w * h
+
+
+def is_packed_picture(blob: bytes) -> bool:
+    """Whether ``blob`` is :func:`pack_picture`'s (its width leads, at most KEY_SIDE) rather
+    than an encoded image, whose signature never reads as so small a width (JPEG ff d8,
+    PNG 89 50, GIF 47 49, WebP 52 49...)."""
+    return len(blob) > 2 and int.from_bytes(blob[:2], "little") <= KEY_SIDE
+
+
 def pack_picture(copy: np.ndarray) -> bytes:
     """A keypoint copy as bytes (what a scaled-out fetch worker sends the shards, which
     find its keypoints only if the post needs them): its width as 2 bytes, then the pixels."""
