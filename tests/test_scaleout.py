@@ -420,6 +420,30 @@ async def test_the_shards_confirm_unsure_matches_of_stored_fingerprints_and_retr
     assert site.hits["cut-rocket.jpg"] == 3  # fetched, fetched again by the retro-match, and for the second feed
 
 
+async def test_a_folder_source_is_matched_by_the_roles(services, tmp_path, samples):
+    """A folder source's images are file:// URLs read only under the watched folders: the
+    worker roles read them too (they were refused as outside every folder)."""
+    pg, rd = services
+    url = pg.create_database(f"f_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "flip-rocket.jpg").write_bytes(PhotoSite(samples).images["flip-rocket.jpg"][0])
+    hooks = Hooks()
+    async with serve(hooks.app()) as recv:
+        cfg = scaled_config("http://127.0.0.1:9", recv, url, rd.url, shards=1)
+        cfg = parse_config({**cfg.model_dump(), "feeds": [{"name": "inbox", "type": "folder", "path": str(inbox)}]})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder", 1), stop=stop,
+                                            install_signals=False))
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state<>'pending'")[0][0] == 1, 60)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    rows = query(url, "SELECT w.state, w.error, e.label FROM work w LEFT JOIN matches m ON m.work_id = w.id "
+                      "LEFT JOIN library_entries e ON e.id = m.entry_id")
+    assert rows == [("done", None, "library-rocket")], rows
+
+
 async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_path, samples):
     """Two intake processes: each feed is watched by one (a lease). The holder is SIGKILLed;
     within a few seconds the other polls its feeds, and the posts made meanwhile are recorded,

@@ -146,7 +146,7 @@ class _Node:
             if name == "intake":
                 out.append(("intake", self.intake()))
             elif name == "worker":
-                fetcher = Fetcher(limits.fetch_limits(()), observe=self.metrics.observe_fetch)
+                fetcher = Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch)
                 worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
                                 workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
                                 fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
@@ -159,7 +159,7 @@ class _Node:
                 log.info("shard %d of %d: %d entries indexed", k, cfg.transport.shards, len(library.index))
                 matcher = Matcher(library.index, cfg.match.tiers)
                 # images fetched again for an unsure match's keypoints (monitor/pipeline/refetch.py)
-                fetcher = Fetcher(limits.fetch_limits(()), observe=self.metrics.observe_fetch)
+                fetcher = Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch)
                 again = {"fetch_image": fetcher.fetch_image if cfg.match.keypoints else None,
                          "max_pixels": limits.max_pixels}
                 watcher = LibraryWatcher(self.store, library, matcher, self.recorder(library), self.metrics,
@@ -178,6 +178,12 @@ class _Node:
                                                   self.stop)))
         return out
 
+    def local_roots(self) -> tuple[str, ...]:
+        """The watched folders: a folder source's images (file:// URLs) are read only under
+        them, by whichever role fetches them (the folders mounted where those roles run)."""
+        sources = configured_sources(self.config)
+        return tuple(s.options["path"] for s, _ in sources if getattr(s, "kind", "") == "folder")
+
     async def _with_fetcher(self, fetcher: Fetcher, *coros) -> None:
         async with fetcher:
             await asyncio.gather(*coros)
@@ -185,8 +191,8 @@ class _Node:
     async def intake(self) -> None:
         transport = StreamTransport(self.streams, self.stop, self.config.limits.queue_size)
         sources = configured_sources(self.config)
-        roots = tuple(s.options["path"] for s, _ in sources if getattr(s, "kind", "") == "folder")
-        async with Fetcher(self.config.limits.fetch_limits(roots), observe=self.metrics.observe_fetch) as fetcher:
+        async with Fetcher(self.config.limits.fetch_limits(self.local_roots()),
+                           observe=self.metrics.observe_fetch) as fetcher:
             # public_url: the hub's requests go there, to an api role (any replica)
             intake = Intake(self.store, fetcher, self.metrics, transport, self.config.server.public_url)
             for source, settings in sources:
@@ -204,7 +210,7 @@ class _Node:
         library = await asyncio.to_thread(Library, self.store, indexed=False)
         checks = ShardedChecks(self.streams, cfg.transport.shards, [t.name for t in PRESETS[cfg.match.tier]],
                                cfg.transport.check_timeout_seconds)
-        async with Fetcher(limits.fetch_limits(()), observe=self.metrics.observe_fetch) as fetcher:
+        async with Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch) as fetcher:
             intake = Intake(self.store, fetcher, self.metrics, transport, cfg.server.public_url)
             for source, settings in configured_sources(cfg):  # watched by the intakes; here for WebSub pushes
                 intake.add_source(source, settings)
