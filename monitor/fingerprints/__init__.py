@@ -58,9 +58,10 @@ def fingerprint_bytes(data: bytes, *, fast: bool = True, max_pixels: int = DEFAU
     fp = _fingerprint_views(grey, size, fast, views, larger)
     wanted = keypoints if keypoints is not None else views == "library"
     if (wanted or keypoint_picture) and fp.degenerate in (None, "low_detail"):
-        if not wanted and len(data) <= copy_bytes(*size):
+        if not wanted and len(data) <= copy_bytes(*size) and not is_packed_picture(data):
             # the encoded image is the shorter message (a feed's thumbnail), and costs no
             # decode here: decoded where the keypoints are found, only if they are asked for
+            # (unless its first bytes could read as a copy's width: an icon, a TGA)
             return dataclasses.replace(fp, keypoint_picture=data)
         copy = keypoint_copy(larger(KEY_MIN_SIDE))
         if wanted:
