@@ -47,7 +47,8 @@ class ChangeListener:
         if self._conn is None or self._conn.closed or self._conn.broken:
             await self.close()
             self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10,
-                                                               application_name="repost-monitor-listen")
+                                                               application_name="repost-monitor-listen",
+                                                               client_encoding="UTF8")
             await self._conn.execute(f"LISTEN {CHANNEL}")
         got = False
         async for _ in self._conn.notifies(timeout=timeout, stop_after=1):

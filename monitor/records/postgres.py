@@ -281,8 +281,10 @@ class PostgresStore:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from None
 
     def _connect(self) -> None:
+        # UTF8 whatever the database's encoding: a SQL_ASCII database (initdb in the C
+        # locale) would otherwise hand every text column back as bytes.
         self._raw = psycopg.connect(self.url, autocommit=True, cursor_factory=psycopg.ClientCursor,
-                                    connect_timeout=10, application_name="repost-monitor")
+                                    connect_timeout=10, application_name="repost-monitor", client_encoding="UTF8")
 
     @property
     def conn(self) -> Connection:

@@ -92,10 +92,11 @@ class Postgres:
                                      "repost", "repost"]), check=True)
         return self
 
-    def create_database(self, name: str) -> str:
-        """A new empty database in the cluster; its URL."""
+    def create_database(self, name: str, encoding: str | None = None) -> str:
+        """A new empty database in the cluster (in ``encoding`` if given); its URL."""
+        extra = ["-E", encoding, "-T", "template0"] if encoding else []
         subprocess.run(_as_postgres([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                                     "repost", name]), check=True)
+                                     "repost", *extra, name]), check=True)
         return f"postgresql://repost@127.0.0.1:{self.port}/{name}"
 
     def restart(self) -> None:
