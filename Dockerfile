@@ -13,14 +13,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 monitor \
     && useradd --system --uid 10001 --gid monitor --home-dir /var/lib/repost-monitor monitor
 
-WORKDIR /app
+# The source is removed once installed: numba keys its cache on the path of the code it
+# compiled, so the kernels must be compiled from the installed package the daemon runs
+# (a copy left in the working directory would be imported instead and cached in vain).
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY monitor ./monitor
 COPY feeds ./feeds
 RUN pip install --no-compile . \
     && mkdir -p /var/lib/repost-monitor /var/cache/repost-monitor/numba /etc/repost-monitor \
-    && chown -R 10001:10001 /var/lib/repost-monitor /var/cache/repost-monitor
+    && chown -R 10001:10001 /var/lib/repost-monitor /var/cache/repost-monitor \
+    && rm -rf /src
 
+WORKDIR /var/lib/repost-monitor
 USER 10001
 # Compile the numba kernels once into the image's cache, not on first request.
 RUN python -c "from monitor.warmup import warm_up; warm_up(None)"

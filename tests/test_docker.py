@@ -1,6 +1,7 @@
-"""What can be tested of the container without a Docker engine (none runs here): the
-Dockerfile lints clean, and its install step, entrypoint and health check work in a clean
-virtual environment. The image itself is not built here."""
+"""What can be tested of the container without a Docker engine: the Dockerfile lints
+clean, and its install step, entrypoint and health check work in a clean virtual
+environment. tests/test_compose.py builds the image and runs the compose files under a
+real engine."""
 
 import json
 import os
