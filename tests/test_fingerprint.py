@@ -278,6 +278,21 @@ def test_fast_path_lanczos_passes_are_pillows(in_w, in_h, out_w, out_h, seed):
         assert np.array_equal(fasthash.lanczos(a, size), np.asarray(img.resize(size, Image.LANCZOS)))
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_the_hashes_banded_grids_equal_the_dense_lanczos_passes(in_w, in_h, seed):
+    # The hashes' grids come from the banded weights in one compiled call; each must
+    # equal the dense passes above (so Pillow's, pass by pass) bit for bit, at every
+    # size: smaller than a grid, equal to one (a pass Pillow skips), and larger.
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (in_h, in_w), dtype=np.uint8)
+    a.setflags(write=False)
+    grids = fasthash._grids(a, *fasthash.grid_weights(in_w, in_h))
+    sizes = zip(fasthash.GRID_COLUMNS, fasthash.GRID_ROWS, strict=True)
+    for grid, size in zip(grids, sizes, strict=True):
+        assert np.array_equal(grid, fasthash.lanczos(a, size)), size
+
+
 def test_fast_path_hashes_match_the_exact_path_on_real_pictures(samples, library_images):
     # Same decoded picture, grids made by the compiled call vs Pillow + scipy:
     # on real photographs the hashes agree (the bench checks the whole corpus).

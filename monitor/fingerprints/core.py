@@ -200,7 +200,20 @@ def _turbo_grey(data: bytes, size: tuple[int, int], min_side: int) -> Image.Imag
                                      min_height=-(-size[1] // s), min_width=-(-size[0] // s))
     except (ValueError, RuntimeError):
         return None
-    return Image.fromarray(arr.reshape(arr.shape[0], arr.shape[1]), "L")
+    pixels = arr.reshape(arr.shape[0], arr.shape[1])
+    pixels.setflags(write=False)
+    # A read-only image over the array's memory, which comes with it (grey_pixels).
+    grey = Image.frombuffer("L", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "L", 0, 1)
+    grey._decoded_pixels = pixels
+    return grey
+
+
+def grey_pixels(grey: Image.Image) -> np.ndarray:
+    """``np.asarray(grey)``, without its copy where the decoder's array came with the
+    image. The image is a read-only view of that array; Pillow copies a read-only image
+    before changing it (clearing ``readonly``), so a changed image is read afresh."""
+    pixels = getattr(grey, "_decoded_pixels", None)
+    return pixels if pixels is not None and grey.readonly else np.asarray(grey)
 
 
 def _exif_orientation(data: bytes) -> int | None:
@@ -346,7 +359,7 @@ def fingerprint_grey(grey: Image.Image, size: tuple[int, int], *, exact: bool = 
         # Lanczos is symmetric, so mirroring the small grids equals hashing the
         # mirrored picture (checked in tests) at no extra decode cost.
         packed, fine, std32, flat_share, rising = fasthash.hashes(
-            pixels if pixels is not None else np.asarray(grey))
+            pixels if pixels is not None else grey_pixels(grey))
     fine = fine.astype("<u8")
     return Fingerprint(
         dhash=int(packed[0]), phash=int(packed[1]),

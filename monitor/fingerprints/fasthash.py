@@ -250,13 +250,107 @@ def _std(a):
     return math.sqrt(squares / a.size)
 
 
+# The grids, stacked: pHash's 32x32, the fine dHash's 17x16, dHash's 9x8 (columns x rows).
+GRID_COLUMNS = (32, 17, 9)
+GRID_ROWS = (32, 16, 8)
+
+
 @njit(cache=True, nogil=True)
-def _grids_and_hashes(grey, h9, v9, h17, v16, h32, v32, dct, out, fine):
-    g = grey.astype(np.float64)
-    grid32 = _resample(g, h32, v32)
+def _grids(grey, h_bounds, h_weights, v_bounds, v_weights):
+    """The three grids' Lanczos passes in one go, on the banded weights alone (a window
+    of a few dozen pixels per output, where a dense matrix product visits every pixel).
+
+    Each pass is written as multiply-adds of whole input lines into output lines
+    (contiguous, so they vectorise; a dot product per output would be one long chain of
+    dependent adds): the horizontal passes of all grids at once over the picture
+    transposed, four taps per sweep; then each grid's vertical pass over the result
+    transposed back. Every product and partial sum is an integer below 2**53, so the
+    float64 sums are exact in any order: the grids equal the dense products' (and
+    Resample.c's integer loops') bit for bit."""
+    in_h, in_w = grey.shape
+    columns = np.empty((in_w, in_h))
+    for x in range(in_w):  # written in order, read across: the cheap way round
+        dest = columns[x]
+        for y in range(in_h):
+            dest[y] = grey[y, x]
+    outputs = h_bounds.shape[0]
+    passed = np.zeros((outputs, in_h))
+    for c in range(outputs):
+        first, count = h_bounds[c, 0], h_bounds[c, 1]
+        dest = passed[c]
+        x = 0
+        while x + 4 <= count:
+            k0, k1, k2, k3 = h_weights[c, x], h_weights[c, x + 1], h_weights[c, x + 2], h_weights[c, x + 3]
+            s0, s1, s2, s3 = columns[first + x], columns[first + x + 1], columns[first + x + 2], columns[first + x + 3]
+            for y in range(in_h):
+                dest[y] += (k0 * s0[y] + k1 * s1[y]) + (k2 * s2[y] + k3 * s3[y])
+            x += 4
+        while x < count:
+            k = h_weights[c, x]
+            src = columns[first + x]
+            for y in range(in_h):
+                dest[y] += k * src[y]
+            x += 1
+    _round_clip8(passed)
+    lines = np.empty((in_h, outputs))
+    for c in range(outputs):
+        src = passed[c]
+        for y in range(in_h):
+            lines[y, c] = src[y]
+    grid32, grid17, grid9 = np.zeros((32, 32)), np.zeros((16, 17)), np.zeros((8, 9))
+    col = 0
+    row = 0
+    for grid in (grid32, grid17, grid9):
+        rows, cols = grid.shape
+        for r in range(rows):
+            first, count = v_bounds[row + r, 0], v_bounds[row + r, 1]
+            dest = grid[r]
+            for y in range(count):
+                k = v_weights[row + r, y]
+                src = lines[first + y]
+                for c in range(cols):
+                    dest[c] += k * src[col + c]
+        _round_clip8(grid)
+        col += cols
+        row += rows
+    return grid32, grid17, grid9
+
+
+def _stacked(in_size: int, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Each output size's :func:`weights` for one axis, stacked (zero-padded to one
+    width), as float64. An axis that keeps its size gets identity weights: Pillow
+    skips that pass, and weight one (1 << PRECISION_BITS) rounds back to the input."""
+    parts = []
+    for n in sizes:
+        if n == in_size:
+            parts.append((np.stack([np.arange(n), np.ones(n, np.int64)], axis=1),
+                          np.full((n, 1), 1 << PRECISION_BITS, np.int32)))
+        else:
+            parts.append(weights(in_size, n))
+    bounds = np.concatenate([b for b, _ in parts]).astype(np.int64)
+    kk = np.zeros((len(bounds), max(k.shape[1] for _, k in parts)))
+    row = 0
+    for _, k in parts:
+        kk[row:row + len(k), :k.shape[1]] = k
+        row += len(k)
+    bounds.setflags(write=False)
+    kk.setflags(write=False)
+    return bounds, kk
+
+
+@functools.lru_cache(maxsize=1024)
+def grid_weights(in_w: int, in_h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The banded weights of the three grids for a picture of this size: (bounds,
+    weights) of the horizontal passes, then of the vertical ones."""
+    return (*_stacked(in_w, GRID_COLUMNS), *_stacked(in_h, GRID_ROWS))
+
+
+@njit(cache=True, nogil=True)
+def _grids_and_hashes(grey, h_bounds, h_weights, v_bounds, v_weights, dct, out, fine):
+    grid32, grid17, grid9 = _grids(grey, h_bounds, h_weights, v_bounds, v_weights)
     dct16 = dct @ grid32 @ dct.T
-    _fine_bits(_resample(g, h17, v16), dct16, fine)
-    return _hash_bits(_resample(g, h9, v9), dct16, grid32, out)
+    _fine_bits(grid17, dct16, fine)
+    return _hash_bits(grid9, dct16, grid32, out)
 
 
 def hashes(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, int]:
@@ -272,9 +366,7 @@ def hashes(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, int]
         grey.setflags(write=False)
     out = np.empty(4, np.uint64)
     fine = np.empty(2 * FINE_WORDS, np.uint64)
-    stats = _grids_and_hashes(grey, dense_weights(in_w, 9), dense_weights(in_h, 8),
-                              dense_weights(in_w, 17), dense_weights(in_h, 16),
-                              dense_weights(in_w, 32), dense_weights(in_h, 32), _DCT16x32, out, fine)
+    stats = _grids_and_hashes(grey, *grid_weights(in_w, in_h), _DCT16x32, out, fine)
     return (out, fine, *stats)
 
 
@@ -292,7 +384,9 @@ def hashes_of_grids(grid9: np.ndarray, dct16: np.ndarray, grid32: np.ndarray,
 
 def lanczos(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``np.asarray(Image.fromarray(grey).resize(size, Image.LANCZOS))`` for a 2-D
-    uint8 array, without Pillow. ``size`` is (width, height) as in Pillow."""
+    uint8 array, without Pillow. ``size`` is (width, height) as in Pillow. By dense
+    matrix products: the reference the tests hold Pillow's passes and the hashes' banded
+    grids (:func:`_grids`) to."""
     in_h, in_w = grey.shape
     out_w, out_h = size
     grid = _resample(grey.astype(np.float64), dense_weights(in_w, out_w), dense_weights(in_h, out_h))
@@ -300,7 +394,6 @@ def lanczos(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def warm_up() -> None:
-    lanczos(np.zeros((40, 36), np.uint8), (9, 8))
     hashes(np.zeros((40, 36), np.uint8))
     hashes_of_grids(np.zeros((8, 9), np.uint8), np.zeros((16, 16)), np.zeros((32, 32), np.uint8),
                     np.zeros((16, 17), np.uint8))

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from monitor.fingerprints.core import grey_pixels
+
 KEY_SIDE = 320          # px, the long side keypoints are found at (finer adds time, not matches)
 KEY_MIN_SIDE = 240      # px, the short side of the decode they are found on (then shrunk to KEY_SIDE)
 ENTRY_KEYPOINTS = 256   # a library entry's, stored: ~9 KB (500 verified no more of bench/heldout.py's reposts)
@@ -50,7 +52,7 @@ def keypoint_copy(grey: Image.Image) -> np.ndarray:
     scale = KEY_SIDE / max(w, h)
     if scale < 1:
         grey = grey.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.BILINEAR)
-    return np.asarray(grey)
+    return grey_pixels(grey)
 
 
 def copy_bytes(width: int, height: int) -> int:

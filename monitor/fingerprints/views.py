@@ -25,7 +25,7 @@ from PIL import Image
 
 from monitor.fingerprints import fasthash
 from monitor.fingerprints.blurfill import blurred_fill_box, is_long
-from monitor.fingerprints.core import Fingerprint, fingerprint_grey
+from monitor.fingerprints.core import Fingerprint, fingerprint_grey, grey_pixels
 from monitor.fingerprints.crops import library_crops
 
 WORK_SIDE = 256            # analyse the layout on a small copy: fast and noise-tolerant
@@ -320,7 +320,7 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
     """The whole image, plus the picture inside its frame, or turned back
     upright, when there is one. ``detail`` returns a larger decode of the same
     picture to measure a tilt on (else ``grey`` itself is used)."""
-    pixels = np.asarray(grey)  # once, for the hashes, the tilt gate and the frame
+    pixels = grey_pixels(grey)  # once, for the hashes, the tilt gate and the frame
     views = [fingerprint_grey(grey, size, exact=exact, pixels=pixels)]
     box = content_box(grey, pixels)
     if _may_be_tilted(pixels) and not _upright_box(pixels, box):
