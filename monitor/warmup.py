@@ -2,8 +2,9 @@
 
 On a machine whose numba cache is empty the first call compiles every kernel:
 about 10 s on 2 cores (14 s on one), silent unless told. Loading them from the cache
-takes about a second, so the notice fires only when warming up is still
-running after ``notice_after`` seconds: the first run on a machine.
+takes about a second, so the notice fires only when a kernel is not cached and
+warming up is still running after ``notice_after`` seconds: the first run on a
+machine (a busy one can take longer than that to load a warm cache: no notice then).
 """
 
 from __future__ import annotations
@@ -124,16 +125,17 @@ def warm_up(say: Callable[[str], None] | None, part: str = "all", notice_after: 
     ``notice_after`` seconds. On a cold cache the modules are compiled in up to
     ``processes`` interpreters at once (default: the CPUs this process may use)."""
     modules = list(PRODUCTION_KERNELS if part == "all" else FINGERPRINT_KERNELS)
+    cold = [m for m in modules if not is_cached(m)]
 
     def run() -> None:
-        cold = [m for m in modules if not is_cached(m)]
         count = _cpus() if processes is None else processes
         if len(cold) > 1 and count > 1:
             _compile_apart(cold, count)
         for name in modules:
             importlib.import_module(name).warm_up()
 
-    if say is None:
+    if say is None or not cold:
+        # nothing to compile: no notice, however long a busy machine takes to load them
         run()
         return
     what = "fingerprint kernels" if part == "fingerprint" else "matching kernels"
