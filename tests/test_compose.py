@@ -147,9 +147,11 @@ async def _scaleout_flow():
         containers = {c: role for role in ROLES for c in _containers(role)}
         assert len(containers) == 2 * len(ROLES), containers
 
+        addresses = [_address(container) for container in containers]
+
         async def all_ready():
-            for container in containers:
-                async with http.get(f"http://{_address(container)}:8080/readyz") as r:
+            for address in addresses:
+                async with http.get(f"http://{address}:8080/readyz") as r:
                     if r.status != 200 or not (await r.json())["ready"]:
                         return False
             return True
@@ -204,8 +206,10 @@ async def _scaleout_flow():
             assert len((await r.json())["matches"]) == 2  # the look-alike textures never matched
         async with http.get(f"{API}/v1/alerts", headers=AUTH) as r:
             assert len((await r.json())["alerts"]) == 2  # one alert per match, none sent twice
-        await _poll(lambda: asyncio.sleep(0, _inspect(victim, "{{.State.Running}}") == "true"), 60,
-                    "the killed replica restarted")
+
+        async def restarted():
+            return _inspect(victim, "{{.State.Running}}") == "true"
+        await _poll(restarted, 60, "the killed replica restarted")
 
         # Prometheus finds every replica through Docker's DNS and scrapes it; the alert rules load.
         async def scraped():
