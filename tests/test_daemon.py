@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 
+import aiohttp
 import pytest
 from aiohttp import web
 from PIL import Image, ImageOps
@@ -436,3 +438,60 @@ async def test_fingerprint_processes_match_and_survive_a_killed_worker(tmp_path,
     assert sorted(r.entry.label for r in records) == ["library-chelsea", "library-coffee", "library-rocket"]
     assert query(db, "SELECT COUNT(*) FROM work WHERE state='failed'")[0][0] == 0
     assert pipeline.processes is not first_pool  # replaced after the kill
+
+
+async def test_a_store_locked_by_another_writer_never_freezes_the_event_loop(tmp_path, samples):
+    """Another process writing the same SQLite file (`repost-monitor library add`, a script)
+    holds its write lock for as long as its transaction runs. The daemon's record of a post
+    waits for the lock on a thread: the loop (feeds, API, health checks) carries on, and the
+    post is recorded once the lock is free. On the loop, the wait froze everything for up
+    to the store's 30 s busy timeout."""
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    picture = jpeg(Image.open(samples / "library-chelsea.jpg").convert("RGB").resize((240, 180)))
+    requested, gate = asyncio.Event(), asyncio.Event()
+
+    async def feed(request):
+        return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "x", "items": [
+            {"id": "1", "url": f"http://{request.host}/p/1",
+             "attachments": [{"url": f"http://{request.host}/img/a.jpg", "mime_type": "image/jpeg"}]}]})
+
+    async def image(request):
+        requested.set()
+        await gate.wait()
+        return web.Response(body=picture, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/feed.json", feed)
+    app.router.add_get("/img/a.jpg", image)
+    records, running = [], {}
+    async with serve(app) as base:
+        config = parse_config({"store": {"path": str(db)},
+                               "limits": {"allowed_networks": ["127.0.0.0/8"], "read_timeout": 10},
+                               "feeds": [{"name": "f", "type": "jsonfeed", "url": f"{base}/feed.json",
+                                          "interval": 0.2}],
+                               "server": {"port": 0}})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(config, stop=stop, on_match=records.append,
+                                              on_ready=lambda r: running.update(r=r), install_signals=False))
+        await asyncio.wait_for(requested.wait(), 30)
+        await until(lambda: "r" in running)
+        writer = sqlite3.connect(db, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # held, as a long transaction of another process holds it
+        gate.set()
+        worst, held_until = 0.0, time.monotonic() + 2.0
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < held_until:
+                t = time.monotonic()
+                async with http.get(f"http://127.0.0.1:{running['r'].port}/healthz") as resp:
+                    assert resp.status == 200
+                await asyncio.sleep(0.05)
+                worst = max(worst, time.monotonic() - t)
+        assert not records  # the post waits for the lock...
+        writer.execute("ROLLBACK")
+        writer.close()
+        await until(lambda: len(records) == 1)  # ...and is recorded once it is free
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert worst < 0.5, worst
+    assert records[0].entry.label == "library-chelsea"

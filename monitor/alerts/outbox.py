@@ -144,24 +144,25 @@ class Outbox:
                 w.cancel()
         wake.clear()
 
-    def _update_gauges(self, name: str, force: bool = False) -> None:
+    async def _update_gauges(self, name: str, force: bool = False) -> None:
         # A GROUP BY over the sink's alerts: at most once a second, not per delivery.
         now = time.monotonic()
         if not force and now - self._gauged.get(name, 0.0) < 1.0:
             return
         self._gauged[name] = now
-        counts = alert_rows.state_counts(self.store, name)
+        counts = await asyncio.to_thread(alert_rows.state_counts, self.store, name)
         for state in ("pending", "delivered", "dead"):
             self.metrics.alerts_in_state.labels(name, state).set(counts.get(state, 0))
 
     async def _send_loop(self, session, sink, rule: SinkRule, stop: asyncio.Event) -> None:
-        self._update_gauges(sink.name, force=True)
+        await self._update_gauges(sink.name, force=True)
         batch_size = max(1, getattr(sink, "batch_size", 1))
         while not stop.is_set():
-            # The head of this sink's queue; delivered strictly in order.
-            rows = alert_rows.queue_head(self.store, sink.name, max(100, batch_size))
+            # The head of this sink's queue; delivered strictly in order. Every store call
+            # is off the loop: a round trip, or a wait for a lock another writer holds.
+            rows = await asyncio.to_thread(alert_rows.queue_head, self.store, sink.name, max(100, batch_size))
             if not rows:
-                self._update_gauges(sink.name, force=True)
+                await self._update_gauges(sink.name, force=True)
                 await self._sleep(sink.name, self.idle_poll, stop)
                 continue
             while rows and not stop.is_set():
@@ -173,7 +174,7 @@ class Outbox:
                 if not await self._deliver(session, sink, rule, batch):
                     break
                 rows = rows[len(batch):]
-                self._update_gauges(sink.name)
+                await self._update_gauges(sink.name)
 
     async def _deliver(self, session, sink, rule: SinkRule, batch: list[tuple]) -> bool:
         alerts = [json.loads(payload) | {"alert_id": alert_id}
@@ -183,16 +184,16 @@ class Outbox:
         try:
             await sink.deliver(session, alerts)
         except DeliveryError as exc:
-            self._failed(sink.name, rule, [row[0] for row in batch], head_attempts + 1, exc)
+            await self._failed(sink.name, rule, [row[0] for row in batch], head_attempts + 1, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - a sink bug must not kill the sender
             log.exception("sink %s crashed on alert %d", sink.name, head_id,
                           extra={"sink": sink.name, "alert_id": head_id})
-            self._failed(sink.name, rule, [row[0] for row in batch], head_attempts + 1,
-                         DeliveryError(repr(exc)))
+            await self._failed(sink.name, rule, [row[0] for row in batch], head_attempts + 1,
+                               DeliveryError(repr(exc)))
             return False
         now = time.time()
-        alert_rows.mark_delivered(self.store, [row[0] for row in batch], now)
+        await asyncio.to_thread(alert_rows.mark_delivered, self.store, [row[0] for row in batch], now)
         self.metrics.alerts.labels(sink.name, "delivered").inc(len(batch))
         self.metrics.alert_delivery_seconds.labels(sink.name).observe(time.perf_counter() - start)
         latency = self.metrics.alert_latency_seconds.labels(sink.name)
@@ -206,8 +207,8 @@ class Outbox:
                      extra={"alert_id": head_id, "sink": sink.name})
         return True
 
-    def _failed(self, name: str, rule: SinkRule, alert_ids: list[int], attempts: int,
-                exc: DeliveryError) -> None:
+    async def _failed(self, name: str, rule: SinkRule, alert_ids: list[int], attempts: int,
+                      exc: DeliveryError) -> None:
         # Only the head carries the attempt count; the next try sends it alone
         # (see _next_batch), so one poisoned alert never dead-letters a batch.
         alert_id = alert_ids[0]
@@ -217,10 +218,10 @@ class Outbox:
         else:
             delay = min(rule.backoff_max, rule.backoff_base * 2 ** (attempts - 1))
             delay *= random.uniform(0.5, 1.0)
-        alert_rows.mark_failed(self.store, alert_id, attempts=attempts, error=str(exc),
-                               next_attempt=time.time() + delay, dead=dead)
+        await asyncio.to_thread(alert_rows.mark_failed, self.store, alert_id, attempts=attempts, error=str(exc),
+                                next_attempt=time.time() + delay, dead=dead)
         self.metrics.alerts.labels(name, "dead" if dead else "failed").inc()
-        self._update_gauges(name, force=dead)
+        await self._update_gauges(name, force=dead)
         if dead:
             log.error("alert %d dead-lettered for %s after %d attempts: %s", alert_id, name,
                       attempts, exc, extra={"alert_id": alert_id, "sink": name})

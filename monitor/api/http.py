@@ -191,7 +191,7 @@ async def guard(request: web.Request, handler):
     return await handler(request)
 
 
-def _signed_ok(request: web.Request, body: bytes, secret: str) -> bool:
+async def _signed_ok(request: web.Request, body: bytes, secret: str) -> bool:
     ts = request.headers.get("X-Repost-Monitor-Timestamp", "")
     sig = request.headers.get("X-Repost-Monitor-Signature", "")
     if not ts.isdigit() or abs(time.time() - int(ts)) > SIGNATURE_TOLERANCE:
@@ -200,7 +200,8 @@ def _signed_ok(request: web.Request, body: bytes, secret: str) -> bool:
     if not hmac.compare_digest(want, sig):
         return False
     # a valid signature is good once
-    return work_rows.claim_signature(request.app[SERVICES_KEY].store, sig, time.time(), 2 * SIGNATURE_TOLERANCE)
+    return await asyncio.to_thread(work_rows.claim_signature, request.app[SERVICES_KEY].store, sig, time.time(),
+                                   2 * SIGNATURE_TOLERANCE)
 
 
 def credentials_ok(request: web.Request, svc: Services) -> bool:
@@ -243,7 +244,7 @@ async def authorize(request: web.Request, *, allow_signature: bool = False) -> b
                            headers={"Retry-After": "1"})
         async with slots:
             body = await read_body(request, MAX_BODY)
-        if _signed_ok(request, body, svc.hmac_secret):
+        if await _signed_ok(request, body, svc.hmac_secret):
             return body
         raise error(401, "bad_signature", "signature missing, wrong, too old or replayed")
     if not svc.token and not svc.hmac_secret:

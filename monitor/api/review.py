@@ -40,7 +40,7 @@ async def review(request: web.Request) -> web.Response:
     svc = request.app[SERVICES_KEY]
     limit, offset = paging(request)
     rows = await asyncio.to_thread(match_rows.review_rows, svc.store, limit, offset)
-    entries = svc.library.entries_by_id(r.entry_id for r in rows)
+    entries = await asyncio.to_thread(svc.library.entries_by_id, [r.entry_id for r in rows])
     findings = []
     for r in rows:
         e = entries.get(r.entry_id)
@@ -68,7 +68,7 @@ async def review(request: web.Request) -> web.Response:
 async def review_library_image(request: web.Request) -> web.Response:
     _review_auth(request)
     svc = request.app[SERVICES_KEY]
-    entry = svc.library.get(path_id(request.match_info["id"]))
+    entry = await asyncio.to_thread(svc.library.get, path_id(request.match_info["id"]))
     if entry is None or not Path(entry.source).is_file():
         raise error(404, "not_found", "no local image for this entry")
 

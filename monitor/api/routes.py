@@ -235,11 +235,11 @@ async def library_allow(request: web.Request) -> web.Response:
     svc = request.app[SERVICES_KEY]
     entry_id = path_id(request.match_info["id"])
     doc = await json_body(request, m.AllowRequest)
-    if svc.library.get(entry_id) is None:
+    if await asyncio.to_thread(svc.library.get, entry_id) is None:
         raise error(404, "not_found", f"no library entry {entry_id}")
     for values, kind in ((doc.domains, "domain"), (doc.authors, "author"), (doc.sources, "source")):
         await asyncio.to_thread(set_allowances, svc.store, entry_id, kind, values)
-    return _ok(m.Allowances(entry_id=entry_id, allowed=allowances(svc.store, entry_id)))
+    return _ok(m.Allowances(entry_id=entry_id, allowed=await asyncio.to_thread(allowances, svc.store, entry_id)))
 
 
 def path_id(text: str) -> int:
@@ -260,7 +260,7 @@ async def matches_list(request: web.Request) -> web.Response:
     if "entry_id" in request.query:
         filters["entry_id"] = path_id(request.query["entry_id"])
     rows, total = await asyncio.to_thread(match_rows.list_matches, svc.store, filters, limit, offset)
-    entries = svc.library.entries_by_id(r["entry_id"] for r in rows)
+    entries = await asyncio.to_thread(svc.library.entries_by_id, [r["entry_id"] for r in rows])
     out = []
     for row in rows:
         e = entries.get(row["entry_id"])
@@ -287,7 +287,7 @@ async def alerts_list(request: web.Request) -> web.Response:
     if state not in (None, "pending", "delivered", "dead"):
         raise error(400, "bad_state", "state must be pending, delivered or dead")
     limit, _ = paging(request)
-    return _ok(m.AlertList(alerts=list_alerts(svc.store, state, limit)))
+    return _ok(m.AlertList(alerts=await asyncio.to_thread(list_alerts, svc.store, state, limit)))
 
 
 async def alerts_resend(request: web.Request) -> web.Response:

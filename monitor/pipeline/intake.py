@@ -81,14 +81,14 @@ class Intake:
             except (FetchError, FeedError) as exc:
                 failures += 1
                 delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
-                self.feed_failed(source.name, exc, failures)
+                await self.feed_failed(source.name, exc, failures)
                 log.warning("feed %s failed (%s); next poll in %.0fs", source.name, exc, delay,
                             extra={"feed": source.name, "reason": exc.reason})
             except Exception as exc:  # noqa: BLE001 - a bug in one adapter must not stop the rest
                 failures += 1
                 delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
                 self.metrics.errors.labels("poll").inc()
-                self.feed_failed(source.name, exc, failures)
+                await self.feed_failed(source.name, exc, failures)
                 log.exception("feed %s: unexpected error; next poll in %.0fs", source.name, delay,
                               extra={"feed": source.name})
             delay *= 1 + random.uniform(-cfg.jitter, cfg.jitter)
@@ -114,10 +114,10 @@ class Intake:
             if renew is not None:
                 deadline = min(deadline, time.monotonic() + renew)
 
-    def feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
+    async def feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
         self.metrics.feed_polls.labels(feed, "error").inc()
         try:
-            work_rows.feed_failed(self.store, feed, failures, str(exc), time.time())
+            await asyncio.to_thread(work_rows.feed_failed, self.store, feed, failures, str(exc), time.time())
         except DatabaseError as db_exc:  # the store is failing too: say so, keep watching
             self.metrics.errors.labels("store").inc()
             log.error("feed %s: cannot record its failure in %s: %s", feed, self.store.path, db_exc,
@@ -135,13 +135,14 @@ class Intake:
             items = await asyncio.to_thread(source.scan)
             etag = last_modified = None
         else:
-            etag, last_modified = work_rows.feed_validators(self.store, source.name)
+            # every store call off the loop: a round trip, or a wait for another writer's lock
+            etag, last_modified = await asyncio.to_thread(work_rows.feed_validators, self.store, source.name)
             resp = await self._fetch_feed(source, {**source.request_headers(), **(headers or {})}, etag,
                                           last_modified)
             self._wait_hints[source.name] = source.wait_hint(resp.headers or {})
             await self.websub.after_poll(source, None if resp.not_modified else resp.body, resp.headers or {})
             if resp.not_modified:
-                self._feed_ok(source.name, now, etag, last_modified, "not_modified")
+                await self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return [], []
             # Parsing can be heavy (feedparser on a 5 MB feed): off the loop.
             items = await asyncio.to_thread(source.parse, resp.body, resp.content_type)
@@ -150,7 +151,7 @@ class Intake:
         # A poll can bring hundreds of rows: their transaction runs off the loop,
         # which meanwhile keeps the downloads and the matches moving.
         work = await asyncio.to_thread(self.record_items, source.name, items, now)
-        self._feed_ok(source.name, now, etag, last_modified, "ok")
+        await self._feed_ok(source.name, now, etag, last_modified, "ok")
         if work:
             log.info("feed %s: %d new images in %d items", source.name, len(work),
                      len({w.item_id for w in work}), extra={"feed": source.name})
@@ -195,10 +196,10 @@ class Intake:
             self.metrics.feed_items_skipped.labels(feed, reason).inc()
             log.warning("feed %s: skipped %s", feed, detail, extra={"feed": feed, "reason": reason})
 
-    def _feed_ok(self, feed, now, etag, last_modified, result) -> None:
+    async def _feed_ok(self, feed, now, etag, last_modified, result) -> None:
         self.metrics.feed_polls.labels(feed, result).inc()
         self.metrics.feed_last_success.labels(feed).set(now)
-        work_rows.feed_ok(self.store, feed, now, etag, last_modified)
+        await asyncio.to_thread(work_rows.feed_ok, self.store, feed, now, etag, last_modified)
 
     def record_items(self, feed: str, items: list[FeedItem], now: float) -> list[WorkItem]:
         work, new_items = work_rows.record_items(self.store, feed, items, now)

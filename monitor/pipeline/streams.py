@@ -59,7 +59,7 @@ class StreamWatcher:
                     failures = 0
                 failures += 1
                 delay = min(cfg.max_backoff, STREAM_RECONNECT_BASE * 2 ** (failures - 1))
-                self.intake.feed_failed(source.name, exc, failures)
+                await self.intake.feed_failed(source.name, exc, failures)
                 if isinstance(exc, (FetchError, FeedError)):
                     log.warning("feed %s: stream ended (%s); reconnecting in %.1fs", source.name, exc, delay,
                                 extra={"feed": source.name, "reason": exc.reason})

@@ -71,10 +71,8 @@ async def _stored_fingerprint(store: Store, url: str, known=LOOK_UP) -> Fingerpr
     """The fingerprint the store holds for an image URL, None if never fetched (raises the
     CachedFailure of a URL that failed for good); ``known``: the store's answer where the
     caller has it already (``work_rows.cached_images``)."""
-    if known is LOOK_UP:
-        if store.dialect == "sqlite":  # a local read of microseconds
-            return work_rows.cached_image(store, url)
-        return await asyncio.to_thread(work_rows.cached_image, store, url)  # a round trip: off the loop
+    if known is LOOK_UP:  # off the loop: a round trip, or a wait for the store's lock
+        return await asyncio.to_thread(work_rows.cached_image, store, url)
     if isinstance(known, work_rows.CachedFailure):
         raise known
     return known
@@ -99,10 +97,8 @@ class Worker:
         self.batcher = (MatchBatcher(matcher, threads=max(1, fingerprint_workers // 2),
                                      on_batch=functools.partial(_observe_batch, metrics))
                         if matcher is not None else None)
-        self.fingerprint_processes = fingerprint_processes
+        self.fingerprint_processes, self.max_pixels, self.active = fingerprint_processes, max_pixels, 0
         self.processes = _process_pool(fingerprint_processes) if fingerprint_processes else None
-        self.max_pixels = max_pixels
-        self.active = 0
         self._inflight: dict[str, asyncio.Future] = {}
         self._recent: OrderedDict[str, tuple] = OrderedDict()  # the last fetches' results, by URL
         # Downloaded images waiting for a fingerprint thread. No new download
@@ -148,7 +144,8 @@ class Worker:
                 # A row left pending would wait for the next restart and fail the same way:
                 # it ends now, failed, with its reason.
                 try:
-                    self.recorder.finish(work, [], None, error=f"internal: {type(exc).__name__}: {exc}"[:500])
+                    await asyncio.to_thread(self.recorder.finish, work, [], None,
+                                            error=f"internal: {type(exc).__name__}: {exc}"[:500])
                 except Exception:  # noqa: BLE001 - the store itself is failing; logged above
                     log.exception("could not record the failure of work %d", work.id)
             finally:
@@ -160,10 +157,10 @@ class Worker:
         try:
             fp, matches, downloaded_at, fetched = await self._fingerprint_and_match(work)
         except (FetchError, ImageError, work_rows.CachedFailure) as exc:
-            self.recorder.finish(work, [], None, error=str(exc))
+            await asyncio.to_thread(self.recorder.finish, work, [], None, error=str(exc))
             log.warning("image skipped: %s: %s", work.image_url, exc, extra={**ctx, "reason": exc.reason})
             return []
-        records = self.recorder.finish(work, matches, fp, new_image=fetched)
+        records = await asyncio.to_thread(self.recorder.finish, work, matches, fp, new_image=fetched)
         self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
         for rec in records:
             await self.recorder.announce(rec)
@@ -172,7 +169,7 @@ class Worker:
     async def process_fingerprint(self, work: WorkItem, fp: Fingerprint) -> list[MatchRecord]:
         """Match and record an image fingerprinted elsewhere (an API upload)."""
         matches = await self.match(fp)
-        records = self.recorder.finish(work, matches, fp)
+        records = await asyncio.to_thread(self.recorder.finish, work, matches, fp)
         for rec in records:
             await self.recorder.announce(rec)
         return records
@@ -277,7 +274,7 @@ class Worker:
         except FetchError as exc:
             self.metrics.image_failures.labels("download", exc.reason).inc()
             if exc.reason in PERMANENT_FETCH_ERRORS:
-                work_rows.image_failed(self.store, work.image_url, str(exc), time.time())
+                await asyncio.to_thread(work_rows.image_failed, self.store, work.image_url, str(exc), time.time())
             raise
         downloaded = time.perf_counter()
         self.metrics.download_bytes.inc(len(data))
@@ -294,7 +291,7 @@ class Worker:
             matches = await self.match(fp, data) if self.matcher is not None else []
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()
-            work_rows.image_failed(self.store, work.image_url, str(exc), time.time())
+            await asyncio.to_thread(work_rows.image_failed, self.store, work.image_url, str(exc), time.time())
             raise
         finally:
             self._backlog -= 1
