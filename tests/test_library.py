@@ -510,3 +510,13 @@ def test_entries_keypoints_are_read_once_until_they_may_have_changed(store_locat
     small([a.id]), small([b.id]), small([a.id])
     assert reads[3:] == [[a.id], [b.id], [a.id]]  # only the last one entry kept
     lib.store.close()
+
+
+def test_a_store_location_that_is_no_path_is_refused_and_creates_no_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for wrong in (object(), 42, None, b"m.sqlite"):
+        with pytest.raises(TypeError, match="a path or a postgresql:// URL"):
+            open_store(wrong)
+    assert not list(tmp_path.iterdir())
+    open_store(tmp_path / "m.sqlite").close()  # a Path, as a str, still opens
+    open_store(str(tmp_path / "n.sqlite")).close()

@@ -14,7 +14,10 @@ def is_url(location: str | Path) -> bool:
 
 def open_store(location: str | Path, *, create: bool = True):
     """The store at ``location``: a SQLite file (the embedded default), or a PostgreSQL
-    database named by a ``postgresql://`` URL (scale-out)."""
+    database named by a ``postgresql://`` URL (scale-out). Anything but a str or a Path is
+    a TypeError: a stray object's repr must not become a new SQLite file's name."""
+    if not isinstance(location, (str, Path)):
+        raise TypeError(f"a store's location is a path or a postgresql:// URL, not {type(location).__name__}")
     if is_url(location):
         try:
             from monitor.records.postgres import PostgresStore
