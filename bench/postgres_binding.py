@@ -1,0 +1,94 @@
+"""The store's writes on PostgreSQL with parameters bound by the server (what the store does)
+against values written into the SQL text on the client (psycopg's ClientCursor, what it did),
+in turns on one throwaway cluster.
+
+    python3 bench/postgres_binding.py [--batches 60] [--posts 64]
+
+Per batch, what the scaled-out intake and recorder write for that many posts: the feed items'
+work rows, then one transaction that holds the rows, stores each image's fingerprint and
+closes the rows. Printed per binding: our process's CPU, the PostgreSQL server's CPU (its
+processes' utime + stime) and the wall time, per post. Needs initdb/pg_ctl (Debian's
+postgresql package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import UTC, datetime
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def server_cpu() -> float:
+    """Seconds of CPU of every process named postgres on this machine."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"postgres" not in fh.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--posts", type=int, default=64)
+    args = ap.parse_args()
+    import psycopg
+
+    from feeds.base import FeedItem
+    from monitor.fingerprints import Fingerprint
+    from monitor.records import shard_answers
+    from monitor.records import work as work_rows
+    from monitor.records.postgres import PostgresStore
+    from monitor.tools.services import throwaway
+
+    class ClientBound(PostgresStore):
+        def _connect(self) -> None:
+            self._raw = psycopg.connect(self.url, autocommit=True, cursor_factory=psycopg.ClientCursor,
+                                        connect_timeout=10, client_encoding="UTF8")
+
+    fp = Fingerprint(2**63 - 5, 12345, 678, 91011, 320, 213, fine=os.urandom(64), fine_mirror=os.urandom(64))
+    warm = args.batches // 6
+    with throwaway(postgres=True, redis=False) as (pg, _):
+        url = pg.create_database("binding")
+        stores = {"server-bound (ours)": PostgresStore(url), "client-bound (before)": ClientBound(url)}
+        spent = {name: [0.0, 0.0, 0.0] for name in stores}
+        for batch in range(args.batches):
+            for name, store in stores.items():  # in turns
+                items = [FeedItem("feed", f"{name}-{batch}-{i}", (f"http://example.org/{name}/{batch}/{i}.jpg",),
+                                  "http://example.org/post", "someone", datetime.now(UTC))
+                         for i in range(args.posts)]
+                ours, wall, server = time.process_time(), time.perf_counter(), server_cpu()
+                work, _ = work_rows.record_items(store, "feed", items, time.time())
+                with store.transaction() as conn:
+                    shard_answers.hold_works(conn, [w.id for w in work])
+                    work_rows.images_ok(conn, [(w.image_url, fp) for w in work], time.time())
+                    work_rows.close_many(conn, [w.id for w in work], time.time())
+                if batch >= warm:  # past the first batches: statements prepared, caches warm
+                    s = spent[name]
+                    s[0] += time.process_time() - ours
+                    s[1] += server_cpu() - server
+                    s[2] += time.perf_counter() - wall
+        for store in stores.values():
+            store.close()
+    with open("/proc/cpuinfo") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
+    posts = (args.batches - warm) * args.posts
+    print(f"CPU: {cpu}; {posts:,} posts in batches of {args.posts}, per post:")
+    for name, (ours, server, wall) in spent.items():
+        print(f"  {name:22s} our CPU {ours / posts * 1e3:.3f} ms, PostgreSQL CPU {server / posts * 1e3:.3f} ms, "
+              f"wall {wall / posts * 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
