@@ -130,10 +130,6 @@ class LibraryIndex:
         """Rows' hashes (snapshots, batches, tests): a copy."""
         return self._both(lambda s: s.dhash() if field == "dhash" else s.hashes[field][:s.n])
 
-    def dhash_array(self) -> np.ndarray | None:
-        """The dHash rows as a plain array when kept (the tiled kernel), else None."""
-        return self.hashes("dhash") if self.keep_dhash else None
-
     def low_detail(self) -> np.ndarray:
         """Rows' low-detail flags, uint8."""
         return self._both(lambda s: s.low_detail[:s.n])
