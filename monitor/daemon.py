@@ -136,9 +136,9 @@ async def run_daemon(config: Config, *, stop: asyncio.Event | None = None,
     metrics.init_labels([f.name for f in config.feeds], [a.name for a in config.alerts])
     say = say or (lambda text: log.info("%s", text))
     ready = {"ready": False, "phase": "starting"}
-    store = open_store(config.store.location)
+    store = await asyncio.to_thread(open_store, config.store.location)  # a PostgreSQL connect, migrations
     try:
-        store.check_writable()
+        await asyncio.to_thread(store.check_writable)
     except StoreError:
         store.close()
         raise

@@ -120,3 +120,61 @@ def test_the_stages_are_where_the_map_says():
                    "monitor/pipeline/", "monitor/alerts/", "monitor/api/", "monitor/tools/"):
         assert (ROOT / folder).exists(), folder
         assert f"`{folder}`" in readme, f"README's Layout lacks {folder}"
+
+
+# Functions of the records layer that touch no store (a path from the environment), and its
+# modules that are asyncio-native (the change listener's own async connection).
+PURE_RECORDS = {"default_cache_path"}
+ASYNC_RECORDS = {"monitor.records.changes"}
+
+
+def _store_calls_on_the_loop(path: Path) -> list[str]:
+    """Calls in an ``async def``'s own body (not in a nested def or lambda, which run where
+    they are sent: a thread) that reach the store: a records-layer function, a store's or a
+    library's method (the in-memory index aside; close at shutdown is allowed), the
+    recorder's transaction."""
+    tree = ast.parse(path.read_text())
+    functions, modules = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("monitor.records") \
+                and node.module not in ASYNC_RECORDS:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in ASYNC_RECORDS:
+                    continue
+                if (ROOT / (full.replace(".", "/") + ".py")).exists():
+                    modules.add(alias.asname or alias.name)
+                elif alias.name[:1].islower() and alias.name not in PURE_RECORDS:
+                    functions.add(alias.asname or alias.name)
+    found = []
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef)):
+        stack = list(fn.body)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            stack.extend(ast.iter_child_nodes(node))
+            if not isinstance(node, ast.Call):
+                continue
+            f, what = node.func, None
+            if isinstance(f, ast.Name) and f.id in functions:
+                what = f.id
+            elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in modules:
+                what = f"{f.value.id}.{f.attr}"
+            elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute):
+                owner = f.value.attr
+                if (owner == "store" and f.attr != "close") or (owner == "library" and f.attr != "index") \
+                        or (owner == "recorder" and f.attr == "finish"):
+                    what = f"{owner}.{f.attr}"
+            if what:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} ({fn.name}): {what}()")
+    return found
+
+
+def test_no_store_call_runs_on_the_event_loop():
+    """A store call waits on a lock another writer holds (SQLite: up to its busy timeout) or
+    on a round trip (PostgreSQL): on the loop it stops every feed, download and request.
+    Async code sends them to a thread (asyncio.to_thread)."""
+    found = [hit for path in modules().values() if "records" not in path.parts
+             for hit in _store_calls_on_the_loop(path)]
+    assert not found, "store calls on the event loop:\n" + "\n".join(found)

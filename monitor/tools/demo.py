@@ -235,6 +235,13 @@ class DemoFeedHost:
         return app
 
 
+def _demo_library(db: Path) -> None:
+    """The demo's protected library, in a new store at ``db``."""
+    library = Library(Store(db))
+    add_files(library, sample_library(), progress=False)
+    library.store.close()
+
+
 async def start_host(stream: list[DemoImage], rate: float) -> tuple[DemoFeedHost, web.AppRunner]:
     """The demo's feed host, serving on a free loopback port (``host.base``)."""
     host = DemoFeedHost(stream, rate)
@@ -281,9 +288,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
     host, runner = await start_host(stream, rate)
     with tempfile.TemporaryDirectory(prefix="repost-monitor-demo-") as tmp:
         db = Path(tmp) / "demo.sqlite"
-        library = Library(Store(db))
-        add_files(library, sample_library(), progress=False)
-        library.store.close()
+        await asyncio.to_thread(_demo_library, db)  # the demo's feed host is serving meanwhile
         config = parse_config({
             "store": {"path": str(db)},
             "match": {"tier": "near"},
@@ -330,7 +335,7 @@ async def run_daemon_demo(posts: int = 40, rate: float = 4.0, keep_running: bool
                 host.stream_published()
                 if keep_running or (ticks := ticks + 1) % 5:
                     continue
-                seen, pending = work_counts(running.store)
+                seen, pending = await asyncio.to_thread(work_counts, running.store)
                 if host.done_publishing and seen >= len(stream) and pending == 0:
                     stop.set()
                 elif time.time() > deadline:
