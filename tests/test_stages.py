@@ -335,3 +335,56 @@ async def test_an_unsure_match_is_confirmed_however_the_image_comes_back(store_l
         await worker.close()
     assert [r.entry.label for r in s.recorded] == ["library-rocket"]
     library.store.close()
+
+
+async def test_grouped_calls_go_together_and_each_caller_gets_its_own_answer():
+    from monitor.pipeline.grouped import Grouped
+    groups = []
+
+    def run_many(items):
+        groups.append(list(items))
+        time.sleep(0.05)  # a transaction: meanwhile further calls wait for the next group
+        return [ValueError(f"bad {i}") if i == 3 else i * 10 for i in items]
+
+    grouped = Grouped(run_many)
+    first = asyncio.ensure_future(grouped(0))
+    await asyncio.sleep(0.01)  # the first group is running
+    rest = [asyncio.ensure_future(grouped(i)) for i in range(1, 6)]
+    await asyncio.sleep(0)  # all five asked
+    rest[1].cancel()  # a caller gone: its call is made all the same, the others get their answers
+    done = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert groups == [[0], [1, 2, 3, 4, 5]]  # two hops for six calls
+    assert done[:2] == [0, 10] and isinstance(done[2], asyncio.CancelledError)
+    assert isinstance(done[3], ValueError) and str(done[3]) == "bad 3" and done[4:] == [40, 50]
+
+    def broken(items):
+        raise OSError("store away")
+    assert isinstance((await asyncio.gather(Grouped(broken)(1), return_exceptions=True))[0], OSError)
+
+
+async def test_posts_recorded_together_are_each_recorded_once_and_a_bad_one_fails_alone(library, samples, tmp_path):
+    """Posts finishing while a transaction runs are recorded in the next one, together; a
+    post whose record fails (here: an image row without its fingerprint) fails alone."""
+    from monitor.fingerprints import fingerprint_bytes
+    site = PhotoSite(samples)
+    s = Stages(library, "http://127.0.0.1:9")
+    sink = AlertSinkConfig(name="archive", type="file", path=str(tmp_path / "alerts.jsonl"))
+    s.recorder.outbox = Outbox(s.store, [make_sink(sink)], s.metrics)
+    fp = fingerprint_bytes(site.images["small-chelsea.jpg"][0], views="query")
+    matches = s.matcher.match(fp)
+    assert matches
+    items = [FeedItem("f", str(i), (f"http://127.0.0.1:9/img/{i}.jpg",)) for i in range(12)]
+    work, _ = work_rows.record_items(s.store, "f", items, time.time())
+    calls = [s.recorder.record(w, matches, None if i == 5 else fp, new_image=True) for i, w in enumerate(work)]
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(done[5], Exception)
+    assert all(len(r) == len(matches) for i, r in enumerate(done) if i != 5)
+    assert s.store.query("SELECT COUNT(*) FROM matches")[0][0] == 11 * len(matches)
+    assert s.store.query("SELECT COUNT(*) FROM alerts")[0][0] == 11 * len(matches)
+    assert dict(s.store.query("SELECT state, COUNT(*) FROM work GROUP BY state")) == {"done": 11, "pending": 1}
+    # a group with no bad post: one transaction; an image URL recorded already adds no match
+    more, _ = work_rows.record_items(s.store, "g", items[:8], time.time())
+    done = await asyncio.gather(*(s.recorder.record(w, matches, fp, new_image=True) for w in more))
+    assert [len(r) for r in done] == [0] * 5 + [len(matches)] + [0] * 2  # 5 was the one that failed
+    assert s.store.query("SELECT COUNT(*) FROM alerts")[0][0] == 12 * len(matches)
+    assert dict(s.store.query("SELECT state, COUNT(*) FROM work GROUP BY state")) == {"done": 19, "pending": 1}

@@ -10,10 +10,11 @@ from collections.abc import Awaitable, Callable
 
 from monitor.fingerprints import Fingerprint
 from monitor.metrics import Metrics
+from monitor.pipeline.grouped import Grouped
 from monitor.records import matches as match_rows
 from monitor.records.library import Library
 from monitor.records.matches import MatchRecord
-from monitor.records.store import Store
+from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
 from monitor.search.matcher import Match
 
@@ -28,6 +29,7 @@ class Recorder:
         self.store, self.library, self.metrics = store, library, metrics
         self.outbox = outbox  # alerts.outbox.Outbox: alerts join the match transaction
         self.on_match = on_match
+        self._grouped = Grouped(self._finish_group)
 
     def finish(self, work: WorkItem, matches: list[Match], fp: Fingerprint | None = None,
                error: str | None = None, close_work: bool = True, new_image: bool = False) -> list[MatchRecord]:
@@ -40,6 +42,39 @@ class Recorder:
         if records and self.outbox is not None:
             self.outbox.committed()
         return records
+
+    async def record(self, work: WorkItem, matches: list[Match], fp: Fingerprint | None = None,
+                     error: str | None = None, close_work: bool = True,
+                     new_image: bool = False) -> list[MatchRecord]:
+        """:meth:`finish` off the event loop, with the other posts that finish meanwhile: one
+        thread hop and one transaction for them all (monitor/pipeline/grouped.py)."""
+        return await self._grouped((work, matches, fp, error, close_work, new_image))
+
+    def _finish_group(self, group: list[tuple]) -> list:
+        if len(group) == 1:
+            return [self.finish(*group[0])]
+        try:
+            now = time.time()
+            ids = {m.entry_id for _, matches, *_ in group for m in matches}
+            entries = self.library.entries_by_id(ids) if ids else {}
+            enqueue = self.outbox.enqueue if self.outbox is not None else None
+            with self.store.transaction() as conn:
+                out = [match_rows.record_in(conn, work, matches, fp, entries, now, error=error, close_work=close,
+                                            new_image=new_image, enqueue=enqueue)
+                       for work, matches, fp, error, close, new_image in group]
+        except DatabaseError as exc:  # the store is failing (locked past its timeout, away): for all of them
+            return [exc] * len(group)
+        except Exception:  # noqa: BLE001 - each alone, where one bad post fails only itself
+            out = []
+            for args in group:
+                try:
+                    out.append(self.finish(*args))
+                except Exception as exc:  # noqa: BLE001 - handed to that post's caller
+                    out.append(exc)
+            return out
+        if any(out) and self.outbox is not None:
+            self.outbox.committed()
+        return out
 
     async def announce(self, rec: MatchRecord) -> None:
         """Metrics, the log line and the on_match callback of a new match."""

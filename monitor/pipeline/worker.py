@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from monitor.fetch import Fetcher, FetchError
 from monitor.fingerprints import Fingerprint, ImageError, KeypointFinder, fingerprint_bytes
 from monitor.metrics import Metrics
+from monitor.pipeline.grouped import Grouped
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.refetch import confirmed_again
 from monitor.pipeline.transport import Transport
@@ -67,15 +68,20 @@ def _observe_batch(metrics: Metrics, posts: int, seconds: float) -> None:
     metrics.match_batch_size.observe(posts)
 
 
-async def _stored_fingerprint(store: Store, url: str, known=LOOK_UP) -> Fingerprint | None:
+def _cached_many(store: Store, urls: list[str]) -> list[Fingerprint | work_rows.CachedFailure | None]:
+    found = work_rows.cached_images(store, urls)
+    return [found.get(url) for url in urls]
+
+
+async def _stored_fingerprint(lookups: Grouped, url: str, known=LOOK_UP) -> Fingerprint | None:
     """The fingerprint the store holds for an image URL, None if never fetched (raises the
     CachedFailure of a URL that failed for good); ``known``: the store's answer where the
-    caller has it already (``work_rows.cached_images``)."""
-    if known is LOOK_UP:  # off the loop: a round trip, or a wait for the store's lock
-        return await asyncio.to_thread(work_rows.cached_image, store, url)
-    if isinstance(known, work_rows.CachedFailure):
-        raise known
-    return known
+    caller has it already (``work_rows.cached_images``). Looked up off the loop (a round
+    trip, or a wait for the store's lock), with the other posts' lookups meanwhile."""
+    found = await lookups(url) if known is LOOK_UP else known
+    if isinstance(found, work_rows.CachedFailure):
+        raise found
+    return found
 
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:
@@ -89,6 +95,7 @@ class Worker:
                  metrics: Metrics, transport: Transport, *, workers: int = 16, fingerprint_workers: int = 2,
                  fingerprint_processes: int = 0, max_pixels: int | None = None, keypoints: bool = True):
         self.store, self.fetcher, self.matcher = store, fetcher, matcher
+        self._lookups = Grouped(functools.partial(_cached_many, store))
         self.keypoints = keypoints  # [match] keypoints: the second look, for the posts that need one
         self.recorder, self.metrics, self.transport = recorder, metrics, transport
         self.workers = workers
@@ -144,8 +151,8 @@ class Worker:
                 # A row left pending would wait for the next restart and fail the same way:
                 # it ends now, failed, with its reason.
                 try:
-                    await asyncio.to_thread(self.recorder.finish, work, [], None,
-                                            error=f"internal: {type(exc).__name__}: {exc}"[:500])
+                    await self.recorder.record(work, [], None,
+                                               error=f"internal: {type(exc).__name__}: {exc}"[:500])
                 except Exception:  # noqa: BLE001 - the store itself is failing; logged above
                     log.exception("could not record the failure of work %d", work.id)
             finally:
@@ -157,10 +164,10 @@ class Worker:
         try:
             fp, matches, downloaded_at, fetched = await self._fingerprint_and_match(work)
         except (FetchError, ImageError, work_rows.CachedFailure) as exc:
-            await asyncio.to_thread(self.recorder.finish, work, [], None, error=str(exc))
+            await self.recorder.record(work, [], None, error=str(exc))
             log.warning("image skipped: %s: %s", work.image_url, exc, extra={**ctx, "reason": exc.reason})
             return []
-        records = await asyncio.to_thread(self.recorder.finish, work, matches, fp, new_image=fetched)
+        records = await self.recorder.record(work, matches, fp, new_image=fetched)
         self.metrics.pipeline_seconds.observe(time.perf_counter() - downloaded_at)
         for rec in records:
             await self.recorder.announce(rec)
@@ -169,7 +176,7 @@ class Worker:
     async def process_fingerprint(self, work: WorkItem, fp: Fingerprint) -> list[MatchRecord]:
         """Match and record an image fingerprinted elsewhere (an API upload)."""
         matches = await self.match(fp)
-        records = await asyncio.to_thread(self.recorder.finish, work, matches, fp)
+        records = await self.recorder.record(work, matches, fp)
         for rec in records:
             await self.recorder.announce(rec)
         return records
@@ -205,7 +212,7 @@ class Worker:
         if any feed already fetched it, from a concurrent fetch of the same URL, or fetched
         now (None for matches: this call did not match it). ``known``: what the store holds
         for the URL where the caller has read it already (``work_rows.cached_images``)."""
-        cached = await _stored_fingerprint(self.store, work.image_url, known)
+        cached = await _stored_fingerprint(self._lookups, work.image_url, known)
         if cached is not None:
             return cached, None, time.perf_counter()
         pending = self._inflight.get(work.image_url)

@@ -163,7 +163,7 @@ class FetchRole:
         try:
             fp, fetched = await self.worker.fingerprint(work, known)
         except (FetchError, ImageError, work_rows.CachedFailure) as exc:
-            await asyncio.to_thread(self.worker.recorder.finish, work, [], None, error=str(exc))
+            await self.worker.recorder.record(work, [], None, error=str(exc))
             log.warning("image skipped: %s: %s", work.image_url, exc, extra={"url": work.image_url})
             return None
         return {**work_fields(work), **fingerprint_fields(fp, fetched)}
