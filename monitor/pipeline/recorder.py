@@ -14,7 +14,7 @@ from monitor.pipeline.grouped import Grouped
 from monitor.records import matches as match_rows
 from monitor.records.library import Library
 from monitor.records.matches import MatchRecord
-from monitor.records.store import DatabaseError, Store
+from monitor.records.store import Store, StoreUnavailable
 from monitor.records.work import WorkItem
 from monitor.search.matcher import Match
 
@@ -62,7 +62,7 @@ class Recorder:
                 out = [match_rows.record_in(conn, work, matches, fp, entries, now, error=error, close_work=close,
                                             new_image=new_image, enqueue=enqueue)
                        for work, matches, fp, error, close, new_image in group]
-        except DatabaseError as exc:  # the store is failing (locked past its timeout, away): for all of them
+        except StoreUnavailable as exc:  # locked past its timeout, or away: every post alike
             return [exc] * len(group)
         except Exception:  # noqa: BLE001 - each alone, where one bad post fails only itself
             out = []

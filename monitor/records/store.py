@@ -282,6 +282,19 @@ def _database_errors() -> tuple[type[Exception], ...]:
 DatabaseError = _database_errors()
 
 
+def _unavailable_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:
+        return (sqlite3.OperationalError,)
+    return (sqlite3.OperationalError, psycopg.OperationalError)
+
+
+# The part of those that says the store itself is failing (locked past its busy timeout, the
+# server away), not one statement: every statement would fail alike.
+StoreUnavailable = _unavailable_errors()
+
+
 IN_CHUNK = 500  # values per ``IN (...)`` list: far below either engine's bound-parameter limit
 
 
