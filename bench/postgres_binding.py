@@ -6,8 +6,8 @@ in turns on one throwaway cluster.
 
 Per batch, what the scaled-out intake and recorder write for that many posts: the feed items'
 work rows, then one transaction that holds the rows, stores each image's fingerprint and
-closes the rows. Printed per binding: our process's CPU, the PostgreSQL server's CPU (its
-processes' utime + stime) and the wall time, per post. Needs initdb/pg_ctl (Debian's
+closes the rows. Printed per binding: our process's CPU, the PostgreSQL cluster's CPU
+(bench/scaleout.py's reading of it) and the wall time, per post. Needs initdb/pg_ctl (Debian's
 postgresql package).
 """
 
@@ -22,28 +22,13 @@ from datetime import UTC, datetime
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def server_cpu() -> float:
-    """Seconds of CPU of every process named postgres on this machine."""
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"postgres" not in fh.read():
-                    continue
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            continue
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--posts", type=int, default=64)
     args = ap.parse_args()
     import psycopg
+    from scaleout import services_cpu  # bench/scaleout.py, beside this file
 
     from feeds.base import FeedItem
     from monitor.fingerprints import Fingerprint
@@ -68,7 +53,7 @@ def main() -> None:
                 items = [FeedItem("feed", f"{name}-{batch}-{i}", (f"http://example.org/{name}/{batch}/{i}.jpg",),
                                   "http://example.org/post", "someone", datetime.now(UTC))
                          for i in range(args.posts)]
-                ours, wall, server = time.process_time(), time.perf_counter(), server_cpu()
+                ours, wall, server = time.process_time(), time.perf_counter(), services_cpu(pg)["postgresql"]
                 work, _ = work_rows.record_items(store, "feed", items, time.time())
                 with store.transaction() as conn:
                     shard_answers.hold_works(conn, [w.id for w in work])
@@ -77,7 +62,7 @@ def main() -> None:
                 if batch >= warm:  # past the first batches: statements prepared, caches warm
                     s = spent[name]
                     s[0] += time.process_time() - ours
-                    s[1] += server_cpu() - server
+                    s[1] += services_cpu(pg)["postgresql"] - server
                     s[2] += time.perf_counter() - wall
         for store in stores.values():
             store.close()

@@ -61,9 +61,9 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def services_cpu(pg, rd) -> dict[str, float]:
-    """CPU seconds so far of the throwaway Redis server, and of the PostgreSQL cluster (the
-    postmaster, its live backends and those that exited)."""
+def services_cpu(pg, rd=None) -> dict[str, float]:
+    """CPU seconds so far of the throwaway Redis server (given ``rd``), and of the PostgreSQL
+    cluster (the postmaster, its live backends and those that exited)."""
     postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
     backends = 0.0
     for entry in os.listdir("/proc"):
@@ -74,7 +74,10 @@ def services_cpu(pg, rd) -> dict[str, float]:
                         backends += cpu_seconds(int(entry))
             except (OSError, ValueError):
                 continue  # gone meanwhile
-    return {"redis": cpu_seconds(rd.proc.pid), "postgresql": cpu_seconds(postmaster, children=True) + backends}
+    out = {"postgresql": cpu_seconds(postmaster, children=True) + backends}
+    if rd is not None:
+        out["redis"] = cpu_seconds(rd.proc.pid)
+    return out
 
 
 def measure(location: str, posts: int, procs: list[subprocess.Popen], services=None, timeout: float = 1800) -> dict:

@@ -35,13 +35,7 @@ class Recorder:
                error: str | None = None, close_work: bool = True, new_image: bool = False) -> list[MatchRecord]:
         """Record a new image's fingerprint, the matches, their alerts, and close the
         work row: one transaction."""
-        entries = self.library.entries_by_id(m.entry_id for m in matches) if matches else {}
-        records = match_rows.record(self.store, work, matches, fp, entries, time.time(), error=error,
-                                    close_work=close_work, new_image=new_image,
-                                    enqueue=self.outbox.enqueue if self.outbox is not None else None)
-        if records and self.outbox is not None:
-            self.outbox.committed()
-        return records
+        return self._finish_together([(work, matches, fp, error, close_work, new_image)])[0]
 
     async def record(self, work: WorkItem, matches: list[Match], fp: Fingerprint | None = None,
                      error: str | None = None, close_work: bool = True,
@@ -50,30 +44,35 @@ class Recorder:
         thread hop and one transaction for them all (monitor/pipeline/grouped.py)."""
         return await self._grouped((work, matches, fp, error, close_work, new_image))
 
-    def _finish_group(self, group: list[tuple]) -> list:
-        if len(group) == 1:
-            return [self.finish(*group[0])]
-        try:
-            now = time.time()
-            ids = {m.entry_id for _, matches, *_ in group for m in matches}
-            entries = self.library.entries_by_id(ids) if ids else {}
-            enqueue = self.outbox.enqueue if self.outbox is not None else None
-            with self.store.transaction() as conn:
-                out = [match_rows.record_in(conn, work, matches, fp, entries, now, error=error, close_work=close,
-                                            new_image=new_image, enqueue=enqueue)
-                       for work, matches, fp, error, close, new_image in group]
-        except StoreUnavailable as exc:  # locked past its timeout, or away: every post alike
-            return [exc] * len(group)
-        except Exception:  # noqa: BLE001 - each alone, where one bad post fails only itself
-            out = []
-            for args in group:
-                try:
-                    out.append(self.finish(*args))
-                except Exception as exc:  # noqa: BLE001 - handed to that post's caller
-                    out.append(exc)
-            return out
+    def _finish_together(self, group: list[tuple]) -> list[list[MatchRecord]]:
+        """:meth:`finish` of each (work, matches, fp, error, close_work, new_image), in one
+        transaction."""
+        now = time.time()
+        ids = {m.entry_id for _, matches, *_ in group for m in matches}
+        entries = self.library.entries_by_id(ids) if ids else {}
+        enqueue = self.outbox.enqueue if self.outbox is not None else None
+        with self.store.transaction() as conn:
+            out = [match_rows.record_in(conn, work, matches, fp, entries, now, error=error, close_work=close,
+                                        new_image=new_image, enqueue=enqueue)
+                   for work, matches, fp, error, close, new_image in group]
         if any(out) and self.outbox is not None:
             self.outbox.committed()
+        return out
+
+    def _finish_group(self, group: list[tuple]) -> list:
+        try:
+            return self._finish_together(group)
+        except StoreUnavailable as exc:  # locked past its timeout, or away: every post alike
+            return [exc] * len(group)
+        except Exception as exc:  # noqa: BLE001 - each alone, where one bad post fails only itself
+            if len(group) == 1:
+                return [exc]
+        out = []
+        for args in group:
+            try:
+                out.append(self.finish(*args))
+            except Exception as exc:  # noqa: BLE001 - handed to that post's caller
+                out.append(exc)
         return out
 
     async def announce(self, rec: MatchRecord) -> None:

@@ -30,22 +30,13 @@ class MatchRecord:
         return self.detected_at - self.work.published if self.work.published else None
 
 
-def record(store: Store, work: WorkItem, matches: list[Match], fp: Fingerprint | None,
-           entries: dict[int, LibraryEntry], now: float, *, error: str | None = None,
-           close_work: bool = True, new_image: bool = False,
-           enqueue: Callable[[object, MatchRecord], object] | None = None) -> list[MatchRecord]:
-    """One transaction: a new image's fingerprint, each match (once per image URL and
-    entry), the alerts ``enqueue(conn, record)`` queues for it, and the work row closed."""
-    with store.transaction() as conn:
-        return record_in(conn, work, matches, fp, entries, now, error=error, close_work=close_work,
-                         new_image=new_image, enqueue=enqueue)
-
-
 def record_in(conn, work: WorkItem, matches: list[Match], fp: Fingerprint | None,
               entries: dict[int, LibraryEntry], now: float, *, error: str | None = None,
               close_work: bool = True, new_image: bool = False,
               enqueue: Callable[[object, MatchRecord], object] | None = None) -> list[MatchRecord]:
-    """:func:`record` inside a transaction the caller holds."""
+    """In the caller's transaction: a new image's fingerprint, each match (once per image
+    URL and entry), the alerts ``enqueue(conn, record)`` queues for it, and the work row
+    closed."""
     records = []
     if new_image:
         work_rows.image_ok(conn, work.image_url, fp, now)

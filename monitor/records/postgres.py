@@ -5,7 +5,7 @@ The repositories beside this module write one SQL for both engines: ``?`` placeh
 ``INSERT ... ON CONFLICT``, ``RETURNING``. This store turns ``?`` into psycopg's ``%s``
 and SQLite's ``INSERT OR IGNORE`` into ``ON CONFLICT DO NOTHING``. Parameters are bound by
 the server (psycopg's default), and a statement run five times is prepared: the recorder's
-and intake's statements cost 35-49% less of the server's CPU and 5-27% less of ours than
+and intake's statements cost 35-50% less of the server's CPU and 5-27% less of ours than
 with the values written into the SQL text on the client (bench/postgres_binding.py); a
 pooler in front must pass prepared statements on (PgBouncer 1.21 and later, with
 max_prepared_statements set). Like the SQLite store it is one connection per process,
