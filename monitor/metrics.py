@@ -80,7 +80,8 @@ class Metrics:
                                        buckets=LAG_BUCKETS, registry=r)
 
         self.alerts = Counter(p + "alert_deliveries_total", "Alert delivery attempts by outcome "
-                              "(delivered, failed, dead)", ["sink", "outcome"], registry=r)
+                              "(delivered, failed, dead; flood_suppressed: held back by flood control)",
+                              ["sink", "outcome"], registry=r)
         self.alerts_in_state = Gauge(p + "outbox_alerts", "Alerts in the outbox by state (pending, "
                                      "delivered, dead)", ["sink", "state"], registry=r)
         self.alert_delivery_seconds = Histogram(p + "alert_delivery_duration_seconds",

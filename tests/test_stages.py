@@ -388,3 +388,26 @@ async def test_posts_recorded_together_are_each_recorded_once_and_a_bad_one_fail
     assert [len(r) for r in done] == [0] * 5 + [len(matches)] + [0] * 2  # 5 was the one that failed
     assert s.store.query("SELECT COUNT(*) FROM alerts")[0][0] == 12 * len(matches)
     assert dict(s.store.query("SELECT state, COUNT(*) FROM work GROUP BY state")) == {"done": 19, "pending": 1}
+
+
+async def test_alerts_held_back_by_flood_control_are_counted_once_when_a_group_is_retried(library, samples, tmp_path):
+    """A group with a bad post fails, and its posts are recorded again one by one: the
+    alerts flood control held back are counted once, for the transactions that committed."""
+    from monitor.fingerprints import fingerprint_bytes
+    site = PhotoSite(samples)
+    s = Stages(library, "http://127.0.0.1:9")
+    sink = AlertSinkConfig(name="archive", type="file", path=str(tmp_path / "alerts.jsonl"))
+    s.recorder.outbox = Outbox(s.store, [make_sink(sink)], s.metrics, flood_max=1)
+    fp = fingerprint_bytes(site.images["small-chelsea.jpg"][0], views="query")
+    matches = s.matcher.match(fp)
+    items = [FeedItem("f", str(i), (f"http://127.0.0.1:9/img/{i}.jpg",)) for i in range(12)]
+    work, _ = work_rows.record_items(s.store, "f", items, time.time())
+    done = await asyncio.gather(*(s.recorder.record(w, matches, None if i == 5 else fp, new_image=True)
+                                  for i, w in enumerate(work)), return_exceptions=True)
+    assert isinstance(done[5], Exception) and sum(isinstance(d, Exception) for d in done) == 1
+    recorded = s.store.query("SELECT COUNT(*) FROM matches")[0][0]
+    queued = s.store.query("SELECT COUNT(*) FROM alerts")[0][0]
+    assert recorded == 11 * len(matches) and queued == 2 * len(matches)  # per entry: one alert, one summary
+    held = s.metrics.registry.get_sample_value("repost_monitor_alert_deliveries_total",
+                                               {"sink": "archive", "outcome": "flood_suppressed"})
+    assert held == recorded - queued

@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -76,8 +77,15 @@ class Outbox:
         self._wake = {sink.name: asyncio.Event() for sink, _ in sinks}
         self._loop: asyncio.AbstractEventLoop | None = None  # the senders' (set by run)
         self._gauged: dict[str, float] = {}
+        # Alerts held back by flood control in this thread's open transaction, per sink:
+        # counted when it commits, as a failed group's posts are recorded again one by one.
+        self._held = threading.local()
 
     # -- producer side: inside the match transaction ---------------------------
+    def begin(self) -> None:
+        """Before a transaction that enqueues: what a failed one held back is not counted."""
+        self._held.sinks = []
+
     def enqueue(self, conn, record) -> int:
         now = time.time()
         count = 0
@@ -96,7 +104,7 @@ class Outbox:
             if recent >= self.flood_max:
                 if alert_rows.flood_summary_queued(conn, sink.name, record.entry.id, since):
                     # the summary for this storm is already queued
-                    self.metrics.alerts.labels(sink.name, "flood_suppressed").inc()
+                    self._held.__dict__.setdefault("sinks", []).append(sink.name)
                     continue
                 payload["flood"] = {"alerts_in_window": recent, "window_seconds": self.flood_window,
                                     "note": "further alerts for this library entry are held back "
@@ -108,8 +116,11 @@ class Outbox:
         return count
 
     def committed(self) -> None:
-        """Wake the senders after the transaction that enqueued committed. Recorders call
-        this from worker threads too; asyncio events are set on the senders' loop only."""
+        """Count what flood control held back and wake the senders, after the transaction
+        that enqueued committed. Recorders call this from worker threads too; asyncio events
+        are set on the senders' loop only."""
+        for name in self._held.__dict__.pop("sinks", ()):
+            self.metrics.alerts.labels(name, "flood_suppressed").inc()
         try:
             here = asyncio.get_running_loop()
         except RuntimeError:

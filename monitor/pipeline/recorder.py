@@ -50,7 +50,10 @@ class Recorder:
         now = time.time()
         ids = {m.entry_id for _, matches, *_ in group for m in matches}
         entries = self.library.entries_by_id(ids) if ids else {}
-        enqueue = self.outbox.enqueue if self.outbox is not None else None
+        enqueue = None
+        if self.outbox is not None:
+            self.outbox.begin()
+            enqueue = self.outbox.enqueue
         with self.store.transaction() as conn:
             out = [match_rows.record_in(conn, work, matches, fp, entries, now, error=error, close_work=close,
                                         new_image=new_image, enqueue=enqueue)

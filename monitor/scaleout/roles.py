@@ -344,6 +344,8 @@ class RecorderRole:
         complete recorded: one transaction."""
         now = time.time()
         outbox = self.recorder.outbox
+        if outbox is not None:
+            outbox.begin()
         with self.store.transaction() as conn:
             states = shard_answers.hold_works(conn, [work.id for work, *_ in answers])
             complete = []
