@@ -216,6 +216,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
                             public_url=config.server.public_url)
         for source, settings in configured_sources(config):
             pipeline.add_source(source, settings)
+        await pipeline.intake.start()
         running = Running(config, store, library, pipeline, metrics, outbox, port=port, ready=ready)
         services.attach(store, library, pipeline, matcher, fetcher)
         if config.server.enabled:

@@ -42,6 +42,10 @@ class Intake:
         self._tokens: dict[str, tuple[str, float]] = {}  # OAuth sources: (bearer token, expiry)
         self._wait_hints: dict[str, float | None] = {}  # a source's "not before" for its next poll
 
+    async def start(self) -> None:
+        """What is read from the store before the feeds are watched: WebSub subscriptions."""
+        await self.websub.load()
+
     def add_source(self, source: HttpSource | LocalSource, settings: FeedSettings) -> None:
         self.sources.append((source, settings))
 

@@ -47,11 +47,17 @@ class WebSub:
     def __init__(self, intake, public_url: str | None):
         self.intake = intake  # pipeline.intake.Intake: records, queues and counts for us
         self.public_url = public_url.rstrip("/") if public_url else None
-        # Stored subscriptions: one row a feed, read once at start.
-        self.subscriptions: dict[str, Subscription] = subscription_rows.load(intake.store) if public_url else {}
+        # Stored subscriptions: one row a feed, read once at start (load()).
+        self.subscriptions: dict[str, Subscription] = {}
         self._pending: dict[str, float] = {}  # feed -> when a (re)subscription was asked, until verified
         self._refreshed: dict[str, float] = {}  # feed -> when its stored row was last read
         self._wakeups: dict[str, asyncio.Event] = {}  # set when a feed's subscription is verified
+
+    async def load(self) -> None:
+        """Read the stored subscriptions (before the feeds are watched and the hub's requests
+        are served), off the event loop."""
+        if self.public_url:
+            self.subscriptions = await asyncio.to_thread(subscription_rows.load, self.intake.store)
 
     def wakeup(self, feed: str) -> asyncio.Event:
         """Set when the hub verifies the feed's subscription: its watcher's sleep is recomputed."""

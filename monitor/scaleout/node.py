@@ -197,6 +197,7 @@ class _Node:
             intake = Intake(self.store, fetcher, self.metrics, transport, self.config.server.public_url)
             for source, settings in sources:
                 intake.add_source(source, settings)
+            await intake.start()
             held = [leases.hold(self.streams.redis, self.lease_key(f"feed:{s.name}"), self.streams.consumer,
                                 lambda s=s, c=c: intake.watch(s, c, self.stop), self.stop) for s, c in sources]
             held.append(leases.hold(self.streams.redis, self.lease_key("sweeper"), self.streams.consumer,
@@ -214,6 +215,7 @@ class _Node:
             intake = Intake(self.store, fetcher, self.metrics, transport, cfg.server.public_url)
             for source, settings in configured_sources(cfg):  # watched by the intakes; here for WebSub pushes
                 intake.add_source(source, settings)
+            await intake.start()
             worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
                             workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
                             fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
