@@ -106,7 +106,11 @@ class LimitsConfig(_Model):
     max_pixels: Annotated[int, Field(ge=1)] = DEFAULT_MAX_PIXELS
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     queue_size: Annotated[int, Field(ge=1)] = 1000
-    fingerprint_workers: Annotated[int, Field(ge=1)] = max(1, os.cpu_count() or 1)
+    # Decode+hash(+match) threads; None: one per core, but one in a scaled-out fetch worker,
+    # which scales by processes (bench/scaleout.py on 2 cores, two workers, alternated: 416-427
+    # posts/s with one thread each, 365-383 with two; the one-process daemon: 277-315 with
+    # two, 257-276 with one)
+    fingerprint_workers: Annotated[int, Field(ge=1)] | None = None
     # Decode and hash in this many worker processes instead of threads of the
     # daemon (0): they do not contend with the event loop for the GIL, and a
     # decoder crash on a hostile file fails that image, not the daemon.
@@ -120,6 +124,12 @@ class LimitsConfig(_Model):
         for net in value:
             ipaddress.ip_network(net, strict=False)  # raises ValueError with the reason
         return value
+
+    def fingerprint_threads(self, fetch_worker_role: bool = False) -> int:
+        """``fingerprint_workers``, or its default for this process (see above)."""
+        if self.fingerprint_workers is not None:
+            return self.fingerprint_workers
+        return 1 if fetch_worker_role else max(1, os.cpu_count() or 1)
 
     def fetch_limits(self, local_roots: tuple[str, ...] = ()) -> FetchLimits:
         return FetchLimits(

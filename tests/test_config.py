@@ -1,5 +1,6 @@
 """Config validation: every problem names its key; secrets come from the environment."""
 
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,15 @@ def test_errors_name_the_key():
     assert "feeds[0] (a): Value error, a rss feed needs an http(s) 'url'" in text
     assert "feeds[1] (b).type: Value error, unknown feed type 'gopher'" in text
     assert "match.tier:" in text
+
+
+def test_fingerprint_threads_default_to_one_per_core_and_one_in_a_fetch_worker_role():
+    limits = parse_config({}).limits
+    assert limits.fingerprint_threads() == max(1, os.cpu_count() or 1)
+    assert limits.fingerprint_threads(fetch_worker_role=True) == 1
+    limits = parse_config({"limits": {"fingerprint_workers": 3}}).limits
+    assert limits.fingerprint_threads() == limits.fingerprint_threads(fetch_worker_role=True) == 3
+    assert "limits.fingerprint_workers" in "\n".join(problems({"limits": {"fingerprint_workers": 0}}))
 
 
 def test_duplicate_feed_names_and_bad_networks():

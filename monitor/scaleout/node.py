@@ -148,9 +148,11 @@ class _Node:
             elif name == "worker":
                 fetcher = Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch)
                 worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
-                                workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
+                                workers=limits.concurrency, fingerprint_workers=limits.fingerprint_threads(True),
                                 fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
                                 keypoints=cfg.match.keypoints)
+                log.info("worker: %d fingerprint thread(s); run one worker process per core",
+                         limits.fingerprint_threads(True))
                 role = FetchRole(worker, self.streams, limits.concurrency)
                 out.append(("worker", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "shard":
@@ -217,7 +219,7 @@ class _Node:
                 intake.add_source(source, settings)
             await intake.start()
             worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
-                            workers=limits.concurrency, fingerprint_workers=limits.fingerprint_workers,
+                            workers=limits.concurrency, fingerprint_workers=limits.fingerprint_threads(),
                             fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
                             keypoints=cfg.match.keypoints)
             await worker.start()
