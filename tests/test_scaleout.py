@@ -626,3 +626,49 @@ async def test_a_lease_holder_whose_work_fails_takes_it_up_again(services):
     stop.set()
     await asyncio.wait_for(task, 5)
     await client.aclose()
+
+
+async def test_a_lease_holder_cancelled_with_its_work_ends(services):
+    """A shutdown that cancels every task (asyncio.run on Ctrl-C, a test's loop closing)
+    cancels the holder and its work together: the holder ends instead of taking the lease
+    again (it used to, for ever)."""
+    import redis.asyncio as aioredis
+
+    from monitor.scaleout import leases
+    _, rd = services
+    client = aioredis.Redis.from_url(rd.url)
+    stop, started = asyncio.Event(), asyncio.Event()
+
+    async def work():
+        started.set()
+        await asyncio.Event().wait()
+    holder = asyncio.create_task(leases.hold(client, f"t-{uuid.uuid4().hex[:8]}:lease:sweeper", "me", work, stop))
+    await asyncio.wait_for(started.wait(), 10)
+    [work_task] = [t for t in asyncio.all_tasks() if t.get_name().startswith("lease:")]
+    work_task.cancel()  # both, as a loop's shutdown does
+    holder.cancel()
+    await asyncio.wait_for(asyncio.gather(holder, return_exceptions=True), 5)
+    assert holder.cancelled() and not stop.is_set()
+    await client.aclose()
+
+
+async def test_roles_cancelled_end_with_their_node(services, tmp_path, samples):
+    """run_node cancelled (not stopped) cancels its roles: none is left running on a closed
+    store and closed streams."""
+    pg, rd = services
+    site, hooks = PhotoSite(samples), Hooks()
+    post_everything(site)
+    url = pg.create_database(f"s_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    async with serve(site.app()) as base, serve(hooks.app()) as recv:
+        cfg = scaled_config(base, recv, url, rd.url, shards=1)
+        before = asyncio.all_tasks()
+        task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 1),
+                                            install_signals=False))
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0] > 0, 60)
+        task.cancel()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+        await asyncio.sleep(0.2)
+        left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
+                and "RequestHandler" not in repr(t.get_coro())]
+        assert left == []

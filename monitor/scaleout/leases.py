@@ -38,8 +38,10 @@ async def hold(redis, key: str, holder: str, work: Callable[[], Awaitable[None]]
                     except TimeoutError:
                         pass
                     except asyncio.CancelledError:
-                        if task.cancelled() and not stop.is_set():
-                            break  # the work was cancelled, not this holder
+                        # the work was cancelled, not this holder (when both are, as on a
+                        # shutdown that cancels every task, the holder ends: no new lease)
+                        if task.cancelled() and not stop.is_set() and not asyncio.current_task().cancelling():
+                            break
                         raise
                     except Exception as exc:  # noqa: BLE001 - the work failed (a server away): taken up again
                         log.warning("lease %s: its work failed (%s); starting it again", key, exc)

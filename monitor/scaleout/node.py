@@ -84,6 +84,7 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
     streams = RedisStreams(t.url, t.prefix, claim_idle=t.claim_idle_seconds, max_deliveries=t.max_deliveries)
     runner = None
     services = _services(config) if any(n == "api" for n, _ in roles) else None
+    tasks: list[asyncio.Task] = []
     try:
         if config.server.enabled:
             runner, port = await start_server(make_app(metrics, ready, services), config.server.host,
@@ -109,6 +110,10 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
         await stop.wait()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        # cancelled rather than stopped: the roles end with it, before their store and streams close
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
         await streams.close()
