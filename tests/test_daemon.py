@@ -333,6 +333,28 @@ async def test_restart_repeats_nothing_and_skips_nothing(store_location, tmp_pat
     assert query(db, "SELECT COUNT(*) FROM matches")[0][0] == 3
 
 
+async def test_a_daemon_cancelled_ends_and_leaves_its_unfinished_work_pending(tmp_path, samples):
+    """run_daemon cancelled (not stopped: asyncio.run on Ctrl-C, an embedding program's
+    shutdown) ends promptly with no task of its own left running, and its work stays in the
+    store for the next start."""
+    site = PhotoSite(samples)
+    for n, name in enumerate(["small-chelsea.jpg", "flip-rocket.jpg", "q30-coffee.jpg", "other-apple.jpg"]):
+        site.post("rss", n, [name])
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    async with serve(site.app()) as base:
+        before = asyncio.all_tasks()
+        task = asyncio.create_task(run_daemon(config_for(base, db), install_signals=False))
+        await until(lambda: query(db, "SELECT COUNT(*) FROM work")[0][0] >= 4)
+        task.cancel()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+        await asyncio.sleep(0.2)
+        left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
+                and "RequestHandler" not in repr(t.get_coro())]
+        assert left == []
+    assert query(db, "SELECT COUNT(*) FROM work")[0][0] == 4  # done or pending: none lost
+
+
 async def test_library_changes_take_effect_without_restart(store_location, tmp_path, samples):
     site = PhotoSite(samples)
     db = store_location

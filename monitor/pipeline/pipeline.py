@@ -105,9 +105,12 @@ class Pipeline:
         try:
             await stop.wait()
         finally:
-            log.info("stopping: %d watchers, draining %d in-flight images", len(self.intake.sources),
-                     self.worker.active)
-            for t in [*intake, library]:
+            # Cancelled rather than stopped, the workers are cancelled too: their images' rows
+            # stay pending and are resumed at the next start.
+            draining = stop.is_set()
+            log.info("stopping: %d watchers, %s %d in-flight images", len(self.intake.sources),
+                     "draining" if draining else "cancelling", self.worker.active)
+            for t in [*intake, library, *([] if draining else workers)]:
                 t.cancel()
             # Workers finish the image in hand; queued rows stay pending in the
             # store and are resumed at the next start.

@@ -4,6 +4,7 @@ process, the API), and match images seen recently against the entries just added
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -94,7 +95,8 @@ class LibraryWatcher:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task.exception() is not None and not stop.is_set():  # the server away: the timeout instead
-                    await asyncio.wait({asyncio.ensure_future(stop.wait())}, timeout=self.check_seconds)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.check_seconds)
         finally:
             for task in waits:
                 task.cancel()

@@ -44,12 +44,12 @@ class InProcessTransport:
             return self._queue.get_nowait()
         get = asyncio.ensure_future(self._queue.get())
         stopping = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if get not in done:
+        try:
+            done, _ = await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this waiter is cancelled (a row taken then is resumed from the store)
+            stopping.cancel()
             get.cancel()
-            return None
-        return get.result()
+        return get.result() if get in done else None
 
     def done(self, work: WorkItem) -> None:
         self._queue.task_done()

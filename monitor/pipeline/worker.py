@@ -142,8 +142,9 @@ class Worker:
             self.metrics.queue_depth.labels("download").set(self.transport.depth())
             self.active += 1
             try:
-                # Shielded: a stop while downloading still finishes this image.
-                await asyncio.shield(self.process(work))
+                # A stop lets this image finish (workers are drained, not cancelled); a cancel
+                # ends it, and its row stays pending for the next start.
+                await self.process(work)
             except Exception as exc:  # noqa: BLE001 - one bad image never stops a worker
                 self.metrics.errors.labels("process").inc()
                 log.exception("processing %s failed", work.image_url,
