@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import subprocess
@@ -50,3 +51,13 @@ class DaemonProcess:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as fh:
             return fh.read()
+
+
+async def cancel_and_list_left(task: asyncio.Task, before: set[asyncio.Task]) -> list[asyncio.Task]:
+    """Cancel ``task`` (a daemon or a node), wait for it, and list the tasks it started that
+    still run (those of the tests' own servers aside)."""
+    task.cancel()
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+    await asyncio.sleep(0.2)
+    return [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
+            and "RequestHandler" not in repr(t.get_coro())]

@@ -22,7 +22,7 @@ from monitor.records.engines import is_url, open_store
 from monitor.records.library import Library
 from monitor.scan import add_files
 from tests.conftest import PAYLOADS
-from tests.hosts import serve
+from tests.hosts import cancel_and_list_left, serve
 
 
 def jpeg(img: Image.Image, quality=85) -> bytes:
@@ -346,12 +346,7 @@ async def test_a_daemon_cancelled_ends_and_leaves_its_unfinished_work_pending(tm
         before = asyncio.all_tasks()
         task = asyncio.create_task(run_daemon(config_for(base, db), install_signals=False))
         await until(lambda: query(db, "SELECT COUNT(*) FROM work")[0][0] >= 4)
-        task.cancel()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
-        await asyncio.sleep(0.2)
-        left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
-                and "RequestHandler" not in repr(t.get_coro())]
-        assert left == []
+        assert await cancel_and_list_left(task, before) == []
     assert query(db, "SELECT COUNT(*) FROM work")[0][0] == 4  # done or pending: none lost
 
 

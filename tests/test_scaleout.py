@@ -16,7 +16,7 @@ from monitor.daemon import run_daemon
 from monitor.records.engines import open_store
 from monitor.scaleout.node import parse_roles, run_node
 from tests.conftest import encode
-from tests.hosts import serve
+from tests.hosts import cancel_and_list_left, serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 
 pytestmark = pytest.mark.slow  # starts PostgreSQL and Redis
@@ -666,9 +666,4 @@ async def test_roles_cancelled_end_with_their_node(services, tmp_path, samples):
         task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 1),
                                             install_signals=False))
         await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0] > 0, 60)
-        task.cancel()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
-        await asyncio.sleep(0.2)
-        left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
-                and "RequestHandler" not in repr(t.get_coro())]
-        assert left == []
+        assert await cancel_and_list_left(task, before) == []

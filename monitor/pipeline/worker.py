@@ -142,8 +142,7 @@ class Worker:
             self.metrics.queue_depth.labels("download").set(self.transport.depth())
             self.active += 1
             try:
-                # A stop lets this image finish (workers are drained, not cancelled); a cancel
-                # ends it, and its row stays pending for the next start.
+                # a stop lets this image finish (workers drain); a cancel leaves its row pending
                 await self.process(work)
             except Exception as exc:  # noqa: BLE001 - one bad image never stops a worker
                 self.metrics.errors.labels("process").inc()
