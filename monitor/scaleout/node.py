@@ -152,12 +152,12 @@ class _Node:
                 out.append(("intake", self.intake()))
             elif name == "worker":
                 fetcher = Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch)
+                threads = limits.fingerprint_threads(fetch_worker_role=True)
                 worker = Worker(self.store, fetcher, None, self.recorder(None), self.metrics, None,
-                                workers=limits.concurrency, fingerprint_workers=limits.fingerprint_threads(True),
+                                workers=limits.concurrency, fingerprint_workers=threads,
                                 fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
                                 keypoints=cfg.match.keypoints)
-                log.info("worker: %d fingerprint thread(s); run one worker process per core",
-                         limits.fingerprint_threads(True))
+                log.info("worker: %d fingerprint thread(s); run one worker process per core", threads)
                 role = FetchRole(worker, self.streams, limits.concurrency)
                 out.append(("worker", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "shard":
