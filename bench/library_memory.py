@@ -10,8 +10,10 @@ are random 64-bit hashes with random fine hashes, each entry having as many rows
 one. Printed per library size and mode: resident memory the index adds (VmRSS, after the
 load and after the queries), bytes per entry in RAM and mapped, ms per incoming image on
 one core (median and p99, one post at a time; and the mean in batches of 8, as the
-daemon's match threads take posts under load) and candidates (pairs within the radius,
-before verification) per image.
+daemon's match threads take posts under load), candidates (pairs within the radius,
+before verification) per image, and the (query, row) pairs the first pass weighs per image
+with the rate that makes in batches (all of the matcher's time counted as the scan's: a
+lower bound on the scan's own speed).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def one_library(corpus: Path, entries: int, mode: str, queries: int) -> dict:
         after_load = rss_bytes()
         matcher = Matcher(index, PRESETS["near"])
         times, candidates = [], []
+        # pairs the first pass weighs per image: each view against every row, its mirror image
+        # against the core rows (the scan's work, whatever the radius)
+        pairs = statistics.mean((1 + len(fp.views)) * (index.rows + index.core.n) for fp in fps)
         for fp in fps:
             q = np.array([h for v in (fp, *fp.views) for h in (v.dhash, v.dhash_mirror)], np.uint64)
             with index.lock:  # the views against every row, their mirror images against the core rows
@@ -92,7 +97,7 @@ def one_library(corpus: Path, entries: int, mode: str, queries: int) -> dict:
                 "rss_load": after_load - before, "rss_queries": after_queries - before,
                 "ram": index.memory_bytes(), "file": index.file_bytes(),
                 "ms_median": statistics.median(times) * 1e3, "ms_p99": times[int(0.99 * (len(times) - 1))] * 1e3,
-                "candidates": statistics.mean(candidates), "ms_batched": batched * 1e3}
+                "candidates": statistics.mean(candidates), "ms_batched": batched * 1e3, "pairs": pairs}
 
 
 def main() -> None:
@@ -109,7 +114,8 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; tier near; one core; random library rows, real queries with their views")
     print(f"{'entries':>10} {'rows':>11} {'verification':>12} {'resident after load':>20} {'after queries':>14} "
-          f"{'RAM/entry':>10} {'in file/entry':>13} {'ms/image p50':>13} {'p99':>7} {'in 8s':>6} {'candidates':>10}")
+          f"{'RAM/entry':>10} {'in file/entry':>13} {'ms/image p50':>13} {'p99':>7} {'in 8s':>6} {'candidates':>10} "
+          f"{'pairs/image':>11} {'G pairs/s in 8s':>15}")
     for entries in (int(x) for x in args.entries.split(",")):
         for mode in ("memory", "file"):  # in turns at each size
             out = subprocess.run([sys.executable, __file__, str(args.corpus), "--queries", str(args.queries),
@@ -118,7 +124,8 @@ def main() -> None:
             print(f"{r['entries']:>10,} {r['rows']:>11,} {r['mode']:>12} "
                   f"{r['rss_load'] / r['entries']:>14.0f} B/img {r['rss_queries'] / r['entries']:>8.0f} B/img "
                   f"{r['ram'] / r['entries']:>8.0f} B {r['file'] / r['entries']:>11.0f} B "
-                  f"{r['ms_median']:>13.2f} {r['ms_p99']:>7.2f} {r['ms_batched']:>6.2f} {r['candidates']:>10.1f}",
+                  f"{r['ms_median']:>13.2f} {r['ms_p99']:>7.2f} {r['ms_batched']:>6.2f} {r['candidates']:>10.1f} "
+                  f"{r['pairs'] / 1e6:>10.1f}M {r['pairs'] / r['ms_batched'] / 1e6:>15.2f}",
                   flush=True)
 
 
