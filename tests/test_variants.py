@@ -273,6 +273,36 @@ def test_the_blurred_fill_search_s_median_is_numpy_s():
         assert _median(values[:n]) == float(np.median(values[:n]))
 
 
+def test_only_long_pictures_with_likely_fill_edges_are_decoded_again(library_images, other_images):
+    """The fill's box is measured on a larger decode, made only where the hashes' small
+    decode already shows a likely pair of edges: a story's picture is still found, and a
+    long picture with no fills (most 16:9 photos) costs no second decode."""
+    from monitor.fingerprints.views import query_fingerprints
+
+    def fingerprinted(img: Image.Image) -> tuple[int, int]:
+        data = encode(img, quality=85)
+        small, size = decode_grey(data)[:2]
+        decodes = []
+
+        def detail():
+            decodes.append(1)
+            return decode_grey(data, min_side=192)[0]
+        views = query_fingerprints(small, size, detail=detail)
+        return len(views), len(decodes)
+    for path in library_images[:4]:
+        for tall in (True, False):
+            story, _ = _story(Image.open(path), tall=tall)
+            views, decodes = fingerprinted(story)
+            assert views >= 2 and decodes == 1, (path.name, tall, views, decodes)
+    plain = 0
+    for path in library_images + other_images:
+        img = Image.open(path).convert("RGB")
+        w, h = (img.width, int(img.width / 1.8)) if img.width >= img.height else (int(img.height / 1.8), img.height)
+        long = img.crop(((img.width - w) // 2, (img.height - h) // 2, (img.width + w) // 2, (img.height + h) // 2))
+        plain += fingerprinted(long)[1] == 0
+    assert plain >= len(library_images + other_images) // 2  # 10 of these 16 (none before the first look)
+
+
 def test_a_story_over_a_blurred_copy_matches_through_the_fill_view(library_images, other_images):
     matcher = _library_matcher(library_images)
     for i, path in enumerate(library_images):

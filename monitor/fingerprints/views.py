@@ -24,7 +24,7 @@ from numba import njit
 from PIL import Image
 
 from monitor.fingerprints import fasthash
-from monitor.fingerprints.blurfill import blurred_fill_box, is_long
+from monitor.fingerprints.blurfill import FIRST_LOOK, blurred_fill_box, is_long
 from monitor.fingerprints.core import Fingerprint, fingerprint_grey, grey_pixels
 from monitor.fingerprints.crops import library_crops
 
@@ -347,11 +347,12 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
 
 def _blurred_fill_box(grey: Image.Image, pixels: np.ndarray,
                       detail: Callable[[], Image.Image] | None) -> tuple[int, int, int, int] | None:
-    """:func:`blurred_fill_box` in ``grey``'s pixels. Measured on the larger decode
-    when ``grey`` is small (an edge's row is then known to a pixel of 200, not of 40)."""
-    if not is_long(pixels):
-        return None
-    if detail is not None and max(grey.size) < WORK_SIDE:
+    """:func:`blurred_fill_box` in ``grey``'s pixels. Measured on the larger decode when ``grey``
+    is small (an edge's row known to a pixel of 200, not of 40), if ``grey`` shows likely edges."""
+    larger = detail is not None and max(grey.size) < WORK_SIDE
+    if not is_long(pixels) or (larger and blurred_fill_box(pixels, FIRST_LOOK) is None):
+        return None  # (a small decode with no likely edges, as most long pictures: no larger one)
+    if larger:
         small = _work_copy(detail())[0]
         scale = small.size[0] / grey.size[0]  # layout copy px per grey px
         found = blurred_fill_box(np.asarray(small))
