@@ -203,6 +203,7 @@ def query(db, sql):
         s.close()
 
 
+@pytest.mark.slow  # a few seconds: the fast tier stays under a minute
 async def test_every_feed_kind_end_to_end_with_bad_input(store_location, tmp_path, samples, caplog):
     caplog.set_level(logging.INFO)
     site = PhotoSite(samples)
@@ -457,6 +458,7 @@ async def test_fingerprint_processes_match_and_survive_a_killed_worker(tmp_path,
     assert pipeline.processes is not first_pool  # replaced after the kill
 
 
+@pytest.mark.slow  # a few seconds: the fast tier stays under a minute
 async def test_a_store_locked_by_another_writer_never_freezes_the_event_loop(tmp_path, samples):
     """Another process writing the same SQLite file (`repost-monitor library add`, a script)
     holds its write lock for as long as its transaction runs. The daemon's record of a post

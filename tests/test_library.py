@@ -261,6 +261,7 @@ def test_entries_stored_before_fine_hashes_load_and_match_on_64_bits(store_locat
     assert m.entry_id == lib.entries()[0].id and m.fine_distance is None
 
 
+@pytest.mark.slow  # a few seconds: the fast tier stays under a minute
 def test_rehash_brings_older_entries_up_to_date_in_place(store_location, tmp_path, library_images):
     """`library rehash` (the real CLI) on rows written before fine hashes and the
     algorithm column: same ids and labels, fine hashes and views back, matches
