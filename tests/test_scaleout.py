@@ -668,19 +668,3 @@ async def test_roles_cancelled_end_with_their_node(services, tmp_path, samples):
         await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0] > 0, 60)
         assert await cancel_and_list_left(task, before) == []
 
-
-async def test_the_streams_client_reads_replies_with_hiredis(services):
-    """Replies are parsed by hiredis (C), a declared dependency: the pure-Python parser cost
-    the roles 10-16% of their throughput (bench/scaleout.py). A message still goes round."""
-    from monitor.scaleout.streams import RedisStreams
-    _, rd = services
-    streams = RedisStreams(rd.url, prefix=f"t-{uuid.uuid4().hex[:8]}")
-    try:
-        await streams.ensure_group("work", "g")
-        await streams.add("work", {b"url": b"http://example.test/a.jpg", b"n": b"\x00\xff"})
-        [(_, fields)] = await streams.read("work", "g", 10, 1.0)
-        assert fields == {b"url": b"http://example.test/a.jpg", b"n": b"\x00\xff"}
-        connection = streams.redis.connection_pool.make_connection()
-        assert type(connection._parser).__name__ == "_AsyncHiredisParser"
-    finally:
-        await streams.close()
