@@ -37,7 +37,7 @@ from monitor.records import work as work_rows
 from monitor.records.library import Library, entries_by_id
 from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
-from monitor.scaleout.streams import ANSWERS, CHECKS, FINGERPRINTS, WORK, RedisStreams, with_retry
+from monitor.scaleout.streams import ANSWERS, CHECKS, FINGERPRINTS, WORK, RedisStreams, being_cancelled, with_retry
 from monitor.scaleout.wire import (
     fingerprint_fields,
     fingerprint_from,
@@ -134,6 +134,8 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
 
     async def loop():
         while not stop.is_set():
+            if being_cancelled():  # a cancel some handler's client turned into an error it caught
+                raise asyncio.CancelledError()
             batch = await with_retry(f"read {stream}", lambda: streams.read(stream, group, count, 1.0), stop) or []
             done = await handle_batch(batch) if handle_batch is not None and len(batch) > 1 else None
             if done is None:  # one by one (or the batch failed as a whole): each message on its own

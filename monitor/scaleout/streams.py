@@ -205,6 +205,14 @@ def _next_id(mid) -> str:
     return f"{ms}-{seq + 1}"
 
 
+def being_cancelled() -> bool:
+    """Whether the running task is being cancelled. A client can turn a cancel into an error of
+    its own (redis-py cutting a connection mid-read): a loop that retries on errors must not
+    take that for a server away and go on for ever."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def with_retry(what: str, call, stop: asyncio.Event, max_backoff: float = 5.0):
     """Run ``call()`` until it succeeds or ``stop`` is set: Redis away (a restart) is waited
     out with backoff, never a crash of the role."""
@@ -213,6 +221,8 @@ async def with_retry(what: str, call, stop: asyncio.Event, max_backoff: float = 
         try:
             return await call()
         except (RedisError, OSError) as exc:
+            if being_cancelled():
+                raise asyncio.CancelledError() from exc
             log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
             try:
                 await asyncio.wait_for(stop.wait(), delay)
