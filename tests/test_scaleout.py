@@ -667,4 +667,3 @@ async def test_roles_cancelled_end_with_their_node(services, tmp_path, samples):
                                             install_signals=False))
         await until(lambda: query(url, "SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0] > 0, 60)
         assert await cancel_and_list_left(task, before) == []
-

@@ -277,7 +277,7 @@ def test_only_long_pictures_with_likely_fill_edges_are_decoded_again(library_ima
     """The fill's box is measured on a larger decode, made only where the hashes' small
     decode already shows a likely pair of edges: a story's picture is still found, and a
     long picture with no fills (most 16:9 photos) costs no second decode."""
-    from monitor.fingerprints.views import query_fingerprints
+    from monitor.fingerprints.views import TILT_MIN_SIDE, query_fingerprints
 
     def fingerprinted(img: Image.Image) -> tuple[int, int]:
         data = encode(img, quality=85)
@@ -286,7 +286,7 @@ def test_only_long_pictures_with_likely_fill_edges_are_decoded_again(library_ima
 
         def detail():
             decodes.append(1)
-            return decode_grey(data, min_side=192)[0]
+            return decode_grey(data, min_side=TILT_MIN_SIDE)[0]
         views = query_fingerprints(small, size, detail=detail)
         return len(views), len(decodes)
     for path in library_images[:4]:
