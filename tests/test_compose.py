@@ -69,6 +69,18 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _remove_leftovers() -> None:
+    """The project's containers, networks and volumes removed by ID. ``compose down`` finds them by
+    name, and fails where an earlier run left two networks of one name (two ``up``s at once
+    on one engine create both): "network rmcompose_default is ambiguous"."""
+    label = f"label=com.docker.compose.project={PROJECT}"
+    for listing, remove in ((["ps", "-aq"], ["rm", "-f", "-v"]), (["network", "ls", "-q"], ["network", "rm"]),
+                            (["volume", "ls", "-q"], ["volume", "rm", "-f"])):
+        ids = subprocess.run(["docker", *listing, "--filter", label], capture_output=True, text=True).stdout.split()
+        if ids:
+            subprocess.run(["docker", *remove, *ids], capture_output=True, timeout=300)
+
+
 @contextlib.contextmanager
 def _compose_up(file: str, services: list[str], override: str | None = None, tmp_path=None):
     """``file`` brought up (only ``services``; ``override`` as a second compose file), then
@@ -87,6 +99,7 @@ def _compose_up(file: str, services: list[str], override: str | None = None, tmp
         (tmp_path / "override.yml").write_text(override)
         run += ["-f", str(tmp_path / "override.yml")]
     subprocess.run([*run, "down", "-v", "--remove-orphans"], env=env, capture_output=True)
+    _remove_leftovers()
     up = subprocess.run([*run, "up", "-d", "--build", *services], env=env, capture_output=True,
                         text=True, timeout=1200)
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -96,6 +109,7 @@ def _compose_up(file: str, services: list[str], override: str | None = None, tmp
         logs = subprocess.run([*run, "logs", "--no-color", *services], env=env, capture_output=True, text=True)
         print(logs.stdout[-20000:])  # shown by pytest when a test failed
         subprocess.run([*run, "down", "-v", "--remove-orphans"], env=env, capture_output=True, timeout=300)
+        _remove_leftovers()
 
 
 async def _poll(check, timeout: float, what: str, every: float = 0.5):
