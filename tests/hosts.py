@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import signal
 import subprocess
 import sys
@@ -57,7 +58,12 @@ async def cancel_and_list_left(task: asyncio.Task, before: set[asyncio.Task]) ->
     """Cancel ``task`` (a daemon or a node), wait for it, and list the tasks it started that
     still run (those of the tests' own servers aside)."""
     task.cancel()
-    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+    done, _ = await asyncio.wait([task], timeout=15)
+    if not done:  # name where each task stood: a hang is otherwise a bare TimeoutError
+        stacks = io.StringIO()
+        for t in asyncio.all_tasks() - before - {asyncio.current_task()}:
+            t.print_stack(limit=12, file=stacks)
+        raise AssertionError(f"{task.get_name()} did not end within 15 s of its cancel:\n{stacks.getvalue()}")
     await asyncio.sleep(0.2)
     return [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
             and "RequestHandler" not in repr(t.get_coro())]

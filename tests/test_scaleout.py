@@ -5,6 +5,7 @@ one-process daemon (SQLite) and through the roles give the same matches and aler
 import asyncio
 import contextlib
 import json
+import random
 import uuid
 
 import pytest
@@ -650,6 +651,37 @@ async def test_a_lease_holder_cancelled_with_its_work_ends(services):
     await asyncio.wait_for(asyncio.gather(holder, return_exceptions=True), 5)
     assert holder.cancelled() and not stop.is_set()
     await client.aclose()
+
+
+async def test_a_cancel_landing_in_a_redis_command_is_never_lost(services):
+    """A task cancelled at any moment of a Redis command (or a pipeline) ends cancelled. On
+    Python 3.11, redis-py's send (asyncio.wait_for under a socket timeout) returned normally
+    from about half of such cancels, and a role's loop went on after its node was cancelled."""
+    from monitor.scaleout.streams import RedisStreams
+    _, rd = services
+    streams = RedisStreams(rd.url, f"t-{uuid.uuid4().hex[:8]}")
+    rng = random.Random(7)
+
+    async def commands(piped: bool):
+        while not asyncio.current_task().cancelling():  # a lost cancel ends the loop, not the test
+            if piped:
+                async with streams.redis.pipeline(transaction=False) as pipe:
+                    pipe.xlen(streams.key("work"))
+                    pipe.xlen(streams.key("dead"))
+                    await pipe.execute()
+            else:
+                await streams.redis.xlen(streams.key("work"))
+        return "went on after its cancel"
+
+    outcomes = []
+    for trial in range(400):
+        task = asyncio.create_task(commands(piped=trial % 2 == 1))
+        await asyncio.sleep(rng.uniform(0, 0.002))
+        task.cancel()
+        outcomes.append((await asyncio.gather(task, return_exceptions=True))[0])
+    await streams.close()
+    lost = [o for o in outcomes if not isinstance(o, asyncio.CancelledError)]
+    assert not lost, f"{len(lost)} of {len(outcomes)} cancels lost: {lost[:3]}"
 
 
 async def test_roles_cancelled_end_with_their_node(services, tmp_path, samples):

@@ -34,7 +34,10 @@ async def hold(redis, key: str, holder: str, work: Callable[[], Awaitable[None]]
             try:
                 while not stop.is_set() and not task.done():
                     try:
-                        await asyncio.wait_for(asyncio.shield(task), ttl / 3)
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel
+                        # that lands as the work ends (CPython gh-86296)
+                        async with asyncio.timeout(ttl / 3):
+                            await asyncio.shield(task)
                     except TimeoutError:
                         pass
                     except asyncio.CancelledError:

@@ -37,6 +37,37 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
 
 
+class CancelSafeRedis(aioredis.Redis):
+    """redis.asyncio's client, with a cancel never lost in a command. On Python 3.11,
+    ``asyncio.wait_for`` returns the result instead of raising when its task is cancelled in
+    the step its inner future completes (CPython gh-86296), and redis-py sends every command
+    through one when a socket timeout is set: about half of the cancels that land during a
+    command are swallowed, and a role's loop goes on after its node was cancelled. The cancel
+    is raised here once the command is done, so its connection goes back to the pool clean."""
+
+    async def execute_command(self, *args, **options):
+        result = await super().execute_command(*args, **options)
+        _raise_if_cancelled()
+        return result
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> CancelSafePipeline:
+        return CancelSafePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class CancelSafePipeline(aioredis.client.Pipeline):
+    """A pipeline of CancelSafeRedis: its commands are sent in ``execute``."""
+
+    async def execute(self, raise_on_error: bool = True):
+        result = await super().execute(raise_on_error)
+        _raise_if_cancelled()
+        return result
+
+
+def _raise_if_cancelled() -> None:
+    if being_cancelled():
+        raise asyncio.CancelledError()
+
+
 class RedisStreams:
     def __init__(self, url: str, prefix: str = "repost-monitor", *, claim_idle: float = 30.0,
                  max_deliveries: int = 5, dead_max: int = 100_000):
@@ -45,7 +76,7 @@ class RedisStreams:
         self.claim_idle_ms = int(claim_idle * 1000)
         self.max_deliveries = max_deliveries
         self.dead_max = dead_max
-        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
+        self.redis = CancelSafeRedis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
         self.consumer = consumer_name()
         self._claimed_at: dict[tuple[str, str], float] = {}
 
