@@ -11,7 +11,8 @@ Redis and PostgreSQL (monitor/tools/services.py). Printed per turn: posts/s from
 row recorded to the last, and the time from a row's discovery to its recording (p50, p99:
 queueing included; rows of the first 5 s left out, when processes are still starting), read
 from the work table in both modes; and the CPU time per post of each process, in the roles
-mode of the Redis server and the PostgreSQL cluster too (where the rest of the cores go).
+mode of the Redis server and the PostgreSQL cluster too, and of the feed host, from the first
+row recorded to the last (start-up left out), with the cores they kept busy in all.
 ``--rate`` publishes at a set pace (latency at a load the machine carries) instead of as fast
 as the daemon polls (throughput).
 """
@@ -80,33 +81,47 @@ def services_cpu(pg, rd=None) -> dict[str, float]:
     return out
 
 
-def measure(location: str, posts: int, procs: list[subprocess.Popen], services=None, timeout: float = 1800) -> dict:
+def measure(location: str, posts: int, procs: list[subprocess.Popen], host: int, services=None,
+            timeout: float = 1800) -> dict:
     """Posts/s, latency and CPU ms per post of each process (and, given ``services`` as
-    (pg, rd), of Redis and PostgreSQL) from the first row recorded to the last."""
+    (pg, rd), of Redis and PostgreSQL; and of ``host``, the feed and image host's pid) from
+    the first row recorded to the last: CPU spent starting (imports, loading the library)
+    is left out, so the figures add up to the cores in use while posts flow."""
     from monitor.records.engines import open_store
     store = open_store(location)
-    before = services_cpu(*services) if services else {}
     deadline = time.monotonic() + timeout
+
+    def recorded() -> int:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a daemon process exited")
+        return store.query("SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0]
+
+    def cpu_now() -> tuple[list[float], dict[str, float], float, float]:
+        return ([cpu_seconds(p.pid) for p in procs], services_cpu(*services) if services else {},
+                cpu_seconds(host), time.monotonic())
+
     try:
-        while time.monotonic() < deadline:
-            done = store.query("SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0]
-            if done >= posts:
-                break
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a daemon process exited")
+        while (first_done := recorded()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = cpu_now()
+        while (done := recorded()) < posts and time.monotonic() < deadline:
             time.sleep(0.5)
+        after = cpu_now()
         rows = np.array(store.query("SELECT discovered_at, finished_at FROM work WHERE finished_at IS NOT NULL"))
-        cpu = [cpu_seconds(p.pid) for p in procs]
-        after = services_cpu(*services) if services else {}
     finally:
         store.close()
     first, last = rows[:, 1].min(), rows[:, 1].max()
     # Latency in the steady state: rows discovered in the first 5 s met processes still starting.
     steady = rows[rows[:, 0] > rows[:, 0].min() + 5.0]
     lat = (steady[:, 1] - steady[:, 0]) * 1e3
+    n = max(1, done - first_done)
+    procs_ms = [(a - b) / n * 1e3 for a, b in zip(after[0], before[0], strict=True)]
+    services_ms = {k: (after[1][k] - before[1][k]) / n * 1e3 for k in after[1]}
+    services_ms["feed host"] = (after[2] - before[2]) / n * 1e3
+    cores = (sum(after[0]) - sum(before[0]) + sum(after[1].values()) - sum(before[1].values())
+             + after[2] - before[2]) / (after[3] - before[3])
     return {"rate": len(rows) / (last - first), "p50": np.percentile(lat, 50), "p99": np.percentile(lat, 99),
-            "cpu_ms_per_post": [c / len(rows) * 1e3 for c in cpu],
-            "services_ms_per_post": {k: (after[k] - before[k]) / len(rows) * 1e3 for k in after}}
+            "cpu_ms_per_post": procs_ms, "services_ms_per_post": services_ms, "cores": cores}
 
 
 def config_text(port: int, store: str, extra: str = "") -> str:
@@ -132,7 +147,7 @@ def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
             conf = tmp / "one.toml"
             conf.write_text(config_text(port, f'[store]\npath = "{db}"'))
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf)]))
-            return measure(str(db), args.posts, procs)
+            return measure(str(db), args.posts, procs, host.pid)
         url = pg.create_database(f"b_{uuid.uuid4().hex[:10]}")
         seed(url, thumbs[:200], args.library)
         conf = tmp / "roles.toml"
@@ -142,7 +157,7 @@ def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
         for role in roles:
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf),
                                            "--role", role]))
-        return measure(url, args.posts, procs, (pg, rd))
+        return measure(url, args.posts, procs, host.pid, (pg, rd))
     finally:
         for p in procs:
             p.terminate()
@@ -180,7 +195,8 @@ def main() -> None:
                 cpu = ", ".join([f"{n} {c:.2f}" for n, c in zip(names, r["cpu_ms_per_post"], strict=True)]
                                 + [f"{n} {c:.2f}" for n, c in r["services_ms_per_post"].items()])
                 print(f"turn {turn + 1}, {mode}: {r['rate']:.0f} posts/s, discovered -> recorded "
-                      f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms; CPU ms per post: {cpu}", flush=True)
+                      f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms; {r['cores']:.2f} cores busy; "
+                      f"CPU ms per post: {cpu}", flush=True)
     if len(results) < 2:
         return
     one = np.median([r["rate"] for r in results["one process"]])
