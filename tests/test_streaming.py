@@ -114,6 +114,7 @@ class Instance:
         return app
 
 
+@pytest.mark.slow  # ~2 s (a restart): the fast tier keeps under its minute
 async def test_posts_as_they_happen_a_dropped_stream_and_a_restart_lose_and_repeat_nothing(tmp_path, samples):
     site = PhotoSite(samples)
     db = tmp_path / "m.sqlite"
@@ -309,6 +310,7 @@ def cdn_app(site, repost: dict[str, str]) -> web.Application:
     return cdn
 
 
+@pytest.mark.slow  # ~2 s (a restart): the fast tier keeps under its minute
 async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_duplicates(tmp_path, samples):
     site = PhotoSite(samples)
     db = tmp_path / "m.sqlite"
