@@ -134,7 +134,7 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
 
     async def loop():
         while not stop.is_set():
-            if being_cancelled():  # a cancel some handler's client turned into an error it caught
+            if being_cancelled():  # a cancel some handler's library lost or turned into an error
                 raise asyncio.CancelledError()
             batch = await with_retry(f"read {stream}", lambda: streams.read(stream, group, count, 1.0), stop) or []
             done = await handle_batch(batch) if handle_batch is not None and len(batch) > 1 else None

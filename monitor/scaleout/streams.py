@@ -237,9 +237,9 @@ def _next_id(mid) -> str:
 
 
 def being_cancelled() -> bool:
-    """Whether the running task is being cancelled. A client can turn a cancel into an error of
-    its own (redis-py cutting a connection mid-read): a loop that retries on errors must not
-    take that for a server away and go on for ever."""
+    """Whether the running task is being cancelled, though no CancelledError reached it: a
+    library lost the cancel (see CancelSafeRedis) or turned it into an error of its own. A
+    loop that retries on errors must not take that for a server away and go on for ever."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
