@@ -134,10 +134,12 @@ def config_text(port: int, store: str, extra: str = "") -> str:
 ROLES = ["intake", "shard:0", "recorder"]
 
 
-def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
+def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
+    pg, rd = services
     q = mp.Queue()
     host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q, args.rate), daemon=True)
     host.start()
+    services.adopt(host)  # these end with the servers if the bench is killed
     port = q.get()
     procs = []
     try:
@@ -147,6 +149,7 @@ def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
             conf = tmp / "one.toml"
             conf.write_text(config_text(port, f'[store]\npath = "{db}"'))
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf)]))
+            services.adopt(procs[-1])
             return measure(str(db), args.posts, procs, host.pid)
         url = pg.create_database(f"b_{uuid.uuid4().hex[:10]}")
         seed(url, thumbs[:200], args.library)
@@ -157,6 +160,7 @@ def run_turn(mode: str, args, thumbs, tmp: Path, pg, rd) -> dict:
         for role in roles:
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf),
                                            "--role", role]))
+            services.adopt(procs[-1])
         return measure(url, args.posts, procs, host.pid, (pg, rd))
     finally:
         for p in procs:
@@ -186,10 +190,10 @@ def main() -> None:
     print(f"CPU: {cpu}, {os.cpu_count()} cores shared by every process (feed host, daemon or roles, "
           f"Redis, PostgreSQL); {args.posts:,} posts, library {args.library:,} entries")
     results: dict[str, list[dict]] = {m: [] for m in args.modes.split(",")}
-    with throwaway() as (pg, rd), tempfile.TemporaryDirectory() as tmp:
+    with throwaway() as services, tempfile.TemporaryDirectory() as tmp:
         for turn in range(args.turns):
             for mode in results:
-                r = run_turn(mode, args, thumbs, Path(tmp), pg, rd)
+                r = run_turn(mode, args, thumbs, Path(tmp), services)
                 results[mode].append(r)
                 names = ["daemon"] if mode == "one process" else ROLES + ["worker"] * args.workers
                 cpu = ", ".join([f"{n} {c:.2f}" for n, c in zip(names, r["cpu_ms_per_post"], strict=True)]

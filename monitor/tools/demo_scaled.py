@@ -11,7 +11,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,18 +59,20 @@ async def run_scaled_demo(shards: int, posts: int = 40, rate: float = 4.0, out=N
     await asyncio.to_thread(warm_up, say)  # compiled once here, loaded from the cache by the roles
     try:
         services = throwaway()
-        pg, rd = await asyncio.to_thread(services.__enter__)
+        running = await asyncio.to_thread(services.__enter__)
+        pg, rd = running
     except ServiceMissing as exc:
         say(str(exc))
         return 2
     try:
         say(f"PostgreSQL on 127.0.0.1:{pg.port}, Redis on 127.0.0.1:{rd.port} (throwaway, in a temp dir)")
-        return await _run(pg, rd, shards, posts, rate, out, source, say, keep_running)
+        return await _run(running, shards, posts, rate, out, source, say, keep_running)
     finally:
         await asyncio.to_thread(services.__exit__, None, None, None)
 
 
-async def _run(pg, rd, shards, posts, rate, out, source, say, keep_running) -> int:
+async def _run(services, shards, posts, rate, out, source, say, keep_running) -> int:
+    pg, rd = services
     stream = demo_stream(posts)
     host, runner = await start_host(stream, rate)
     store = await asyncio.to_thread(open_store, pg.url)
@@ -80,63 +81,65 @@ async def _run(pg, rd, shards, posts, rate, out, source, say, keep_running) -> i
     procs: dict[str, subprocess.Popen] = {}
     timed_out: list[str] = []
     detected: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="repost-monitor-scaled-") as tmp:
-        config = _config(Path(tmp), pg.url, rd.url, shards, host.base, source)
-        roles = [("intake", "intake"), ("worker", "worker"), ("recorder", "recorder"), ("sender", "sender")]
-        roles += [(f"shard{k}{r}", f"shard:{k}") for k in range(shards) for r in "ab"]
-        ports = {}
-        for name, role in roles:
-            ports[name] = free_port()
-            with open(Path(tmp) / f"{name}.log", "wb") as log:
-                procs[name] = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(config),
-                                                "--role", role, "--port", str(ports[name])],
-                                               stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            say(f"{len(procs)} role processes: intake, worker, recorder, sender, and shards 0..{shards - 1} "
-                f"twice each; library: {len(library.index)} images in {shards} shards")
-            await _wait_for_consumers(config, shards, procs, say)
-            say("metrics: " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items()))
-            say(f"feed host on {host.base}; {len(stream)} posts, {rate:g} per second")
-            host.start()
-            stop = asyncio.Event()  # SIGINT/SIGTERM: the role processes and servers are stopped too
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-            last, killed = 0, False
-            deadline = host.started + len(stream) / rate + DEADLINE_AFTER_PUBLISHING
-            while not stop.is_set():
-                await asyncio.sleep(0.2)
-                host.stream_published()
-                for rec in await asyncio.to_thread(match_rows.records_after, store, last):
-                    last = rec.id
-                    detected[host.post_name(rec.work.image_url)] = rec.entry.label
-                    print_detection(rec, out)
-                if not killed and len(host.published()) >= len(stream) // 2:
-                    procs["shard0a"].kill()
-                    killed = True
-                    say(f"killed one replica of shard 0 (SIGKILL); its twin takes over what it held "
-                        f"after {CLAIM_IDLE:g} s")
-                seen, pending = await asyncio.to_thread(work_rows.counts, store)
-                if keep_running:
-                    continue
-                if host.done_publishing and seen >= len(stream) and pending == 0:
-                    break
-                if time.time() > deadline:
-                    timed_out.append(f"{seen} of {len(stream)} posts seen, {pending} still pending")
-                    break
+    tmp = services.root / "roles"  # configs and logs, removed with the servers (by the reaper too)
+    tmp.mkdir()
+    config = _config(tmp, pg.url, rd.url, shards, host.base, source)
+    roles = [("intake", "intake"), ("worker", "worker"), ("recorder", "recorder"), ("sender", "sender")]
+    roles += [(f"shard{k}{r}", f"shard:{k}") for k in range(shards) for r in "ab"]
+    ports = {}
+    for name, role in roles:
+        ports[name] = free_port()
+        with open(tmp / f"{name}.log", "wb") as log:
+            procs[name] = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(config),
+                                            "--role", role, "--port", str(ports[name])],
+                                           stdout=subprocess.DEVNULL, stderr=log)
+        services.adopt(procs[name])  # stopped with the servers, however this process ends
+    try:
+        say(f"{len(procs)} role processes: intake, worker, recorder, sender, and shards 0..{shards - 1} "
+            f"twice each; library: {len(library.index)} images in {shards} shards")
+        await _wait_for_consumers(config, shards, procs, say)
+        say("metrics: " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items()))
+        say(f"feed host on {host.base}; {len(stream)} posts, {rate:g} per second")
+        host.start()
+        stop = asyncio.Event()  # SIGINT/SIGTERM: the role processes and servers are stopped too
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        last, killed = 0, False
+        deadline = host.started + len(stream) / rate + DEADLINE_AFTER_PUBLISHING
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+            host.stream_published()
             for rec in await asyncio.to_thread(match_rows.records_after, store, last):
+                last = rec.id
                 detected[host.post_name(rec.work.image_url)] = rec.entry.label
                 print_detection(rec, out)
-        finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in procs.values():
-                try:
-                    await asyncio.to_thread(proc.wait, 30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            await asyncio.to_thread(store.close)
-            await runner.cleanup()
+            if not killed and len(host.published()) >= len(stream) // 2:
+                procs["shard0a"].kill()
+                killed = True
+                say(f"killed one replica of shard 0 (SIGKILL); its twin takes over what it held "
+                    f"after {CLAIM_IDLE:g} s")
+            seen, pending = await asyncio.to_thread(work_rows.counts, store)
+            if keep_running:
+                continue
+            if host.done_publishing and seen >= len(stream) and pending == 0:
+                break
+            if time.time() > deadline:
+                timed_out.append(f"{seen} of {len(stream)} posts seen, {pending} still pending")
+                break
+        for rec in await asyncio.to_thread(match_rows.records_after, store, last):
+            detected[host.post_name(rec.work.image_url)] = rec.entry.label
+            print_detection(rec, out)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await asyncio.to_thread(store.close)
+        await runner.cleanup()
     return summarize(stream, detected, timed_out, out)
 
 

@@ -5,16 +5,20 @@ which connects to the servers its config names.
 PostgreSQL comes from ``initdb``/``pg_ctl`` on PATH or in ``/usr/lib/postgresql/*/bin``
 (where Debian puts them); run as root, the cluster belongs to the ``postgres`` user, as
 ``initdb`` refuses root. Redis is ``redis-server`` from PATH, with appendonly on.
+A reaper process (monitor/tools/reaper.py) stops them, and the processes handed to it with
+``adopt``, if their owner ends without doing so (a kill -9, a closed terminal).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,20 +106,24 @@ class Postgres:
     def restart(self) -> None:
         self._ctl("restart", "-w", "-m", "fast")
 
+    def stop_command(self) -> list[str]:
+        return _as_postgres([postgres_bin("pg_ctl"), "-D", str(self.data), "stop", "-m", "immediate"])
+
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
-            self._ctl("stop", "-m", "immediate")
+            subprocess.run(self.stop_command(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class Redis:
     """``redis-server`` with appendonly on (a restart keeps the streams), on a free port."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, on_start=None):
         self.root = root
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log = root / "redis.log"
         self.proc: subprocess.Popen | None = None
+        self._on_start = on_start  # called with each new server's pid (a restart starts another)
 
     def start(self) -> Redis:
         binary = shutil.which("redis-server")
@@ -125,6 +133,8 @@ class Redis:
                                       "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                                       "--logfile", str(self.log), "--protected-mode", "no"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self._on_start:
+            self._on_start(self.proc.pid)
         _wait_port(self.port, 20, self.proc, "redis-server", self.log)
         return self
 
@@ -138,23 +148,95 @@ class Redis:
             self.proc.wait(timeout=20)
 
 
+class _Reaper:
+    """monitor/tools/reaper.py, started for one temp dir: it waits on a pipe only this
+    process holds the write end of (os.pipe's ends are not inherited by the processes
+    started here), and ROOT/reap.json tells it what to stop if this process ends first."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.plan: dict[str, list] = {"processes": [], "stop": []}
+        read, self._pipe = os.pipe()
+        # a process forked from this one (multiprocessing) would hold the write end too, and
+        # the reaper would wait for it as well: the fork closes its copy
+        os.register_at_fork(after_in_child=self._close_in_fork)
+        try:
+            # a session of its own: a closed terminal's SIGHUP and a Ctrl-C do not reach it
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(root)],
+                                         stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+        finally:
+            os.close(read)
+
+    def _close_in_fork(self) -> None:
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+
+    def _save(self) -> None:
+        part = self.root / "reap.json.part"
+        part.write_text(json.dumps(self.plan))
+        os.replace(part, self.root / "reap.json")
+
+    def adopt(self, pid: int) -> None:
+        from monitor.tools.reaper import started
+        if (start := started(pid)) is not None:
+            self.plan["processes"].append([pid, start])
+            self._save()
+
+    def stop_with(self, argv: list[str]) -> None:
+        self.plan["stop"].append(argv)
+        self._save()
+
+    def release(self) -> None:
+        """The owner has stopped everything itself: the reaper ends (EOF, and ROOT is gone)."""
+        pipe, self._pipe = self._pipe, None
+        os.close(pipe)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+class Services(tuple):
+    """(Postgres or None, Redis or None), as :func:`throwaway` yields them; ``adopt(proc)``
+    has a process started over them stopped with them if the owner dies (the role
+    processes of `demo --shards`, which would otherwise retry forever)."""
+
+    def __new__(cls, pg: Postgres | None, rd: Redis | None, reaper: _Reaper):
+        services = super().__new__(cls, (pg, rd))
+        services._reaper = reaper
+        return services
+
+    @property
+    def root(self) -> Path:
+        return self._reaper.root
+
+    def adopt(self, proc) -> None:
+        """``proc``: a subprocess.Popen or a multiprocessing.Process, started."""
+        self._reaper.adopt(proc.pid)
+
+
 @contextlib.contextmanager
 def throwaway(postgres: bool = True, redis: bool = True):
-    """(Postgres or None, Redis or None), started in a temp dir and stopped and removed after."""
+    """:class:`Services` (Postgres or None, Redis or None), started in a temp dir and
+    stopped and removed after: by the reaper if this process ends first."""
     root = Path(tempfile.mkdtemp(prefix="repost-monitor-services-"))
     os.chmod(root, 0o755)
+    reaper = _Reaper(root)
     pg = rd = None
     try:
         if postgres:
             (root / "pg").mkdir()
-            pg = Postgres(root / "pg").start()
+            pg = Postgres(root / "pg")
+            reaper.stop_with(pg.stop_command())  # before it starts: a kill mid-start is covered too
+            pg.start()
         if redis:
             (root / "redis").mkdir()
-            rd = Redis(root / "redis").start()
-        yield pg, rd
+            rd = Redis(root / "redis", on_start=reaper.adopt).start()
+        yield Services(pg, rd, reaper)
     finally:
         if rd:
             rd.stop()
         if pg:
             pg.stop()
         shutil.rmtree(root, ignore_errors=True)
+        reaper.release()
