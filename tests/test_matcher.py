@@ -233,6 +233,25 @@ def test_posts_waiting_are_matched_together_with_the_same_answers(library_images
     assert sum(batches) >= len(queries) + 1 and max(batches) > 1  # (a failed batch is matched again alone)
 
 
+def test_a_caller_cancelled_while_its_post_waits_never_stops_the_match_thread(library_images, other_images):
+    """A post whose caller is cancelled (a daemon stopping, a request gone: asyncio's
+    wrap_future cancels the thread's future) is skipped; the posts beside it and after it
+    are still matched. The match thread once set the result of the cancelled future, which
+    raises, and died: every later post waited forever."""
+    from monitor.search.batcher import MatchBatcher
+    matcher, queries = _library_and_posts(library_images, other_images)
+    batcher = MatchBatcher(matcher, threads=1)
+    try:
+        busy = [batcher.submit(q) for q in queries * 4]  # the thread is kept at work meanwhile
+        gone = batcher.submit(queries[0])
+        assert gone.cancel()  # still waiting
+        later = batcher.submit(queries[1])
+        assert later.result(timeout=60) == matcher.match(queries[1])
+        assert all(f.result(timeout=60) == matcher.match(q) for f, q in zip(busy, queries * 4, strict=True))
+    finally:
+        batcher.close()
+
+
 def test_fine_hashes_kept_in_a_file_match_as_in_ram(tmp_path, library_images, other_images):
     """The index can keep each row's fine hashes (64 of 96 bytes) in an unlinked file,
     read only for the candidates past the dHash + pHash gate: the same matches as in RAM

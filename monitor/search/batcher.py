@@ -77,6 +77,12 @@ class MatchBatcher:
             self._match(batch)
 
     def _match(self, batch: list) -> None:
+        # A post whose caller was cancelled (asyncio's wrap_future cancels this future) is
+        # skipped; the others are marked running, which no cancel undoes, so setting their
+        # results cannot raise here and end this thread (every later post would wait forever).
+        batch = [item for item in batch if item[2].set_running_or_notify_cancel()]
+        if not batch:
+            return
         start = time.perf_counter()
         try:
             answers: list[list[Match] | BaseException] = list(
