@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from monitor.fingerprints import fingerprint_bytes
@@ -129,10 +130,11 @@ def test_keypoints_are_stored_with_the_library_and_read_for_candidates(store_loc
 
 
 def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images, caplog):
-    """A scaled-out fetch worker sends the small copy keypoints are found on, or the
-    encoded image itself where that is shorter (a feed's thumbnail); the shard finds them
-    from it only for a post that needs them, of its mirror image too, and answers as the
-    one-process daemon does."""
+    """A scaled-out fetch worker keeps the small copy keypoints are found on, or the encoded
+    image itself where that is shorter (a feed's thumbnail), beside the fingerprint (not in
+    it: every shard reads every fingerprint); the keypoint pass finds them from it only for
+    a post that needs them, of its mirror image too, and answers as the one-process daemon
+    does."""
     index = LibraryIndex()
     for i, path in enumerate(library_images):
         index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
@@ -148,15 +150,18 @@ def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images, 
         assert (fp.keypoint_picture != data) == packed == is_packed_picture(fp.keypoint_picture)
         assert len(fp.keypoint_picture) <= 2 + 320 * 320
         fields = fingerprint_fields(fp, True)
-        assert "picture" in fields and "picture" not in json.loads(fields["fp"])  # the recorder never gets it
-        assert fields["picture"] == fp.keypoint_picture  # raw bytes: Redis fields are binary-safe
-        back, fetched = fingerprint_from({k.encode(): v if isinstance(v, bytes) else v.encode()
-                                          for k, v in fields.items()})  # as Redis gives them back
-        assert back.keypoint_picture == fp.keypoint_picture and back.dhash == fp.dhash and fetched
-        shard = [(m.entry_id, m.decided_by, m.mirrored, m.inliers) for m in matcher.match(back)]
+        assert list(fields) == ["fp"]  # the picture is kept beside the stream, for the recorder
+        back, fetched = fingerprint_from({k.encode(): v.encode() for k, v in fields.items()})  # as Redis gives them
+        assert not back.keypoint_picture and back.dhash == fp.dhash and fetched
+        # the picture as the recorder reads it back: the keypoint pass finds what one process finds
+        shard = [(m.entry_id, m.decided_by, m.mirrored, m.inliers) for m in matcher.match(
+            dataclasses.replace(back, keypoint_picture=fp.keypoint_picture))]
         lazily = [(m.entry_id, m.decided_by, m.mirrored, m.inliers) for m in matcher.match(
             fingerprint_bytes(data, views="query"), _lazily([])(data))]
         assert shard == lazily and (2, "keypoints", mirrored) == shard[0][:3], (shard, lazily)
+    # a message with the picture inside (a fetch worker of an earlier version) still reads
+    old = {b"fp": fields["fp"].encode(), b"picture": fp.keypoint_picture}
+    assert fingerprint_from(old)[0].keypoint_picture == fp.keypoint_picture
     # a post met surely by its hashes: its picture is never unpacked (a damaged one is not noticed)
     same, _ = fingerprint_query(library_images[0].read_bytes(), None, True)
     assert 0 in {m.entry_id for m in matcher.match(dataclasses.replace(same, keypoint_picture=b"\x07" * 9))}
@@ -172,20 +177,57 @@ def test_keypoints_cross_the_wire_and_are_found_only_when_asked(library_images, 
     assert fingerprint_query(cut, None, False)[0].keypoint_picture == b""  # [match] keypoints = false
     # a message from a worker of the version before keypoints still reads
     old = fingerprint_fields(fp, False)
-    old.pop("picture")
     old["fp"] = json.dumps(json.loads(old["fp"])[:10])
     assert fingerprint_from(old)[0].keypoints == b"" and fingerprint_from(old)[0].keypoint_picture == b""
 
 
 def test_shards_answers_merge_as_one_library_would_answer():
-    from monitor.search.detective import merged_across_shards
-    from monitor.search.matcher import Match
-    by_hashes = Match(1, "near", 9, 12, False, 90)
-    by_keypoints = Match(2, "near", 14, 20, False, inliers=40)
-    # one shard met the post by its hashes: in one library it would have had no second look
-    assert merged_across_shards([by_keypoints, by_hashes]) == [by_hashes]
-    assert merged_across_shards([by_keypoints]) == [by_keypoints]
-    assert merged_across_shards([]) == []
+    from monitor.search.answers import HashAnswer, Match, merged_answers
+    by_hashes = Match(3, "near", 9, 12, False, 90)
+    exact = Match(2, "exact", 2, 1, False, 10)
+    merged = merged_answers([HashAnswer([by_hashes], []),
+                             HashAnswer([exact], [(8, 10, 14, False), (6, 12, 12, True)]),
+                             HashAnswer([], [(5, 11, 13, False), (7, 20, 10, False), (9, 3, 4, False)])],
+                            ["exact", "near"])
+    assert merged.matches == [exact, by_hashes]  # in one matcher's order: tier, dHash distance, entry
+    # the four nearest of all by dHash + pHash (entry ids break ties), as one library picks them
+    assert merged.candidates == [(9, 3, 4, False), (5, 11, 13, False), (6, 12, 12, True), (8, 10, 14, False)]
+    assert merged_answers([], ["exact", "near"]) == HashAnswer([], [])
+
+
+@pytest.mark.slow  # ~4 s: 21 posts through one library and through 2 and 3 shards
+def test_shards_answers_with_one_keypoint_pass_are_one_librarys_matches(library_images, other_images):
+    """The library split over 2 and 3 shards: each shard's hash answers, merged, then one
+    keypoint pass per post, give exactly one matcher's matches over the whole library, for
+    cut and flipped reposts (second looks), unsure hash matches (confirmations) and
+    unrelated posts; each post's keypoints are found at most once each way."""
+    from monitor.search.answers import keypoint_pass, merged_answers
+    whole = LibraryIndex()
+    entries = [*library_images, IMAGES / "texture-rustpipes.jpg"]
+    fps = {i: fingerprint_bytes(p.read_bytes(), views="library") for i, p in enumerate(entries)}
+    for i, fp in fps.items():
+        whole.add(i, fp)
+    posts = [(IMAGES / "texture-rivets.jpg").read_bytes(), *(p.read_bytes() for p in other_images[:4])]
+    for path in library_images[:4]:
+        img = Image.open(path).convert("RGB")
+        posts += [_jpeg(_side_and_top(img)), _jpeg(ImageOps.mirror(_side_and_top(img))), _jpeg(_turned_and_cut(img)),
+                  _jpeg(ImageEnhance.Contrast(img.crop((0, int(img.height * 0.07), img.width, img.height)))
+                        .enhance(1.5))]
+    queries = [fingerprint_bytes(d, views="query") for d in posts]
+    one = Matcher(whole, PRESETS["near"]).match_many(queries, [_lazily([])(d) for d in posts])
+    assert sum(1 for m in one if m) >= 12 and any(m and m[0].decided_by == "keypoints" for m in one)
+    for shards in (2, 3):
+        parts = [LibraryIndex() for _ in range(shards)]
+        for i, fp in fps.items():
+            parts[i % shards].add(i, fp)
+        looks = {q: True for q in range(len(posts))}
+        answers = [Matcher(part, PRESETS["near"]).hash_answers(queries, looks) for part in parts]
+        merged = [merged_answers([a[q] for a in answers], ["exact", "near"]) for q in range(len(posts))]
+        calls: list[list[bool]] = [[] for _ in posts]
+        sources = {q: _lazily(calls[q])(d) for q, d in enumerate(posts)}
+        split = keypoint_pass(merged, sources, whole.keypoints_of, "near")
+        assert split == one, shards
+        assert all(c.count(False) <= 1 and c.count(True) <= 1 for c in calls)
 
 
 def _lazily(calls: list[bool]):

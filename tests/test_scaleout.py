@@ -4,6 +4,7 @@ one-process daemon (SQLite) and through the roles give the same matches and aler
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import uuid
@@ -136,6 +137,11 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
     failed = query(url, "SELECT image_url, error FROM work WHERE state='failed'")
     assert [u.rsplit("/", 1)[-1] for u, _ in failed] == ["truncated.jpg"]
     assert query(url, "SELECT COUNT(*) FROM shard_answers") == [(0,)]
+    # the keypoint pictures kept beside the stream went with their posts' records
+    import redis
+    client = redis.Redis.from_url(rd.url)
+    assert client.keys(f"{cfg.transport.prefix}:picture:*") == [] and client.keys(f"{cfg.transport.prefix}:*")
+    client.close()
     store = open_store(url)
     assert store.query("SELECT COUNT(*) FROM alerts WHERE state='delivered'") == [(4,)]
     store.close()
@@ -153,8 +159,8 @@ async def test_a_poison_answer_is_dead_lettered_and_nothing_else_stalls(services
     from monitor.fingerprints import fingerprint_bytes
     from monitor.records import work as work_rows
     from monitor.scaleout.streams import ANSWERS, RedisStreams
-    from monitor.scaleout.wire import fingerprint_fields, matches_json, work_fields
-    from monitor.search.matcher import Match
+    from monitor.scaleout.wire import answer_json, fingerprint_fields, work_fields
+    from monitor.search.answers import HashAnswer, Match
     from tests.conftest import SAMPLES
     pg, rd = services
     url = pg.create_database(f"p_{uuid.uuid4().hex[:12]}")
@@ -168,12 +174,13 @@ async def test_a_poison_answer_is_dead_lettered_and_nothing_else_stalls(services
                         claim_idle_seconds=0.5)
     streams = RedisStreams(rd.url, cfg.transport.prefix)
     poison = {**work_fields(bad), **fingerprint_fields(fp, True), "shard": "0",
-              "matches": matches_json([Match(1, "exact", 0, 0, False)])}
+              "matches": answer_json(HashAnswer([Match(1, "exact", 0, 0, False)], []))}
     poison["fp"] = poison["fp"].replace(f", {fp.width}, {fp.height},", ', "wide", 1,', 1)
     poison["picture"] = b"\x00\xff" * 100  # a keypoint picture's raw bytes: shown by its size
     await streams.add(ANSWERS, poison)
+    # (an answer as a shard of the version before sent it: its matches as a list)
     await streams.add(ANSWERS, {**work_fields(good), **fingerprint_fields(fp, True), "shard": "0",
-                                "matches": matches_json([Match(1, "exact", 0, 0, False)])})
+                                "matches": json.dumps([dataclasses.asdict(Match(1, "exact", 0, 0, False))])})
     stop = asyncio.Event()
     task = asyncio.create_task(run_node(cfg, [("recorder", None)], stop=stop, install_signals=False))
     await until(lambda: query(url, "SELECT work_id FROM matches") == [(good.id,)], 20)

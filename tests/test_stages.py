@@ -233,8 +233,9 @@ def test_a_recorder_batch_records_each_image_once_whatever_is_repeated(library, 
     written for the whole batch."""
     from monitor.fingerprints import fingerprint_bytes
     from monitor.records import shard_answers
-    from monitor.scaleout.roles import RecorderRole
-    from monitor.scaleout.wire import matches_json
+    from monitor.scaleout.recorder import RecorderRole
+    from monitor.scaleout.wire import answer_json
+    from monitor.search.answers import HashAnswer
     store = library.store
     metrics = Metrics()
     role = RecorderRole(store, shards, None, Recorder(store, library, metrics))
@@ -243,20 +244,20 @@ def test_a_recorder_batch_records_each_image_once_whatever_is_repeated(library, 
     urls = [f"http://h/{i}.jpg" for i in range(3)]
     work, _ = work_rows.record_items(store, "f", [FeedItem("f", str(i), (u,)) for i, u in enumerate(urls)], 1.0)
     a, b, c = work
-    met, none = matches_json([hit]), matches_json([])
+    met, none = answer_json(HashAnswer([hit], [])), answer_json(HashAnswer([], []))
 
     def answers(*pairs):
         return [(w, fp, True, shard, text) for w, shard, text in pairs]
     last = shards - 1
-    first = role._store_answers(answers((a, 0, met), (a, last, none), (a, last, none), (b, 0, none)))
+    first, _, _ = role._store_answers(answers((a, 0, met), (a, last, none), (a, last, none), (b, 0, none)))
     states = dict(store.query("SELECT id, state FROM work"))
     if shards == 1:
         assert [r.work.id for r in first] == [a.id] and states == {a.id: "done", b.id: "done", c.id: "pending"}
     else:
         assert [r.work.id for r in first] == [a.id] and states == {a.id: "done", b.id: "pending", c.id: "pending"}
         assert shard_answers.waiting(store, 2.0)[0] == 1  # b: shard 0 of 2 so far
-        assert role._store_answers(answers((b, 1, none), (b, 1, none))) == []
-    assert role._store_answers(answers((a, 0, met), (c, last, none))) == []  # a repeat; c's last shard only
+        assert role._store_answers(answers((b, 1, none), (b, 1, none)))[0] == []
+    assert role._store_answers(answers((a, 0, met), (c, last, none)))[0] == []  # a repeat; c's last shard only
     states = dict(store.query("SELECT id, state FROM work"))
     assert states[a.id] == states[b.id] == "done"
     assert states[c.id] == ("done" if shards == 1 else "pending")

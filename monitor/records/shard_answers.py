@@ -1,7 +1,7 @@
-"""Scale-out: each shard's answer for an image (its matches, as JSON) until every shard has
-answered. The answers and the decision to record are serialised on the image's work row,
-so with any number of recorders an image is recorded once, by whichever stores the last
-answer."""
+"""Scale-out: each shard's answer for an image (its matches and candidates, as JSON) until
+every shard has answered and the image is recorded. The answers and the decision to record
+are serialised on the image's work row, so with any number of recorders an image is
+recorded once, by whichever completes its set (after the keypoint pass, where it needs one)."""
 
 from __future__ import annotations
 

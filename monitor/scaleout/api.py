@@ -13,18 +13,67 @@ the shards, which pick changes up from the table.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
 
 from feeds import FeedItem
-from monitor.fingerprints import Fingerprint
+from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.pipeline.intake import Intake
 from monitor.pipeline.refetch import confirmed_again
+from monitor.pipeline.transport import MatchUnavailable
 from monitor.pipeline.worker import Worker, fingerprint_query
 from monitor.records.matches import MatchRecord
 from monitor.records.work import WorkItem
-from monitor.scaleout.roles import ShardedChecks
-from monitor.scaleout.streams import FINGERPRINTS, RedisStreams, with_retry
-from monitor.scaleout.wire import fingerprint_fields, work_fields
-from monitor.search.matcher import Match
+from monitor.scaleout.streams import CHECKS, FINGERPRINTS, RedisStreams, with_retry
+from monitor.scaleout.wire import answer_from, fingerprint_fields, work_fields
+from monitor.search.answers import Match, keypoint_pass, merged_answers
+
+
+class ShardsUnavailable(MatchUnavailable):
+    def __init__(self, missing: list[int]):
+        super().__init__(f"no answer from shard {', '.join(map(str, missing))} in time (no live replica?)")
+        self.missing = missing
+
+
+class ShardedChecks:
+    """``/v1/check`` under roles: the fingerprint goes to every shard on ``checks`` and each
+    shard's answer comes back on a reply list of this request's own; merged as one library
+    would have answered, then the keypoint pass here, once, with the post's own picture
+    (``read``: entries' stored keypoints; None: keypoints off)."""
+
+    def __init__(self, streams: RedisStreams, shards: int, tier_names: list[str], timeout: float = 10.0,
+                 read: Callable[[list[int]], dict[int, bytes]] | None = None):
+        self.streams, self.shards, self.timeout, self.read = streams, shards, timeout, read
+        self.tier_names = list(tier_names)
+
+    async def match(self, fp: Fingerprint) -> list[Match]:
+        if fp.degenerate not in (None, "low_detail"):  # flat and tiny pictures match nothing
+            return []
+        reply = f"{self.streams.prefix}:reply:{uuid.uuid4().hex}"
+        deadline = time.time() + self.timeout
+        await self.streams.add(CHECKS, {**fingerprint_fields(fp, False),
+                                        "reply": reply, "deadline": repr(deadline)})
+        answers: dict[int, str] = {}
+        try:
+            while len(answers) < self.shards:
+                left = deadline - time.time()
+                if left <= 0:
+                    raise ShardsUnavailable(sorted(set(range(self.shards)) - set(answers)))
+                got = await self.streams.redis.blpop([reply], timeout=min(left, 1.0))
+                if got:
+                    shard, text = json.loads(got[1])
+                    answers[int(shard)] = text
+        finally:
+            await self.streams.redis.delete(reply)
+        merged = merged_answers([answer_from(text) for text in answers.values()], self.tier_names)
+        source = fp.keypoints or (KeypointFinder(picture=fp.keypoint_picture) if fp.keypoint_picture else None)
+        if self.read is None or source is None or fp.degenerate is not None:
+            return merged.matches  # keypoints off, or none at hand (the caller may fetch the image again)
+        second_look = "near" if "near" in self.tier_names else None
+        [matches] = await asyncio.to_thread(keypoint_pass, [merged], {0: source}, self.read, second_look)
+        return matches
 
 
 class RolePipeline:
@@ -54,7 +103,9 @@ class RolePipeline:
         """An upload, fingerprinted here: on to the shards, recorded by a recorder (so no
         record to return now; the work row closes when it is)."""
         fields = {**work_fields(work), **fingerprint_fields(fp, False)}
-        await with_retry("queue fingerprint", lambda: self.streams.add(FINGERPRINTS, fields), self.stop)
+        pictures = {work.id: fp.keypoint_picture} if fp.keypoint_picture else None
+        await with_retry("queue fingerprint", lambda: self.streams.add_many(FINGERPRINTS, [fields], pictures),
+                         self.stop)
         return []
 
     async def match(self, fp: Fingerprint) -> list[Match]:

@@ -11,6 +11,7 @@ pending (queued by an intake that died between storing and queuing them).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -26,16 +27,18 @@ from monitor.pipeline.intake import Intake
 from monitor.pipeline.recorder import OnMatch, Recorder
 from monitor.pipeline.retro import LibraryWatcher
 from monitor.pipeline.worker import Worker
+from monitor.records import keypoints as keypoint_rows
 from monitor.records import shard_answers
 from monitor.records import work as work_rows
 from monitor.records.engines import open_store
 from monitor.records.library import Library
 from monitor.scaleout import leases
-from monitor.scaleout.api import RolePipeline
-from monitor.scaleout.roles import FetchRole, RecorderRole, ShardedChecks, ShardRole, StreamTransport
+from monitor.scaleout.api import RolePipeline, ShardedChecks
+from monitor.scaleout.recorder import RecorderRole
+from monitor.scaleout.roles import FetchRole, ShardRole, StreamTransport
 from monitor.scaleout.streams import ANSWERS, CHECKS, DEAD, FINGERPRINTS, WORK, RedisStreams, with_retry
 from monitor.search import radius
-from monitor.search.matcher import PRESETS, Matcher
+from monitor.search.matcher import Matcher
 
 log = logging.getLogger("repost_monitor.scaleout")
 
@@ -172,11 +175,17 @@ class _Node:
                 watcher = LibraryWatcher(self.store, library, matcher, self.recorder(library), self.metrics,
                                          check_seconds=min(cfg.library.reload_check_seconds, 1.0),
                                          retro_window=cfg.alert_policy.retro_window_hours * 3600, **again)
-                role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics, **again)
+                role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics,
+                                 keypoints=cfg.match.keypoints)
                 out.append((f"shard:{k}", self._with_fetcher(fetcher, role.run(self.stop), watcher.run(self.stop))))
             elif name == "recorder":
-                role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None))
-                out.append(("recorder", role.run(self.stop)))
+                # images fetched again where a post's picture is gone and a match is unsure
+                fetcher = Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch)
+                role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None),
+                                    [t.name for t in cfg.match.tiers], keypoints=cfg.match.keypoints,
+                                    fetch_image=fetcher.fetch_image if cfg.match.keypoints else None,
+                                    max_pixels=limits.max_pixels, metrics=self.metrics)
+                out.append(("recorder", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "api":
                 out.append(("api", self.api()))
             elif name == "sender":
@@ -216,8 +225,9 @@ class _Node:
         cfg, limits = self.config, self.config.limits
         transport = StreamTransport(self.streams, self.stop, limits.queue_size)
         library = await asyncio.to_thread(Library, self.store, indexed=False)
-        checks = ShardedChecks(self.streams, cfg.transport.shards, [t.name for t in PRESETS[cfg.match.tier]],
-                               cfg.transport.check_timeout_seconds)
+        checks = ShardedChecks(self.streams, cfg.transport.shards, [t.name for t in cfg.match.tiers],
+                               cfg.transport.check_timeout_seconds,
+                               functools.partial(keypoint_rows.read, self.store) if cfg.match.keypoints else None)
         async with Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch) as fetcher:
             intake = Intake(self.store, fetcher, self.metrics, transport, cfg.server.public_url)
             for source, settings in configured_sources(cfg):  # watched by the intakes; here for WebSub pushes

@@ -4,10 +4,11 @@
   work rows are stored, then added to ``work``;
 - worker: ``work`` -> download and fingerprint -> ``fingerprints`` (or the row closed
   failed, with its reason);
-- shard K of S: ``fingerprints`` -> match against the entries whose id is K mod S ->
-  ``answers``; it also retro-matches recent images against the new entries it owns;
-- recorder: ``answers`` -> each shard's answer stored; the answer that completes the set
-  records the image's matches and their alerts in one transaction;
+- shard K of S: ``fingerprints`` -> what the hashes say against the entries whose id is
+  K mod S -> ``answers``; it also retro-matches recent images against the new entries it owns;
+- recorder (monitor/scaleout/recorder.py): ``answers`` -> each shard's answer stored; the
+  answer that completes the set records the image's matches and their alerts in one
+  transaction, after the keypoint pass (once per post) where the merged answer needs it;
 - sender: the alert outbox, under a lease (one sender: delivery stays ordered).
 
 Every message is acknowledged after its effect is stored, so a role killed at any moment
@@ -20,34 +21,26 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 
 from redis.exceptions import RedisError
 
 from monitor.fetch import FetchError
 from monitor.fingerprints import Fingerprint, ImageError
 from monitor.metrics import Metrics
-from monitor.pipeline.recorder import Recorder
-from monitor.pipeline.refetch import confirmed_again, matched_in_thread
-from monitor.pipeline.transport import MatchUnavailable
 from monitor.pipeline.worker import LOOK_UP, Worker
-from monitor.records import matches as match_rows
-from monitor.records import shard_answers
 from monitor.records import work as work_rows
-from monitor.records.library import Library, entries_by_id
-from monitor.records.store import DatabaseError, Store
+from monitor.records.library import Library
+from monitor.records.store import DatabaseError
 from monitor.records.work import WorkItem
 from monitor.scaleout.streams import ANSWERS, CHECKS, FINGERPRINTS, WORK, RedisStreams, being_cancelled, with_retry
 from monitor.scaleout.wire import (
+    answer_json,
     fingerprint_fields,
     fingerprint_from,
-    matches_from,
-    matches_json,
     work_fields,
     work_from,
 )
-from monitor.search import detective
-from monitor.search.matcher import Match, Matcher
+from monitor.search.matcher import Matcher
 
 log = logging.getLogger("repost_monitor.scaleout")
 WORKERS_GROUP, RECORDERS_GROUP = "workers", "recorders"
@@ -165,21 +158,26 @@ class FetchRole:
         self.batch = max(1, min(8, concurrency // 4))
         self.tasks = -(-concurrency // self.batch)
 
-    async def _fields(self, work: WorkItem, known=LOOK_UP) -> dict | None:
-        """The image's message for ``fingerprints``; None where it failed for good (its work
-        row closed with the reason)."""
+    async def _message(self, work: WorkItem, known=LOOK_UP) -> tuple[dict, bytes] | None:
+        """The image's message for ``fingerprints`` and its keypoint picture (b"": none); None
+        where it failed for good (its work row closed with the reason)."""
         try:
             fp, fetched = await self.worker.fingerprint(work, known)
         except (FetchError, ImageError, work_rows.CachedFailure) as exc:
             await self.worker.recorder.record(work, [], None, error=str(exc))
             log.warning("image skipped: %s: %s", work.image_url, exc, extra={"url": work.image_url})
             return None
-        return {**work_fields(work), **fingerprint_fields(fp, fetched)}
+        return {**work_fields(work), **fingerprint_fields(fp, fetched)}, fp.keypoint_picture
+
+    async def _send(self, messages: list[tuple[WorkItem, dict, bytes]]) -> None:
+        await self.streams.add_many(FINGERPRINTS, [fields for _, fields, _ in messages],
+                                    {work.id: picture for work, _, picture in messages if picture})
 
     async def handle(self, fields) -> None:
-        message = await self._fields(work_from(fields))
+        work = work_from(fields)
+        message = await self._message(work)
         if message is not None:
-            await self.streams.add(FINGERPRINTS, message)
+            await self._send([(work, *message)])
 
     async def handle_batch(self, batch) -> list | None:
         """The batch's images concurrently; the ids to acknowledge: those done (a failure
@@ -194,7 +192,7 @@ class FetchRole:
                                             [w.image_url for w in works])
         except DatabaseError:
             return None
-        outcomes = await asyncio.gather(*(self._fields(w, known.get(w.image_url)) for w in works),
+        outcomes = await asyncio.gather(*(self._message(w, known.get(w.image_url)) for w in works),
                                         return_exceptions=True)
         done, messages = [], []
         for (mid, _), work, outcome in zip(batch, works, outcomes, strict=True):
@@ -206,10 +204,10 @@ class FetchRole:
                 continue
             done.append(mid)
             if outcome is not None:
-                messages.append(outcome)
+                messages.append((work, *outcome))
         if messages:
             try:
-                await self.streams.add_many(FINGERPRINTS, messages)
+                await self._send(messages)
             except (RedisError, OSError) as exc:
                 log.warning("%s: %d fingerprints not added (%s); their work will be retried", FINGERPRINTS,
                             len(messages), exc)
@@ -226,15 +224,21 @@ class FetchRole:
 
 
 class ShardRole:
-    """``fingerprints`` -> this shard's matches -> ``answers``."""
+    """``fingerprints`` -> what the hashes say against this shard's part of the library ->
+    ``answers``: the matches, and the nearest entries where no match is sure. The keypoint
+    pass (confirmations, second looks) runs once per post, in the recorder, on the shards'
+    answers merged: a post's keypoints are not found once per shard that has candidates."""
 
     def __init__(self, shard: int, shards: int, library: Library, matcher: Matcher, streams: RedisStreams,
-                 metrics: Metrics, tasks: int = 2, fetch_image=None, max_pixels: int | None = None):
+                 metrics: Metrics, tasks: int = 2, keypoints: bool = True):
         self.shard, self.shards, self.library, self.matcher = shard, shards, library, matcher
         self.streams, self.metrics, self.tasks = streams, metrics, tasks
-        # an image fetched again where a fingerprint came without its picture (read from the
-        # store) and a match is unsure; None: keypoints off
-        self.fetch_image, self.max_pixels = fetch_image, max_pixels
+        self.keypoints = keypoints  # [match] keypoints: whether to name candidates for a second look
+
+    def _looks(self, fps: list[Fingerprint]) -> dict[int, bool] | None:
+        """The posts the keypoint pass may look at, and whether their mirror image's keypoints
+        can be found (not where only packed keypoints came): all, unless keypoints are off."""
+        return {i: not fp.keypoints for i, fp in enumerate(fps)} if self.keypoints else None
 
     async def handle(self, fields) -> None:
         work_from(fields)  # checked, passed on as it came
@@ -260,29 +264,29 @@ class ShardRole:
 
     async def _answer(self, parsed: list[tuple[dict, Fingerprint]]) -> None:
         start = time.perf_counter()
-        answers = await asyncio.to_thread(self.matcher.match_many, [fp for _, fp in parsed])
-        answers = await asyncio.gather(*(  # a fingerprint with its picture was confirmed already
-            confirmed_again(m, work_from(fields).image_url, None if fp.keypoint_picture else self.fetch_image,
-                            matched_in_thread(self.matcher, fp, self.max_pixels), self.metrics)
-            for (fields, fp), m in zip(parsed, answers, strict=True)))
+        fps = [fp for _, fp in parsed]
+        answers = await asyncio.to_thread(self.matcher.hash_answers, fps, self._looks(fps))
         each = (time.perf_counter() - start) / len(parsed)
         for _ in parsed:
             self.metrics.match_seconds.observe(each)
+        # a picture inside the message (a fetch worker of the version before) is kept where
+        # the recorder reads it
+        pictures = {work_from(fields).id: fp.keypoint_picture for fields, fp in parsed if fp.keypoint_picture}
         await self.streams.add_many(ANSWERS, [
-            {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard), "matches": matches_json(m)}
-            for (fields, _), m in zip(parsed, answers, strict=True)])
+            {"work": fields[b"work"], "fp": fields[b"fp"], "shard": str(self.shard), "matches": answer_json(a)}
+            for (fields, _), a in zip(parsed, answers, strict=True)], pictures)
 
     async def handle_check(self, fields) -> None:
-        """A synchronous check: this shard's matches pushed onto the asker's reply list."""
+        """A synchronous check: this shard's answer pushed onto the asker's reply list."""
         reply = (fields.get(b"reply") or b"").decode()
         if not reply.startswith(f"{self.streams.prefix}:reply:"):
             raise ValueError("a check without a reply list of ours")
         if float(fields[b"deadline"]) < time.time():
             return  # the asker has given up (this shard was away): nobody to answer
         fp, _ = fingerprint_from(fields)
-        matches = await asyncio.to_thread(self.matcher.match, fp)
+        [answer] = await asyncio.to_thread(self.matcher.hash_answers, [fp], self._looks([fp]))
         async with self.streams.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(reply, json.dumps([self.shard, matches_json(matches)]))
+            pipe.rpush(reply, json.dumps([self.shard, answer_json(answer)]))
             pipe.expire(reply, 60)
             await pipe.execute()
 
@@ -291,110 +295,3 @@ class ShardRole:
             _consume(self.streams, FINGERPRINTS, shard_group(self.shard), self.handle, stop, count=32,
                      tasks=self.tasks, handle_batch=self.handle_batch, linger=LINGER),
             _consume(self.streams, CHECKS, shard_group(self.shard), self.handle_check, stop, count=8))
-
-
-class ShardsUnavailable(MatchUnavailable):
-    def __init__(self, missing: list[int]):
-        super().__init__(f"no answer from shard {', '.join(map(str, missing))} in time (no live replica?)")
-        self.missing = missing
-
-
-class ShardedChecks:
-    """``/v1/check`` under roles: the fingerprint goes to every shard on ``checks`` and
-    each shard's matches come back on a reply list of this request's own; merged, best
-    first, as one process's matcher orders them."""
-
-    def __init__(self, streams: RedisStreams, shards: int, tier_names: list[str], timeout: float = 10.0):
-        self.streams, self.shards, self.timeout = streams, shards, timeout
-        self._tier_rank = {name: i for i, name in enumerate(tier_names)}
-
-    async def match(self, fp: Fingerprint) -> list[Match]:
-        if fp.degenerate is not None:
-            return []
-        reply = f"{self.streams.prefix}:reply:{uuid.uuid4().hex}"
-        deadline = time.time() + self.timeout
-        await self.streams.add(CHECKS, {**fingerprint_fields(fp, False),
-                                        "reply": reply, "deadline": repr(deadline)})
-        answers: dict[int, list[Match]] = {}
-        try:
-            while len(answers) < self.shards:
-                left = deadline - time.time()
-                if left <= 0:
-                    raise ShardsUnavailable(sorted(set(range(self.shards)) - set(answers)))
-                got = await self.streams.redis.blpop([reply], timeout=min(left, 1.0))
-                if got:
-                    shard, text = json.loads(got[1])
-                    answers[int(shard)] = matches_from(text)
-        finally:
-            await self.streams.redis.delete(reply)
-        merged = detective.merged_across_shards([m for ms in answers.values() for m in ms])
-        return sorted(merged, key=lambda m: (self._tier_rank.get(m.tier, len(self._tier_rank)),
-                                             m.dhash_distance, m.entry_id))
-
-
-
-class RecorderRole:
-    """``answers`` -> stored; the last shard's answer records the image."""
-
-    def __init__(self, store: Store, shards: int, streams: RedisStreams, recorder: Recorder):
-        self.store, self.shards, self.streams, self.recorder = store, shards, streams, recorder
-
-    def _parse(self, fields):
-        work = work_from(fields)
-        fp, fetched = fingerprint_from(fields)
-        shard = int(fields[b"shard"])
-        if not 0 <= shard < self.shards:
-            raise ValueError(f"an answer from shard {shard} of {self.shards}")
-        return work, fp, fetched, shard, fields[b"matches"].decode()
-
-    def _store_answers(self, answers: list[tuple]):
-        """Each (work, fp, fetched, shard, matches) stored, and every image whose set they
-        complete recorded: one transaction."""
-        now = time.time()
-        outbox = self.recorder.outbox
-        if outbox is not None:
-            outbox.begin()
-        with self.store.transaction() as conn:
-            states = shard_answers.hold_works(conn, [work.id for work, *_ in answers])
-            complete = []
-            for work, fp, fetched, shard, matches in answers:
-                if states.get(work.id) != "pending":
-                    continue  # recorded already (a repeated answer), or a row we do not have
-                if self.shards == 1:  # the answer is the whole set: nothing to keep until the others come
-                    stored = {shard: matches}
-                else:
-                    stored = shard_answers.add(conn, work.id, shard, matches, now)
-                    if len(stored) < self.shards:
-                        continue  # the other shards have not answered yet
-                    shard_answers.clear(conn, work.id)
-                states[work.id] = "done"  # a repeat of an answer later in this batch changes nothing
-                merged = detective.merged_across_shards([m for text in stored.values() for m in matches_from(text)])
-                entries = entries_by_id(self.store, (m.entry_id for m in merged)) if merged else {}
-                complete.append((work, merged, fp, entries, fetched))
-            records = match_rows.record_many(conn, complete, now,
-                                             enqueue=outbox.enqueue if outbox is not None else None)
-        if records and outbox is not None:
-            outbox.committed()
-        return records
-
-    async def handle(self, fields) -> None:
-        for rec in await asyncio.to_thread(self._store_answers, [self._parse(fields)]):
-            await self.recorder.announce(rec)
-
-    async def handle_batch(self, batch) -> list | None:
-        """The batch in one transaction; None (one by one) if any message is unreadable or the
-        transaction fails, so one poison answer never holds back the rest."""
-        try:
-            answers = [self._parse(fields) for _, fields in batch]
-            records = await asyncio.to_thread(self._store_answers, answers)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - retried message by message, where the culprit shows
-            return None
-        for rec in records:
-            await self.recorder.announce(rec)
-        return [mid for mid, _ in batch]
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await _consume(self.streams, ANSWERS, RECORDERS_GROUP, self.handle, stop, count=64,
-                       handle_batch=self.handle_batch, linger=LINGER)

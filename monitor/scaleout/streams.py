@@ -30,6 +30,11 @@ from redis.exceptions import RedisError, ResponseError
 log = logging.getLogger("repost_monitor.scaleout")
 
 WORK, FINGERPRINTS, ANSWERS, CHECKS, DEAD = "work", "fingerprints", "answers", "checks", "dead"
+# A post's keypoint picture is kept beside the fingerprints, under its work row's id, until the
+# post is recorded: read by the recorder for the few posts whose answer needs keypoints. The
+# expiry bounds what a post never recorded (its row failed for good) leaves behind; one read
+# after it has no keypoints at hand (an unsure match is fetched again, as a stored fingerprint's).
+PICTURE_SECONDS = 900
 
 
 def consumer_name() -> str:
@@ -121,11 +126,29 @@ class RedisStreams:
     async def add(self, stream: str, fields: dict) -> bytes:
         return await self.redis.xadd(self.key(stream), fields)
 
-    async def add_many(self, stream: str, messages: list[dict]) -> None:
+    async def add_many(self, stream: str, messages: list[dict], pictures: dict[int, bytes] | None = None) -> None:
+        """The messages in one round trip; ``pictures`` (keypoint pictures by work id) stored
+        first, so whoever reads a message finds its picture."""
         async with self.redis.pipeline(transaction=False) as pipe:
+            for work_id, picture in (pictures or {}).items():
+                pipe.set(self.picture_key(work_id), picture, ex=PICTURE_SECONDS)
             for fields in messages:
                 pipe.xadd(self.key(stream), fields)
             await pipe.execute()
+
+    def picture_key(self, work_id: int) -> str:
+        return self.key(f"picture:{work_id}")
+
+    async def pictures(self, work_ids: list[int]) -> dict[int, bytes]:
+        """{work id: keypoint picture} of those still kept."""
+        if not work_ids:
+            return {}
+        got = await self.redis.mget([self.picture_key(w) for w in work_ids])
+        return {w: bytes(p) for w, p in zip(work_ids, got, strict=True) if p}
+
+    async def drop_pictures(self, work_ids: list[int]) -> None:
+        if work_ids:
+            await self.redis.unlink(*(self.picture_key(w) for w in work_ids))
 
     async def read(self, stream: str, group: str, count: int, block: float) -> list[tuple[bytes, dict]]:
         """Messages for this consumer: first those other consumers held too long (claimed),

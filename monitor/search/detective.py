@@ -269,12 +269,3 @@ def confirmed(found: dict[int, list], sources: dict[int, bytes | Callable[..., b
             else:
                 out.setdefault(q, []).append(m if n is None else dataclasses.replace(m, inliers=n))
     return out, rejected
-
-
-def merged_across_shards(matches: list) -> list:
-    """Shards' answers for one post, merged as one library would have answered: a post
-    that some shard met by its hashes got no second look there, so keypoint matches
-    other shards found for it are dropped."""
-    if any(not m.by_second_look for m in matches):
-        return [m for m in matches if not m.by_second_look]
-    return matches

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
@@ -28,6 +27,7 @@ from numba import njit
 from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search import detective
+from monitor.search.answers import HashAnswer, Match, keypoint_pass, merged_answers, needs_keypoints
 from monitor.search.first_pass import first_pass
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
@@ -45,40 +45,9 @@ from monitor.search.tiers import (
     threshold_tiers,
 )
 
-__all__ = ["EXACT", "FINE_CANDIDATE_SUM", "LOOSE", "NEAR", "PRESETS", "Match", "Matcher", "PairMatches", "QueryRows",
-           "Tier", "fine_words", "query_rows", "threshold_tiers"]
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    entry_id: int
-    tier: str
-    dhash_distance: int
-    phash_distance: int
-    mirrored: bool
-    fine_distance: int | None = None  # bits of 512; None: decided without fine hashes
-    # The dHashes of the two views that met (a crop, a frame, the mirror), for
-    # showing which bits differ; the whole pictures' hashes may be far apart.
-    query_dhash: int | None = None
-    library_dhash: int | None = None
-    # keypoint pairs that agree on one geometry (monitor/search/detective.py): a match by
-    # the second look, or a hash match the keypoints confirmed
-    inliers: int | None = None
-
-    @property
-    def by_second_look(self) -> bool:
-        """Found by keypoints alone (the second look scores no fine hashes; every
-        hash match the keypoints confirm was scored with them)."""
-        return self.inliers is not None and self.fine_distance is None
-
-    @property
-    def decided_by(self) -> str:
-        if self.by_second_look:
-            return "keypoints"
-        if self.tier == "threshold":
-            return "dhash"
-        hashes = "dhash+phash" if self.fine_distance is None else "dhash+phash+fine"
-        return hashes if self.inliers is None else hashes + "+keypoints"
+__all__ = ["EXACT", "FINE_CANDIDATE_SUM", "LOOSE", "NEAR", "PRESETS", "HashAnswer", "Match", "Matcher", "PairMatches",
+           "QueryRows", "Tier", "fine_words", "keypoint_pass", "merged_answers", "needs_keypoints", "query_rows",
+           "threshold_tiers"]
 
 
 def _score(m: Match) -> int:
@@ -240,8 +209,20 @@ class Matcher:
     def match_many(self, fps: list[Fingerprint],
                    keypoints: list[Callable[..., bytes] | None] | None = None) -> list[list[Match]]:
         """:meth:`match` of each fingerprint, in one pass over the library per kind of
-        query (with fine hashes, without): a shard answers a batch of posts at once."""
-        out: list[list[Match]] = [[] for _ in fps]
+        query (with fine hashes, without): the hashes' answers, then the keypoints' say."""
+        sources = {i: source for i, fp in enumerate(fps)
+                   if fp.degenerate is None and (source := _keypoint_source(fp, (keypoints or [None] * len(fps))[i]))}
+        answers = self.hash_answers(fps, {i: callable(s) for i, s in sources.items()})
+        return keypoint_pass(answers, sources, self.index.keypoints_of, self._second_look_tier)
+
+    def hash_answers(self, fps: list[Fingerprint], looks: dict[int, bool] | None = None) -> list[HashAnswer]:
+        """What the hashes say of each fingerprint: its matches (the unsure ones not yet
+        confirmed) and, for a post in ``looks`` with no sure match, its nearest entries for
+        a second look (``looks[i]``: whether its mirror image's keypoints can be found too).
+        Scaled out, each shard answers this for its part of the library, and the keypoint
+        pass runs once per post on the answers merged (:func:`merged_answers`)."""
+        out = [HashAnswer([], []) for _ in fps]
+        looks = looks if self._second_look_tier is not None else None
         with_fine, without = [], []
         for i, fp in enumerate(fps):
             if fp.degenerate in (None, "low_detail"):  # flat and tiny pictures match nothing
@@ -250,10 +231,11 @@ class Matcher:
                 (with_fine if all(x is not None for x in fines) else without).append((i, views, fines))
         for group, fine in ((with_fine, True), (without, False)):
             if group:
-                self._match_group(group, fine, out, keypoints or [None] * len(fps))
+                self._match_group(group, fine, out, {i: m for i, m in (looks or {}).items()
+                                                     if fps[i].degenerate is None})
         return out
 
-    def _match_group(self, group: list, fine: bool, out: list[list[Match]], keypoints: list) -> None:
+    def _match_group(self, group: list, fine: bool, out: list[HashAnswer], looks: dict[int, bool]) -> None:
         # Every view, plain and mirrored, in one pass over the library: rows
         # 2k and 2k+1 are view k and its mirror.
         qd = np.array([h for _, views, _ in group for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
@@ -262,11 +244,7 @@ class Matcher:
         low = np.array([views[0].degenerate == "low_detail" for _, views, _ in group for _ in range(2 * len(views))],
                        np.uint8)
         qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
-        # each post's keypoints, or what finds them (found once each way, though a
-        # confirmation and a second look may both ask)
-        sources = {i: source for i, views, _ in group
-                   if views[0].degenerate is None and (source := _keypoint_source(views[0], keypoints[i]))}
-        looking = bool(sources) and self._second_look_tier is not None
+        looking = any(i in looks for i, _, _ in group)
         with self.index.lock:
             pq, pl, pd = first_pass(self.index, qd, np.arange(qd.size) % 2 == 1, self.radius)
             if not pq.size:
@@ -291,20 +269,16 @@ class Matcher:
             old = best.get(key)
             if old is None or rank < old[0]:
                 best[key] = (rank, m)
-        found: dict[int, list[Match]] = {}
         for (query, _), (_, m) in sorted(best.items(), key=lambda x: (x[0][0], x[1][0][0], x[1][1].dhash_distance,
                                                                          x[1][1].entry_id)):
-            found.setdefault(query, []).append(m)
-        found, rejected = self.confirmed(found, sources)
-        for query, matches in found.items():
-            out[query] += matches
-        if looking:  # posts left with no match: their nearest entries, but those the keypoints just rejected
+            out[query].matches.append(m)
+        if looking:  # posts with no sure match: their nearest entries, for the keypoints' look
+            unsure = {q for q in looks if not any(not detective.needs_confirmation(m) for m in out[q].matches)}
             candidates = detective.nearest_candidates(
                 owner[pq[near]], near_ids, pd[near].astype(np.int64), near_p, pair_fine[near], pq[near] % 2 == 1,
-                {q for q in sources if not found.get(q)}, {q for q, src in sources.items() if callable(src)})
-            unmet = {q: [c for c in chosen if c[0] not in rejected.get(q, ())] for q, chosen in candidates.items()}
-            for query, looked in detective.second_look(sources, unmet, self.index.keypoints_of).items():
-                out[query] += [Match(e, self._second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in looked]
+                unsure, {q for q, mirrorable in looks.items() if mirrorable})
+            for query, chosen in candidates.items():
+                out[query].candidates.extend(chosen)
 
     def confirmed(self, found: dict[int, list[Match]], sources: dict) -> tuple[dict[int, list[Match]], dict]:
         """:func:`detective.confirmed` against this library's keypoints."""

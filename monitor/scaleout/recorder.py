@@ -1,0 +1,183 @@
+"""The recorder role: ``answers`` -> each shard's answer stored; the answer that completes a
+post's set of shards has the post recorded, its matches and their alerts in one transaction.
+
+Where the shards' merged answer is final, that is at once. Where it is not (an unsure hash
+match to confirm, or candidates for a second look where no match is sure) the keypoint pass
+runs here first, once per post (monitor/search/answers.py): the post's keypoint picture is
+read from Redis, where the fetch worker left it, and the entries' keypoints from the store.
+A post whose picture is gone (kept 15 minutes; a stored fingerprint never had one) has its
+image fetched again if a match is unsure, as the one-process daemon does; else the hashes'
+answer stands. The answers stay stored until the post is recorded, so a recorder killed
+mid-pass leaves them to the next delivery, which completes the set again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+from monitor.fetch import FetchError
+from monitor.fingerprints import Fingerprint, KeypointFinder
+from monitor.metrics import Metrics
+from monitor.pipeline.recorder import Recorder
+from monitor.records import keypoints as keypoint_rows
+from monitor.records import matches as match_rows
+from monitor.records import shard_answers
+from monitor.records.library import entries_by_id
+from monitor.records.store import Store
+from monitor.records.work import WorkItem
+from monitor.scaleout.roles import LINGER, RECORDERS_GROUP, _consume
+from monitor.scaleout.streams import ANSWERS, RedisStreams
+from monitor.scaleout.wire import answer_from, fingerprint_from, work_from
+from monitor.search.answers import HashAnswer, Match, keypoint_pass, merged_answers, needs_keypoints
+from monitor.search.detective import needs_confirmation
+
+log = logging.getLogger("repost_monitor.scaleout")
+
+
+class RecorderRole:
+    """``answers`` -> stored; the last shard's answer records the image (after the keypoint
+    pass, where its answer needs one)."""
+
+    def __init__(self, store: Store, shards: int, streams: RedisStreams, recorder: Recorder,
+                 tier_names: list[str] | None = None, *, keypoints: bool = True, fetch_image=None,
+                 max_pixels: int | None = None, metrics: Metrics | None = None):
+        self.store, self.shards, self.streams, self.recorder = store, shards, streams, recorder
+        self.tier_names = list(tier_names or ["exact", "near"])
+        self.second_look_tier = "near" if "near" in self.tier_names else None
+        self.keypoints = keypoints  # [match] keypoints; off: the hashes' answer is final
+        # an image fetched again where its picture is gone and a match is unsure; None: never
+        self.fetch_image, self.max_pixels = fetch_image, max_pixels
+        self.metrics = metrics or recorder.metrics
+
+    def _parse(self, fields):
+        work = work_from(fields)
+        fp, fetched = fingerprint_from(fields)
+        shard = int(fields[b"shard"])
+        if not 0 <= shard < self.shards:
+            raise ValueError(f"an answer from shard {shard} of {self.shards}")
+        text = fields[b"matches"].decode()
+        answer_from(text)  # checked here: a poison answer is dead-lettered, never stored
+        return work, fp, fetched, shard, text
+
+    def _record(self, conn, complete: list[tuple[WorkItem, list[Match], Fingerprint, bool]], now: float):
+        """Record these posts (their answers cleared) inside the caller's transaction."""
+        rows = []
+        for work, matches, fp, fetched in complete:
+            if self.shards > 1:
+                shard_answers.clear(conn, work.id)
+            entries = entries_by_id(self.store, (m.entry_id for m in matches)) if matches else {}
+            rows.append((work, matches, fp, entries, fetched))
+        outbox = self.recorder.outbox
+        return match_rows.record_many(conn, rows, now, enqueue=outbox.enqueue if outbox is not None else None)
+
+    def _in_transaction(self, work_ids: list[int], step) -> tuple[list, list[int], list[tuple]]:
+        """``step(conn, states, now)`` -> (posts to record, posts to decide), in one
+        transaction holding these work rows; then (records, the ids recorded, to decide)."""
+        now = time.time()
+        outbox = self.recorder.outbox
+        if outbox is not None:
+            outbox.begin()
+        with self.store.transaction() as conn:
+            complete, undecided = step(conn, shard_answers.hold_works(conn, work_ids), now)
+            records = self._record(conn, complete, now)
+        if records and outbox is not None:
+            outbox.committed()
+        return records, [work.id for work, *_ in complete], undecided
+
+    def _store_answers(self, answers: list[tuple]) -> tuple[list, list[int], list[tuple]]:
+        """Each (work, fp, fetched, shard, text) stored, and every post whose set they
+        complete recorded, in one transaction; those whose merged answer needs the keypoint
+        pass are returned instead (work, fp, fetched, merged answer), their answers kept.
+        Returns (records, the ids of the posts recorded, those to decide)."""
+        def step(conn, states, now):
+            complete, undecided = [], []
+            for work, fp, fetched, shard, text in answers:
+                if states.get(work.id) != "pending":
+                    continue  # recorded already (a repeated answer), or a row we do not have
+                if self.shards == 1:  # the answer is the whole set: nothing to keep until the others come
+                    stored = {shard: text}
+                else:
+                    stored = shard_answers.add(conn, work.id, shard, text, now)
+                    if len(stored) < self.shards:
+                        continue  # the other shards have not answered yet
+                states[work.id] = "complete"  # a repeat of an answer later in this batch changes nothing
+                merged = merged_answers([answer_from(t) for t in stored.values()], self.tier_names)
+                if self.keypoints and needs_keypoints(merged):
+                    undecided.append((work, fp, fetched, merged))
+                else:
+                    complete.append((work, merged.matches, fp, fetched))
+            return complete, undecided
+        return self._in_transaction([work.id for work, *_ in answers], step)
+
+    def _record_decided(self, decided: list[tuple[WorkItem, list[Match], Fingerprint, bool]]):
+        """The posts the keypoint pass decided, recorded in one transaction: those still
+        pending (another recorder may have recorded one meanwhile)."""
+        records, done, _ = self._in_transaction(
+            [work.id for work, *_ in decided],
+            lambda conn, states, now: ([d for d in decided if states.get(d[0].id) == "pending"], []))
+        return records, done
+
+    async def _source(self, work: WorkItem, fp: Fingerprint, picture: bytes | None, merged: HashAnswer):
+        """The post's keypoints, or what finds them; None where there are none at hand."""
+        if fp.keypoints:
+            return fp.keypoints
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        if picture:
+            return KeypointFinder(picture=picture, **kwargs)
+        if not self.fetch_image or not any(needs_confirmation(m) for m in merged.matches):
+            return None
+        try:
+            data = await self.fetch_image(work.image_url)
+        except FetchError as exc:
+            self.metrics.unsure_refetches.labels("unreachable").inc()
+            log.warning("%s: an unsure match could not be confirmed by keypoints (the image could not be fetched "
+                        "again: %s); the hashes' answer stands", work.image_url, exc, extra={"url": work.image_url})
+            return None
+        self.metrics.unsure_refetches.labels("fetched").inc()
+        return KeypointFinder(data, **kwargs)
+
+    async def _decide(self, undecided: list[tuple]):
+        """The keypoint pass over the posts whose answers need it, then their records."""
+        pictures = await self.streams.pictures([work.id for work, *_ in undecided])
+        found = await asyncio.gather(*(self._source(work, fp, pictures.get(work.id), merged)
+                                       for work, fp, _, merged in undecided))
+        sources = {q: source for q, source in enumerate(found) if source is not None}
+        final = await asyncio.to_thread(keypoint_pass, [merged for *_, merged in undecided], sources,
+                                        functools.partial(keypoint_rows.read, self.store), self.second_look_tier)
+        return await asyncio.to_thread(self._record_decided, [
+            (work, matches, fp, fetched) for (work, fp, fetched, _), matches in zip(undecided, final, strict=True)])
+
+    async def _handle(self, answers: list[tuple]) -> None:
+        records, done, undecided = await asyncio.to_thread(self._store_answers, answers)
+        if undecided:
+            more, decided = await self._decide(undecided)
+            records, done = records + more, done + decided
+        for rec in records:
+            await self.recorder.announce(rec)
+        try:
+            await self.streams.drop_pictures(done)
+        except (RedisError, OSError) as exc:  # they expire anyway
+            log.info("keypoint pictures of %d recorded posts not removed (%s); they expire", len(done), exc)
+
+    async def handle(self, fields) -> None:
+        await self._handle([self._parse(fields)])
+
+    async def handle_batch(self, batch) -> list | None:
+        """The batch in one transaction; None (one by one) if any message is unreadable or the
+        transaction fails, so one poison answer never holds back the rest."""
+        try:
+            await self._handle([self._parse(fields) for _, fields in batch])
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - retried message by message, where the culprit shows
+            return None
+        return [mid for mid, _ in batch]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await _consume(self.streams, ANSWERS, RECORDERS_GROUP, self.handle, stop, count=64,
+                       handle_batch=self.handle_batch, linger=LINGER)
