@@ -98,7 +98,8 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
         # shards' indexes (which keep a plain dHash array only for the tiled kernel)
         kernel = radius.use(radius.choose(config.match.kernel))
         metrics.set_build_info(kernel=kernel, cpu=radius.host_cpu())
-        if any(n in ("worker", "shard") for n, _ in roles):
+        # the roles that run compiled kernels (the recorder and the api: the keypoint pass's)
+        if any(n in ("worker", "shard", "recorder", "api") for n, _ in roles):
             ready["phase"] = "compiling"
             # Role processes often start side by side on few cores: loading the cached kernels
             # can then pass a second; only a real compile (~10 s) earns the notice.

@@ -35,8 +35,10 @@ from monitor.scaleout.streams import ANSWERS, RedisStreams
 from monitor.scaleout.wire import answer_from, fingerprint_from, work_from
 from monitor.search.answers import HashAnswer, Match, keypoint_pass, merged_answers, needs_keypoints
 from monitor.search.detective import needs_confirmation
+from monitor.search.index import RecentKeypoints
 
 log = logging.getLogger("repost_monitor.scaleout")
+KEYPOINTS_HELD_SECONDS = 60.0
 
 
 class RecorderRole:
@@ -53,6 +55,16 @@ class RecorderRole:
         # an image fetched again where its picture is gone and a match is unsure; None: never
         self.fetch_image, self.max_pixels = fetch_image, max_pixels
         self.metrics = metrics or recorder.metrics
+        self._keypoints, self._keypoints_since = None, 0.0
+
+    def _entry_keypoints(self) -> RecentKeypoints:
+        """Entries' stored keypoints, the recent ones held (the same few look-alikes are near
+        many posts, and each read is a round trip); held KEYPOINTS_HELD_SECONDS at most, as no
+        change log tells a recorder that `library rehash` found an entry's keypoints again."""
+        if self._keypoints is None or time.monotonic() - self._keypoints_since > KEYPOINTS_HELD_SECONDS:
+            self._keypoints = RecentKeypoints(functools.partial(keypoint_rows.read, self.store))
+            self._keypoints_since = time.monotonic()
+        return self._keypoints
 
     def _parse(self, fields):
         work = work_from(fields)
@@ -89,13 +101,14 @@ class RecorderRole:
             outbox.committed()
         return records, [work.id for work, *_ in complete], undecided
 
-    def _store_answers(self, answers: list[tuple]) -> tuple[list, list[int], list[tuple]]:
+    def _store_answers(self, answers: list[tuple], pictures: dict[int, bytes] | None = None):
         """Each (work, fp, fetched, shard, text) stored, and every post whose set they
-        complete recorded, in one transaction; those whose merged answer needs the keypoint
-        pass are returned instead (work, fp, fetched, merged answer), their answers kept.
-        Returns (records, the ids of the posts recorded, those to decide)."""
+        complete recorded, in one transaction; where the merged answer needs the keypoint
+        pass, that runs here first if the post's keypoints are at hand (``pictures`` by work
+        id), else the post is returned to be decided (work, fp, fetched, merged answer), its
+        answers kept. Returns (records, the ids of the posts recorded, those to decide)."""
         def step(conn, states, now):
-            complete, undecided = [], []
+            complete, undecided, now_decided = [], [], []
             for work, fp, fetched, shard, text in answers:
                 if states.get(work.id) != "pending":
                     continue  # recorded already (a repeated answer), or a row we do not have
@@ -107,10 +120,19 @@ class RecorderRole:
                         continue  # the other shards have not answered yet
                 states[work.id] = "complete"  # a repeat of an answer later in this batch changes nothing
                 merged = merged_answers([answer_from(t) for t in stored.values()], self.tier_names)
-                if self.keypoints and needs_keypoints(merged):
-                    undecided.append((work, fp, fetched, merged))
-                else:
+                if not (self.keypoints and needs_keypoints(merged)):
                     complete.append((work, merged.matches, fp, fetched))
+                elif fp.keypoints or (pictures or {}).get(work.id):
+                    now_decided.append((work, fp, fetched, merged))
+                else:
+                    undecided.append((work, fp, fetched, merged))
+            if now_decided:  # the keypoint pass in this transaction: one round of writes, not two
+                sources = {q: fp.keypoints or self._finder(pictures[work.id])
+                           for q, (work, fp, _, _) in enumerate(now_decided)}
+                final = keypoint_pass([merged for *_, merged in now_decided], sources, self._entry_keypoints(),
+                                      self.second_look_tier)
+                complete += [(work, matches, fp, fetched)
+                             for (work, fp, fetched, _), matches in zip(now_decided, final, strict=True)]
             return complete, undecided
         return self._in_transaction([work.id for work, *_ in answers], step)
 
@@ -122,13 +144,16 @@ class RecorderRole:
             lambda conn, states, now: ([d for d in decided if states.get(d[0].id) == "pending"], []))
         return records, done
 
+    def _finder(self, picture: bytes | None = None, data: bytes | None = None) -> KeypointFinder:
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        return KeypointFinder(data or b"", picture=picture or b"", **kwargs)
+
     async def _source(self, work: WorkItem, fp: Fingerprint, picture: bytes | None, merged: HashAnswer):
         """The post's keypoints, or what finds them; None where there are none at hand."""
         if fp.keypoints:
             return fp.keypoints
-        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         if picture:
-            return KeypointFinder(picture=picture, **kwargs)
+            return self._finder(picture=picture)
         if not self.fetch_image or not any(needs_confirmation(m) for m in merged.matches):
             return None
         try:
@@ -139,7 +164,7 @@ class RecorderRole:
                         "again: %s); the hashes' answer stands", work.image_url, exc, extra={"url": work.image_url})
             return None
         self.metrics.unsure_refetches.labels("fetched").inc()
-        return KeypointFinder(data, **kwargs)
+        return self._finder(data=data)
 
     async def _decide(self, undecided: list[tuple]):
         """The keypoint pass over the posts whose answers need it, then their records."""
@@ -148,12 +173,16 @@ class RecorderRole:
                                        for work, fp, _, merged in undecided))
         sources = {q: source for q, source in enumerate(found) if source is not None}
         final = await asyncio.to_thread(keypoint_pass, [merged for *_, merged in undecided], sources,
-                                        functools.partial(keypoint_rows.read, self.store), self.second_look_tier)
+                                        self._entry_keypoints(), self.second_look_tier)
         return await asyncio.to_thread(self._record_decided, [
             (work, matches, fp, fetched) for (work, fp, fetched, _), matches in zip(undecided, final, strict=True)])
 
     async def _handle(self, answers: list[tuple]) -> None:
-        records, done, undecided = await asyncio.to_thread(self._store_answers, answers)
+        # the pictures of posts whose answer so far needs keypoints, read before the transaction
+        wanted = [work.id for work, fp, _, _, text in answers
+                  if self.keypoints and not fp.keypoints and needs_keypoints(answer_from(text))]
+        pictures = await self.streams.pictures(wanted)
+        records, done, undecided = await asyncio.to_thread(self._store_answers, answers, pictures)
         if undecided:
             more, decided = await self._decide(undecided)
             records, done = records + more, done + decided
@@ -179,5 +208,6 @@ class RecorderRole:
         return [mid for mid, _ in batch]
 
     async def run(self, stop: asyncio.Event) -> None:
-        await _consume(self.streams, ANSWERS, RECORDERS_GROUP, self.handle, stop, count=64,
+        # two batches at once: one's keypoint pass (CPU, in a thread) beside the other's transaction
+        await _consume(self.streams, ANSWERS, RECORDERS_GROUP, self.handle, stop, count=64, tasks=2,
                        handle_batch=self.handle_batch, linger=LINGER)
