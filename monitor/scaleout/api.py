@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 
 from feeds import FeedItem
-from monitor.fingerprints import Fingerprint, KeypointFinder
+from monitor.fingerprints import Fingerprint
 from monitor.pipeline.intake import Intake
 from monitor.pipeline.refetch import confirmed_again
 from monitor.pipeline.transport import MatchUnavailable
@@ -29,6 +29,7 @@ from monitor.records.work import WorkItem
 from monitor.scaleout.streams import CHECKS, FINGERPRINTS, RedisStreams, with_retry
 from monitor.scaleout.wire import answer_from, fingerprint_fields, work_fields
 from monitor.search.answers import Match, keypoint_pass, merged_answers
+from monitor.search.matcher import keypoint_source
 
 
 class ShardsUnavailable(MatchUnavailable):
@@ -68,7 +69,7 @@ class ShardedChecks:
         finally:
             await self.streams.redis.delete(reply)
         merged = merged_answers([answer_from(text) for text in answers.values()], self.tier_names)
-        source = fp.keypoints or (KeypointFinder(picture=fp.keypoint_picture) if fp.keypoint_picture else None)
+        source = keypoint_source(fp, None)
         if self.read is None or source is None or fp.degenerate is not None:
             return merged.matches  # keypoints off, or none at hand (the caller may fetch the image again)
         second_look = "near" if "near" in self.tier_names else None

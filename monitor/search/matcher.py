@@ -27,7 +27,7 @@ from numba import njit
 from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search import detective
-from monitor.search.answers import HashAnswer, Match, keypoint_pass, merged_answers, needs_keypoints
+from monitor.search.answers import HashAnswer, Match, keypoint_pass
 from monitor.search.first_pass import first_pass
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
@@ -46,8 +46,7 @@ from monitor.search.tiers import (
 )
 
 __all__ = ["EXACT", "FINE_CANDIDATE_SUM", "LOOSE", "NEAR", "PRESETS", "HashAnswer", "Match", "Matcher", "PairMatches",
-           "QueryRows", "Tier", "fine_words", "keypoint_pass", "merged_answers", "needs_keypoints", "query_rows",
-           "threshold_tiers"]
+           "QueryRows", "Tier", "fine_words", "keypoint_source", "query_rows", "threshold_tiers"]
 
 
 def _score(m: Match) -> int:
@@ -143,9 +142,9 @@ def _candidate_fine(n: int, past: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _keypoint_source(fp: Fingerprint, finder: Callable[..., bytes] | None) -> bytes | Callable[..., bytes] | None:
-    """A post's keypoints (packed), or what finds them: from its keypoint picture (sent
-    by a scaled-out fetch worker), or the caller's finder (called once each way, though
+def keypoint_source(fp: Fingerprint, finder: Callable[..., bytes] | None) -> bytes | Callable[..., bytes] | None:
+    """A post's keypoints (packed), or what finds them: from its keypoint picture (a
+    scaled-out fetch worker's, as the api's check has it), or the caller's finder (called once each way, though
     a confirmation and a second look may both ask); None where there is neither."""
     if fp.keypoints:
         return fp.keypoints
@@ -211,7 +210,7 @@ class Matcher:
         """:meth:`match` of each fingerprint, in one pass over the library per kind of
         query (with fine hashes, without): the hashes' answers, then the keypoints' say."""
         sources = {i: source for i, fp in enumerate(fps)
-                   if fp.degenerate is None and (source := _keypoint_source(fp, (keypoints or [None] * len(fps))[i]))}
+                   if fp.degenerate is None and (source := keypoint_source(fp, (keypoints or [None] * len(fps))[i]))}
         answers = self.hash_answers(fps, {i: callable(s) for i, s in sources.items()})
         return keypoint_pass(answers, sources, self.index.keypoints_of, self._second_look_tier)
 

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from monitor.tools.reaper import started
+
 MISSING_POSTGRES = ("PostgreSQL's initdb and pg_ctl were not found (on PATH or in /usr/lib/postgresql/*/bin): "
                     "install the Debian package `postgresql`")
 MISSING_REDIS = "redis-server was not found on PATH: install the Debian package `redis-server`"
@@ -179,7 +181,6 @@ class _Reaper:
         os.replace(part, self.root / "reap.json")
 
     def adopt(self, pid: int) -> None:
-        from monitor.tools.reaper import started
         if (start := started(pid)) is not None:
             self.plan["processes"].append([pid, start])
             self._save()
