@@ -74,6 +74,12 @@ class Metrics:
         self.unsure_refetches = Counter(p + "unsure_refetches_total", "Images fetched again for their "
                                         "keypoints to confirm an unsure match (matched from a stored "
                                         "fingerprint), by result (fetched, unreachable)", ["result"], registry=r)
+        self.keypoint_searches = Counter(p + "keypoint_searches_total", "Posts' keypoints found (ORB) for a "
+                                         "second look or to confirm an unsure match, by view (upright; "
+                                         "mirrored: the mirror image's)", ["view"], registry=r)
+        self.keypoint_search_seconds = Histogram(p + "keypoint_search_duration_seconds", "Time finding one "
+                                                 "post's keypoints (decode and ORB, both views where needed)",
+                                                 buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter(p + "errors_total", "Errors by pipeline stage", ["stage"], registry=r)
         self.detection_lag = Histogram(p + "detection_lag_seconds",
                                        "From publication to match recorded",
@@ -118,6 +124,15 @@ class Metrics:
             self.throttle_wait_seconds.observe(wait)
             self.download_seconds.observe(transfer)
 
+    def observe_keypoint_searches(self, finders) -> None:
+        """What finding posts' keypoints cost (KeypointFinders: ``views`` searched, ``seconds``):
+        most posts need none, so a finder that searched nothing is not counted."""
+        for finder in finders:
+            for view in finder.views:
+                self.keypoint_searches.labels(view).inc()
+            if finder.views:
+                self.keypoint_search_seconds.observe(finder.seconds)
+
     def init_labels(self, feeds: list[str], sinks: list[str], tiers=TIER_NAMES) -> None:
         """Create the known label children at 0, so dashboards and rate() see
         every series from the first scrape, not only after the first event."""
@@ -139,6 +154,8 @@ class Metrics:
             self.matches.labels(tier)
         for stage in ("poll", "process"):
             self.errors.labels(stage)
+        for view in ("upright", "mirrored"):
+            self.keypoint_searches.labels(view)
         self.image_failures.labels("download", "timeout")
         self.image_failures.labels("decode", "corrupt")
         self.queue_depth.labels("download")

@@ -7,8 +7,10 @@ import contextlib
 import dataclasses
 import json
 import random
+import re
 import uuid
 
+import aiohttp
 import pytest
 from aiohttp import web
 from PIL import Image, ImageOps
@@ -17,6 +19,7 @@ from monitor.config import parse_config
 from monitor.daemon import run_daemon
 from monitor.records.engines import open_store
 from monitor.scaleout.node import parse_roles, run_node
+from monitor.tools.services import free_port
 from tests.conftest import encode
 from tests.hosts import cancel_and_list_left, serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
@@ -118,13 +121,23 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
     make_library(url, samples)
     records = []
     async with serve(site2.app()) as base, serve(hooks2.app()) as recv:
+        port = free_port()
         cfg = scaled_config(base, recv, url, rd.url, shards=2)
+        cfg = parse_config({**cfg.model_dump(), "server": {"port": port}})
         stop = asyncio.Event()
         task = asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 2),
                                             stop=stop, on_match=records.append, install_signals=False))
         await until(lambda: len(hooks2.deliveries) == 4 and query(url, "SELECT COUNT(*) FROM work WHERE "
                                                                        "state='pending'")[0][0] == 0, 60)
         await asyncio.sleep(0.5)
+        # the recorder found the cut and flipped repost's keypoints (its mirror image's: the
+        # candidates met that alone), and the metrics say so
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            exposed = await r.text()
+        searches = {view: float(n) for view, n in
+                    re.findall(r'^repost_monitor_keypoint_searches_total\{view="(\w+)"\} (\S+)$', exposed, re.M)}
+        assert searches.get("mirrored", 0) >= 1, searches
+        assert re.search(r"^repost_monitor_keypoint_search_duration_seconds_count [1-9]", exposed, re.M)
         stop.set()
         await asyncio.wait_for(task, 30)
     scaled = sorted(query(url, "SELECT image_url, entry_id, tier FROM matches"))
@@ -524,9 +537,6 @@ async def test_the_api_role_checks_ingests_and_takes_the_hubs_pushes(services, t
     library entry added through the API is matched by its shard, and the WebSub hub's
     verification and push, sent to the API's public URL for a feed the intake subscribed,
     are taken there. With a shard missing, /v1/check answers 503, not a short list."""
-    import aiohttp
-
-    from monitor.tools.services import free_port
     from tests.test_api import upload
     from tests.test_websub import Hub, rss
     pg, rd = services

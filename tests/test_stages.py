@@ -333,6 +333,10 @@ async def test_an_unsure_match_is_confirmed_however_the_image_comes_back(store_l
         fp, matches = await worker.check_url(urls[0])
         assert [library.get(m.entry_id).label for m in matches] == ["texture-rustpipes"]
         assert s.metrics.unsure_refetches.labels("unreachable")._value.get() == 1
+        # each confirmation found the post's keypoints once, and the metrics say so
+        searches = s.metrics.keypoint_searches
+        assert (searches.labels("upright")._value.get(), searches.labels("mirrored")._value.get()) == (5, 0)
+        assert s.metrics.keypoint_search_seconds._sum.get() > 0
         await worker.close()
     assert [r.entry.label for r in s.recorded] == ["library-rocket"]
     library.store.close()

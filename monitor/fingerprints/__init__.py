@@ -9,6 +9,7 @@ for storage (``codec``).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 from monitor.fingerprints.core import (
@@ -92,23 +93,31 @@ class KeypointFinder:
         self._picture = picture
         self._copy = None
         self._found: dict[bool, tuple[int, bytes]] = {}  # mirrored: (limit, keypoints)
+        self.seconds = 0.0  # spent finding them (the decode and ORB), for the daemon's metrics
 
     @property
     def searched(self) -> int:
         """How many ways (0, 1, or 2 with the mirror image) the keypoints were searched for."""
         return len(self._found)
 
+    @property
+    def views(self) -> list[str]:
+        """The ways searched: "upright", and "mirrored" where the mirror image's were found."""
+        return ["mirrored" if mirrored else "upright" for mirrored in self._found]
+
     def __call__(self, mirrored: bool = False, limit: int = QUERY_KEYPOINTS) -> bytes:
         """At most ``limit`` keypoints (a second look asks for fewer: ORB keeping 512 costs
         a fifth less than 1,024), or more where more were found already."""
         have = self._found.get(mirrored)
         if have is None or have[0] < limit:
+            start = time.perf_counter()
             if self._copy is None and is_packed_picture(self._picture):
                 self._copy = unpack_picture(self._picture)  # ValueError: not one (the caller's to handle)
             elif self._copy is None:  # ImageError (a ValueError) where the bytes are no image
                 data = self._picture or (self._data() if callable(self._data) else self._data)
                 self._copy = keypoint_copy(_keypoint_grey(data, self._fast, self._max_pixels))
             self._found[mirrored] = (limit, keypoints_of_copy(self._copy, mirrored, limit))
+            self.seconds += time.perf_counter() - start
         return self._found[mirrored][1]
 
 

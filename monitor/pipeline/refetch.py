@@ -39,8 +39,14 @@ async def confirmed_again(matches: list[Match], url: str, fetch_image: Callable[
     return await match_with_image(data)
 
 
-def matched_in_thread(matcher: Matcher, fp: Fingerprint,
-                      max_pixels: int | None = None) -> Callable[[bytes], Awaitable[list[Match]]]:
+def matched_in_thread(matcher: Matcher, fp: Fingerprint, max_pixels: int | None,
+                      metrics: Metrics) -> Callable[[bytes], Awaitable[list[Match]]]:
     """What matches ``fp`` again, its image's keypoints at hand, off the event loop."""
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return lambda data: asyncio.to_thread(matcher.match, fp, KeypointFinder(data, **kwargs))
+
+    async def match(data: bytes) -> list[Match]:
+        finder = KeypointFinder(data, **kwargs)
+        matches = await asyncio.to_thread(matcher.match, fp, finder)
+        metrics.observe_keypoint_searches([finder])
+        return matches
+    return match

@@ -112,8 +112,8 @@ class LibraryWatcher:
 
         async def confirmed(url: str, fp: Fingerprint, matches: list[Match]) -> list[Match]:
             async with fetching:
-                return await confirmed_again(matches, url, self.fetch_image,
-                                             matched_in_thread(matcher, fp, self.max_pixels), self.metrics)
+                again = matched_in_thread(matcher, fp, self.max_pixels, self.metrics)
+                return await confirmed_again(matches, url, self.fetch_image, again, self.metrics)
         settled = await asyncio.gather(*(confirmed(url, fp, matches) for url, (fp, matches) in found.items()))
         records = await asyncio.to_thread(self._record, [(url, fp, matches) for (url, (fp, _)), matches
                                                          in zip(found.items(), settled, strict=True) if matches])

@@ -188,15 +188,15 @@ class Worker:
         return fp, matches
 
     async def match(self, fp: Fingerprint, data: bytes | None = None) -> list[Match]:
-        """The fingerprint's matches, in the next batch; with the image's ``data`` (keypoints
-        on), its keypoints are found only if the post needs them (a second look: no tier
-        met it, and some entries are near; or an unsure match to confirm): most posts never
-        pay for them."""
+        """The fingerprint's matches, in the next batch; with the image's ``data`` (keypoints on),
+        its keypoints are found only if the post needs them (a second look: no tier met it, and
+        some entries are near; or an unsure match to confirm): most posts never pay for them."""
         keypoints = None
         if data is not None and self.keypoints and not fp.keypoints:
-            kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-            keypoints = KeypointFinder(data, **kwargs)
-        return await asyncio.wrap_future(self.batcher.submit(fp, keypoints))
+            keypoints = KeypointFinder(data, **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
+        matches = await asyncio.wrap_future(self.batcher.submit(fp, keypoints))
+        self.metrics.observe_keypoint_searches([keypoints] if keypoints is not None else [])
+        return matches
 
     async def _fingerprint_and_match(self, work: WorkItem):
         """(fingerprint, matches, time downloaded, whether this call fetched the image)."""

@@ -131,6 +131,7 @@ class RecorderRole:
                            for q, (work, fp, _, _) in enumerate(now_decided)}
                 final = keypoint_pass([merged for *_, merged in now_decided], sources, self._entry_keypoints(),
                                       self.second_look_tier)
+                self._observe(sources)
                 complete += [(work, matches, fp, fetched)
                              for (work, fp, fetched, _), matches in zip(now_decided, final, strict=True)]
             return complete, undecided
@@ -147,6 +148,9 @@ class RecorderRole:
     def _finder(self, picture: bytes | None = None, data: bytes | None = None) -> KeypointFinder:
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         return KeypointFinder(data or b"", picture=picture or b"", **kwargs)
+
+    def _observe(self, sources: dict) -> None:
+        self.metrics.observe_keypoint_searches(s for s in sources.values() if isinstance(s, KeypointFinder))
 
     async def _source(self, work: WorkItem, fp: Fingerprint, picture: bytes | None, merged: HashAnswer):
         """The post's keypoints, or what finds them; None where there are none at hand."""
@@ -174,6 +178,7 @@ class RecorderRole:
         sources = {q: source for q, source in enumerate(found) if source is not None}
         final = await asyncio.to_thread(keypoint_pass, [merged for *_, merged in undecided], sources,
                                         self._entry_keypoints(), self.second_look_tier)
+        self._observe(sources)
         return await asyncio.to_thread(self._record_decided, [
             (work, matches, fp, fetched) for (work, fp, fetched, _), matches in zip(undecided, final, strict=True)])
 
