@@ -133,9 +133,11 @@ class Metrics:
             if finder.views:
                 self.keypoint_search_seconds.observe(finder.seconds)
 
-    def init_labels(self, feeds: list[str], sinks: list[str], tiers=TIER_NAMES) -> None:
-        """Create the known label children at 0, so dashboards and rate() see
-        every series from the first scrape, not only after the first event."""
+    def init_labels(self, feeds: list[str], sinks: list[str], tiers=TIER_NAMES, *, queues: bool = True) -> None:
+        """Create the known label children at 0, so dashboards and rate() see every series
+        from the first scrape, not only after the first event (a counter first seen at 1
+        shows no increase: a rule on rate() would miss the first failure). A role process
+        passes the feeds, sinks and tiers it handles, and no in-process queues."""
         for feed in feeds:
             self.items_discovered.labels(feed)
             self.images_downloaded.labels(feed)
@@ -158,8 +160,9 @@ class Metrics:
             self.keypoint_searches.labels(view)
         self.image_failures.labels("download", "timeout")
         self.image_failures.labels("decode", "corrupt")
-        self.queue_depth.labels("download")
-        self.queue_depth.labels("fingerprint")
+        if queues:
+            self.queue_depth.labels("download")
+            self.queue_depth.labels("fingerprint")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -130,13 +130,16 @@ async def test_roles_in_one_process_give_what_the_daemon_gives(services, tmp_pat
         await until(lambda: len(hooks2.deliveries) == 4 and query(url, "SELECT COUNT(*) FROM work WHERE "
                                                                        "state='pending'")[0][0] == 0, 60)
         await asyncio.sleep(0.5)
-        # the recorder found the cut and flipped repost's keypoints (its mirror image's: the
-        # candidates met that alone), and the metrics say so
+        # the recorder found the cut and flipped repost's keypoints (its mirror image's alone:
+        # the candidates met that), and the metrics say so
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
             exposed = await r.text()
         searches = {view: float(n) for view, n in
                     re.findall(r'^repost_monitor_keypoint_searches_total\{view="(\w+)"\} (\S+)$', exposed, re.M)}
-        assert searches.get("mirrored", 0) >= 1, searches
+        assert searches["upright"] == 0 and searches["mirrored"] >= 1, searches
+        # the series a rule's rate() needs are there before their first event
+        assert 'repost_monitor_alert_deliveries_total{outcome="failed",sink="hook"} 0.0' in exposed
+        assert 'repost_monitor_feed_polls_total{feed="json",result="error"} 0.0' in exposed
         assert re.search(r"^repost_monitor_keypoint_search_duration_seconds_count [1-9]", exposed, re.M)
         stop.set()
         await asyncio.wait_for(task, 30)

@@ -39,6 +39,7 @@ from monitor.scaleout.roles import FetchRole, ShardRole, StreamTransport
 from monitor.scaleout.streams import ANSWERS, CHECKS, DEAD, FINGERPRINTS, WORK, RedisStreams, with_retry
 from monitor.search import radius
 from monitor.search.matcher import Matcher
+from monitor.search.tiers import TIER_NAMES
 
 log = logging.getLogger("repost_monitor.scaleout")
 
@@ -81,6 +82,10 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
     metrics = Metrics()
     for name in names:
         metrics.role_up.labels(name).set(1)
+    kinds = {n for n, _ in roles}
+    metrics.init_labels([f.name for f in config.feeds] if "intake" in kinds else [],
+                        [a.name for a in config.alerts] if "sender" in kinds else [],
+                        TIER_NAMES if kinds & {"recorder", "shard"} else (), queues=False)
     ready = {"ready": False, "phase": "starting", "roles": names}
     store = await asyncio.to_thread(open_store, config.store.location)
     t = config.transport
