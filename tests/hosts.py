@@ -29,16 +29,20 @@ async def serve(app: web.Application):
 
 class DaemonProcess:
     """`repost-monitor run --config FILE` as a subprocess, its log appended to a file (a full
-    pipe would block it): started, SIGKILLed and restarted as a test needs."""
+    pipe would block it): started, SIGKILLed and restarted as a test needs. ``adopt``: a
+    throwaway Services' adopt, so that a role process retrying its servers forever is
+    stopped with them even when the test run itself is killed."""
 
-    def __init__(self, config_path, log_path):
+    def __init__(self, config_path, log_path, adopt=None):
         self.cmd = [sys.executable, "-m", "monitor", "run", "--config", str(config_path)]
-        self.log_path = log_path
+        self.log_path, self.adopt = log_path, adopt
         self.proc = None
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stderr=log, stdout=subprocess.DEVNULL)
+        if self.adopt is not None:
+            self.adopt(self.proc)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -33,8 +33,8 @@ OTHERS = ["other-apple.jpg", "other-baboon.jpg", "other-building.jpg", "other-co
 @pytest.fixture(scope="module")
 def services():
     from monitor.tools.services import throwaway
-    with throwaway() as (pg, rd):
-        yield pg, rd
+    with throwaway() as services:  # (pg, rd), and adopt: role processes stopped with them
+        yield services
 
 
 class Hooks:
@@ -286,7 +286,7 @@ def test_roles_as_processes_survive_a_kill_9_of_each_kind(services, tmp_path, sa
             procs = {}
 
             def start(key, role):
-                proc = DaemonProcess(conf, tmp_path / f"{key}.log")
+                proc = DaemonProcess(conf, tmp_path / f"{key}.log", adopt=services.adopt)
                 proc.cmd += ["--role", role]
                 proc.start()
                 procs[key] = proc
@@ -484,7 +484,7 @@ async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_
             f'[store]\nurl = "{url}"\n[limits]\nallowed_networks = ["127.0.0.0/8"]\n[server]\nenabled = false\n'
             f'[transport]\nurl = "{rd.url}"\nprefix = "{cfg.transport.prefix}"\n'
             f'[[feeds]]\nname = "rss"\ntype = "rss"\nurl = "{base}/rss.xml"\ninterval = 0.3\n')
-        intakes = {name: DaemonProcess(conf, tmp_path / f"{name}.log") for name in ("a", "b")}
+        intakes = {name: DaemonProcess(conf, tmp_path / f"{name}.log", adopt=services.adopt) for name in ("a", "b")}
         for proc in intakes.values():
             proc.cmd += ["--role", "intake"]
             proc.start()
