@@ -47,8 +47,9 @@ WORKERS_GROUP, RECORDERS_GROUP = "workers", "recorders"
 # A batch not full waits this long for more (Kafka's linger.ms) before it is handled: fewer reads,
 # round trips and transactions a post. A shard or recorder keeping up with the posts read one or
 # two at a time; bench/scaleout.py at 150 posts/s, alternated with lingering only for batches a
-# quarter full: all the roles 1.39-1.41 cores against 1.53-1.73 (shard 1.06 ms a post against
-# 1.50-1.79, recorder 1.9 against 2.3-2.5), p50 81 ms against 43-59, p99 137-177 against 103-263.
+# quarter full: all the roles 8.7-9.5 ms of CPU a post against 9.5-10.7 (shard 1.04-1.18 against
+# 1.50-1.79, recorder 1.86-2.02 against 2.26-2.49), p50 81-90 ms against 43-59, p99 alike (median
+# 181 ms against 232). A fetch worker's batches fill anyway: its waiting saved nothing.
 LINGER = 0.02  # seconds
 
 
