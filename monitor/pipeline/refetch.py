@@ -26,17 +26,25 @@ async def confirmed_again(matches: list[Match], url: str, fetch_image: Callable[
     nothing fetches: None or False, keypoints off); else the matches of the image fetched again. An
     image that cannot be fetched again leaves the hashes' answer standing, as wherever the
     geometry cannot be told (an entry stored without keypoints)."""
+    data = await fetched_again(matches, url, fetch_image, metrics)
+    return matches if data is None else await match_with_image(data)
+
+
+async def fetched_again(matches: list[Match], url: str, fetch_image: Callable[[str], Awaitable[bytes]] | None | bool,
+                        metrics: Metrics) -> bytes | None:
+    """The image fetched again where some of ``matches`` is unsure (and something fetches);
+    None where none is, or it cannot be fetched (counted, and said: the hashes' answer stands)."""
     if not fetch_image or not any(needs_confirmation(m) for m in matches):
-        return matches
+        return None
     try:
         data = await fetch_image(url)
     except FetchError as exc:
         metrics.unsure_refetches.labels("unreachable").inc()
         log.warning("%s: an unsure match could not be confirmed by keypoints (the image could not be fetched "
                     "again: %s); the hashes' answer stands", url, exc, extra={"url": url})
-        return matches
+        return None
     metrics.unsure_refetches.labels("fetched").inc()
-    return await match_with_image(data)
+    return data
 
 
 def matched_in_thread(matcher: Matcher, fp: Fingerprint, max_pixels: int | None,

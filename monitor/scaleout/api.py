@@ -28,7 +28,7 @@ from monitor.records.matches import MatchRecord
 from monitor.records.work import WorkItem
 from monitor.scaleout.streams import CHECKS, FINGERPRINTS, RedisStreams, with_retry
 from monitor.scaleout.wire import answer_from, fingerprint_fields, work_fields
-from monitor.search.answers import Match, keypoint_pass, merged_answers
+from monitor.search.answers import Match, keypoint_pass, merged_answers, second_look_tier
 from monitor.search.matcher import keypoint_source
 
 
@@ -72,8 +72,8 @@ class ShardedChecks:
         source = keypoint_source(fp, None)
         if self.read is None or source is None or fp.degenerate is not None:
             return merged.matches  # keypoints off, or none at hand (the caller may fetch the image again)
-        second_look = "near" if "near" in self.tier_names else None
-        [matches] = await asyncio.to_thread(keypoint_pass, [merged], {0: source}, self.read, second_look)
+        [matches] = await asyncio.to_thread(keypoint_pass, [merged], {0: source}, self.read,
+                                            second_look_tier(self.tier_names))
         return matches
 
 

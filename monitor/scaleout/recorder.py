@@ -20,10 +20,10 @@ import time
 
 from redis.exceptions import RedisError
 
-from monitor.fetch import FetchError
 from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.refetch import fetched_again
 from monitor.records import keypoints as keypoint_rows
 from monitor.records import matches as match_rows
 from monitor.records import shard_answers
@@ -33,8 +33,14 @@ from monitor.records.work import WorkItem
 from monitor.scaleout.roles import LINGER, RECORDERS_GROUP, _consume
 from monitor.scaleout.streams import ANSWERS, RedisStreams
 from monitor.scaleout.wire import answer_from, fingerprint_from, work_from
-from monitor.search.answers import HashAnswer, Match, keypoint_pass, merged_answers, needs_keypoints
-from monitor.search.detective import needs_confirmation
+from monitor.search.answers import (
+    HashAnswer,
+    Match,
+    keypoint_pass,
+    merged_answers,
+    needs_keypoints,
+    second_look_tier,
+)
 from monitor.search.index import RecentKeypoints
 
 log = logging.getLogger("repost_monitor.scaleout")
@@ -50,7 +56,7 @@ class RecorderRole:
                  max_pixels: int | None = None, metrics: Metrics | None = None):
         self.store, self.shards, self.streams, self.recorder = store, shards, streams, recorder
         self.tier_names = list(tier_names or ["exact", "near"])
-        self.second_look_tier = "near" if "near" in self.tier_names else None
+        self.second_look_tier = second_look_tier(self.tier_names)
         self.keypoints = keypoints  # [match] keypoints; off: the hashes' answer is final
         # an image fetched again where its picture is gone and a match is unsure; None: never
         self.fetch_image, self.max_pixels = fetch_image, max_pixels
@@ -158,17 +164,8 @@ class RecorderRole:
             return fp.keypoints
         if picture:
             return self._finder(picture=picture)
-        if not self.fetch_image or not any(needs_confirmation(m) for m in merged.matches):
-            return None
-        try:
-            data = await self.fetch_image(work.image_url)
-        except FetchError as exc:
-            self.metrics.unsure_refetches.labels("unreachable").inc()
-            log.warning("%s: an unsure match could not be confirmed by keypoints (the image could not be fetched "
-                        "again: %s); the hashes' answer stands", work.image_url, exc, extra={"url": work.image_url})
-            return None
-        self.metrics.unsure_refetches.labels("fetched").inc()
-        return self._finder(data=data)
+        data = await fetched_again(merged.matches, work.image_url, self.fetch_image, self.metrics)
+        return None if data is None else self._finder(data=data)
 
     async def _decide(self, undecided: list[tuple]):
         """The keypoint pass over the posts whose answers need it, then their records."""

@@ -72,6 +72,12 @@ def merged_answers(answers: list[HashAnswer], tier_names: list[str]) -> HashAnsw
     return HashAnswer(matches, candidates[:detective.CANDIDATES])
 
 
+def second_look_tier(tier_names) -> str | None:
+    """The tier a second look's match counts as: near, where near is among the tiers in use;
+    None (no second look) where it is not."""
+    return "near" if "near" in tier_names else None
+
+
 def needs_keypoints(answer: HashAnswer) -> bool:
     """Whether the keypoint pass could change this answer: an unsure match to confirm, or
     candidates for a second look (where no match is sure)."""

@@ -27,7 +27,7 @@ from numba import njit
 from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search import detective
-from monitor.search.answers import HashAnswer, Match, keypoint_pass
+from monitor.search.answers import HashAnswer, Match, keypoint_pass, second_look_tier
 from monitor.search.first_pass import first_pass
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
@@ -170,7 +170,7 @@ class Matcher:
                               int(self._s_max.max()), 0)
         # a post no tier met gets a second look at its nearest entries' keypoints, and a
         # match there counts as near (where near is among the tiers)
-        self._second_look_tier = "near" if any(t.name == "near" for t in tiers) else None
+        self._second_look_tier = second_look_tier([t.name for t in tiers])
 
     def _verify(self, pq, pl, pd, q_phash, q_fine, q_low=None, pair_fine=None, lib_phash=None, lib_low=None):
         """The second pass over the first pass's pairs (under the index's lock): the library
@@ -272,7 +272,7 @@ class Matcher:
                                                                          x[1][1].entry_id)):
             out[query].matches.append(m)
         if looking:  # posts with no sure match: their nearest entries, for the keypoints' look
-            unsure = {q for q in looks if not any(not detective.needs_confirmation(m) for m in out[q].matches)}
+            unsure = {q for q in looks if all(detective.needs_confirmation(m) for m in out[q].matches)}
             candidates = detective.nearest_candidates(
                 owner[pq[near]], near_ids, pd[near].astype(np.int64), near_p, pair_fine[near], pq[near] % 2 == 1,
                 unsure, {q for q, mirrorable in looks.items() if mirrorable})
