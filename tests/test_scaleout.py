@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import re
+import time
 import uuid
 
 import aiohttp
@@ -734,5 +735,52 @@ async def test_the_streams_client_reads_replies_with_hiredis(services):
         assert fields == {b"url": b"http://example.test/a.jpg", b"n": b"\x00\xff"}
         connection = streams.redis.connection_pool.make_connection()
         assert type(connection._parser).__name__ == "_AsyncHiredisParser"
+    finally:
+        await streams.close()
+
+
+async def test_a_lone_message_is_handled_at_once_and_a_busy_stream_in_batches(services):
+    """A consumer lingers for a fuller batch only where the stream's pace promises more
+    (at a few posts a second nothing more comes: waiting was latency for nothing), and its
+    look for more never blocks: an idle Redis ends a short BLOCK only at its next tick, up
+    to 100 ms later."""
+    from monitor.scaleout.roles import _consume
+    from monitor.scaleout.streams import RedisStreams
+    _, rd = services
+    streams = RedisStreams(rd.url, prefix=f"t-{uuid.uuid4().hex[:8]}")
+    try:
+        await streams.ensure_group("work", "g")
+        start = time.perf_counter()
+        for _ in range(20):
+            assert await streams.read("work", "g", 8, 0) == []
+        assert time.perf_counter() - start < 0.5  # ~1 s where each look waited for Redis's tick
+
+        batches, stop = [], asyncio.Event()
+
+        async def handle_batch(batch):
+            batches.append((time.perf_counter(), len(batch)))
+            return [mid for mid, _ in batch]
+
+        async def handle(fields):
+            batches.append((time.perf_counter(), 1))
+        task = asyncio.create_task(_consume(streams, "work", "g", handle, stop, count=8,
+                                            handle_batch=handle_batch, linger=0.5))
+        await asyncio.sleep(0.3)
+        waited = []
+        for n in range(3):  # a post every 1.2 s (a pace of less than one per linger): each handled at once
+            added = time.perf_counter()
+            await streams.add("work", {"n": str(n)})
+            await until(lambda k=n: len(batches) == k + 1, 5)
+            waited.append(batches[-1][0] - added)
+            await asyncio.sleep(1.2)
+        assert max(waited) < 0.4, waited  # not the 0.5 s linger
+        for n in range(200):  # now a busy stream: the consumer waits for fuller batches
+            await streams.add("work", {"n": str(n)})
+            if n % 4 == 3:
+                await asyncio.sleep(0.01)
+        await until(lambda: sum(k for _, k in batches) == 203, 10)
+        assert max(k for _, k in batches) == 8 and len(batches) < 3 + 200 / 4
+        stop.set()
+        await asyncio.wait_for(task, 10)
     finally:
         await streams.close()

@@ -152,7 +152,7 @@ class RedisStreams:
 
     async def read(self, stream: str, group: str, count: int, block: float) -> list[tuple[bytes, dict]]:
         """Messages for this consumer: first those other consumers held too long (claimed),
-        then new ones, waiting up to ``block`` seconds."""
+        then new ones, waiting up to ``block`` seconds (0: not at all)."""
         # Claiming is a sweep over the pending list: a few times per claim_idle, not per read.
         last = self._claimed_at.get((stream, group), 0.0)
         if time.monotonic() - last > self.claim_idle_ms / 4000:
@@ -161,8 +161,10 @@ class RedisStreams:
             if claimed:
                 self._claimed_at[(stream, group)] = 0.0  # more may be waiting: look again next read
                 return claimed
+        # No BLOCK for 0: Redis ends a short block only when its event loop next wakes, up to
+        # 1/hz (100 ms) later on an idle server, which made a 1 ms look cost ~50 ms a hop.
         got = await self.redis.xreadgroup(group, self.consumer, {self.key(stream): ">"}, count=count,
-                                          block=max(1, int(block * 1000)))
+                                          block=max(1, int(block * 1000)) if block > 0 else None)
         return [(mid, fields) for _, messages in got or [] for mid, fields in messages if fields is not None]
 
     async def ack(self, stream: str, group: str, *ids: bytes) -> None:
