@@ -234,7 +234,7 @@ def test_a_recorder_batch_records_each_image_once_whatever_is_repeated(library, 
     from monitor.fingerprints import fingerprint_bytes
     from monitor.records import shard_answers
     from monitor.scaleout.recorder import RecorderRole
-    from monitor.scaleout.wire import answer_json
+    from monitor.scaleout.wire import answer_from, answer_json
     from monitor.search.answers import HashAnswer
     store = library.store
     metrics = Metrics()
@@ -247,7 +247,7 @@ def test_a_recorder_batch_records_each_image_once_whatever_is_repeated(library, 
     met, none = answer_json(HashAnswer([hit], [])), answer_json(HashAnswer([], []))
 
     def answers(*pairs):
-        return [(w, fp, True, shard, text) for w, shard, text in pairs]
+        return [(w, fp, True, shard, text, answer_from(text)) for w, shard, text in pairs]
     last = shards - 1
     first, _, _ = role._store_answers(answers((a, 0, met), (a, last, none), (a, last, none), (b, 0, none)))
     states = dict(store.query("SELECT id, state FROM work"))

@@ -79,8 +79,8 @@ class RecorderRole:
         if not 0 <= shard < self.shards:
             raise ValueError(f"an answer from shard {shard} of {self.shards}")
         text = fields[b"matches"].decode()
-        answer_from(text)  # checked here: a poison answer is dead-lettered, never stored
-        return work, fp, fetched, shard, text
+        # parsed once, here: a poison answer is dead-lettered, never stored
+        return work, fp, fetched, shard, text, answer_from(text)
 
     def _record(self, conn, complete: list[tuple[WorkItem, list[Match], Fingerprint, bool]], now: float):
         """Record these posts (their answers cleared) inside the caller's transaction."""
@@ -108,14 +108,14 @@ class RecorderRole:
         return records, [work.id for work, *_ in complete], undecided
 
     def _store_answers(self, answers: list[tuple], pictures: dict[int, bytes] | None = None):
-        """Each (work, fp, fetched, shard, text) stored, and every post whose set they
+        """Each (work, fp, fetched, shard, text, answer) stored, and every post whose set they
         complete recorded, in one transaction; where the merged answer needs the keypoint
         pass, that runs here first if the post's keypoints are at hand (``pictures`` by work
         id), else the post is returned to be decided (work, fp, fetched, merged answer), its
         answers kept. Returns (records, the ids of the posts recorded, those to decide)."""
         def step(conn, states, now):
             complete, undecided, now_decided = [], [], []
-            for work, fp, fetched, shard, text in answers:
+            for work, fp, fetched, shard, text, answer in answers:
                 if states.get(work.id) != "pending":
                     continue  # recorded already (a repeated answer), or a row we do not have
                 if self.shards == 1:  # the answer is the whole set: nothing to keep until the others come
@@ -125,7 +125,8 @@ class RecorderRole:
                     if len(stored) < self.shards:
                         continue  # the other shards have not answered yet
                 states[work.id] = "complete"  # a repeat of an answer later in this batch changes nothing
-                merged = merged_answers([answer_from(t) for t in stored.values()], self.tier_names)
+                merged = merged_answers([answer if k == shard else answer_from(t) for k, t in stored.items()],
+                                        self.tier_names)
                 if not (self.keypoints and needs_keypoints(merged)):
                     complete.append((work, merged.matches, fp, fetched))
                 elif fp.keypoints or (pictures or {}).get(work.id):
@@ -181,8 +182,8 @@ class RecorderRole:
 
     async def _handle(self, answers: list[tuple]) -> None:
         # the pictures of posts whose answer so far needs keypoints, read before the transaction
-        wanted = [work.id for work, fp, _, _, text in answers
-                  if self.keypoints and not fp.keypoints and needs_keypoints(answer_from(text))]
+        wanted = [work.id for work, fp, _, _, _, answer in answers
+                  if self.keypoints and not fp.keypoints and needs_keypoints(answer)]
         pictures = await self.streams.pictures(wanted)
         records, done, undecided = await asyncio.to_thread(self._store_answers, answers, pictures)
         if undecided:
