@@ -39,13 +39,16 @@ def make_thumbs(corpus: Path, limit: int) -> list[bytes]:
     return out
 
 
-def host_process(thumbs: list[bytes], posts: int, batch: int, port_q, rate: float | None = None) -> None:
+def host_process(thumbs: list[bytes], posts: int, batch: int, port_q, rate: float | None = None,
+                 go=None) -> None:
     """The feed host; with ``rate``, posts are published at that many per second (from the
-    first poll) instead of ``batch`` per poll."""
+    first poll) instead of ``batch`` per poll; given ``go`` (an Event), none until it is set."""
     from aiohttp import web
     served = {"next": 0, "t0": None}
 
     async def feed(request):
+        if go is not None and not go.is_set():
+            return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "bench", "items": []})
         start = served["next"]
         stop = min(posts, start + batch)
         if rate:

@@ -7,14 +7,18 @@ Any folder of JPEG images will do. A feed host process (bench/pipeline.py's) han
 posts, 320 px thumbnails, a JSON Feed batch per poll; some repost library pictures. The
 one-process daemon is `repost-monitor run`; the roles are an intake, ``--workers`` fetch
 workers, one shard and a recorder, each `repost-monitor run --role ...`, over a throwaway
-Redis and PostgreSQL (monitor/tools/services.py). Printed per turn: posts/s from the first
-row recorded to the last, and the time from a row's discovery to its recording (p50, p99:
-queueing included; rows of the first 5 s left out, when processes are still starting), read
-from the work table in both modes; and the CPU time per post of each process, in the roles
-mode of the Redis server and the PostgreSQL cluster too, and of the feed host, from the first
-row recorded to the last (start-up left out), with the cores they kept busy in all.
+Redis and PostgreSQL (monitor/tools/services.py). The feed host publishes once every
+process's /readyz says ready, so start-up is in neither mode's figures. Printed per turn:
+posts/s from the first row recorded to the last, and the time from a row's discovery to its
+recording (p50, p99: queueing included), read from the work table in both modes; and the CPU
+time per post of each process, in the roles mode of the Redis server and the PostgreSQL
+cluster too, and of the feed host, from the first row recorded to the last, with the cores
+they kept busy in all.
 ``--rate`` publishes at a set pace (latency at a load the machine carries) instead of as fast
-as the daemon polls (throughput).
+as the daemon polls (throughput). ``--process ROLES``, repeated, lays the roles out otherwise:
+``--process intake,shard:0,recorder --process worker --process worker`` (three processes) was
+slower on 2 cores than one process a role, 261 against 329 posts/s in one turn each (the
+PostgreSQL cluster's CPU a post doubled).
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ def seed(location: str, pictures: list[bytes], size: int) -> None:
                 ((f"random/{i}", "random", 320, 240, *map(int, rand[i]), ALGORITHM_VERSION)
                  for i in range(start, min(len(rand), start + 20000))))
     store.close()
+    if location.startswith("postgresql"):
+        # What a library loaded long ago has had: its tables vacuumed and analysed, the load
+        # checkpointed. Else autovacuum's first visit (a minute after the load: during the
+        # turn) reads the 100,000 fresh rows, a ~0.5 s stall on 2 cores, in the roles' p99.
+        import psycopg
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+            conn.execute("CHECKPOINT")
 
 
 def cpu_seconds(pid: int, children: bool = False) -> float:
@@ -79,6 +91,28 @@ def services_cpu(pg, rd=None) -> dict[str, float]:
     if rd is not None:
         out["redis"] = cpu_seconds(rd.proc.pid)
     return out
+
+
+def wait_ready(ports: list[int], procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    """Until every process's /readyz says ready (kernels loaded, library and roles up): the
+    feed host publishes only then, so start-up (6 processes loading on 2 cores take ~8 s)
+    is in neither mode's figures."""
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a daemon process exited while starting")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the process on port {port} was not ready in {timeout:.0f} s")
+            time.sleep(0.2)
 
 
 def measure(location: str, posts: int, procs: list[subprocess.Popen], host: int, services=None,
@@ -111,9 +145,7 @@ def measure(location: str, posts: int, procs: list[subprocess.Popen], host: int,
     finally:
         store.close()
     first, last = rows[:, 1].min(), rows[:, 1].max()
-    # Latency in the steady state: rows discovered in the first 5 s met processes still starting.
-    steady = rows[rows[:, 0] > rows[:, 0].min() + 5.0]
-    lat = (steady[:, 1] - steady[:, 0]) * 1e3
+    lat = (rows[:, 1] - rows[:, 0]) * 1e3  # every row: the posts came only once all processes were ready
     n = max(1, done - first_done)
     procs_ms = [(a - b) / n * 1e3 for a, b in zip(after[0], before[0], strict=True)]
     services_ms = {k: (after[1][k] - before[1][k]) / n * 1e3 for k in after[1]}
@@ -124,9 +156,10 @@ def measure(location: str, posts: int, procs: list[subprocess.Popen], host: int,
             "cpu_ms_per_post": procs_ms, "services_ms_per_post": services_ms, "cores": cores}
 
 
-def config_text(port: int, store: str, extra: str = "") -> str:
+def config_text(port: int, store: str, extra: str = "", server_port: int = 0) -> str:
+    """A daemon's or a role process's config; its server (for /readyz) on ``server_port``."""
     return (f"{store}\n[limits]\nallowed_networks = [\"127.0.0.0/8\"]\nper_host_rate = 100000\nqueue_size = 2000\n"
-            f"[server]\nenabled = false\n[log]\nlevel = \"warning\"\n{extra}"
+            f"[server]\nenabled = true\nhost = \"127.0.0.1\"\nport = {server_port}\n[log]\nlevel = \"warning\"\n{extra}"
             f"[[feeds]]\nname = \"bench\"\ntype = \"jsonfeed\"\nurl = \"http://127.0.0.1:{port}/feed.json\"\n"
             "interval = 0.05\njitter = 0\n")
 
@@ -134,10 +167,16 @@ def config_text(port: int, store: str, extra: str = "") -> str:
 ROLES = ["intake", "shard:0", "recorder"]
 
 
+def layout(args) -> list[str]:
+    """Each process's roles: ``--process`` as given, else one process a role."""
+    return args.process or ROLES + ["worker"] * args.workers
+
+
 def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
+    from monitor.tools.services import free_port
     pg, rd = services
-    q = mp.Queue()
-    host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q, args.rate), daemon=True)
+    q, go = mp.Queue(), mp.Event()
+    host = mp.Process(target=host_process, args=(thumbs, args.posts, 500, q, args.rate, go), daemon=True)
     host.start()
     services.adopt(host)  # these end with the servers if the bench is killed
     port = q.get()
@@ -147,20 +186,26 @@ def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
             db = tmp / f"one-{uuid.uuid4().hex[:6]}.sqlite"
             seed(str(db), thumbs[:200], args.library)
             conf = tmp / "one.toml"
-            conf.write_text(config_text(port, f'[store]\npath = "{db}"'))
+            ports = [free_port()]
+            conf.write_text(config_text(port, f'[store]\npath = "{db}"', server_port=ports[0]))
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf)]))
             services.adopt(procs[-1])
+            wait_ready(ports, procs)
+            go.set()
             return measure(str(db), args.posts, procs, host.pid)
         url = pg.create_database(f"b_{uuid.uuid4().hex[:10]}")
         seed(url, thumbs[:200], args.library)
-        conf = tmp / "roles.toml"
-        conf.write_text(config_text(port, f'[store]\nurl = "{url}"',
-                                    f'[transport]\nurl = "{rd.url}"\nprefix = "b-{uuid.uuid4().hex[:6]}"\n'))
-        roles = ROLES + ["worker"] * args.workers
-        for role in roles:
+        prefix, ports = f"b-{uuid.uuid4().hex[:6]}", []
+        for n, role in enumerate(layout(args)):
+            conf = tmp / f"roles-{n}.toml"
+            ports.append(free_port())
+            conf.write_text(config_text(port, f'[store]\nurl = "{url}"',
+                                        f'[transport]\nurl = "{rd.url}"\nprefix = "{prefix}"\n', ports[-1]))
             procs.append(subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(conf),
                                            "--role", role]))
             services.adopt(procs[-1])
+        wait_ready(ports, procs)
+        go.set()
         return measure(url, args.posts, procs, host.pid, (pg, rd))
     finally:
         for p in procs:
@@ -177,6 +222,9 @@ def main() -> None:
     ap.add_argument("--library", type=int, default=100000)
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="fetch worker processes in the roles mode")
+    ap.add_argument("--process", action="append", metavar="ROLES",
+                    help="a roles process's --role (repeat it a process; default: intake, shard:0, recorder "
+                         "and --workers workers, each its own process)")
     ap.add_argument("--modes", default="one process,roles", help="which to run, comma-separated")
     ap.add_argument("--rate", type=float, default=None,
                     help="posts published per second (default: as fast as the daemon polls, 500 a poll)")
@@ -195,7 +243,7 @@ def main() -> None:
             for mode in results:
                 r = run_turn(mode, args, thumbs, Path(tmp), services)
                 results[mode].append(r)
-                names = ["daemon"] if mode == "one process" else ROLES + ["worker"] * args.workers
+                names = ["daemon"] if mode == "one process" else layout(args)
                 cpu = ", ".join([f"{n} {c:.2f}" for n, c in zip(names, r["cpu_ms_per_post"], strict=True)]
                                 + [f"{n} {c:.2f}" for n, c in r["services_ms_per_post"].items()])
                 print(f"turn {turn + 1}, {mode}: {r['rate']:.0f} posts/s, discovered -> recorded "
