@@ -17,9 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from pipeline import wait_ready  # noqa: E402 - bench/pipeline.py, beside this file
+
+from monitor.tools.services import free_port  # noqa: E402 - the repository root, put on the path by pipeline
 
 CLI = [sys.executable, "-m", "monitor"]
 
@@ -50,25 +53,15 @@ def warm_up_seconds(cache: str, processes: int | None) -> float:
 
 
 def ready_seconds(cache: str, workdir: Path) -> float:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = workdir / "config.toml"
     cfg.write_text(f'[store]\npath = "m.sqlite"\n[server]\nport = {port}\n')
     start = time.perf_counter()
     proc = subprocess.Popen([*CLI, "run", "--config", str(cfg)], env=cold_env(cache), cwd=workdir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.perf_counter() - start < 300:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        return time.perf_counter() - start
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.1)
-        raise SystemExit("run never became ready")
+        wait_ready([port], [proc], timeout=300, poll=0.1)
+        return time.perf_counter() - start
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -17,6 +17,7 @@ import io
 import multiprocessing as mp
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +78,28 @@ def host_process(thumbs: list[bytes], posts: int, batch: int, port_q, rate: floa
         await asyncio.Event().wait()
 
     asyncio.run(main())
+
+
+def wait_ready(ports: list[int], procs: list[subprocess.Popen], timeout: float = 300, poll: float = 0.2) -> None:
+    """Until the server on each of ``ports`` says ready on /readyz (kernels loaded, library
+    and roles up), looking every ``poll`` s; RuntimeError if one of ``procs`` exits first or
+    ``timeout`` passes."""
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a daemon process exited while starting")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the process on port {port} was not ready in {timeout:.0f} s")
+            time.sleep(poll)
 
 
 def seed_library(path: str, pictures: list[bytes], size: int) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pipeline import host_process, make_thumbs  # noqa: E402 - bench/pipeline.py, beside this file
+from pipeline import host_process, make_thumbs, wait_ready  # noqa: E402 - bench/pipeline.py, beside this file
 
 
 def seed(location: str, pictures: list[bytes], size: int) -> None:
@@ -91,28 +91,6 @@ def services_cpu(pg, rd=None) -> dict[str, float]:
     if rd is not None:
         out["redis"] = cpu_seconds(rd.proc.pid)
     return out
-
-
-def wait_ready(ports: list[int], procs: list[subprocess.Popen], timeout: float = 300) -> None:
-    """Until every process's /readyz says ready (kernels loaded, library and roles up): the
-    feed host publishes only then, so start-up (6 processes loading on 2 cores take ~8 s)
-    is in neither mode's figures."""
-    import urllib.error
-    import urllib.request
-    deadline = time.monotonic() + timeout
-    for port in ports:
-        while True:
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a daemon process exited while starting")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the process on port {port} was not ready in {timeout:.0f} s")
-            time.sleep(0.2)
 
 
 def measure(location: str, posts: int, procs: list[subprocess.Popen], host: int, services=None,

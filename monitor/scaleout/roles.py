@@ -51,8 +51,8 @@ WORKERS_GROUP, RECORDERS_GROUP = "workers", "recorders"
 # quarter full: all the roles 8.7-9.5 ms of CPU a post against 9.5-10.7 (shard 1.04-1.18 against
 # 1.50-1.79, recorder 1.86-2.02 against 2.26-2.49), p50 81-90 ms against 43-59, p99 alike (median
 # 181 ms against 232). A fetch worker's batches fill anyway: its waiting saved nothing.
-# Only where more are likely within it (the stream's recent pace, at least one message a
-# LINGER): at a few posts a second nothing more comes, and waiting only added 20 ms a hop.
+# It waits only where the stream's recent pace (Arrivals) promises at least one more message
+# within it: at a few posts a second nothing more comes, and the wait only added 20 ms a hop.
 LINGER = 0.02  # seconds
 
 
