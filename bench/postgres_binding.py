@@ -1,14 +1,22 @@
-"""The store's writes on PostgreSQL with parameters bound by the server (what the store does)
-against values written into the SQL text on the client (psycopg's ClientCursor, what it did),
-in turns on one throwaway cluster.
+"""The store's statements on PostgreSQL as the store runs them (parameters bound by the server,
+a statement run five times prepared, its plan left to the server) against every statement
+planned each run (``plan_cache_mode = force_custom_plan``) and against values written into
+the SQL text on the client (psycopg's ClientCursor, what it did first), in turns on one
+throwaway cluster.
 
-    python3 bench/postgres_binding.py [--batches 60] [--posts 64]
+    python3 bench/postgres_binding.py [--batches 60] [--posts 64] [--analysed ROWS]
 
-Per batch, what the scaled-out intake and recorder write for that many posts: the feed items'
-work rows, then one transaction that holds the rows, stores each image's fingerprint and
-closes the rows. Printed per binding: our process's CPU, the PostgreSQL cluster's CPU
-(bench/scaleout.py's reading of it) and the wall time, per post. Needs initdb/pg_ctl (Debian's
-postgresql package).
+Per batch, what the scaled-out intake, fetch workers and recorder ask for that many posts:
+the feed items' work rows, the workers' look-ups of the images they know (4 URLs at a time),
+then one transaction that holds the rows, stores each image's fingerprint and closes the
+rows. Printed per store: our process's CPU, the PostgreSQL cluster's CPU (bench/scaleout.py's
+reading of it) and the wall time, per post. ``--analysed ROWS`` first gives the work and
+images tables that many rows and analyses them. 200000, a deployment long at work: planning
+each run costs the cluster ~40% more. 0, tables analysed empty (a database-wide ANALYZE
+before the first post): the server keeps generic plans made for empty tables, sequential
+scans, as the tables grow, until autovacuum's next ANALYZE (a minute or so): 5-14x the
+cluster's CPU meanwhile, more as they grow. A deployment's first minute against every minute after it: the
+store leaves the plans to the server. Needs initdb/pg_ctl (Debian's postgresql package).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--posts", type=int, default=64)
+    ap.add_argument("--analysed", type=int, default=None, metavar="ROWS",
+                    help="fill the work and images tables with ROWS rows and ANALYZE them first")
     args = ap.parse_args()
     import psycopg
     from scaleout import services_cpu  # bench/scaleout.py, beside this file
@@ -37,6 +47,11 @@ def main() -> None:
     from monitor.records.postgres import PostgresStore
     from monitor.tools.services import throwaway
 
+    class AllPlannedEachRun(PostgresStore):
+        def _connect(self) -> None:
+            super()._connect()
+            self._raw.execute("SET plan_cache_mode = force_custom_plan")
+
     class ClientBound(PostgresStore):
         def _connect(self) -> None:
             self._raw = psycopg.connect(self.url, autocommit=True, cursor_factory=psycopg.ClientCursor,
@@ -46,7 +61,16 @@ def main() -> None:
     warm = args.batches // 6
     with throwaway(postgres=True, redis=False) as (pg, _):
         url = pg.create_database("binding")
-        stores = {"server-bound (ours)": PostgresStore(url), "client-bound (before)": ClientBound(url)}
+        stores = {"ours": PostgresStore(url), "all planned each run": AllPlannedEachRun(url),
+                  "client-bound (first)": ClientBound(url)}
+        if args.analysed is not None:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("INSERT INTO work (feed, item_id, image_url, discovered_at, state) SELECT 'old', "
+                             "g::text, 'http://example.org/old/' || g, 0, 'done' FROM generate_series(1, %s) g",
+                             (args.analysed,))
+                conn.execute("INSERT INTO images (url, state, fetched_at) SELECT 'http://example.org/old/' || g, "
+                             "'ok', 0 FROM generate_series(1, %s) g", (args.analysed,))
+                conn.execute("VACUUM ANALYZE")
         spent = {name: [0.0, 0.0, 0.0] for name in stores}
         for batch in range(args.batches):
             for name, store in stores.items():  # in turns
@@ -55,6 +79,8 @@ def main() -> None:
                          for i in range(args.posts)]
                 ours, wall, server = time.process_time(), time.perf_counter(), services_cpu(pg)["postgresql"]
                 work, _ = work_rows.record_items(store, "feed", items, time.time())
+                for start in range(0, len(work), 4):
+                    work_rows.cached_images(store, [w.image_url for w in work[start:start + 4]])
                 with store.transaction() as conn:
                     shard_answers.hold_works(conn, [w.id for w in work])
                     work_rows.images_ok(conn, [(w.image_url, fp) for w in work], time.time())

@@ -60,9 +60,12 @@ def seed(location: str, pictures: list[bytes], size: int) -> None:
         # What a library loaded long ago has had: its tables vacuumed and analysed, the load
         # checkpointed. Else autovacuum's first visit (a minute after the load: during the
         # turn) reads the 100,000 fresh rows, a ~0.5 s stall on 2 cores, in the roles' p99.
+        # Only the library's: the posts' tables analysed empty had the server keep the plans
+        # it made for empty tables, sequential scans, all turn (bench/postgres_binding.py):
+        # a fetch worker's look-up of known images read every image row, half the cluster's CPU.
         import psycopg
         with psycopg.connect(location, autocommit=True) as conn:
-            conn.execute("VACUUM ANALYZE")
+            conn.execute("VACUUM ANALYZE library_entries, library_changes, library_meta, entry_keypoints")
             conn.execute("CHECKPOINT")
 
 
@@ -171,7 +174,8 @@ def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
             wait_ready(ports, procs)
             go.set()
             return measure(str(db), args.posts, procs, host.pid)
-        url = pg.create_database(f"b_{uuid.uuid4().hex[:10]}")
+        database = f"b_{uuid.uuid4().hex[:10]}"
+        url = pg.create_database(database)
         seed(url, thumbs[:200], args.library)
         prefix, ports = f"b-{uuid.uuid4().hex[:6]}", []
         for n, role in enumerate(layout(args)):
@@ -191,6 +195,10 @@ def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
         for p in procs:
             p.wait(timeout=60)
         host.terminate()
+        if mode != "one process":  # else autovacuum reads this turn's rows in the next one, on its CPU
+            import psycopg
+            with psycopg.connect(url.rsplit("/", 1)[0] + "/repost", autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 def main() -> None:
