@@ -60,9 +60,8 @@ def seed(location: str, pictures: list[bytes], size: int) -> None:
         # What a library loaded long ago has had: its tables vacuumed and analysed, the load
         # checkpointed. Else autovacuum's first visit (a minute after the load: during the
         # turn) reads the 100,000 fresh rows, a ~0.5 s stall on 2 cores, in the roles' p99.
-        # Only the library's: the posts' tables analysed empty had the server keep the plans
-        # it made for empty tables, sequential scans, all turn (bench/postgres_binding.py):
-        # a fetch worker's look-up of known images read every image row, half the cluster's CPU.
+        # Only the library's: the posts' tables are as a new deployment's, empty and not yet
+        # analysed, as they are in the one-process mode's SQLite file.
         import psycopg
         with psycopg.connect(location, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE library_entries, library_changes, library_meta, entry_keypoints")

@@ -224,6 +224,47 @@ def test_a_sql_ascii_postgresql_database_gives_back_text(postgres_cluster):
     assert [tuple(r) for r in store.query("SELECT item_id, author FROM work ORDER BY id")] == [("post-é", "Zoë")] * 2
     store.close()
 
+@pytest.mark.slow  # a PostgreSQL cluster
+@pytest.mark.parametrize("analysed", [False, True])
+def test_a_look_up_of_known_images_reads_the_index_however_the_table_has_grown(postgres_cluster, analysed):
+    """A new deployment's images table grows from empty with the posts. The server kept the
+    generic plan of the fetch workers' look-up, made while the table was small, a sequential
+    scan, as it grew (until autovacuum's next ANALYZE, a minute or more later): each batch's
+    look-up read every image row so far, most of the cluster's CPU in bench/scaleout.py. So
+    too where the tables were analysed empty (a VACUUM ANALYZE after loading the library).
+    Each look-up is planned for the table as it is."""
+    import os
+    import uuid
+
+    from monitor.fingerprints import Fingerprint
+    store = open_store(postgres_cluster.create_database(f"p_{uuid.uuid4().hex[:12]}"))
+    if analysed:
+        with store.transaction() as conn:
+            conn.execute("ANALYZE")
+
+    def scans() -> tuple[int, int]:  # this session's sequential and index scans of images so far
+        store.query("SELECT pg_stat_force_next_flush()")
+        return tuple(store.query("SELECT seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables "
+                                 "WHERE relname = 'images'")[0])
+
+    fp = Fingerprint(1, 2, 3, 4, 64, 48, fine=os.urandom(64), fine_mirror=os.urandom(64))
+    for n in range(300):  # as fetch workers go: a batch's look-up, then its images stored
+        urls = [f"http://h/{n}/{k}.jpg" for k in range(4)]
+        assert work_rows.cached_images(store, urls) == {}
+        with store.transaction() as conn:
+            work_rows.images_ok(conn, [(u, fp) for u in urls], 1.0)
+    with store.transaction() as conn:
+        work_rows.images_ok(conn, [(f"http://h/more/{i}.jpg", fp) for i in range(5000)], 1.0)
+    before = scans()
+    for n in range(20):
+        urls = [f"http://h/{n}/1.jpg", f"http://h/more/{n}.jpg", f"http://h/none/{n}.jpg", f"http://h/new/{n}.jpg"]
+        assert set(work_rows.cached_images(store, urls)) == set(urls[:2])
+    assert work_rows.cached_image(store, "http://h/more/7.jpg").dhash == 1
+    after = scans()
+    assert after[0] == before[0] and after[1] >= before[1] + 21, (before, after)
+    store.close()
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 def test_a_recorder_batch_records_each_image_once_whatever_is_repeated(library, samples, shards):
     """The scaled-out recorder's batch (RecorderRole._store_answers, on both engines): an

@@ -255,10 +255,10 @@ class Connection:
     def __init__(self, raw: psycopg.Connection):
         self.raw = raw
 
-    def execute(self, sql: str, params=()):
+    def execute(self, sql: str, params=(), plan_each_run: bool = False):
         cur = self.raw.cursor()
         if params:
-            cur.execute(translate(sql), tuple(params))
+            cur.execute(translate(sql), tuple(params), prepare=False if plan_each_run else None)
         else:
             cur.execute(translate(sql, False))
         return cur
@@ -324,9 +324,19 @@ class PostgresStore:
             with conn.raw.transaction():
                 yield conn
 
-    def query(self, sql: str, params=()) -> list[tuple]:
+    def query(self, sql: str, params=(), *, plan_each_run: bool = False) -> list[tuple]:
+        """Rows of ``sql``. With ``plan_each_run`` the statement is never prepared: each run
+        is planned for the table as it is now. For a look-up in a table that grows from
+        empty with the posts: the server keeps a prepared statement's generic plan once it
+        costs no more than the first five runs' plans, and made while the table was small
+        that plan is a sequential scan, kept as the table grows until autovacuum's next
+        ANALYZE, a minute or more later. A fetch worker's look-up of its batch's URLs read
+        every image row so far, 1-6 ms instead of 0.03: most of the cluster's CPU in
+        bench/scaleout.py's turns. (Every statement planned each run,
+        ``plan_cache_mode = force_custom_plan``, cost the cluster 40% more CPU once the
+        tables are large: bench/postgres_binding.py.)"""
         with self.lock:
-            return self.conn.execute(sql, params).fetchall()
+            return self.conn.execute(sql, params, plan_each_run).fetchall()
 
     def close(self) -> None:
         with self.lock:

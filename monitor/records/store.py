@@ -314,10 +314,9 @@ class StoreError(RuntimeError):
 class Store:
     """A SQLite connection shared by threads, serialised by a lock.
 
-    WAL lets readers (the HTTP API, a second CLI process) work while the
-    daemon writes; ``synchronous=NORMAL`` in WAL mode still never corrupts
-    the file and loses at most the last transactions on power loss, not on
-    a process kill.
+    WAL lets readers (the HTTP API, a second CLI process) work while the daemon writes;
+    ``synchronous=NORMAL`` in WAL mode still never corrupts the file and loses at most the
+    last transactions on power loss, not on a process kill.
     """
 
     dialect = "sqlite"
@@ -378,7 +377,8 @@ class Store:
                 raise
             self.conn.execute("COMMIT")
 
-    def query(self, sql: str, params=()) -> list[tuple]:
+    def query(self, sql: str, params=(), *, plan_each_run: bool = False) -> list[tuple]:
+        # plan_each_run is PostgreSQL's (postgres.py); SQLite plans each run for the table as it is
         with self.lock:
             return self.conn.execute(sql, params).fetchall()
 

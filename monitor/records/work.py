@@ -157,7 +157,7 @@ def _cached(row) -> Fingerprint | CachedFailure:
 def cached_image(store: Store, url: str) -> Fingerprint | None:
     """The stored fingerprint of an image URL fetched before (by any feed), None if never
     fetched; raises CachedFailure if it failed for good."""
-    rows = store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url=?", (url,))
+    rows = store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url=?", (url,), plan_each_run=True)
     if not rows:
         return None
     found = _cached(rows[0])
@@ -172,7 +172,8 @@ def cached_images(store: Store, urls: list[str]) -> dict[str, Fingerprint | Cach
     appear, a failure as its CachedFailure (not raised)."""
     out: dict[str, Fingerprint | CachedFailure] = {}
     for marks, chunk in in_chunks(urls):
-        for row in store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url IN ({marks})", chunk):
+        for row in store.query(f"SELECT {_CACHED_COLUMNS} FROM images WHERE url IN ({marks})", chunk,
+                               plan_each_run=True):
             out[row[0]] = _cached(row)
     return out
 
