@@ -228,7 +228,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in args.modes.split(",")}
     with throwaway() as services, tempfile.TemporaryDirectory() as tmp:
         for turn in range(args.turns):
-            for mode in results:
+            # one process first, then roles first, and so on: a drift of the machine's speed
+            # through a run favours neither (a pair is its turn's two runs, back to back)
+            for mode in (list(results) if turn % 2 == 0 else list(results)[::-1]):
                 r = run_turn(mode, args, thumbs, Path(tmp), services)
                 results[mode].append(r)
                 names = ["daemon"] if mode == "one process" else layout(args)
