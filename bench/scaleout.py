@@ -173,8 +173,8 @@ def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
             wait_ready(ports, procs)
             go.set()
             return measure(str(db), args.posts, procs, host.pid)
-        database = f"b_{uuid.uuid4().hex[:10]}"
-        url = pg.create_database(database)
+        name = f"b_{uuid.uuid4().hex[:10]}"
+        url, database = pg.create_database(name), name
         seed(url, thumbs[:200], args.library)
         prefix, ports = f"b-{uuid.uuid4().hex[:6]}", []
         for n, role in enumerate(layout(args)):
