@@ -174,7 +174,7 @@ def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
             go.set()
             return measure(str(db), args.posts, procs, host.pid)
         name = f"b_{uuid.uuid4().hex[:10]}"
-        url, database = pg.create_database(name), name
+        url, database = pg.create_database(name), name  # named for dropping once it exists
         seed(url, thumbs[:200], args.library)
         prefix, ports = f"b-{uuid.uuid4().hex[:6]}", []
         for n, role in enumerate(layout(args)):
@@ -195,11 +195,9 @@ def run_turn(mode: str, args, thumbs, tmp: Path, services) -> dict:
             p.wait(timeout=60)
         host.terminate()
         if database:  # else autovacuum reads this turn's rows in the next one, on its CPU
-            import psycopg
             try:
-                with psycopg.connect(url.rsplit("/", 1)[0] + "/repost", autocommit=True) as conn:
-                    conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-            except psycopg.Error as exc:
+                pg.drop_database(database)
+            except subprocess.CalledProcessError as exc:
                 print(f"the turn's database {database} was not dropped ({exc})", file=sys.stderr)
 
 

@@ -96,3 +96,21 @@ def test_an_owner_that_ends_normally_leaves_nothing_and_no_reaper():
     finally:
         if started(child) == child_start:
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_database_is_dropped_with_its_sessions_ended_and_dropping_it_again_is_harmless(postgres_cluster):
+    """bench/scaleout.py drops each turn's database so autovacuum does not read it during the
+    next turn; a session left open on it does not stop that."""
+    import uuid
+
+    import psycopg
+    name = f"d_{uuid.uuid4().hex[:12]}"
+    url = postgres_cluster.create_database(name)
+    left_open = psycopg.connect(url)
+    try:
+        postgres_cluster.drop_database(name)
+        postgres_cluster.drop_database(name)
+        with pytest.raises(psycopg.OperationalError, match="does not exist"):
+            psycopg.connect(url).close()
+    finally:
+        left_open.close()

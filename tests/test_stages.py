@@ -224,6 +224,7 @@ def test_a_sql_ascii_postgresql_database_gives_back_text(postgres_cluster):
     assert [tuple(r) for r in store.query("SELECT item_id, author FROM work ORDER BY id")] == [("post-é", "Zoë")] * 2
     store.close()
 
+
 @pytest.mark.slow  # a PostgreSQL cluster
 @pytest.mark.parametrize("analysed", [False, True])
 def test_a_look_up_of_known_images_reads_the_index_however_the_table_has_grown(postgres_cluster, analysed):

@@ -105,6 +105,11 @@ class Postgres:
                                      "repost", *extra, name]), check=True)
         return f"postgresql://repost@127.0.0.1:{self.port}/{name}"
 
+    def drop_database(self, name: str) -> None:
+        """The database gone, its sessions ended first (CalledProcessError if it cannot be)."""
+        subprocess.run(_as_postgres([postgres_bin("dropdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                                     "repost", "--if-exists", "--force", name]), check=True)
+
     def restart(self) -> None:
         self._ctl("restart", "-w", "-m", "fast")
 
