@@ -784,3 +784,75 @@ async def test_a_lone_message_is_handled_at_once_and_a_busy_stream_in_batches(se
         await asyncio.wait_for(task, 10)
     finally:
         await streams.close()
+
+
+async def test_the_recorder_holds_no_row_locked_through_the_keypoint_pass(services, samples):
+    """The recorder's keypoint pass (ORB, a few ms a post) runs between the transaction that
+    completes a post's set of answers and the one that records it: meanwhile no transaction
+    of its is open, so another recorder storing a different shard's answer for one of those
+    posts never waits on it. Watched from another session: the longest transaction the
+    recorder held, against the time its keypoint pass took. The posts are cut and mirrored
+    copies of the library's pictures, which all need the pass, and it records their matches."""
+    import psycopg
+
+    from feeds import FeedItem
+    from monitor.fingerprints import fingerprint_bytes
+    from monitor.metrics import Metrics
+    from monitor.pipeline.recorder import Recorder
+    from monitor.records import work as work_rows
+    from monitor.records.library import Library
+    from monitor.scaleout.recorder import RecorderRole
+    from monitor.scaleout.streams import RedisStreams
+    from monitor.scaleout.wire import answer_json, fingerprint_fields, work_fields
+    from monitor.scan import add_files
+    from monitor.search.answers import needs_keypoints
+    from monitor.search.matcher import PRESETS, Matcher
+    pg, rd = services
+    url = pg.create_database(f"k_{uuid.uuid4().hex[:12]}")
+    lib = Library(open_store(url))
+    add_files(lib, sorted(samples.glob("library-*.jpg")), progress=False)
+    posts = []
+    for path in sorted(samples.glob("library-*.jpg")):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        for cut in (0.12, 0.18, 0.24):
+            for edit in (lambda i: i, ImageOps.mirror):
+                for box in ((int(w * cut), 0, w, h), (0, int(h * cut), w, h - int(h * cut / 3))):
+                    posts.append(encode(edit(img.crop(box)), quality=85))
+    fps = [fingerprint_bytes(data, views="query", keypoint_picture=True) for data in posts]
+    answers = Matcher(lib.index, PRESETS["near"]).hash_answers(fps, {i: True for i in range(len(fps))})
+    needing = [(fp, a) for fp, a in zip(fps, answers, strict=True) if needs_keypoints(a)]
+    assert len(needing) >= 30, len(needing)
+    work, _ = work_rows.record_items(lib.store, "f", [FeedItem("f", str(i), (f"http://h/{i}.jpg",))
+                                                      for i in range(len(needing))], 1.0)
+    streams = RedisStreams(rd.url, prefix=f"k-{uuid.uuid4().hex[:8]}")
+    await streams.add_many("unused", [], {w.id: fp.keypoint_picture for w, (fp, _) in zip(work, needing, strict=True)})
+    metrics = Metrics()
+    role = RecorderRole(lib.store, 1, streams, Recorder(lib.store, lib, metrics))
+    batch = [(str(n).encode(), {k.encode(): v.encode() for k, v in {
+        **work_fields(w), **fingerprint_fields(fp, True), "shard": "0", "matches": answer_json(a)}.items()})
+             for n, (w, (fp, a)) in enumerate(zip(work, needing, strict=True))]
+    longest, watching = [0.0], [True]
+
+    def watch():  # the oldest open transaction of any other session on the database, as often as it can
+        with psycopg.connect(url, autocommit=True) as conn:
+            while watching[0]:
+                age = conn.execute("SELECT COALESCE(MAX(EXTRACT(EPOCH FROM clock_timestamp() - xact_start)), 0) "
+                                   "FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid()").fetchone()[0]
+                longest[0] = max(longest[0], float(age))
+    watcher = asyncio.create_task(asyncio.to_thread(watch))
+    await asyncio.sleep(0.2)
+    try:
+        assert await role.handle_batch(batch) == [mid for mid, _ in batch]
+    finally:
+        watching[0] = False
+        await watcher
+        await streams.close()
+    searching = metrics.keypoint_search_seconds.collect()[0]
+    spent = sum(s.value for s in searching.samples if s.name.endswith("_sum"))
+    states = {s for (s,) in query(url, "SELECT state FROM work")}
+    recorded = query(url, "SELECT COUNT(DISTINCT work_id) FROM matches")[0][0]
+    lib.store.close()
+    assert states == {"done"} and recorded >= len(needing) // 2, (states, recorded)
+    assert spent > 0.05 and longest[0] < spent / 2, (longest[0], spent)

@@ -3,8 +3,10 @@ post's set of shards has the post recorded, its matches and their alerts in one 
 
 Where the shards' merged answer is final, that is at once. Where it is not (an unsure hash
 match to confirm, or candidates for a second look where no match is sure) the keypoint pass
-runs here first, once per post (monitor/search/answers.py): the post's keypoint picture is
-read from Redis, where the fetch worker left it, and the entries' keypoints from the store.
+runs here, once per post (monitor/search/answers.py), between the transaction that completes
+the set and the one that records the post, so no row stays locked through its CPU work: the
+post's keypoint picture is read from Redis, where the fetch worker left it, and the entries'
+keypoints from the store.
 A post whose picture is gone (kept 15 minutes; a stored fingerprint never had one) has its
 image fetched again if a match is unsure, as the one-process daemon does; else the hashes'
 answer stands. The answers stay stored until the post is recorded, so a recorder killed
@@ -107,14 +109,15 @@ class RecorderRole:
             outbox.committed()
         return records, [work.id for work, *_ in complete], undecided
 
-    def _store_answers(self, answers: list[tuple], pictures: dict[int, bytes] | None = None):
+    def _store_answers(self, answers: list[tuple]):
         """Each (work, fp, fetched, shard, text, answer) stored, and every post whose set they
-        complete recorded, in one transaction; where the merged answer needs the keypoint
-        pass, that runs here first if the post's keypoints are at hand (``pictures`` by work
-        id), else the post is returned to be decided (work, fp, fetched, merged answer), its
-        answers kept. Returns (records, the ids of the posts recorded, those to decide)."""
+        complete recorded, in one transaction; a post whose merged answer needs the keypoint
+        pass is returned to be decided (work, fp, fetched, merged answer), its answers kept:
+        the pass runs after this transaction, so no row stays locked through its CPU work
+        (another recorder storing a different shard's answer for one of these posts would
+        wait that long). Returns (records, the ids of the posts recorded, those to decide)."""
         def step(conn, states, now):
-            complete, undecided, now_decided = [], [], []
+            complete, undecided = [], []
             for work, fp, fetched, shard, text, answer in answers:
                 if states.get(work.id) != "pending":
                     continue  # recorded already (a repeated answer), or a row we do not have
@@ -127,20 +130,10 @@ class RecorderRole:
                 states[work.id] = "complete"  # a repeat of an answer later in this batch changes nothing
                 merged = merged_answers([answer if k == shard else answer_from(t) for k, t in stored.items()],
                                         self.tier_names)
-                if not (self.keypoints and needs_keypoints(merged)):
-                    complete.append((work, merged.matches, fp, fetched))
-                elif fp.keypoints or (pictures or {}).get(work.id):
-                    now_decided.append((work, fp, fetched, merged))
-                else:
+                if self.keypoints and needs_keypoints(merged):
                     undecided.append((work, fp, fetched, merged))
-            if now_decided:  # the keypoint pass in this transaction: one round of writes, not two
-                sources = {q: fp.keypoints or self._finder(pictures[work.id])
-                           for q, (work, fp, _, _) in enumerate(now_decided)}
-                final = keypoint_pass([merged for *_, merged in now_decided], sources, self._entry_keypoints(),
-                                      self.second_look_tier)
-                self._observe(sources)
-                complete += [(work, matches, fp, fetched)
-                             for (work, fp, fetched, _), matches in zip(now_decided, final, strict=True)]
+                else:
+                    complete.append((work, merged.matches, fp, fetched))
             return complete, undecided
         return self._in_transaction([work.id for work, *_ in answers], step)
 
@@ -181,11 +174,7 @@ class RecorderRole:
             (work, matches, fp, fetched) for (work, fp, fetched, _), matches in zip(undecided, final, strict=True)])
 
     async def _handle(self, answers: list[tuple]) -> None:
-        # the pictures of posts whose answer so far needs keypoints, read before the transaction
-        wanted = [work.id for work, fp, _, _, _, answer in answers
-                  if self.keypoints and not fp.keypoints and needs_keypoints(answer)]
-        pictures = await self.streams.pictures(wanted)
-        records, done, undecided = await asyncio.to_thread(self._store_answers, answers, pictures)
+        records, done, undecided = await asyncio.to_thread(self._store_answers, answers)
         if undecided:
             more, decided = await self._decide(undecided)
             records, done = records + more, done + decided
