@@ -86,11 +86,12 @@ class RecorderRole:
 
     def _record(self, conn, complete: list[tuple[WorkItem, list[Match], Fingerprint, bool]], now: float):
         """Record these posts (their answers cleared) inside the caller's transaction."""
+        met = {m.entry_id for _, matches, _, _ in complete for m in matches}
+        entries = entries_by_id(self.store, met) if met else {}  # one look-up for the batch
         rows = []
         for work, matches, fp, fetched in complete:
             if self.shards > 1:
                 shard_answers.clear(conn, work.id)
-            entries = entries_by_id(self.store, (m.entry_id for m in matches)) if matches else {}
             rows.append((work, matches, fp, entries, fetched))
         outbox = self.recorder.outbox
         return match_rows.record_many(conn, rows, now, enqueue=outbox.enqueue if outbox is not None else None)
