@@ -79,6 +79,25 @@ def test_entity_attacks_are_refused(name):
     assert err.value.reason == "forbidden_xml"
 
 
+@pytest.mark.parametrize("encoding,content_type", [("utf-8", None), ("utf-16", None),
+                                                    ("utf-16-le", "application/rss+xml; charset=utf-16-le")])
+def test_an_entity_declared_in_an_ill_formed_feed_is_refused_too(encoding, content_type):
+    """A declaration that a strict parser gives up on (here a control character in the text)
+    is refused all the same: feedparser's loose parser would take the entity and expand each
+    use (a quadratic blow-up; found by the fuzz tests' mutated defusedxml payload), in any
+    encoding it reads the feed in. Without the declaration the same feed's item is read."""
+    def feed(prolog: str) -> bytes:
+        uses = "&a;" * 500 if prolog else "plain"
+        return (f'<?xml version="1.0" encoding="{encoding}"?>\n{prolog}<rss version="2.0"><channel><title>t</title>'
+                f'<item><guid>i1</guid><title>{uses}</title><enclosure url="https://img.example/a.jpg" '
+                f'type="image/jpeg"/></item></channel></rss>').encode(encoding)
+    source = make_source("rss", "t", "https://feeds.example.org/feed")
+    with pytest.raises(FeedError) as err:
+        source.parse(feed('<!DOCTYPE rss [\n<!ENTITY a "' + "A" * 4000 + '\x01">\n]>\n'), content_type)
+    assert err.value.reason == "forbidden_xml"
+    assert [i.image_urls for i in source.parse(feed(""), content_type)] == [("https://img.example/a.jpg",)]
+
+
 @pytest.mark.parametrize("kind,name,reason", [
     ("rss", "node-feedparser__notafeed.html", "not_a_feed"),
     ("rss", "feed-rs__rss_2.0_invalid_1.xml", "malformed_xml"),
