@@ -6,8 +6,9 @@ quadratic blow-up and external entities never reach an XML parser that
 would expand them. That holds for ill-formed documents too, which defusedxml's
 strict parser gives up on before it meets the declaration: feedparser's loose
 parser would still take any entity whose text holds no reference, and expand
-each use of it (a 100 KB feed whose declaration is cut became a 96 MB string
-and 25 s of CPU holding the GIL; the fuzz tests' mutated payloads found it).
+each use of it (a 100 KB feed with one damaged byte in its declaration became a
+96 MB string and 25 s of CPU holding the GIL; the fuzz tests' mutated payloads
+found it).
 """
 
 from __future__ import annotations
