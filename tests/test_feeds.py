@@ -106,6 +106,7 @@ def test_images_in_html_are_found_as_a_browser_would_and_hostile_markup_costs_no
     Markup that made Python's html.parser quadratic (an unclosed comment: 80 KB took 6.4 s)
     or that overlaps tags without end takes time in proportion to its length."""
     from feeds.base import images_in_html
+    from tests.fuzzing import SLOW_INPUT_SECONDS  # what the fuzz tests count as a finding
     html = ("<p>İstanbul <img src=a.jpg><!-- <img src=hidden.jpg> --><IMG SRC='b.jpg'>"
             "<script>'<img src=js.jpg>'</script><img data-src=c.jpg>"
             '<img src=pixel.gif width=1><style>p{}</style><img alt="a > b" src="q.jpg">'
@@ -115,14 +116,15 @@ def test_images_in_html_are_found_as_a_browser_would_and_hostile_markup_costs_no
     for hostile in ("<!--" * 50_000, "<img" * 50_000 + ">", '<img alt=">' * 20_000, "<!-- c -->" * 20_000):
         started = time.perf_counter()
         assert images_in_html("<img src=first.jpg>" + hostile) == ["first.jpg"]
-        assert time.perf_counter() - started < 2.0, hostile[:12]
+        assert time.perf_counter() - started < SLOW_INPUT_SECONDS, hostile[:12]
     # the same in an RSS item's description (old: 7.4 s for this 140 KB feed, ~2.6 hours for 5 MB)
     described = escape("<img src=first.jpg>" + "<!--" * 35_000)
     body = (f'<?xml version="1.0"?><rss version="2.0"><channel><title>t</title><item><guid>1</guid>'
             f"<description>{described}</description></item></channel></rss>").encode()
     started = time.perf_counter()
     [item] = make_source("rss", "t", "https://feeds.example.org/feed").parse(body)
-    assert item.image_urls == ("https://feeds.example.org/first.jpg",) and time.perf_counter() - started < 2.0
+    assert item.image_urls == ("https://feeds.example.org/first.jpg",)
+    assert time.perf_counter() - started < SLOW_INPUT_SECONDS
 
 
 @pytest.mark.parametrize("kind,name,reason", [
