@@ -35,12 +35,15 @@ def _add_scan_options(p: argparse.ArgumentParser) -> None:
 
 
 def _db_option(p: argparse.ArgumentParser, *, top: bool) -> None:
-    """--db before the verb (``library --db X add``) or after it (``library add --db X``)."""
+    """--db or --config before the verb (``library --db X add``) or after it (``library add --db X``)."""
     if top:
-        p.add_argument("--db", default=DEFAULT_DB, help="store file (default: %(default)s, "
-                                                        "or $REPOST_MONITOR_DB)")
+        p.add_argument("--db", help=f"store file or postgresql:// URL (default: {DEFAULT_DB}, "
+                                    "or $REPOST_MONITOR_DB)")
+        p.add_argument("--config", help="the daemon's config file: the store its [store] names "
+                                        "(instead of --db)")
     else:
         p.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hash)
 
     p = sub.add_parser("library", help="manage the protected library",
-                       description="Manage the protected library stored in a SQLite file.")
+                       description="Manage the protected library in a store: a SQLite file (--db), or the one "
+                                   "a daemon's config names (--config), so the daemon sees what is added.")
     _db_option(p, top=True)
     lsub = p.add_subparsers(dest="library_cmd", required=True, metavar="ACTION")
     a = lsub.add_parser("add", help="add image files or folders (recursive)")

@@ -57,16 +57,27 @@ def cmd_hash(args) -> int:
     return 3 if failed else 0
 
 
+def store_location(args) -> str:
+    """Where ``--db`` or ``--config`` (the config's [store], as the daemon opens it) points."""
+    if getattr(args, "config", None) is None:
+        return args.db or DEFAULT_DB
+    if args.db is not None:
+        raise ValueError("--db and --config both name a store; give one")
+    from monitor.config import load_config
+    return load_config(args.config).store.location
+
+
 def _store(args, *, writes: bool = False):
-    """The store of ``--db``; only commands that add to it may create it."""
+    """The store of ``--db`` or ``--config``; only commands that add to it may create it."""
     from monitor.records.engines import open_store
-    return open_store(args.db, create=writes)
+    return open_store(store_location(args), create=writes)
 
 
 def cmd_library(args) -> int:
     from monitor.records.library import Library
     from monitor.scan import add_files, import_csv, rehash
-    lib = Library(_store(args, writes=args.library_cmd in ("add", "import", "rehash")))
+    store = _store(args, writes=args.library_cmd in ("add", "import", "rehash"))
+    lib = Library(store)
     if args.library_cmd == "add":
         _warm_up("fingerprint")
         report = add_files(lib, args.paths, label=args.label, cache=_cache(args),
@@ -74,14 +85,14 @@ def cmd_library(args) -> int:
         for source, why in report.skipped:
             print(f"[{'weak' if why.startswith('weak') else 'skip'}] {source}: {why}", file=sys.stderr)
         present = len(report.added) - report.new
-        print(f"[ok] {report.new:,} new, {present:,} already present in {args.db} "
+        print(f"[ok] {report.new:,} new, {present:,} already present in {store.path} "
               f"({len(lib.index):,} indexed)")
         return 3 if any(not why.startswith(("degenerate", "weak")) for _, why in report.skipped) else 0
     if args.library_cmd == "import":
         report = import_csv(lib, args.csv, label=args.label)
         for source, why in report.skipped:
             print(f"[skip] {source}: {why}", file=sys.stderr)
-        print(f"[ok] imported {len(report.added):,} hashes into {args.db}")
+        print(f"[ok] imported {len(report.added):,} hashes into {store.path}")
         return 3 if report.skipped else 0
     if args.library_cmd == "remove":
         missing = [i for i in args.ids if not lib.remove(i)]
@@ -111,7 +122,7 @@ def cmd_library(args) -> int:
         report = rehash(lib, every=args.all, cache=_cache(args), progress=_progress(args))
         for source, why in report.skipped:
             print(f"[skip] {source}: {why}", file=sys.stderr)
-        print(f"[ok] rehashed {len(report.added):,} entries in {args.db}; "
+        print(f"[ok] rehashed {len(report.added):,} entries in {store.path}; "
               f"{len(report.skipped):,} left as they were")
         return 3 if report.skipped else 0
     raise AssertionError(args.library_cmd)

@@ -186,6 +186,11 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
             log.warning("library: skipped %s: %s", source, why)
         cache.close()
     log.info("library: %d entries indexed from %s", len(library.index), store.path)
+    if not len(library.index):
+        # the usual cause: pictures added to another store than this config's (`library --db` elsewhere)
+        log.warning("library: no protected picture in %s, so nothing can match; add them with "
+                    "`repost-monitor library --config CONFIG add PATH...` (this config's store) or list "
+                    "them in [library] paths", store.path)
     stale = await asyncio.to_thread(library.stale_count)
     if stale:
         log.warning("library: %d entries were fingerprinted by an older version or imported as "

@@ -6,11 +6,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import imagehash
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
+
+from monitor.tools.services import free_port
 
 pytestmark = pytest.mark.slow  # every test here starts the command as a subprocess
 
@@ -104,6 +109,57 @@ def test_library_commands_and_store(tree, tmp_path):
     stats = json.loads(run("library", "--db", db, "stats").stdout)
     assert stats["entries"] == 5
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", stats["first_added"])
+
+
+def _daemon_start_log(cfg: Path, port: int) -> str:
+    """`run --config cfg` until /readyz says ready; then stopped, its log returned."""
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the daemon never got ready")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def test_library_commands_reach_the_store_a_config_names(tree, tmp_path):
+    """The README's daemon steps: `library --config FILE add` fills the store the daemon opens
+    (its path relative to the config file, wherever the command runs), not a
+    ./repost-monitor.sqlite the daemon never reads; a daemon on an empty store says so."""
+    etc, elsewhere, cache = tmp_path / "etc", tmp_path / "cwd", tmp_path / "cache.sqlite"
+    etc.mkdir()
+    elsewhere.mkdir()
+    port = free_port()
+    cfg = etc / "config.toml"
+    cfg.write_text(f'[store]\npath = "state/m.sqlite"\n[server]\nport = {port}\n')
+    store = etc / "state" / "m.sqlite"
+    out = _daemon_start_log(cfg, port)
+    assert f"no protected picture in {store}, so nothing can match" in out, out
+
+    r = run("library", "--config", cfg, "add", tree / "library", "--cache", cache, cwd=elsewhere)
+    assert r.returncode == 0 and f"6 new, 0 already present in {store}" in r.stdout, r.stdout + r.stderr
+    assert not list(elsewhere.iterdir())
+    assert json.loads(run("library", "stats", "--config", cfg, cwd=elsewhere).stdout)["entries"] == 6
+    for args in (("alerts", "--config", cfg, "list"), ("matches", "list", "--config", cfg)):
+        assert run(*args, cwd=elsewhere).returncode == 0, args
+    r = run("library", "--db", tmp_path / "other.sqlite", "--config", cfg, "list")
+    assert r.returncode == 2 and "--db and --config both name a store" in r.stderr, r.stderr
+    r = run("library", "--config", etc / "missing.toml", "list")
+    assert r.returncode == 2 and "missing.toml" in r.stderr, r.stderr
+
+    out = _daemon_start_log(cfg, port)
+    assert f"library: 6 entries indexed from {store}" in out and "no protected picture" not in out, out
 
 
 def test_read_commands_refuse_a_missing_store(tmp_path):

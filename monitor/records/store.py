@@ -328,7 +328,7 @@ class Store:
         self.path = str(path)
         if self.path != ":memory:":
             if not create and not Path(self.path).is_file():
-                raise StoreError(f"no store at {self.path} (check --db or $REPOST_MONITOR_DB; "
+                raise StoreError(f"no store at {self.path} (check --db, --config or $REPOST_MONITOR_DB; "
                                  "commands that only read never create one)")
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
