@@ -130,6 +130,27 @@ def test_look_alike_textures_are_not_duplicates_but_a_cut_edit_is_a_variant(cata
     assert any({"rocket-cut.jpg", "library-rocket.jpg"} <= g for g in groups.values()), groups
 
 
+def test_group_finds_a_crop_from_one_side_by_the_second_look_and_dedupe_leaves_it(catalog, samples):
+    """group takes the daemon's second look (keypoints, verified geometrically) for a picture
+    its hashes meet with no other: a crop from one side and a small rotation join their
+    original's group (the rotation already did by its hashes). dedupe does not take the look:
+    a crop is a variant, not a duplicate, and --apply would remove it."""
+    with Image.open(samples / "library-coffee.jpg") as img:
+        img = img.convert("RGB")
+        img.crop((0, 0, int(img.width * 0.9), img.height)).save(catalog / "exports" / "coffee-cut.jpg", quality=85)
+        img.rotate(6, resample=Image.Resampling.BICUBIC).save(catalog / "exports" / "coffee-turned.jpg", quality=85)
+    r = run("group", catalog, "--no-cache", "--format", "jsonl")
+    assert r.returncode == 0, r.stderr
+    groups = {}
+    for x in map(json.loads, r.stdout.splitlines()):
+        groups.setdefault(x["group"], set()).add(os.path.basename(x["path"]))
+    coffee = [g for g in groups.values() if "library-coffee.jpg" in g]
+    assert coffee and coffee[0] == {"library-coffee.jpg", "coffee-cut.jpg", "coffee-turned.jpg"}, groups
+    r = run("dedupe", catalog, "--no-cache", "--format", "jsonl")
+    assert r.returncode == 0, r.stderr
+    assert not [x for x in map(json.loads, r.stdout.splitlines()) if "coffee-cut" in x["path"]], r.stdout
+
+
 @pytest.fixture
 def migration(tmp_path, samples):
     old, new = tmp_path / "old", tmp_path / "new"

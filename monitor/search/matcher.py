@@ -205,16 +205,19 @@ class Matcher:
         """
         return self.match_many([fp], None if keypoints is None else [keypoints])[0]
 
-    def match_many(self, fps: list[Fingerprint],
-                   keypoints: list[Callable[..., bytes] | None] | None = None) -> list[list[Match]]:
+    def match_many(self, fps: list[Fingerprint], keypoints: list[Callable[..., bytes] | None] | None = None,
+                   *, exclude_self: bool = False) -> list[list[Match]]:
         """:meth:`match` of each fingerprint, in one pass over the library per kind of
-        query (with fine hashes, without): the hashes' answers, then the keypoints' say."""
+        query (with fine hashes, without): the hashes' answers, then the keypoints' say.
+        ``exclude_self``: the library was indexed from these fingerprints (entry id i is
+        ``fps[i]``, a catalog's self-join), and a fingerprint's own entry is no match of it."""
         sources = {i: source for i, fp in enumerate(fps)
                    if fp.degenerate is None and (source := keypoint_source(fp, (keypoints or [None] * len(fps))[i]))}
-        answers = self.hash_answers(fps, {i: callable(s) for i, s in sources.items()})
+        answers = self.hash_answers(fps, {i: callable(s) for i, s in sources.items()}, exclude_self=exclude_self)
         return keypoint_pass(answers, sources, self.index.keypoints_of, self._second_look_tier)
 
-    def hash_answers(self, fps: list[Fingerprint], looks: dict[int, bool] | None = None) -> list[HashAnswer]:
+    def hash_answers(self, fps: list[Fingerprint], looks: dict[int, bool] | None = None, *,
+                     exclude_self: bool = False) -> list[HashAnswer]:
         """What the hashes say of each fingerprint: its matches (the unsure ones not yet
         confirmed) and, for a post in ``looks`` with no sure match, its nearest entries for
         a second look (``looks[i]``: whether its mirror image's keypoints can be found too).
@@ -231,10 +234,11 @@ class Matcher:
         for group, fine in ((with_fine, True), (without, False)):
             if group:
                 self._match_group(group, fine, out, {i: m for i, m in (looks or {}).items()
-                                                     if fps[i].degenerate is None})
+                                                     if fps[i].degenerate is None}, exclude_self)
         return out
 
-    def _match_group(self, group: list, fine: bool, out: list[HashAnswer], looks: dict[int, bool]) -> None:
+    def _match_group(self, group: list, fine: bool, out: list[HashAnswer], looks: dict[int, bool],
+                     exclude_self: bool = False) -> None:
         # Every view, plain and mirrored, in one pass over the library: rows
         # 2k and 2k+1 are view k and its mirror.
         qd = np.array([h for _, views, _ in group for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
@@ -246,6 +250,9 @@ class Matcher:
         looking = any(i in looks for i, _, _ in group)
         with self.index.lock:
             pq, pl, pd = first_pass(self.index, qd, np.arange(qd.size) % 2 == 1, self.radius)
+            if exclude_self:
+                other = self.index.ids_of(pl) != owner[pq]
+                pq, pl, pd = pq[other], pl[other], pd[other]
             if not pq.size:
                 return
             pair_fine = np.full(pq.size, -1, np.int64) if looking else None

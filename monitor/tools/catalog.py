@@ -104,16 +104,26 @@ def _file_keypoints(images: list[Image_], ids: list[int]) -> dict[int, bytes]:
 
 
 def similar_pairs(queries: list[Image_], targets: list[Image_], tiers: tuple[Tier, ...], *,
-                  mirrored: bool) -> list[Pair]:
-    """Every (query, target) pair within the tiers (indices into the lists)."""
+                  mirrored: bool, second_look: bool = False) -> list[Pair]:
+    """Every (query, target) pair within the tiers (indices into the lists). ``second_look``
+    (a self-join: ``queries is targets``): as the daemon, a picture no other one meets by its
+    hashes gets the keypoints' look at its nearest ones, so a crop from one side, a rotation
+    or a screenshot of it is found too (its pairs count as near)."""
     if not queries or not targets:
         return []
     matcher = Matcher(_index(targets), tiers)
-    per_query = matcher.matches_of(matcher.match_rows(query_rows([q.fp for q in queries])))
     # As the daemon: an unsure pair stands only where the two pictures' keypoints agree
     # (two grass tiles are not duplicates), found from the files for such pairs alone.
     matcher.index.keypoints_reader = functools.partial(_file_keypoints, targets)
-    per_query, _ = matcher.confirmed(per_query, {q: KeypointFinder(queries[q].path.read_bytes) for q in per_query})
+    sources = [KeypointFinder(q.path.read_bytes) for q in queries]  # a file read only if asked
+    if second_look:
+        if queries is not targets:
+            raise ValueError("the second look of a catalog is a self-join")
+        found = matcher.match_many([q.fp for q in queries], sources, exclude_self=True)
+        per_query = {q: matches for q, matches in enumerate(found) if matches}
+    else:
+        per_query = matcher.matches_of(matcher.match_rows(query_rows([q.fp for q in queries])))
+        per_query, _ = matcher.confirmed(per_query, {q: sources[q] for q in per_query})
     return [Pair(q, m.entry_id, m) for q, found in sorted(per_query.items()) for m in found
             if (mirrored or not m.mirrored) and not queries[q].fp.degenerate]
 
@@ -139,12 +149,18 @@ def _choose(members: list[Image_], policy: str, prefix: str | None) -> Image_:
 
 
 def group_images(images: list[Image_], tiers: tuple[Tier, ...], *, mirrored: bool,
-                 keep: str = "largest-resolution", prefer: str | None = None) -> list[Group]:
+                 keep: str = "largest-resolution", prefer: str | None = None,
+                 second_look: bool = False) -> list[Group]:
     """Union-find over similar pairs. Group ids are deterministic whatever the
     input order: groups are numbered by their smallest path, members sorted."""
     order = sorted(range(len(images)), key=lambda i: str(images[i].path))
     images = [images[i] for i in order]
-    pairs = [p for p in similar_pairs(images, images, tiers, mirrored=mirrored) if p.a < p.b]
+    pairs = similar_pairs(images, images, tiers, mirrored=mirrored, second_look=second_look)
+    if second_look:  # each pair once, whichever way the look found it: a crop finds its original,
+        # which took no look where it met another copy by its hashes
+        pairs = list({(min(p.a, p.b), max(p.a, p.b)): p for p in reversed(pairs) if p.a != p.b}.values())
+    else:  # the hashes find each pair both ways
+        pairs = [p for p in pairs if p.a < p.b]
     parent = list(range(len(images)))
 
     def find(x):
@@ -177,8 +193,11 @@ def dedupe(paths, cache, *, tier="near", keep="largest-resolution", prefer=None,
 
 
 def group(paths, cache, *, tier="loose", progress=None):
+    """Variants: the tier's pairs, mirrored copies, and what the second look finds (crops,
+    rotations, screenshots). dedupe takes no second look: a crop is a variant, and its
+    --apply would remove one where the photographer made it on purpose."""
     images, bad = load_images(paths, cache, progress)
-    return group_images(images, PRESETS[tier], mirrored=True), images, bad
+    return group_images(images, PRESETS[tier], mirrored=True, second_look=True), images, bad
 
 
 @dataclass(frozen=True, slots=True)
