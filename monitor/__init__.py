@@ -6,7 +6,7 @@ The public Python API, a few calls (imported on first use, so the command line s
     library = monitor.open_library("portfolio.sqlite")       # created if missing
     monitor.add_images(library, ["~/Pictures/portfolio"])     # files and folders, recursively
     matcher = monitor.Matcher(library.index, monitor.PRESETS["near"])
-    fp = monitor.fingerprint_file("suspect.jpg")              # with the views a repost may need
+    fp = monitor.fingerprint_file("suspect.jpg")              # the views and keypoint copy a repost may need
     for match in matcher.match(fp):                           # best first
         print(match.tier, match.dhash_distance, library.get(match.entry_id).source)
 

@@ -60,11 +60,18 @@ class FileResult:
 
 
 def fingerprint_file(path: str | Path, *, views: str | None = "query",
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprint:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, keypoint_picture: bool | None = None) -> Fingerprint:
     """The fingerprint of an image file: with the views a repost may need to be matched
     (``views="query"``; ``"library"`` for an entry's; None for the whole picture only).
+    A query's keeps the small grey copy its keypoints are found on (at most 100 KB; the
+    file's bytes where they are fewer; ``keypoint_picture=False``: none), so that
+    ``Matcher.match`` decides as the daemon does: an unsure match stands only where the
+    keypoints agree, and a post the hashes miss gets the second look (a crop from one side).
     Raises :class:`ImageError` for a file that is not a readable image."""
-    result = _fingerprint_path(Path(path).expanduser(), None, max_pixels=max_pixels, views=views)
+    if keypoint_picture is None:
+        keypoint_picture = views == "query"
+    result = _fingerprint_path(Path(path).expanduser(), None, max_pixels=max_pixels, views=views,
+                               keypoint_picture=keypoint_picture)
     if result.fingerprint is None:
         raise result.error
     return result.fingerprint
@@ -81,15 +88,18 @@ def add_images(library: Library, paths: Iterable[str | Path], *, label: str | No
     return add_files(library, [Path(p).expanduser() for p in paths], label=label, cache=cache, progress=False)
 
 
-def _fingerprint_path(path: Path, cache: FingerprintCache | None = None, *,
-                      max_pixels: int = DEFAULT_MAX_PIXELS, views: str | None = None) -> FileResult:
-    """Fingerprint one file, from the cache when its key still matches."""
+def _fingerprint_path(path: Path, cache: FingerprintCache | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      views: str | None = None, keypoint_picture: bool = False) -> FileResult:
+    """Fingerprint one file, from the cache when its key still matches (none with
+    ``keypoint_picture``: the cache keeps no pictures)."""
+    cache = None if keypoint_picture else cache
     try:
         if cache is not None:
             hit = cache.get(path, views)
             if hit is not None:
                 return FileResult(path, hit, cached=True)
-        fp = fingerprint_bytes(path.read_bytes(), max_pixels=max_pixels, views=views)
+        fp = fingerprint_bytes(path.read_bytes(), max_pixels=max_pixels, views=views,
+                               keypoint_picture=keypoint_picture)
     except ImageError as exc:
         return FileResult(path, None, exc)
     except OSError as exc:

@@ -27,6 +27,26 @@ def test_the_readme_example(tmp_path, samples):
     assert err.value.reason == "not_an_image"
 
 
+def test_the_api_decides_as_the_daemon_a_look_alike_refused_and_a_cut_found_by_keypoints(tmp_path, samples):
+    """`matcher.match(monitor.fingerprint_file(...))` decides as the daemon and `match` do: a
+    rusty-pipes texture meets a riveted plate by its hashes (an unsure match) and is refused
+    because their keypoints agree on no geometry; a picture cut by a fifth on one side, which
+    the hashes miss, is found by the second look. Without the keypoint picture (as before)
+    the first was a near match and the second none."""
+    from tests.test_detective import IMAGES
+    library = monitor.open_library(tmp_path / "portfolio.sqlite")
+    monitor.add_images(library, [IMAGES / "texture-rivets.jpg", samples / "library-coffee.jpg"])
+    with Image.open(samples / "library-coffee.jpg") as img:
+        img.convert("RGB").crop((0, 0, int(img.width * 0.8), img.height)).save(tmp_path / "cut.jpg", quality=85)
+    matcher = monitor.Matcher(library.index, monitor.PRESETS["near"])
+    assert matcher.match(monitor.fingerprint_file(IMAGES / "texture-rustpipes.jpg")) == []
+    found = matcher.match(monitor.fingerprint_file(tmp_path / "cut.jpg"))
+    assert [library.get(m.entry_id).source.rsplit("/", 1)[-1] for m in found] == ["library-coffee.jpg"]
+    assert found[0].decided_by == "keypoints" and found[0].inliers >= 15
+    bare = monitor.fingerprint_file(IMAGES / "texture-rustpipes.jpg", keypoint_picture=False)
+    assert not bare.keypoint_picture and [m.tier for m in matcher.match(bare)] == ["near"]
+
+
 def test_fingerprints_are_imagehashs_values(samples):
     path = samples / "other-apple.jpg"
     fp = monitor.fingerprint_bytes(path.read_bytes(), fast=False)
