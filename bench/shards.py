@@ -1,17 +1,23 @@
 """Capacity: one library split over 1, 2 and 4 shards, as the shard roles load it.
 
-    python3 bench/shards.py IMAGES [--entries 2000000] [--views 3]
+    python3 bench/shards.py IMAGES [--entries 2000000] [--bases OTHER_IMAGES]
 
-Any folder of JPEG images will do. The library holds the fingerprints of 200 of the
-pictures (with their views and fine hashes) and ``--entries`` random entries with
-``--views`` extra views each (what a real entry carries), in a SQLite store. Queries: the
-200 pictures reposted (resized, recompressed) and 200 others. For each split, every shard
-loads its part (Library(store, shard=(k, S))) and matches every query, as the shard role
-does. Printed per split: entries and rows per shard, array memory per shard, the first
-load (from the rows, writing the shard's snapshot) and a later one (from it), match time
-per query per shard (median) one at a time and in batches of 32 (``match_many``, what
-the shard role does with a backlog), and whether the union of the shards' matches, both
-ways, is the unsplit library's match set.
+Any folder of JPEG images will do. The library holds 200 of the pictures as `library add`
+adds them (their views, fine hashes and keypoints) and ``--entries`` more made from real
+pictures (``--bases``, default: the IMAGES folder's pictures past the first 400): each is a
+base picture's library fingerprint (its 7-11 views, its fine hashes) with every hash XORed
+by a random mask of its own. So each entry keeps a real picture's number of rows and the
+distances between its views, and the entries lie as far apart as random ones do; a real
+library's clusters of look-alikes (skies, textures) are not reproduced: bench/heldout.py
+--extra-entries measures those. Stored in a SQLite store; fine hashes in files, as the daemon
+keeps them (``[library] fine_hashes = "file"``).
+Queries: the 200 pictures reposted (resized, recompressed) and 200 others. For each split,
+every shard loads its part (Library(store, shard=(k, S))) and matches every query, as the
+shard role does. Printed per split: entries and rows per shard, resident array memory and
+fine-hash file bytes per shard, the first load (from the rows, writing the shard's
+snapshot) and a later one (from it), match time per query per shard (median) one at a time
+and in batches of 32 (``match_many``, what the shard role does with a backlog), and whether
+the union of the shards' matches, both ways, is the unsplit library's match set.
 """
 
 from __future__ import annotations
@@ -28,13 +34,52 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from monitor.fingerprints.codec import VIEW_WORDS  # noqa: E402
+
+
+def base_fingerprints(files: list[Path]) -> list:
+    """The library fingerprints (views, fine hashes; no keypoints) of these pictures, as arrays:
+    (whole picture's dhash, phash, dhash_mirror, phash_mirror, fine + fine_mirror words, its
+    views' packed words (k, VIEW_WORDS), width, height); degenerate and unreadable ones left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monitor.fingerprints import ImageError, fingerprint_bytes
+    from monitor.fingerprints.codec import pack_fine, pack_views
+
+    def one(f: Path):
+        try:
+            fp = fingerprint_bytes(f.read_bytes(), views="library", keypoints=False)
+        except (ImageError, OSError):
+            return None
+        if fp.degenerate is not None or not fp.fine:
+            return None
+        views = np.frombuffer(pack_views(fp.views) or b"", "<u8").reshape(-1, VIEW_WORDS)
+        return (np.array([fp.dhash, fp.phash, fp.dhash_mirror, fp.phash_mirror], "<u8"),
+                np.frombuffer(pack_fine(fp), "<u8"), views, fp.width, fp.height)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return [b for b in pool.map(one, files) if b is not None]
+
+
+def masked_entries(bases: list, start: int, n: int):
+    """Rows of ``library_entries`` for entries start..start+n: entry i is base i mod len(bases)
+    with each hash XORed by the entry's own random masks (one for each of dhash, phash and
+    their mirrors, one for the fine words), the same masks for its views. Yields (source,
+    label, width, height, dhash, phash, dhash_mirror, phash_mirror, fine, views) as stored."""
+    rng = np.random.default_rng(start)
+    masks = rng.integers(0, 2**64, size=(n, VIEW_WORDS), dtype=np.uint64).astype("<u8")
+    for j in range(n):
+        head, fine, views, width, height = bases[(start + j) % len(bases)]
+        mask = masks[j]
+        whole = (head ^ mask[:4]).view("<i8")
+        yield (f"masked/{start + j}", "masked", width, height, *map(int, whole), (fine ^ mask[4:]).tobytes(),
+               (views ^ mask).tobytes() if len(views) else None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--entries", type=int, default=2_000_000)
-    ap.add_argument("--views", type=int, default=3)
+    ap.add_argument("--bases", type=Path, help="pictures the entries are made from (default: IMAGES past 400)")
     args = ap.parse_args()
     from PIL import Image
 
@@ -57,22 +102,22 @@ def main() -> None:
         path = os.path.join(tmp, "lib.sqlite")
         store = Store(path)
         lib = Library(store)
-        for i, f in enumerate(files[:200]):
-            lib.add_fingerprint(f"corpus/{i}", fingerprint_bytes(f.read_bytes()))
-        rng = np.random.default_rng(7)
+        for i, f in enumerate(files[:200]):  # as `library add` adds them
+            lib.add_fingerprint(f"corpus/{i}", fingerprint_bytes(f.read_bytes(), views="library"))
+        bases = base_fingerprints(sorted(args.bases.glob("*.jpg")) if args.bases
+                                  else sorted(args.corpus.glob("*.jpg"))[400:])
         t = time.perf_counter()
-        chunk = 200_000
-        for start in range(0, args.entries, chunk):
-            n = min(chunk, args.entries - start)
-            hashes = rng.integers(-(2**63), 2**63 - 1, size=(n, 4), dtype=np.int64)
-            views = rng.integers(0, 2**64, size=(n, args.views * 4), dtype=np.uint64).astype("<u8")
+        rows = 0
+        for start in range(0, args.entries, 100_000):
+            batch = list(masked_entries(bases, start, min(100_000, args.entries - start)))
+            rows += sum(1 + len(r[9] or b"") // (8 * VIEW_WORDS) for r in batch)
             with store.transaction() as conn:
                 conn.executemany(
                     "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
-                    "phash_mirror, degenerate, added_at, views, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?,?)",
-                    ((f"random/{start + i}", "random", 1024, 768, *map(int, hashes[i]), views[i].tobytes(),
-                      ALGORITHM_VERSION) for i in range(n)))
-        print(f"library: {args.entries + 200:,} entries ({args.views} extra views each) written in "
+                    "phash_mirror, degenerate, added_at, views, fine, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?,?,?)",
+                    [r[:8] + (r[9], r[8], ALGORITHM_VERSION) for r in batch])
+        print(f"library: {args.entries + 200:,} entries ({rows / max(1, args.entries):.1f} hashes each, views "
+              f"included) made from {len(bases)} real pictures' fingerprints, written in "
               f"{time.perf_counter() - t:.0f} s")
         store.close()
         with open("/proc/cpuinfo") as fh:
@@ -82,14 +127,14 @@ def main() -> None:
         for shards in (1, 2, 4):
             found: set = set()
             batched: set = set()
-            rows, memory, loads, reloads, times, batch_times = [], [], [], [], [], []
+            rows, memory, files_, loads, reloads, times, batch_times = [], [], [], [], [], [], []
             for k in range(shards):
                 s = Store(path)
                 t = time.perf_counter()
-                part = Library(s, shard=None if shards == 1 else (k, shards))
+                part = Library(s, shard=None if shards == 1 else (k, shards), spill_dir=tmp)
                 loads.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                Library(s, shard=None if shards == 1 else (k, shards))  # a later start: its own snapshot
+                Library(s, shard=None if shards == 1 else (k, shards), spill_dir=tmp)  # a later start: its snapshot
                 reloads.append(time.perf_counter() - t)
                 matcher = Matcher(part.index, PRESETS["near"])
                 matcher.match(queries[0])
@@ -107,13 +152,15 @@ def main() -> None:
                 batch_times.append((time.perf_counter() - t) / len(queries))
                 rows.append(part.index.rows)
                 memory.append(part.index.memory_bytes())
+                files_.append(part.index.file_bytes())
                 del part, matcher
                 s.close()
             same = "reference" if reference is None else ("identical" if found == reference else
                                                          f"DIFFERENT ({len(found ^ reference)} pairs)")
             reference = reference if reference is not None else found
             print(f"{shards} shard(s): rows per shard {min(rows):,}-{max(rows):,}; arrays per shard "
-                  f"{max(memory) / 1e6:.0f} MB ({max(memory) / ((args.entries + 200) / shards):.0f} B/entry); "
+                  f"{max(memory) / 1e6:.0f} MB ({max(memory) / ((args.entries + 200) / shards):.0f} B/entry), "
+                  f"fine-hash files {max(files_) / 1e6:.0f} MB; "
                   f"first load {max(loads):.1f} s, later {max(reloads):.1f} s; "
                   f"match per query per shard {statistics.median(times) * 1e3:.2f} ms one at a time, "
                   f"{statistics.median(batch_times) * 1e3:.2f} ms in batches of 32 "
