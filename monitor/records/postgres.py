@@ -24,7 +24,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from monitor.records.store import SCHEMA_VERSION, StoreError
+from monitor.records.sqlite_schema import SCHEMA_VERSION
+from monitor.records.store import StoreError
 
 # The schema as SQLite's migrations leave it at SCHEMA_VERSION, in PostgreSQL's types, plus
 # the library's change log (shards tail it). Later migrations are appended to both lists.
@@ -224,6 +225,22 @@ ALTER TABLE matches ADD COLUMN keypoint_inliers INTEGER;
 """), (18, """
 DELETE FROM index_snapshots;
 ALTER TABLE index_snapshots ADD COLUMN core BYTEA;
+"""), (19, """
+DROP TABLE index_snapshots;
+CREATE TABLE index_snapshots (
+    shards    INTEGER NOT NULL,
+    shard     INTEGER NOT NULL,
+    part      INTEGER NOT NULL,
+    parts     INTEGER NOT NULL,
+    version   BIGINT NOT NULL,
+    change_id BIGINT,
+    ids       BYTEA NOT NULL,
+    dhash     BYTEA NOT NULL,
+    phash     BYTEA NOT NULL,
+    fine      BYTEA NOT NULL,
+    core      BYTEA NOT NULL,
+    PRIMARY KEY (shards, shard, part)
+);
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

@@ -27,39 +27,48 @@ class Snapshot(NamedTuple):
     change_id: int | None
 
 
+# Rows a snapshot's stored row holds: its fine hashes 256 MB, far below the 1 GB either engine
+# allows in one value (a whole library's past ~15M rows, ~1.5M pictures, was refused: "string
+# or blob too big"), and no part's bytes held twice at once.
+PART_ROWS = 1 << 22
+
+
 def load(store: Store, shard: tuple[int, int], *, version: int | None = None) -> Snapshot | None:
     """The shard's snapshot: at ``version``, or (None) any with a change-log checkpoint."""
     k, shards = shard
     where = "version=?" if version is not None else "change_id IS NOT NULL"
-    rows = store.query(f"SELECT ids, dhash, phash, fine, core, change_id FROM index_snapshots "
-                       f"WHERE shards=? AND shard=? AND {where}",
-                       (shards, k) + ((version,) if version is not None else ()))
-    if not rows or rows[0][4] is None:  # none, or taken before snapshots kept the core rows
-        return None
-    ids, d, p, fine = (np.frombuffer(b, dtype="<u8") for b in rows[0][:4])
-    core = np.unpackbits(np.frombuffer(rows[0][4], np.uint8), count=ids.size).astype(bool)
-    return Snapshot(ids.view(np.int64), d, p, fine, core, rows[0][5])
+    parts = store.query(f"SELECT part, parts, version, change_id, ids, dhash, phash, fine, core FROM index_snapshots "
+                        f"WHERE shards=? AND shard=? AND {where} ORDER BY part",
+                        (shards, k) + ((version,) if version is not None else ()))
+    if not parts or [p[0] for p in parts] != list(range(parts[0][1])) or len({p[2:4] for p in parts}) > 1:
+        return None  # none, or not whole (saved in one transaction, so never expected)
+    ids, d, p, fine = (np.concatenate([np.frombuffer(part[i], dtype="<u8") for part in parts]) for i in range(4, 8))
+    core = np.concatenate([np.unpackbits(np.frombuffer(part[8], np.uint8), count=len(part[4]) // 8).astype(bool)
+                           for part in parts])
+    return Snapshot(ids.view(np.int64), d, p, fine, core, parts[0][3])
 
 
 def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int, change_id: int | None,
          *, only_if_current: bool = False) -> None:
-    """``only_if_current``: not if the library changed since ``version`` was read (the rows
-    read may be of either side of the change: the next start reads them again)."""
+    """Stored in parts of PART_ROWS rows. ``only_if_current``: not if the library changed
+    since ``version`` was read (the rows read may be of either side of the change: the next
+    start reads them again)."""
     k, shards = shard
+    ids, dhash, phash, core = index.ids, index.hashes("dhash"), index.hashes("phash"), index.core_flags()
+    count = max(1, -(-ids.size // PART_ROWS))
     with store.transaction() as conn:
         if only_if_current and conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] \
                 != version:
             return
-        conn.execute("INSERT INTO index_snapshots (shards, shard, version, ids, dhash, phash, fine, core, change_id) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (shards, shard) DO UPDATE SET "
-                     "version=excluded.version, ids=excluded.ids, dhash=excluded.dhash, "
-                     "phash=excluded.phash, fine=excluded.fine, core=excluded.core, "
-                     "change_id=excluded.change_id",
-                     (shards, k, version, index.ids.astype("<i8").tobytes(),
-                      index.hashes("dhash").astype("<u8").tobytes(),
-                      index.hashes("phash").astype("<u8").tobytes(),
-                      index.fine().astype("<u8").tobytes(), np.packbits(index.core_flags()).tobytes(),
-                      change_id))
+        conn.execute("DELETE FROM index_snapshots WHERE shards=? AND shard=?", (shards, k))
+        for part in range(count):
+            rows = slice(part * PART_ROWS, (part + 1) * PART_ROWS)
+            conn.execute("INSERT INTO index_snapshots (shards, shard, part, parts, version, change_id, ids, dhash, "
+                         "phash, fine, core) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (shards, k, part, count, version, change_id, ids[rows].astype("<i8").tobytes(),
+                          dhash[rows].astype("<u8").tobytes(), phash[rows].astype("<u8").tobytes(),
+                          index.fine_range(rows.start, min(rows.stop, ids.size)).astype("<u8").tobytes(),
+                          np.packbits(core[rows]).tobytes()))
 
 
 def read_rows(store: Store, owned: str, indexed: str) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:

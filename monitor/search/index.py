@@ -135,8 +135,15 @@ class LibraryIndex:
         return self._both(lambda s: s.low_detail[:s.n])
 
     def fine(self) -> np.ndarray:
-        """Every row's fine hashes, (rows, FINE_WORDS): a copy (a snapshot, a batch)."""
+        """Every row's fine hashes, (rows, FINE_WORDS): a copy (a batch, tests)."""
         return self._both(lambda s: s.fine.read_all(s.n))
+
+    def fine_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop's fine hashes (rows numbered across the stores, as :meth:`ids`):
+        a snapshot's part, without a copy of every row's."""
+        c = self.core.n
+        return np.concatenate([self.core.fine.read_range(min(start, c), min(stop, c)),
+                               self.other.fine.read_range(max(start, c) - c, max(stop, c) - c)])
 
     def core_flags(self) -> np.ndarray:
         """A bool per row: an entry's core row (snapshots keep them)."""

@@ -78,10 +78,21 @@ class _FineRows:
         return np.frombuffer(data, "<u8").astype(np.uint64).reshape(-1, FINE_WORDS)
 
     def read_all(self, n: int) -> np.ndarray:
+        return self.read_range(0, n)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop's fine hashes (a copy where they are in a file)."""
         if self.file is None:
-            return self.fine[:n]
-        data = os.pread(self.file.fileno(), n * _ROW_BYTES, 0)
-        return np.frombuffer(data, "<u8").astype(np.uint64).reshape(n, FINE_WORDS)
+            return self.fine[start:stop]
+        out = np.empty((max(0, stop - start), FINE_WORDS), np.uint64)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done, total = 0, (stop - start) * _ROW_BYTES
+        while done < total:  # one pread returns at most ~2 GB on Linux
+            got = os.preadv(self.file.fileno(), [view[done:done + (1 << 30)]], start * _ROW_BYTES + done)
+            if got <= 0:
+                raise OSError(f"fine-hash file ends at row {start + done // _ROW_BYTES}")
+            done += got
+        return out
 
     def write(self, row: int, words: np.ndarray | int) -> None:
         if self.file is None:
