@@ -370,6 +370,35 @@ def test_a_snapshot_of_more_rows_than_a_part_is_stored_in_parts_and_loads_whole(
     assert with_fine(again) == with_fine(whole)
 
 
+def test_rows_read_while_library_add_writes_are_of_one_moment(store_location, samples, monkeypatch):
+    """A start (or reload) that reads the rows while `library add` writes beside it gets the
+    entries of one moment, each with all its views (PostgreSQL then replays its change log
+    from that moment): the rows are one statement's, read a few at a time. (Read in three
+    statements, an entry added between them made the whole rows and the fine hashes
+    disagree in number: IndexError, seen at 2M entries.)"""
+    lib = Library(open_store(store_location))
+    files = sorted(samples.glob("*.jpg"))
+    add_files(lib, files[:8], cache=None, progress=False)
+    before = _index_rows(lib)
+    writer = Library(open_store(store_location), indexed=False)  # another process's `library add`
+    monkeypatch.setattr(snapshots, "ROWS_READ_AT_ONCE", 2)
+    add_entries, added = snapshots._add_entries, []
+
+    def add_entries_while_writing(*args):
+        if not added:  # after the first few entries were read, before the rest
+            added.extend(add_files(writer, files[8:], cache=None, progress=False).added)
+        add_entries(*args)
+    monkeypatch.setattr(snapshots, "_add_entries", add_entries_while_writing)
+    with lib.store.transaction() as conn:  # no snapshot: this start reads the rows
+        conn.execute("DELETE FROM index_snapshots")
+    read = Library(open_store(store_location))
+    monkeypatch.setattr(snapshots, "_add_entries", add_entries)
+    after = Library(open_store(store_location))
+    assert len(added) == len(files) - 8 and {e.id for e in added} <= set(after.index.ids.tolist())
+    # the moment the read began; with PostgreSQL's change log, replayed up to now after it
+    assert _index_rows(read) == (_index_rows(after) if store_location.startswith("postgresql") else before)
+
+
 def _index_rows(library):
     """The index's (id, dhash, phash) rows, in a stable order: two indexes hold the same iff equal."""
     ix = library.index
