@@ -1,4 +1,4 @@
-"""Catalog benchmark: dedupe / group / audit cost on a folder of real images.
+"""Catalog benchmark: dedupe / group cost on a folder of real images.
 
     python3 bench/catalog.py ../shared/corpus [--copies 3]
 
@@ -67,6 +67,12 @@ def main() -> None:
         print(f"fingerprint, cold cache: {n / cold:,.0f} images/s (2 threads); warm cache: {n / warm:,.0f} images/s")
         print(f"all pairs + verification + union-find: {pairs_time * 1e3:.0f} ms for {pairs:,} comparisons "
               f"({rate / 1e9:.2f} G/s end to end)")
+        for look in (False, True):  # `group`: the loose tier, mirrored copies, and the second look
+            t = time.perf_counter()
+            variants = group_images(images, PRESETS["loose"], mirrored=True, second_look=look)
+            print(f"group{' with the second look' if look else ', hashes only'}: {len(variants):,} groups, "
+                  f"{sum(len(g.members) - 1 for g in variants):,} pictures beyond one a group, "
+                  f"{time.perf_counter() - t:.1f} s")
         big = 100_000
         import numpy as np
         hashes = np.random.default_rng(1).integers(0, 2**64, big, dtype=np.uint64)

@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what to do with the other files (a dry run unless --apply)")
             p.add_argument("--move-to", metavar="DIR", help="for --action move")
             p.add_argument("--apply", action="store_true", help="really act; the kept file is never touched")
+        else:
+            p.add_argument("--hashes-only", action="store_true",
+                           help="no second look by keypoints for pictures the hashes leave alone (crops from one "
+                                "side are then missed): ~3 ms less for each picture near others")
         _add_scan_options(p)
         p.set_defaults(func=func)
 

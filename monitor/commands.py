@@ -203,7 +203,7 @@ def cmd_dedupe(args, grouping: bool = False) -> int:
     _warm_up()
     if grouping:
         groups, images, bad = catalog.group(args.folders, _cache(args), tier=args.tier,
-                                            progress=_progress(args))
+                                            progress=_progress(args), second_look=not args.hashes_only)
     else:
         groups, images, bad = catalog.dedupe(args.folders, _cache(args), tier=args.tier, keep=args.keep,
                                              prefer=args.prefer, progress=_progress(args))

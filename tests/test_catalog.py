@@ -146,6 +146,8 @@ def test_group_finds_a_crop_from_one_side_by_the_second_look_and_dedupe_leaves_i
         groups.setdefault(x["group"], set()).add(os.path.basename(x["path"]))
     coffee = [g for g in groups.values() if "library-coffee.jpg" in g]
     assert coffee and coffee[0] == {"library-coffee.jpg", "coffee-cut.jpg", "coffee-turned.jpg"}, groups
+    r = run("group", catalog, "--no-cache", "--format", "jsonl", "--hashes-only")
+    assert r.returncode == 0 and "coffee-turned" in r.stdout and "coffee-cut" not in r.stdout, r.stdout
     r = run("dedupe", catalog, "--no-cache", "--format", "jsonl")
     assert r.returncode == 0, r.stderr
     assert not [x for x in map(json.loads, r.stdout.splitlines()) if "coffee-cut" in x["path"]], r.stdout

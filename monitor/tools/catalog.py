@@ -192,12 +192,12 @@ def dedupe(paths, cache, *, tier="near", keep="largest-resolution", prefer=None,
     return group_images(images, PRESETS[tier], mirrored=False, keep=keep, prefer=prefer), images, bad
 
 
-def group(paths, cache, *, tier="loose", progress=None):
-    """Variants: the tier's pairs, mirrored copies, and what the second look finds (crops,
-    rotations, screenshots). dedupe takes no second look: a crop is a variant, and its
-    --apply would remove one where the photographer made it on purpose."""
+def group(paths, cache, *, tier="loose", progress=None, second_look=True):
+    """Variants: the tier's pairs, mirrored copies, and (``second_look``) what the keypoints
+    find (crops, rotations, screenshots). dedupe takes no second look: a crop is a variant,
+    and its --apply would remove one where the photographer made it on purpose."""
     images, bad = load_images(paths, cache, progress)
-    return group_images(images, PRESETS[tier], mirrored=True, second_look=True), images, bad
+    return group_images(images, PRESETS[tier], mirrored=True, second_look=second_look), images, bad
 
 
 @dataclass(frozen=True, slots=True)
