@@ -19,6 +19,7 @@ import functools
 import re
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
@@ -340,6 +341,16 @@ class PostgresStore:
             conn = self.conn
             with conn.raw.transaction():
                 yield conn
+
+    def batches(self, sql: str, params=(), size: int = 10_000) -> Iterator[list[tuple]]:
+        """The rows of one statement, ``size`` at a time, through a server-side cursor: a
+        client cursor would hold the whole result (a big library's rows: gigabytes)."""
+        with self.lock:
+            raw = self.conn.raw
+            with raw.transaction(), raw.cursor(name="repost_monitor_batches") as cursor:
+                cursor.execute(translate(sql, bool(params)), tuple(params) or None)
+                while batch := cursor.fetchmany(size):
+                    yield batch
 
     def query(self, sql: str, params=(), *, plan_each_run: bool = False) -> list[tuple]:
         """Rows of ``sql``. With ``plan_each_run`` the statement is never prepared: each run

@@ -83,11 +83,9 @@ def read_rows(store: Store, owned: str, indexed: str) -> tuple[np.ndarray, dict,
     1.7 GB index."""
     whole = {"ids": [], "fine": [], **{f: [] for f in HASH_FIELDS}}
     views = {"ids": [], "fine": [], "core": [], **{f: [] for f in HASH_FIELDS}}
-    with store.lock:
-        cursor = store.conn.execute(f"SELECT id, {', '.join(HASH_FIELDS)}, fine, views FROM library_entries "
-                                    f"WHERE {indexed}{owned} ORDER BY id")
-        while batch := cursor.fetchmany(ROWS_READ_AT_ONCE):
-            _add_entries(batch, whole, views)
+    for batch in store.batches(f"SELECT id, {', '.join(HASH_FIELDS)}, fine, views FROM library_entries "
+                               f"WHERE {indexed}{owned} ORDER BY id", (), ROWS_READ_AT_ONCE):
+        _add_entries(batch, whole, views)
     n = sum(len(x) for x in whole["ids"])
     return (np.concatenate(whole["ids"] + views["ids"] or [np.zeros(0, np.int64)]),
             {f: np.concatenate(whole[f] + views[f] or [np.zeros(0, np.uint64)]) for f in HASH_FIELDS},

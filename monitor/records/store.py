@@ -124,6 +124,13 @@ class Store:
                 raise
             self.conn.execute("COMMIT")
 
+    def batches(self, sql: str, params=(), size: int = 10_000) -> Iterator[list[tuple]]:
+        """The rows of one statement, ``size`` at a time: one moment's, never all held at once."""
+        with self.lock:
+            cursor = self.conn.execute(sql, params)
+            while batch := cursor.fetchmany(size):
+                yield batch
+
     def query(self, sql: str, params=(), *, plan_each_run: bool = False) -> list[tuple]:
         # plan_each_run is PostgreSQL's (postgres.py); SQLite plans each run for the table as it is
         with self.lock:
