@@ -28,7 +28,7 @@ class Snapshot(NamedTuple):
 
 # Rows a snapshot's stored row holds: its fine hashes 256 MB, far below the 1 GB either engine
 # allows in one value (a whole library's past ~15M rows, ~1.5M pictures, was refused: "string
-# or blob too big"), and no part's bytes held twice at once.
+# or blob too big"); a part's fine hashes are read from the index's file alone when saved.
 PART_ROWS = 1 << 22
 
 
