@@ -33,18 +33,32 @@ PART_ROWS = 1 << 22
 
 
 def load(store: Store, shard: tuple[int, int], *, version: int | None = None) -> Snapshot | None:
-    """The shard's snapshot: at ``version``, or (None) any with a change-log checkpoint."""
+    """The shard's snapshot: at ``version``, or (None) any with a change-log checkpoint. Its
+    parts are read one at a time into arrays made for the whole (held all at once, then
+    joined, a 20M-row snapshot took 3.6 GB to read)."""
     k, shards = shard
-    where = "version=?" if version is not None else "change_id IS NOT NULL"
-    parts = store.query(f"SELECT part, parts, version, change_id, ids, dhash, phash, fine, core FROM index_snapshots "
-                        f"WHERE shards=? AND shard=? AND {where} ORDER BY part",
-                        (shards, k) + ((version,) if version is not None else ()))
-    if not parts or [p[0] for p in parts] != list(range(parts[0][1])) or len({p[2:4] for p in parts}) > 1:
+    where = f"shards=? AND shard=? AND {'version=?' if version is not None else 'change_id IS NOT NULL'}"
+    params = (shards, k) + ((version,) if version is not None else ())
+    (count, size, fewest, most, taken, last, checkpoint, latest), = store.query(
+        "SELECT count(*), sum(length(ids)), min(parts), max(parts), min(version), max(version), min(change_id), "
+        f"max(change_id) FROM index_snapshots WHERE {where}", params)
+    if not count or not count == fewest == most or taken != last or checkpoint != latest:
         return None  # none, or not whole (saved in one transaction, so never expected)
-    ids, d, p, fine = (np.concatenate([np.frombuffer(part[i], dtype="<u8") for part in parts]) for i in range(4, 8))
-    core = np.concatenate([np.unpackbits(np.frombuffer(part[8], np.uint8), count=len(part[4]) // 8).astype(bool)
-                           for part in parts])
-    return Snapshot(ids.view(np.int64), d, p, fine, core, parts[0][3])
+    n = size // 8
+    ids, dhash, phash = np.empty(n, np.int64), np.empty(n, np.uint64), np.empty(n, np.uint64)
+    fine, core, at = np.empty(n * FINE_WORDS, np.uint64), np.empty(n, bool), 0
+    for expected, [(part, taken_at, *blobs)] in enumerate(store.batches(
+            f"SELECT part, version, ids, dhash, phash, fine, core FROM index_snapshots WHERE {where} ORDER BY part",
+            params, 1)):
+        rows = len(blobs[0]) // 8
+        if part != expected or taken_at != taken or at + rows > n:
+            return None  # another start saved a new one meanwhile: the rows are read instead
+        for array, blob in ((ids, blobs[0]), (dhash, blobs[1]), (phash, blobs[2])):
+            array[at:at + rows] = np.frombuffer(blob, "<u8").view(array.dtype)
+        fine[at * FINE_WORDS:(at + rows) * FINE_WORDS] = np.frombuffer(blobs[3], "<u8")
+        core[at:at + rows] = np.unpackbits(np.frombuffer(blobs[4], np.uint8), count=rows).astype(bool)
+        at += rows
+    return Snapshot(ids, dhash, phash, fine, core, checkpoint) if at == n else None
 
 
 def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int, change_id: int | None,

@@ -203,7 +203,7 @@ class LibraryIndex:
             dhash, phash = (np.asarray(hashes[f], np.uint64) for f in HASH_FIELDS)
             fine = None if fine is None else np.asarray(fine, np.uint64).reshape(ids.size, FINE_WORDS)
             for store, rows in ((self.core, core), (self.other, ~core)):
-                store.load(ids[rows], dhash[rows], phash[rows], None if fine is None else fine[rows])
+                store.load(ids[rows], dhash[rows], phash[rows], fine, rows)  # fine: no copy of the masked rows
             self._entries = int(np.unique(ids).size)
             if self._recent is not None:
                 self._recent.forget()

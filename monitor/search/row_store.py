@@ -29,6 +29,7 @@ from monitor.search import bitslice
 HASH_FIELDS = ("dhash", "phash")
 
 _ROW_BYTES = FINE_WORDS * 8
+_WRITE_ROWS = 1 << 20  # rows of fine hashes written to the file at a time (64 MB)
 
 
 class _FineRows:
@@ -39,17 +40,29 @@ class _FineRows:
     set (the kernel maps up to 64 KiB around a fault), and after a few thousand
     queries the whole file would count as resident."""
 
-    def __init__(self, capacity: int, spill_dir: str | None, rows: np.ndarray | None = None):
+    def __init__(self, capacity: int, spill_dir: str | None, rows: np.ndarray | None = None,
+                 mask: np.ndarray | None = None):
+        """``rows``: the first rows' fine hashes, those of ``rows`` that ``mask`` selects
+        (None: all of them); written to the file a slice at a time (neither a masked copy of
+        them all nor one write: Linux cuts a write at ~2 GB, 33M rows)."""
         self.file = None
         if spill_dir is None:
             self.fine = np.zeros((capacity, FINE_WORDS), np.uint64)
             if rows is not None:
-                self.fine[:rows.shape[0]] = rows
+                chosen = rows if mask is None else rows[mask]
+                self.fine[:chosen.shape[0]] = chosen
             return
         self.fine = None
         self.file = tempfile.TemporaryFile(dir=spill_dir, prefix="repost-monitor-index-")
-        if rows is not None and rows.shape[0]:
-            os.pwrite(self.file.fileno(), np.ascontiguousarray(rows, "<u8").tobytes(), 0)
+        at = 0
+        for start in range(0, 0 if rows is None else rows.shape[0], _WRITE_ROWS):
+            part = rows[start:start + _WRITE_ROWS]
+            data = memoryview(np.ascontiguousarray(part if mask is None else part[mask[start:start + _WRITE_ROWS]],
+                                                   "<u8").reshape(-1).view(np.uint8))
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.file.fileno(), data[done:], at * _ROW_BYTES + done)
+            at += len(data) // _ROW_BYTES
         self.grow(capacity)
 
     @property
@@ -181,7 +194,9 @@ class RowStore:
         planes[:self.planes.shape[0]] = self.planes
         self.planes = planes
 
-    def load(self, ids: np.ndarray, dhash: np.ndarray, phash: np.ndarray, fine: np.ndarray | None) -> None:
+    def load(self, ids: np.ndarray, dhash: np.ndarray, phash: np.ndarray, fine: np.ndarray | None,
+             fine_mask: np.ndarray | None = None) -> None:
+        """``fine``: these rows' fine hashes, or (``fine_mask``) those of ``fine`` it selects."""
         ids = np.asarray(ids, np.int64)
         extremes = (int(ids.min()), int(ids.max())) if ids.size else (0,)
         self.ids = ids.astype(np.int64 if any(_id_type(i) is np.int64 for i in extremes) else np.int32)
@@ -189,7 +204,7 @@ class RowStore:
         self.hashes = {f: np.array(given[f], np.uint64) for f in self.stored}
         self.low_detail = np.zeros(self.ids.shape[0], np.uint8)
         self.fine = _FineRows(self.ids.shape[0], self.spill_dir,
-                              None if fine is None else np.asarray(fine, np.uint64).reshape(-1, FINE_WORDS))
+                              None if fine is None else np.asarray(fine, np.uint64).reshape(-1, FINE_WORDS), fine_mask)
         self.planes = bitslice.to_planes(np.asarray(dhash, np.uint64))
         self.n = self.ids.shape[0]
 
