@@ -64,15 +64,15 @@ def masked_entries(bases: list, start: int, n: int):
     """Rows of ``library_entries`` for entries start..start+n: entry i is base i mod len(bases)
     with each hash XORed by the entry's own random masks (one for each of dhash, phash and
     their mirrors, one for the fine words), the same masks for its views. Yields (source,
-    label, width, height, dhash, phash, dhash_mirror, phash_mirror, fine, views) as stored."""
+    label, width, height, dhash, phash, dhash_mirror, phash_mirror, views, fine) as stored."""
     rng = np.random.default_rng(start)
     masks = rng.integers(0, 2**64, size=(n, VIEW_WORDS), dtype=np.uint64).astype("<u8")
     for j in range(n):
         head, fine, views, width, height = bases[(start + j) % len(bases)]
         mask = masks[j]
         whole = (head ^ mask[:4]).view("<i8")
-        yield (f"masked/{start + j}", "masked", width, height, *map(int, whole), (fine ^ mask[4:]).tobytes(),
-               (views ^ mask).tobytes() if len(views) else None)
+        yield (f"masked/{start + j}", "masked", width, height, *map(int, whole),
+               (views ^ mask).tobytes() if len(views) else None, (fine ^ mask[4:]).tobytes())
 
 
 def main() -> None:
@@ -107,16 +107,16 @@ def main() -> None:
         bases = base_fingerprints(sorted(args.bases.glob("*.jpg")) if args.bases
                                   else sorted(args.corpus.glob("*.jpg"))[400:])
         t = time.perf_counter()
-        rows = 0
+        hashes_made = 0
         for start in range(0, args.entries, 100_000):
             batch = list(masked_entries(bases, start, min(100_000, args.entries - start)))
-            rows += sum(1 + len(r[9] or b"") // (8 * VIEW_WORDS) for r in batch)
+            hashes_made += sum(1 + len(r[8] or b"") // (8 * VIEW_WORDS) for r in batch)
             with store.transaction() as conn:
                 conn.executemany(
                     "INSERT INTO library_entries (source, label, width, height, dhash, phash, dhash_mirror, "
                     "phash_mirror, degenerate, added_at, views, fine, algorithm) VALUES (?,?,?,?,?,?,?,?,NULL,0,?,?,?)",
-                    [r[:8] + (r[9], r[8], ALGORITHM_VERSION) for r in batch])
-        print(f"library: {args.entries + 200:,} entries ({rows / max(1, args.entries):.1f} hashes each, views "
+                    [r + (ALGORITHM_VERSION,) for r in batch])
+        print(f"library: {args.entries + 200:,} entries ({hashes_made / max(1, args.entries):.1f} hashes each, views "
               f"included) made from {len(bases)} real pictures' fingerprints, written in "
               f"{time.perf_counter() - t:.0f} s")
         store.close()
