@@ -152,11 +152,10 @@ async def test_library_watcher_matches_recent_images_against_new_entries(library
         work, _ = work_rows.record_items(s.store, "a", [FeedItem("a", "1", (f"{base}/img/flip-rocket.jpg",))],
                                          time.time())
         assert await worker.process(work[0]) == []  # the rocket is not protected yet
-        before = library.signature()
+        before = max(library.index.ids.tolist(), default=0)
         add_files(library, [samples / "library-rocket.jpg"], progress=False)
         watcher = LibraryWatcher(s.store, library, s.matcher, s.recorder, s.metrics, check_seconds=0.05)
-        assert library.signature() != before
-        records = await watcher.retro_match(after_entry_id=before[1])
+        records = await watcher.retro_match(after_entry_id=before)
         await worker.close()
     assert [r.entry.label for r in records] == ["library-rocket"] and records[0].match.mirrored
     assert s.recorded[-1].id == records[0].id
@@ -355,11 +354,11 @@ async def test_an_unsure_match_is_confirmed_however_the_image_comes_back(store_l
                                           time.time())
         assert [await worker.process(w) for w in first] == [[], []]  # nothing protected yet
         assert site.hits["rivets.jpg"] == site.hits["cut-rocket.jpg"] == 1
-        before = library.signature()
+        before = max(library.index.ids.tolist(), default=0)
         add_files(library, [IMAGES / "texture-rustpipes.jpg", samples / "library-rocket.jpg"], progress=False)
         watcher = LibraryWatcher(s.store, library, s.matcher, s.recorder, s.metrics, check_seconds=30,
                                  fetch_image=fetcher.fetch_image)
-        records = await watcher.retro_match(after_entry_id=before[1])
+        records = await watcher.retro_match(after_entry_id=before)
         assert [(r.entry.label, r.match.decided_by) for r in records] \
             == [("library-rocket", "dhash+phash+fine+keypoints")]
         assert site.hits["rivets.jpg"] == site.hits["cut-rocket.jpg"] == 2  # fetched again to confirm

@@ -37,40 +37,11 @@ class LibraryWatcher:
         self.fetch_image, self.max_pixels = fetch_image, max_pixels
 
     async def run(self, stop: asyncio.Event) -> None:
-        if self.library.checkpoint is not None:  # PostgreSQL: the change log, woken by NOTIFY
-            await self._tail(stop)
-            return
-        known = await asyncio.to_thread(self.library.signature)
-        self.metrics.library_entries.set(len(self.library.index))
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.check_seconds)
-                return
-            except TimeoutError:
-                pass
-            try:
-                now = await asyncio.to_thread(self.library.signature)
-                if now != known:
-                    adds_only = now[1] > known[1] and now[0] - known[0] == await asyncio.to_thread(
-                        self.library.changes_after, known[1])
-                    if adds_only:  # new entries only: indexed in place
-                        await asyncio.to_thread(self.library.add_new, known[1])
-                    else:  # removals or updates: the index is built again
-                        await asyncio.to_thread(self.library.reload)
-                    log.info("library changed: %d entries indexed", len(self.library.index))
-                    if now[1] > known[1]:
-                        await self.retro_match(after_entry_id=known[1])
-                    known = now
-            except DatabaseError as exc:  # the store is away (a restart): look again next time
-                self.metrics.errors.labels("store").inc()
-                log.warning("library check failed (%s); trying again in %.0fs", exc, self.check_seconds)
-            self.metrics.library_entries.set(len(self.library.index))
-
-    async def _tail(self, stop: asyncio.Event) -> None:
-        """Apply the change log as it grows: a NOTIFY wakes this at once, and it looks every
-        ``check_seconds`` anyway (a notification is lost while the connection is). New
-        entries are retro-matched by id, whatever order their ids committed in."""
-        listener = changes.ChangeListener(self.store.url)
+        """Apply the change log as it grows: a NOTIFY wakes this at once (PostgreSQL), and it
+        looks every ``check_seconds`` anyway (a notification is lost while the connection
+        is; SQLite has none). New entries are retro-matched by id, whatever order their ids
+        committed in."""
+        listener = changes.listener(self.store)
         self.metrics.library_entries.set(len(self.library.index))
         try:
             while not stop.is_set():
@@ -89,7 +60,8 @@ class LibraryWatcher:
         finally:
             await listener.close()
 
-    async def _wait_for_change(self, listener: changes.ChangeListener, stop: asyncio.Event) -> None:
+    async def _wait_for_change(self, listener: changes.ChangeListener | changes.ChangePoll,
+                               stop: asyncio.Event) -> None:
         waits = {asyncio.ensure_future(listener.wait(self.check_seconds)), asyncio.ensure_future(stop.wait())}
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -1,8 +1,10 @@
-"""The library's change log (PostgreSQL): a row per insert, update and delete of an entry,
-and a NOTIFY on ``repost_monitor_library``. Each change first takes the library version's
-row lock (the trigger's UPDATE), so change ids are handed out and committed in one order:
-a reader that has seen change N has seen every committed change below it. Shards load a
-snapshot, then tail the log from the snapshot's checkpoint."""
+"""The library's change log: a row per insert, update and delete of an entry, written by
+triggers in either engine. PostgreSQL: each change first takes the library version's row
+lock (the trigger's UPDATE), so change ids are handed out and committed in one order, and a
+NOTIFY on ``repost_monitor_library`` wakes the listeners. SQLite: one writer at a time does
+the same. Either way a reader that has seen change N has seen every committed change below
+it. A start loads a snapshot, then replays the log from the snapshot's checkpoint; a running
+daemon (or shard) tails it."""
 
 from __future__ import annotations
 
@@ -14,10 +16,6 @@ import psycopg
 from monitor.records.store import Store
 
 CHANNEL = "repost_monitor_library"
-
-
-def has_log(store: Store) -> bool:
-    return store.dialect == "postgresql"
 
 
 def last_change(store: Store) -> int:
@@ -32,6 +30,23 @@ def changes_after(store: Store, change_id: int, limit: int = 50_000) -> list[tup
     """(change id, entry id, INSERT|UPDATE|DELETE) after ``change_id``, oldest first."""
     return store.query("SELECT id, entry_id, op FROM library_changes WHERE id > ? ORDER BY id LIMIT ?",
                        (change_id, limit))
+
+
+def listener(store: Store) -> ChangeListener | ChangePoll:
+    """What waits for the next change: a NOTIFY (PostgreSQL), or the next look (SQLite,
+    which has no notifications between processes)."""
+    return ChangeListener(store.url) if store.dialect == "postgresql" else ChangePoll()
+
+
+class ChangePoll:
+    """:meth:`wait` returns at the timeout: the caller then looks at the log."""
+
+    async def wait(self, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
+
+    async def close(self) -> None:
+        pass
 
 
 class ChangeListener:

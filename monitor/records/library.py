@@ -56,6 +56,7 @@ def _entry(row: tuple) -> LibraryEntry:
 IMPORTED = "imported"  # library_entries.algorithm of hashes imported from a CSV
 
 SNAPSHOT_AFTER_CHANGES = 10_000  # more changes than this after a snapshot: a start reads the rows
+RESNAPSHOT_AFTER_CHANGES = 1_000  # a start that replayed this many stores a new snapshot
 
 _COLUMNS = ("id, source, label, width, height, dhash, phash, dhash_mirror, phash_mirror, "
             "degenerate, added_at")
@@ -80,7 +81,7 @@ class Library:
         self._owned = "" if shard is None else f" AND id % {int(shard[1])} = {int(shard[0])}"
         self.index = LibraryIndex(spill_dir=spill_dir)
         self.index.keypoints_reader = functools.partial(keypoint_rows.read, store)  # read for candidates
-        # PostgreSQL: the change-log id this index reflects (None: no log; SQLite polls the version)
+        # the change-log id this index reflects (None: not indexed)
         self.checkpoint: int | None = None
         if indexed:
             self.reload()
@@ -91,12 +92,6 @@ class Library:
     def version(self) -> int:
         """Bumped by triggers on every change to the table, by any process."""
         return self.store.query("SELECT value FROM library_meta WHERE key='version'")[0][0]
-
-    def signature(self) -> tuple[int, int]:
-        """(version, largest id): the version changes with any change to the table, by any
-        process; entries with an id above the largest seen are new."""
-        return self.store.query("SELECT (SELECT value FROM library_meta WHERE key='version'), "
-                                "COALESCE(MAX(id), 0) FROM library_entries")[0]
 
     def entries_after(self, entry_id: int) -> list[tuple[int, Fingerprint]]:
         """(id, fingerprint with its views and fine hashes) of usable entries above ``entry_id``."""
@@ -118,8 +113,8 @@ class Library:
         return out
 
     def catch_up(self) -> tuple[list[int], int]:
-        """Apply the change log after the checkpoint (PostgreSQL): each entry touched is indexed
-        again as its row is now, or dropped. (ids inserted that this index holds, changes read)."""
+        """Apply the change log after the checkpoint: each entry touched is indexed again as
+        its row is now, or dropped. (ids inserted that this index holds, changes read)."""
         inserted, read = [], 0
         while True:
             rows = changes.changes_after(self.store, self.checkpoint or 0)
@@ -143,45 +138,24 @@ class Library:
             inserted += [eid for _, eid, op in rows if op == "INSERT" and eid in current]
             self.checkpoint = rows[-1][0]
 
-    def changes_after(self, entry_id: int) -> int:
-        """Entries with an id above ``entry_id`` (the version moved by as much: additions only)."""
-        return self.store.query("SELECT COUNT(*) FROM library_entries WHERE id > ?", (entry_id,))[0][0]
-
-    def add_new(self, after_id: int) -> int:
-        """Index the entries added after ``after_id`` (this shard's), without a reload: a
-        library of millions takes a new entry in milliseconds. How many were indexed."""
-        added = self.entries_after(after_id)
-        for entry_id, fp in added:
-            self.index.add(entry_id, fp)
-        return len(added)
-
     def reload(self) -> None:
-        """(Re)build the index: from the packed snapshot when it is current, else from the
-        rows, then store a new snapshot for the next start. A shard has a snapshot of its own
-        part. With a change log (PostgreSQL), any snapshot will do: the log after it is replayed."""
+        """(Re)build the index: the packed snapshot (a shard has one of its own part) and the
+        change log after it; the rows where there is no snapshot or the log after it is long
+        (a bulk import since: reading rows is much faster than replaying them one by one),
+        then a new snapshot. One is also stored after a replay of many changes, so that the
+        next start does not replay them again."""
         split = self.shard if self.shard is not None else (0, 1)
-        if changes.has_log(self.store):
-            return self._reload_from_log(split)
-        version = self.version()
-        snap = snapshots.load(self.store, split, version=version)
-        if snap:
-            return self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine, snap.core)
-        self._reload_rows()
-        snapshots.save(self.store, split, self.index, version, None, only_if_current=True)
-
-    def _reload_from_log(self, split: tuple[int, int]) -> None:
-        """The snapshot and the changes after it; the rows when the log after it is long (a
-        bulk import since: reading rows is much faster than replaying them one by one)."""
         snap = snapshots.load(self.store, split)
         if snap and changes.count_after(self.store, snap.change_id) <= SNAPSHOT_AFTER_CHANGES:
             self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine, snap.core)
             self.checkpoint = snap.change_id
+            if self.catch_up()[1] < RESNAPSHOT_AFTER_CHANGES:
+                return
+        else:
+            start = changes.last_change(self.store)  # before the rows: what follows is replayed
+            self._reload_rows()
+            self.checkpoint = start
             self.catch_up()
-            return
-        start = changes.last_change(self.store)  # before the rows: what follows is replayed
-        self._reload_rows()
-        self.checkpoint = start
-        self.catch_up()
         snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
 
     def _reload_rows(self) -> None:

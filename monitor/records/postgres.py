@@ -242,6 +242,9 @@ CREATE TABLE index_snapshots (
     core      BYTEA NOT NULL,
     PRIMARY KEY (shards, shard, part)
 );
+"""), (20, """
+-- SQLite's change log: PostgreSQL has had its own since the baseline
+SELECT 1;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

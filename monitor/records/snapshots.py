@@ -1,8 +1,7 @@
 """The index's rows as the library reads them, and packed index snapshots, one per shard
 split (shards, shard); (1, 0) is the whole library. A start loads its snapshot (a million
-entries in a fraction of a second) instead of reading every row. SQLite uses one only at
-the library version it was taken at; PostgreSQL one at any age, replaying the change log
-after its ``change_id``."""
+entries in a fraction of a second) instead of reading every row, then replays the change
+log after its ``change_id`` (monitor/records/changes.py)."""
 
 from __future__ import annotations
 
@@ -32,13 +31,13 @@ class Snapshot(NamedTuple):
 PART_ROWS = 1 << 22
 
 
-def load(store: Store, shard: tuple[int, int], *, version: int | None = None) -> Snapshot | None:
-    """The shard's snapshot: at ``version``, or (None) any with a change-log checkpoint. Its
-    parts are read one at a time into arrays made for the whole (held all at once, then
-    joined, a 20M-row snapshot took 3.6 GB to read)."""
+def load(store: Store, shard: tuple[int, int]) -> Snapshot | None:
+    """The shard's snapshot (one with a change-log checkpoint). Its parts are read one at a
+    time into arrays made for the whole (held all at once, then joined, a 20M-row snapshot
+    took 3.6 GB to read)."""
     k, shards = shard
-    where = f"shards=? AND shard=? AND {'version=?' if version is not None else 'change_id IS NOT NULL'}"
-    params = (shards, k) + ((version,) if version is not None else ())
+    where = "shards=? AND shard=? AND change_id IS NOT NULL"
+    params = (shards, k)
     (count, size, fewest, most, taken, last, checkpoint, latest), = store.query(
         "SELECT count(*), sum(length(ids)), min(parts), max(parts), min(version), max(version), min(change_id), "
         f"max(change_id) FROM index_snapshots WHERE {where}", params)
@@ -61,18 +60,12 @@ def load(store: Store, shard: tuple[int, int], *, version: int | None = None) ->
     return Snapshot(ids, dhash, phash, fine, core, checkpoint) if at == n else None
 
 
-def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int, change_id: int | None,
-         *, only_if_current: bool = False) -> None:
-    """Stored in parts of PART_ROWS rows. ``only_if_current``: not if the library changed
-    since ``version`` was read (the rows read may be of either side of the change: the next
-    start reads them again)."""
+def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int, change_id: int) -> None:
+    """Stored in parts of PART_ROWS rows, as of change ``change_id`` of the log."""
     k, shards = shard
     ids, dhash, phash, core = index.ids, index.hashes("dhash"), index.hashes("phash"), index.core_flags()
     count = max(1, -(-ids.size // PART_ROWS))
     with store.transaction() as conn:
-        if only_if_current and conn.execute("SELECT value FROM library_meta WHERE key='version'").fetchone()[0] \
-                != version:
-            return
         conn.execute("DELETE FROM index_snapshots WHERE shards=? AND shard=?", (shards, k))
         for part in range(count):
             rows = slice(part * PART_ROWS, (part + 1) * PART_ROWS)
