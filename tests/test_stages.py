@@ -383,6 +383,46 @@ async def test_an_unsure_match_is_confirmed_however_the_image_comes_back(store_l
     library.store.close()
 
 
+async def test_a_crop_seen_before_its_picture_was_protected_is_found_by_a_retro_second_look(store_location, samples):
+    """An image seen before its picture became a library entry gets, when the entry is
+    added, the second look a fresh download would: its hashes meet no new entry (turned
+    4 degrees and cut on three sides), but it lies near one, so it is
+    fetched again and its keypoints decide. An unrelated image that meets nothing near
+    is not fetched again; one whose URL is gone by then is counted and left."""
+    from PIL import Image
+
+    from tests.test_detective import _jpeg, _turned_and_cut
+    site = PhotoSite(samples)
+    for name in ("rocket", "coffee"):
+        site.add_image(f"cut-{name}.jpg", _jpeg(_turned_and_cut(Image.open(samples / f"library-{name}.jpg")
+                                                                .convert("RGB"))))
+    library = Library(open_store(store_location))
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        worker = s.worker(fetcher)
+        urls = [f"{base}/img/{name}" for name in ("cut-rocket.jpg", "cut-coffee.jpg", "other-baboon.jpg")]
+        seen, _ = work_rows.record_items(s.store, "a", [FeedItem("a", str(k), (u,)) for k, u in enumerate(urls)],
+                                         time.time())
+        assert [await worker.process(w) for w in seen] == [[], [], []]  # nothing protected yet
+        assert Matcher(library.index).match(work_rows.cached_image(s.store, urls[0])) == []  # (empty library)
+        del site.images["cut-coffee.jpg"]  # gone by the time its picture is protected
+        before = max(library.index.ids.tolist(), default=0)
+        add_files(library, [samples / "library-rocket.jpg", samples / "library-coffee.jpg"], progress=False)
+        rocket = next(e for e in library.entries() if e.label == "library-rocket")
+        hashes_only = Matcher(library.index, s.matcher.tiers).match(work_rows.cached_image(s.store, urls[0]))
+        assert rocket.id not in [m.entry_id for m in hashes_only], "the hashes alone find it: no look is tested"
+        watcher = LibraryWatcher(s.store, library, s.matcher, s.recorder, s.metrics, check_seconds=30,
+                                 fetch_image=fetcher.fetch_image)
+        records = await watcher.retro_match(after_entry_id=before)
+        await worker.close()
+    assert [(r.entry.label, r.match.decided_by, r.match.inliers >= 15) for r in records] \
+        == [("library-rocket", "keypoints", True)]
+    assert site.hits["cut-rocket.jpg"] == 2 and site.hits["other-baboon.jpg"] == 1  # fetched again: the crop only
+    assert s.metrics.unsure_refetches.labels("unreachable")._value.get() == 1  # the coffee crop, gone
+    assert [r.entry.label for r in s.recorded] == ["library-rocket"]
+    library.store.close()
+
+
 async def test_grouped_calls_go_together_and_each_caller_gets_its_own_answer():
     from monitor.pipeline.grouped import Grouped
     groups = []

@@ -2,7 +2,8 @@
 store (a URL another feed posted already), another fetch's, a retro-match's. The store keeps
 fingerprints, not pixels, yet an unsure hash match stands only where the two pictures'
 keypoints agree (monitor/search/detective.py); so the image is fetched again, only for such
-a match, and matched with it, as a fresh download would have been."""
+a match (or a retro-match's second look), and matched with it, as a fresh download would
+have been."""
 
 from __future__ import annotations
 
@@ -34,14 +35,28 @@ async def fetched_again(matches: list[Match], url: str, fetch_image: Callable[[s
                         metrics: Metrics) -> bytes | None:
     """The image fetched again where some of ``matches`` is unsure (and something fetches);
     None where none is, or it cannot be fetched (counted, and said: the hashes' answer stands)."""
-    if not fetch_image or not any(needs_confirmation(m) for m in matches):
+    if not any(needs_confirmation(m) for m in matches):
+        return None
+    return await _fetched(url, fetch_image, metrics, "an unsure match could not be confirmed by keypoints")
+
+
+async def fetched_for_look(url: str, fetch_image: Callable[[str], Awaitable[bytes]] | None | bool,
+                           metrics: Metrics) -> bytes | None:
+    """The image fetched again for a second look (a retro-match's: the hashes met no new
+    entry, yet some lie near); None where nothing fetches or it cannot be fetched."""
+    return await _fetched(url, fetch_image, metrics, "no second look at the new entries near it")
+
+
+async def _fetched(url: str, fetch_image: Callable[[str], Awaitable[bytes]] | None | bool, metrics: Metrics,
+                   lost: str) -> bytes | None:
+    if not fetch_image:
         return None
     try:
         data = await fetch_image(url)
     except FetchError as exc:
         metrics.unsure_refetches.labels("unreachable").inc()
-        log.warning("%s: an unsure match could not be confirmed by keypoints (the image could not be fetched "
-                    "again: %s); the hashes' answer stands", url, exc, extra={"url": url})
+        log.warning("%s: %s (the image could not be fetched again: %s); the hashes' answer stands", url, lost, exc,
+                    extra={"url": url})
         return None
     metrics.unsure_refetches.labels("fetched").inc()
     return data

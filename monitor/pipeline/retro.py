@@ -12,18 +12,19 @@ from collections.abc import Awaitable, Callable
 from monitor.fingerprints import Fingerprint
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
-from monitor.pipeline.refetch import confirmed_again, matched_in_thread
+from monitor.pipeline.refetch import confirmed_again, fetched_for_look, matched_in_thread
 from monitor.records import changes
 from monitor.records import work as work_rows
 from monitor.records.library import Library
 from monitor.records.matches import MatchRecord
 from monitor.records.store import DatabaseError, Store
 from monitor.search.index import LibraryIndex
-from monitor.search.matcher import Match, Matcher, query_rows
+from monitor.search.matcher import Match, Matcher
 
 log = logging.getLogger("repost_monitor.pipeline")
 
-REFETCHES = 8  # images fetched again at once for a retro-match's confirmations
+REFETCHES = 8  # images fetched again at once for a retro-match's confirmations and second looks
+RETRO_LOOKS = 1000  # recent images a retro-match fetches again for a second look, at most (nearest first)
 
 
 class LibraryWatcher:
@@ -76,19 +77,33 @@ class LibraryWatcher:
     async def retro_match(self, after_entry_id: int | None = None, entry_ids: list[int] | None = None
                           ) -> list[MatchRecord]:
         """Match images seen within ``retro_window`` against the entries just added: those
-        with an id above ``after_entry_id``, or ``entry_ids``; their matches alert as usual."""
+        with an id above ``after_entry_id``, or ``entry_ids``; their matches alert as usual.
+        The store keeps fingerprints, not pixels: an image is fetched again for an unsure
+        match, and for a second look where its hashes met none of the new entries but lie
+        near some (a crop posted before its picture was protected; its first sighting could
+        not look at an entry that did not exist), nearest first, at most RETRO_LOOKS."""
         if self.retro_window <= 0:
             return []
-        matcher, found = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
+        matcher, found, near = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
+        if len(near) > RETRO_LOOKS:
+            log.warning("retroactive matching: %d recent images lie near the new entries; the nearest %d get a "
+                        "second look (their images fetched again), the rest are matched by their hashes alone",
+                        len(near), RETRO_LOOKS)
+            near = dict(sorted(near.items(), key=lambda item: item[1][1])[:RETRO_LOOKS])
         fetching = asyncio.Semaphore(REFETCHES)
 
-        async def confirmed(url: str, fp: Fingerprint, matches: list[Match]) -> list[Match]:
+        async def settled(url: str, fp: Fingerprint, matches: list[Match]) -> list[Match]:
             async with fetching:
                 again = matched_in_thread(matcher, fp, self.max_pixels, self.metrics)
-                return await confirmed_again(matches, url, self.fetch_image, again, self.metrics)
-        settled = await asyncio.gather(*(confirmed(url, fp, matches) for url, (fp, matches) in found.items()))
-        records = await asyncio.to_thread(self._record, [(url, fp, matches) for (url, (fp, _)), matches
-                                                         in zip(found.items(), settled, strict=True) if matches])
+                if matches:
+                    return await confirmed_again(matches, url, self.fetch_image, again, self.metrics)
+                data = await fetched_for_look(url, self.fetch_image, self.metrics)
+                return [] if data is None else await again(data)
+        todo = [(url, fp, matches) for url, (fp, matches) in found.items()] + \
+            [(url, fp, []) for url, (fp, _) in near.items()]
+        results = await asyncio.gather(*(settled(*item) for item in todo))
+        records = await asyncio.to_thread(self._record, [(url, fp, matches) for (url, fp, _), matches
+                                                         in zip(todo, results, strict=True) if matches])
         if records:
             what = f"entries added after id {after_entry_id}" if entry_ids is None else f"{len(entry_ids)} new entries"
             log.info("retroactive matching: %d new matches for %s", len(records), what)
@@ -106,11 +121,13 @@ class LibraryWatcher:
                 records += self.recorder.finish(work, matches, fp, close_work=False)
         return records
 
-    def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None) -> tuple[Matcher, dict]:
-        """The new entries' matcher, and {image URL: (its fingerprint, its matches among them
-        by the hashes)}."""
+    def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None) -> tuple[Matcher, dict, dict]:
+        """The new entries' matcher; {image URL: (its fingerprint, its matches among them by
+        the hashes)}; and, where keypoints are on, {image URL: (its fingerprint, its nearest
+        candidate's dHash + pHash)} of the images the hashes met none of them with, but which
+        lie within a second look's limits of some."""
         index = LibraryIndex()
-        index.keypoints_reader = self.library.index.keypoints_reader  # for a confirmation
+        index.keypoints_reader = self.library.index.keypoints_reader  # for a confirmation, a second look
         new = (self.library.entries_after(after_entry_id or 0) if entry_ids is None
                else self.library.fingerprints_of(entry_ids))
         for entry_id, fp in new:
@@ -118,7 +135,11 @@ class LibraryWatcher:
         images = work_rows.recent_images(self.store, time.time() - self.retro_window)
         matcher = Matcher(index, self.matcher.tiers)
         if not images or not len(index):
-            return matcher, {}
+            return matcher, {}, {}
         urls = list(images)
-        per_query = matcher.matches_of(matcher.match_rows(query_rows([images[u] for u in urls]), threads=1))
-        return matcher, {urls[q]: (images[urls[q]], matches) for q, matches in per_query.items()}
+        fps = [images[u] for u in urls]
+        answers = matcher.hash_answers(fps, dict.fromkeys(range(len(fps)), True) if self.fetch_image else None)
+        found = {urls[q]: (fps[q], a.matches) for q, a in enumerate(answers) if a.matches}
+        near = {urls[q]: (fps[q], min(d + p for _, d, p, _ in a.candidates))
+                for q, a in enumerate(answers) if a.candidates and not a.matches}
+        return matcher, found, near
