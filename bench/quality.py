@@ -1,6 +1,7 @@
 """Match-quality benchmark on real images: our matchers vs imagehash dHash/pHash and PDQ.
 
     python3 bench/quality.py ../shared/corpus [--library 100] [--distractors 300] [--seed 1]
+                                             [--cost-unrelated-from OTHER_IMAGES]
 
 From the corpus (seeded) it picks a protected library and unrelated distractors, makes reposts
 of every library image with transformations people apply (Pillow; augly is not installed here),
@@ -293,7 +294,8 @@ def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries: list[bytes
               + ", ".join(f"{f} {np.mean(v):.0%}" for f, v in fams.items()))
 
 
-def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 100_000, sample: int = 300) -> None:
+def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 100_000, sample: int = 300,
+         unrelated_from: str = "the corpus") -> None:
     """Time per incoming image of what the one-process daemon does (all query views, then
     the matcher over a library of ``entries`` entries with all their views, the post's
     keypoints found only if it needs them) against a plain dHash fingerprint and one
@@ -344,17 +346,19 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
                 t = clock()
                 matcher.match(fp)  # keypoints = false: the hashes alone
                 spent[kind, name, False] += clock() - t
+    looked: dict[str, float] = {}
     for kind, items in posts.items():  # as the daemon's match threads take posts under load
         for keypoints in (True, False):
+            finders = [KeypointFinder(data) for _, data in items] if keypoints else None
             t = clock()
             for i in range(0, len(items), 8):
-                group = items[i:i + 8]
-                matchers["near"].match_many([fp for fp, _ in group],
-                                            [KeypointFinder(data) for _, data in group] if keypoints else None)
+                matchers["near"].match_many([fp for fp, _ in items[i:i + 8]], finders[i:i + 8] if finders else None)
             spent[kind, "near batched", keypoints] = clock() - t
+            if finders:
+                looked[kind] = sum(1 for f in finders if f.searched) / len(finders)
     ms = {k: v / n * 1e3 for k, v in spent.items()}
-    print(f"cost per incoming image, {entries:,}-entry library ({index.rows:,} rows with views), {n} of each kind, "
-          f"against a plain dHash + one kernel pass:", flush=True)
+    print(f"cost per incoming image, {entries:,}-entry library ({index.rows:,} rows with views), {n} of each kind "
+          f"(unrelated posts from {unrelated_from}), against a plain dHash + one kernel pass:", flush=True)
     for kind in picked:
         plain, fp = ms[kind, "plain"], ms[kind, "fingerprint"]
         for keypoints, what in ((True, "keypoints as needed (the default)"), (False, "hashes alone")):
@@ -365,7 +369,8 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
         batched = {k: ms[kind, "near batched", k] for k in (True, False)}
         print(f"    {kind}, matched in batches of 8 (the daemon under load), near: matcher {batched[True]:.2f} ms "
               f"with keypoints as needed = {(fp + batched[True]) / plain:.2f}x, {batched[False]:.2f} ms with the "
-              f"hashes alone = {(fp + batched[False]) / plain:.2f}x (timed after the turns)", flush=True)
+              f"hashes alone = {(fp + batched[False]) / plain:.2f}x (timed after the turns); "
+              f"{looked[kind]:.0%} of them had their keypoints found", flush=True)
     print(f"memory per entry: {per_entry} rows x (8 bytes of bit-planes + 8 of pHash + 4 of id + 1 flag in RAM, "
           f"64 of fine hashes in RAM or a file), keypoints ~9 KB in the store")
 
@@ -386,6 +391,9 @@ def main() -> None:
     ap.add_argument("--distractors", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-side", type=int, default=512, help="work at this size (feed thumbnails)")
+    ap.add_argument("--cost-unrelated-from", type=Path, help="time the unrelated posts' cost on pictures of this "
+                    "folder (another collection: few look like a library entry) instead of the distractors, which "
+                    "come from the library's own corpus (its look-alike series: many get the second look)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     files = sorted(args.corpus.glob("*.jpg"))
@@ -440,7 +448,12 @@ def main() -> None:
           f"({np.mean([len(f) for f in q_o]):.2f} views), {t_lib / len(lib_bytes) * 1e3:.1f} ms per library "
           f"entry ({np.mean([len(f) for f in lib_o]):.2f} views)", flush=True)
 
-    cost(queries, distractors, lib_o)
+    if args.cost_unrelated_from:
+        others = sorted(args.cost_unrelated_from.glob("*.jpg"))
+        picked = random.Random(args.seed).sample(others, min(300, len(others)))
+        cost(queries, [enc(load(p), quality=85) for p in picked], lib_o, unrelated_from=str(args.cost_unrelated_from))
+    else:
+        cost(queries, distractors, lib_o)
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _) in transforms.items()}
     product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries, distractors)

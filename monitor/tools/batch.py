@@ -174,8 +174,10 @@ def run_match(inputs: list[str], library_spec: str, tiers: tuple[Tier, ...], *, 
         buf = io.StringIO()
         write_rows(rows, fmt, buf)
         sys.stdout.write(buf.getvalue())
-    limit = max(t.dhash_max for t in tiers)
-    print(f"[done] {len(rows):,} matches under threshold ({limit}/64 bits)"
+    # --threshold N: whole pictures' dHash; a tier: scores over every view, and the second look
+    what = f"within {max(t.dhash_max for t in tiers)}/64 bits of dHash" if whole_pictures \
+        else f"up to the {tiers[-1].name} tier"
+    print(f"[done] {len(rows):,} matches {what}"
           + (f", {len(bad):,} inputs unreadable" if bad else ""), file=log)
     if bad:
         return EXIT_UNREADABLE
