@@ -31,7 +31,7 @@ from monitor.search.answers import HashAnswer, Match, keypoint_pass, second_look
 from monitor.search.first_pass import first_pass
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
-from monitor.search.rows import PairMatches, QueryRows, best_per_pair, fine_words, query_rows
+from monitor.search.rows import PairMatches, QueryRows, best_per_pair, fine_rows, fine_words, query_rows
 from monitor.search.tiers import (
     EXACT,
     FINE_CANDIDATE_SUM,
@@ -229,8 +229,7 @@ class Matcher:
         for i, fp in enumerate(fps):
             if fp.degenerate in (None, "low_detail"):  # flat and tiny pictures match nothing
                 views = (fp, *fp.views)
-                fines = [fine_words(v) for v in views]
-                (with_fine if all(x is not None for x in fines) else without).append((i, views, fines))
+                (with_fine if all(v.fine for v in views) else without).append((i, views))
         for group, fine in ((with_fine, True), (without, False)):
             if group:
                 self._match_group(group, fine, out, {i: m for i, m in (looks or {}).items()
@@ -241,13 +240,13 @@ class Matcher:
                      exclude_self: bool = False) -> None:
         # Every view, plain and mirrored, in one pass over the library: rows
         # 2k and 2k+1 are view k and its mirror.
-        qd = np.array([h for _, views, _ in group for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
-        qp = np.array([h for _, views, _ in group for v in views for h in (v.phash, v.phash_mirror)], np.uint64)
-        owner = np.array([i for i, views, _ in group for _ in range(2 * len(views))], np.int64)
-        low = np.array([views[0].degenerate == "low_detail" for _, views, _ in group for _ in range(2 * len(views))],
+        qd = np.array([h for _, views in group for v in views for h in (v.dhash, v.dhash_mirror)], np.uint64)
+        qp = np.array([h for _, views in group for v in views for h in (v.phash, v.phash_mirror)], np.uint64)
+        owner = np.array([i for i, views in group for _ in range(2 * len(views))], np.int64)
+        low = np.array([views[0].degenerate == "low_detail" for _, views in group for _ in range(2 * len(views))],
                        np.uint8)
-        qf = np.concatenate([f for _, _, fines in group for f in fines]) if fine else None
-        looking = any(i in looks for i, _, _ in group)
+        qf = fine_rows([v for _, views in group for v in views]) if fine else None
+        looking = any(i in looks for i, _ in group)
         with self.index.lock:
             pq, pl, pd = first_pass(self.index, qd, np.arange(qd.size) % 2 == 1, self.radius)
             if exclude_self:
