@@ -349,7 +349,8 @@ def test_a_snapshot_of_more_rows_than_a_part_is_stored_in_parts_and_loads_whole(
     """A snapshot is stored in parts of PART_ROWS rows: as one value, a 2M-picture library's
     fine hashes (1.3 GB) were more than either engine takes ("string or blob too big", and
     the daemon did not start). Every part loads back: ids, hashes, fine hashes (read from
-    the index's file) and core rows, in order."""
+    the index's file, and written to the new index's a part at a time) and core rows, in
+    order. A snapshot replaced while a start reads it makes that start read the rows."""
     monkeypatch.setattr(snapshots, "PART_ROWS", 16)
     whole = Library(open_store(store_location), spill_dir=str(tmp_path))
     add_files(whole, [samples], cache=None, progress=False)
@@ -360,7 +361,9 @@ def test_a_snapshot_of_more_rows_than_a_part_is_stored_in_parts_and_loads_whole(
     snap = snapshots.load(whole.store, (0, 1))
     assert snap is not None and snap.ids.tolist() == whole.index.ids.tolist()
     assert (snap.dhash == whole.index.hashes("dhash")).all() and (snap.phash == whole.index.hashes("phash")).all()
-    assert (snap.fine.reshape(rows, -1) == whole.index.fine()).all() and whole.index.fine().any()
+    fine = list(snapshots.fine_parts(whole.store, (0, 1), snap))  # a part at a time, as a start writes them
+    assert [start for start, _ in fine] == list(range(0, rows, 16))
+    assert (np.concatenate([part for _, part in fine]) == whole.index.fine()).all() and whole.index.fine().any()
     assert (snap.core == whole.index.core_flags()).all() and 0 < snap.core.sum() < rows
     again = Library(open_store(store_location), spill_dir=str(tmp_path))
 
@@ -368,6 +371,19 @@ def test_a_snapshot_of_more_rows_than_a_part_is_stored_in_parts_and_loads_whole(
         ix = library.index
         return sorted(zip(ix.ids.tolist(), ix.hashes("dhash").tolist(), map(tuple, ix.fine().tolist()), strict=True))
     assert with_fine(again) == with_fine(whole)
+    # another start replaces the snapshot between the reads of its hashes and of its fine
+    # hashes: that part no longer fits, and this start reads the rows instead
+    real_parts, reads = snapshots.fine_parts, []
+
+    def replaced_meanwhile(store, shard, snap):
+        with store.transaction() as conn:
+            conn.execute("UPDATE index_snapshots SET version = version + 1")
+        return real_parts(store, shard, snap)
+    monkeypatch.setattr(snapshots, "fine_parts", replaced_meanwhile)
+    real_rows = Library._reload_rows
+    monkeypatch.setattr(Library, "_reload_rows", lambda self: (reads.append(1), real_rows(self))[1])
+    raced = Library(open_store(store_location), spill_dir=str(tmp_path))
+    assert reads == [1] and with_fine(raced) == with_fine(whole)
 
 
 def test_rows_read_while_library_add_writes_are_of_one_moment(store_location, samples, monkeypatch):

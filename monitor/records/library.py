@@ -145,10 +145,7 @@ class Library:
         then a new snapshot. One is also stored after a replay of many changes, so that the
         next start does not replay them again."""
         split = self.shard if self.shard is not None else (0, 1)
-        snap = snapshots.load(self.store, split)
-        if snap and changes.count_after(self.store, snap.change_id) <= SNAPSHOT_AFTER_CHANGES:
-            self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, snap.fine, snap.core)
-            self.checkpoint = snap.change_id
+        if self._load_snapshot(split):
             if self.catch_up()[1] < RESNAPSHOT_AFTER_CHANGES:
                 return
         else:
@@ -157,6 +154,22 @@ class Library:
             self.checkpoint = start
             self.catch_up()
         snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
+
+    def _load_snapshot(self, split: tuple[int, int]) -> bool:
+        """The index from the snapshot, its fine hashes written part by part; False (nothing
+        loaded) without a usable one: none, one replaced meanwhile, or a long log after it."""
+        snap = snapshots.load(self.store, split)
+        if not snap or changes.count_after(self.store, snap.change_id) > SNAPSHOT_AFTER_CHANGES:
+            return False
+        self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, None, snap.core)
+        snap = snap._replace(dhash=None, phash=None, core=None)  # the index holds its own: let these go
+        try:
+            for start, rows in snapshots.fine_parts(self.store, split, snap):
+                self.index.write_fine(start, rows)
+        except snapshots.SnapshotChanged:
+            return False
+        self.checkpoint = snap.change_id
+        return True
 
     def _reload_rows(self) -> None:
         self._load(*snapshots.read_rows(self.store, self._owned, _INDEXED))

@@ -5,6 +5,7 @@ log after its ``change_id`` (monitor/records/changes.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -20,9 +21,13 @@ class Snapshot(NamedTuple):
     ids: np.ndarray     # int64
     dhash: np.ndarray   # uint64
     phash: np.ndarray
-    fine: np.ndarray
-    core: np.ndarray    # bool per row: an entry's core row (monitor/search/core_rows.py)
-    change_id: int | None
+    core: np.ndarray    # bool per row: an entry's core row (monitor/search/core_rows.py), the first rows
+    change_id: int
+    taken: int          # the library version it was taken at: its parts' mark
+
+
+class SnapshotChanged(Exception):
+    """Another start stored a new snapshot while this one was read: the rows are read instead."""
 
 
 # Rows a snapshot's stored row holds: its fine hashes 256 MB, far below the 1 GB either engine
@@ -32,32 +37,52 @@ PART_ROWS = 1 << 22
 
 
 def load(store: Store, shard: tuple[int, int]) -> Snapshot | None:
-    """The shard's snapshot (one with a change-log checkpoint). Its parts are read one at a
-    time into arrays made for the whole (held all at once, then joined, a 20M-row snapshot
-    took 3.6 GB to read)."""
+    """The shard's snapshot (one with a change-log checkpoint), without its fine hashes
+    (:func:`fine_parts` reads them after). Its parts are read one at a time into arrays made
+    for the whole (held all at once, then joined, a 20M-row snapshot took 3.6 GB to read)."""
     k, shards = shard
     where = "shards=? AND shard=? AND change_id IS NOT NULL"
-    params = (shards, k)
     (count, size, fewest, most, taken, last, checkpoint, latest), = store.query(
         "SELECT count(*), sum(length(ids)), min(parts), max(parts), min(version), max(version), min(change_id), "
-        f"max(change_id) FROM index_snapshots WHERE {where}", params)
+        f"max(change_id) FROM index_snapshots WHERE {where}", (shards, k))
     if not count or not count == fewest == most or taken != last or checkpoint != latest:
         return None  # none, or not whole (saved in one transaction, so never expected)
     n = size // 8
-    ids, dhash, phash = np.empty(n, np.int64), np.empty(n, np.uint64), np.empty(n, np.uint64)
-    fine, core, at = np.empty(n * FINE_WORDS, np.uint64), np.empty(n, bool), 0
+    ids, dhash, phash, core, at = np.empty(n, np.int64), np.empty(n, np.uint64), np.empty(n, np.uint64), \
+        np.empty(n, bool), 0
     for expected, [(part, taken_at, *blobs)] in enumerate(store.batches(
-            f"SELECT part, version, ids, dhash, phash, fine, core FROM index_snapshots WHERE {where} ORDER BY part",
-            params, 1)):
+            f"SELECT part, version, ids, dhash, phash, core FROM index_snapshots WHERE {where} ORDER BY part",
+            (shards, k), 1)):
         rows = len(blobs[0]) // 8
         if part != expected or taken_at != taken or at + rows > n:
             return None  # another start saved a new one meanwhile: the rows are read instead
         for array, blob in ((ids, blobs[0]), (dhash, blobs[1]), (phash, blobs[2])):
             array[at:at + rows] = np.frombuffer(blob, "<u8").view(array.dtype)
-        fine[at * FINE_WORDS:(at + rows) * FINE_WORDS] = np.frombuffer(blobs[3], "<u8")
-        core[at:at + rows] = np.unpackbits(np.frombuffer(blobs[4], np.uint8), count=rows).astype(bool)
+        core[at:at + rows] = np.unpackbits(np.frombuffer(blobs[3], np.uint8), count=rows).astype(bool)
         at += rows
-    return Snapshot(ids, dhash, phash, fine, core, checkpoint) if at == n else None
+    first_other = int(core.argmin()) if not core.all() else n
+    if at != n or core[first_other:].any():
+        return None  # (an index stores its core rows first, and so saves them)
+    return Snapshot(ids, dhash, phash, core, checkpoint, taken)
+
+
+def fine_parts(store: Store, shard: tuple[int, int], snap: Snapshot) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, (rows, FINE_WORDS) fine hashes) of each part of ``snap``, one part held at
+    a time (the index writes them to its file: read whole, they were half a start's peak,
+    1.3 GB at 20M rows). SnapshotChanged where another start replaced it meanwhile."""
+    k, shards = shard
+    at = 0
+    for expected, [(part, taken_at, ids, blob)] in enumerate(store.batches(
+            "SELECT part, version, ids, fine FROM index_snapshots WHERE shards=? AND shard=? AND change_id=? "
+            "ORDER BY part", (shards, k, snap.change_id), 1)):
+        rows = len(blob) // (8 * FINE_WORDS)
+        if part != expected or taken_at != snap.taken or at + rows > snap.ids.size \
+                or not np.array_equal(np.frombuffer(ids, "<u8").view(np.int64), snap.ids[at:at + rows]):
+            raise SnapshotChanged  # (another save's rows may be laid out otherwise, at the same change)
+        yield at, np.frombuffer(blob, "<u8").astype(np.uint64, copy=False).reshape(rows, FINE_WORDS)
+        at += rows
+    if at != snap.ids.size:
+        raise SnapshotChanged
 
 
 def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int, change_id: int) -> None:

@@ -145,6 +145,16 @@ class LibraryIndex:
         return np.concatenate([self.core.fine.read_range(min(start, c), min(stop, c)),
                                self.other.fine.read_range(max(start, c) - c, max(stop, c) - c)])
 
+    def write_fine(self, start: int, rows: np.ndarray) -> None:
+        """Rows start.. given their fine hashes (rows numbered across the stores, as
+        :meth:`ids`): a snapshot's parts, one at a time, into an index loaded without them."""
+        c = self.core.n
+        k = max(0, min(rows.shape[0], c - start))
+        if k:
+            self.core.fine.write_rows(start, rows[:k])
+        if k < rows.shape[0]:
+            self.other.fine.write_rows(start + k - c, rows[k:])
+
     def core_flags(self) -> np.ndarray:
         """A bool per row: an entry's core row (snapshots keep them)."""
         return np.arange(self.rows) < self.core.n

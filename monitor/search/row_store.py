@@ -107,6 +107,16 @@ class _FineRows:
             done += got
         return out
 
+    def write_rows(self, start: int, rows: np.ndarray) -> None:
+        """Rows start.. set to ``rows`` ((k, FINE_WORDS)), within the capacity."""
+        if self.file is None:
+            self.fine[start:start + rows.shape[0]] = rows
+            return
+        data = memoryview(np.ascontiguousarray(rows, "<u8").reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(data):  # Linux cuts one write at ~2 GB
+            done += os.pwrite(self.file.fileno(), data[done:done + (1 << 30)], start * _ROW_BYTES + done)
+
     def write(self, row: int, words: np.ndarray | int) -> None:
         if self.file is None:
             self.fine[row] = words
