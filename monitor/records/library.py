@@ -156,8 +156,9 @@ class Library:
         snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
 
     def _load_snapshot(self, split: tuple[int, int]) -> bool:
-        """The index from the snapshot, its fine hashes written part by part; False (nothing
-        loaded) without a usable one: none, one replaced meanwhile, or a long log after it."""
+        """The index from the snapshot, its fine hashes written part by part; False without a
+        usable one (none, a long log after it, or one replaced while it was read: then the
+        rows the caller reads replace what was loaded)."""
         snap = snapshots.load(self.store, split)
         if not snap or changes.count_after(self.store, snap.change_id) > SNAPSHOT_AFTER_CHANGES:
             return False
