@@ -57,12 +57,9 @@ class _FineRows:
         at = 0
         for start in range(0, 0 if rows is None else rows.shape[0], _WRITE_ROWS):
             part = rows[start:start + _WRITE_ROWS]
-            data = memoryview(np.ascontiguousarray(part if mask is None else part[mask[start:start + _WRITE_ROWS]],
-                                                   "<u8").reshape(-1).view(np.uint8))
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.file.fileno(), data[done:], at * _ROW_BYTES + done)
-            at += len(data) // _ROW_BYTES
+            chosen = part if mask is None else part[mask[start:start + _WRITE_ROWS]]
+            self.write_rows(at, chosen)
+            at += chosen.shape[0]
         self.grow(capacity)
 
     @property
