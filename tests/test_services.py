@@ -114,3 +114,19 @@ def test_a_database_is_dropped_with_its_sessions_ended_and_dropping_it_again_is_
             psycopg.connect(url).close()
     finally:
         left_open.close()
+
+
+async def test_a_role_that_exits_at_start_fails_the_scaled_demo_with_the_end_of_its_log(tmp_path):
+    """`demo --shards` waits for every role to read its stream; a role process that exits
+    first (a port taken, a bad config) fails the demo with its log's last lines, which are
+    otherwise removed with the temp dir (it said only "role processes exited at start: intake")."""
+    from monitor.tools.demo_scaled import _config, _wait_for_consumers
+    config = _config(tmp_path, "postgresql://u@127.0.0.1:1/d", "redis://127.0.0.1:1/0", 2, "http://127.0.0.1:1",
+                     "feeds")
+    with open(tmp_path / "intake.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; print('OSError: [Errno 98] address in use', "
+                                 "file=sys.stderr); sys.exit(1)"], stderr=log)
+    proc.wait(30)
+    with pytest.raises(RuntimeError) as failed:
+        await _wait_for_consumers(config, 2, {"intake": proc}, print, timeout=10, logs=tmp_path)
+    assert "exited at start: intake" in str(failed.value) and "[Errno 98] address in use" in str(failed.value)

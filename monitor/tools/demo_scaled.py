@@ -97,7 +97,7 @@ async def _run(services, shards, posts, rate, out, source, say, keep_running) ->
     try:
         say(f"{len(procs)} role processes: intake, worker, recorder, sender, and shards 0..{shards - 1} "
             f"twice each; library: {len(library.index)} images in {shards} shards")
-        await _wait_for_consumers(config, shards, procs, say)
+        await _wait_for_consumers(config, shards, procs, say, logs=tmp)
         say("metrics: " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items()))
         say(f"feed host on {host.base}; {len(stream)} posts, {rate:g} per second")
         host.start()
@@ -143,8 +143,11 @@ async def _run(services, shards, posts, rate, out, source, say, keep_running) ->
     return summarize(stream, detected, timed_out, out)
 
 
-async def _wait_for_consumers(config_path: Path, shards: int, procs: dict, say, timeout: float = 120) -> None:
-    """Until every group has a consumer (each role process is up and reading)."""
+async def _wait_for_consumers(config_path: Path, shards: int, procs: dict, say, timeout: float = 120,
+                              logs: Path | None = None) -> None:
+    """Until every group has a consumer (each role process is up and reading). A role that
+    exits first fails the demo with the end of its log (``logs``: their folder, removed
+    with the servers)."""
     from monitor.config import load_config
     config = load_config(config_path)
     want = {("work", "workers"), ("answers", "recorders")} | {("fingerprints", f"shard-{k}") for k in range(shards)}
@@ -152,10 +155,18 @@ async def _wait_for_consumers(config_path: Path, shards: int, procs: dict, say, 
     while time.monotonic() < deadline:
         dead = [n for n, p in procs.items() if p.poll() is not None]
         if dead:
-            raise RuntimeError(f"role processes exited at start: {', '.join(dead)}")
+            said = "".join(f"\n--- {n}'s log, its end:\n" + _log_end(logs / f"{n}.log") for n in dead if logs)
+            raise RuntimeError(f"role processes exited at start: {', '.join(dead)}{said}")
         doc = await stats(config)
         have = {(s, g["group"]) for s, v in doc.items() for g in v["groups"] if g["consumers"]}
         if want <= have:
             return
         await asyncio.sleep(0.3)
     raise RuntimeError("the role processes did not start in time")
+
+
+def _log_end(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(unreadable: {exc})"
