@@ -268,11 +268,12 @@ def cmd_calibrate(args) -> int:
     calibrate.report(result)
     if args.write:
         path = Path(args.write)
-        calibrate.write_config(path, result)
-        load_config(path)  # what was written must still load: ConfigError otherwise
-        written = [t.name for t in result.tiers if t.measured]
-        print(f"[ok] {path}: [match] " + (", ".join(f"{n}_score" for n in written) if written
-                                          else "nothing measured, nothing written"))
+        # what is written must still load (ConfigError otherwise, the file as it was)
+        if calibrate.write_config(path, result, check=load_config):
+            written = ", ".join(f"{t.name}_score" for t in result.tiers if t.measured)
+            print(f"[ok] {path}: [match] {written}")
+        else:
+            print(f"[ok] {path}: [match] nothing measured, nothing written")
     return 0
 
 

@@ -106,6 +106,11 @@ async def test_cross_site_and_rebinding_requests_are_refused(start):
             async with http.post(d["base"] + "/v1/ingest", headers=headers, data=json.dumps(
                     {"image_urls": [f"{d['feeds']}/img/flip-rocket.jpg"]})) as r:
                 assert r.status == status, headers
+        # a route that does not exist is a 404 whatever is sent (it was a 415 to a multipart body)
+        async with http.post(d["base"] + "/v1/match", data={"image": b"x"}) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        async with http.put(url, json={"verdict": "confirmed"}) as r:
+            assert r.status == 405
         # rebinding reads too
         async with http.get(d["base"] + "/v1/matches", headers={"Host": "attacker.example"}) as r:
             assert r.status == 403

@@ -57,3 +57,9 @@ def test_calibrate_with_too_few_unrelated_pictures_measures_nothing(tmp_path, sa
     assert "near : not measured" in out and "at least 119,828 are needed" in out
     assert "nothing measured, nothing written" in out
     assert cfg.read_text() == CONFIG
+    # a config with no [match] table is not touched either (it was given an empty one)
+    bare = CONFIG.split("[match]")[0]
+    cfg.write_text(bare)
+    assert main(["calibrate", str(samples), "--unrelated", *map(str, sorted(samples.glob("other-*.jpg"))),
+                 "--limit", "20", "--write", str(cfg)]) == 0
+    assert cfg.read_text() == bare and sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]

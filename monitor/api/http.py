@@ -174,6 +174,8 @@ async def guard(request: web.Request, handler):
     svc = request.app[SERVICES_KEY]
     if not _host_allowed(request, svc):
         raise error(403, "bad_host", "this Host is not one of the server's names (server.allowed_hosts)")
+    if request.match_info.http_exception is not None:
+        return await handler(request)  # no such route or method: its 404/405, whatever the body's type
     if request.method not in SAFE_METHODS:
         if not _origin_allowed(request, svc):
             raise error(403, "cross_site", "cross-site request refused (server.allowed_origins)")

@@ -212,22 +212,34 @@ def _limit(negatives: np.ndarray, pairs: int, rate: float) -> int | None:
     return int(ordered[k]) - 1  # the (k+1)-th closest unrelated pair does not match
 
 
-def write_config(path: Path, calibration: Calibration) -> None:
-    """Set [match] near_score and loose_score in the TOML file, keeping everything else."""
+def write_config(path: Path, calibration: Calibration, check=None) -> bool:
+    """Set [match] near_score and loose_score in the TOML file, keeping everything else;
+    False (the file untouched) where no tier was measured. The new text goes to a file
+    beside it, which ``check`` (a config loader) must accept before it replaces the old one:
+    a crash or a refused value never leaves the user's config half written."""
     import tomlkit
+    measured = [t for t in calibration.tiers if t.measured]
+    if not measured:
+        return False
     doc = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
     match = doc.get("match")
     if match is None:
         match = tomlkit.table()
         doc["match"] = match
-    for tier in calibration.tiers:
-        if not tier.measured:
-            continue
+    for tier in measured:
         match[f"{tier.name}_score"] = tier.score
         match[f"{tier.name}_score"].comment(
             f"calibrate: recall {tier.recall:.1%}, pair rate {tier.pair_rate:.1e} "
             f"(95% bound {tier.pair_rate_bound:.1e}) on {calibration.entries} entries")
-    path.write_text(tomlkit.dumps(doc))
+    fresh = path.with_name(f".{path.name}.calibrate")  # same folder: relative paths in it resolve alike
+    try:
+        fresh.write_text(tomlkit.dumps(doc))
+        if check is not None:
+            check(fresh)
+        fresh.replace(path)
+    finally:
+        fresh.unlink(missing_ok=True)
+    return True
 
 
 def report(cal: Calibration, out=None) -> None:
