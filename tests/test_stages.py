@@ -161,6 +161,34 @@ async def test_library_watcher_matches_recent_images_against_new_entries(library
     assert s.recorded[-1].id == records[0].id
 
 
+def test_recent_images_come_a_page_at_a_time_each_once(store_location):
+    """Retroactive matching reads the window's images in pages (a busy feed's three days are
+    millions): each usable image once, in fetch order, ties of fetched_at split across pages
+    by URL; older, failed and low-detail images left out."""
+    import dataclasses
+
+    from monitor.fingerprints import Fingerprint
+    store = open_store(store_location)
+    fp = Fingerprint(1, 2, 3, 4, 64, 48)
+    with store.transaction() as conn:
+        work_rows.images_ok(conn, [(f"http://h/old/{i}.jpg", fp) for i in range(3)], 10.0)
+        work_rows.images_ok(conn, [(f"http://h/tie/{i}.jpg", fp) for i in range(7)], 20.0)
+        work_rows.images_ok(conn, [("http://h/flat.jpg", dataclasses.replace(fp, degenerate="low_detail"))], 20.0)
+        for k in range(5):
+            work_rows.image_ok(conn, f"http://h/later/{k}.jpg", dataclasses.replace(fp, dhash=k), 30.0 + k)
+    work_rows.image_failed(store, "http://h/broken.jpg", "truncated", 25.0)
+    want = [f"http://h/tie/{i}.jpg" for i in range(7)] + [f"http://h/later/{k}.jpg" for k in range(5)]
+    for size in (1, 3, 5, 100):
+        seen, after, pages = [], None, 0
+        while page := work_rows.recent_images(store, 15.0, after, size):
+            assert len(page) <= size
+            seen += page
+            after, pages = page[-1][:2], pages + 1
+        assert [url for _, url, _ in seen] == want and pages == -(-len(want) // size)
+        assert [fp.dhash for _, url, fp in seen if "later" in url] == list(range(5))
+    store.close()
+
+
 def test_a_poll_is_recorded_in_a_few_statements_with_every_item_once(store_location):
     """record_items writes a poll in multi-row statements: new items get a work row per
     image URL, in the poll's order; an item seen before, an id twice in one poll and a URL
@@ -357,7 +385,7 @@ async def test_an_unsure_match_is_confirmed_however_the_image_comes_back(store_l
         before = max(library.index.ids.tolist(), default=0)
         add_files(library, [IMAGES / "texture-rustpipes.jpg", samples / "library-rocket.jpg"], progress=False)
         watcher = LibraryWatcher(s.store, library, s.matcher, s.recorder, s.metrics, check_seconds=30,
-                                 fetch_image=fetcher.fetch_image)
+                                 fetch_image=fetcher.fetch_image, page=2)  # the recent images read in two pages
         records = await watcher.retro_match(after_entry_id=before)
         assert [(r.entry.label, r.match.decided_by) for r in records] \
             == [("library-rocket", "dhash+phash+fine+keypoints")]
@@ -412,7 +440,7 @@ async def test_a_crop_seen_before_its_picture_was_protected_is_found_by_a_retro_
         hashes_only = Matcher(library.index, s.matcher.tiers).match(work_rows.cached_image(s.store, urls[0]))
         assert rocket.id not in [m.entry_id for m in hashes_only], "the hashes alone find it: no look is tested"
         watcher = LibraryWatcher(s.store, library, s.matcher, s.recorder, s.metrics, check_seconds=30,
-                                 fetch_image=fetcher.fetch_image)
+                                 fetch_image=fetcher.fetch_image, page=2)  # the recent images read in two pages
         records = await watcher.retro_match(after_entry_id=before)
         await worker.close()
     assert [(r.entry.label, r.match.decided_by, r.match.inliers >= 15) for r in records] \

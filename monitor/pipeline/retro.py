@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,8 +31,10 @@ RETRO_LOOKS = 1000  # recent images a retro-match fetches again for a second loo
 class LibraryWatcher:
     def __init__(self, store: Store, library: Library, matcher: Matcher, recorder: Recorder,
                  metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600,
-                 fetch_image: Callable[[str], Awaitable[bytes]] | None = None, max_pixels: int | None = None):
+                 fetch_image: Callable[[str], Awaitable[bytes]] | None = None, max_pixels: int | None = None,
+                 page: int = work_rows.RECENT_PAGE):
         self.store, self.library, self.matcher = store, library, matcher
+        self.page = page  # recent images read and matched at once (memory stays a page's, not the window's)
         self.recorder, self.metrics = recorder, metrics
         self.check_seconds, self.retro_window = check_seconds, retro_window
         # what fetches an image again for its keypoints (an unsure match to confirm); None: keypoints off
@@ -84,12 +87,11 @@ class LibraryWatcher:
         not look at an entry that did not exist), nearest first, at most RETRO_LOOKS."""
         if self.retro_window <= 0:
             return []
-        matcher, found, near = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
-        if len(near) > RETRO_LOOKS:
+        matcher, found, near, beyond = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
+        if beyond:
             log.warning("retroactive matching: %d recent images lie near the new entries; the nearest %d get a "
-                        "second look (their images fetched again), the rest are matched by their hashes alone",
-                        len(near), RETRO_LOOKS)
-            near = dict(sorted(near.items(), key=lambda item: item[1][1])[:RETRO_LOOKS])
+                        "second look (their images fetched again); the other %d, which their hashes did not "
+                        "match, get none", len(near) + beyond, len(near), beyond)
         fetching = asyncio.Semaphore(REFETCHES)
 
         async def settled(url: str, fp: Fingerprint, matches: list[Match]) -> list[Match]:
@@ -121,25 +123,41 @@ class LibraryWatcher:
                 records += self.recorder.finish(work, matches, fp, close_work=False)
         return records
 
-    def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None) -> tuple[Matcher, dict, dict]:
+    def _retro_pairs(self, after_entry_id: int | None, entry_ids: list[int] | None
+                     ) -> tuple[Matcher, dict, dict, int]:
         """The new entries' matcher; {image URL: (its fingerprint, its matches among them by
-        the hashes)}; and, where keypoints are on, {image URL: (its fingerprint, its nearest
-        candidate's dHash + pHash)} of the images the hashes met none of them with, but which
-        lie within a second look's limits of some."""
+        the hashes)}; where keypoints are on, {image URL: (its fingerprint, its nearest
+        candidate's dHash + pHash)} of the nearest RETRO_LOOKS images the hashes met none of
+        them with, but which lie within a second look's limits of some; and how many more
+        such images there were. The recent images are read and matched a page at a time."""
         index = LibraryIndex()
         index.keypoints_reader = self.library.index.keypoints_reader  # for a confirmation, a second look
         new = (self.library.entries_after(after_entry_id or 0) if entry_ids is None
                else self.library.fingerprints_of(entry_ids))
         for entry_id, fp in new:
             index.add(entry_id, fp)
-        images = work_rows.recent_images(self.store, time.time() - self.retro_window)
         matcher = Matcher(index, self.matcher.tiers)
-        if not images or not len(index):
-            return matcher, {}, {}
-        urls = list(images)
-        fps = [images[u] for u in urls]
-        answers = matcher.hash_answers(fps, dict.fromkeys(range(len(fps)), True) if self.fetch_image else None)
-        found = {urls[q]: (fps[q], a.matches) for q, a in enumerate(answers) if a.matches}
-        near = {urls[q]: (fps[q], min(d + p for _, d, p, _ in a.candidates))
-                for q, a in enumerate(answers) if a.candidates and not a.matches}
-        return matcher, found, near
+        found: dict[str, tuple[Fingerprint, list[Match]]] = {}
+        near: list[tuple[int, int, str, Fingerprint]] = []  # a heap of (-distance, order, url, fp): the nearest kept
+        beyond = order = 0
+        since, after = time.time() - self.retro_window, None
+        while len(index):
+            page = work_rows.recent_images(self.store, since, after, self.page)
+            if not page:
+                break
+            after = page[-1][:2]
+            fps = [fp for _, _, fp in page]
+            looks = dict.fromkeys(range(len(fps)), True) if self.fetch_image else None
+            for (_, url, fp), answer in zip(page, matcher.hash_answers(fps, looks), strict=True):
+                if answer.matches:
+                    found[url] = (fp, answer.matches)
+                elif answer.candidates:
+                    order += 1
+                    item = (-min(d + p for _, d, p, _ in answer.candidates), order, url, fp)
+                    if len(near) < RETRO_LOOKS:
+                        heapq.heappush(near, item)
+                    else:
+                        heapq.heappushpop(near, item)
+                        beyond += 1
+        near.sort(reverse=True)  # nearest first
+        return matcher, found, {url: (fp, -distance) for distance, _, url, fp in near}, beyond

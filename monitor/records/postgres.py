@@ -245,6 +245,10 @@ CREATE TABLE index_snapshots (
 """), (20, """
 -- SQLite's change log: PostgreSQL has had its own since the baseline
 SELECT 1;
+"""), (21, """
+-- retroactive matching pages through recent images by (fetched_at, url)
+CREATE INDEX images_fetched_url ON images (fetched_at, url);
+DROP INDEX images_fetched;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

@@ -289,6 +289,12 @@ MIGRATIONS: list[str] = [
     BEGIN INSERT INTO library_changes (entry_id, op) VALUES (OLD.id, 'DELETE'); END;
     DELETE FROM index_snapshots;
     """,
+    # 21: retroactive matching pages through recent images by (fetched_at, url): with the
+    # index on fetched_at alone, a page after a tie (a batch stored at one time) sorted them all
+    """
+    CREATE INDEX images_fetched_url ON images (fetched_at, url);
+    DROP INDEX images_fetched;
+    """,
 ]
 
 

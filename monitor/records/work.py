@@ -212,11 +212,22 @@ def images_ok(conn, images: list[tuple[str, Fingerprint]], now: float) -> None:
         conn.executemany(_IMAGE_OK, [_image_row(url, fp, now) for url, fp in images])
 
 
-def recent_images(store: Store, since: float) -> dict[str, Fingerprint]:
-    """Usable images fetched since ``since`` (retroactive matching), by URL."""
-    rows = store.query("SELECT url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, views "
-                       "FROM images WHERE state='ok' AND degenerate IS NULL AND fetched_at > ?", (since,))
-    return {r[0]: stored_fingerprint(*r[1:7], None, r[7], r[8]) for r in rows}
+RECENT_PAGE = 5000  # images a retroactive match reads at once: a day of a busy feed is millions
+
+
+def recent_images(store: Store, since: float, after: tuple[float, str] | None = None,
+                  limit: int = RECENT_PAGE) -> list[tuple[float, str, Fingerprint]]:
+    """A page of the usable images fetched since ``since`` (retroactive matching), as
+    (fetched_at, url, fingerprint) in that order, starting past ``after`` (the last one of
+    the page before): a few thousand at a time, each page its own short read."""
+    where, params = "fetched_at > ?", [since]
+    if after is not None:  # the index on (fetched_at, url) finds where the page before ended
+        where += " AND (fetched_at, url) > (?, ?)"
+        params += list(after)
+    rows = store.query("SELECT fetched_at, url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, "
+                       f"views FROM images WHERE state='ok' AND degenerate IS NULL AND {where} "
+                       "ORDER BY fetched_at, url LIMIT ?", (*params, limit))
+    return [(r[0], r[1], stored_fingerprint(*r[2:8], None, r[8], r[9])) for r in rows]
 
 
 def claim_signature(store: Store, signature: str, now: float, keep: float) -> bool:
