@@ -63,6 +63,8 @@ class LibraryConfig(_Model):
     paths: list[str] = []
     label: str | None = None
     reload_check_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # the library's change log keeps this long (a start whose snapshot is older reads the rows)
+    change_log_days: Annotated[float, Field(gt=0)] = 30.0
     # Each index row's fine hashes (64 of its 96 bytes, read only for the few candidates
     # that pass the dHash and pHash gates): "file" keeps them in an unlinked file in
     # index_dir (default: the SQLite store's folder, else the system's temp folder), read

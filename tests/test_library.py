@@ -475,6 +475,66 @@ async def test_a_start_and_a_running_daemon_replay_the_change_log_instead_of_rea
     assert _index_rows(running) == _index_rows(truth)
 
 
+async def test_the_change_log_is_pruned_and_a_reader_behind_the_prune_reads_the_rows(
+        store_location, samples, monkeypatch):
+    """Either engine: the running daemon deletes changes older than change_log_days (its
+    watcher, hourly), storing its snapshot again first where its checkpoint lay among them,
+    so its next start still reads no row; a process whose checkpoint was behind the deleted
+    changes (loaded before them) notices, reads the rows, and holds what they hold."""
+    import asyncio
+    import time
+
+    from monitor.metrics import Metrics
+    from monitor.pipeline.recorder import Recorder
+    from monitor.pipeline.retro import LibraryWatcher
+    from monitor.records import changes, snapshots
+    from monitor.records.library import prune_change_log
+    images = sorted(samples.glob("library-*.jpg"))
+    writer = Library(open_store(store_location), indexed=False)  # `library add` in another process
+    add_files(writer, images[:3], progress=False)
+    behind = Library(open_store(store_location))  # loaded now: its checkpoint is before what follows
+    running = Library(open_store(store_location))
+    add_files(writer, images[3:], progress=False)
+    writer.remove(writer.entries()[0].id)
+    running.catch_up()
+    snapshot_at = snapshots.checkpoint(writer.store, (0, 1))
+    assert snapshot_at < running.checkpoint and changes.pruned_upto(writer.store) == 0
+    with writer.store.transaction() as conn:  # everything so far happened 40 days ago
+        conn.execute("UPDATE library_changes SET at = at - ?", (40 * 86400,))
+    fresh = [eid for (eid,) in writer.store.query("SELECT id FROM library_changes")]
+    # the running daemon's watcher prunes at its first look
+    metrics = Metrics()
+    watcher = LibraryWatcher(running.store, running, Matcher(running.index), Recorder(running.store, running, metrics),
+                             metrics, check_seconds=0.1, retro_window=3600, log_keep=30 * 86400)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    start = time.monotonic()
+    while changes.pruned_upto(writer.store) == 0:
+        assert time.monotonic() - start < 5.0, "the change log was not pruned"
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert changes.pruned_upto(writer.store) == changes.last_change(writer.store) == max(fresh)
+    assert writer.store.query("SELECT COUNT(*) FROM library_changes")[0][0] == 0
+    assert snapshots.checkpoint(writer.store, (0, 1)) == running.checkpoint == max(fresh)  # stored again first
+    assert prune_change_log(running, time.time()) == 0  # nothing more to delete
+    truth = Library(open_store(store_location))
+    truth._reload_rows()
+    reads = []
+    real = Library._reload_rows
+    monkeypatch.setattr(Library, "_reload_rows", lambda self: (reads.append(1), real(self))[1])
+    assert _index_rows(Library(open_store(store_location))) == _index_rows(truth) and reads == []
+    # the process loaded before the deleted changes reads the rows instead of missing them
+    assert _index_rows(behind) != _index_rows(truth)
+    behind.catch_up()
+    assert reads == [1] and _index_rows(behind) == _index_rows(truth)
+    # a change after the prune is replayed as usual, by both
+    add_files(writer, [samples / "other-baboon.jpg"], progress=False)
+    behind.catch_up(), running.catch_up()
+    truth._reload_rows()
+    assert reads == [1, 1] and _index_rows(behind) == _index_rows(running) == _index_rows(truth)
+
+
 def _index_rows(library):
     """The index's (id, dhash, phash) rows, in a stable order: two indexes hold the same iff equal."""
     ix = library.index

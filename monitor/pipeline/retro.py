@@ -16,7 +16,7 @@ from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.refetch import confirmed_again, fetched_for_look, matched_in_thread
 from monitor.records import changes
 from monitor.records import work as work_rows
-from monitor.records.library import Library
+from monitor.records.library import Library, prune_change_log
 from monitor.records.matches import MatchRecord
 from monitor.records.store import DatabaseError, Store
 from monitor.search.index import LibraryIndex
@@ -25,6 +25,7 @@ from monitor.search.matcher import Match, Matcher
 log = logging.getLogger("repost_monitor.pipeline")
 
 REFETCHES = 8  # images fetched again at once for a retro-match's confirmations and second looks
+PRUNE_EVERY = 3600  # seconds between prunes of the library's change log
 RETRO_LOOKS = 1000  # recent images a retro-match fetches again for a second look, at most (nearest first)
 
 
@@ -32,9 +33,11 @@ class LibraryWatcher:
     def __init__(self, store: Store, library: Library, matcher: Matcher, recorder: Recorder,
                  metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600,
                  fetch_image: Callable[[str], Awaitable[bytes]] | None = None, max_pixels: int | None = None,
-                 page: int = work_rows.RECENT_PAGE):
+                 page: int = work_rows.RECENT_PAGE, log_keep: float = 30 * 86400):
         self.store, self.library, self.matcher = store, library, matcher
         self.page = page  # recent images read and matched at once (memory stays a page's, not the window's)
+        self.log_keep = log_keep  # seconds the library's change log keeps
+        self._pruned_at = float("-inf")  # the first look prunes (monotonic time starts near 0 at boot)
         self.recorder, self.metrics = recorder, metrics
         self.check_seconds, self.retro_window = check_seconds, retro_window
         # what fetches an image again for its keypoints (an unsure match to confirm); None: keypoints off
@@ -57,6 +60,12 @@ class LibraryWatcher:
                         self.metrics.library_entries.set(len(self.library.index))
                     if inserted:
                         await self.retro_match(entry_ids=inserted)
+                    if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
+                        self._pruned_at = time.monotonic()
+                        deleted = await asyncio.to_thread(prune_change_log, self.library, time.time() - self.log_keep)
+                        if deleted:
+                            log.info("library: %d changes older than %.0f days deleted from the change log",
+                                     deleted, self.log_keep / 86400)
                 except DatabaseError as exc:  # the store is away (a restart): look again next time
                     self.metrics.errors.labels("store").inc()
                     log.warning("library check failed (%s); trying again in %.0fs", exc, self.check_seconds)

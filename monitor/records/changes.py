@@ -4,7 +4,8 @@ lock (the trigger's UPDATE), so change ids are handed out and committed in one o
 NOTIFY on ``repost_monitor_library`` wakes the listeners. SQLite: one writer at a time does
 the same. Either way a reader that has seen change N has seen every committed change below
 it. A start loads a snapshot, then replays the log from the snapshot's checkpoint; a running
-daemon (or shard) tails it."""
+daemon (or shard) tails it, and deletes changes older than ``library.change_log_days``
+(storing its snapshot again first where that would leave its own behind)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ CHANNEL = "repost_monitor_library"
 
 
 def last_change(store: Store) -> int:
-    return store.query("SELECT COALESCE(MAX(id), 0) FROM library_changes")[0][0]
+    """The newest change's id: the log's largest, or the pruned mark where it was emptied."""
+    return max(store.query("SELECT COALESCE((SELECT MAX(id) FROM library_changes), 0), "
+                           "COALESCE((SELECT value FROM library_meta WHERE key = 'changes_pruned'), 0)")[0])
 
 
 def count_after(store: Store, change_id: int) -> int:
@@ -30,6 +33,29 @@ def changes_after(store: Store, change_id: int, limit: int = 50_000) -> list[tup
     """(change id, entry id, INSERT|UPDATE|DELETE) after ``change_id``, oldest first."""
     return store.query("SELECT id, entry_id, op FROM library_changes WHERE id > ? ORDER BY id LIMIT ?",
                        (change_id, limit))
+
+
+def pruned_upto(store: Store) -> int:
+    """The last change id deleted from the log (0: none): a reader whose checkpoint is below
+    it may have missed changes, and reads the rows instead."""
+    rows = store.query("SELECT value FROM library_meta WHERE key = 'changes_pruned'")
+    return rows[0][0] if rows else 0
+
+
+def prunable(store: Store, before: float) -> int:
+    """The last change id made before ``before`` (epoch seconds), 0 if none."""
+    return store.query("SELECT COALESCE(MAX(id), 0) FROM library_changes WHERE at < ?", (before,))[0][0]
+
+
+def prune(store: Store, upto: int) -> int:
+    """Delete changes up to id ``upto`` (a prefix of the log) and raise the watermark in the
+    same transaction; how many were deleted. Ids never go back after it (PostgreSQL's
+    identity, SQLite's AUTOINCREMENT), so the next change still follows every checkpoint."""
+    with store.transaction() as conn:
+        deleted = conn.execute("DELETE FROM library_changes WHERE id <= ?", (upto,)).rowcount
+        conn.execute("INSERT OR IGNORE INTO library_meta (key, value) VALUES ('changes_pruned', 0)")
+        conn.execute("UPDATE library_meta SET value = ? WHERE key = 'changes_pruned' AND value < ?", (upto, upto))
+    return deleted
 
 
 def listener(store: Store) -> ChangeListener | ChangePoll:

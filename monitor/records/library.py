@@ -9,6 +9,7 @@ index and the ``library_entries`` table in step.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from monitor.records import keypoints as keypoint_rows
 from monitor.records.store import Store, in_chunks
 from monitor.search.index import LibraryIndex
 from monitor.search.tiers import protection_of
+
+log = logging.getLogger("repost_monitor.library")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,16 @@ class Library:
         inserted, read = [], 0
         while True:
             rows = changes.changes_after(self.store, self.checkpoint or 0)
+            # read after the changes: a prune committed before them shows here (it deletes
+            # and raises the mark in one transaction); one after them deleted none we missed
+            if changes.pruned_upto(self.store) > (self.checkpoint or 0):
+                log.warning("library: the change log was pruned past this index's checkpoint (%d): "
+                            "reading the rows", self.checkpoint or 0)
+                start = changes.last_change(self.store)  # before the rows: what follows is replayed
+                self._reload_rows()
+                self.checkpoint = start
+                read += 1
+                continue
             if not rows:
                 return inserted, read
             read += len(rows)
@@ -160,7 +173,8 @@ class Library:
         usable one (none, a long log after it, or one replaced while it was read: then the
         rows the caller reads replace what was loaded)."""
         snap = snapshots.load(self.store, split)
-        if not snap or changes.count_after(self.store, snap.change_id) > SNAPSHOT_AFTER_CHANGES:
+        if not snap or changes.count_after(self.store, snap.change_id) > SNAPSHOT_AFTER_CHANGES \
+                or snap.change_id < changes.pruned_upto(self.store):  # changes after it were deleted
             return False
         self._load(snap.ids, {"dhash": snap.dhash, "phash": snap.phash}, None, snap.core)
         snap = snap._replace(dhash=None, phash=None, core=None)  # the index holds its own: let these go
@@ -276,6 +290,19 @@ class Library:
 
     def stats(self) -> dict:
         return library_stats(self)
+
+
+def prune_change_log(library: Library, before: float) -> int:
+    """Delete the changes made before ``before`` (epoch seconds) from the log, storing this
+    library's snapshot again first where its checkpoint lies among them (its next start
+    would read the rows otherwise). Call after :meth:`Library.catch_up`. How many were deleted."""
+    upto = changes.prunable(library.store, before)
+    if upto <= changes.pruned_upto(library.store) or (library.checkpoint or 0) < upto:
+        return 0  # nothing new to delete, or this index is behind them (it catches up first)
+    split = library.shard if library.shard is not None else (0, 1)
+    if (snapshots.checkpoint(library.store, split) or 0) < upto:
+        snapshots.save(library.store, split, library.index, library.version(), library.checkpoint)
+    return changes.prune(library.store, upto)
 
 
 def library_stats(library: Library) -> dict:

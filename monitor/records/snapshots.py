@@ -85,6 +85,12 @@ def fine_parts(store: Store, shard: tuple[int, int], snap: Snapshot) -> Iterator
         raise SnapshotChanged
 
 
+def checkpoint(store: Store, shard: tuple[int, int]) -> int | None:
+    """The change id the shard's stored snapshot was taken at (None: it has none)."""
+    k, shards = shard
+    return store.query("SELECT MIN(change_id) FROM index_snapshots WHERE shards=? AND shard=?", (shards, k))[0][0]
+
+
 def save(store: Store, shard: tuple[int, int], index: LibraryIndex, version: int, change_id: int) -> None:
     """Stored in parts of PART_ROWS rows, as of change ``change_id`` of the log."""
     k, shards = shard
