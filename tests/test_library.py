@@ -502,6 +502,7 @@ async def test_the_change_log_is_pruned_and_a_reader_behind_the_prune_reads_the_
     with writer.store.transaction() as conn:  # everything so far happened 40 days ago
         conn.execute("UPDATE library_changes SET at = at - ?", (40 * 86400,))
     fresh = [eid for (eid,) in writer.store.query("SELECT id FROM library_changes")]
+    monkeypatch.setattr(changes, "PRUNE_CHUNK", 3)  # deleted in several transactions
     # the running daemon's watcher prunes at its first look
     metrics = Metrics()
     watcher = LibraryWatcher(running.store, running, Matcher(running.index), Recorder(running.store, running, metrics),

@@ -47,14 +47,22 @@ def prunable(store: Store, before: float) -> int:
     return store.query("SELECT COALESCE(MAX(id), 0) FROM library_changes WHERE at < ?", (before,))[0][0]
 
 
+PRUNE_CHUNK = 50_000  # change ids deleted per transaction: SQLite's one writer waits for none long
+
+
 def prune(store: Store, upto: int) -> int:
-    """Delete changes up to id ``upto`` (a prefix of the log) and raise the watermark in the
-    same transaction; how many were deleted. Ids never go back after it (PostgreSQL's
-    identity, SQLite's AUTOINCREMENT), so the next change still follows every checkpoint."""
-    with store.transaction() as conn:
-        deleted = conn.execute("DELETE FROM library_changes WHERE id <= ?", (upto,)).rowcount
-        conn.execute("INSERT OR IGNORE INTO library_meta (key, value) VALUES ('changes_pruned', 0)")
-        conn.execute("UPDATE library_meta SET value = ? WHERE key = 'changes_pruned' AND value < ?", (upto, upto))
+    """Delete changes up to id ``upto`` (a prefix of the log), a chunk of ids per transaction,
+    each raising the watermark with it; how many were deleted. Ids never go back after it
+    (PostgreSQL's identity, SQLite's AUTOINCREMENT): the next change still follows every
+    checkpoint."""
+    deleted, floor = 0, pruned_upto(store)
+    while floor < upto:
+        floor = min(upto, floor + PRUNE_CHUNK)
+        with store.transaction() as conn:
+            deleted += conn.execute("DELETE FROM library_changes WHERE id <= ?", (floor,)).rowcount
+            conn.execute("INSERT OR IGNORE INTO library_meta (key, value) VALUES ('changes_pruned', 0)")
+            conn.execute("UPDATE library_meta SET value = ? WHERE key = 'changes_pruned' AND value < ?",
+                         (floor, floor))
     return deleted
 
 
