@@ -15,6 +15,7 @@ import contextlib
 import glob
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,7 +35,35 @@ class ServiceMissing(RuntimeError):
     """A server program is not installed; the message names the package."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port free now, for a server started next. Taken below the kernel's range for
+    outgoing connections (a role's connection to Redis could otherwise take the port another
+    role is about to listen on) and never the same twice in this process (a port let go is
+    soon handed out again); the kernel's pick where that range leaves no room."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200 if low > 12000 else 0):
+        port = rng.randrange(10000, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
