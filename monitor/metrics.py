@@ -68,6 +68,11 @@ class Metrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.library_entries = Gauge(p + "library_entries", "Library entries in the match index",
                                      registry=r)
+        self.retro_seconds = Histogram(p + "retro_match_duration_seconds", "One retroactive match of recent "
+                                       "images against the entries just added, from reading them to recording",
+                                       buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800), registry=r)
+        self.retro_images = Counter(p + "retro_images_total", "Recent images read and matched by retroactive "
+                                    "matching (each pass reads the whole window)", registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Work items waiting", ["queue"], registry=r)
         self.queue_capacity = Gauge(p + "queue_capacity", "Queue size limit", ["queue"], registry=r)
         self.matches = Counter(p + "matches_total", "Matches recorded", ["tier"], registry=r)

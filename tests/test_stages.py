@@ -447,6 +447,7 @@ async def test_a_crop_seen_before_its_picture_was_protected_is_found_by_a_retro_
         == [("library-rocket", "keypoints", True)]
     assert site.hits["cut-rocket.jpg"] == 2 and site.hits["other-baboon.jpg"] == 1  # fetched again: the crop only
     assert s.metrics.unsure_refetches.labels("unreachable")._value.get() == 1  # the coffee crop, gone
+    assert s.metrics.retro_images._value.get() == 3 and s.metrics.retro_seconds._sum.get() > 0
     assert [r.entry.label for r in s.recorded] == ["library-rocket"]
     library.store.close()
 

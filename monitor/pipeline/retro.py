@@ -96,6 +96,13 @@ class LibraryWatcher:
         not look at an entry that did not exist), nearest first, at most RETRO_LOOKS."""
         if self.retro_window <= 0:
             return []
+        started = time.monotonic()
+        try:
+            return await self._retro_match(after_entry_id, entry_ids)
+        finally:
+            self.metrics.retro_seconds.observe(time.monotonic() - started)
+
+    async def _retro_match(self, after_entry_id: int | None, entry_ids: list[int] | None) -> list[MatchRecord]:
         matcher, found, near, beyond = await asyncio.to_thread(self._retro_pairs, after_entry_id, entry_ids)
         if beyond:
             log.warning("retroactive matching: %d recent images lie near the new entries; the nearest %d get a "
@@ -155,6 +162,7 @@ class LibraryWatcher:
             if not page:
                 break
             after = page[-1][:2]
+            self.metrics.retro_images.inc(len(page))
             fps = [fp for _, _, fp in page]
             looks = dict.fromkeys(range(len(fps)), True) if self.fetch_image else None
             for (_, url, fp), answer in zip(page, matcher.hash_answers(fps, looks), strict=True):
