@@ -6,6 +6,7 @@ around them."""
 import asyncio
 import time
 
+import numpy as np
 import pytest
 
 from feeds import FeedItem, make_source
@@ -179,14 +180,52 @@ def test_recent_images_come_a_page_at_a_time_each_once(store_location):
     work_rows.image_failed(store, "http://h/broken.jpg", "truncated", 25.0)
     want = [f"http://h/tie/{i}.jpg" for i in range(7)] + [f"http://h/later/{k}.jpg" for k in range(5)]
     for size in (1, 3, 5, 100):
-        seen, after, pages = [], None, 0
-        while page := work_rows.recent_images(store, 15.0, after, size):
+        seen, pages = [], 0
+        page, after = work_rows.recent_images(store, 15.0, None, size)
+        while after is not None:
             assert len(page) <= size
-            seen += page
-            after, pages = page[-1][:2], pages + 1
-        assert [url for _, url, _ in seen] == want and pages == -(-len(want) // size)
-        assert [fp.dhash for _, url, fp in seen if "later" in url] == list(range(5))
+            seen, pages = seen + page, pages + 1
+            page, after = work_rows.recent_images(store, 15.0, after, size)
+        assert [url for url, _ in seen] == want and pages == -(-len(want) // size)
+        assert [fp.dhash for url, fp in seen if "later" in url] == list(range(5))
+    # a filter on the dHashes a page holds picks the rows that get a fingerprint; the pages go on
+    asked = []
+
+    def near(owners, dhashes, mirrored, rows):
+        asked.append(rows)
+        return np.isin(np.arange(rows), owners[~mirrored & (dhashes == 3)])
+    page, after, kept = *work_rows.recent_images(store, 15.0, None, 5, near), []
+    while after is not None:
+        kept += page
+        page, after = work_rows.recent_images(store, 15.0, after, 5, near)
+    assert [url for url, _ in kept] == ["http://h/later/3.jpg"] and asked == [5, 5, 2]
     store.close()
+
+
+def test_stored_dhashes_are_every_dhash_a_stored_fingerprint_holds(samples):
+    """The retro-match's filter reads each row's dHashes (its views', plain and mirrored) from
+    the stored columns directly: the same as the fingerprints made from them, with and
+    without fine hashes, with and without views."""
+    import dataclasses
+
+    from monitor.fingerprints import fingerprint_bytes
+    from monitor.fingerprints.codec import pack_fine, pack_views, stored_dhashes, stored_fingerprint, u64_to_sql
+    fps = [fingerprint_bytes(p.read_bytes(), views="library" if k % 2 else "query")  # library: many views
+           for k, p in enumerate(sorted(samples.glob("*.jpg"))[:6])]
+    fps += [dataclasses.replace(fps[0], views=()), dataclasses.replace(fps[1], fine=b"", fine_mirror=b"",
+                                                                       views=tuple(dataclasses.replace(
+                                                                           v, fine=b"", fine_mirror=b"")
+                                                                           for v in fps[1].views))]
+    assert sum(len(fp.views) for fp in fps) > 10
+    rows = [(u64_to_sql(fp.dhash), u64_to_sql(fp.dhash_mirror), pack_fine(fp), pack_views(fp.views)) for fp in fps]
+    owners, dhashes, mirrored = stored_dhashes(rows)
+    got = sorted(zip(owners.tolist(), dhashes.tolist(), mirrored.tolist(), strict=True))
+    want = []
+    for i, (d, dm, fine, views) in enumerate(rows):
+        back = stored_fingerprint(d, 0, dm, 0, 0, 0, None, fine, views)
+        for v in (back, *back.views):
+            want += [(i, v.dhash, False), (i, v.dhash_mirror, True)]
+    assert got == sorted(want)
 
 
 def test_a_poll_is_recorded_in_a_few_statements_with_every_item_once(store_location):

@@ -10,6 +10,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import numpy as np
+
 from monitor.fingerprints import Fingerprint
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
@@ -19,6 +21,7 @@ from monitor.records import work as work_rows
 from monitor.records.library import Library, prune_change_log
 from monitor.records.matches import MatchRecord
 from monitor.records.store import DatabaseError, Store
+from monitor.search.first_pass import first_pass
 from monitor.search.index import LibraryIndex
 from monitor.search.matcher import Match, Matcher
 
@@ -157,15 +160,20 @@ class LibraryWatcher:
         near: list[tuple[int, int, str, Fingerprint]] = []  # a heap of (-distance, order, url, fp): the nearest kept
         beyond = order = 0
         since, after = time.time() - self.retro_window, None
+
+        def near_any(owners, dhashes, mirrored, rows):  # only an image with a pair in the first pass gets an answer
+            pairs, _, _ = first_pass(index, dhashes, mirrored, matcher.radius)
+            keep = np.zeros(rows, bool)
+            keep[owners[pairs]] = True
+            self.metrics.retro_images.inc(rows)
+            return keep
         while len(index):
-            page = work_rows.recent_images(self.store, since, after, self.page)
-            if not page:
+            page, after = work_rows.recent_images(self.store, since, after, self.page, near_any)
+            if after is None:
                 break
-            after = page[-1][:2]
-            self.metrics.retro_images.inc(len(page))
-            fps = [fp for _, _, fp in page]
+            fps = [fp for _, fp in page]
             looks = dict.fromkeys(range(len(fps)), True) if self.fetch_image else None
-            for (_, url, fp), answer in zip(page, matcher.hash_answers(fps, looks), strict=True):
+            for (url, fp), answer in zip(page, matcher.hash_answers(fps, looks), strict=True):
                 if answer.matches:
                     found[url] = (fp, answer.matches)
                 elif answer.candidates:

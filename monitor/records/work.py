@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from feeds import FeedItem
 from monitor.fingerprints import Fingerprint
-from monitor.fingerprints.codec import pack_fine, pack_views, stored_fingerprint, u64_to_sql
+from monitor.fingerprints.codec import pack_fine, pack_views, stored_dhashes, stored_fingerprint, u64_to_sql
 from monitor.records.store import Store, in_chunks
 
 _WORK_COLUMNS = "id, feed, item_id, image_url, page_url, author, published"
@@ -216,10 +216,12 @@ RECENT_PAGE = 5000  # images a retroactive match reads at once: a day of a busy 
 
 
 def recent_images(store: Store, since: float, after: tuple[float, str] | None = None,
-                  limit: int = RECENT_PAGE) -> list[tuple[float, str, Fingerprint]]:
-    """A page of the usable images fetched since ``since`` (retroactive matching), as
-    (fetched_at, url, fingerprint) in that order, starting past ``after`` (the last one of
-    the page before): a few thousand at a time, each page its own short read."""
+                  limit: int = RECENT_PAGE, near=None) -> tuple[list[tuple[str, Fingerprint]], tuple | None]:
+    """A page of the usable images fetched since ``since`` (retroactive matching), in fetch
+    order from past ``after``: ([(url, fingerprint)], the position the next page starts
+    after, None past the last), each page its own short read. ``near(owners, dhashes,
+    mirrored, rows)``, where given, picks the rows worth a fingerprint (a bool per row) from
+    every dHash they hold (:func:`~monitor.fingerprints.codec.stored_dhashes`)."""
     where, params = "fetched_at > ?", [since]
     if after is not None:  # the index on (fetched_at, url) finds where the page before ended
         where += " AND (fetched_at, url) > (?, ?)"
@@ -227,7 +229,14 @@ def recent_images(store: Store, since: float, after: tuple[float, str] | None = 
     rows = store.query("SELECT fetched_at, url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, "
                        f"views FROM images WHERE state='ok' AND degenerate IS NULL AND {where} "
                        "ORDER BY fetched_at, url LIMIT ?", (*params, limit))
-    return [(r[0], r[1], stored_fingerprint(*r[2:8], None, r[8], r[9])) for r in rows]
+    if not rows:
+        return [], None
+    if near is not None:
+        keep = near(*stored_dhashes([(r[2], r[4], r[8], r[9]) for r in rows]), len(rows))
+        position, rows = rows[-1][:2], [r for r, k in zip(rows, keep, strict=True) if k]
+    else:
+        position = rows[-1][:2]
+    return [(r[1], stored_fingerprint(*r[2:8], None, r[8], r[9])) for r in rows], position
 
 
 def claim_signature(store: Store, signature: str, now: float, keep: float) -> bool:
