@@ -44,6 +44,8 @@ class _Model(BaseModel):
 class StoreConfig(_Model):
     path: str = "repost-monitor.sqlite"  # the embedded default: a SQLite file
     url: str | None = None               # postgresql://user:password@host/db instead (scale-out)
+    # finished work with no match, and images no work names: deleted after this (0: kept)
+    history_days: Annotated[float, Field(ge=0)] = 30.0
 
     @field_validator("url")
     @classmethod
@@ -58,8 +60,7 @@ class StoreConfig(_Model):
 
 
 class LibraryConfig(_Model):
-    # Folders and files added (or refreshed) at start-up; the library can also
-    # be managed with `repost-monitor library` while the daemon runs.
+    # Added (or refreshed) at start-up; `repost-monitor library` manages it while the daemon runs.
     paths: list[str] = []
     label: str | None = None
     reload_check_seconds: Annotated[float, Field(gt=0)] = 2.0
@@ -113,9 +114,8 @@ class LimitsConfig(_Model):
     # posts/s with one thread each, 365-383 with two; the one-process daemon: 277-315 with
     # two, 257-276 with one)
     fingerprint_workers: Annotated[int, Field(ge=1)] | None = None
-    # Decode and hash in this many worker processes instead of threads of the
-    # daemon (0): they do not contend with the event loop for the GIL, and a
-    # decoder crash on a hostile file fails that image, not the daemon.
+    # Decode and hash in this many worker processes instead of threads of the daemon (0): they do
+    # not contend with the event loop for the GIL, and a decoder crash fails that image only.
     fingerprint_processes: Annotated[int, Field(ge=0, le=256)] = 0
     allow_private_addresses: bool = False
     allowed_networks: list[str] = []

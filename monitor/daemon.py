@@ -217,6 +217,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
                             on_match=on_match,
                             library_check_seconds=config.library.reload_check_seconds,
                             change_log_days=config.library.change_log_days,
+                            history_days=config.store.history_days,
                             outbox=outbox,
                             retro_window=policy.retro_window_hours * 3600,
                             public_url=config.server.public_url)

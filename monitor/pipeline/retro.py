@@ -16,7 +16,7 @@ from monitor.fingerprints import Fingerprint
 from monitor.metrics import Metrics
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.refetch import confirmed_again, fetched_for_look, matched_in_thread
-from monitor.records import changes
+from monitor.records import changes, retention
 from monitor.records import work as work_rows
 from monitor.records.library import Library, prune_change_log
 from monitor.records.matches import MatchRecord
@@ -28,7 +28,7 @@ from monitor.search.matcher import Match, Matcher
 log = logging.getLogger("repost_monitor.pipeline")
 
 REFETCHES = 8  # images fetched again at once for a retro-match's confirmations and second looks
-PRUNE_EVERY = 3600  # seconds between prunes of the library's change log
+PRUNE_EVERY = 3600  # seconds between prunes of the library's change log and of old history
 RETRO_LOOKS = 1000  # recent images a retro-match fetches again for a second look, at most (nearest first)
 
 
@@ -36,10 +36,12 @@ class LibraryWatcher:
     def __init__(self, store: Store, library: Library, matcher: Matcher, recorder: Recorder,
                  metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600,
                  fetch_image: Callable[[str], Awaitable[bytes]] | None = None, max_pixels: int | None = None,
-                 page: int = work_rows.RECENT_PAGE, log_keep: float = 30 * 86400):
+                 page: int = work_rows.RECENT_PAGE, log_keep: float = 30 * 86400, history_keep: float = 0):
         self.store, self.library, self.matcher = store, library, matcher
         self.page = page  # recent images read and matched at once (memory stays a page's, not the window's)
         self.log_keep = log_keep  # seconds the library's change log keeps
+        # seconds finished work and images are kept (0: for ever); never less than the retro window
+        self.history_keep = history_keep and max(history_keep, retro_window)
         self._pruned_at = float("-inf")  # the first look prunes (monotonic time starts near 0 at boot)
         self.recorder, self.metrics = recorder, metrics
         self.check_seconds, self.retro_window = check_seconds, retro_window
@@ -65,16 +67,25 @@ class LibraryWatcher:
                         await self.retro_match(entry_ids=inserted)
                     if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
                         self._pruned_at = time.monotonic()
-                        deleted = await asyncio.to_thread(prune_change_log, self.library, time.time() - self.log_keep)
-                        if deleted:
-                            log.info("library: %d changes older than %.0f days deleted from the change log",
-                                     deleted, self.log_keep / 86400)
+                        await asyncio.to_thread(self._housekeeping)
                 except DatabaseError as exc:  # the store is away (a restart): look again next time
                     self.metrics.errors.labels("store").inc()
                     log.warning("library check failed (%s); trying again in %.0fs", exc, self.check_seconds)
                 await self._wait_for_change(listener, stop)
         finally:
             await listener.close()
+
+    def _housekeeping(self) -> None:
+        """Hourly: the library's change log, and the history, pruned (off the event loop)."""
+        deleted = prune_change_log(self.library, time.time() - self.log_keep)
+        if deleted:
+            log.info("library: %d changes older than %.0f days deleted from the change log",
+                     deleted, self.log_keep / 86400)
+        if self.history_keep:
+            work, images = retention.prune_history(self.store, time.time() - self.history_keep)
+            if work or images:
+                log.info("history: %d finished work rows with no match and %d images older than %.0f days "
+                         "deleted", work, images, self.history_keep / 86400)
 
     async def _wait_for_change(self, listener: changes.ChangeListener | changes.ChangePoll,
                                stop: asyncio.Event) -> None:

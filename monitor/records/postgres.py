@@ -249,6 +249,9 @@ SELECT 1;
 -- retroactive matching pages through recent images by (fetched_at, url)
 CREATE INDEX images_fetched_url ON images (fetched_at, url);
 DROP INDEX images_fetched;
+"""), (22, """
+-- old history is deleted (monitor/records/retention.py): which work rows a match still names
+CREATE INDEX matches_work ON matches (work_id);
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

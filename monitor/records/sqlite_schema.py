@@ -295,6 +295,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX images_fetched_url ON images (fetched_at, url);
     DROP INDEX images_fetched;
     """,
+    # 22: old history is deleted (monitor/records/retention.py): which images a work row still
+    # names, which work rows a match still names (PostgreSQL had the first since its baseline;
+    # a retro-match's look-up of an image's work row read the whole table here)
+    """
+    CREATE INDEX IF NOT EXISTS work_image_url ON work (image_url);
+    CREATE INDEX matches_work ON matches (work_id);
+    """,
 ]
 
 
