@@ -1,7 +1,7 @@
 """Old history is deleted (monitor/records/retention.py), on both engines: finished work rows
 that recorded no match and the images no work row names any more go; what a match names, what
 is still pending, what is recent and what a later work row names stay; a retro-match still
-finds the recent images' work rows."""
+finds the recent images' work rows; an old item listed again is still known."""
 
 import asyncio
 import time
@@ -70,4 +70,6 @@ async def test_old_history_is_deleted_and_what_a_match_names_is_kept(store_locat
     [(url, _)], position = work_rows.recent_images(store, now - 7 * 86400)
     assert url == "http://h/new.jpg" and position is not None
     assert work_rows.first_for_url(store, url).item_id == "y"
+    # an old item its feed lists again is still known: nothing to do
+    assert work_rows.record_items(store, "f", [FeedItem("f", "3", ("http://h/3.jpg",))], now) == ([], 0)
     store.close()

@@ -1,8 +1,9 @@
 """Old history deleted, so the store does not grow for ever with the feeds: finished work
 rows that recorded no match, and the fingerprints of images that no work row names any more,
-once older than ``store.history_days``. Matches, their work rows and their alerts are kept.
-A feed that lists an item again after it was deleted has it fetched and matched again (a
-match it had is not recorded twice: matches are unique per image and entry)."""
+once older than ``store.history_days``. Matches, their work rows and their alerts are kept,
+and so are the items seen (``seen_items``: a feed that lists an old item again adds nothing).
+An image URL that a new item names after its fingerprint was deleted is fetched and matched
+again (a match it had is not recorded twice: matches are unique per image and entry)."""
 
 from __future__ import annotations
 
