@@ -44,7 +44,7 @@ class _Model(BaseModel):
 class StoreConfig(_Model):
     path: str = "repost-monitor.sqlite"  # the embedded default: a SQLite file
     url: str | None = None               # postgresql://user:password@host/db instead (scale-out)
-    # finished work with no match, and images no work names: deleted after this (0: kept)
+    # finished work with no match, images no work names, items no feed lists: deleted after (0: kept)
     history_days: Annotated[float, Field(ge=0)] = 30.0
 
     @field_validator("url")

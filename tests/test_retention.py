@@ -1,7 +1,8 @@
 """Old history is deleted (monitor/records/retention.py), on both engines: finished work rows
 that recorded no match and the images no work row names any more go; what a match names, what
 is still pending, what is recent and what a later work row names stay; a retro-match still
-finds the recent images' work rows; an old item listed again is still known."""
+finds the recent images' work rows. Items no feed lists any more go too, while a feed's last
+listing stays (an item listed again is still known)."""
 
 import asyncio
 import time
@@ -50,6 +51,9 @@ async def test_old_history_is_deleted_and_what_a_match_names_is_kept(store_locat
     with store.transaction() as conn:
         work_rows.image_ok(conn, "http://h/new.jpg", fp, recent)
         work_rows.close_many(conn, [w.id for w in later], recent)
+    work_rows.record_items(store, "g", [FeedItem("g", "z", ())], old)  # an item "g" no longer lists
+    with store.transaction() as conn:  # a store that has kept items' listing times for months
+        conn.execute("UPDATE store_meta SET value=? WHERE key='seen_at_listed_since'", (str(now - 100 * 86400),))
     metrics = Metrics()
     watcher = LibraryWatcher(store, library, Matcher(library.index), Recorder(store, library, metrics), metrics,
                              check_seconds=0.1, retro_window=7 * 86400, history_keep=30 * 86400)
@@ -57,7 +61,7 @@ async def test_old_history_is_deleted_and_what_a_match_names_is_kept(store_locat
     stop = asyncio.Event()
     task = asyncio.create_task(watcher.run(stop))  # its first look does the hourly housekeeping
     start = time.monotonic()
-    while len(_state(store)[0]) > 4:
+    while len(_state(store)[0]) > 4 or ("g", "z") in _seen(store):
         assert time.monotonic() - start < 5, "nothing was deleted"
         await asyncio.sleep(0.05)
     stop.set()
@@ -65,6 +69,8 @@ async def test_old_history_is_deleted_and_what_a_match_names_is_kept(store_locat
     assert _state(store) == ([("f", "0"), ("f", "6"), ("g", "x"), ("g", "y")],
                              ["http://h/0.jpg", "http://h/1.jpg", "http://h/new.jpg"])
     assert retention.prune_history(store, now - 30 * 86400, chunk=2) == (0, 0)
+    # the items "f" listed last stay (it has not been read since)
+    assert _seen(store) == sorted([("f", str(k)) for k in range(7)] + [("g", "x"), ("g", "y")])
     # the match keeps its context; the recent image is still there for a retro-match
     assert store.query("SELECT feed, item_id FROM matches") == [("f", "0")]
     [(url, _)], position = work_rows.recent_images(store, now - 7 * 86400)
@@ -72,4 +78,38 @@ async def test_old_history_is_deleted_and_what_a_match_names_is_kept(store_locat
     assert work_rows.first_for_url(store, url).item_id == "y"
     # an old item its feed lists again is still known: nothing to do
     assert work_rows.record_items(store, "f", [FeedItem("f", "3", ("http://h/3.jpg",))], now) == ([], 0)
+    store.close()
+
+
+def _seen(store):
+    return sorted((feed, item) for feed, item in store.query("SELECT feed, item_id FROM seen_items"))
+
+
+def test_items_no_feed_lists_any_more_are_deleted_and_a_feeds_last_listing_is_kept(store_location):
+    store = open_store(store_location)
+    now = time.time()
+    day = 86400
+
+    def listing(feed, ids, at):
+        return work_rows.record_items(store, feed, [FeedItem(feed, i, (f"http://h/{feed}/{i}.jpg",)) for i in ids],
+                                      at)
+
+    listing("f", ["kept", "dropped"], now - 40 * day)
+    listing("f", ["kept"], now - 20 * day)    # listed again: its seen_at moves on
+    listing("f", ["kept"], now - 20 * day + 60)  # and again a minute later: no write needed
+    listing("f", ["kept", "new"], now - 3600)
+    listing("quiet", ["a", "b"], now - 40 * day)  # a feed not read since: its last listing stays
+    listing("stream", ["1"], now - 40 * day)
+    listing("stream", ["2"], now - 2 * day)   # a stream never lists an item twice
+    everything = _seen(store)
+    # a store upgraded lately: its rows' seen_at may be first-seen times, so none is old yet
+    assert retention.prune_seen_items(store, now - 30 * day, chunk=1) == 0
+    with store.transaction() as conn:  # a store that has kept listing times for months
+        conn.execute("UPDATE store_meta SET value=? WHERE key='seen_at_listed_since'", (str(now - 100 * day),))
+    assert retention.prune_seen_items(store, now - 30 * day, chunk=1) == 2
+    assert _seen(store) == sorted(set(everything) - {("f", "dropped"), ("stream", "1")})
+    assert retention.prune_seen_items(store, now - 30 * day, chunk=1) == 0
+    # a dropped item listed again is new again; a kept one is still known
+    assert listing("f", ["dropped"], now)[1] == 1
+    assert listing("f", ["kept"], now) == ([], 0)
     store.close()

@@ -83,9 +83,10 @@ class LibraryWatcher:
                      deleted, self.log_keep / 86400)
         if self.history_keep:
             work, images = retention.prune_history(self.store, time.time() - self.history_keep)
-            if work or images:
-                log.info("history: %d finished work rows with no match and %d images older than %.0f days "
-                         "deleted", work, images, self.history_keep / 86400)
+            items = retention.prune_seen_items(self.store, time.time() - self.history_keep)
+            if work or images or items:
+                log.info("history: %d finished work rows with no match, %d images and %d items no feed has "
+                         "listed, older than %.0f days, deleted", work, images, items, self.history_keep / 86400)
 
     async def _wait_for_change(self, listener: changes.ChangeListener | changes.ChangePoll,
                                stop: asyncio.Event) -> None:

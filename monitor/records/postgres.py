@@ -252,6 +252,11 @@ DROP INDEX images_fetched;
 """), (22, """
 -- old history is deleted (monitor/records/retention.py): which work rows a match still names
 CREATE INDEX matches_work ON matches (work_id);
+"""), (23, """
+-- items no feed lists any more are deleted (retention.py); seen_at means "last listed" from now on
+CREATE INDEX seen_items_feed_seen ON seen_items (feed, seen_at);
+INSERT INTO store_meta (key, value) VALUES ('seen_at_listed_since', extract(epoch from now())::text)
+ON CONFLICT (key) DO NOTHING;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

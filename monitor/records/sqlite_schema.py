@@ -302,6 +302,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS work_image_url ON work (image_url);
     CREATE INDEX matches_work ON matches (work_id);
     """,
+    # 23: items no feed lists any more are deleted (retention.py): a feed's newest listing and
+    # its old items by feed; seen_at means "last listed" from now on (an older one: first seen)
+    """
+    CREATE INDEX seen_items_feed_seen ON seen_items (feed, seen_at);
+    INSERT INTO store_meta (key, value) VALUES ('seen_at_listed_since',
+        CAST((julianday('now') - 2440587.5) * 86400.0 AS TEXT)) ON CONFLICT (key) DO NOTHING;
+    """,
 ]
 
 

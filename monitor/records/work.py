@@ -65,10 +65,12 @@ def set_feed_cursor(store: Store, feed: str, cursor: str) -> None:
 
 # -- work rows ------------------------------------------------------------------------------
 RECORD_CHUNK = 200  # items per statement (x 7 values: within SQLite's 32,766 bound parameters)
+LISTED_REFRESH = 86400  # seconds: an item listed again has its seen_at moved on at most this often
 
 def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> tuple[list[WorkItem], int]:
     """Work rows for the items not seen before, in one transaction: (the new rows, how many
-    items were new). An item seen before (by id, per feed) adds nothing."""
+    items were new). An item seen before (by id, per feed) adds nothing but the time it was
+    last listed."""
     work: list[WorkItem] = []
     new_items = 0
     # Multi-row statements, RECORD_CHUNK items at a time: a poll of hundreds of items is a
@@ -84,6 +86,13 @@ def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> 
                 + ",".join(["(?,?,?)"] * len(chunk)) + " RETURNING item_id",
                 [v for item in chunk for v in (feed, item.id, now)]).fetchall()}
             new_items += len(fresh)
+            # seen_at is when the item was last listed, to within LISTED_REFRESH (one write a
+            # day per item a feed keeps listing): retention deletes the items no longer listed
+            relisted = [item.id for item in chunk if item.id not in fresh]
+            if relisted:  # by key: "+seen_at" keeps SQLite off the (feed, seen_at) index, a range per chunk
+                conn.execute("UPDATE seen_items SET seen_at=? WHERE feed=? AND item_id IN ("
+                             + ",".join(["?"] * len(relisted)) + ") AND +seen_at < ?",
+                             (now, feed, *relisted, now - LISTED_REFRESH))
             rows = [(feed, item.id, url, item.page_url, item.author,
                      item.published.timestamp() if item.published else None, now)
                     for item in chunk if item.id in fresh for url in dict.fromkeys(item.image_urls)]
