@@ -479,7 +479,8 @@ async def test_the_change_log_is_pruned_and_a_reader_behind_the_prune_reads_the_
         store_location, samples, monkeypatch):
     """Either engine: the running daemon deletes changes older than change_log_days (its
     watcher, hourly), storing its snapshot again first where its checkpoint lay among them,
-    so its next start still reads no row; a process whose checkpoint was behind the deleted
+    so its next start still reads no row (nor another shard's, which stores its own again at
+    its next prune); a process whose checkpoint was behind the deleted
     changes (loaded before them) notices, reads the rows, and holds what they hold."""
     import asyncio
     import time
@@ -494,6 +495,7 @@ async def test_the_change_log_is_pruned_and_a_reader_behind_the_prune_reads_the_
     add_files(writer, images[:3], progress=False)
     behind = Library(open_store(store_location))  # loaded now: its checkpoint is before what follows
     running = Library(open_store(store_location))
+    other_shard = Library(open_store(store_location), (1, 2))  # its snapshot too
     add_files(writer, images[3:], progress=False)
     writer.remove(writer.entries()[0].id)
     running.catch_up()
@@ -519,12 +521,20 @@ async def test_the_change_log_is_pruned_and_a_reader_behind_the_prune_reads_the_
     assert writer.store.query("SELECT COUNT(*) FROM library_changes")[0][0] == 0
     assert snapshots.checkpoint(writer.store, (0, 1)) == running.checkpoint == max(fresh)  # stored again first
     assert prune_change_log(running, time.time()) == 0  # nothing more to delete
+    # another process (a shard of its own) stores its snapshot again at its own next prune,
+    # although the changes were deleted by the first: its next start reads no row either
+    other_shard.catch_up()
+    assert snapshots.checkpoint(writer.store, (1, 2)) < max(fresh) == other_shard.checkpoint
+    assert prune_change_log(other_shard, time.time()) == 0
+    assert snapshots.checkpoint(writer.store, (1, 2)) == max(fresh)
     truth = Library(open_store(store_location))
     truth._reload_rows()
     reads = []
     real = Library._reload_rows
     monkeypatch.setattr(Library, "_reload_rows", lambda self: (reads.append(1), real(self))[1])
     assert _index_rows(Library(open_store(store_location))) == _index_rows(truth) and reads == []
+    Library(open_store(store_location), (1, 2))
+    assert reads == []
     # the process loaded before the deleted changes reads the rows instead of missing them
     assert _index_rows(behind) != _index_rows(truth)
     behind.catch_up()

@@ -69,6 +69,7 @@ async def test_old_history_is_deleted_and_what_a_match_names_is_kept(store_locat
     assert _state(store) == ([("f", "0"), ("f", "6"), ("g", "x"), ("g", "y")],
                              ["http://h/0.jpg", "http://h/1.jpg", "http://h/new.jpg"])
     assert retention.prune_history(store, now - 30 * 86400, chunk=2) == (0, 0)
+    assert not retention.claim(store, time.time(), 3000)  # the watcher has pruned this hour
     # the items "f" listed last stay (it has not been read since)
     assert _seen(store) == sorted([("f", str(k)) for k in range(7)] + [("g", "x"), ("g", "y")])
     # the match keeps its context; the recent image is still there for a retro-match
@@ -113,3 +114,13 @@ def test_items_no_feed_lists_any_more_are_deleted_and_a_feeds_last_listing_is_ke
     assert listing("f", ["dropped"], now)[1] == 1
     assert listing("f", ["kept"], now) == ([], 0)
     store.close()
+
+
+def test_one_process_an_hour_prunes_the_history(store_location):
+    first, second = open_store(store_location), open_store(store_location)  # two processes' connections
+    now = time.time()
+    assert retention.claim(first, now, 3600)
+    assert not retention.claim(second, now + 1, 3600) and not retention.claim(first, now + 1, 3600)
+    assert retention.claim(second, now + 3600, 3600)
+    assert not retention.claim(first, now + 3601, 3600)
+    first.close(), second.close()

@@ -81,7 +81,9 @@ class LibraryWatcher:
         if deleted:
             log.info("library: %d changes older than %.0f days deleted from the change log",
                      deleted, self.log_keep / 86400)
-        if self.history_keep:
+        # the change log: by every process (each keeps its own snapshot past what is deleted);
+        # the history: by one process an hour
+        if self.history_keep and retention.claim(self.store, time.time(), PRUNE_EVERY * 0.9):
             work, images = retention.prune_history(self.store, time.time() - self.history_keep)
             items = retention.prune_seen_items(self.store, time.time() - self.history_keep)
             if work or images or items:

@@ -295,14 +295,16 @@ class Library:
 def prune_change_log(library: Library, before: float) -> int:
     """Delete the changes made before ``before`` (epoch seconds) from the log, storing this
     library's snapshot again first where its checkpoint lies among them (its next start
-    would read the rows otherwise). Call after :meth:`Library.catch_up`. How many were deleted."""
-    upto = changes.prunable(library.store, before)
-    if upto <= changes.pruned_upto(library.store) or (library.checkpoint or 0) < upto:
-        return 0  # nothing new to delete, or this index is behind them (it catches up first)
+    would read the rows otherwise), or where another process (another shard's) deleted
+    changes after it. Call after :meth:`Library.catch_up`. How many were deleted."""
+    mark = changes.pruned_upto(library.store)
+    upto = max(changes.prunable(library.store, before), mark)
+    if (library.checkpoint or 0) < upto:
+        return 0  # this index is behind them (it catches up first)
     split = library.shard if library.shard is not None else (0, 1)
     if (snapshots.checkpoint(library.store, split) or 0) < upto:
         snapshots.save(library.store, split, library.index, library.version(), library.checkpoint)
-    return changes.prune(library.store, upto)
+    return changes.prune(library.store, upto) if upto > mark else 0
 
 
 def library_stats(library: Library) -> dict:

@@ -14,6 +14,16 @@ from monitor.records.work import LISTED_REFRESH
 CHUNK = 10_000  # rows looked at per transaction: SQLite's one writer waits for none long
 
 
+def claim(store: Store, now: float, every: float) -> bool:
+    """Whether this process prunes the history now: the first to ask in each ``every``
+    seconds, however many processes share the store (every shard replica's watcher asks);
+    the others would only walk the same rows again."""
+    with store.transaction() as conn:
+        conn.execute("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('history_pruned_at', '0')")
+        return conn.execute("UPDATE store_meta SET value=? WHERE key='history_pruned_at' "
+                            "AND CAST(value AS DOUBLE PRECISION) <= ?", (repr(now), now - every)).rowcount == 1
+
+
 def prune_history(store: Store, before: float, chunk: int | None = None) -> tuple[int, int]:
     """Delete what was finished before ``before`` (epoch seconds): (work rows, images) deleted.
     Work rows are walked by id (their ids follow their discovery), images by fetch time."""
