@@ -68,9 +68,8 @@ class LibraryConfig(_Model):
     change_log_days: Annotated[float, Field(gt=0)] = 30.0
     # Each index row's fine hashes (64 of its 96 bytes, read only for the few candidates
     # that pass the dHash and pHash gates): "file" keeps them in an unlinked file in
-    # index_dir (default: the SQLite store's folder, else the system's temp folder), read
-    # by position for those candidates, leaving 21 resident bytes a row; "memory" keeps
-    # them in RAM.
+    # index_dir (default: the SQLite store's folder, else the system's temp folder), read by
+    # position for those candidates, leaving 21 resident bytes a row; "memory": in RAM.
     fine_hashes: Literal["file", "memory"] = "file"
     index_dir: str | None = None
 
@@ -231,6 +230,7 @@ class AlertPolicyConfig(_Model):
     flood_max: Annotated[int, Field(ge=1)] = 20           # alerts per library entry ...
     flood_window_minutes: Annotated[float, Field(gt=0)] = 10  # ... within this window
     retro_window_hours: Annotated[float, Field(ge=0)] = 72    # images re-checked against new entries
+    retro_memory_mb: Annotated[float, Field(ge=0)] = 256      # their dHashes held (~5M images; the rest read)
 
 
 class ServerConfig(_Model):

@@ -220,6 +220,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
                             history_days=config.store.history_days,
                             outbox=outbox,
                             retro_window=policy.retro_window_hours * 3600,
+                            retro_memory_mb=policy.retro_memory_mb,
                             public_url=config.server.public_url)
         for source, settings in configured_sources(config):
             pipeline.add_source(source, settings)

@@ -37,7 +37,8 @@ class Pipeline:
                  max_pixels: int | None = None, keypoints: bool = True,
                  on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
                  outbox=None, retro_window: float = 72 * 3600, transport: Transport | None = None,
-                 public_url: str | None = None, change_log_days: float = 30.0, history_days: float = 0):
+                 public_url: str | None = None, change_log_days: float = 30.0, history_days: float = 0,
+                 retro_memory_mb: float = 256):
         self.store, self.library, self.matcher = store, library, matcher
         self.transport = transport or InProcessTransport(queue_size)
         metrics.queue_capacity.labels("download").set(queue_size)
@@ -51,7 +52,8 @@ class Pipeline:
                                               check_seconds=library_check_seconds, retro_window=retro_window,
                                               fetch_image=fetcher.fetch_image if keypoints else None,
                                               max_pixels=max_pixels, log_keep=change_log_days * 86400,
-                                              history_keep=history_days * 86400)
+                                              history_keep=history_days * 86400,
+                                              recent_bytes=int(retro_memory_mb * 2**20))
 
     # What the API and the daemon use.
     @property

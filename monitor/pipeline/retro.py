@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -24,21 +25,26 @@ from monitor.records.store import DatabaseError, Store
 from monitor.search.first_pass import first_pass
 from monitor.search.index import LibraryIndex
 from monitor.search.matcher import Match, Matcher
+from monitor.search.recent import RecentHashes
 
 log = logging.getLogger("repost_monitor.pipeline")
 
 REFETCHES = 8  # images fetched again at once for a retro-match's confirmations and second looks
 PRUNE_EVERY = 3600  # seconds between prunes of the library's change log and of old history
 RETRO_LOOKS = 1000  # recent images a retro-match fetches again for a second look, at most (nearest first)
+RECENT_BYTES = 256 * 2**20  # the recent images' dHashes held for retro-matching, at most (~5M images)
 
 
 class LibraryWatcher:
     def __init__(self, store: Store, library: Library, matcher: Matcher, recorder: Recorder,
                  metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600,
                  fetch_image: Callable[[str], Awaitable[bytes]] | None = None, max_pixels: int | None = None,
-                 page: int = work_rows.RECENT_PAGE, log_keep: float = 30 * 86400, history_keep: float = 0):
+                 page: int = work_rows.RECENT_PAGE, log_keep: float = 30 * 86400, history_keep: float = 0,
+                 recent_bytes: int = RECENT_BYTES):
         self.store, self.library, self.matcher = store, library, matcher
         self.page = page  # recent images read and matched at once (memory stays a page's, not the window's)
+        # the window's dHashes, held between library changes (monitor/search/recent.py); one pass at a time
+        self.recent, self._recent_lock = RecentHashes(recent_bytes), threading.Lock()
         self.log_keep = log_keep  # seconds the library's change log keeps
         # seconds finished work and images are kept (0: for ever); never less than the retro window
         self.history_keep = history_keep and max(history_keep, retro_window)
@@ -173,30 +179,57 @@ class LibraryWatcher:
         found: dict[str, tuple[Fingerprint, list[Match]]] = {}
         near: list[tuple[int, int, str, Fingerprint]] = []  # a heap of (-distance, order, url, fp): the nearest kept
         beyond = order = 0
-        since, after = time.time() - self.retro_window, None
 
         def near_any(owners, dhashes, mirrored, rows):  # only an image with a pair in the first pass gets an answer
             pairs, _, _ = first_pass(index, dhashes, mirrored, matcher.radius)
             keep = np.zeros(rows, bool)
             keep[owners[pairs]] = True
-            self.metrics.retro_images.inc(rows)
             return keep
-        while len(index):
-            page, after = work_rows.recent_images(self.store, since, after, self.page, near_any)
-            if after is None:
-                break
-            fps = [fp for _, fp in page]
-            looks = dict.fromkeys(range(len(fps)), True) if self.fetch_image else None
-            for (url, fp), answer in zip(page, matcher.hash_answers(fps, looks), strict=True):
-                if answer.matches:
-                    found[url] = (fp, answer.matches)
-                elif answer.candidates:
-                    order += 1
-                    item = (-min(d + p for _, d, p, _ in answer.candidates), order, url, fp)
-                    if len(near) < RETRO_LOOKS:
-                        heapq.heappush(near, item)
-                    else:
-                        heapq.heappushpop(near, item)
-                        beyond += 1
+        with self._recent_lock:  # the pages come as they are read: one held at a time
+            for page in (self._near_pages(time.time() - self.retro_window, near_any) if len(index) else ()):
+                fps = [fp for _, fp in page]
+                looks = dict.fromkeys(range(len(fps)), True) if self.fetch_image else None
+                for (url, fp), answer in zip(page, matcher.hash_answers(fps, looks), strict=True):
+                    if answer.matches:
+                        found[url] = (fp, answer.matches)
+                    elif answer.candidates:
+                        order += 1
+                        item = (-min(d + p for _, d, p, _ in answer.candidates), order, url, fp)
+                        if len(near) < RETRO_LOOKS:
+                            heapq.heappush(near, item)
+                        else:
+                            heapq.heappushpop(near, item)
+                            beyond += 1
         near.sort(reverse=True)  # nearest first
         return matcher, found, {url: (fp, -distance) for distance, _, url, fp in near}, beyond
+
+    def _near_pages(self, since: float, near_any):
+        """Pages of (url, fingerprint) of the window's images that meet a new entry in the
+        first pass: those held in memory (what was stored since the last pass read first),
+        found there and read by their fetch times; then any the memory bound left to the
+        store, read and tested a page at a time."""
+        recent = self.recent
+        if recent.max_bytes:
+            recent.forget_before(since)
+            start, after = recent.read_from(since), None
+            while page := work_rows.recent_dhashes(self.store, start, after, self.page):
+                *arrays, after = page
+                recent.add(*arrays)
+            times, keys, tested = recent.near(near_any, since)
+            self.metrics.retro_images.inc(tested)
+            self.metrics.retro_held_bytes.set(recent.nbytes)
+            for at in range(0, times.size, self.page):
+                yield work_rows.images_fetched_at(self.store, times[at:at + self.page], keys[at:at + self.page])
+            if recent.held_after <= since:
+                return
+        upto = recent.held_after if recent.max_bytes else None
+        after = None
+
+        def counted(owners, dhashes, mirrored, rows):
+            self.metrics.retro_images.inc(rows)
+            return near_any(owners, dhashes, mirrored, rows)
+        while True:
+            page, after = work_rows.recent_images(self.store, since, after, self.page, counted, upto=upto)
+            if after is None:
+                return
+            yield page

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from feeds import FeedItem
 from monitor.fingerprints import Fingerprint
 from monitor.fingerprints.codec import pack_fine, pack_views, stored_dhashes, stored_fingerprint, u64_to_sql
@@ -225,27 +227,71 @@ RECENT_PAGE = 5000  # images a retroactive match reads at once: a day of a busy 
 
 
 def recent_images(store: Store, since: float, after: tuple[float, str] | None = None,
-                  limit: int = RECENT_PAGE, near=None) -> tuple[list[tuple[str, Fingerprint]], tuple | None]:
+                  limit: int = RECENT_PAGE, near=None, upto: float | None = None
+                  ) -> tuple[list[tuple[str, Fingerprint]], tuple | None]:
     """A page of the usable images fetched since ``since`` (retroactive matching), in fetch
     order from past ``after``: ([(url, fingerprint)], the position the next page starts
     after, None past the last), each page its own short read. ``near(owners, dhashes,
     mirrored, rows)``, where given, picks the rows worth a fingerprint (a bool per row) from
-    every dHash they hold (:func:`~monitor.fingerprints.codec.stored_dhashes`)."""
+    every dHash they hold (:func:`~monitor.fingerprints.codec.stored_dhashes`). ``upto``:
+    only those fetched no later (what monitor/search/recent.py does not hold)."""
+    where, params = _recent(since, after, upto)
+    rows = store.query(f"SELECT {_RECENT_COLUMNS} FROM images WHERE state='ok' AND degenerate IS NULL AND {where} "
+                       "ORDER BY fetched_at, url LIMIT ?", (*params, limit))
+    if not rows:
+        return [], None
+    return _near_fingerprints(rows, near), rows[-1][:2]
+
+
+_RECENT_COLUMNS = "fetched_at, url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, views"
+
+
+def _recent(since: float, after: tuple[float, str] | None, upto: float | None = None) -> tuple[str, list]:
     where, params = "fetched_at > ?", [since]
     if after is not None:  # the index on (fetched_at, url) finds where the page before ended
         where += " AND (fetched_at, url) > (?, ?)"
         params += list(after)
-    rows = store.query("SELECT fetched_at, url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, "
-                       f"views FROM images WHERE state='ok' AND degenerate IS NULL AND {where} "
-                       "ORDER BY fetched_at, url LIMIT ?", (*params, limit))
-    if not rows:
-        return [], None
+    if upto is not None:
+        where += " AND fetched_at <= ?"
+        params.append(upto)
+    return where, params
+
+
+def _near_fingerprints(rows: list[tuple], near) -> list[tuple[str, Fingerprint]]:
     if near is not None:
         keep = near(*stored_dhashes([(r[2], r[4], r[8], r[9]) for r in rows]), len(rows))
-        position, rows = rows[-1][:2], [r for r, k in zip(rows, keep, strict=True) if k]
-    else:
-        position = rows[-1][:2]
-    return [(r[1], stored_fingerprint(*r[2:8], None, r[8], r[9])) for r in rows], position
+        rows = [r for r, k in zip(rows, keep, strict=True) if k]
+    return [(r[1], stored_fingerprint(*r[2:8], None, r[8], r[9])) for r in rows]
+
+
+def recent_dhashes(store: Store, since: float, after: tuple[float, str] | None = None, limit: int = RECENT_PAGE):
+    """A page of the usable images fetched since ``since``, in fetch order from past
+    ``after``, as monitor/search/recent.py holds them: (fetch times, URLs, owners, dHashes,
+    mirrored: every dHash they hold, as :func:`~monitor.fingerprints.codec.stored_dhashes`),
+    and the position the next page starts after; None past the last. Not their fingerprints."""
+    where, params = _recent(since, after)
+    rows = store.query("SELECT fetched_at, url, dhash, dhash_mirror, fine IS NOT NULL, views FROM images WHERE "
+                       f"state='ok' AND degenerate IS NULL AND {where} ORDER BY fetched_at, url LIMIT ?",
+                       (*params, limit))
+    if not rows:
+        return None
+    owners, dhashes, mirrored = stored_dhashes([r[2:] for r in rows])
+    return np.array([r[0] for r in rows], np.float64), [r[1] for r in rows], owners, dhashes, mirrored, rows[-1][:2]
+
+
+def images_fetched_at(store: Store, times: np.ndarray, keys: np.ndarray) -> list[tuple[str, Fingerprint]]:
+    """(url, fingerprint) of the usable images fetched at these times (a stored time reads
+    back exactly) whose URL's ``hash()`` is among ``keys``: the URLs first, then the rows of
+    those picked (a time is a recorded batch's, shared by the images around the one wanted)."""
+    wanted, urls = set(keys.tolist()), []
+    for marks, values in in_chunks(times.tolist()):
+        urls += [url for (url,) in store.query(f"SELECT url FROM images WHERE fetched_at IN ({marks})", values)
+                 if hash(url) in wanted]
+    found = []
+    for marks, values in in_chunks(urls):
+        found += _near_fingerprints(store.query(f"SELECT {_RECENT_COLUMNS} FROM images WHERE state='ok' AND "
+                                                f"degenerate IS NULL AND url IN ({marks})", values), None)
+    return found
 
 
 def claim_signature(store: Store, signature: str, now: float, keep: float) -> bool:

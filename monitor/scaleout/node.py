@@ -182,7 +182,8 @@ class _Node:
                                          check_seconds=min(cfg.library.reload_check_seconds, 1.0),
                                          retro_window=cfg.alert_policy.retro_window_hours * 3600,
                                          log_keep=cfg.library.change_log_days * 86400,
-                                         history_keep=cfg.store.history_days * 86400, **again)
+                                         history_keep=cfg.store.history_days * 86400,
+                                         recent_bytes=int(cfg.alert_policy.retro_memory_mb * 2**20), **again)
                 role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics,
                                  keypoints=cfg.match.keypoints)
                 out.append((f"shard:{k}", self._with_fetcher(fetcher, role.run(self.stop), watcher.run(self.stop))))
