@@ -9,7 +9,10 @@ views), and each stored image takes one of those fingerprints with fresh random 
 throwaway SQLite store. The library is the demo's six pictures; each pass matches one new
 entry. Printed per turn: the pass reading the store (``retro_memory_mb = 0``), the first
 pass holding the window (it reads it all), and a later pass (it reads what is new: here,
-nothing), with the memory held.
+nothing), with the memory held and how many images the test in memory left to be read
+whole. Random dHashes meet a new entry less often than real pictures do: on 3,000 of
+corpus-large's, 0.16% of the images met one of 200 entries on average (0.07% median, 2.7%
+the most), against 8.8% for the dHashes alone: each such image costs ~50 us more.
 """
 
 from __future__ import annotations
@@ -73,7 +76,17 @@ def main() -> None:
             return LibraryWatcher(library.store, library, Matcher(library.index),
                                   Recorder(library.store, library, metrics), metrics, recent_bytes=bound)
 
+        whole = []  # images read whole by a held pass: those its test in memory left
+        fetched_at = work_rows.images_fetched_at
+
+        def counted(*args):
+            found = fetched_at(*args)
+            whole.append(len(found))
+            return found
+        work_rows.images_fetched_at = counted
+
         def timed(w: LibraryWatcher, entry: int) -> float:
+            whole.clear()
             start = time.perf_counter()
             w._retro_pairs(None, [entry])
             return time.perf_counter() - start
@@ -84,8 +97,8 @@ def main() -> None:
             first = timed(held, ids[turn % len(ids)])
             later = timed(held, ids[(turn + 1) % len(ids)])
             print(f"  turn {turn + 1}: read from the store {read:.2f} s; held: first pass {first:.2f} s, later "
-                  f"{later:.2f} s ({read / later:.1f}x faster), {held.recent.images:,} images in "
-                  f"{held.recent.nbytes / 2**20:.1f} MB", flush=True)
+                  f"{later:.2f} s ({read / later:.1f}x faster; {sum(whole):,} images read whole), "
+                  f"{held.recent.images:,} images in {held.recent.nbytes / 2**20:.1f} MB", flush=True)
         library.store.close()
 
 

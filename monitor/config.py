@@ -230,7 +230,7 @@ class AlertPolicyConfig(_Model):
     flood_max: Annotated[int, Field(ge=1)] = 20           # alerts per library entry ...
     flood_window_minutes: Annotated[float, Field(gt=0)] = 10  # ... within this window
     retro_window_hours: Annotated[float, Field(ge=0)] = 72    # images re-checked against new entries
-    retro_memory_mb: Annotated[float, Field(ge=0)] = 256      # their dHashes held (~5M images; the rest read)
+    retro_memory_mb: Annotated[float, Field(ge=0)] = 256      # their dHashes held (~3.5M images; the rest read)
 
 
 class ServerConfig(_Model):

@@ -73,7 +73,7 @@ class Metrics:
                                        buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800), registry=r)
         self.retro_images = Counter(p + "retro_images_total", "Recent images tested against new entries by "
                                     "retroactive matching (each pass tests the whole window)", registry=r)
-        self.retro_held_bytes = Gauge(p + "retro_held_bytes", "Memory holding the recent images' dHashes for "
+        self.retro_held_bytes = Gauge(p + "retro_held_bytes", "Memory holding the recent images' hashes for "
                                       "retroactive matching (alert_policy.retro_memory_mb at most)", registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Work items waiting", ["queue"], registry=r)
         self.queue_capacity = Gauge(p + "queue_capacity", "Queue size limit", ["queue"], registry=r)

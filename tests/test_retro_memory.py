@@ -24,15 +24,15 @@ from monitor.search.recent import SLACK, RecentHashes
 
 
 def _page(times, urls, per_image=2):
-    """A page as work.recent_dhashes gives it: ``per_image`` dHashes an image."""
+    """A page as work.recent_hashes gives it: ``per_image`` dHashes an image."""
     n = len(times)
     owners = np.repeat(np.arange(n), per_image)
-    return (np.array(times, np.float64), list(urls), owners,
-            np.arange(owners.size, dtype=np.uint64) + np.uint64(1000 * n), np.zeros(owners.size, bool))
+    dhashes = np.arange(owners.size, dtype=np.uint64) + np.uint64(1000 * n)
+    return np.array(times, np.float64), list(urls), owners, dhashes, ~dhashes, np.zeros(owners.size, bool)
 
 
 def _held(recent, since=float("-inf")):
-    times, keys, tested = recent.near(lambda owners, dhashes, mirrored, rows: np.ones(rows, bool), since)
+    times, keys, tested = recent.near(lambda owners, dhashes, phashes, mirrored, rows: np.ones(rows, bool), since)
     assert keys.size == times.size
     return np.unique(times), tested
 
@@ -48,8 +48,8 @@ def test_held_images_are_each_read_once_and_the_bound_lets_the_oldest_go():
     assert times.tolist() == [10.0, 15.0, 20.0, 30.0] and tested == recent.images == 5
     assert _held(recent, since=15.0)[0].tolist() == [20.0, 30.0]  # only the window
     # the images a test keeps, by their dHashes' owners
-    times, keys, _ = recent.near(lambda owners, dhashes, mirrored, rows: np.isin(np.arange(rows),
-                                                                               owners[dhashes == 5008]), float("-inf"))
+    times, keys, _ = recent.near(lambda owners, dhashes, phashes, mirrored, rows: np.isin(
+        np.arange(rows), owners[(dhashes == 5008) & (phashes == ~np.uint64(5008))]), float("-inf"))
     assert times.tolist() == [30.0] and keys.tolist() == [hash("d")]  # the second page's fifth image's dHash
     recent.forget_before(25.0)
     assert recent.images == 5  # a block with an image in the window stays whole
@@ -93,13 +93,13 @@ async def test_retro_matching_reads_what_is_new_and_finds_the_same_as_reading_th
     seen(others[:5], now - 7200)  # unrelated images, then the rocket's repost
     seen([("http://h/rocket.jpg", flipped["rocket"])], now - 3600)
     read = []
-    real = work_rows.recent_dhashes
+    real = work_rows.recent_hashes
 
     def counting(*args, **kw):
         page = real(*args, **kw)
         read.append(0 if page is None else len(page[1]))
         return page
-    monkeypatch.setattr(work_rows, "recent_dhashes", counting)
+    monkeypatch.setattr(work_rows, "recent_hashes", counting)
     metrics = Metrics()
     watcher = LibraryWatcher(store, library, Matcher(library.index), Recorder(store, library, metrics), metrics,
                              check_seconds=30, page=4)
@@ -124,11 +124,15 @@ async def test_retro_matching_reads_what_is_new_and_finds_the_same_as_reading_th
     assert sum(read) == 4 and watcher.recent.images == 10  # the SLACK's rows again, one of them new
     # bounded memory: the oldest images are read from the store instead, with the same answers
     monkeypatch.setattr(recent_module, "BLOCK_HASHES", 8)  # a block an image or two
+    # what every recent image's whole answer finds: the filters in front of it drop none of it
+    everything = work_rows.recent_images(store, now - 86400, limit=100)[0]
+    answers = Matcher(library.index).hash_answers([fp for _, fp in everything])
+    truth = sorted(url for (url, _), answer in zip(everything, answers, strict=True) if answer.matches)
     for bound in (0, 1, 300, 10**9):
         capped = LibraryWatcher(store, library, Matcher(library.index), Recorder(store, library, metrics), metrics,
                                 check_seconds=30, page=3, recent_bytes=bound)
         _, found, near, _ = capped._retro_pairs(None, [e.id for e in library.entries()])
-        assert sorted(found) == ["http://h/coffee.jpg", "http://h/fruits.jpg", "http://h/rocket.jpg"], bound
+        assert sorted(found) == truth == ["http://h/coffee.jpg", "http://h/fruits.jpg", "http://h/rocket.jpg"], bound
         assert capped.recent.nbytes <= bound
         if bound == 300:
             assert 0 < capped.recent.images < 10 and capped.recent.held_after >= now - 7200

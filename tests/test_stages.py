@@ -191,7 +191,7 @@ def test_recent_images_come_a_page_at_a_time_each_once(store_location):
     # a filter on the dHashes a page holds picks the rows that get a fingerprint; the pages go on
     asked = []
 
-    def near(owners, dhashes, mirrored, rows):
+    def near(owners, dhashes, phashes, mirrored, rows):
         asked.append(rows)
         return np.isin(np.arange(rows), owners[~mirrored & (dhashes == 3)])
     page, after, kept = *work_rows.recent_images(store, 15.0, None, 5, near), []
@@ -202,14 +202,15 @@ def test_recent_images_come_a_page_at_a_time_each_once(store_location):
     store.close()
 
 
-def test_stored_dhashes_are_every_dhash_a_stored_fingerprint_holds(samples):
-    """The retro-match's filter reads each row's dHashes (its views', plain and mirrored) from
-    the stored columns directly: the same as the fingerprints made from them, with and
-    without fine hashes, with and without views."""
+def test_stored_hashes_are_every_dhash_a_stored_fingerprint_holds_with_its_phash(samples):
+    """The retro-match's filter reads each row's dHashes (its views', plain and mirrored),
+    each with the pHash of the same view and side, from the stored columns directly: the
+    same as the fingerprints made from them, with and without fine hashes, with and without
+    views."""
     import dataclasses
 
     from monitor.fingerprints import fingerprint_bytes
-    from monitor.fingerprints.codec import pack_fine, pack_views, stored_dhashes, stored_fingerprint, u64_to_sql
+    from monitor.fingerprints.codec import pack_fine, pack_views, stored_fingerprint, stored_hashes, u64_to_sql
     fps = [fingerprint_bytes(p.read_bytes(), views="library" if k % 2 else "query")  # library: many views
            for k, p in enumerate(sorted(samples.glob("*.jpg"))[:6])]
     fps += [dataclasses.replace(fps[0], views=()), dataclasses.replace(fps[1], fine=b"", fine_mirror=b"",
@@ -217,14 +218,15 @@ def test_stored_dhashes_are_every_dhash_a_stored_fingerprint_holds(samples):
                                                                            v, fine=b"", fine_mirror=b"")
                                                                            for v in fps[1].views))]
     assert sum(len(fp.views) for fp in fps) > 10
-    rows = [(u64_to_sql(fp.dhash), u64_to_sql(fp.dhash_mirror), pack_fine(fp), pack_views(fp.views)) for fp in fps]
-    owners, dhashes, mirrored = stored_dhashes(rows)
-    got = sorted(zip(owners.tolist(), dhashes.tolist(), mirrored.tolist(), strict=True))
+    rows = [(*map(u64_to_sql, (fp.dhash, fp.phash, fp.dhash_mirror, fp.phash_mirror)), pack_fine(fp),
+             pack_views(fp.views)) for fp in fps]
+    owners, dhashes, phashes, mirrored = stored_hashes(rows)
+    got = sorted(zip(owners.tolist(), dhashes.tolist(), phashes.tolist(), mirrored.tolist(), strict=True))
     want = []
-    for i, (d, dm, fine, views) in enumerate(rows):
-        back = stored_fingerprint(d, 0, dm, 0, 0, 0, None, fine, views)
+    for i, (d, p, dm, pm, fine, views) in enumerate(rows):
+        back = stored_fingerprint(d, p, dm, pm, 0, 0, None, fine, views)
         for v in (back, *back.views):
-            want += [(i, v.dhash, False), (i, v.dhash_mirror, True)]
+            want += [(i, v.dhash, v.phash, False), (i, v.dhash_mirror, v.phash_mirror, True)]
     assert got == sorted(want)
 
 

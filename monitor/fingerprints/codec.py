@@ -60,24 +60,26 @@ def unpack_views(blob: bytes | None, with_fine: bool = False) -> tuple[Fingerpri
                  for w in words)
 
 
-def stored_dhashes(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, dhash, mirrored) of every dHash that ``images`` rows ``(dhash, dhash_mirror,
-    fine, views)`` hold, their views' included, plain and mirrored, without making their
+def stored_hashes(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row, dHash, its pHash, mirrored) of every dHash that ``images`` rows ``(dhash, phash,
+    dhash_mirror, phash_mirror, fine, views)`` hold, their views' included, plain and
+    mirrored (each with the pHash of the same view and side), without making their
     fingerprints: what tells, a page at a time, which few rows can be near anything."""
     n = len(rows)
-    whole = np.array([(d, dm) for d, dm, _, _ in rows], np.int64).reshape(n, 2).view(np.uint64)
-    width = np.array([VIEW_WORDS if fine else 4 for _, _, fine, _ in rows], np.int64)
-    words = np.array([len(views) // 8 if views else 0 for _, _, _, views in rows], np.int64)
-    packed = np.frombuffer(b"".join(views for _, _, _, views in rows if views), "<u8")
+    whole = np.array([r[:4] for r in rows], np.int64).reshape(n, 4).view(np.uint64)
+    width = np.array([VIEW_WORDS if r[4] else 4 for r in rows], np.int64)
+    words = np.array([len(r[5]) // 8 if r[5] else 0 for r in rows], np.int64)
+    packed = np.frombuffer(b"".join(r[5] for r in rows if r[5]), "<u8")
     count = words // np.maximum(width, 1)
     owner = np.repeat(np.arange(n), count)
     k = np.arange(owner.size) - np.repeat(np.cumsum(count) - count, count)  # a view's rank in its row
-    at = (np.cumsum(words) - words)[owner] + k * width[owner]
-    hashes = np.concatenate([whole[:, 0], whole[:, 1], packed[at], packed[at + 2]])
+    at = (np.cumsum(words) - words)[owner] + k * width[owner]  # a view's words: dhash, phash, mirrored's
+    dhashes = np.concatenate([whole[:, 0], whole[:, 2], packed[at], packed[at + 2]])
+    phashes = np.concatenate([whole[:, 1], whole[:, 3], packed[at + 1], packed[at + 3]])
     owners = np.concatenate([np.arange(n), np.arange(n), owner, owner])
     mirrored = np.concatenate([np.zeros(n, bool), np.ones(n, bool), np.zeros(owner.size, bool),
                                np.ones(owner.size, bool)])
-    return owners, hashes, mirrored
+    return owners, dhashes, phashes, mirrored
 
 
 def stored_fingerprint(d, p, dm, pm, width, height, degenerate, fine, views) -> Fingerprint:

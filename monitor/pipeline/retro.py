@@ -32,7 +32,7 @@ log = logging.getLogger("repost_monitor.pipeline")
 REFETCHES = 8  # images fetched again at once for a retro-match's confirmations and second looks
 PRUNE_EVERY = 3600  # seconds between prunes of the library's change log and of old history
 RETRO_LOOKS = 1000  # recent images a retro-match fetches again for a second look, at most (nearest first)
-RECENT_BYTES = 256 * 2**20  # the recent images' dHashes held for retro-matching, at most (~5M images)
+RECENT_BYTES = 256 * 2**20  # the recent images' hashes held for retro-matching, at most (~3.5M images)
 
 
 class LibraryWatcher:
@@ -43,7 +43,7 @@ class LibraryWatcher:
                  recent_bytes: int = RECENT_BYTES):
         self.store, self.library, self.matcher = store, library, matcher
         self.page = page  # recent images read and matched at once (memory stays a page's, not the window's)
-        # the window's dHashes, held between library changes (monitor/search/recent.py); one pass at a time
+        # the window's hashes, held between library changes (monitor/search/recent.py); one pass at a time
         self.recent, self._recent_lock = RecentHashes(recent_bytes), threading.Lock()
         self.log_keep = log_keep  # seconds the library's change log keeps
         # seconds finished work and images are kept (0: for ever); never less than the retro window
@@ -180,10 +180,13 @@ class LibraryWatcher:
         near: list[tuple[int, int, str, Fingerprint]] = []  # a heap of (-distance, order, url, fp): the nearest kept
         beyond = order = 0
 
-        def near_any(owners, dhashes, mirrored, rows):  # only an image with a pair in the first pass gets an answer
-            pairs, _, _ = first_pass(index, dhashes, mirrored, matcher.radius)
+        def near_any(owners, dhashes, phashes, mirrored, rows):
+            """Only an image with a pair in the first pass, within the dHash + pHash bound of
+            any match or second look, gets a fingerprint and an answer."""
+            pq, pl, pd = first_pass(index, dhashes, mirrored, matcher.radius)
+            near = pd.astype(np.int64) + np.bitwise_count(phashes[pq] ^ index.phash_of(pl)) <= matcher.pair_sum_bound
             keep = np.zeros(rows, bool)
-            keep[owners[pairs]] = True
+            keep[owners[pq[near]]] = True
             return keep
         with self._recent_lock:  # the pages come as they are read: one held at a time
             for page in (self._near_pages(time.time() - self.retro_window, near_any) if len(index) else ()):
@@ -212,7 +215,7 @@ class LibraryWatcher:
         if recent.max_bytes:
             recent.forget_before(since)
             start, after = recent.read_from(since), None
-            while page := work_rows.recent_dhashes(self.store, start, after, self.page):
+            while page := work_rows.recent_hashes(self.store, start, after, self.page):
                 *arrays, after = page
                 recent.add(*arrays)
             times, keys, tested = recent.near(near_any, since)
@@ -225,9 +228,9 @@ class LibraryWatcher:
         upto = recent.held_after if recent.max_bytes else None
         after = None
 
-        def counted(owners, dhashes, mirrored, rows):
+        def counted(owners, dhashes, phashes, mirrored, rows):
             self.metrics.retro_images.inc(rows)
-            return near_any(owners, dhashes, mirrored, rows)
+            return near_any(owners, dhashes, phashes, mirrored, rows)
         while True:
             page, after = work_rows.recent_images(self.store, since, after, self.page, counted, upto=upto)
             if after is None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from feeds import FeedItem
 from monitor.fingerprints import Fingerprint
-from monitor.fingerprints.codec import pack_fine, pack_views, stored_dhashes, stored_fingerprint, u64_to_sql
+from monitor.fingerprints.codec import pack_fine, pack_views, stored_fingerprint, stored_hashes, u64_to_sql
 from monitor.records.store import Store, in_chunks
 
 _WORK_COLUMNS = "id, feed, item_id, image_url, page_url, author, published"
@@ -232,8 +232,8 @@ def recent_images(store: Store, since: float, after: tuple[float, str] | None = 
     """A page of the usable images fetched since ``since`` (retroactive matching), in fetch
     order from past ``after``: ([(url, fingerprint)], the position the next page starts
     after, None past the last), each page its own short read. ``near(owners, dhashes,
-    mirrored, rows)``, where given, picks the rows worth a fingerprint (a bool per row) from
-    every dHash they hold (:func:`~monitor.fingerprints.codec.stored_dhashes`). ``upto``:
+    phashes, mirrored, rows)``, where given, picks the rows worth a fingerprint (a bool per
+    row) from every dHash they hold, with its pHash (:func:`~monitor.fingerprints.codec.stored_hashes`). ``upto``:
     only those fetched no later (what monitor/search/recent.py does not hold)."""
     where, params = _recent(since, after, upto)
     rows = store.query(f"SELECT {_RECENT_COLUMNS} FROM images WHERE state='ok' AND degenerate IS NULL AND {where} "
@@ -259,24 +259,25 @@ def _recent(since: float, after: tuple[float, str] | None, upto: float | None = 
 
 def _near_fingerprints(rows: list[tuple], near) -> list[tuple[str, Fingerprint]]:
     if near is not None:
-        keep = near(*stored_dhashes([(r[2], r[4], r[8], r[9]) for r in rows]), len(rows))
+        keep = near(*stored_hashes([(*r[2:6], r[8], r[9]) for r in rows]), len(rows))
         rows = [r for r, k in zip(rows, keep, strict=True) if k]
     return [(r[1], stored_fingerprint(*r[2:8], None, r[8], r[9])) for r in rows]
 
 
-def recent_dhashes(store: Store, since: float, after: tuple[float, str] | None = None, limit: int = RECENT_PAGE):
+def recent_hashes(store: Store, since: float, after: tuple[float, str] | None = None, limit: int = RECENT_PAGE):
     """A page of the usable images fetched since ``since``, in fetch order from past
-    ``after``, as monitor/search/recent.py holds them: (fetch times, URLs, owners, dHashes,
-    mirrored: every dHash they hold, as :func:`~monitor.fingerprints.codec.stored_dhashes`),
+    ``after``, as monitor/search/recent.py holds them: (fetch times, URLs, owners, dHashes, their
+    pHashes, mirrored: every dHash they hold, as :func:`~monitor.fingerprints.codec.stored_hashes`),
     and the position the next page starts after; None past the last. Not their fingerprints."""
     where, params = _recent(since, after)
-    rows = store.query("SELECT fetched_at, url, dhash, dhash_mirror, fine IS NOT NULL, views FROM images WHERE "
-                       f"state='ok' AND degenerate IS NULL AND {where} ORDER BY fetched_at, url LIMIT ?",
-                       (*params, limit))
+    rows = store.query("SELECT fetched_at, url, dhash, phash, dhash_mirror, phash_mirror, fine IS NOT NULL, views "
+                       f"FROM images WHERE state='ok' AND degenerate IS NULL AND {where} ORDER BY fetched_at, url "
+                       "LIMIT ?", (*params, limit))
     if not rows:
         return None
-    owners, dhashes, mirrored = stored_dhashes([r[2:] for r in rows])
-    return np.array([r[0] for r in rows], np.float64), [r[1] for r in rows], owners, dhashes, mirrored, rows[-1][:2]
+    owners, dhashes, phashes, mirrored = stored_hashes([r[2:] for r in rows])
+    return (np.array([r[0] for r in rows], np.float64), [r[1] for r in rows], owners, dhashes, phashes, mirrored,
+            rows[-1][:2])
 
 
 def images_fetched_at(store: Store, times: np.ndarray, keys: np.ndarray) -> list[tuple[str, Fingerprint]]:

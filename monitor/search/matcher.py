@@ -171,6 +171,8 @@ class Matcher:
         # a post no tier met gets a second look at its nearest entries' keypoints, and a
         # match there counts as near (where near is among the tiers)
         self._second_look_tier = second_look_tier([t.name for t in tiers])
+        # no pair of a larger dHash + pHash is a match of any tier or a second look's candidate
+        self.pair_sum_bound = max(self._sum_bound, detective.CANDIDATE_SUM if self._second_look_tier is not None else 0)
 
     def _verify(self, pq, pl, pd, q_phash, q_fine, q_low=None, pair_fine=None, lib_phash=None, lib_low=None):
         """The second pass over the first pass's pairs (under the index's lock): the library

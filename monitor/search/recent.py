@@ -1,10 +1,11 @@
-"""The recent images' dHashes, held in memory for retroactive matching (monitor/pipeline/retro.py).
+"""The recent images' hashes, held in memory for retroactive matching (monitor/pipeline/retro.py).
 
 Each library change matches the window's images (72 hours of every feed) against the new
-entries. Read from the store each time, that cost ~11 us an image of one core: at 300 posts
-a second, 14 minutes a change. Held here, a change reads only what was stored since the last
-one, and tests every held image against the new entries in memory (~0.2-1.3 us an image);
-only the images with a pair are read whole. Bounded: past ``max_bytes`` the oldest go, and
+entries. Read from the store each time, that cost 7-11 us an image of one core: at 300 posts
+a second, 9-14 minutes a change. Held here, a change reads only what was stored since the last
+one, and tests every held image against the new entries in memory (their dHashes in the
+first pass, then dHash + pHash against the bound no match or second look passes: ~0.2 us an
+image); only the few images left are read whole. Bounded: past ``max_bytes`` the oldest go, and
 the caller reads those from the store as before (:attr:`RecentHashes.held_after`).
 Plain numpy arrays; no I/O.
 """
@@ -29,22 +30,23 @@ class _Block:
     keys: np.ndarray      # int64, per image: hash() of its URL (what picks it among those fetched at its time)
     owners: np.ndarray    # int32, per dHash
     dhashes: np.ndarray   # uint64
+    phashes: np.ndarray   # uint64: the pHash of the dHash's view and side
     mirrored: np.ndarray  # bool
 
     @property
     def nbytes(self) -> int:
-        return self.times.nbytes + self.keys.nbytes + self.owners.nbytes + self.dhashes.nbytes + self.mirrored.nbytes
+        return sum(a.nbytes for a in (self.times, self.keys, self.owners, self.dhashes, self.phashes, self.mirrored))
 
     def only(self, images: np.ndarray) -> _Block:
         """The block with only the images marked (a bool per image), renumbered."""
         rows = images[self.owners]
         renumbered = np.cumsum(images, dtype=np.int64) - 1
         return _Block(self.times[images], self.keys[images], renumbered[self.owners[rows]].astype(np.int32),
-                      self.dhashes[rows], self.mirrored[rows])
+                      self.dhashes[rows], self.phashes[rows], self.mirrored[rows])
 
 
 class RecentHashes:
-    """The dHashes of the images stored after :attr:`held_after`, block by block in the
+    """The hashes of the images stored after :attr:`held_after`, block by block in the
     order they were read. Not thread-safe: the caller holds one pass at a time."""
 
     def __init__(self, max_bytes: int):
@@ -66,17 +68,17 @@ class RecentHashes:
         return since if self.newest is None else max(since, self.newest - SLACK)
 
     def add(self, times: np.ndarray, urls: list[str], owners: np.ndarray, dhashes: np.ndarray,
-            mirrored: np.ndarray) -> None:
+            phashes: np.ndarray, mirrored: np.ndarray) -> None:
         """A page read from the store in fetch order: its images' fetch times and URLs, and
-        every dHash they hold (``owners``: the image's index in the page), as
-        ``work.recent_dhashes`` gives them. Images already held (read again within SLACK) or
+        every dHash they hold with its pHash (``owners``: the image's index in the page), as
+        ``work.recent_hashes`` gives them. Images already held (read again within SLACK) or
         fetched at or before :attr:`held_after` are left out."""
         fresh = np.fromiter((url not in self._tail for url in urls), bool, len(urls))
         fresh &= times > self.held_after
         if not fresh.any():
             return
         block = _Block(times, np.fromiter(map(hash, urls), np.int64, len(urls)), owners.astype(np.int32), dhashes,
-                       mirrored)
+                       phashes, mirrored)
         if not fresh.all():
             block = block.only(fresh)
         last = self._blocks[-1] if self._blocks else None
@@ -85,6 +87,7 @@ class RecentHashes:
             block = _Block(np.concatenate([last.times, block.times]), np.concatenate([last.keys, block.keys]),
                            np.concatenate([last.owners, block.owners + np.int32(last.times.size)]),
                            np.concatenate([last.dhashes, block.dhashes]),
+                           np.concatenate([last.phashes, block.phashes]),
                            np.concatenate([last.mirrored, block.mirrored]))
             self._blocks[-1] = block
         else:
@@ -124,17 +127,18 @@ class RecentHashes:
             self.newest = None
             self._tail.clear()
 
-    def near(self, test: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray],
+    def near(self, test: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray],
              since: float) -> tuple[np.ndarray, np.ndarray, int]:
         """(the fetch times and URL keys (hash()) of the held images fetched after ``since``
         that ``test`` keeps, how many held images were tested). ``test(owners, dhashes,
-        mirrored, images)`` gives a bool per image, as ``work.recent_images``' ``near`` does."""
+        phashes, mirrored, images)`` gives a bool per image, as ``work.recent_images``'
+        ``near`` does."""
         times, keys, tested = [], [], 0
         for b in self._blocks:
             inside = b.times > since
             if not inside.any():
                 continue
-            keep = test(b.owners, b.dhashes, b.mirrored, b.times.size) & inside
+            keep = test(b.owners, b.dhashes, b.phashes, b.mirrored, b.times.size) & inside
             tested += int(inside.sum())
             times.append(b.times[keep])
             keys.append(b.keys[keep])
