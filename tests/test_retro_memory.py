@@ -67,6 +67,10 @@ def test_held_images_are_each_read_once_and_the_bound_lets_the_oldest_go():
     # what is fetched at or before the mark is the store's to read, not held again
     small.add(*_page([101.0, 105.0], ["old", "f"], per_image=recent_module.BLOCK_HASHES // 2))
     assert _held(small)[0].tolist() == [104.0, 105.0] and small.held_after == 103.0
+    # a bound too small for one block lets everything go, and reads on from there
+    small.max_bytes = 1
+    small.add(*_page([1000.0], ["g"]))
+    assert small.images == 0 and small.held_after == 1000.0 and small.read_from(0.0) == 1000.0 - SLACK
 
 
 def _jpeg(img) -> bytes:

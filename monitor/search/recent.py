@@ -64,8 +64,9 @@ class RecentHashes:
 
     def read_from(self, since: float) -> float:
         """The fetch time after which the next read starts: SLACK before the newest image
-        held, or the window's start."""
-        return since if self.newest is None else max(since, self.newest - SLACK)
+        held (or than the bound let go, where it let all go), or the window's start."""
+        newest = self.newest if self.newest is not None else self.held_after
+        return max(since, newest - SLACK)
 
     def add(self, times: np.ndarray, urls: list[str], owners: np.ndarray, dhashes: np.ndarray,
             phashes: np.ndarray, mirrored: np.ndarray) -> None:
