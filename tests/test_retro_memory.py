@@ -47,13 +47,15 @@ def test_held_images_are_each_read_once_and_the_bound_lets_the_oldest_go():
     times, tested = _held(recent)
     assert times.tolist() == [10.0, 15.0, 20.0, 30.0] and tested == recent.images == 5
     assert _held(recent, since=15.0)[0].tolist() == [20.0, 30.0]  # only the window
+    recent.add(*_page([20.0, 30.0, 31.0], ["c", "d", "b"]))  # "b" fetched again since: held anew
+    assert _held(recent)[0].tolist() == [10.0, 15.0, 20.0, 30.0, 31.0] and recent.images == 6
     # the images a test keeps, by their dHashes' owners
     times, keys, _ = recent.near(lambda owners, dhashes, phashes, mirrored, rows: np.isin(
         np.arange(rows), owners[(dhashes == 5008) & (phashes == ~np.uint64(5008))]), float("-inf"))
     assert times.tolist() == [30.0] and keys.tolist() == [hash("d")]  # the second page's fifth image's dHash
     recent.forget_before(25.0)
-    assert recent.images == 5  # a block with an image in the window stays whole
-    recent.forget_before(30.0)  # the blocks wholly out of the window go
+    assert recent.images == 6  # a block with an image in the window stays whole
+    recent.forget_before(31.0)  # the blocks wholly out of the window go
     assert recent.images == recent.nbytes == 0
     # bounded: the oldest blocks go, and every held image fetched no later than theirs
     small = RecentHashes(max_bytes=10**9)

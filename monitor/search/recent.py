@@ -72,9 +72,11 @@ class RecentHashes:
             phashes: np.ndarray, mirrored: np.ndarray) -> None:
         """A page read from the store in fetch order: its images' fetch times and URLs, and
         every dHash they hold with its pHash (``owners``: the image's index in the page), as
-        ``work.recent_hashes`` gives them. Images already held (read again within SLACK) or
-        fetched at or before :attr:`held_after` are left out."""
-        fresh = np.fromiter((url not in self._tail for url in urls), bool, len(urls))
+        ``work.recent_hashes`` gives them. Images already held (read again within SLACK: the
+        same URL at the same time; one fetched again since is new) or fetched at or before
+        :attr:`held_after` are left out."""
+        fresh = np.fromiter((self._tail.get(url) != t for url, t in zip(urls, times.tolist(), strict=True)), bool,
+                            len(urls))
         fresh &= times > self.held_after
         if not fresh.any():
             return
