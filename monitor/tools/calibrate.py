@@ -235,7 +235,11 @@ def write_config(path: Path, calibration: Calibration, check=None) -> bool:
     try:
         fresh.write_text(tomlkit.dumps(doc))
         if check is not None:
-            check(fresh)
+            try:
+                check(fresh)
+            except ValueError as exc:  # the loader's problems, named by the user's file
+                raise ValueError(f"{path} left as it was: with the measured limits it would not load: "
+                                 + str(exc).replace(str(fresh), str(path))) from None
         fresh.replace(path)
     finally:
         fresh.unlink(missing_ok=True)
