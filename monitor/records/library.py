@@ -296,7 +296,9 @@ def prune_change_log(library: Library, before: float) -> int:
     """Delete the changes made before ``before`` (epoch seconds) from the log, storing this
     library's snapshot again first where its checkpoint lies among them (its next start
     would read the rows otherwise), or where another process (another shard's) deleted
-    changes after it. Call after :meth:`Library.catch_up`. How many were deleted."""
+    changes after it; the snapshots left below them (other layouts', other shards' that
+    store theirs again at their own next prune) are deleted, as no start can use them.
+    Call after :meth:`Library.catch_up`. How many changes were deleted."""
     mark = changes.pruned_upto(library.store)
     upto = max(changes.prunable(library.store, before), mark)
     if (library.checkpoint or 0) < upto:
@@ -304,7 +306,11 @@ def prune_change_log(library: Library, before: float) -> int:
     split = library.shard if library.shard is not None else (0, 1)
     if (snapshots.checkpoint(library.store, split) or 0) < upto:
         snapshots.save(library.store, split, library.index, library.version(), library.checkpoint)
-    return changes.prune(library.store, upto) if upto > mark else 0
+    if upto <= mark:
+        return 0
+    deleted = changes.prune(library.store, upto)
+    snapshots.drop_below(library.store, upto)  # those no start can use any more
+    return deleted
 
 
 def library_stats(library: Library) -> dict:

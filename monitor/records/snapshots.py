@@ -85,6 +85,14 @@ def fine_parts(store: Store, shard: tuple[int, int], snap: Snapshot) -> Iterator
         raise SnapshotChanged
 
 
+def drop_below(store: Store, change_id: int) -> int:
+    """Delete the snapshots taken before ``change_id`` (any layout's): the changes after them
+    were deleted from the log, so no start can use them (a layout no process runs any more,
+    a shard count changed, would otherwise keep its parts for ever). How many parts."""
+    with store.transaction() as conn:
+        return conn.execute("DELETE FROM index_snapshots WHERE change_id < ?", (change_id,)).rowcount
+
+
 def checkpoint(store: Store, shard: tuple[int, int]) -> int | None:
     """The change id the shard's stored snapshot was taken at (None: it has none)."""
     k, shards = shard
