@@ -140,6 +140,24 @@ def test_both_radius_kernels_find_the_reference_pairs(queries, lib, radius, name
     assert (pq.tolist(), pl.tolist(), pd.tolist()) == (qi.tolist(), li.tolist(), ref[qi, li].tolist())
 
 
+def test_the_tiled_radius_search_crosses_its_rounds_blocks_and_sub_blocks():
+    """tiled.pairs in more queries than one round (PAIRS_QUERIES) and rows than one block,
+    the last sub-block short, dense and sparse radii: numpy's pairs, and the parallel path's."""
+    from monitor.search import radius as radius_search
+    from monitor.search import tiled
+    rng = np.random.default_rng(17)
+    lib = rng.integers(0, 2**64, tiled.LIB_BLOCK + 3 * tiled.SUB_BLOCK + 5, dtype=np.uint64)
+    queries = rng.integers(0, 2**64, tiled.PAIRS_QUERIES + 77, dtype=np.uint64)
+    queries[::3] = lib[rng.integers(0, lib.size, queries[::3].size)] ^ np.uint64(0b1011)
+    ref = np.bitwise_count(queries[:, None] ^ lib[None, :]).astype(np.int64)
+    for radius in (0, 3, 16, 24, 64):
+        qi, li = np.nonzero(ref <= radius)
+        want = (qi.tolist(), li.tolist(), ref[qi, li].tolist())
+        assert tuple(a.tolist() for a in tiled.pairs(queries, lib, radius)) == want, radius
+        both = radius_search.pairs_within(queries, lib, radius, threads=2, kernel="tiled")
+        assert tuple(a.tolist() for a in both) == want, radius
+
+
 def test_the_kernel_is_chosen_for_the_cpu_and_can_be_forced(monkeypatch):
     from monitor.search import radius as radius_search
     monkeypatch.delenv(radius_search.ENV, raising=False)
