@@ -58,6 +58,23 @@ def nearest(query, library):
 
 
 @njit(cache=True, nogil=True)
+def _hits(query, rows, radius):
+    """How many of ``rows`` lie within ``radius`` bits of ``query`` (a loop LLVM vectorises)."""
+    hits = 0
+    for j in range(rows.shape[0]):
+        hits += np.int64(popcount64(query ^ rows[j]) <= radius)
+    return hits
+
+
+@njit(cache=True, nogil=True)
+def _grown(values, count, size):
+    """``values`` in a new array of ``size``, its first ``count`` kept."""
+    out = np.empty(size, values.dtype)
+    out[:count] = values[:count]
+    return out
+
+
+@njit(cache=True, nogil=True)
 def within(query, library, radius):
     """(indices, distances) of every library hash within ``radius`` bits."""
     n = library.shape[0]
@@ -66,18 +83,12 @@ def within(query, library, radius):
     count = 0
     for start in range(0, n, LIB_BLOCK):
         block = library[start:start + LIB_BLOCK]
-        hits = 0
-        for j in range(block.shape[0]):
-            hits += np.int64(popcount64(query ^ block[j]) <= radius)
+        hits = _hits(query, block, radius)
         if hits == 0:
             continue
         if count + hits > idx.shape[0]:
             size = max(idx.shape[0] * 2, count + hits)
-            idx2 = np.empty(size, np.int64)
-            dist2 = np.empty(size, np.uint8)
-            idx2[:count] = idx[:count]
-            dist2[:count] = dist[:count]
-            idx, dist = idx2, dist2
+            idx, dist = _grown(idx, count, size), _grown(dist, count, size)
         for j in range(block.shape[0]):
             d = popcount64(query ^ block[j])
             if d <= radius:
@@ -98,10 +109,7 @@ def _scan_tile(queries, block, l0, q0, q1, radius, best_d, best_j, counts, bi):
         for j in range(block.shape[0]):
             block_min = min(block_min, popcount64(qv ^ block[j]))
         if block_min <= radius:
-            hits = 0
-            for j in range(block.shape[0]):
-                hits += np.int64(popcount64(qv ^ block[j]) <= radius)
-            counts[q, bi] = hits
+            counts[q, bi] = _hits(qv, block, radius)
         if block_min < best_d[q]:
             best_d[q] = block_min
             for j in range(block.shape[0]):
@@ -222,17 +230,12 @@ def pairs(queries, library, radius):
                 sub = library[s0:s0 + SUB_BLOCK]
                 for c0 in range(0, sub.shape[0], EMIT_CHUNK):
                     chunk = sub[c0:c0 + EMIT_CHUNK]
-                    hits = 0
-                    for j in range(chunk.shape[0]):
-                        hits += np.int32(popcount64(qv ^ chunk[j]) <= radius)
+                    hits = _hits(qv, chunk, radius)
                     if hits == 0:
                         continue
                     if k + hits > size:
                         size = max(size * 2, k + hits)
-                        grown_q, grown_l, grown_d = np.empty(size, np.int64), np.empty(size, np.int64), \
-                            np.empty(size, np.uint8)
-                        grown_q[:k], grown_l[:k], grown_d[:k] = out_q[:k], out_l[:k], out_d[:k]
-                        out_q, out_l, out_d = grown_q, grown_l, grown_d
+                        out_q, out_l, out_d = _grown(out_q, k, size), _grown(out_l, k, size), _grown(out_d, k, size)
                     for j in range(chunk.shape[0]):
                         d = popcount64(qv ^ chunk[j])
                         if d <= radius:
