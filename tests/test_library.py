@@ -72,7 +72,7 @@ def test_index_incremental_add_and_swap_remove():
 def test_bit_planes_stay_in_step_through_growth_adds_and_removes():
     from monitor.search import bitslice
     rng = np.random.default_rng(5)
-    index = LibraryIndex(capacity=4)
+    index = LibraryIndex(capacity=4, keep_dhash=False)  # the bit-sliced kernel's layout, whatever this CPU
 
     class FP:
         def __init__(self, v):
@@ -96,15 +96,18 @@ def test_bit_planes_stay_in_step_through_growth_adds_and_removes():
     assert (pq.tolist(), pl.tolist()) == tuple(x.tolist() for x in np.nonzero(ref))
 
 
-def test_core_rows_stay_in_step_through_adds_removes_and_loads():
+@pytest.mark.parametrize("keep_dhash", [False, True], ids=["bit-planes", "plain dHash array"])
+def test_core_rows_stay_in_step_through_adds_removes_and_loads(keep_dhash):
     """Each entry's whole picture and its views at CORE_POSITIONS are kept in a row store
     of their own, through growth, removals from anywhere and a reload; the first pass
-    compares mirror images with those rows only, and plain views with every row."""
-    from monitor.search import bitslice
+    compares mirror images with those rows only, and plain views with every row. In either
+    layout: bit-planes (the bit-sliced kernel's), or a plain dHash array alone (the tiled
+    kernel's: no planes kept)."""
+    from monitor.search import bitslice, radius
     from monitor.search.core_rows import CORE_POSITIONS
     from monitor.search.first_pass import first_pass
     rng = np.random.default_rng(7)
-    index = LibraryIndex(capacity=4)
+    index = LibraryIndex(capacity=4, keep_dhash=keep_dhash)
 
     class FP:
         def __init__(self, v, views=()):
@@ -128,20 +131,29 @@ def test_core_rows_stay_in_step_through_adds_removes_and_loads():
         flags = ix.core_flags()
         got = set(zip(ix.ids[flags].tolist(), ix.hashes("dhash")[flags].tolist(), strict=True))
         assert got == set().union(*expected.values()) and len(got) == flags.sum()
-        for store in (ix.core, ix.other):  # the planes kept in step with the rows
-            assert (bitslice.from_planes(store.scan_planes(), store.n) == store.dhash()).all()
+        for store in (ix.core, ix.other):  # the planes kept in step with the rows, or none kept
+            if keep_dhash:
+                assert store.planes is None and store.scan_planes() is None
+            else:
+                assert (bitslice.from_planes(store.scan_planes(), store.n) == store.dhash()).all()
         lib = ix.hashes("dhash")
         queries = np.concatenate([lib[:5], lib[-5:], lib[:5]]) ^ np.uint64(0x10101)
         mirrored = np.arange(15) >= 10
-        with ix.lock:
-            pq, pl, pd = first_pass(ix, queries, mirrored, 6)
         near = np.bitwise_count(queries[:, None] ^ lib[None, :]) <= 6
         near[10:, ~flags] = False
-        assert (pq.tolist(), pl.tolist()) == tuple(x.tolist() for x in np.nonzero(near))
-        assert (pd == np.bitwise_count(queries[pq] ^ lib[pl])).all()
+        chosen = radius.active()
+        try:
+            for kernel in radius.KERNELS:  # either kernel on either layout, whatever this CPU chose
+                radius.use(kernel)
+                with ix.lock:
+                    pq, pl, pd = first_pass(ix, queries, mirrored, 6)
+                assert (pq.tolist(), pl.tolist()) == tuple(x.tolist() for x in np.nonzero(near)), kernel
+                assert (pd == np.bitwise_count(queries[pq] ^ lib[pl])).all()
+        finally:
+            radius.use(chosen)
 
     check(index)
-    again = LibraryIndex()
+    again = LibraryIndex(keep_dhash=keep_dhash)
     again.load(index.ids, {f: index.hashes(f) for f in ("dhash", "phash")}, index.fine(), index.core_flags())
     check(again)
 

@@ -9,9 +9,10 @@ search alone yields hundreds at a million entries. With a ``spill_dir`` they
 live in a file those few are read from (the page cache keeps it near at hand,
 and may let it go under memory pressure). The dHash rows live only as
 bit-planes (the bit-sliced search reads nothing else; a hit's distance comes
-from its lane). So 21 bytes a row stay resident (planes 8, pHash 8, id 4 while
-ids fit int32, low-detail flag 1) instead of 96: ~200 per protected image at
-its ~9.4 rows (bench/library_memory.py measures it).
+from its lane), or only as a plain array where the tiled kernel runs. So 21
+bytes a row stay resident (dHash 8, pHash 8, id 4 while ids fit int32,
+low-detail flag 1) instead of 96: ~200 per protected image at its ~9.4 rows
+(bench/library_memory.py measures it).
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def _id_type(largest_id: int) -> type:
 class RowStore:
     """Rows of (entry id, dHash as bit-planes, pHash, low-detail flag, fine hashes).
 
-    ``keep_dhash``: a plain dHash array too (the tiled kernel scans one); ``spill_dir``:
-    the fine hashes in a file there. Not locked: the LibraryIndex that holds it is.
+    ``keep_dhash``: a plain dHash array instead of the bit-planes (the tiled kernel scans
+    one; the planes would be 8 more bytes a row that nothing reads); ``spill_dir``: the fine
+    hashes in a file there. Not locked: the LibraryIndex that holds it is.
     """
 
     def __init__(self, capacity: int, spill_dir: str | None, keep_dhash: bool):
@@ -151,13 +153,13 @@ class RowStore:
         self.low_detail = np.zeros(capacity, np.uint8)
         self.spill_dir = spill_dir
         self.fine = _FineRows(capacity, spill_dir)
-        self.planes = bitslice.to_planes(np.empty(0, np.uint64), capacity)
+        self.planes = None if keep_dhash else bitslice.to_planes(np.empty(0, np.uint64), capacity)
 
     def memory_bytes(self) -> int:
         """Bytes of RAM the arrays hold (allocated: capacity grows by 1.25x); the fine
         hashes count only when they are not in a file."""
-        ram = (self.ids.nbytes + sum(a.nbytes for a in self.hashes.values()) + self.planes.nbytes
-               + self.low_detail.nbytes)
+        ram = (self.ids.nbytes + sum(a.nbytes for a in self.hashes.values()) + self.low_detail.nbytes
+               + (0 if self.planes is None else self.planes.nbytes))
         return ram + (0 if self.fine.in_file else self.fine.fine.nbytes)
 
     def dhash(self) -> np.ndarray:
@@ -176,9 +178,9 @@ class RowStore:
             return bitslice.from_planes(self.planes, self.n)[rows]
         return np.array([bitslice.lane_value(self.planes, int(r)) for r in rows], np.uint64)
 
-    def scan_planes(self) -> np.ndarray:
-        """The planes over the rows in use (whole blocks)."""
-        return self.planes[:bitslice.plane_words(self.n)]
+    def scan_planes(self) -> np.ndarray | None:
+        """The planes over the rows in use (whole blocks); None where the plain array is kept."""
+        return None if self.planes is None else self.planes[:bitslice.plane_words(self.n)]
 
     def grow(self, need: int) -> None:
         if need <= self.ids.shape[0]:
@@ -197,9 +199,10 @@ class RowStore:
         flags[:self.n] = self.low_detail[:self.n]
         self.low_detail = flags
         self.fine.grow(size)
-        planes = np.zeros(bitslice.plane_words(size), np.uint64)
-        planes[:self.planes.shape[0]] = self.planes
-        self.planes = planes
+        if self.planes is not None:
+            planes = np.zeros(bitslice.plane_words(size), np.uint64)
+            planes[:self.planes.shape[0]] = self.planes
+            self.planes = planes
 
     def load(self, ids: np.ndarray, dhash: np.ndarray, phash: np.ndarray, fine: np.ndarray | None,
              fine_mask: np.ndarray | None = None) -> None:
@@ -212,7 +215,7 @@ class RowStore:
         self.low_detail = np.zeros(self.ids.shape[0], np.uint8)
         self.fine = _FineRows(self.ids.shape[0], self.spill_dir,
                               None if fine is None else np.asarray(fine, np.uint64).reshape(-1, FINE_WORDS), fine_mask)
-        self.planes = bitslice.to_planes(np.asarray(dhash, np.uint64))
+        self.planes = None if "dhash" in self.stored else bitslice.to_planes(np.asarray(dhash, np.uint64))
         self.n = self.ids.shape[0]
 
     def widen_ids(self, entry_id: int) -> None:
@@ -234,7 +237,8 @@ class RowStore:
         self.low_detail[row] = low_detail
         fine = getattr(view, "fine", b"")  # duck-typed callers may have none
         self.fine.write(row, np.frombuffer(fine, "<u8") if fine else 0)
-        bitslice.set_lane(self.planes, row, np.uint64(view.dhash))
+        if self.planes is not None:
+            bitslice.set_lane(self.planes, row, np.uint64(view.dhash))
         self.n += 1
 
     def remove(self, entry_id: int) -> int:
@@ -248,7 +252,9 @@ class RowStore:
                     arr[row] = arr[last]
                 self.low_detail[row] = self.low_detail[last]
                 self.fine.copy_row(row, last)
-                bitslice.set_lane(self.planes, row, np.uint64(bitslice.lane_value(self.planes, last)))
-            bitslice.set_lane(self.planes, last, np.uint64(0))
+                if self.planes is not None:
+                    bitslice.set_lane(self.planes, row, np.uint64(bitslice.lane_value(self.planes, last)))
+            if self.planes is not None:
+                bitslice.set_lane(self.planes, last, np.uint64(0))
             self.n = last
         return rows.size
