@@ -126,9 +126,7 @@ class Library:
             if changes.pruned_upto(self.store) > (self.checkpoint or 0):
                 log.warning("library: the change log was pruned past this index's checkpoint (%d): "
                             "reading the rows", self.checkpoint or 0)
-                start = changes.last_change(self.store)  # before the rows: what follows is replayed
-                self._reload_rows()
-                self.checkpoint = start
+                self._reread_rows()
                 read += 1
                 continue
             if not rows:
@@ -162,9 +160,7 @@ class Library:
             if self.catch_up()[1] < RESNAPSHOT_AFTER_CHANGES:
                 return
         else:
-            start = changes.last_change(self.store)  # before the rows: what follows is replayed
-            self._reload_rows()
-            self.checkpoint = start
+            self._reread_rows()
             self.catch_up()
         snapshots.save(self.store, split, self.index, self.version(), self.checkpoint)
 
@@ -185,6 +181,13 @@ class Library:
             return False
         self.checkpoint = snap.change_id
         return True
+
+    def _reread_rows(self) -> None:
+        """The index from the rows, its checkpoint the change log's end read before them
+        (what follows is replayed)."""
+        start = changes.last_change(self.store)
+        self._reload_rows()
+        self.checkpoint = start
 
     def _reload_rows(self) -> None:
         self._load(*snapshots.read_rows(self.store, self._owned, _INDEXED))

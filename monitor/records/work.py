@@ -236,7 +236,7 @@ def recent_images(store: Store, since: float, after: tuple[float, str] | None = 
     row) from every dHash they hold, with its pHash (:func:`~monitor.fingerprints.codec.stored_hashes`). ``upto``:
     only those fetched no later (what monitor/search/recent.py does not hold)."""
     where, params = _recent(since, after, upto)
-    rows = store.query(f"SELECT {_RECENT_COLUMNS} FROM images WHERE state='ok' AND degenerate IS NULL AND {where} "
+    rows = store.query(f"SELECT {_RECENT_COLUMNS} FROM images WHERE {_USABLE} AND {where} "
                        "ORDER BY fetched_at, url LIMIT ?", (*params, limit))
     if not rows:
         return [], None
@@ -244,6 +244,7 @@ def recent_images(store: Store, since: float, after: tuple[float, str] | None = 
 
 
 _RECENT_COLUMNS = "fetched_at, url, dhash, phash, dhash_mirror, phash_mirror, width, height, fine, views"
+_USABLE = "state='ok' AND degenerate IS NULL"  # the images retroactive matching reads
 
 
 def _recent(since: float, after: tuple[float, str] | None, upto: float | None = None) -> tuple[str, list]:
@@ -271,7 +272,7 @@ def recent_hashes(store: Store, since: float, after: tuple[float, str] | None = 
     and the position the next page starts after; None past the last. Not their fingerprints."""
     where, params = _recent(since, after)
     rows = store.query("SELECT fetched_at, url, dhash, phash, dhash_mirror, phash_mirror, fine IS NOT NULL, views "
-                       f"FROM images WHERE state='ok' AND degenerate IS NULL AND {where} ORDER BY fetched_at, url "
+                       f"FROM images WHERE {_USABLE} AND {where} ORDER BY fetched_at, url "
                        "LIMIT ?", (*params, limit))
     if not rows:
         return None
@@ -290,8 +291,8 @@ def images_fetched_at(store: Store, times: np.ndarray, keys: np.ndarray) -> list
                  if hash(url) in wanted]
     found = []
     for marks, values in in_chunks(urls):
-        found += _near_fingerprints(store.query(f"SELECT {_RECENT_COLUMNS} FROM images WHERE state='ok' AND "
-                                                f"degenerate IS NULL AND url IN ({marks})", values), None)
+        found += _near_fingerprints(store.query(f"SELECT {_RECENT_COLUMNS} FROM images WHERE {_USABLE} AND "
+                                                f"url IN ({marks})", values), None)
     return found
 
 

@@ -21,7 +21,6 @@ import os
 import numpy as np
 
 from monitor.search import bitslice, tiled
-from monitor.search.popcount import PARALLEL_MIN_PAIRS
 
 log = logging.getLogger("repost_monitor.search")
 
@@ -76,12 +75,7 @@ def pairs_within(queries: np.ndarray, library: np.ndarray | None, radius: int, *
             raise ValueError(f"radius must be 0..64 bits, got {radius}")
         if library is None:
             library = bitslice.from_planes(planes, rows)
-        queries = np.ascontiguousarray(queries, np.uint64)
-        library = np.ascontiguousarray(library, np.uint64)
-        if threads == 1 or (threads is None and (queries.size < 2 or queries.size * library.size < PARALLEL_MIN_PAIRS)):
-            return tiled.pairs(queries, library, radius)  # the radius alone: no best match kept
-        _, _, pq, pl, pd = tiled.batch(queries, library, radius, threads=threads)
-        return pq, pl, pd
+        return tiled.radius_pairs(queries, library, radius, threads=threads)
     return bitslice.pairs_within(queries, library, radius, planes=planes, threads=threads, rows=rows)
 
 

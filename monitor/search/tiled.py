@@ -286,8 +286,7 @@ def batch(queries: np.ndarray, library: np.ndarray, radius: int = -1, *,
     library = np.ascontiguousarray(library, dtype=np.uint64)
     m, n = queries.shape[0], library.shape[0]
     want_pairs = bool(pairs and radius >= 0)
-    if threads is None:
-        threads = numba.config.NUMBA_NUM_THREADS if m * n >= PARALLEL_MIN_PAIRS and m > 1 else 1
+    threads = _threads(m, n, threads)
     if threads <= 1:
         return _batch_serial(queries, library, radius, want_pairs)
     previous = numba.get_num_threads()
@@ -297,6 +296,24 @@ def batch(queries: np.ndarray, library: np.ndarray, radius: int = -1, *,
         return _batch_parallel(queries, library, radius, want_pairs, chunk)
     finally:
         numba.set_num_threads(previous)
+
+
+def _threads(m: int, n: int, threads: int | None) -> int:
+    """``threads``, or where None: one for small batches, all cores for big ones."""
+    if threads is not None:
+        return threads
+    return numba.config.NUMBA_NUM_THREADS if m * n >= PARALLEL_MIN_PAIRS and m > 1 else 1
+
+
+def radius_pairs(queries: np.ndarray, library: np.ndarray, radius: int, *, threads: int | None = None):
+    """``(pair_query, pair_library, pair_distance)`` within ``radius``, ordered by query then
+    row: :func:`pairs` on one thread, :func:`batch`'s parallel scan on more."""
+    queries = np.ascontiguousarray(queries, dtype=np.uint64)
+    library = np.ascontiguousarray(library, dtype=np.uint64)
+    if _threads(queries.shape[0], library.shape[0], threads) <= 1:
+        return pairs(queries, library, radius)  # the radius alone: no best match kept
+    _, _, pq, pl, pd = batch(queries, library, radius, threads=threads)
+    return pq, pl, pd
 
 
 def warm_up() -> None:
