@@ -856,3 +856,65 @@ async def test_the_recorder_holds_no_row_locked_through_the_keypoint_pass(servic
     lib.store.close()
     assert states == {"done"} and recorded >= len(needing) // 2, (states, recorded)
     assert spent > 0.05 and longest[0] < spent / 2, (longest[0], spent)
+
+
+async def test_a_shards_replicas_retro_match_each_new_entry_once(services, samples):
+    """Every replica of a shard indexes a new entry, but only the one holding the shard's
+    retro lease matches it against the recent images (which it may fetch again: once, not
+    once per replica); when that replica is gone, the other takes over from the store's mark."""
+    import redis.asyncio as aioredis
+
+    from monitor.metrics import Metrics
+    from monitor.pipeline.recorder import Recorder
+    from monitor.pipeline.retro import LibraryWatcher
+    from monitor.records.library import Library
+    from monitor.scaleout import leases
+    from monitor.scan import add_files
+    from monitor.search.matcher import PRESETS, Matcher
+    from tests.test_stages import seen_before_protected
+    pg, rd = services
+    url = pg.create_database(f"r_{uuid.uuid4().hex[:12]}")
+    admin = Library(open_store(url))  # as `library add` from a shell
+    add_files(admin, [samples / "library-chelsea.jpg"], progress=False)
+    await seen_before_protected(admin, samples, ["flip-rocket.jpg", "q30-coffee.jpg"])
+    client = aioredis.Redis.from_url(rd.url)
+    key = f"t-{uuid.uuid4().hex[:8]}:lease:retro:0/1"
+    recorded, replicas = [], []
+    for n in range(2):
+        lib = Library(open_store(url), (0, 1))
+        metrics = Metrics()
+        watcher = LibraryWatcher(lib.store, lib, Matcher(lib.index, PRESETS["near"]),
+                                 Recorder(lib.store, lib, metrics, on_match=recorded.append), metrics,
+                                 check_seconds=0.1, retro_here=False)
+        stop = asyncio.Event()
+        task = asyncio.gather(watcher.run(stop), leases.hold(client, key, f"replica-{n}",
+                                                             lambda w=watcher, s=stop: w.retro_loop(s), stop, ttl=1.0))
+        replicas.append((watcher, metrics, stop, task))
+
+    def retro_runs():
+        return [int(m.retro_seconds._sum.get() > 0) for _, m, _, _ in replicas]
+    try:
+        await asyncio.to_thread(add_files, admin, [samples / "library-rocket.jpg"], progress=False)
+        await until(lambda: [r.entry.label for r in recorded] == ["library-rocket"], 20)
+        await until(lambda: all(w.library.checkpoint == admin_last(admin) for w, *_ in replicas), 10)
+        await asyncio.sleep(1.0)  # time enough for a second retro-match, were one to come
+        assert sorted(retro_runs()) == [0, 1] and [r.entry.label for r in recorded] == ["library-rocket"]
+        holder = retro_runs().index(1)
+        _, _, stop, task = replicas[holder]
+        stop.set()  # that replica ends: the other takes the lease
+        await asyncio.wait_for(task, 10)
+        await asyncio.to_thread(add_files, admin, [samples / "library-coffee.jpg"], progress=False)
+        await until(lambda: [r.entry.label for r in recorded] == ["library-rocket", "library-coffee"], 20)
+        assert retro_runs()[1 - holder] == 1
+    finally:
+        for watcher, _, stop, task in replicas:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+            watcher.store.close()
+        await client.aclose()
+        admin.store.close()
+
+
+def admin_last(library) -> int:
+    from monitor.records import changes
+    return changes.last_change(library.store)

@@ -27,7 +27,7 @@ from monitor.records.verdicts import set_verdict
 from monitor.scan import add_files
 from monitor.search.matcher import PRESETS, Matcher
 from tests.hosts import serve
-from tests.test_daemon import PhotoSite
+from tests.test_daemon import PhotoSite, until
 
 LIMITS = FetchLimits(allowed_networks=("127.0.0.0/8",), retries=0, read_timeout=2)
 
@@ -567,3 +567,45 @@ async def test_alerts_held_back_by_flood_control_are_counted_once_when_a_group_i
     held = s.metrics.registry.get_sample_value("repost_monitor_alert_deliveries_total",
                                                {"sink": "archive", "outcome": "flood_suppressed"})
     assert held == recorded - queued
+
+
+async def seen_before_protected(library, samples, names: list[str]) -> None:
+    """Each image posted on a feed, fetched and matched: none meets an entry (their
+    pictures are not protected yet)."""
+    site = PhotoSite(samples)
+    async with serve(site.app()) as base, Fetcher(LIMITS) as fetcher:
+        s = Stages(library, base)
+        worker = s.worker(fetcher)
+        items = [FeedItem("a", str(k), (f"{base}/img/{name}",)) for k, name in enumerate(names)]
+        seen, _ = work_rows.record_items(s.store, "a", items, time.time())
+        assert [await worker.process(w) for w in seen] == [[] for _ in names]
+        await worker.close()
+
+
+async def test_an_entry_added_while_no_daemon_ran_is_retro_matched_at_the_next_start_once(library, samples):
+    """The store keeps how far the library's new entries were retro-matched: an entry added
+    while the daemon was stopped (`library add` from a shell) is matched against the images
+    seen before, when the daemon next starts, and only then; the first start takes the
+    library as it stands."""
+    from monitor.records import changes
+    await seen_before_protected(library, samples, ["flip-rocket.jpg"])
+
+    async def start(lib):
+        """A daemon's library watcher, from its start until it has looked once."""
+        stages = Stages(lib, "")
+        watcher = LibraryWatcher(lib.store, lib, stages.matcher, stages.recorder, stages.metrics, check_seconds=0.05)
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        await until(lambda: 0 < (lib.checkpoint or 0) == watcher._retro_upto, 10)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return [r.entry.label for r in stages.recorded], stages.metrics.retro_seconds._sum.get()
+
+    first = Library(library.store)
+    assert await start(first) == ([], 0)  # the first start: nothing retro-matched
+    assert changes.retro_mark(library.store, (0, 1)) == first.checkpoint
+    add_files(library, [samples / "library-rocket.jpg"], progress=False)  # the daemon stopped
+    again = Library(library.store)  # the next start: its index loaded with the new entry
+    labels, seconds = await start(again)
+    assert labels == ["library-rocket"] and seconds > 0
+    assert await start(Library(library.store)) == ([], 0)  # and not again at the start after

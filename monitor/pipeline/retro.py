@@ -40,8 +40,13 @@ class LibraryWatcher:
                  metrics: Metrics, *, check_seconds: float = 2.0, retro_window: float = 72 * 3600,
                  fetch_image: Callable[[str], Awaitable[bytes]] | None = None, max_pixels: int | None = None,
                  page: int = work_rows.RECENT_PAGE, log_keep: float = 30 * 86400, history_keep: float = 0,
-                 recent_bytes: int = RECENT_BYTES):
+                 recent_bytes: int = RECENT_BYTES, retro_here: bool = True):
         self.store, self.library, self.matcher = store, library, matcher
+        # False: :meth:`run` leaves retroactive matching to :meth:`retro_loop`, run elsewhere
+        # (a shard's replicas: by the one that holds its lease, so each entry once)
+        self.retro_here = retro_here
+        self._retro_upto = 0  # the change id up to which this process has seen the entries retro-matched
+        self._moved = asyncio.Event()  # the index applied changes: retro_loop looks
         self.page = page  # recent images read and matched at once (memory stays a page's, not the window's)
         # the window's hashes, held between library changes (monitor/search/recent.py); one pass at a time
         self.recent, self._recent_lock = RecentHashes(recent_bytes), threading.Lock()
@@ -64,13 +69,14 @@ class LibraryWatcher:
         try:
             while not stop.is_set():
                 try:
-                    inserted, read = await asyncio.to_thread(self.library.catch_up)
+                    _, read = await asyncio.to_thread(self.library.catch_up)
                     if read:
                         log.info("library changed: %d changes applied, %d entries indexed", read,
                                  len(self.library.index))
                         self.metrics.library_entries.set(len(self.library.index))
-                    if inserted:
-                        await self.retro_match(entry_ids=inserted)
+                        self._moved.set()
+                    if self.retro_here:
+                        await self.retro_due()
                     if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
                         self._pruned_at = time.monotonic()
                         await asyncio.to_thread(self._housekeeping)
@@ -80,6 +86,42 @@ class LibraryWatcher:
                 await self._wait_for_change(listener, stop)
         finally:
             await listener.close()
+
+    async def retro_loop(self, stop: asyncio.Event) -> None:
+        """:meth:`retro_due` whenever the index applied changes (and every ``check_seconds``),
+        until ``stop``: beside :meth:`run` with ``retro_here=False``."""
+        while not stop.is_set():
+            try:
+                await self.retro_due()
+            except DatabaseError as exc:  # the store is away: look again next time
+                self.metrics.errors.labels("store").inc()
+                log.warning("retroactive matching failed (%s); trying again in %.0fs", exc, self.check_seconds)
+            waits = {asyncio.ensure_future(self._moved.wait()), asyncio.ensure_future(stop.wait())}
+            try:
+                await asyncio.wait(waits, timeout=self.check_seconds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+            self._moved.clear()
+
+    async def retro_due(self) -> list[MatchRecord]:
+        """Retro-match the entries that changes inserted into this part of the library after
+        the store's mark, up to what this index has applied, then raise the mark: each entry
+        once, whichever replica applied it, and an entry added while no daemon ran at the
+        next start. The first start (no mark yet) takes the library as it stands."""
+        upto = self.library.checkpoint or 0
+        if upto <= self._retro_upto:
+            return []
+        split = self.library.shard or (0, 1)
+        mark = await asyncio.to_thread(changes.retro_mark, self.store, split)
+        records: list[MatchRecord] = []
+        if mark is not None and mark < upto:
+            ids = await asyncio.to_thread(changes.inserted_between, self.store, mark, upto)
+            if ids:
+                records = await self.retro_match(entry_ids=ids)
+        await asyncio.to_thread(changes.raise_retro_mark, self.store, split, upto)
+        self._retro_upto = upto
+        return records
 
     def _housekeeping(self) -> None:
         """Hourly: the library's change log, and the history, pruned (off the event loop)."""
@@ -189,7 +231,9 @@ class LibraryWatcher:
             keep[owners[pq[near]]] = True
             return keep
         with self._recent_lock:  # the pages come as they are read: one held at a time
-            for page in (self._near_pages(time.time() - self.retro_window, near_any) if len(index) else ()):
+            since = time.time() - self.retro_window
+            pages = near_pages(self.store, self.recent, self.page, self.metrics, since, near_any) if len(index) else ()
+            for page in pages:
                 fps = [fp for _, fp in page]
                 looks = dict.fromkeys(range(len(fps)), True) if self.fetch_image else None
                 for (url, fp), answer in zip(page, matcher.hash_answers(fps, looks), strict=True):
@@ -206,33 +250,33 @@ class LibraryWatcher:
         near.sort(reverse=True)  # nearest first
         return matcher, found, {url: (fp, -distance) for distance, _, url, fp in near}, beyond
 
-    def _near_pages(self, since: float, near_any):
-        """Pages of (url, fingerprint) of the window's images that meet a new entry in the
-        first pass: those held in memory (what was stored since the last pass read first),
-        found there and read by their fetch times; then any the memory bound left to the
-        store, read and tested a page at a time."""
-        recent = self.recent
-        if recent.max_bytes:
-            recent.forget_before(since)
-            start, after = recent.read_from(since), None
-            while page := work_rows.recent_hashes(self.store, start, after, self.page):
-                *arrays, after = page
-                recent.add(*arrays)
-            times, keys, tested = recent.near(near_any, since)
-            self.metrics.retro_images.inc(tested)
-            self.metrics.retro_held_bytes.set(recent.nbytes)
-            for at in range(0, times.size, self.page):
-                yield work_rows.images_fetched_at(self.store, times[at:at + self.page], keys[at:at + self.page])
-            if recent.held_after <= since:
-                return
-        upto = recent.held_after if recent.max_bytes else None
-        after = None
 
-        def counted(owners, dhashes, phashes, mirrored, rows):
-            self.metrics.retro_images.inc(rows)
-            return near_any(owners, dhashes, phashes, mirrored, rows)
-        while True:
-            page, after = work_rows.recent_images(self.store, since, after, self.page, counted, upto=upto)
-            if after is None:
-                return
-            yield page
+def near_pages(store: Store, recent: RecentHashes, page_size: int, metrics: Metrics, since: float, near_any):
+    """Pages of (url, fingerprint) of the window's images that meet a new entry in the
+    first pass: those held in memory (what was stored since the last pass read first),
+    found there and read by their fetch times; then any the memory bound left to the
+    store, read and tested a page at a time."""
+    if recent.max_bytes:
+        recent.forget_before(since)
+        start, after = recent.read_from(since), None
+        while page := work_rows.recent_hashes(store, start, after, page_size):
+            *arrays, after = page
+            recent.add(*arrays)
+        times, keys, tested = recent.near(near_any, since)
+        metrics.retro_images.inc(tested)
+        metrics.retro_held_bytes.set(recent.nbytes)
+        for at in range(0, times.size, page_size):
+            yield work_rows.images_fetched_at(store, times[at:at + page_size], keys[at:at + page_size])
+        if recent.held_after <= since:
+            return
+    upto = recent.held_after if recent.max_bytes else None
+    after = None
+
+    def counted(owners, dhashes, phashes, mirrored, rows):
+        metrics.retro_images.inc(rows)
+        return near_any(owners, dhashes, phashes, mirrored, rows)
+    while True:
+        page, after = work_rows.recent_images(store, since, after, page_size, counted, upto=upto)
+        if after is None:
+            return
+        yield page

@@ -47,6 +47,32 @@ def prunable(store: Store, before: float) -> int:
     return store.query("SELECT COALESCE(MAX(id), 0) FROM library_changes WHERE at < ?", (before,))[0][0]
 
 
+def inserted_between(store: Store, after: int, upto: int) -> list[int]:
+    """The entry ids the changes after ``after``, up to ``upto``, inserted (oldest first)."""
+    return [eid for (eid,) in store.query("SELECT entry_id FROM library_changes WHERE id > ? AND id <= ? "
+                                          "AND op = 'INSERT' ORDER BY id", (after, upto))]
+
+
+def _retro_key(split: tuple[int, int]) -> str:
+    return f"retro_matched_upto:{split[0]}/{split[1]}"
+
+
+def retro_mark(store: Store, split: tuple[int, int]) -> int | None:
+    """The change id up to which the entries that changes inserted into this part of the
+    library (``split``: shard, shards; (0, 1) the whole) were retro-matched; None before the first."""
+    rows = store.query("SELECT value FROM store_meta WHERE key = ?", (_retro_key(split),))
+    return int(rows[0][0]) if rows else None
+
+
+def raise_retro_mark(store: Store, split: tuple[int, int], change_id: int) -> None:
+    """:func:`retro_mark` raised to ``change_id`` (never lowered: replicas race)."""
+    key = _retro_key(split)
+    with store.transaction() as conn:
+        conn.execute("INSERT OR IGNORE INTO store_meta (key, value) VALUES (?, ?)", (key, str(change_id)))
+        conn.execute("UPDATE store_meta SET value = ? WHERE key = ? AND CAST(value AS BIGINT) < ?",
+                     (str(change_id), key, change_id))
+
+
 PRUNE_CHUNK = 50_000  # change ids deleted per transaction: SQLite's one writer waits for none long
 
 

@@ -183,10 +183,15 @@ class _Node:
                                          retro_window=cfg.alert_policy.retro_window_hours * 3600,
                                          log_keep=cfg.library.change_log_days * 86400,
                                          history_keep=cfg.store.history_days * 86400,
-                                         recent_bytes=int(cfg.alert_policy.retro_memory_mb * 2**20), **again)
+                                         recent_bytes=int(cfg.alert_policy.retro_memory_mb * 2**20),
+                                         retro_here=False, **again)
                 role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics,
                                  keypoints=cfg.match.keypoints)
-                out.append((f"shard:{k}", self._with_fetcher(fetcher, role.run(self.stop), watcher.run(self.stop))))
+                # new entries retro-matched by one replica of the shard (fetching images again once)
+                retro = leases.hold(self.streams.redis, self.lease_key(f"retro:{k}/{cfg.transport.shards}"),
+                                    self.streams.consumer, lambda w=watcher: w.retro_loop(self.stop), self.stop)
+                out.append((f"shard:{k}", self._with_fetcher(fetcher, role.run(self.stop), watcher.run(self.stop),
+                                                             retro)))
             elif name == "recorder":
                 # images fetched again where a post's picture is gone and a match is unsure
                 fetcher = Fetcher(limits.fetch_limits(self.local_roots()), observe=self.metrics.observe_fetch)
