@@ -107,7 +107,9 @@ async def test_cross_site_and_rebinding_requests_are_refused(start):
                     {"image_urls": [f"{d['feeds']}/img/flip-rocket.jpg"]})) as r:
                 assert r.status == status, headers
         # a route that does not exist is a 404 whatever is sent (it was a 415 to a multipart body)
-        async with http.post(d["base"] + "/v1/match", data={"image": b"x"}) as r:
+        multipart = aiohttp.FormData()
+        multipart.add_field("image", b"x", filename="x.jpg", content_type="image/jpeg")
+        async with http.post(d["base"] + "/v1/match", data=multipart) as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
         async with http.put(url, json={"verdict": "confirmed"}) as r:
             assert r.status == 405
