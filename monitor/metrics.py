@@ -121,6 +121,9 @@ class Metrics:
         self.shard_answers_oldest_seconds = Gauge(p + "shard_answers_oldest_seconds", "How long the oldest "
                                                   "incomplete image has waited for its shards", registry=r)
         self.role_up = Gauge(p + "role_up", "1 for each role this process runs", ["role"], registry=r)
+        self.lease_held = Gauge(p + "lease_held", "1 while this process holds the lease, 0 while it waits for "
+                                "it (feed:NAME a feed's polling, sender the alert deliveries, sweeper, retro:K/S "
+                                "a shard's retroactive matching): summed over processes, 1", ["lease"], registry=r)
 
     def set_build_info(self, **extra: str) -> None:
         self.build_info.info({"version": __version__, "hash_algorithm": ALGORITHM_VERSION, **extra})

@@ -650,6 +650,36 @@ async def test_a_lease_holder_whose_work_fails_takes_it_up_again(services):
     await client.aclose()
 
 
+async def test_a_lease_held_is_shown_by_its_gauge_in_one_process_only(services):
+    """Two processes wait for one lease: the holder's gauge says 1, the other's 0; when the
+    holder ends, the other takes it and the gauges swap (summed over processes: 1, what the
+    RepostMonitorLeaseUnheld rule watches)."""
+    import redis.asyncio as aioredis
+
+    from monitor.metrics import Metrics
+    from monitor.scaleout import leases
+    _, rd = services
+    client = aioredis.Redis.from_url(rd.url)
+    key = f"t-{uuid.uuid4().hex[:8]}:lease:sender"
+    gauges = [Metrics().lease_held.labels("sender") for _ in range(2)]
+    stops = [asyncio.Event(), asyncio.Event()]
+    tasks = [asyncio.create_task(leases.hold(client, key, f"p{n}", stop.wait, stop, ttl=0.6, held=gauge))
+             for n, (gauge, stop) in enumerate(zip(gauges, stops, strict=True))]
+
+    def shown():
+        return [int(g._value.get()) for g in gauges]
+    await until(lambda: sorted(shown()) == [0, 1], 10)
+    first = shown().index(1)
+    stops[first].set()
+    await asyncio.wait_for(tasks[first], 5)
+    await until(lambda: shown()[1 - first] == 1, 10)
+    assert shown()[first] == 0
+    stops[1 - first].set()
+    await asyncio.wait_for(tasks[1 - first], 5)
+    assert shown() == [0, 0]
+    await client.aclose()
+
+
 async def test_a_lease_holder_cancelled_with_its_work_ends(services):
     """A shutdown that cancels every task (asyncio.run on Ctrl-C, a test's loop closing)
     cancels the holder and its work together: the holder ends instead of taking the lease

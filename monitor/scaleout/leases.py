@@ -19,10 +19,13 @@ LEASE_SECONDS = 5.0  # a dead holder's lease is free this long after its last re
 
 
 async def hold(redis, key: str, holder: str, work: Callable[[], Awaitable[None]], stop: asyncio.Event,
-               ttl: float = LEASE_SECONDS) -> None:
+               ttl: float = LEASE_SECONDS, held=None) -> None:
     """Run ``work()`` whenever this process holds ``key``: try to take it every ttl/3 s, renew
-    it as often while working, and cancel the work the moment it is lost."""
+    it as often while working, and cancel the work the moment it is lost. ``held``: a gauge
+    set to 1 while it is held, 0 while not."""
     ms = str(int(ttl * 1000))
+    if held is not None:
+        held.set(0)
     while not stop.is_set():
         try:
             got = await redis.set(key, holder, nx=True, px=int(ms))
@@ -30,6 +33,8 @@ async def hold(redis, key: str, holder: str, work: Callable[[], Awaitable[None]]
             got = False
         if got:
             log.info("lease %s taken", key)
+            if held is not None:
+                held.set(1)
             task = asyncio.create_task(work(), name=f"lease:{key}")
             try:
                 while not stop.is_set() and not task.done():
@@ -58,6 +63,8 @@ async def hold(redis, key: str, holder: str, work: Callable[[], Awaitable[None]]
                         log.warning("lease %s lost; its work stops here", key)
                         break
             finally:
+                if held is not None:
+                    held.set(0)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 with contextlib.suppress(RedisError, OSError):

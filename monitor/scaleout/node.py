@@ -15,7 +15,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 from monitor.alerts.outbox import Outbox
 from monitor.api.server import Services, make_app, start_server
@@ -153,6 +153,11 @@ class _Node:
     def lease_key(self, what: str) -> str:
         return f"{self.streams.prefix}:lease:{what}"
 
+    def hold(self, what: str, work) -> Coroutine:
+        """``work()`` run while this process holds the lease ``what`` (shown by its gauge)."""
+        return leases.hold(self.streams.redis, self.lease_key(what), self.streams.consumer, work, self.stop,
+                           held=self.metrics.lease_held.labels(what))
+
     async def roles(self, roles) -> list[tuple[str, object]]:
         cfg, out = self.config, []
         limits = cfg.limits
@@ -188,8 +193,7 @@ class _Node:
                 role = ShardRole(k, cfg.transport.shards, library, matcher, self.streams, self.metrics,
                                  keypoints=cfg.match.keypoints)
                 # new entries retro-matched by one replica of the shard (fetching images again once)
-                retro = leases.hold(self.streams.redis, self.lease_key(f"retro:{k}/{cfg.transport.shards}"),
-                                    self.streams.consumer, lambda w=watcher: w.retro_loop(self.stop), self.stop)
+                retro = self.hold(f"retro:{k}/{cfg.transport.shards}", lambda w=watcher: w.retro_loop(self.stop))
                 out.append((f"shard:{k}", self._with_fetcher(fetcher, role.run(self.stop), watcher.run(self.stop),
                                                              retro)))
             elif name == "recorder":
@@ -203,9 +207,7 @@ class _Node:
             elif name == "api":
                 out.append(("api", self.api()))
             elif name == "sender":
-                out.append(("sender", leases.hold(self.streams.redis, self.lease_key("sender"),
-                                                  self.streams.consumer, lambda: self.outbox.run(self.stop),
-                                                  self.stop)))
+                out.append(("sender", self.hold("sender", lambda: self.outbox.run(self.stop))))
         return out
 
     def local_roots(self) -> tuple[str, ...]:
@@ -228,10 +230,8 @@ class _Node:
             for source, settings in sources:
                 intake.add_source(source, settings)
             await intake.start()
-            held = [leases.hold(self.streams.redis, self.lease_key(f"feed:{s.name}"), self.streams.consumer,
-                                lambda s=s, c=c: intake.watch(s, c, self.stop), self.stop) for s, c in sources]
-            held.append(leases.hold(self.streams.redis, self.lease_key("sweeper"), self.streams.consumer,
-                                    lambda: self.sweep(transport), self.stop))
+            held = [self.hold(f"feed:{s.name}", lambda s=s, c=c: intake.watch(s, c, self.stop)) for s, c in sources]
+            held.append(self.hold("sweeper", lambda: self.sweep(transport)))
             await asyncio.gather(*held)
 
     async def api(self) -> None:
