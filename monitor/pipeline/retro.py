@@ -107,8 +107,8 @@ class LibraryWatcher:
     async def retro_due(self) -> list[MatchRecord]:
         """Retro-match the entries that changes inserted into this part of the library after
         the store's mark, up to what this index has applied, then raise the mark: each entry
-        once, whichever replica applied it, and an entry added while no daemon ran at the
-        next start. The first start (no mark yet) takes the library as it stands."""
+        once, whichever replica applied it; one added while no daemon ran, at the next start.
+        The first start (no mark yet) retro-matches none of the entries already there."""
         upto = self.library.checkpoint or 0
         if upto <= self._retro_upto:
             return []
