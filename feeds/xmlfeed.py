@@ -62,7 +62,9 @@ def _refuse_entities(body: bytes, headers: dict | None = None) -> None:
 
 def _when(entry) -> datetime | None:
     for key in ("published_parsed", "updated_parsed", "created_parsed"):
-        t = entry.get(key)
+        # the stored value only: feedparser's own get() answers a missing updated_parsed with
+        # published_parsed and a DeprecationWarning (its issue 310)
+        t = dict.get(entry, key)
         if t:
             return datetime.fromtimestamp(calendar.timegm(t), UTC)
     return None
