@@ -582,7 +582,8 @@ async def seen_before_protected(library, samples, names: list[str]) -> None:
         await worker.close()
 
 
-async def test_an_entry_added_while_no_daemon_ran_is_retro_matched_at_the_next_start_once(library, samples):
+async def test_an_entry_added_while_no_daemon_ran_is_retro_matched_at_the_next_start_once(library, samples,
+                                                                                         caplog):
     """The store keeps how far the library's new entries were retro-matched: an entry added
     while the daemon was stopped (`library add` from a shell) is matched against the images
     seen before, when the daemon next starts, and only then; the first start takes the
@@ -609,3 +610,9 @@ async def test_an_entry_added_while_no_daemon_ran_is_retro_matched_at_the_next_s
     labels, seconds = await start(again)
     assert labels == ["library-rocket"] and seconds > 0
     assert await start(Library(library.store)) == ([], 0)  # and not again at the start after
+    # stopped longer than the change log is kept: what was added meanwhile is said, not matched
+    add_files(library, [samples / "other-apple.jpg"], progress=False)
+    changes.prune(library.store, changes.last_change(library.store))
+    with caplog.at_level("WARNING", logger="repost_monitor.pipeline"):
+        assert await start(Library(library.store)) == ([], 0)
+    assert "change log was pruned past the last retro-match" in caplog.text

@@ -116,6 +116,9 @@ class LibraryWatcher:
         mark = await asyncio.to_thread(changes.retro_mark, self.store, split)
         records: list[MatchRecord] = []
         if mark is not None and mark < upto:
+            if mark < await asyncio.to_thread(changes.pruned_upto, self.store):
+                log.warning("retroactive matching: the library's change log was pruned past the last retro-match "
+                            "(change %d): entries added before the pruned mark are not retro-matched", mark)
             ids = await asyncio.to_thread(changes.inserted_between, self.store, mark, upto)
             if ids:
                 records = await self.retro_match(entry_ids=ids)
