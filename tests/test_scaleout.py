@@ -897,6 +897,7 @@ async def test_a_shards_replicas_retro_match_each_new_entry_once(services, sampl
     from monitor.metrics import Metrics
     from monitor.pipeline.recorder import Recorder
     from monitor.pipeline.retro import LibraryWatcher
+    from monitor.records import changes
     from monitor.records.library import Library
     from monitor.scaleout import leases
     from monitor.scan import add_files
@@ -926,7 +927,8 @@ async def test_a_shards_replicas_retro_match_each_new_entry_once(services, sampl
     try:
         await asyncio.to_thread(add_files, admin, [samples / "library-rocket.jpg"], progress=False)
         await until(lambda: [r.entry.label for r in recorded] == ["library-rocket"], 20)
-        await until(lambda: all(w.library.checkpoint == admin_last(admin) for w, *_ in replicas), 10)
+        await until(lambda: all(w.library.checkpoint == changes.last_change(admin.store) for w, *_ in replicas),
+                    10)
         await asyncio.sleep(1.0)  # time enough for a second retro-match, were one to come
         assert sorted(retro_runs()) == [0, 1] and [r.entry.label for r in recorded] == ["library-rocket"]
         holder = retro_runs().index(1)
@@ -943,8 +945,3 @@ async def test_a_shards_replicas_retro_match_each_new_entry_once(services, sampl
             watcher.store.close()
         await client.aclose()
         admin.store.close()
-
-
-def admin_last(library) -> int:
-    from monitor.records import changes
-    return changes.last_change(library.store)

@@ -96,12 +96,11 @@ class LibraryWatcher:
             except DatabaseError as exc:  # the store is away: look again next time
                 self.metrics.errors.labels("store").inc()
                 log.warning("retroactive matching failed (%s); trying again in %.0fs", exc, self.check_seconds)
-            waits = {asyncio.ensure_future(self._moved.wait()), asyncio.ensure_future(stop.wait())}
-            try:
-                await asyncio.wait(waits, timeout=self.check_seconds, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in waits:
-                    task.cancel()
+            # a stop is seen within check_seconds; asyncio.timeout, not wait_for, which can lose
+            # the lease's cancel on Python 3.11 (CPython gh-86296; monitor/scaleout/leases.py)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.check_seconds):
+                    await self._moved.wait()
             self._moved.clear()
 
     async def retro_due(self) -> list[MatchRecord]:
