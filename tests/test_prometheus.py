@@ -58,7 +58,8 @@ def rule_exprs() -> list[tuple[str, str]]:
         name = block.split("\n", 1)[0].strip()
         expr = block.split("expr:", 1)[1].split("for:", 1)[0]
         expr = " ".join(expr.split())
-        for part in expr.split(" and "):
+        for part in re.split(r" and | unless ", expr):
+            part = re.sub(r"^(on|ignoring)\s*\([^)]*\)\s*", "", part)  # a vector match's side
             out.append((name, re.sub(r"\s*(>|<|==|>=|<=)\s*[0-9.]+\s*$", "", part)))
     return out
 
@@ -100,7 +101,7 @@ def scraped(tmp_path_factory):
         wait_for(lambda: float(json.loads(get(
             f"{api}/query?query=" + urllib.parse.quote("count_over_time(up[1m])")))
             ["data"]["result"][0]["value"][1]) >= 10, 60, "ten scrapes")
-        yield {"api": api, "metrics": get(f"http://127.0.0.1:{port}/metrics")}
+        yield {"api": api, "metrics": get(f"http://127.0.0.1:{port}/metrics"), "scaled": scaled, "roles": roles}
     finally:
         for proc in (prom, demo, scaled):
             proc.terminate()
@@ -125,11 +126,11 @@ def test_every_dashboard_query_returns_data(scraped):
 
 def test_every_rule_expression_returns_data(scraped):
     parts = rule_exprs()
-    assert len({name for name, _ in parts}) == 10
+    assert len({name for name, _ in parts}) == 12
     empty = [(n, e) for n, e in parts if not query(scraped["api"], e)]
     assert not empty, empty
     rules = json.loads(get(scraped["api"] + "/rules"))["data"]["groups"][0]["rules"]
-    assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 12 and all(r["health"] == "ok" for r in rules), rules
 
 
 def test_promtool_accepts_rules_and_metrics(scraped):
@@ -139,3 +140,29 @@ def test_promtool_accepts_rules_and_metrics(scraped):
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=scraped["metrics"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def rule_expr(name: str) -> str:
+    text = (ROOT / "dashboards" / "repost-monitor.rules.yml").read_text()
+    block = text.split(f"- alert: {name}\n", 1)[1]
+    return " ".join(block.split("expr:", 1)[1].split("for:", 1)[0].split())
+
+
+def test_the_death_of_every_lease_holder_is_seen_by_the_rules(scraped):
+    """Last in this module: it stops the scaled demo. Its roles' series go stale, so the rule
+    comparing them has nothing to say; the two rules that see deaths must name them."""
+    api = scraped["api"]
+    held = {r["metric"]["lease"] for r in query(api, "max by (lease) (repost_monitor_lease_held)")}
+    assert {"sender", "sweeper"} <= held and any(x.startswith("retro:") for x in held), held
+    assert not query(api, rule_expr("RepostMonitorLeaseHoldersGone"))
+    # the scaled demo kills one shard replica on purpose: that one is down already
+    down_before = {r["metric"]["instance"] for r in query(api, rule_expr("RepostMonitorProcessDown"))}
+    assert len(down_before) <= 1 and down_before <= set(scraped["roles"]), down_before
+    scaled = scraped["scaled"]
+    scaled.terminate()
+    scaled.wait(timeout=60)
+    wait_for(lambda: {r["metric"]["lease"] for r in query(api, rule_expr("RepostMonitorLeaseHoldersGone"))} == held,
+             30, "every lease named as gone")
+    down = {r["metric"]["instance"] for r in query(api, rule_expr("RepostMonitorProcessDown"))}
+    assert down == set(scraped["roles"]), (down, scraped["roles"])
+    assert not query(api, "sum by (lease) (repost_monitor_lease_held) < 1")  # the old rule: silent
