@@ -200,6 +200,16 @@ def browser(img, rng):
     return canvas
 
 
+def rotate_in_place(img, rng):
+    """Turned 6-10 degrees inside its own frame with black corners (an editor's rotate that
+    keeps the canvas), by OpenCV; the angle from the picture's own pixels, not ``rng``."""
+    own = random.Random(int(img[::7, ::7].sum()))
+    angle = own.choice((-1, 1)) * own.uniform(6, 10)
+    h, w = img.shape[:2]
+    turn = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    return cv2.warpAffine(img, turn, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def build_edits() -> dict[str, tuple[str, object]]:
     E: dict[str, tuple[str, object]] = {}
 
@@ -259,6 +269,8 @@ def build_edits() -> dict[str, tuple[str, object]]:
     add("compound", "sticker + crop + webp", lambda im, r: aspect_crop(0.8)(sticker(im, r), r),
         lambda im, r: webp(im, 50))
     add("compound", "screenshot + jpeg 40", feed_post, lambda im, r: jpeg(im, 40))
+    # Added last, drawing from its own generator: the edits above keep their draws (and figures).
+    add("geometry", "rotate 6-10 in place, black", rotate_in_place, lambda im, r: jpeg(im, 85))
     return E
 
 

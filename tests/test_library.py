@@ -234,6 +234,20 @@ def test_cache_makes_rerun_cheap_and_notices_changes(tmp_path, samples):
         fingerprint_bytes((samples / "other-baboon.jpg").read_bytes())
 
 
+def test_cached_query_views_are_made_again_when_only_the_query_side_changed(tmp_path, samples, monkeypatch):
+    """A new query view (QUERY_VIEWS_VERSION) re-fingerprints cached `match` inputs; the
+    library's fingerprints (ALGORITHM_VERSION) stay cached, and no entry goes stale."""
+    import monitor.records.cache as cache_module
+    files = list(iter_image_files([samples]))[:3]
+    cache = FingerprintCache(tmp_path / "cache.sqlite")
+    for views in ("query", "library"):
+        fingerprint_files(files, cache, progress=False, views=views)
+    monkeypatch.setattr(cache_module, "QUERY_VIEWS_VERSION", "a-later-one")
+    assert not any(r.cached for r in fingerprint_files(files, cache, progress=False, views="query"))
+    assert all(r.cached for r in fingerprint_files(files, cache, progress=False, views="library"))
+    assert all(r.cached for r in fingerprint_files(files, cache, progress=False, views="query"))
+
+
 def test_interrupted_run_resumes_from_committed_batches(tmp_path, samples):
     cache = FingerprintCache(tmp_path / "cache.sqlite")
     files = list(iter_image_files([samples]))

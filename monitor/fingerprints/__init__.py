@@ -15,6 +15,7 @@ from collections.abc import Callable
 from monitor.fingerprints.core import (
     ALGORITHM_VERSION,
     DEFAULT_MAX_PIXELS,
+    QUERY_VIEWS_VERSION,
     Fingerprint,
     ImageError,
     _draft_scale,
@@ -37,7 +38,7 @@ from monitor.fingerprints.keypoints import (
 )
 from monitor.fingerprints.views import TILT_MIN_SIDE, library_fingerprints, query_fingerprints
 
-__all__ = ["ALGORITHM_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
+__all__ = ["ALGORITHM_VERSION", "QUERY_VIEWS_VERSION", "DEFAULT_MAX_PIXELS", "Fingerprint", "ImageError", "decode_grey",
            "KeypointFinder", "degenerate_reason", "fingerprint_bytes", "fingerprint_grey", "from_hex",
            "to_hex"]
 

@@ -30,6 +30,10 @@ except ImportError:  # pragma: no cover - a platform without a wheel falls back 
 # v3: frame detection keeps the last busy row; v4: fast-path grids from one compiled call,
 # tilted-picture query view, library views at a 30% centre crop and 15% side crops
 ALGORITHM_VERSION = "dhash-phash-v7-feed-shapes"
+# The query side's views alone (a post's, a `match` input's): bumped when they change and the
+# library's do not, so cached inputs are made again and no entry needs a rehash.
+# q2: pictures turned in place (monitor/fingerprints/turns.py)
+QUERY_VIEWS_VERSION = "q2-turned-in-place"
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any real thumbnail
 # JPEG covers MPO (phone multi-picture JPEGs): its opener returns them.

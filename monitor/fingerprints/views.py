@@ -23,10 +23,11 @@ import numpy as np
 from numba import njit
 from PIL import Image
 
-from monitor.fingerprints import fasthash
+from monitor.fingerprints import fasthash, turns
 from monitor.fingerprints.blurfill import FIRST_LOOK, blurred_fill_box, is_long
 from monitor.fingerprints.core import Fingerprint, fingerprint_grey, grey_pixels
 from monitor.fingerprints.crops import library_crops
+from monitor.fingerprints.turns import untilted
 
 WORK_SIDE = 256            # analyse the layout on a small copy: fast and noise-tolerant
 BUSY_STD = 6.0             # a row/column with a grey-level std above this carries picture
@@ -285,22 +286,6 @@ def tilt(grey: Image.Image) -> float | None:
     return angle if TILT_MIN <= abs(angle) <= TILT_MAX else None
 
 
-def untilted(grey: Image.Image, angle: float) -> Image.Image | None:
-    """The picture inside a canvas made by ``Image.rotate(angle, expand=True)``:
-    turned back and cut to its original size (a 2% margin drops the fill's
-    blurred edge)."""
-    t = np.radians(abs(angle))
-    cos, sin, cos2 = np.cos(t), np.sin(t), np.cos(2 * t)
-    big_w, big_h = grey.size
-    w = (big_w * cos - big_h * sin) / cos2
-    h = (big_h * cos - big_w * sin) / cos2
-    if w < 16 or h < 16:
-        return None
-    upright = grey.rotate(-angle, resample=Image.BILINEAR, expand=False)
-    cx, cy, mw, mh = big_w / 2, big_h / 2, 0.49 * w, 0.49 * h
-    return upright.crop((int(round(cx - mw)), int(round(cy - mh)), int(round(cx + mw)), int(round(cy + mh))))
-
-
 def _upright_box(pixels: np.ndarray, box: tuple[int, int, int, int] | None) -> bool:
     """Whether ``box`` is an upright picture in a plain frame: its four corner
     pixels differ from the frame's fill. A turned picture's bounding box has
@@ -329,12 +314,17 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
         # back smaller still (turning costs as the pixel count, the hashes
         # need no more).
         big = _work_copy(detail() if detail is not None else grey)[0]
-        angle = tilt(big)
-        inner = untilted(_work_copy(big, TURN_BACK_SIDE)[0], angle) if angle is not None else None
+        # Turned inside its own frame (fill in the corners only; the outline fit below
+        # would read the frame's edges as the picture's), else pasted turned on a canvas.
+        angle = turns.angle_in_place(np.asarray(big))
+        if angle is not None:
+            inner = turns.turned_back(_work_copy(big, TURN_BACK_SIDE)[0], angle)
+        else:
+            angle = tilt(big)
+            inner = untilted(_work_copy(big, TURN_BACK_SIDE)[0], angle) if angle is not None else None
+            if inner is not None and (box := content_box(inner)) is not None:
+                inner = inner.crop(box)  # a border turned with the picture
         if inner is not None:
-            box = content_box(inner)  # a border turned with the picture
-            if box is not None:
-                inner = inner.crop(box)
             views.append(fingerprint_grey(inner, inner.size, exact=exact))
             return views
     # A long image may hold its picture in a plain frame (a screenshot) or in a

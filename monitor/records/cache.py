@@ -8,7 +8,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from monitor.fingerprints import ALGORITHM_VERSION, Fingerprint
+from monitor.fingerprints import ALGORITHM_VERSION, QUERY_VIEWS_VERSION, Fingerprint
 from monitor.fingerprints.codec import pack_fine, pack_views, sql_to_u64, u64_to_sql, unpack_fine, unpack_views
 
 COMMIT_EVERY = 200
@@ -44,7 +44,8 @@ class FingerprintCache:
     @staticmethod
     def _key(path: Path, views: str | None) -> tuple:
         st = path.stat()
-        return (str(path.resolve()), st.st_size, st.st_mtime_ns, f"{ALGORITHM_VERSION}/{views}")
+        version = f"{ALGORITHM_VERSION}/{views}" + (f"/{QUERY_VIEWS_VERSION}" if views == "query" else "")
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns, version)
 
     def get(self, path: Path, views: str | None = None) -> Fingerprint | None:
         with self._lock:
