@@ -49,7 +49,7 @@ TILT_AGREE = 60.0          # degrees x px: the straight edges' angles agree with
 TILT_STRAIGHT = 1.2        # px (work copy): an edge must fit a line this well (RMS)
 TILT_INLIERS = 0.6         # share of an outline's points that must lie on its line
 TILT_FILL_SHARE = 0.4      # a picture turned <= 12 degrees leaves < 35% of its canvas to the fill
-TILT_FILL_MIDDLE = 0.1     # ... and none of the middle quarter
+TILT_FILL_MIDDLE = 0.2     # ... and little of the middle quarter (a bright picture's own whites)
 
 
 @njit(cache=True, nogil=True)
