@@ -391,3 +391,37 @@ def test_second_look_candidates_must_be_near_on_the_fine_hashes_too():
     assert got[1] == [(13, 14, 15, True)]  # 10 is too far on the fine hashes; 13 met the mirror image at 29
     assert 2 not in got  # its only pair met the mirror image, whose keypoints are not at hand
     assert detective.CANDIDATE_SCORE == 240 and detective.CANDIDATE_SUM == 36
+
+
+def _keypoints_of(img: Image.Image, limit: int):
+    from monitor.fingerprints.keypoints import find_keypoints
+    from monitor.search.detective import Keypoints
+    return Keypoints.of(find_keypoints(Image.open(io.BytesIO(_jpeg(img))).convert("L"), limit=limit))
+
+
+def test_a_repost_stretched_or_sheared_agrees_on_an_affine_fit_where_a_similarity_fails(library_images,
+                                                                                         other_images):
+    """A crop resized to another shape (as a platform's crop-and-fill does) or a shear is no
+    rotation + scale + shift: the second look also fits a bounded stretch, and unrelated
+    pictures still agree on none."""
+    from monitor.search.detective import MIN_INLIERS, SECOND_LOOK_KEYPOINTS, inliers
+    gained = 0
+    for path in library_images:
+        picture = Image.open(path).convert("RGB")
+        entry = _keypoints_of(picture, 256)
+        w, h = picture.size
+        # (x, y) of the edit read from (a x + b y + c, d x + e y + f) of the picture
+        edits = {"sheared": (1, 0.22, -0.11 * h, 0, 1, 0), "sheared down": (1, 0, 0, 0.3, 1, -0.15 * w),
+                 "stretched and sheared": (1 / 1.2, 0.15, -0.075 * h, 0, 1 / 0.95, 0)}
+        for name, coefficients in edits.items():
+            edited = picture.transform((w, h), Image.AFFINE, coefficients, Image.BICUBIC)
+            query = _keypoints_of(edited, SECOND_LOOK_KEYPOINTS)
+            plain, stretched = inliers(query, entry), inliers(query, entry, stretched=True)
+            assert stretched >= max(plain, MIN_INLIERS), (path.name, name, plain, stretched)
+            gained += plain < MIN_INLIERS
+        for other in other_images:
+            query = _keypoints_of(Image.open(other).convert("RGB"), SECOND_LOOK_KEYPOINTS)
+            assert inliers(query, entry, stretched=True) < MIN_INLIERS, (path.name, other.name)
+    # A similarity fits a part of most (RANSAC's 4 px at 320 px forgive a stretch locally);
+    # where its part lies outside the entry's middle, only the stretch fits the whole
+    assert gained >= 2
