@@ -55,6 +55,7 @@ def test_match_finds_reposts_and_reports_unreadable(tree):
     assert found == {"small.jpg", "flipped.webp", "as.png", "crop.jpg"}
     assert "[ok] fingerprinted 6 library images" in r.stderr
     assert "pair comparisons in" in r.stderr
+    assert re.search(r"\[run\] keypoints found for \d+ of 14 inputs", r.stderr), r.stderr
     assert "[skip]" in r.stderr and "broken.jpg: truncated" in r.stderr
     assert "/64 bits" in r.stdout and "mirrored" in r.stdout
 
