@@ -40,8 +40,9 @@ def _aspect(ratio: float) -> Callable[[int, int], tuple[int, int, int, int] | No
 
 
 # Library views by name: the crops a repost's picture lands near.
+CENTRE_SHARES = {"centre-10": 0.1, "centre-20": 0.2, "centre-30": 0.3}  # share of each side cut, both ends
 CROPS: dict[str, Callable[[int, int], tuple[int, int, int, int] | None]] = {
-    "centre-10": _centre(0.1), "centre-20": _centre(0.2), "centre-30": _centre(0.3),
+    **{name: _centre(share) for name, share in CENTRE_SHARES.items()},
     "left-15": _side("left", SIDE_CROP), "right-15": _side("right", SIDE_CROP),
     "top-15": _side("top", SIDE_CROP), "bottom-15": _side("bottom", SIDE_CROP),
     "square": _aspect(1.0), "portrait-4:5": _aspect(0.8), "wide-16:9": _aspect(16 / 9),

@@ -20,11 +20,12 @@ import math
 import numpy as np
 from PIL import Image
 
+from monitor.fingerprints import crops
+
 FILL_TOLERANCE = 14        # grey levels: a pixel this close to the corners' mean is fill
 MIN_RUN = 6                # px (work copy): a shorter side of a triangle measures no slope
 MIN_ANGLE, MAX_ANGLE = 1.5, 12.0  # degrees: below, the hashes hold; above, rare
 AGREE = 1.0                # degrees: the triangles' angles agree within this
-CENTRE_SHARES = (0.1, 0.2, 0.3)   # the library's centre crops (crops.CROPS "centre-*")
 TOUCHES = 0.15            # share of each frame edge the picture covers (a canvas: ~0)
 MARGIN = 0.01              # share of a side kept off the fill beyond the computed edge
 
@@ -100,27 +101,27 @@ def angle_in_place(a: np.ndarray) -> float | None:
     return angle if MIN_ANGLE <= abs(angle) <= MAX_ANGLE else None
 
 
-def centre_share(width: int, height: int, angle: float) -> float | None:
-    """The smallest of the library's centre crops (CENTRE_SHARES) of a ``width`` x ``height``
-    picture turned in place by ``angle`` and back that holds no fill: the crop's corners,
-    turned, must stay inside the frame. None where even the largest holds some."""
+def centre_crop(width: int, height: int, angle: float) -> str | None:
+    """The name of the smallest centre crop the library indexes (crops.LIBRARY_CROPS) of a
+    ``width`` x ``height`` picture turned in place by ``angle`` and back that holds no fill:
+    the crop's corners, turned, must stay inside the frame. None where even the largest
+    holds some."""
     t = math.radians(abs(angle))
     c, s = math.cos(t), math.sin(t)
     half = min(width / (2 * (width * c + height * s)), height / (2 * (width * s + height * c)))
     need = 2 * (0.5 - half + MARGIN)  # share of each side, counted as crops.py counts it (both ends)
-    return next((share for share in CENTRE_SHARES if share >= need), None)
+    indexed = sorted((share, name) for name, share in crops.CENTRE_SHARES.items() if name in crops.LIBRARY_CROPS)
+    return next((name for share, name in indexed if share >= need), None)
 
 
 def turned_back(grey: Image.Image, angle: float) -> Image.Image | None:
     """``grey`` (a picture turned in place by ``angle``) turned back and cut to the library's
     centre crop that holds none of the fill; None where no centre crop is clear of it."""
-    w, h = grey.size
-    share = centre_share(w, h, angle)
-    if share is None:
+    name = centre_crop(*grey.size, angle)
+    if name is None:
         return None
     upright = grey.rotate(-angle, resample=Image.BILINEAR, expand=False)
-    dx, dy = int(w * share / 2), int(h * share / 2)  # as crops.py's centre crops
-    return upright.crop((dx, dy, w - dx, h - dy))
+    return upright.crop(crops.CROPS[name](*grey.size))  # the very box the library's view has
 
 
 def untilted(grey: Image.Image, angle: float) -> Image.Image | None:

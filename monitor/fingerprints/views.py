@@ -27,7 +27,6 @@ from monitor.fingerprints import fasthash, turns
 from monitor.fingerprints.blurfill import FIRST_LOOK, blurred_fill_box, is_long
 from monitor.fingerprints.core import Fingerprint, fingerprint_grey, grey_pixels
 from monitor.fingerprints.crops import library_crops
-from monitor.fingerprints.turns import untilted
 
 WORK_SIDE = 256            # analyse the layout on a small copy: fast and noise-tolerant
 BUSY_STD = 6.0             # a row/column with a grey-level std above this carries picture
@@ -321,7 +320,7 @@ def query_fingerprints(grey: Image.Image, size: tuple[int, int], *, exact: bool 
             inner = turns.turned_back(_work_copy(big, TURN_BACK_SIDE)[0], angle)
         else:
             angle = tilt(big)
-            inner = untilted(_work_copy(big, TURN_BACK_SIDE)[0], angle) if angle is not None else None
+            inner = turns.untilted(_work_copy(big, TURN_BACK_SIDE)[0], angle) if angle is not None else None
             if inner is not None and (box := content_box(inner)) is not None:
                 inner = inner.crop(box)  # a border turned with the picture
         if inner is not None:
