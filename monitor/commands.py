@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from monitor.isotime import iso
+from monitor.safe_text import printable, spreadsheet_cell
 
 DEFAULT_DB = os.environ.get("REPOST_MONITOR_DB", "repost-monitor.sqlite")
 
@@ -44,7 +45,7 @@ def cmd_hash(args) -> int:
     for r in results:
         if r.fingerprint is None:
             failed += 1
-            print(f"[error] {r.path}: {r.error}", file=sys.stderr)
+            print(f"[error] {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
             continue
         fp = r.fingerprint
         if args.format == "jsonl":
@@ -53,7 +54,7 @@ def cmd_hash(args) -> int:
                               "degenerate": fp.degenerate}))
         else:
             note = f"  degenerate:{fp.degenerate}" if fp.degenerate else ""
-            print(f"{fp.dhash_hex}  {fp.phash_hex}  {fp.width}x{fp.height}  {r.path}{note}")
+            print(f"{fp.dhash_hex}  {fp.phash_hex}  {fp.width}x{fp.height}  {printable(r.path)}{note}")
     return 3 if failed else 0
 
 
@@ -83,7 +84,8 @@ def cmd_library(args) -> int:
         report = add_files(lib, args.paths, label=args.label, cache=_cache(args),
                                progress=_progress(args))
         for source, why in report.skipped:
-            print(f"[{'weak' if why.startswith('weak') else 'skip'}] {source}: {why}", file=sys.stderr)
+            print(f"[{'weak' if why.startswith('weak') else 'skip'}] {printable(source)}: {printable(why)}",
+                  file=sys.stderr)
         present = len(report.added) - report.new
         print(f"[ok] {report.new:,} new, {present:,} already present in {store.path} "
               f"({len(lib.index):,} indexed)")
@@ -91,7 +93,7 @@ def cmd_library(args) -> int:
     if args.library_cmd == "import":
         report = import_csv(lib, args.csv, label=args.label)
         for source, why in report.skipped:
-            print(f"[skip] {source}: {why}", file=sys.stderr)
+            print(f"[skip] {printable(source)}: {printable(why)}", file=sys.stderr)
         print(f"[ok] imported {len(report.added):,} hashes into {store.path}")
         return 3 if report.skipped else 0
     if args.library_cmd == "remove":
@@ -109,7 +111,7 @@ def cmd_library(args) -> int:
                                   "dhash": f"{e.dhash:016x}", "phash": f"{e.phash:016x}",
                                   "degenerate": e.degenerate, "added_at": added}))
             else:
-                print(f"{e.id}\t{e.dhash:016x}\t{e.width}x{e.height}\t{e.label}\t{e.source}"
+                print(f"{e.id}\t{e.dhash:016x}\t{e.width}x{e.height}\t{printable(e.label)}\t{printable(e.source)}"
                       + (f"\tdegenerate:{e.degenerate}" if e.degenerate else ""))
         return 0
     if args.library_cmd == "stats":
@@ -121,7 +123,7 @@ def cmd_library(args) -> int:
         _warm_up("fingerprint")
         report = rehash(lib, every=args.all, cache=_cache(args), progress=_progress(args))
         for source, why in report.skipped:
-            print(f"[skip] {source}: {why}", file=sys.stderr)
+            print(f"[skip] {printable(source)}: {printable(why)}", file=sys.stderr)
         print(f"[ok] rehashed {len(report.added):,} entries in {store.path}; "
               f"{len(report.skipped):,} left as they were")
         return 3 if report.skipped else 0
@@ -138,8 +140,8 @@ def cmd_alerts(args) -> int:
             else:
                 al = a["alert"]
                 print(f"{a['id']}\t{a['sink']}\t{a['state']}\tattempts={a['attempts']}\t{al['tier']}\t"
-                      f"{al['repost']['image_url']} -> {al['library']['label']}"
-                      + (f"\terror={a['last_error']}" if a["last_error"] else ""))
+                      f"{printable(al['repost']['image_url'])} -> {printable(al['library']['label'])}"
+                      + (f"\terror={printable(a['last_error'])}" if a["last_error"] else ""))
         return 0
     n = resend_dead(store, args.ids or None)
     print(f"[ok] {n} dead alerts queued again; a running daemon delivers them")
@@ -157,7 +159,7 @@ def cmd_matches(args) -> int:
         return 0
     from monitor.records.matches import latest
     for r in latest(store, args.limit):
-        print("\t".join("" if v is None else str(v) for v in (r[0], iso(r[1]), *r[2:])))
+        print("\t".join("" if v is None else printable(v) for v in (r[0], iso(r[1]), *r[2:])))
     return 0
 
 
@@ -167,9 +169,12 @@ def _write_table(rows: list[dict], fmt: str, output: str | None) -> None:
     buf = io.StringIO()
     if fmt == "csv":
         if rows:
+            # paths and notes as a spreadsheet cannot run them, and as a terminal shows them
+            shown = (lambda v: printable(v) if isinstance(v, str) else v) if not output and sys.stdout.isatty() \
+                else (lambda v: v)
             writer = csv.DictWriter(buf, list(rows[0]))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: spreadsheet_cell(shown(v)) for k, v in r.items()} for r in rows)
     else:
         for r in rows:
             buf.write(json.dumps(r) + "\n")
@@ -208,7 +213,7 @@ def cmd_dedupe(args, grouping: bool = False) -> int:
         groups, images, bad = catalog.dedupe(args.folders, _cache(args), tier=args.tier, keep=args.keep,
                                              prefer=args.prefer, progress=_progress(args))
     for b in bad:
-        print(f"[skip] {b.path}: {b.reason}", file=sys.stderr)
+        print(f"[skip] {printable(b.path)}: {printable(b.reason)}", file=sys.stderr)
     rows = []
     for g in groups:
         for im in g.members:
@@ -225,8 +230,8 @@ def cmd_dedupe(args, grouping: bool = False) -> int:
         actions = catalog.apply_actions(groups, args.action, dest=args.move_to, dry_run=not args.apply)
         for a in actions:
             verb = {"move": "moved", "hardlink": "hard-linked", "delete": "deleted"}[a.kind]
-            print(f"[{'done' if a.done else 'dry-run'}] {verb if a.done else a.kind}: {a.path}"
-                  + (f" -> {a.target}" if a.target else ""), file=sys.stderr)
+            print(f"[{'done' if a.done else 'dry-run'}] {verb if a.done else a.kind}: {printable(a.path)}"
+                  + (f" -> {printable(a.target)}" if a.target else ""), file=sys.stderr)
         if not args.apply:
             print("[dry-run] nothing changed; add --apply to act", file=sys.stderr)
     if args.report:

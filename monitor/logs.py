@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 
+from monitor.safe_text import json_line, printable
+
 CONTEXT_FIELDS = ("feed", "item_id", "url", "work_id", "match_id", "entry_id", "tier", "reason",
                   "alert_id", "sink")
 
@@ -28,10 +30,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+        return json_line(json.dumps(out, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -40,7 +39,7 @@ class TextFormatter(logging.Formatter):
     stay as they are."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = record.message.translate(_CONTROL)
+        record.message = printable(record.message)
         return super().formatMessage(record)
 
 

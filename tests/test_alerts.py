@@ -58,7 +58,8 @@ class Receivers:
 
         async def down(request):
             self.down.append(1)
-            return web.Response(status=503, text="down")
+            # an endpoint's error body is not ours: it must not drive the operator's terminal
+            return web.Response(status=503, text="down\x1b]0;pwned\x07\x1b[2J\n[ok] forged \u202eexe.jpg")
 
         app.router.add_post("/hooks/repost", webhook)
         app.router.add_post("/services/T0/B0/x", slack)
@@ -145,6 +146,8 @@ async def test_dead_letters_are_kept_and_resendable(tmp_path, samples):
         run = [sys.executable, "-m", "monitor", "alerts", "--db", str(db)]
         listed = subprocess.run(run + ["list", "--state", "dead"], capture_output=True, text=True)
         assert "flaky\tdead\tattempts=2" in listed.stdout and "HTTP 503" in listed.stdout
+        assert listed.stdout.count("\n") == 1 and "\x1b" not in listed.stdout and "\u202e" not in listed.stdout
+        assert "error=HTTP 503: down\\x1b]0;pwned\\x07\\x1b[2J\\n[ok] forged \\u202eexe.jpg" in listed.stdout
         resent = subprocess.run(run + ["resend"], capture_output=True, text=True)
         assert "1 dead alerts queued again" in resent.stdout
         # The receiver is fixed; the next start delivers the re-sent alert.
@@ -319,7 +322,8 @@ async def test_a_backlog_after_an_outage_drains_in_ordered_batches(store_locatio
             a["idempotency_key"] for a in alerts]
         if state["down"]:
             probes.append(len(alerts))
-            return web.Response(status=503, text="down")
+            # an endpoint's error body is not ours: it must not drive the operator's terminal
+            return web.Response(status=503, text="down\x1b]0;pwned\x07\x1b[2J\n[ok] forged \u202eexe.jpg")
         hook_requests.append([a["idempotency_key"] for a in alerts])
         return web.Response(text="ok")
 

@@ -312,3 +312,42 @@ def test_match_drops_unsure_matches_whose_keypoints_disagree(tree, tmp_path):
     r = run("match", inputs, "--library", lib, "--threshold", "16", "--format", "jsonl", "--no-cache")
     assert ("rivets.jpg", "rustpipes.jpg") in {(Path(x["input"]).name, Path(x["library"]).name)
                                                for x in map(json.loads, r.stdout.splitlines())}
+
+
+def test_names_and_labels_that_are_not_ours_reach_no_terminal_or_spreadsheet_raw(samples, tmp_path):
+    """File names and labels with terminal escapes, bidirectional overrides and spreadsheet
+    formulas: shown escaped by the table outputs and listings, CSV cells made inert, JSON exact."""
+    lib, inp = tmp_path / "library", tmp_path / "input"
+    lib.mkdir()
+    inp.mkdir()
+    shutil.copy(samples / "library-chelsea.jpg", lib / "chelsea.jpg")
+    names = ["=HYPERLINK(\"evil.example\")\x1b[2J.jpg", "\u202egpj.exe.jpg", "plain.jpg"]
+    for name in names:
+        shutil.copy(samples / "library-chelsea.jpg", inp / name)
+    db = tmp_path / "lib.sqlite"
+    label = "@SUM(1+1)\x1b]0;pwned\x07"
+    assert run("library", "--db", db, "add", lib, "--label", label, "--no-cache").returncode == 0
+    listed = run("library", "--db", db, "list")
+    assert "\x1b" not in listed.stdout and "@SUM(1+1)\\x1b]0;pwned\\x07" in listed.stdout
+    as_json = json.loads(run("library", "--db", db, "list", "--format", "jsonl").stdout)
+    assert as_json["label"] == label
+
+    table = run("match", inp, "--library", db, "--no-cache")
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout + table.stderr and "\u202e" not in table.stdout
+    assert "=HYPERLINK(\"evil.example\")\\x1b[2J.jpg" in table.stdout and "\\u202egpj.exe.jpg" in table.stdout
+    as_csv = run("match", inp, "--library", db, "--no-cache", "--format", "csv", "--output", tmp_path / "m.csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    import csv
+    rows = list(csv.DictReader((tmp_path / "m.csv").open(newline="")))
+    assert len(rows) == 3 and {r["label"] for r in rows} == {"'" + label}
+    as_jsonl = run("match", inp, "--library", db, "--no-cache", "--format", "jsonl")
+    assert {Path(json.loads(x)["input"]).name for x in as_jsonl.stdout.splitlines()} == set(names)
+
+    dedupe = run("dedupe", inp, "--no-cache", "--output", tmp_path / "d.csv")
+    assert dedupe.returncode == 0, dedupe.stderr
+    cells = [r["path"] for r in csv.DictReader((tmp_path / "d.csv").open(newline=""))]
+    assert sorted(cells) == sorted(str(inp / n) for n in names)  # a path starts with "/": no formula
+    dedupe = run("dedupe", ".", "--no-cache", "--output", tmp_path / "d.csv", cwd=inp)
+    cells = [r["path"] for r in csv.DictReader((tmp_path / "d.csv").open(newline=""))]
+    assert sorted(cells) == sorted(["'" + names[0], names[1], names[2]])

@@ -367,3 +367,25 @@ def test_untrusted_text_cannot_forge_a_text_log_line(capsys):
         root.setLevel(level)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\\n12:00:00 ERROR" in err and "\x1b" not in err
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_untrusted_text_cannot_drive_a_terminal_through_the_logs(capsys, fmt):
+    """C1 controls (U+009B opens an escape sequence by itself) and the bidirectional overrides
+    (a name read backwards) are escaped in both log formats; JSON stays the same JSON."""
+    from monitor.logs import setup_logging
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    hostile = "author \x9b2J \u202egpj.exe \u2028next"
+    try:
+        setup_logging(fmt, "info")
+        logging.getLogger("rm-test-forge").warning("by %s", hostile)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not any(c in err for c in "\x9b\u202e\u2028")
+    if fmt == "json":
+        assert json.loads(err)["msg"] == f"by {hostile}"
+    else:
+        assert "by author \\x9b2J \\u202egpj.exe \\u2028next" in err

@@ -16,6 +16,7 @@ from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.records.cache import FingerprintCache
 from monitor.records.library import Library
 from monitor.records.store import Store
+from monitor.safe_text import printable, spreadsheet_cell
 from monitor.scan import FileResult, add_files, fingerprint_files, iter_image_files
 from monitor.search.index import LibraryIndex
 from monitor.search.matcher import Match, Matcher, Tier, query_rows
@@ -37,7 +38,7 @@ def open_library(spec: str | Path, cache: FingerprintCache | None,
         lib = Library(Store(":memory:"))
         report = add_files(lib, [path], cache=cache, progress=progress)
         for source, why in report.skipped:
-            print(f"[skip] {source}: {why}", file=log)
+            print(f"[skip] {printable(source)}: {printable(why)}", file=log)
         print(f"[ok] fingerprinted {len(report.added):,} library images", file=log)
         return lib
     if not path.is_file():
@@ -80,10 +81,10 @@ def match_files(inputs: list[str], library: Library, tiers: tuple[Tier, ...], *,
     good = [r for r in results if r.fingerprint is not None and r.fingerprint.degenerate is None]
     bad = [r for r in results if r.fingerprint is None]
     for r in bad:
-        print(f"[skip] {r.path}: {r.error}", file=log)
+        print(f"[skip] {printable(r.path)}: {printable(r.error)}", file=log)
     for r in results:
         if r.fingerprint is not None and r.fingerprint.degenerate:
-            print(f"[skip] {r.path}: degenerate image ({r.fingerprint.degenerate}), "
+            print(f"[skip] {printable(r.path)}: degenerate image ({r.fingerprint.degenerate}), "
                   "its hash would match anything", file=log)
     print(f"[ok] fingerprinted {len(good):,} input images", file=log)
 
@@ -125,14 +126,17 @@ def write_rows(rows: list[MatchRow], fmt: str, out: TextIO) -> None:
             fine = f", fine {m.fine_distance}/512" if m.fine_distance is not None else ""
             fine += f", {m.inliers} keypoints agree" if m.inliers is not None else ""
             print(f"[match] dist={m.dhash_distance}/64 bits (pHash {m.phash_distance}/64{fine}, "
-                  f"{m.tier}{flip}) {r.library} -> {r.input}", file=out)
+                  f"{m.tier}{flip}) {printable(r.library)} -> {printable(r.input)}", file=out)
     elif fmt == "csv":
+        terminal = out.isatty()  # a terminal is shown the file names' control characters escaped
         writer = csv.writer(out)
         writer.writerow(["input", "library", "label", "tier", "dhash_distance",
                          "phash_distance", "mirrored", "fine_distance"])
         for r in rows:
             m = r.match
-            writer.writerow([r.input, r.library, r.label, m.tier, m.dhash_distance, m.phash_distance,
+            texts = [r.input, r.library, r.label]
+            texts = [spreadsheet_cell(printable(t) if terminal else t) for t in texts]
+            writer.writerow([*texts, m.tier, m.dhash_distance, m.phash_distance,
                              int(m.mirrored), "" if m.fine_distance is None else m.fine_distance])
     elif fmt == "jsonl":
         for r in rows:

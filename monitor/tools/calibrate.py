@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from monitor.fingerprints import ImageError, fingerprint_bytes
+from monitor.safe_text import printable
 from monitor.scan import iter_image_files
 from monitor.search.index import LibraryIndex
 from monitor.search.matcher import Matcher, query_rows
@@ -260,6 +261,6 @@ def report(cal: Calibration, out=None) -> None:
               f"{t.pair_rate:.1e} (95% upper bound {t.pair_rate_bound:.1e}; target {t.target:.1e})", file=out)
         print("       " + ", ".join(f"{k} {v:.0%}" for k, v in t.by_edit.items()), file=out)
     for source, why in cal.skipped:
-        print(f"[skip] {source}: {why}", file=out)
+        print(f"[skip] {printable(source)}: {printable(why)}", file=out)
 
 

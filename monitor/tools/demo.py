@@ -31,6 +31,7 @@ from monitor.daemon import run_daemon
 from monitor.records.library import Library
 from monitor.records.store import Store
 from monitor.records.work import counts as work_counts
+from monitor.safe_text import printable
 from monitor.scan import add_files
 from monitor.search.matcher import PRESETS
 from monitor.tools.batch import run_match
@@ -355,8 +356,8 @@ def print_detection(rec, out) -> None:
     flip = " mirrored" if rec.match.mirrored else ""
     fine = f", fine {rec.match.fine_distance}/512" if rec.match.fine_distance is not None else ""
     print(f"[detected] {rec.match.tier}{flip} dist={rec.match.dhash_distance}/64 "
-          f"(pHash {rec.match.phash_distance}/64{fine}): {rec.work.image_url} is a repost of "
-          f"library '{rec.entry.label}' (feed {rec.work.feed}, by {rec.work.author}{lag})",
+          f"(pHash {rec.match.phash_distance}/64{fine}): {printable(rec.work.image_url)} is a repost of "
+          f"library '{printable(rec.entry.label)}' (feed {rec.work.feed}, by {printable(rec.work.author)}{lag})",
           file=out, flush=True)
 
 
