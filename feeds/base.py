@@ -7,6 +7,7 @@ turns a response body into items, a local source lists items itself.
 from __future__ import annotations
 
 import html.parser
+import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -224,6 +225,17 @@ def absolute(url: str, base: str | None) -> str:
         return urljoin(base, url)
     except ValueError:
         return url
+
+
+def json_document(data: str | bytes):
+    """``json.loads`` of a remote document; a ValueError for any that is not JSON, including
+    one nested deeper than Python's recursion limit (a thousand ``[``: 2 KB), which
+    ``json.loads`` answers with RecursionError: one hostile stream event would otherwise
+    fail its connection, and the replay from the cursor fail it again, forever."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def as_text(value, limit: int = 2000) -> str | None:

@@ -11,10 +11,9 @@ events of a firehose carry no picture and end here, cheaply.
 
 from __future__ import annotations
 
-import json
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from .base import FeedItem, ParsedItems, StreamSource, as_text, build_items, clean_urls, page_link
+from .base import FeedItem, ParsedItems, StreamSource, as_text, build_items, clean_urls, json_document, page_link
 from .jsonfeed import parse_time
 
 POST = "app.bsky.feed.post"
@@ -62,7 +61,7 @@ class Jetstream(StreamSource):
 
     def parse_event(self, event: str, data: str) -> ParsedItems:
         try:
-            doc = json.loads(data)
+            doc = json_document(data)
         except ValueError as exc:
             return ParsedItems.skip("malformed_item", f"not JSON ({exc})")
         if not isinstance(doc, dict):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 from .base import (
@@ -15,6 +14,7 @@ from .base import (
     build_items,
     clean_urls,
     images_in_html,
+    json_document,
     page_link,
     url_problem,
 )
@@ -31,8 +31,8 @@ def parse_time(text) -> datetime | None:
 
 def load_json(body: bytes):
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json_document(body)
+    except ValueError as exc:  # not UTF-8, not JSON, nested too deeply
         raise FeedError("malformed_json", str(exc)) from None
 
 

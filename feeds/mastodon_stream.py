@@ -7,10 +7,9 @@ is missed; items seen in both are recorded once (by status id)."""
 
 from __future__ import annotations
 
-import json
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from .base import ParsedItems, StreamSource, build_items
+from .base import ParsedItems, StreamSource, build_items, json_document
 from .mastodon import MastodonTimeline, status_item
 
 TIMELINE_FOR_STREAM = {  # streaming path -> (timeline path, extra query)
@@ -43,7 +42,7 @@ class MastodonStream(StreamSource):
         if event != "update":
             return ParsedItems()  # status.update (an edit), delete, notification...: no new post
         try:
-            status = json.loads(data)
+            status = json_document(data)
         except ValueError as exc:
             return ParsedItems.skip("malformed_item", f"update event: not JSON ({exc})")
         return build_items([status], lambda n, s, bad: status_item(self.name, n, s, bad))

@@ -114,7 +114,8 @@ def mutated_bytes(draw, seeds: list[bytes]) -> bytes:
         elif op == "insert":
             data[at:at] = draw(st.sampled_from([b"<", b"&", b"]]>", b"<!ENTITY x 'y'>", b"\x00", b"\xff\xfe",
                                                 b'<enclosure url="http://[::1/a.jpg" type="image/jpeg"/>',
-                                                b"<img src=javascript:x>", b'"', b"{", b"[" * 50]))
+                                                b"<img src=javascript:x>", b'"', b"{", b"[" * 50,
+                                                b"[" * 3000, b"<b>" * 3000]))  # past json's recursion limit
         else:
             end = min(len(data), at + draw(st.integers(1, 2048)))
             data[at:at] = data[at:end]

@@ -140,6 +140,28 @@ def test_malformed_payloads_raise_feed_error(kind, name, reason):
     assert err.value.reason == reason
 
 
+@pytest.mark.parametrize("kind", ["jsonfeed", "reddit", "mastodon"])
+def test_json_nested_past_the_recursion_limit_is_a_malformed_feed(kind):
+    """2 KB of "[" make json.loads raise RecursionError, which no adapter expected: the poll
+    was logged as a bug of ours rather than counted as the feed's fault."""
+    with pytest.raises(FeedError) as err:
+        make_source(kind, "t", "https://feeds.example.org/feed").parse(b'{"items": ' + b"[" * 5000)
+    assert err.value.reason == "malformed_json" and "nested too deeply" in str(err.value)
+
+
+@pytest.mark.parametrize("kind,url,event", [
+    ("jetstream", "wss://jetstream.example/subscribe", "message"),
+    ("mastodon_stream", "https://mastodon.example/api/v1/streaming/public", "update"),
+])
+def test_a_stream_event_nested_past_the_recursion_limit_is_skipped_and_the_next_one_read(kind, url, event):
+    """One hostile event raising out of the parser failed the connection, and the replay from
+    the stored cursor brought it back: the stream was silenced for good. Now it is skipped."""
+    source = make_source(kind, "t", url)
+    bad = source.parse_event(event, '{"commit": {"record": ' + "[" * 5000 + "]" * 5000 + "}}")
+    assert list(bad) == [] and bad.skipped == [("malformed_item", bad.skipped[0][1])]
+    assert "nested too deeply" in bad.skipped[0][1]
+
+
 def test_broken_xml_keeps_the_good_items():
     items = parse("rss", "malformed/node-feedparser__saxerror.xml")
     assert [i.id for i in items][:1] == ["http://example.com/good"]

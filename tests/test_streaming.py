@@ -136,6 +136,7 @@ async def test_posts_as_they_happen_a_dropped_stream_and_a_restart_lose_and_repe
         await until(lambda: instance.connections == 1)
         instance.post(2, ["small-chelsea.jpg", "other-baboon.jpg"])  # as it happens
         instance.live.put_nowait(("update", "{broken json"))        # a bad event: skipped, counted
+        instance.live.put_nowait(("update", "[" * 5000))            # nested past json's recursion: the same
         instance.live.put_nowait(("delete", "117020576664345361"))   # not a post
         await until(lambda: len(records) == 1)
         # the stream drops after the next event; two posts land while nobody listens
@@ -168,9 +169,9 @@ async def test_posts_as_they_happen_a_dropped_stream_and_a_restart_lose_and_repe
     assert instance.min_ids[0] is None
     assert str(117020576664345363) in instance.min_ids and instance.min_ids[-1] == str(117020576664345365)
     assert 'repost_monitor_stream_events_total{feed="live",result="post"} 2.0' in metrics
-    assert 'repost_monitor_stream_events_total{feed="live",result="skipped"} 1.0' in metrics
+    assert 'repost_monitor_stream_events_total{feed="live",result="skipped"} 2.0' in metrics
     assert 'repost_monitor_stream_events_total{feed="live",result="ignored"}' in metrics
-    assert 'repost_monitor_feed_items_skipped_total{feed="live",reason="malformed_item"} 1.0' in metrics
+    assert 'repost_monitor_feed_items_skipped_total{feed="live",reason="malformed_item"} 2.0' in metrics
     assert 'repost_monitor_stream_connects_total{feed="live"} 2.0' in metrics
 
 

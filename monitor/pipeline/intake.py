@@ -5,13 +5,12 @@ handed on, so a crash or kill loses nothing; resume what the last run left pendi
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
 from dataclasses import dataclass
 
-from feeds import FeedError, FeedItem, HttpSource, LocalSource, StreamSource
+from feeds import FeedError, FeedItem, HttpSource, LocalSource, StreamSource, json_document
 from monitor.fetch import Fetcher, FetchError
 from monitor.metrics import Metrics
 from monitor.pipeline.streams import StreamWatcher
@@ -188,7 +187,7 @@ class Intake:
                 raise FetchError("auth_failed", f"the token request to {request.url} answered HTTP {status}",
                                  status=status)
             try:
-                doc = json.loads(body)
+                doc = json_document(body)
                 token, ttl = str(doc["access_token"]), float(doc.get("expires_in", 3600))
             except (ValueError, KeyError, TypeError):
                 raise FetchError("auth_failed", f"{request.url} did not answer with a token") from None
