@@ -311,6 +311,47 @@ def cdn_app(site, repost: dict[str, str]) -> web.Application:
     return cdn
 
 
+@pytest.mark.slow  # ~2 s of a daemon: the fast tier keeps under its minute
+async def test_an_event_the_adapter_fails_on_is_skipped_and_the_stream_goes_on(tmp_path, samples, monkeypatch):
+    """A fault injected into the adapter (no real event breaks one now; a nested one did): the
+    event it raises on is skipped and counted, the connection stays up, the post after it is
+    recorded. Failing the connection instead replayed the event from the cursor forever."""
+    from feeds import registry
+    from feeds.jetstream import Jetstream
+    posts = image_posts(JETSTREAM)
+    poisoned = posts[0]["time_us"]
+
+    class Faulty(Jetstream):
+        def parse_event(self, event, data):
+            if json.loads(data)["time_us"] == poisoned:
+                raise ZeroDivisionError("an adapter's bug")
+            return super().parse_event(event, data)
+    monkeypatch.setitem(registry.SOURCE_TYPES, "jetstream", Faulty)
+    site = PhotoSite(samples)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    repost = {p["commit"]["record"]["embed"]["images"][0]["image"]["ref"]["$link"]: name
+              for p, name in zip(posts, ["small-chelsea.jpg", "flip-rocket.jpg"], strict=False)}
+    server = JetstreamServer(JETSTREAM)
+    async with serve(cdn_app(site, repost)) as cdn_base, serve(server.app()) as js:
+        cfg = config_for(cdn_base, db)
+        cfg = parse_config({**cfg.model_dump(), "feeds": [{
+            "name": "bsky", "type": "jetstream", "url": "ws" + js[4:] + "/subscribe", "max_backoff": 0.5,
+            "image_url_template": cdn_base + "/img/feed_thumbnail/plain/{did}/{cid}@jpeg"}]})
+        records, stop, running = [], asyncio.Event(), {}
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append,
+                                              on_ready=lambda r: running.update(r=r), install_signals=False))
+        await until(lambda: len(records) == 1 and query(db, "SELECT cursor FROM feed_state WHERE feed='bsky'") ==
+                    [(str(server.events[-1]["time_us"]),)])
+        metrics = running["r"].metrics.render().decode()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert [r.entry.label for r in records] == ["library-rocket"] and len(server.cursors) == 1
+    assert 'repost_monitor_feed_items_skipped_total{feed="bsky",reason="malformed_item"} 1.0' in metrics
+    assert 'repost_monitor_errors_total{stage="poll"} 1.0' in metrics
+    assert 'repost_monitor_stream_connects_total{feed="bsky"} 1.0' in metrics
+
+
 @pytest.mark.slow  # ~2 s (a restart): the fast tier keeps under its minute
 async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_duplicates(tmp_path, samples):
     site = PhotoSite(samples)

@@ -129,7 +129,13 @@ class StreamWatcher:
                 return
 
     async def _stream_event(self, source: StreamSource, event: str, data: str) -> None:
-        items = source.parse_event(event, data)  # one event, at most a megabyte of JSON
+        try:
+            items = source.parse_event(event, data)  # one event, at most a megabyte of JSON
+        except Exception:  # noqa: BLE001 - a bug on one event: failing the connection would replay it forever
+            self.intake.metrics.errors.labels("poll").inc()
+            log.exception("feed %s: an event could not be parsed (a bug); skipped", source.name,
+                          extra={"feed": source.name})
+            items = ParsedItems.skip("malformed_item", "an event the adapter failed on")
         self.intake.count_skipped(source.name, items)
         work = []
         if items:
