@@ -311,6 +311,13 @@ def cdn_app(site, repost: dict[str, str]) -> web.Application:
     return cdn
 
 
+def jetstream_config(cdn_base: str, js: str, db):
+    """The daemon's config for the loopback Jetstream ``js`` and its CDN ``cdn_base``."""
+    return parse_config({**config_for(cdn_base, db).model_dump(), "feeds": [{
+        "name": "bsky", "type": "jetstream", "url": "ws" + js[4:] + "/subscribe", "max_backoff": 0.5,
+        "image_url_template": cdn_base + "/img/feed_thumbnail/plain/{did}/{cid}@jpeg"}]})
+
+
 @pytest.mark.slow  # ~2 s of a daemon: the fast tier keeps under its minute
 async def test_an_event_the_adapter_fails_on_is_skipped_and_the_stream_goes_on(tmp_path, samples, monkeypatch):
     """A fault injected into the adapter (no real event breaks one now; a nested one did): the
@@ -334,10 +341,7 @@ async def test_an_event_the_adapter_fails_on_is_skipped_and_the_stream_goes_on(t
               for p, name in zip(posts, ["small-chelsea.jpg", "flip-rocket.jpg"], strict=False)}
     server = JetstreamServer(JETSTREAM)
     async with serve(cdn_app(site, repost)) as cdn_base, serve(server.app()) as js:
-        cfg = config_for(cdn_base, db)
-        cfg = parse_config({**cfg.model_dump(), "feeds": [{
-            "name": "bsky", "type": "jetstream", "url": "ws" + js[4:] + "/subscribe", "max_backoff": 0.5,
-            "image_url_template": cdn_base + "/img/feed_thumbnail/plain/{did}/{cid}@jpeg"}]})
+        cfg = jetstream_config(cdn_base, js, db)
         records, stop, running = [], asyncio.Event(), {}
         task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append,
                                               on_ready=lambda r: running.update(r=r), install_signals=False))
@@ -364,10 +368,7 @@ async def test_jetstream_resumes_after_a_drop_and_a_restart_without_gaps_or_dupl
     server = JetstreamServer(JETSTREAM)
     server.drop_after = 80  # the first connection drops mid-stream
     async with serve(cdn) as cdn_base, serve(server.app()) as js:
-        cfg = config_for(cdn_base, db)
-        cfg = parse_config({**cfg.model_dump(), "feeds": [{
-            "name": "bsky", "type": "jetstream", "url": "ws" + js[4:] + "/subscribe", "max_backoff": 0.5,
-            "image_url_template": cdn_base + "/img/feed_thumbnail/plain/{did}/{cid}@jpeg"}]})
+        cfg = jetstream_config(cdn_base, js, db)
         records, stop, running = [], asyncio.Event(), {}
         task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append,
                                               on_ready=lambda r: running.update(r=r), install_signals=False))
