@@ -221,7 +221,7 @@ async def test_malformed_requests_get_json_4xx_not_500(start, caplog):
     d = await start(library_folders=["/tmp"])
     cases = [
         ("OPTIONS", "/v1/matches", None, 405), ("PUT", "/v1/matches", b"{}", 405),
-        ("POST", "/healthz", b"{}", 405),
+        ("POST", "/healthz", b"{}", 405), ("GET", "/websub/nofeed?hub.challenge=<script>", None, 404),
         ("POST", "/v1/ingest", b'{"image_urls": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400),
         ("POST", "/v1/ingest", b"[" * 100_000 + b"]" * 100_000, 400),
         ("POST", "/v1/library", json.dumps({"folder": "/tmp/a\x00b"}).encode(), 422),
@@ -243,6 +243,7 @@ async def test_malformed_requests_get_json_4xx_not_500(start, caplog):
             async with http.request(method, d["base"] + route, data=body, headers=headers) as r:
                 assert r.status == status, (method, route, await r.text())
                 assert r.content_type == "application/json"
+                assert r.headers.get("X-Content-Type-Options") == "nosniff"
                 assert "Traceback" not in await r.text()
         # a client that hangs up halfway is not an error of ours
         reader, writer = await asyncio.open_connection("127.0.0.1", int(d["base"].rsplit(":", 1)[1]))

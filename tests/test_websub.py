@@ -45,7 +45,10 @@ class Hub:
             async with http.get(sub["hub.callback"], params={
                     "hub.mode": "subscribe", "hub.topic": sub["hub.topic"], "hub.challenge": challenge,
                     "hub.lease_seconds": str(self.lease)}) as resp:
-                self.verified.append(resp.status == 200 and await resp.text() == challenge)
+                # the echo is plain text no browser may sniff into a page on the daemon's origin
+                self.verified.append(resp.status == 200 and await resp.text() == challenge
+                                     and resp.content_type == "text/plain"
+                                     and resp.headers.get("X-Content-Type-Options") == "nosniff")
             # a forged verification for a topic nobody asked for is refused
             async with http.get(sub["hub.callback"], params={
                     "hub.mode": "subscribe", "hub.topic": "https://evil.example/feed", "hub.challenge": "x"}) as resp:

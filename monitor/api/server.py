@@ -23,6 +23,7 @@ __all__ = ["Services", "make_app", "start_server"]
 
 def make_app(metrics_: Metrics, ready: dict, services: Services | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors, guard])
+    app.on_response_prepare.append(_no_sniffing)
     app[METRICS_KEY] = metrics_
     app[READY_KEY] = ready
     app.router.add_get("/healthz", routes.healthz)
@@ -47,6 +48,12 @@ def make_app(metrics_: Metrics, ready: dict, services: Services | None = None) -
         r.add_get("/review", review_page.review)
         r.add_get("/review/library/{id}.jpg", review_page.review_library_image)
     return app
+
+
+async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer is read as the type it says it is: an echoed WebSub challenge (text/plain)
+    or an error's JSON that carries a caller's text is never sniffed into a page on our origin."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
