@@ -271,6 +271,48 @@ async def test_multipart_ingest_records_every_file(start, samples):
     assert query(d["db"], "SELECT state, COUNT(*) FROM work GROUP BY state") == [("done", 3)]
 
 
+async def test_uploads_are_worked_on_a_few_at_once_and_the_rest_wait_then_get_503(start, samples, monkeypatch):
+    """Each upload's body, decode and match hold memory (300 callers' 8 MB uploads at once held
+    1.3 GB): UPLOAD_SLOTS of them at once; the next waits UPLOAD_WAIT, then hears 503."""
+    monkeypatch.setattr(server_module, "UPLOAD_WAIT", 1.0)
+    d = await start()
+    jpeg = (samples / "library-chelsea.jpg").read_bytes()
+    boundary = "rm-test-boundary"
+    multipart = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    release = asyncio.Event()
+
+    async def dripping():  # an upload whose body stops halfway until released: it holds a slot
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+               "Content-Type: image/jpeg\r\n\r\n").encode() + jpeg[:1000]
+        await release.wait()
+        yield jpeg[1000:] + f"\r\n--{boundary}--\r\n".encode()
+
+    def form():
+        f = aiohttp.FormData()
+        f.add_field("image", jpeg, filename="b.jpg", content_type="image/jpeg")
+        return f
+
+    async def check(http, data, headers=None):
+        async with http.post(d["base"] + "/v1/check", data=data, headers=headers) as r:
+            return r.status, r.headers.get("Retry-After"), await r.json()
+
+    async with aiohttp.ClientSession() as http:
+        holders = [asyncio.create_task(check(http, dripping(), multipart))
+                   for _ in range(server_module.UPLOAD_SLOTS)]
+        await asyncio.sleep(0.5)
+        t = time.perf_counter()
+        status, retry, doc = await check(http, form())
+        assert (status, retry, doc["error"]["code"]) == (503, "5", "busy")
+        assert 0.9 < time.perf_counter() - t < 5
+        async with http.get(d["base"] + "/v1/library") as r:  # no upload: answered at once
+            assert r.status == 200
+        release.set()
+        for status, _, doc in await asyncio.gather(*holders):
+            assert status == 200 and doc["matches"][0]["label"] == "library-chelsea"
+        status, _, doc = await check(http, form())  # the slots free again
+        assert status == 200 and doc["matches"][0]["label"] == "library-chelsea"
+
+
 async def test_too_many_files_and_oversized_parts(start, samples):
     d = await start()
     img = encode(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (64, 64), "red"), "PNG")

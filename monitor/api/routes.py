@@ -14,7 +14,17 @@ from pydantic import BaseModel
 from feeds import FeedItem
 from monitor.api import models as m
 from monitor.api.bodies import json_body, multipart_body, validate
-from monitor.api.http import MAX_BODY, METRICS_KEY, READY_KEY, SERVICES_KEY, Services, authorize, error, read_body
+from monitor.api.http import (
+    MAX_BODY,
+    METRICS_KEY,
+    READY_KEY,
+    SERVICES_KEY,
+    Services,
+    authorize,
+    error,
+    read_body,
+    upload_slot,
+)
 from monitor.api.openapi import OPENAPI
 from monitor.fetch import FetchError
 from monitor.fingerprints import ImageError, fingerprint_bytes
@@ -86,19 +96,20 @@ async def ingest(request: web.Request) -> web.Response:
     raw = await authorize(request, allow_signature=True)
     svc = request.app[SERVICES_KEY]
     if _is_multipart(request):
-        form, files = await _upload(request, m.IngestForm, raw)
-        fingerprints = {}
-        for _name, data in files:
-            fingerprints.setdefault(_upload_url(data), await _fingerprint(request, data))
-        source = form.source or "ingest"
-        item_id = form.id or hashlib.sha256(b"".join(sorted(u.encode() for u in fingerprints))).hexdigest()[:16]
-        # One item with every uploaded file: each gets its own work row.
-        item = FeedItem(source, item_id, tuple(fingerprints), form.page_url, form.author, form.published)
-        work = await asyncio.to_thread(svc.pipeline.record_items, source, [item], time.time())
-        for w in work:
-            await svc.pipeline.process_fingerprint(w, fingerprints[w.image_url])
-        return _ok(m.IngestResult(id=item_id, work_ids=[w.id for w in work],
-                                  status="processed" if work else "duplicate"), 202)
+        async with upload_slot(svc):
+            form, files = await _upload(request, m.IngestForm, raw)
+            fingerprints = {}
+            for _name, data in files:
+                fingerprints.setdefault(await asyncio.to_thread(_upload_url, data), await _fingerprint(request, data))
+            source = form.source or "ingest"
+            item_id = form.id or hashlib.sha256(b"".join(sorted(u.encode() for u in fingerprints))).hexdigest()[:16]
+            # One item with every uploaded file: each gets its own work row.
+            item = FeedItem(source, item_id, tuple(fingerprints), form.page_url, form.author, form.published)
+            work = await asyncio.to_thread(svc.pipeline.record_items, source, [item], time.time())
+            for w in work:
+                await svc.pipeline.process_fingerprint(w, fingerprints[w.image_url])
+            return _ok(m.IngestResult(id=item_id, work_ids=[w.id for w in work],
+                                      status="processed" if work else "duplicate"), 202)
     doc = await json_body(request, m.IngestRequest, raw)
     urls = list(dict.fromkeys(doc.image_urls))
     source = doc.source or "ingest"
@@ -115,15 +126,16 @@ async def check(request: web.Request) -> web.Response:
     await authorize(request)
     svc = request.app[SERVICES_KEY]
     if _is_multipart(request):
-        form, files = await _upload(request, m.CheckForm)
-        data = files[0][1]
-        want_alert = form.alert in ("1", "true", "yes")
-        url, page_url = _upload_url(data), form.page_url
-        fp = await _fingerprint(request, data)
-        try:
-            matches = await svc.pipeline.match(fp)
-        except MatchUnavailable as exc:
-            raise error(503, "match_unavailable", str(exc)) from None
+        async with upload_slot(svc):  # the body, its decode and its match held by few at once
+            form, files = await _upload(request, m.CheckForm)
+            data = files[0][1]
+            want_alert = form.alert in ("1", "true", "yes")
+            url, page_url = await asyncio.to_thread(_upload_url, data), form.page_url
+            fp = await _fingerprint(request, data)
+            try:
+                matches = await svc.pipeline.match(fp)
+            except MatchUnavailable as exc:
+                raise error(503, "match_unavailable", str(exc)) from None
     else:
         doc = await json_body(request, m.CheckRequest)
         want_alert, page_url, url = doc.alert, doc.page_url, doc.url
@@ -185,16 +197,18 @@ async def library_add(request: web.Request) -> web.Response:
     svc = request.app[SERVICES_KEY]
     added, skipped = [], []
     if _is_multipart(request):
-        form, files = await _upload(request, m.LibraryForm)
-        for name, data in files:
-            try:
-                fp = await _fingerprint(request, data, "library")
-            except web.HTTPException as exc:
-                skipped.append(m.Skipped(source=name, error=json.loads(exc.text)["error"]["message"]))
-                continue
-            source = f"upload:{name}:sha256:{hashlib.sha256(data).hexdigest()[:16]}"
-            added.append(await asyncio.to_thread(svc.library.add_fingerprint, source, fp,
-                                                 form.label or Path(name).stem))
+        async with upload_slot(svc):
+            form, files = await _upload(request, m.LibraryForm)
+            for name, data in files:
+                try:
+                    fp = await _fingerprint(request, data, "library")
+                except web.HTTPException as exc:
+                    skipped.append(m.Skipped(source=name, error=json.loads(exc.text)["error"]["message"]))
+                    continue
+                digest = await asyncio.to_thread(lambda d=data: hashlib.sha256(d).hexdigest())  # 20 MB: ~10 ms
+                source = f"upload:{name}:sha256:{digest[:16]}"
+                added.append(await asyncio.to_thread(svc.library.add_fingerprint, source, fp,
+                                                     form.label or Path(name).stem))
     else:
         doc = await json_body(request, m.LibraryAddRequest)
         if doc.url:
