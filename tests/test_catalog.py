@@ -192,6 +192,12 @@ def test_audit_classifies_every_image_and_gates_with_exit_code(migration, tmp_pa
     assert run("audit", old, tmp_path / "copy", "--no-cache").returncode == 0
 
 
+# An inline script that reached the page (as a file name or label left unescaped would bring
+# one) is refused by the page's Content-Security-Policy, which names its own script's hash.
+INJECTED_SCRIPT_RUNS = ("(() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+                        " document.body.appendChild(s); return window.injected === 1; })()")
+
+
 @pytest.mark.skipif(not CHROMIUM, reason="LOUD SKIP: chromium not installed (apt-get install chromium); "
                                          ".ci/run installs it")
 def test_html_reports_render_every_thumbnail(catalog, migration, tmp_path, samples):
@@ -221,6 +227,7 @@ def test_html_reports_render_every_thumbnail(catalog, migration, tmp_path, sampl
                 hidden = await page.eval("[...document.querySelectorAll('.card')]"
                                          ".filter(c => c.style.display === 'none').length")
                 assert hidden == n_kind, name
+                assert await page.eval(INJECTED_SCRIPT_RUNS) is False, name  # the page's own script alone
     asyncio.run(check())
 
 
@@ -256,6 +263,7 @@ def test_review_page_renders_and_records_a_verdict_by_click(tmp_path, samples):
                     first = await page.eval("document.querySelector('.card').dataset.match")
                     await page.click(".card button[data-verdict=confirmed]")
                     await page.wait("document.querySelector('.card .verdict').textContent === 'confirmed'")
+                    assert await page.eval(INJECTED_SCRIPT_RUNS) is False
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 30)

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from monitor.api.http import REVIEW_COOKIE, SERVICES_KEY, credentials_ok, error
 from monitor.api.routes import paging, path_id
 from monitor.records import matches as match_rows
-from monitor.tools.report import THUMB, Finding, render
+from monitor.tools.report import THUMB, Finding, content_policy, render
 
 
 def _review_auth(request: web.Request) -> web.Response | None:
@@ -58,9 +58,7 @@ async def review(request: web.Request) -> web.Response:
     page_html = render("repost-monitor review", f"latest {len(rows)} matches", findings, review=True)
     # The page loads nothing from other sites (the repost image is linked, not embedded).
     return web.Response(text=page_html, content_type="text/html", headers={
-        "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
-                                   "script-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; "
-                                   "frame-ancestors 'none'; base-uri 'none'",
+        "Content-Security-Policy": content_policy(review=True) + "; frame-ancestors 'none'",
         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
         "Cache-Control": "no-store"})
 
