@@ -108,10 +108,10 @@ class LimitsConfig(_Model):
     max_pixels: Annotated[int, Field(ge=1)] = DEFAULT_MAX_PIXELS
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     queue_size: Annotated[int, Field(ge=1)] = 1000
-    # Decode+hash(+match) threads; None: one per core, but one in a scaled-out fetch worker,
-    # which scales by processes (bench/scaleout.py on 2 cores, two workers, alternated: 416-427
-    # posts/s with one thread each, 365-383 with two; the one-process daemon: 277-315 with
-    # two, 257-276 with one)
+    per_host_workers: Annotated[int, Field(ge=1)] | None = None  # downloads from one host at once (None: half)
+    # Decode+hash(+match) threads; None: one per core, but one in a scaled-out fetch worker, which
+    # scales by processes (bench/scaleout.py on 2 cores, two workers, alternated: 416-427 posts/s
+    # with one thread each, 365-383 with two; the one-process daemon: 277-315 / 257-276)
     fingerprint_workers: Annotated[int, Field(ge=1)] | None = None
     # Decode and hash in this many worker processes instead of threads of the daemon (0): they do
     # not contend with the event loop for the GIL, and a decoder crash fails that image only.

@@ -211,6 +211,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
         pipeline = Pipeline(store, library, matcher, fetcher, metrics,
                             queue_size=config.limits.queue_size,
                             workers=config.limits.concurrency,
+                            per_host_workers=config.limits.per_host_workers,
                             fingerprint_workers=config.limits.fingerprint_threads(),
                             fingerprint_processes=config.limits.fingerprint_processes,
                             max_pixels=config.limits.max_pixels, keypoints=config.match.keypoints,

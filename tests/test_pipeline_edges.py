@@ -389,3 +389,95 @@ def test_untrusted_text_cannot_drive_a_terminal_through_the_logs(capsys, fmt):
         assert json.loads(err)["msg"] == f"by {hostile}"
     else:
         assert "by author \\x9b2J \\u202egpj.exe \\u2028next" in err
+
+
+@pytest.mark.slow  # a tarpit's backlog: ~10 s
+async def test_a_slow_image_host_does_not_hold_up_the_other_hosts_images(tmp_path, samples):
+    """A host that answers every image slowly (a tarpit, an overloaded CDN) and lists hundreds of
+    them: its images are fetched a few at a time, and a repost on another host is found at once,
+    not after the tarpit's backlog (FIFO: 200 images x 1 s / 16 workers = 13 s)."""
+    import time
+
+    from PIL import Image
+
+    from tests.test_daemon import jpeg
+
+    slow_image = jpeg(Image.open(samples / "other-apple.jpg"))
+    in_flight = {"now": 0, "most": 0}
+
+    async def tarpit_feed(request):
+        base = f"http://{request.host}"
+        return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "tarpit", "items": [
+            {"id": f"t{n}", "attachments": [{"url": f"{base}/img/{n}.jpg", "mime_type": "image/jpeg"}]}
+            for n in range(200)]})
+
+    async def tarpit_image(request):
+        in_flight["now"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["now"])
+        try:
+            await asyncio.sleep(1.0)
+            return web.Response(body=slow_image, content_type="image/jpeg")
+        finally:
+            in_flight["now"] -= 1
+
+    tarpit = web.Application()
+    tarpit.router.add_get("/feed.json", tarpit_feed)
+    tarpit.router.add_get("/img/{name}", tarpit_image)
+    runner = web.AppRunner(tarpit, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.2", 0).start()  # another host name than the site's 127.0.0.1
+    tarpit_base = f"http://127.0.0.2:{runner.addresses[0][1]}"
+    site = PhotoSite(samples)
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+    try:
+        async with serve(site.app()) as base:
+            cfg = config_for(base, db)
+            feeds = [{"name": "tarpit", "type": "jsonfeed", "url": f"{tarpit_base}/feed.json", "interval": 60},
+                     {"name": "json", "type": "jsonfeed", "url": f"{base}/feed.json", "interval": 0.2}]
+            cfg = parse_config({**cfg.model_dump(), "feeds": feeds,
+                                "limits": {**cfg.limits.model_dump(), "per_host_rate": 100.0, "read_timeout": 5,
+                                           "per_host_workers": 4}})
+            records, stop = [], asyncio.Event()
+            task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append, install_signals=False))
+            await until(lambda: in_flight["now"] > 0)
+            await asyncio.sleep(1.5)  # the tarpit's images fill the queue
+            site.post("json", 1, ["small-chelsea.jpg"])
+            posted = time.monotonic()
+            await until(lambda: records, timeout=60)
+            found_after = time.monotonic() - posted
+            stop.set()
+            await asyncio.wait_for(task, 60)
+    finally:
+        await runner.cleanup()
+    assert [r.entry.label for r in records] == ["library-chelsea"]
+    assert found_after < 4, f"the repost waited {found_after:.1f} s behind the tarpit's images"
+    assert in_flight["most"] <= 4
+
+
+async def test_the_queue_hands_out_rows_host_by_host_within_each_hosts_limits():
+    """The in-process queue: hosts in turn, at most per_host rows of one host being worked on, at
+    most half of size of one host waiting (its watcher waits; another host's does not)."""
+    from monitor.pipeline.transport import InProcessTransport
+    from monitor.records.work import WorkItem
+
+    def row(n, host):
+        return WorkItem(n, "f", str(n), f"https://{host}/{n}.jpg", None, None, None)
+    queue, stop = InProcessTransport(size=20, per_host=2), asyncio.Event()
+    for n in range(10):
+        await queue.put(row(n, "slow.example"))
+    with pytest.raises(TimeoutError):  # slow.example has its 10 (half of 20) waiting
+        async with asyncio.timeout(0.2):
+            await queue.put(row(10, "slow.example"))
+    await queue.put(row(100, "cdn.example"))
+    await queue.put(row(101, "cdn.example"))
+    taken = [await queue.get(stop) for _ in range(4)]
+    assert [w.id for w in taken] == [0, 100, 1, 101] and queue.depth() == 8
+    with pytest.raises(TimeoutError):  # both of slow.example's are being worked on
+        async with asyncio.timeout(0.2):
+            await queue.get(stop)
+    queue.done(taken[0])
+    assert (await queue.get(stop)).id == 2
+    await queue.put(row(11, "slow.example"))  # a place was taken: slow.example's watcher goes on
+    stop.set()
+    assert await queue.get(stop) is None

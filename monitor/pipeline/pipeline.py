@@ -32,7 +32,7 @@ log = logging.getLogger("repost_monitor.pipeline")
 
 class Pipeline:
     def __init__(self, store: Store, library: Library, matcher: Matcher, fetcher: Fetcher,
-                 metrics: Metrics, *, queue_size: int = 1000, workers: int = 16,
+                 metrics: Metrics, *, queue_size: int = 1000, workers: int = 16, per_host_workers: int | None = None,
                  fingerprint_workers: int = 2, fingerprint_processes: int = 0,
                  max_pixels: int | None = None, keypoints: bool = True,
                  on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
@@ -40,7 +40,8 @@ class Pipeline:
                  public_url: str | None = None, change_log_days: float = 30.0, history_days: float = 0,
                  retro_memory_mb: float = 256):
         self.store, self.library, self.matcher = store, library, matcher
-        self.transport = transport or InProcessTransport(queue_size)
+        # a slow host holds at most half the workers by default (transport.py)
+        self.transport = transport or InProcessTransport(queue_size, per_host_workers or max(1, workers // 2))
         metrics.queue_capacity.labels("download").set(queue_size)
         self.recorder = Recorder(store, library, metrics, outbox=outbox, on_match=on_match)
         self.intake = Intake(store, fetcher, metrics, self.transport, public_url)

@@ -278,11 +278,12 @@ class Worker:
             await self._backlog_free.wait()
         try:
             data = await self.fetcher.fetch_image(work.image_url)
-        except FetchError as exc:
+        except FetchError as exc:  # its host's download slot is given back when the row is done
             self.metrics.image_failures.labels("download", exc.reason).inc()
             if exc.reason in PERMANENT_FETCH_ERRORS:
                 await asyncio.to_thread(work_rows.image_failed, self.store, work.image_url, str(exc), time.time())
             raise
+        self.transport.downloaded(work)  # its host may start another download while this one is hashed
         downloaded = time.perf_counter()
         self.metrics.download_bytes.inc(len(data))
         self.metrics.images_downloaded.labels(work.feed).inc()
@@ -307,7 +308,6 @@ class Worker:
                 self._backlog_free.set()
         if fp.degenerate:
             self.metrics.image_failures.labels("decode", "degenerate").inc()
-        # The images row is written by the recorder, in the transaction that records the
-        # matches: one commit per image. No await lies between this return and that write,
-        # so no other worker can miss both it and _inflight.
+        # The recorder writes the images row with the matches, one commit per image; no await lies
+        # between this return and that write, so no other worker misses both it and _inflight.
         return fp, matches, downloaded

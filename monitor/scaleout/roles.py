@@ -110,6 +110,9 @@ class StreamTransport:
     async def get(self, stop: asyncio.Event) -> WorkItem | None:
         raise NotImplementedError("workers read the stream themselves")
 
+    def downloaded(self, work: WorkItem) -> None:
+        pass
+
     def done(self, work: WorkItem) -> None:
         pass
 
