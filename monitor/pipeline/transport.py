@@ -107,8 +107,9 @@ class InProcessTransport:
             if not rows:
                 del self._waiting[host]
                 self._turns.remove(host)
-            self._fetching[host] = self._fetching.get(host, 0) + 1
-            self._counted[id(work)] = host
+            if id(work) not in self._counted:  # one row put twice counts once: a count never leaks
+                self._fetching[host] = self._fetching.get(host, 0) + 1
+                self._counted[id(work)] = host
             self._count -= 1
             self._room.set()
             if self._count:
