@@ -283,7 +283,7 @@ class Worker:
             if exc.reason in PERMANENT_FETCH_ERRORS:
                 await asyncio.to_thread(work_rows.image_failed, self.store, work.image_url, str(exc), time.time())
             raise
-        self.transport.downloaded(work)  # its host may start another download while this one is hashed
+        _download_ended(self.transport, work)
         downloaded = time.perf_counter()
         self.metrics.download_bytes.inc(len(data))
         self.metrics.images_downloaded.labels(work.feed).inc()
@@ -311,3 +311,10 @@ class Worker:
         # The recorder writes the images row with the matches, one commit per image; no await lies
         # between this return and that write, so no other worker misses both it and _inflight.
         return fp, matches, downloaded
+
+
+def _download_ended(transport: Transport | None, work: WorkItem) -> None:
+    """Tell the transport (none in a scaled-out worker role, which reads the stream itself) that
+    the row's download ended: its host may start another while this image is hashed."""
+    if transport is not None:
+        transport.downloaded(work)
