@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 
 from monitor.safe_text import json_line, printable
 
@@ -35,12 +36,35 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     """One line per message: control characters in a message (a feed's title, an exception
-    from hostile input) are escaped, so nothing untrusted can forge a log line. Tracebacks
-    stay as they are."""
+    from hostile input) are escaped, so nothing untrusted can forge a log line. A traceback
+    keeps its lines, but the exceptions' messages and notes in it (a parser's error quoting
+    the hostile input) are escaped the same way: a newline there would start a forged line."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = printable(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+        shown = traceback.TracebackException(*ei)
+        _escape_messages(shown)
+        return "".join(shown.format()).rstrip("\n")
+
+
+def _escape_messages(shown: traceback.TracebackException) -> None:
+    """Every message and note in a traceback (its causes, contexts and groups too) made
+    :func:`printable`; the frames come from our own source files."""
+    pending, seen = [shown], set()
+    while pending:
+        one = pending.pop()
+        if one is None or id(one) in seen:
+            continue
+        seen.add(id(one))
+        if isinstance(getattr(one, "_str", None), str):  # the message, as format() reads it
+            one._str = printable(one._str)
+        notes = getattr(one, "__notes__", None)
+        if isinstance(notes, list):
+            one.__notes__ = [printable(note) for note in notes]
+        pending += [one.__cause__, one.__context__, *(getattr(one, "exceptions", None) or ())]
 
 
 class RepeatFilter(logging.Filter):

@@ -369,6 +369,35 @@ def test_untrusted_text_cannot_forge_a_text_log_line(capsys):
     assert err.count("\n") == 1 and "\\n12:00:00 ERROR" in err and "\x1b" not in err
 
 
+def test_untrusted_text_in_a_traceback_cannot_forge_a_log_line(capsys):
+    """A parser's exception quoting hostile input (a newline, an ESC sequence, a bidi override)
+    in a logged traceback, its note and its cause: the
+    traceback keeps its own lines, the messages are escaped."""
+    from monitor.logs import setup_logging
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    forged = "\n12:00:00 ERROR    repost_monitor: forged\x1b[2J\u202e"
+    try:
+        setup_logging("text", "info")
+        try:
+            try:
+                raise KeyError("inner" + forged)
+            except KeyError as inner:
+                err = ValueError("bad item" + forged)
+                err.add_note("note" + forged)
+                raise err from inner
+        except ValueError:
+            logging.getLogger("rm-test-forge").exception("feed %s: unexpected error", "blog")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in err and "ValueError: bad item\\n12:00:00 ERROR" in err
+    assert "note\\n12:00:00" in err and "inner\\n12:00:00" in err
+    assert not any(line.startswith("12:00:00") for line in err.splitlines())
+    assert "\x1b" not in err and "\u202e" not in err
+
+
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_untrusted_text_cannot_drive_a_terminal_through_the_logs(capsys, fmt):
     """C1 controls (U+009B opens an escape sequence by itself) and the bidirectional overrides
