@@ -27,6 +27,49 @@ async def serve(app: web.Application):
         await runner.cleanup()
 
 
+class Tarpit:
+    """An image host that answers every image after ``delay`` seconds and lists ``count`` of them
+    in a JSON Feed (``/feed.json``), served on 127.0.0.2: another host name than the loopback
+    sites' 127.0.0.1. Counts the downloads in flight (``most``: at once) and each image's."""
+
+    def __init__(self, image: bytes, count: int = 200, delay: float = 1.0):
+        self.image, self.count, self.delay = image, count, delay
+        self.now = self.most = 0
+        self.requests: dict[str, int] = {}
+
+    def app(self) -> web.Application:
+        async def feed(request):
+            base = f"http://{request.host}"
+            return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "tarpit", "items": [
+                {"id": f"t{n}", "attachments": [{"url": f"{base}/img/{n}.jpg", "mime_type": "image/jpeg"}]}
+                for n in range(self.count)]})
+
+        async def image(request):
+            name = request.match_info["name"]
+            self.requests[name] = self.requests.get(name, 0) + 1
+            self.now += 1
+            self.most = max(self.most, self.now)
+            try:
+                await asyncio.sleep(self.delay)
+                return web.Response(body=self.image, content_type="image/jpeg")
+            finally:
+                self.now -= 1
+        app = web.Application()
+        app.router.add_get("/feed.json", feed)
+        app.router.add_get("/img/{name}", image)
+        return app
+
+    @contextlib.asynccontextmanager
+    async def serve(self):
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.2", 0).start()
+        try:
+            yield f"http://127.0.0.2:{runner.addresses[0][1]}"
+        finally:
+            await runner.cleanup()
+
+
 class DaemonProcess:
     """`repost-monitor run --config FILE` as a subprocess, its log appended to a file (a full
     pipe would block it): started, SIGKILLed and restarted as a test needs. ``adopt``: a

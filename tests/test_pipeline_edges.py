@@ -23,7 +23,7 @@ from monitor.logs import RepeatFilter
 from monitor.metrics import Metrics
 from monitor.records.store import Store
 from tests.conftest import ROOT
-from tests.hosts import serve
+from tests.hosts import Tarpit, serve
 from tests.test_daemon import PhotoSite, config_for, make_library, query, until
 
 
@@ -431,57 +431,30 @@ async def test_a_slow_image_host_does_not_hold_up_the_other_hosts_images(tmp_pat
 
     from tests.test_daemon import jpeg
 
-    slow_image = jpeg(Image.open(samples / "other-apple.jpg"))
-    in_flight = {"now": 0, "most": 0}
-
-    async def tarpit_feed(request):
-        base = f"http://{request.host}"
-        return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "tarpit", "items": [
-            {"id": f"t{n}", "attachments": [{"url": f"{base}/img/{n}.jpg", "mime_type": "image/jpeg"}]}
-            for n in range(200)]})
-
-    async def tarpit_image(request):
-        in_flight["now"] += 1
-        in_flight["most"] = max(in_flight["most"], in_flight["now"])
-        try:
-            await asyncio.sleep(1.0)
-            return web.Response(body=slow_image, content_type="image/jpeg")
-        finally:
-            in_flight["now"] -= 1
-
-    tarpit = web.Application()
-    tarpit.router.add_get("/feed.json", tarpit_feed)
-    tarpit.router.add_get("/img/{name}", tarpit_image)
-    runner = web.AppRunner(tarpit, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.2", 0).start()  # another host name than the site's 127.0.0.1
-    tarpit_base = f"http://127.0.0.2:{runner.addresses[0][1]}"
+    tarpit = Tarpit(jpeg(Image.open(samples / "other-apple.jpg")))
     site = PhotoSite(samples)
     db = tmp_path / "m.sqlite"
     make_library(db, samples)
-    try:
-        async with serve(site.app()) as base:
-            cfg = config_for(base, db)
-            feeds = [{"name": "tarpit", "type": "jsonfeed", "url": f"{tarpit_base}/feed.json", "interval": 60},
-                     {"name": "json", "type": "jsonfeed", "url": f"{base}/feed.json", "interval": 0.2}]
-            cfg = parse_config({**cfg.model_dump(), "feeds": feeds,
-                                "limits": {**cfg.limits.model_dump(), "per_host_rate": 100.0, "read_timeout": 5,
-                                           "per_host_workers": 4}})
-            records, stop = [], asyncio.Event()
-            task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append, install_signals=False))
-            await until(lambda: in_flight["now"] > 0)
-            await asyncio.sleep(1.5)  # the tarpit's images fill the queue
-            site.post("json", 1, ["small-chelsea.jpg"])
-            posted = time.monotonic()
-            await until(lambda: records, timeout=60)
-            found_after = time.monotonic() - posted
-            stop.set()
-            await asyncio.wait_for(task, 60)
-    finally:
-        await runner.cleanup()
+    async with serve(site.app()) as base, tarpit.serve() as tarpit_base:
+        cfg = config_for(base, db)
+        feeds = [{"name": "tarpit", "type": "jsonfeed", "url": f"{tarpit_base}/feed.json", "interval": 60},
+                 {"name": "json", "type": "jsonfeed", "url": f"{base}/feed.json", "interval": 0.2}]
+        cfg = parse_config({**cfg.model_dump(), "feeds": feeds,
+                            "limits": {**cfg.limits.model_dump(), "per_host_rate": 100.0, "read_timeout": 5,
+                                       "per_host_workers": 4}})
+        records, stop = [], asyncio.Event()
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append, install_signals=False))
+        await until(lambda: tarpit.now > 0)
+        await asyncio.sleep(1.5)  # the tarpit's images fill the queue
+        site.post("json", 1, ["small-chelsea.jpg"])
+        posted = time.monotonic()
+        await until(lambda: records, timeout=60)
+        found_after = time.monotonic() - posted
+        stop.set()
+        await asyncio.wait_for(task, 60)
     assert [r.entry.label for r in records] == ["library-chelsea"]
     assert found_after < 4, f"the repost waited {found_after:.1f} s behind the tarpit's images"
-    assert in_flight["most"] <= 4
+    assert tarpit.most <= 4
 
 
 async def test_the_queue_hands_out_rows_host_by_host_within_each_hosts_limits():

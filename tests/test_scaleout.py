@@ -469,6 +469,55 @@ async def test_a_folder_source_is_matched_by_the_roles(services, tmp_path, sampl
     assert rows == [("done", None, "library-rocket")], rows
 
 
+@pytest.mark.parametrize("workers, images, within", [(2, 300, 4.0), (1, 700, 12.0)])
+async def test_a_slow_image_host_holds_a_few_downloads_of_each_worker_not_the_stream(services, samples, workers,
+                                                                                    images, within):
+    """Fetch workers and a tarpit listing hundreds of images that each take 1 s (read in batches
+    off one FIFO stream, they held every download: 300 / 32 = 9 s, 700 / 16 = 44 s of backlog).
+    Each worker downloads at most per_host_workers of its images at once and holds up to 256
+    more waiting: a repost on another host is found at once. Past that share (700 images, one
+    worker) the rows go back to the stream's end, once a lap at most, the laps further apart
+    while it lasts: the repost waits a lap's pause at most. The rows a worker holds waiting
+    stay its own past claim_idle (2 s here): no other worker takes them over, and no image is
+    downloaded twice."""
+    from tests.hosts import Tarpit
+    from tests.test_daemon import jpeg
+    pg, rd = services
+    url = pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    site, hooks = PhotoSite(samples), Hooks()
+    tarpit = Tarpit(jpeg(Image.open(samples / "other-apple.jpg")), images)
+    records = []
+    async with serve(site.app()) as base, serve(hooks.app()) as recv, tarpit.serve() as tarpit_base:
+        cfg = scaled_config(base, recv, url, rd.url, shards=1)
+        feeds = [{"name": "tarpit", "type": "jsonfeed", "url": f"{tarpit_base}/feed.json", "interval": 600},
+                 {"name": "json", "type": "jsonfeed", "url": f"{base}/feed.json", "interval": 0.2}]
+        cfg = parse_config({**cfg.model_dump(), "feeds": feeds,
+                            "limits": {**cfg.limits.model_dump(), "per_host_rate": 1000.0, "read_timeout": 5,
+                                       "per_host_workers": 4, "concurrency": 16}})
+        stop = asyncio.Event()
+        nodes = [asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 1), stop=stop,
+                                              on_match=records.append, install_signals=False))]
+        for _ in range(workers - 1):
+            await asyncio.sleep(0.05)  # another consumer name (a process's, to the millisecond)
+            nodes.append(asyncio.create_task(run_node(cfg, parse_roles("worker", 1), stop=stop,
+                                                      install_signals=False)))
+        await until(lambda: tarpit.now >= 4 * workers, 30)
+        await asyncio.sleep(3.0)  # rows wait in the workers' queues past claim_idle
+        site.post("json", 1, ["small-chelsea.jpg"])
+        posted = time.monotonic()
+        await until(lambda: records, 30)
+        found_after = time.monotonic() - posted
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*nodes), 30)
+    assert [r.entry.label for r in records] == ["library-chelsea"]
+    assert found_after < within, f"the repost waited {found_after:.1f} s behind the tarpit's images"
+    assert tarpit.most == 4 * workers, tarpit.most  # each worker at its per-host limit
+    assert max(tarpit.requests.values()) == 1, {k: n for k, n in tarpit.requests.items() if n > 1}
+    assert len(tarpit.requests) >= 20
+
+
 async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_path, samples):
     """Two intake processes: each feed is watched by one (a lease). The holder is SIGKILLed;
     within a few seconds the other polls its feeds, and the posts made meanwhile are recorded,

@@ -53,18 +53,25 @@ class InProcessTransport:
         self._count = 0
         self._getters: deque[asyncio.Future] = deque()   # workers waiting for a row, first first
         self._room = asyncio.Event()                     # a row was handed out: room for a put
+        self._moved = asyncio.Event()                    # a row was handed out, or a worker found none
 
     async def put(self, work: WorkItem) -> None:
+        while not self.offer(work):
+            await self.room()
+
+    def offer(self, work: WorkItem) -> bool:
+        """Queue the row if there is room for it (in all, and beside its host's rows waiting);
+        False, and nothing queued, where there is not."""
         host = _host(work)
-        while self._count >= self.size or len(self._waiting.get(host, ())) >= self.host_size:
-            self._room.clear()
-            await self._room.wait()
+        if self._count >= self.size or len(self._waiting.get(host, ())) >= self.host_size:
+            return False
         if host not in self._waiting:
             self._waiting[host] = deque()
             self._turns.append(host)
         self._waiting[host].append(work)
         self._count += 1
         self._wake_one()
+        return True
 
     async def get(self, stop: asyncio.Event) -> WorkItem | None:
         stopping = None
@@ -75,6 +82,7 @@ class InProcessTransport:
                     return work
                 waiter = asyncio.get_running_loop().create_future()
                 self._getters.append(waiter)
+                self._moved.set()
                 stopping = stopping or asyncio.ensure_future(stop.wait())
                 try:
                     await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -112,6 +120,7 @@ class InProcessTransport:
                 self._counted[id(work)] = host
             self._count -= 1
             self._room.set()
+            self._moved.set()
             if self._count:
                 self._wake_one()  # another row may suit another worker
             return work
@@ -135,6 +144,26 @@ class InProcessTransport:
 
     def depth(self) -> int:
         return self._count
+
+    def wanted(self) -> int:
+        """How many more rows the workers could start now: those waiting for one, less the
+        rows waiting whose host has a download to spare (a reader of a shared stream takes
+        no more than that, so the other readers get the rest)."""
+        idle = sum(1 for waiter in self._getters if not waiter.done())
+        startable = sum(min(len(rows), self.per_host - self._fetching.get(host, 0))
+                        for host, rows in self._waiting.items())
+        return idle - startable
+
+    async def moved(self) -> None:
+        """Return when a row is next handed out, or a worker next finds none it can take (what
+        :meth:`wanted` says may have changed)."""
+        self._moved.clear()
+        await self._moved.wait()
+
+    async def room(self) -> None:
+        """Return when the next row is handed out (there may be room then)."""
+        self._room.clear()
+        await self._room.wait()
 
 
 def _host(work: WorkItem) -> str:

@@ -34,8 +34,9 @@ from monitor.records.engines import open_store
 from monitor.records.library import Library
 from monitor.scaleout import leases
 from monitor.scaleout.api import RolePipeline, ShardedChecks
+from monitor.scaleout.fetching import FetchRole
 from monitor.scaleout.recorder import RecorderRole
-from monitor.scaleout.roles import FetchRole, ShardRole, StreamTransport
+from monitor.scaleout.roles import ShardRole, StreamTransport
 from monitor.scaleout.streams import ANSWERS, CHECKS, DEAD, FINGERPRINTS, WORK, RedisStreams, with_retry
 from monitor.search import radius
 from monitor.search.matcher import Matcher
@@ -172,7 +173,7 @@ class _Node:
                                 fingerprint_processes=limits.fingerprint_processes, max_pixels=limits.max_pixels,
                                 keypoints=cfg.match.keypoints)
                 log.info("worker: %d fingerprint thread(s); run one worker process per core", threads)
-                role = FetchRole(worker, self.streams, limits.concurrency)
+                role = FetchRole(worker, self.streams, limits.concurrency, limits.per_host_workers)
                 out.append(("worker", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "shard":
                 library = await asyncio.to_thread(Library, self.store, (k, cfg.transport.shards),

@@ -2,8 +2,8 @@
 
 - intake: feed polling and streams, each feed under a lease (one live watcher per feed);
   work rows are stored, then added to ``work``;
-- worker: ``work`` -> download and fingerprint -> ``fingerprints`` (or the row closed
-  failed, with its reason);
+- worker (monitor/scaleout/fetching.py): ``work`` -> download and fingerprint ->
+  ``fingerprints`` (or the row closed failed, with its reason), fair between image hosts;
 - shard K of S: ``fingerprints`` -> what the hashes say against the entries whose id is
   K mod S -> ``answers``; it also retro-matches recent images against the new entries it owns;
 - recorder (monitor/scaleout/recorder.py): ``answers`` -> each shard's answer stored; the
@@ -25,18 +25,14 @@ import time
 
 from redis.exceptions import RedisError
 
-from monitor.fetch import FetchError
-from monitor.fingerprints import Fingerprint, ImageError
+from monitor.fingerprints import Fingerprint
 from monitor.metrics import Metrics
-from monitor.pipeline.worker import LOOK_UP, Worker
-from monitor.records import work as work_rows
 from monitor.records.library import Library
 from monitor.records.store import DatabaseError
 from monitor.records.work import WorkItem
 from monitor.scaleout.streams import ANSWERS, CHECKS, FINGERPRINTS, WORK, RedisStreams, being_cancelled, with_retry
 from monitor.scaleout.wire import (
     answer_json,
-    fingerprint_fields,
     fingerprint_from,
     work_fields,
     work_from,
@@ -176,83 +172,6 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
                 await with_retry("ack", lambda d=done: streams.ack(stream, group, *d), stop)
 
     await asyncio.gather(alive(), *(loop() for _ in range(tasks)))
-
-
-class FetchRole:
-    """``work`` -> download, fingerprint -> ``fingerprints``; ``concurrency`` images at a
-    time, read in small batches: per batch one read, one look in the store for the images
-    it knows, one round trip for the fingerprints and one acknowledgement (per image, these
-    round trips cost a worker more CPU than the image's fingerprint). Small, because a
-    batch is acknowledged when its slowest download is done."""
-
-    def __init__(self, worker: Worker, streams: RedisStreams, concurrency: int = 16):
-        self.worker, self.streams = worker, streams
-        self.batch = max(1, min(8, concurrency // 4))
-        self.tasks = -(-concurrency // self.batch)
-
-    async def _message(self, work: WorkItem, known=LOOK_UP) -> tuple[dict, bytes] | None:
-        """The image's message for ``fingerprints`` and its keypoint picture (b"": none); None
-        where it failed for good (its work row closed with the reason)."""
-        try:
-            fp, fetched = await self.worker.fingerprint(work, known)
-        except (FetchError, ImageError, work_rows.CachedFailure) as exc:
-            await self.worker.recorder.record(work, [], None, error=str(exc))
-            log.warning("image skipped: %s: %s", work.image_url, exc, extra={"url": work.image_url})
-            return None
-        return {**work_fields(work), **fingerprint_fields(fp, fetched)}, fp.keypoint_picture
-
-    async def _send(self, messages: list[tuple[WorkItem, dict, bytes]]) -> None:
-        await self.streams.add_many(FINGERPRINTS, [fields for _, fields, _ in messages],
-                                    {work.id: picture for work, _, picture in messages if picture})
-
-    async def handle(self, fields) -> None:
-        work = work_from(fields)
-        message = await self._message(work)
-        if message is not None:
-            await self._send([(work, *message)])
-
-    async def handle_batch(self, batch) -> list | None:
-        """The batch's images concurrently; the ids to acknowledge: those done (a failure
-        recorded is done), not those a server error left undone (claimed again later).
-        None (one by one) if a message is unreadable or the store cannot be read."""
-        try:
-            works = [work_from(fields) for _, fields in batch]
-        except (ValueError, KeyError, TypeError):
-            return None
-        try:
-            known = await asyncio.to_thread(work_rows.cached_images, self.worker.store,
-                                            [w.image_url for w in works])
-        except DatabaseError:
-            return None
-        outcomes = await asyncio.gather(*(self._message(w, known.get(w.image_url)) for w in works),
-                                        return_exceptions=True)
-        done, messages = [], []
-        for (mid, _), work, outcome in zip(batch, works, outcomes, strict=True):
-            if isinstance(outcome, asyncio.CancelledError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                log.error("%s: work %s (%s) not done (%r); it will be retried", WORK, mid, work.image_url, outcome,
-                          exc_info=outcome if not isinstance(outcome, (*DatabaseError, RedisError, OSError)) else None)
-                continue
-            done.append(mid)
-            if outcome is not None:
-                messages.append((work, *outcome))
-        if messages:
-            try:
-                await self._send(messages)
-            except (RedisError, OSError) as exc:
-                log.warning("%s: %d fingerprints not added (%s); their work will be retried", FINGERPRINTS,
-                            len(messages), exc)
-                return []
-        return done
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.worker.start()
-        try:
-            await _consume(self.streams, WORK, WORKERS_GROUP, self.handle, stop, count=self.batch,
-                           tasks=self.tasks, handle_batch=self.handle_batch)
-        finally:
-            await self.worker.close()
 
 
 class ShardRole:

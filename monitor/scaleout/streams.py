@@ -171,6 +171,24 @@ class RedisStreams:
         if ids:
             await self.redis.xack(self.key(stream), group, *ids)
 
+    async def requeue(self, stream: str, group: str, messages: list[tuple[bytes, dict]]) -> list[bytes]:
+        """The messages added again at the stream's end and acknowledged here, in one
+        transaction: handled later, by whichever consumer reads them then. Their new ids."""
+        if not messages:
+            return []
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _, fields in messages:
+                pipe.xadd(self.key(stream), fields)
+            pipe.xack(self.key(stream), group, *(mid for mid, _ in messages))
+            return (await pipe.execute())[:-1]
+
+    async def touch(self, stream: str, group: str, ids: list[bytes]) -> None:
+        """Messages this consumer still holds (waiting for their turn, or handled slowly) are not
+        idle: claimed back by it (their delivery count unchanged), so no other consumer
+        takes them over after ``claim_idle``."""
+        if ids:
+            await self.redis.xclaim(self.key(stream), group, self.consumer, 0, list(ids), justid=True)
+
     async def _claim(self, stream: str, group: str, count: int) -> list[tuple[bytes, dict]]:
         key = self.key(stream)
         # Too many deliveries: to the dead-letter stream, acknowledged, out of everyone's way.
@@ -208,7 +226,7 @@ class RedisStreams:
             oldest = pending["min"] if pending["pending"] else None
             last = g["last-delivered-id"]
             need = oldest if oldest is not None else _next_id(last)
-            floor = need if floor is None or _id_key(need) < _id_key(floor) else floor
+            floor = need if floor is None or id_key(need) < id_key(floor) else floor
         if floor is not None:
             await self.redis.xtrim(key, minid=floor, approximate=False)
 
@@ -251,14 +269,14 @@ class RedisStreams:
         return replayed
 
 
-def _id_key(mid) -> tuple[int, int]:
+def id_key(mid) -> tuple[int, int]:
     text = mid.decode() if isinstance(mid, bytes) else mid
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
 
 
 def _next_id(mid) -> str:
-    ms, seq = _id_key(mid)
+    ms, seq = id_key(mid)
     return f"{ms}-{seq + 1}"
 
 
