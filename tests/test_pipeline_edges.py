@@ -481,5 +481,20 @@ async def test_the_queue_hands_out_rows_host_by_host_within_each_hosts_limits():
     queue.done(taken[0])
     assert (await queue.get(stop)).id == 2
     await queue.put(row(11, "slow.example"))  # a place was taken: slow.example's watcher goes on
+    # What a reader of a shared stream (a scaled-out fetch worker) asks: a row offered where its
+    # host has its share waiting is refused, not waited for; and how many more rows the workers
+    # could start now (those waiting for one, less the rows whose host has a download to spare)
+    assert queue.offer(row(12, "slow.example")) and queue.offer(row(13, "slow.example"))
+    assert not queue.offer(row(14, "slow.example")) and queue.offer(row(102, "cdn.example"))
+    assert queue.wanted() == 0  # each host has its two in hand
+    queue.done(taken[1])
+    assert queue.wanted() == -1  # cdn.example's row could start now
+    moved = asyncio.create_task(queue.moved())
+    await asyncio.sleep(0)
+    getters = [asyncio.create_task(queue.get(stop)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert moved.done() and [g.done() for g in getters] == [True, False, False]
+    assert queue.wanted() == 2  # two workers wait, and every row left is slow.example's
     stop.set()
     assert await queue.get(stop) is None
+    assert [await g for g in getters][1:] == [None, None]

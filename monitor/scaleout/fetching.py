@@ -76,14 +76,16 @@ class FetchRole:
             await self.worker.close()
 
     async def _read(self, stop: asyncio.Event) -> None:
-        """Rows from the stream into the local queue as the downloads want them (and ``batch``
-        ahead); a row whose host has its share waiting already goes back to the stream's end."""
+        """Rows from the stream into the local queue as the downloads want them, ``batch`` ahead,
+        read a batch at a time once those are taken (one read and one look in the store per
+        batch, not per row); a row whose host has its share waiting already goes back to the
+        stream's end."""
         while not stop.is_set():
-            want = self.queue.wanted() + self.batch
-            if want <= 0 or self.queue.depth() >= self.queue.size:
+            wanted = self.queue.wanted()
+            if wanted < 0 or self.queue.depth() >= self.queue.size:  # rows enough to start: read a batch later
                 await _first(self.queue.moved(), stop, 1.0)
                 continue
-            count = min(want, self.batch, self.queue.size - self.queue.depth())
+            count = min(wanted + self.batch, self.queue.size - self.queue.depth())
             batch = await with_retry("read work", lambda n=count: self.streams.read(WORK, WORKERS_GROUP, n, 1.0),
                                      stop) or []
             rows = [(mid, fields, work) for mid, fields in batch
