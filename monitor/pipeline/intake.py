@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from feeds import FeedError, FeedItem, HttpSource, LocalSource, StreamSource, json_document
 from monitor.fetch import Fetcher, FetchError
 from monitor.metrics import Metrics
+from monitor.pipeline.parsing import parsed
 from monitor.pipeline.streams import StreamWatcher
 from monitor.pipeline.transport import Transport
 from monitor.pipeline.websub import SAFETY_POLL_SECONDS, WebSub
@@ -147,8 +148,7 @@ class Intake:
             if resp.not_modified:
                 await self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return [], []
-            # Parsing can be heavy (feedparser on a 5 MB feed): off the loop.
-            items = await asyncio.to_thread(source.parse, resp.body, resp.content_type)
+            items = await parsed(source.parse, resp.body, resp.content_type)
             etag, last_modified = resp.etag, resp.last_modified
             self.count_skipped(source.name, items)
         # A poll can bring hundreds of rows: their transaction runs off the loop,

@@ -29,6 +29,7 @@ from urllib.parse import urljoin
 
 from feeds import FeedError, HttpSource
 from monitor.fetch import FetchError
+from monitor.pipeline.parsing import parsed
 from monitor.records import subscriptions as subscription_rows
 from monitor.records.subscriptions import Subscription
 
@@ -101,7 +102,7 @@ class WebSub:
         if not self.due(source.name):
             return
         sub = self.subscriptions.get(source.name)
-        found = await asyncio.to_thread(source.hub, body, headers) if body is not None else None
+        found = await parsed(source.hub, body, headers) if body is not None else None
         if found is None and body is None and sub is not None:
             found = (sub.hub, sub.topic)
         if not found:
@@ -215,7 +216,7 @@ class WebSub:
             log.warning("feed %s: WebSub delivery with a wrong signature ignored", feed, extra={"feed": feed})
             return "bad_signature"
         try:
-            items = await asyncio.to_thread(source.parse, body, content_type)
+            items = await parsed(source.parse, body, content_type)
         except FeedError as exc:
             log.warning("feed %s: WebSub delivery is not a feed (%s)", feed, exc, extra={"feed": feed})
             return "malformed"
