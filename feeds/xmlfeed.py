@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import calendar
 import io
+import re
 from datetime import UTC, datetime
 from xml.sax import SAXParseException
 
@@ -38,6 +39,8 @@ from .base import (
     page_link,
     url_problem,
 )
+
+_NAMES_A_HUB = re.compile(rb"""rel\s*=\s*["']?hub\b""", re.IGNORECASE)
 
 
 def _refuse_entities(body: bytes, headers: dict | None = None) -> None:
@@ -107,7 +110,10 @@ class XmlFeed(HttpSource):
         """The Link headers first (the spec's preferred place), else the feed's atom:link /
         link elements with rel="hub" and rel="self"."""
         found = super().hub(body, headers)
-        if found:
+        # Most feeds name no hub: those are not parsed a second time (a UTF-16 or -32 one, whose
+        # bytes the pattern cannot read, still is)
+        wide = body[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in body[:4]
+        if found or (not wide and not _NAMES_A_HUB.search(body)):
             return found
         try:
             _refuse_entities(body)

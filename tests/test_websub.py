@@ -78,6 +78,12 @@ def test_hub_discovery_from_headers_and_links():
     body = (b'<?xml version="1.0"?><feed xmlns="http://www.w3.org/2005/Atom"><title>t</title>'
             b'<link rel="hub" href="https://pubsubhubbub.appspot.com/"/><link rel="self" href="https://b/atom"/></feed>')
     assert feed.hub(body, {}) == ("https://pubsubhubbub.appspot.com/", "https://b/atom")
+    # found without a second parse's help where the bytes name no hub; a UTF-16 feed is parsed
+    single = body.replace(b'rel="hub"', b"rel = 'HUB'")  # feedparser reads rel in any case
+    assert feed.hub(single, {}) == ("https://pubsubhubbub.appspot.com/", "https://b/atom")
+    wide = body.decode().replace('version="1.0"', 'version="1.0" encoding="utf-16"').encode("utf-16")
+    assert feed.hub(wide, {}) == ("https://pubsubhubbub.appspot.com/", "https://b/atom")
+    assert feed.hub(body.replace(b'rel="hub"', b'rel="alternate"'), {}) is None
     jf = make_source("jsonfeed", "j", "https://b/feed.json")
     assert jf.hub(b'{"version": "https://jsonfeed.org/version/1.1", "feed_url": "https://b/feed.json", '
                   b'"hubs": [{"type": "WebSub", "url": "https://hub.example/"}], "items": []}', {}) \
