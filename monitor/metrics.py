@@ -76,6 +76,9 @@ class Metrics:
         self.retro_held_bytes = Gauge(p + "retro_held_bytes", "Memory holding the recent images' hashes for "
                                       "retroactive matching (alert_policy.retro_memory_mb at most)", registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Work items waiting", ["queue"], registry=r)
+        self.work_put_back = Counter(p + "work_put_back_total", "Work rows a scaled-out fetch worker put back "
+                                     "at the work stream's end, their host having its share of rows waiting "
+                                     "already (a slow host listing many images)", registry=r)
         self.queue_capacity = Gauge(p + "queue_capacity", "Queue size limit", ["queue"], registry=r)
         self.matches = Counter(p + "matches_total", "Matches recorded", ["tier"], registry=r)
         self.unsure_refetches = Counter(p + "unsure_refetches_total", "Images fetched again for their "

@@ -495,8 +495,9 @@ async def test_a_slow_image_host_holds_a_few_downloads_of_each_worker_not_the_st
         cfg = parse_config({**cfg.model_dump(), "feeds": feeds,
                             "limits": {**cfg.limits.model_dump(), "per_host_rate": 1000.0, "read_timeout": 5,
                                        "per_host_workers": 4, "concurrency": 16}})
-        stop = asyncio.Event()
-        nodes = [asyncio.create_task(run_node(cfg, parse_roles("intake,worker,shard,recorder,sender", 1), stop=stop,
+        stop, port = asyncio.Event(), free_port()
+        nodes = [asyncio.create_task(run_node(parse_config({**cfg.model_dump(), "server": {"port": port}}),
+                                              parse_roles("intake,worker,shard,recorder,sender", 1), stop=stop,
                                               on_match=records.append, install_signals=False))]
         for _ in range(workers - 1):
             await asyncio.sleep(0.05)  # another consumer name (a process's, to the millisecond)
@@ -509,8 +510,12 @@ async def test_a_slow_image_host_holds_a_few_downloads_of_each_worker_not_the_st
         await until(lambda: records, 30)
         found_after = time.monotonic() - posted
         await asyncio.sleep(1.0)
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            put_back = float(re.search(r"^repost_monitor_work_put_back_total (\S+)$", await r.text(), re.M)[1])
         stop.set()
         await asyncio.wait_for(asyncio.gather(*nodes), 30)
+    # 300 images fit the two workers' shares (256 each); past one's, the rest went round
+    assert (put_back > 0) == (images > 256 * workers), put_back
     assert [r.entry.label for r in records] == ["library-chelsea"]
     assert found_after < within, f"the repost waited {found_after:.1f} s behind the tarpit's images"
     assert tarpit.most == 4 * workers, tarpit.most  # each worker at its per-host limit
