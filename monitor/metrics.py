@@ -40,6 +40,9 @@ class Metrics:
         self.websub_deliveries = Counter(p + "websub_deliveries_total", "Feed documents pushed by WebSub hubs, "
                                          "by result (recorded, bad_signature, unsigned, malformed)",
                                          ["feed", "result"], registry=r)
+        self.feed_parse_seconds = Histogram(p + "feed_parse_duration_seconds", "CPU time parsing one "
+                                            "feed body (a slow one spaces its feed's polls)",
+                                            buckets=LATENCY_BUCKETS, registry=r)
         self.feed_last_success = Gauge(p + "feed_last_success_timestamp_seconds",
                                        "Unix time of the last successful poll", ["feed"], registry=r)
         self.images_downloaded = Counter(p + "images_downloaded_total",

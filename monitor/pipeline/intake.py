@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from feeds import FeedError, FeedItem, HttpSource, LocalSource, StreamSource, json_document
 from monitor.fetch import Fetcher, FetchError
 from monitor.metrics import Metrics
-from monitor.pipeline.parsing import parsed
+from monitor.pipeline.parsing import parsed_timed
 from monitor.pipeline.streams import StreamWatcher
 from monitor.pipeline.transport import Transport
 from monitor.pipeline.websub import SAFETY_POLL_SECONDS, WebSub
@@ -22,6 +22,8 @@ from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
 
 log = logging.getLogger("repost_monitor.pipeline")
+PARSE_SLOW = 1.0    # seconds of CPU: a parse longer than this spaces the feed's polls...
+PARSE_SHARE = 0.05  # ... so that its parsing takes at most this share of a core
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,17 @@ class Intake:
             if renew is not None:
                 deadline = min(deadline, time.monotonic() + renew)
 
+    def _parsed(self, feed: str, seconds: float, size: int) -> None:
+        """A feed whose body took more than PARSE_SLOW seconds of CPU to parse is polled at most
+        so often that its parsing keeps to PARSE_SHARE of a core: a feed of megabytes of dense
+        markup (18 s a poll at 5 MB), hostile or not, cannot take the daemon's CPU every interval."""
+        self.metrics.feed_parse_seconds.observe(seconds)
+        if seconds > PARSE_SLOW:
+            spacing = seconds / PARSE_SHARE
+            self._wait_hints[feed] = max(self._wait_hints.get(feed) or 0.0, spacing)
+            log.warning("feed %s: parsing its %.1f MB took %.1f s of CPU; its next poll waits %.0f s at least",
+                        feed, size / 1e6, seconds, spacing, extra={"feed": feed})
+
     async def feed_failed(self, feed: str, exc: Exception, failures: int) -> None:
         self.metrics.feed_polls.labels(feed, "error").inc()
         try:
@@ -148,7 +161,8 @@ class Intake:
             if resp.not_modified:
                 await self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return [], []
-            items = await parsed(source.parse, resp.body, resp.content_type)
+            items, seconds = await parsed_timed(source.parse, resp.body, resp.content_type)
+            self._parsed(source.name, seconds, len(resp.body))
             etag, last_modified = resp.etag, resp.last_modified
             self.count_skipped(source.name, items)
         # A poll can bring hundreds of rows: their transaction runs off the loop,
