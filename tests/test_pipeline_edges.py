@@ -508,6 +508,38 @@ async def test_a_slow_image_host_does_not_hold_up_the_other_hosts_images(tmp_pat
     assert tarpit.most <= 4
 
 
+async def test_the_queues_count_of_rows_wanted_holds_through_random_traffic():
+    """wanted() is kept incrementally (it is asked at each row handed out): after each of 3,000
+    random offers, takes and downloads ended over 40 hosts it equals the plain count, the idle
+    workers less the rows waiting whose host has a download to spare."""
+    import random
+
+    from monitor.pipeline.transport import InProcessTransport, _host
+    from monitor.records.work import WorkItem
+    rng, stop = random.Random(7), asyncio.Event()
+    queue = InProcessTransport(size=200, per_host=3)
+    in_hand = []
+    for n in range(3000):
+        step = rng.random()
+        if step < 0.5:
+            queue.offer(WorkItem(n, "f", str(n), f"https://h{rng.randrange(40)}.example/{n}.jpg", None, None, None))
+        elif step < 0.75 and queue.depth():
+            async with asyncio.timeout(0.5):
+                got = asyncio.create_task(queue.get(stop))
+                await asyncio.sleep(0)
+                if got.done():
+                    in_hand.append(got.result())
+                else:
+                    got.cancel()
+        elif in_hand:
+            queue.downloaded(in_hand.pop(rng.randrange(len(in_hand))))
+        fetching = {}
+        for w in in_hand:
+            fetching[_host(w)] = fetching.get(_host(w), 0) + 1
+        plain = sum(min(len(rows), queue.per_host - fetching.get(h, 0)) for h, rows in queue._waiting.items())
+        assert queue.wanted() == -plain, n
+
+
 async def test_the_queue_hands_out_rows_host_by_host_within_each_hosts_limits():
     """The in-process queue: hosts in turn, at most per_host rows of one host being worked on, at
     most half of size of one host waiting (its watcher waits; another host's does not)."""

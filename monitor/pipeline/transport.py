@@ -51,6 +51,7 @@ class InProcessTransport:
         self._fetching: dict[str, int] = {}              # host: its rows handed out, download not ended
         self._counted: dict[int, str] = {}               # id(row): its host, while it counts there
         self._count = 0
+        self._startable_idle = 0  # sum over hosts of min(rows waiting, per_host): see wanted()
         self._getters: deque[asyncio.Future] = deque()   # workers waiting for a row, first first
         self._room = asyncio.Event()                     # a row was handed out: room for a put
         self._moved = asyncio.Event()                    # a row was handed out, or a worker found none
@@ -68,6 +69,7 @@ class InProcessTransport:
         if host not in self._waiting:
             self._waiting[host] = deque()
             self._turns.append(host)
+        self._startable_idle += len(self._waiting[host]) < self.per_host
         self._waiting[host].append(work)
         self._count += 1
         self._wake_one()
@@ -111,6 +113,7 @@ class InProcessTransport:
             if self._fetching.get(host, 0) >= self.per_host:
                 continue
             rows = self._waiting[host]
+            self._startable_idle -= len(rows) <= self.per_host
             work = rows.popleft()
             if not rows:
                 del self._waiting[host]
@@ -150,8 +153,12 @@ class InProcessTransport:
         rows waiting whose host has a download to spare (a reader of a shared stream takes
         no more than that, so the other readers get the rest)."""
         idle = sum(1 for waiter in self._getters if not waiter.done())
-        startable = sum(min(len(rows), self.per_host - self._fetching.get(host, 0))
-                        for host, rows in self._waiting.items())
+        # Kept as if no host had a download in hand, then corrected for the few that have (at
+        # most one per worker): not a sum over every host waiting, at each row handed out
+        startable = self._startable_idle
+        for host, fetching in self._fetching.items():
+            rows = len(self._waiting.get(host, ()))
+            startable -= min(rows, self.per_host) - min(rows, self.per_host - fetching)
         return idle - startable
 
     async def moved(self) -> None:
