@@ -21,6 +21,7 @@ LAG_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
+        self._feeds: set[str] = {"check"}  # the feeds with a label of their own (see feed())
         p = "repost_monitor_"
         self.build_info = Info(p + "build", "Version, hash algorithm, radius search kernel, CPU", registry=r)
         self.set_build_info()
@@ -149,11 +150,23 @@ class Metrics:
             if finder.views:
                 self.keypoint_search_seconds.observe(finder.seconds)
 
+    def feed(self, name: str) -> str:
+        """The ``feed`` label of a source: a configured feed's name, or "ingest" for any source
+        an API caller names (a partner naming each push after its uploader would otherwise
+        add a series per name, without bound). The records keep the name itself."""
+        return name if name in self._feeds else "ingest"
+
+    def name_feeds(self, feeds: list[str]) -> None:
+        """The configured feeds, labelled by their own names (a role process that watches none
+        still counts their images under them)."""
+        self._feeds.update(feeds)
+
     def init_labels(self, feeds: list[str], sinks: list[str], tiers=TIER_NAMES, *, queues: bool = True) -> None:
         """Create the known label children at 0, so dashboards and rate() see every series
         from the first scrape, not only after the first event (a counter first seen at 1
         shows no increase: a rule on rate() would miss the first failure). A role process
         passes the feeds, sinks and tiers it handles, and no in-process queues."""
+        self.name_feeds(feeds)
         for feed in feeds:
             self.items_discovered.labels(feed)
             self.images_downloaded.labels(feed)

@@ -317,3 +317,19 @@ def test_openapi_matches_the_server_and_every_response_seen():
     missing = documented - routes_hit
     assert not missing, missing
     assert re.match(r"\d+\.\d+\.\d+", OPENAPI["info"]["version"])
+
+
+async def test_the_sources_api_callers_name_do_not_grow_the_metrics_series(daemon):
+    """A partner naming each push's source after its uploader (or an attacker with a token) could
+    create one series per name: its pushes are counted under "ingest", the configured feeds under
+    their own names, and the alert still carries the source named."""
+    import re
+    for n in range(40):
+        status, _ = await ingest_url(daemon, "other-apple.jpg", source=f"user-{n}", id=f"p{n}")
+        assert status == 202
+    status, text = await daemon["api"].call("GET", "/metrics")
+    feeds = set(re.findall(r'^repost_monitor_(?:items_discovered|images_downloaded)_total\{feed="([^"]*)"\}',
+                           text, re.M))
+    assert "ingest" in feeds and not any(f.startswith("user-") for f in feeds), feeds
+    discovered = re.search(r'^repost_monitor_items_discovered_total\{feed="ingest"\} (\S+)$', text, re.M)
+    assert float(discovered[1]) >= 40

@@ -210,7 +210,7 @@ class Intake:
 
     def count_skipped(self, feed: str, items) -> None:
         for reason, detail in getattr(items, "skipped", ()):
-            self.metrics.feed_items_skipped.labels(feed, reason).inc()
+            self.metrics.feed_items_skipped.labels(self.metrics.feed(feed), reason).inc()
             log.warning("feed %s: skipped %s", feed, detail, extra={"feed": feed, "reason": reason})
 
     async def _feed_ok(self, feed, now, etag, last_modified, result) -> None:
@@ -220,7 +220,7 @@ class Intake:
 
     def record_items(self, feed: str, items: list[FeedItem], now: float) -> list[WorkItem]:
         work, new_items = work_rows.record_items(self.store, feed, items, now)
-        self.metrics.items_discovered.labels(feed).inc(new_items)
+        self.metrics.items_discovered.labels(self.metrics.feed(feed)).inc(new_items)
         return work
 
     async def submit(self, feed: str, items: list[FeedItem]) -> list[WorkItem]:

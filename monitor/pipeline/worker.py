@@ -286,7 +286,7 @@ class Worker:
         _download_ended(self.transport, work)
         downloaded = time.perf_counter()
         self.metrics.download_bytes.inc(len(data))
-        self.metrics.images_downloaded.labels(work.feed).inc()
+        self.metrics.images_downloaded.labels(self.metrics.feed(work.feed)).inc()
         loop = asyncio.get_running_loop()
         self._backlog += 1
         self.metrics.queue_depth.labels("fingerprint").set(self._backlog)

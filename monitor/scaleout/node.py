@@ -84,6 +84,7 @@ async def run_node(config: Config, roles: list[tuple[str, int | None]], *, stop:
     for name in names:
         metrics.role_up.labels(name).set(1)
     kinds = {n for n, _ in roles}
+    metrics.name_feeds([f.name for f in config.feeds])
     metrics.init_labels([f.name for f in config.feeds] if "intake" in kinds else [],
                         [a.name for a in config.alerts] if "sender" in kinds else [],
                         TIER_NAMES if kinds & {"recorder", "shard"} else (), queues=False)
