@@ -274,6 +274,25 @@ def build_edits() -> dict[str, tuple[str, object]]:
     return E
 
 
+def small_turns() -> dict[str, tuple[str, object]]:
+    """``--small-turns``: turns under the held-out set's 2 degrees (a scan, a phone photo of a
+    print, an editor's straighten), filled, cropped and in place; one step past 2 to join them."""
+    def turn(lo, hi, **how):
+        return lambda im, r: run([A.Rotate(r.choice((-1, 1)) * r.uniform(lo, hi), p=1, **how)], im, r)
+
+    def in_place(img, r):
+        h, w = img.shape[:2]
+        rotation = cv2.getRotationMatrix2D((w / 2, h / 2), r.choice((-1, 1)) * r.uniform(0.3, 1.5), 1.0)
+        return cv2.warpAffine(img, rotation, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
+    fill = {"border_mode": cv2.BORDER_CONSTANT}
+    return {"rotate 0.3-0.8, fill": ("geometry", lambda im, r: turn(0.3, 0.8, fill=colour(r), **fill)(im, r), None),
+            "rotate 0.8-1.5, fill": ("geometry", lambda im, r: turn(0.8, 1.5, fill=colour(r), **fill)(im, r), None),
+            "rotate 0.3-1.5, cropped": ("geometry", turn(0.3, 1.5, crop_border=True), None),
+            "rotate 0.3-1.5 in place, black": ("geometry", in_place, None),
+            "rotate 1.5-2.5, fill": ("geometry", lambda im, r: turn(1.5, 2.5, fill=colour(r), **fill)(im, r), None)}
+
+
 def with_random_entries(index, count: int, first_id: int):
     """``index`` with ``count`` more entries of random dHash, pHash and fine rows (as many
     rows each as its entries have on average), bulk-loaded (a load keeps the keypoints of
@@ -318,6 +337,8 @@ def main() -> None:
                     "image's) only when it needs a second look, as the one-process daemon does")
     ap.add_argument("--no-keypoints", action="store_true", help="the hashes alone: no second look at the "
                     "nearest entries' keypoints ([match] keypoints = false)")
+    ap.add_argument("--small-turns", action="store_true", help="instead of the held-out edits, turns of "
+                    "0.3-2.5 degrees (filled, cropped, in place)")
     args = ap.parse_args()
     if args.library_crops is not None:
         from monitor.fingerprints import crops
@@ -347,7 +368,7 @@ def main() -> None:
         img.thumbnail((args.max_side, args.max_side))
         return np.asarray(img).copy()
 
-    edits = build_edits()
+    edits = small_turns() if args.small_turns else build_edits()
     t = time.perf_counter()
     lib_imgs = [load(p) for p in lib_files]
     lib_bytes = [jpeg(im, 92) for im in lib_imgs]
