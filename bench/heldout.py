@@ -13,6 +13,10 @@ Held out: the pictures are split in two halves of a seeded shuffle. `--part tune
 first half and seed 101; `--part report` (the default, the figures to quote) uses the other
 half and seed 202, and should stay out of any tuning loop.
 
+``--small-turns`` measures turns under 2.5 degrees instead; ``--app-frames`` the false pairs
+between screenshots of different pictures in one app's frame, where the library's entries are
+such screenshots too.
+
 Printed: recall of the shipped matcher (near, the default tier, and loose) per family and
 per edit, against imagehash pHash and dHash at the thresholds where their pair
 false-positive rate is <= 1e-4 on the same pairs; false pairs among the reposts and the
@@ -316,6 +320,41 @@ def views_in_use() -> tuple[str, ...]:
     return crops.LIBRARY_CROPS
 
 
+def app_frames(corpus: Path, entries: int = 100, posts: int = 300, max_side: int = 512) -> None:
+    """``--app-frames``: false pairs where the library's entries are themselves app screenshots
+    (a feed post, a 9:16 story, a browser page, drawn here) and the posts are other pictures in
+    the same frame: the frame's text and bars are the same pixels in both."""
+    from PIL import Image
+
+    from monitor import fingerprint_bytes
+    from monitor.fingerprints import KeypointFinder
+    from monitor.search.index import LibraryIndex
+    from monitor.search.matcher import PRESETS, Matcher
+    files = sorted(corpus.glob("*.jpg"))
+    random.Random(3).shuffle(files)
+
+    def load(p: Path) -> np.ndarray:
+        img = Image.open(p).convert("RGB")
+        img.thumbnail((max_side, max_side))
+        return np.asarray(img).copy()
+    rng = random.Random(5)
+    for name, frame in (("feed post", feed_post), ("story 9:16", story), ("browser page", browser)):
+        index = LibraryIndex()
+        for i, path in enumerate(files[:entries]):
+            fp = fingerprint_bytes(jpeg(frame(load(path), rng), 90), views="library")
+            if fp.degenerate is None:
+                index.add(i, fp)
+        shots = [jpeg(frame(load(path), rng), 85) for path in files[entries:entries + posts]]
+        found = Matcher(index, PRESETS["near"]).match_many([fingerprint_bytes(b, views="query") for b in shots],
+                                                           [KeypointFinder(b) for b in shots])
+        by: dict[str, int] = {}
+        for m in (m for ms in found for m in ms):
+            by[m.decided_by] = by.get(m.decided_by, 0) + 1
+        print(f"{name}: {len(index)} framed entries x {len(shots)} other pictures in the same frame: "
+              f"{sum(by.values())} near pairs ({', '.join(f'{k} {n}' for k, n in sorted(by.items())) or 'none'})",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("corpus", type=Path)
@@ -339,7 +378,11 @@ def main() -> None:
                     "nearest entries' keypoints ([match] keypoints = false)")
     ap.add_argument("--small-turns", action="store_true", help="instead of the held-out edits, turns of "
                     "0.3-2.5 degrees (filled, cropped, in place)")
+    ap.add_argument("--app-frames", action="store_true", help="instead: false pairs between app screenshots "
+                    "of different pictures, the library's entries screenshots too")
     args = ap.parse_args()
+    if args.app_frames:
+        return app_frames(args.corpus)
     if args.library_crops is not None:
         from monitor.fingerprints import crops
         crops.LIBRARY_CROPS = tuple(n for n in args.library_crops.split(",") if n)
