@@ -441,22 +441,25 @@ async def seconds_to_find_a_repost(cfg, site: PhotoSite, ready, settle: float = 
     return found_after
 
 
-@pytest.mark.slow  # eight feeds of dense markup, ~1.6 s of CPU each to parse: ~15 s
+@pytest.mark.slow  # eight feeds of dense markup, ~2 s of CPU each to parse: ~20 s
 async def test_large_feeds_being_parsed_do_not_hold_up_the_store_or_the_small_feeds(tmp_path, samples, caplog):
-    """Eight feeds of 480 KB of dense markup (~1.6 s of feedparser each, the GIL held) polled
+    """Eight feeds of 640 KB of dense markup (~2 s of feedparser each, the GIL held) polled
     every 0.1 s: on the loop's default threads their parses held all six, and every store
     call (work rows, the recorder's writes) and every small feed's parse waited behind them
     (13.7 s for a repost on a small feed). Parsed on two threads of their own, the repost is
     recorded at once; and a feed whose parse took more than a second of CPU is polled again
-    only after 20 times that (its parsing keeps to 5% of a core), so each was parsed once."""
+    only after 20 times that (its parsing keeps to 5% of a core), so each was parsed once, the
+    one refused as no feed after its parse too (its backoff alone would have polled it again)."""
     body = (b'<?xml version="1.0"?><rss version="2.0"><channel><title>big</title><item><title>x</title>'
-            b"<link>http://127.0.0.1/x</link><description>" + b"<b>.</b>" * 60_000
+            b"<link>http://127.0.0.1/x</link><description>" + b"<b>.</b>" * 80_000
             + b"</description></item></channel></rss>")
+    no_feed = b'<?xml version="1.0"?><html><body><p>' + b"<b>.</b>" * 100_000 + b"</p></body></html>"
     served = []
 
-    async def big_feed(request):
+    async def big_feed(request):  # the last is no feed at all, refused once parsed
         served.append(request.match_info["n"])
-        return web.Response(body=body, content_type="application/rss+xml")
+        return web.Response(body=no_feed if request.match_info["n"] == "7" else body,
+                            content_type="application/rss+xml")
     big = web.Application()
     big.router.add_get("/big/{n}.xml", big_feed)
     site = PhotoSite(samples)

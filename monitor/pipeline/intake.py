@@ -86,7 +86,9 @@ class Intake:
                 raise
             except (FetchError, FeedError) as exc:
                 failures += 1
-                delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
+                # a body refused after a long parse spaces the polls as one taken does
+                hint = self._wait_hints.pop(source.name, None) or 0.0
+                delay = max(min(cfg.max_backoff, cfg.interval * 2 ** failures), hint)
                 await self.feed_failed(source.name, exc, failures)
                 log.warning("feed %s failed (%s); next poll in %.0fs", source.name, exc, delay,
                             extra={"feed": source.name, "reason": exc.reason})
@@ -161,7 +163,11 @@ class Intake:
             if resp.not_modified:
                 await self._feed_ok(source.name, now, etag, last_modified, "not_modified")
                 return [], []
-            items, seconds = await parsed_timed(source.parse, resp.body, resp.content_type)
+            try:
+                items, seconds = await parsed_timed(source.parse, resp.body, resp.content_type)
+            except FeedError as exc:
+                self._parsed(source.name, getattr(exc, "parse_seconds", 0.0), len(resp.body))
+                raise
             self._parsed(source.name, seconds, len(resp.body))
             etag, last_modified = resp.etag, resp.last_modified
             self.count_skipped(source.name, items)

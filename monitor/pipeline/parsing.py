@@ -24,7 +24,8 @@ async def parsed(parse, body: bytes, *args):
 
 
 async def parsed_timed(parse, body: bytes, *args):
-    """:func:`parsed`, and the CPU seconds the parse took (its thread's, not the wait for one)."""
+    """:func:`parsed`, and the CPU seconds the parse took (its thread's, not the wait for one;
+    on an error raised, its ``parse_seconds``)."""
     if len(body) <= LARGE:
         return await asyncio.to_thread(_timed, parse, body, *args)
     return await asyncio.get_running_loop().run_in_executor(_LARGE_BODIES, _timed, parse, body, *args)
@@ -32,5 +33,9 @@ async def parsed_timed(parse, body: bytes, *args):
 
 def _timed(call, *args):
     start = time.thread_time()
-    result = call(*args)
+    try:
+        result = call(*args)
+    except Exception as exc:  # a body refused after a long parse: its time goes with the error
+        exc.parse_seconds = time.thread_time() - start
+        raise
     return result, time.thread_time() - start
