@@ -19,7 +19,7 @@ from monitor.metrics import Metrics
 from monitor.pipeline.intake import FeedSettings, Intake
 from monitor.pipeline.recorder import OnMatch, Recorder
 from monitor.pipeline.retro import LibraryWatcher
-from monitor.pipeline.transport import InProcessTransport, Transport
+from monitor.pipeline.transport import InProcessTransport, Transport, host_share
 from monitor.pipeline.worker import Worker
 from monitor.records.library import Library
 from monitor.records.matches import MatchRecord
@@ -40,8 +40,7 @@ class Pipeline:
                  public_url: str | None = None, change_log_days: float = 30.0, history_days: float = 0,
                  retro_memory_mb: float = 256):
         self.store, self.library, self.matcher = store, library, matcher
-        # a slow host holds at most half the workers by default (transport.py)
-        self.transport = transport or InProcessTransport(queue_size, per_host_workers or max(1, workers // 2))
+        self.transport = transport or InProcessTransport(queue_size, host_share(workers, per_host_workers))
         metrics.queue_capacity.labels("download").set(queue_size)
         self.recorder = Recorder(store, library, metrics, outbox=outbox, on_match=on_match)
         self.intake = Intake(store, fetcher, metrics, self.transport, public_url)

@@ -173,6 +173,12 @@ class InProcessTransport:
         await self._room.wait()
 
 
+def host_share(workers: int, per_host: int | None = None) -> int:
+    """Downloads of one host at once: ``per_host`` where set (``limits.per_host_workers``),
+    else half of the workers, so a slow host holds at most that many."""
+    return per_host or max(1, workers // 2)
+
+
 def _host(work: WorkItem) -> str:
     try:
         return urlsplit(work.image_url).hostname or ""

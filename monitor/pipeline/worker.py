@@ -314,7 +314,7 @@ class Worker:
 
 
 def _download_ended(transport: Transport | None, work: WorkItem) -> None:
-    """Tell the transport (none in a scaled-out worker role, which reads the stream itself) that
-    the row's download ended: its host may start another while this image is hashed."""
+    """Tell the transport (none where no queue hands out the rows: the scaled-out api role's
+    checks) that the row's download ended: its host may start another while this image is hashed."""
     if transport is not None:
         transport.downloaded(work)

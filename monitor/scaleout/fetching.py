@@ -27,12 +27,12 @@ from redis.exceptions import RedisError
 
 from monitor.fetch import FetchError
 from monitor.fingerprints import ImageError
-from monitor.pipeline.transport import InProcessTransport
+from monitor.pipeline.transport import InProcessTransport, host_share
 from monitor.pipeline.worker import LOOK_UP, Worker
 from monitor.records import work as work_rows
 from monitor.records.store import DatabaseError
 from monitor.records.work import WorkItem
-from monitor.scaleout.roles import WORKERS_GROUP
+from monitor.scaleout.roles import WORKERS_GROUP, heartbeats
 from monitor.scaleout.streams import FINGERPRINTS, WORK, RedisStreams, id_key, with_retry
 from monitor.scaleout.wire import fingerprint_fields, work_fields, work_from
 
@@ -46,7 +46,7 @@ class FetchRole:
     def __init__(self, worker: Worker, streams: RedisStreams, concurrency: int = 16, per_host: int | None = None):
         self.worker, self.streams, self.concurrency = worker, streams, concurrency
         self.batch = max(1, min(8, concurrency // 4))
-        self.queue = InProcessTransport(max(HOLD, 2 * concurrency), per_host or max(1, concurrency // 2))
+        self.queue = InProcessTransport(max(HOLD, 2 * concurrency), host_share(concurrency, per_host))
         worker.transport = self.queue  # a download's end gives its host's slot back before the hashing
         self._held: dict[bytes, WorkItem] = {}       # message id: its row, until acknowledged or let go
         self._queued: dict[int, tuple[bytes, object]] = {}  # id(row): its message id, what the store knew
@@ -70,8 +70,9 @@ class FetchRole:
                 finally:
                     downloads_over.set()
 
-            await asyncio.gather(self._read(stop), self._keep_held(stop), self._alive(stop), downloads(),
-                                 self._send_finished(downloads_over))
+            await asyncio.gather(self._read(stop), self._keep_held(stop), downloads(),
+                                 self._send_finished(downloads_over),
+                                 heartbeats(self.streams, WORK, WORKERS_GROUP, stop))
         finally:
             await self.worker.close()
 
@@ -197,11 +198,6 @@ class FetchRole:
                 await self.streams.touch(WORK, WORKERS_GROUP, list(self._held))
             except (RedisError, OSError) as exc:
                 log.warning("%s: the rows held could not be claimed again (%s)", WORK, exc)
-
-    async def _alive(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await with_retry("heartbeat", lambda: self.streams.heartbeat(WORK, WORKERS_GROUP), stop)
-            await _first(stop, stop, 1.5)
 
 
 async def _first(waited, stop: asyncio.Event, timeout: float | None = None) -> bool:

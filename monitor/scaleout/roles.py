@@ -116,6 +116,16 @@ class StreamTransport:
         return self._backlog
 
 
+async def heartbeats(streams: RedisStreams, stream: str, group: str, stop: asyncio.Event) -> None:
+    """This consumer of ``stream`` as ``group`` said alive every 1.5 s until ``stop``."""
+    while not stop.is_set():
+        await with_retry("heartbeat", lambda: streams.heartbeat(stream, group), stop)
+        try:
+            await asyncio.wait_for(stop.wait(), 1.5)
+        except TimeoutError:
+            pass
+
+
 async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop: asyncio.Event,
                    *, count: int = 1, tasks: int = 1, handle_batch=None, linger: float = 0.0) -> None:
     """``tasks`` loops reading ``stream`` as ``group``, up to ``count`` messages at a time;
@@ -126,14 +136,6 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
     fails is left pending, to be claimed again (and dead-lettered after max_deliveries)."""
     await with_retry(f"group {group}", lambda: streams.ensure_group(stream, group), stop)
     arrivals = Arrivals()
-
-    async def alive():
-        while not stop.is_set():
-            await with_retry("heartbeat", lambda: streams.heartbeat(stream, group), stop)
-            try:
-                await asyncio.wait_for(stop.wait(), 1.5)
-            except TimeoutError:
-                pass
 
     async def one(mid, fields) -> bool:
         """Handle one message: True to acknowledge it (done; or dead-lettered, acknowledged there)."""
@@ -171,7 +173,7 @@ async def _consume(streams: RedisStreams, stream: str, group: str, handle, stop:
             if done:
                 await with_retry("ack", lambda d=done: streams.ack(stream, group, *d), stop)
 
-    await asyncio.gather(alive(), *(loop() for _ in range(tasks)))
+    await asyncio.gather(heartbeats(streams, stream, group, stop), *(loop() for _ in range(tasks)))
 
 
 class ShardRole:
