@@ -109,9 +109,8 @@ class LimitsConfig(_Model):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     queue_size: Annotated[int, Field(ge=1)] = 1000
     per_host_workers: Annotated[int, Field(ge=1)] | None = None  # downloads from one host at once (None: half)
-    # Decode+hash(+match) threads; None: one per core, but one in a scaled-out fetch worker, which
-    # scales by processes (bench/scaleout.py on 2 cores, two workers, alternated: 416-427 posts/s
-    # with one thread each, 365-383 with two; the one-process daemon: 277-315 / 257-276)
+    # Decode+hash(+match) threads; None: one per core, but one in a scaled-out fetch worker, which scales by
+    # processes (bench/scaleout.py, 2 cores, two workers: 416-427 posts/s at one thread each, 365-383 at two)
     fingerprint_workers: Annotated[int, Field(ge=1)] | None = None
     # Decode and hash in this many worker processes instead of threads of the daemon (0): they do
     # not contend with the event loop for the GIL, and a decoder crash fails that image only.
@@ -150,6 +149,7 @@ class FeedConfig(_Model):
     interval: Annotated[float, Field(gt=0)] = 300.0
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.1   # share of the interval
     max_backoff: Annotated[float, Field(gt=0)] = 3600.0
+    max_new_items: Annotated[int, Field(ge=1)] = 1000  # a poll records at most this many; the rest wait
     headers: dict[str, str] = {}
     # Streaming sources: the timeline polled for what was posted while disconnected
     # (default: the one matching the stream's path, e.g. /api/v1/timelines/public).

@@ -67,7 +67,8 @@ def configured_sources(config: Config) -> list[tuple[object, FeedSettings]]:
                                                     "keywords", "image_url_template") if getattr(feed, key)}
         opts["websub"] = feed.websub
         out.append((make_source(feed.type, feed.name, feed.url, **opts),
-                    FeedSettings(feed.interval, feed.jitter, feed.max_backoff, tuple(feed.headers.items()))))
+                    FeedSettings(feed.interval, feed.jitter, feed.max_backoff, tuple(feed.headers.items()),
+                                 feed.max_new_items)))
     return out
 
 

@@ -30,7 +30,8 @@ class Metrics:
         self.feed_polls = Counter(p + "feed_polls_total", "Feed polls by result "
                                   "(ok, not_modified, error)", ["feed", "result"], registry=r)
         self.feed_items_skipped = Counter(p + "feed_items_skipped_total", "Feed items or image URLs "
-                                          "skipped, by reason (malformed_item, bad_url)",
+                                          "skipped, by reason (malformed_item, bad_url; deferred: new items past the "
+                                          "feed's max_new_items, left for a later poll)",
                                           ["feed", "reason"], registry=r)
         self.stream_connected = Gauge(p + "stream_connected", "1 while a streaming source's connection is "
                                       "open", ["feed"], registry=r)
@@ -172,7 +173,7 @@ class Metrics:
             self.images_downloaded.labels(feed)
             for result in ("ok", "not_modified", "error"):
                 self.feed_polls.labels(feed, result)
-            for reason in ("malformed_item", "bad_url"):
+            for reason in ("malformed_item", "bad_url", "deferred"):
                 self.feed_items_skipped.labels(feed, reason)
         for sink in sinks:
             for outcome in ("delivered", "failed", "dead", "flood_suppressed"):

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from aiohttp import web
 
 from feeds import FeedItem, make_source
 from monitor.alerts.outbox import Outbox
@@ -616,3 +617,45 @@ async def test_an_entry_added_while_no_daemon_ran_is_retro_matched_at_the_next_s
     with caplog.at_level("WARNING", logger="repost_monitor.pipeline"):
         assert await start(Library(library.store)) == ([], 0)
     assert "change log was pruned past the last retro-match" in caplog.text
+
+
+async def test_a_poll_records_at_most_max_new_items_and_the_next_polls_take_the_rest(store_location):
+    """A feed that suddenly lists thousands of new items (an archive, rotating ids) is taken
+    max_new_items a poll, the first listed first; the rest are listed again by the next
+    poll, which is not conditional until every item is recorded; nothing is lost."""
+    listed = [{"id": f"i{k}", "url": f"http://example.org/{k}", "image": f"http://img.example/{k}.jpg"}
+              for k in range(2500)]
+    conditional = []
+
+    async def feed(request):
+        conditional.append(request.headers.get("If-None-Match"))
+        etag = f'"v{len(listed)}"'
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304)
+        return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "t", "items": listed},
+                                 headers={"ETag": etag})
+    app = web.Application()
+    app.router.add_get("/feed.json", feed)
+    store = open_store(store_location)
+    try:
+        async with serve(app) as base, Fetcher(LIMITS) as fetcher:
+            metrics = Metrics()
+            intake = Intake(store, fetcher, metrics, InProcessTransport(100))
+            source = make_source("jsonfeed", "big", f"{base}/feed.json")
+            await intake.poll_once(source, max_new=1000)  # rows of a feed seen before keep their places
+            taken = [[w.item_id for w in await intake.poll_once(source, max_new=1000)] for _ in range(3)]
+            # the first poll, above, took i0..i999; then the next 1,000, the last 500, and nothing
+            assert taken[0] == [f"i{k}" for k in range(1000, 2000)]
+            assert taken[1] == [f"i{k}" for k in range(2000, 2500)] and taken[2] == []
+            assert conditional == [None, None, None, '"v2500"']  # no 304 hid what was left out
+            assert store.query("SELECT COUNT(*) FROM seen_items")[0][0] == 2500
+            assert store.query("SELECT COUNT(DISTINCT item_id) FROM work")[0][0] == 2500
+            deferred = metrics.registry.get_sample_value("repost_monitor_feed_items_skipped_total",
+                                                         {"feed": "ingest", "reason": "deferred"})
+            assert deferred == 1500 + 500
+            # new items among 2,500 seen: the cap counts the new ones only
+            listed[:0] = [{"id": f"n{k}", "image": f"http://img.example/n{k}.jpg"} for k in range(3)]
+            assert [w.item_id for w in await intake.poll_once(source, max_new=2)] == ["n0", "n1"]
+            assert [w.item_id for w in await intake.poll_once(source, max_new=2)] == ["n2"]
+    finally:
+        store.close()

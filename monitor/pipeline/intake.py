@@ -32,6 +32,37 @@ class FeedSettings:
     jitter: float = 0.1
     max_backoff: float = 3600.0
     headers: tuple[tuple[str, str], ...] = ()  # sent with every poll (API tokens)
+    max_new_items: int = 1000  # a poll records at most this many new items; the rest wait for the next
+
+
+class BearerTokens:
+    """OAuth client-credentials tokens of the sources behind an API that wants them."""
+
+    def __init__(self, fetcher: Fetcher):
+        self.fetcher = fetcher
+        self._tokens: dict[str, tuple[str, float]] = {}  # per source: (bearer token, expiry)
+
+    async def header(self, source: HttpSource, fresh: bool = False) -> dict[str, str]:
+        """{"Authorization": "bearer TOKEN"} for a source behind OAuth client credentials (the
+        token kept until a minute before it expires), else {}."""
+        request = source.token_request()
+        if request is None:
+            return {}
+        token, expires = self._tokens.get(source.name, ("", 0.0))
+        if fresh or not token or time.time() > expires - 60:
+            status, body = await self.fetcher.post_form(request.url, dict(request.form),
+                                                        auth=(request.client_id, request.client_secret),
+                                                        headers=source.request_headers())
+            if status != 200:
+                raise FetchError("auth_failed", f"the token request to {request.url} answered HTTP {status}",
+                                 status=status)
+            try:
+                doc = json_document(body)
+                token, ttl = str(doc["access_token"]), float(doc.get("expires_in", 3600))
+            except (ValueError, KeyError, TypeError):
+                raise FetchError("auth_failed", f"{request.url} did not answer with a token") from None
+            self._tokens[source.name] = (token, time.time() + ttl)
+        return {"Authorization": f"bearer {token}"}
 
 
 class Intake:
@@ -41,7 +72,7 @@ class Intake:
         self.sources: list[tuple[HttpSource | LocalSource | StreamSource, FeedSettings]] = []
         self.streams = StreamWatcher(self)
         self.websub = WebSub(self, public_url)
-        self._tokens: dict[str, tuple[str, float]] = {}  # OAuth sources: (bearer token, expiry)
+        self.tokens = BearerTokens(fetcher)
         self._wait_hints: dict[str, float | None] = {}  # a source's "not before" for its next poll
 
     async def start(self) -> None:
@@ -74,7 +105,7 @@ class Intake:
         failures = 0
         while not stop.is_set():
             try:
-                await self.queue_work(await self.poll_once(source, dict(cfg.headers)))
+                await self.queue_work(await self.poll_once(source, dict(cfg.headers), cfg.max_new_items))
                 failures = 0
                 # an API out of requests for its window says when it resets (Reddit's X-Ratelimit-*);
                 # a feed its WebSub hub pushes is polled only as a safety net
@@ -142,12 +173,15 @@ class Intake:
             log.error("feed %s: cannot record its failure in %s: %s", feed, self.store.path, db_exc,
                       extra={"feed": feed})
 
-    async def poll_once(self, source, headers: dict | None = None) -> list[WorkItem]:
+    async def poll_once(self, source, headers: dict | None = None, max_new: int | None = None) -> list[WorkItem]:
         """Poll one source; returns the work rows it created (already stored)."""
-        return (await self.poll(source, headers))[0]
+        return (await self.poll(source, headers, max_new))[0]
 
-    async def poll(self, source, headers: dict | None = None) -> tuple[list[WorkItem], list[FeedItem]]:
-        """(the work rows a poll created, every item it saw)."""
+    async def poll(self, source, headers: dict | None = None,
+                   max_new: int | None = None) -> tuple[list[WorkItem], list[FeedItem]]:
+        """(the work rows a poll created, every item it saw). ``max_new``: record at most that
+        many new items, the first listed; the rest are listed again by the next poll, which
+        then is not conditional (a 304 would hide them)."""
         now = time.time()
         if isinstance(source, LocalSource):
             self.fetcher.add_local_root(source.options["path"])
@@ -173,7 +207,9 @@ class Intake:
             self.count_skipped(source.name, items)
         # A poll can bring hundreds of rows: their transaction runs off the loop,
         # which meanwhile keeps the downloads and the matches moving.
-        work = await asyncio.to_thread(self.record_items, source.name, items, now)
+        work, deferred = await asyncio.to_thread(self.record_items_capped, source.name, items, now, max_new)
+        if deferred:
+            etag = last_modified = None
         await self._feed_ok(source.name, now, etag, last_modified, "ok")
         if work:
             log.info("feed %s: %d new images in %d items", source.name, len(work),
@@ -184,35 +220,13 @@ class Intake:
         """The feed's response, with a bearer token where the source's API wants one (a
         token refused before its time is replaced once)."""
         for attempt in (1, 2):
-            auth = await self._bearer(source, fresh=attempt == 2)
+            auth = await self.tokens.header(source, fresh=attempt == 2)
             try:
                 return await self.fetcher.fetch_feed(source.url, etag=etag, last_modified=last_modified,
                                                      accept=source.accept, headers={**headers, **auth})
             except FetchError as exc:
                 if not (auth and exc.status == 401 and attempt == 1):
                     raise
-
-    async def _bearer(self, source: HttpSource, fresh: bool = False) -> dict[str, str]:
-        """{"Authorization": "bearer TOKEN"} for a source behind OAuth client credentials (the
-        token kept until a minute before it expires), else {}."""
-        request = source.token_request()
-        if request is None:
-            return {}
-        token, expires = self._tokens.get(source.name, ("", 0.0))
-        if fresh or not token or time.time() > expires - 60:
-            status, body = await self.fetcher.post_form(request.url, dict(request.form),
-                                                        auth=(request.client_id, request.client_secret),
-                                                        headers=source.request_headers())
-            if status != 200:
-                raise FetchError("auth_failed", f"the token request to {request.url} answered HTTP {status}",
-                                 status=status)
-            try:
-                doc = json_document(body)
-                token, ttl = str(doc["access_token"]), float(doc.get("expires_in", 3600))
-            except (ValueError, KeyError, TypeError):
-                raise FetchError("auth_failed", f"{request.url} did not answer with a token") from None
-            self._tokens[source.name] = (token, time.time() + ttl)
-        return {"Authorization": f"bearer {token}"}
 
     def count_skipped(self, feed: str, items) -> None:
         for reason, detail in getattr(items, "skipped", ()):
@@ -225,9 +239,22 @@ class Intake:
         await asyncio.to_thread(work_rows.feed_ok, self.store, feed, now, etag, last_modified)
 
     def record_items(self, feed: str, items: list[FeedItem], now: float) -> list[WorkItem]:
-        work, new_items = work_rows.record_items(self.store, feed, items, now)
+        return self.record_items_capped(feed, items, now, None)[0]
+
+    def record_items_capped(self, feed: str, items: list[FeedItem], now: float,
+                            max_new: int | None) -> tuple[list[WorkItem], int]:
+        """(the work rows of the new items, at most ``max_new`` of them; how many new items
+        were left for a later poll)."""
+        if max_new is None:
+            (work, new_items), deferred = work_rows.record_items(self.store, feed, items, now), 0
+        else:
+            work, new_items, deferred = work_rows.record_capped(self.store, feed, items, now, max_new)
         self.metrics.items_discovered.labels(self.metrics.feed(feed)).inc(new_items)
-        return work
+        if deferred:
+            self.metrics.feed_items_skipped.labels(self.metrics.feed(feed), "deferred").inc(deferred)
+            log.warning("feed %s listed %d new items; %d recorded (max_new_items), the rest wait for its next poll",
+                        feed, new_items + deferred, new_items, extra={"feed": feed, "reason": "deferred"})
+        return work, deferred
 
     async def submit(self, feed: str, items: list[FeedItem]) -> list[WorkItem]:
         """Queue items pushed to us (the ingest API) like polled ones."""

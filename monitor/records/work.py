@@ -110,6 +110,30 @@ def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> 
     return work, new_items
 
 
+SEEN_CHUNK = 500  # item ids per look-up of the ones already seen
+
+
+def record_capped(store: Store, feed: str, items: list[FeedItem], now: float,
+                  limit: int) -> tuple[list[WorkItem], int, int]:
+    """:func:`record_items` of at most ``limit`` new items (the first listed) and every item
+    seen before: (the new rows, how many items were new, how many new ones were left out).
+    Those left out are not recorded, so the feed's next poll lists them as new again: a feed
+    that suddenly lists 50,000 new items (a misconfigured URL, an archive, rotating ids) is
+    taken ``limit`` a poll, and nothing it keeps listing is lost."""
+    ids = list(dict.fromkeys(item.id for item in items))
+    if len(ids) <= limit:
+        return (*record_items(store, feed, items, now), 0)
+    seen: set[str] = set()
+    for start in range(0, len(ids), SEEN_CHUNK):
+        chunk = ids[start:start + SEEN_CHUNK]
+        seen.update(r[0] for r in store.query("SELECT item_id FROM seen_items WHERE feed=? AND item_id IN ("
+                                              + ",".join(["?"] * len(chunk)) + ")", (feed, *chunk)))
+    fresh = [i for i in ids if i not in seen]
+    taken = seen | set(fresh[:limit])
+    work, new_items = record_items(store, feed, [item for item in items if item.id in taken], now)
+    return work, new_items, max(0, len(fresh) - limit)
+
+
 def pending(store: Store, discovered_before: float | None = None) -> list[WorkItem]:
     """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first; or
     only the rows discovered before a time."""
