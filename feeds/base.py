@@ -37,6 +37,9 @@ class FeedError(ValueError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
 
+    def __reduce__(self):  # to and from the processes that parse large bodies, attributes kept
+        return type(self), (self.reason, str(self).removeprefix(f"{self.reason}: ")), self.__dict__
+
 
 @dataclass
 class HttpSource(ABC):

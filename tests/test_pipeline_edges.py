@@ -446,7 +446,7 @@ async def test_large_feeds_being_parsed_do_not_hold_up_the_store_or_the_small_fe
     """Eight feeds of 640 KB of dense markup (~2 s of feedparser each, the GIL held) polled
     every 0.1 s: on the loop's default threads their parses held all six, and every store
     call (work rows, the recorder's writes) and every small feed's parse waited behind them
-    (13.7 s for a repost on a small feed). Parsed on two threads of their own, the repost is
+    (13.7 s for a repost on a small feed). Parsed in two processes of their own, the repost is
     recorded at once; and a feed whose parse took more than a second of CPU is polled again
     only after 20 times that (its parsing keeps to 5% of a core), so each was parsed once, the
     one refused as no feed after its parse too (its backoff alone would have polled it again)."""

@@ -27,6 +27,8 @@ import secrets
 import time
 from urllib.parse import urljoin
 
+from multidict import CIMultiDict
+
 from feeds import FeedError, HttpSource
 from monitor.fetch import FetchError
 from monitor.pipeline.parsing import parsed
@@ -102,7 +104,8 @@ class WebSub:
         if not self.due(source.name):
             return
         sub = self.subscriptions.get(source.name)
-        found = await parsed(source.hub, body, headers) if body is not None else None
+        # (a plain copy of the headers: a large body's parse goes to another process)
+        found = await parsed(source.hub, body, CIMultiDict(headers)) if body is not None else None
         if found is None and body is None and sub is not None:
             found = (sub.hub, sub.topic)
         if not found:
