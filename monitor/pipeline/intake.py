@@ -123,6 +123,12 @@ class Intake:
                 await self.feed_failed(source.name, exc, failures)
                 log.warning("feed %s failed (%s); next poll in %.0fs", source.name, exc, delay,
                             extra={"feed": source.name, "reason": exc.reason})
+            except DatabaseError as exc:  # the store is failing (a full disk, a failover): the items wait
+                failures += 1
+                delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)
+                self.metrics.errors.labels("store").inc()
+                log.error("feed %s: the store failed (%s); its items are read again at the next poll, in %.0fs",
+                          source.name, exc, delay, extra={"feed": source.name})
             except Exception as exc:  # noqa: BLE001 - a bug in one adapter must not stop the rest
                 failures += 1
                 delay = min(cfg.max_backoff, cfg.interval * 2 ** failures)

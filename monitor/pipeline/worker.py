@@ -24,10 +24,11 @@ from monitor.metrics import Metrics
 from monitor.pipeline.grouped import Grouped
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.refetch import confirmed_again
+from monitor.pipeline.retries import StoreRetries
 from monitor.pipeline.transport import Transport
 from monitor.records import work as work_rows
 from monitor.records.matches import MatchRecord
-from monitor.records.store import Store
+from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
 from monitor.search.batcher import MatchBatcher
 from monitor.search.matcher import Match, Matcher
@@ -98,6 +99,7 @@ class Worker:
         self._lookups = Grouped(functools.partial(_cached_many, store))
         self.keypoints = keypoints  # [match] keypoints: the second look, for the posts that need one
         self.recorder, self.metrics, self.transport = recorder, metrics, transport
+        self.retries = StoreRetries(transport, metrics)
         self.workers = workers
         self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
         # posts matched on threads of their own, every post waiting in one pass (batcher.py)
@@ -108,10 +110,8 @@ class Worker:
         self.processes = _process_pool(fingerprint_processes) if fingerprint_processes else None
         self._inflight: dict[str, asyncio.Future] = {}
         self._recent: OrderedDict[str, tuple] = OrderedDict()  # the last fetches' results, by URL
-        # Downloaded images waiting for a fingerprint thread. No new download
-        # starts while this many wait: on a fast network the downloads would
-        # otherwise outrun the CPU and every image would queue for it (the
-        # downloaded -> recorded latency grows with the backlog, not the work).
+        # Downloaded images waiting for a fingerprint thread. No new download starts while this many wait:
+        # downloads would outrun the CPU, and the downloaded -> recorded latency grow with the backlog.
         self.backlog_limit = max(4, 3 * max(fingerprint_workers, fingerprint_processes))
         self._backlog = 0
         self._backlog_free = asyncio.Event()
@@ -127,6 +127,7 @@ class Worker:
         return [asyncio.create_task(self._work(stop), name=f"worker:{i}") for i in range(self.workers)]
 
     async def close(self) -> None:
+        self.retries.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.executor.shutdown)
         if self.batcher is not None:
@@ -144,12 +145,14 @@ class Worker:
             try:
                 # a stop lets this image finish (workers drain); a cancel leaves its row pending
                 await self.process(work)
+                self.retries.recorded(work)
+            except DatabaseError as exc:  # the store is failing (a full disk, a failover): tried again
+                self.retries.failed(work, exc)
             except Exception as exc:  # noqa: BLE001 - one bad image never stops a worker
                 self.metrics.errors.labels("process").inc()
                 log.exception("processing %s failed", work.image_url,
                               extra={"feed": work.feed, "item_id": work.item_id, "url": work.image_url})
-                # A row left pending would wait for the next restart and fail the same way:
-                # it ends now, failed, with its reason.
+                # Left pending, it would fail the same way at the next start: it ends now, failed, with its reason.
                 try:
                     await self.recorder.record(work, [], None,
                                                error=f"internal: {type(exc).__name__}: {exc}"[:500])
@@ -249,9 +252,8 @@ class Worker:
 
     def _hash(self, data: bytes) -> Fingerprint:
         """Decode and hash on a worker thread."""
-        # Fingerprinted for shards that match elsewhere (no matcher): the copy keypoints are
-        # found on, for the shards to find them only if the post needs them, when the
-        # second look is on. Matched here, a post's keypoints are found only if the matcher asks.
+        # Fingerprinted for shards that match elsewhere (no matcher): the copy keypoints are found on, for
+        # the shards to find them only if the post needs them. Here, only if the matcher asks.
         fp, seconds = fingerprint_query(data, self.max_pixels, self.keypoints and self.matcher is None)
         self.metrics.fingerprint_seconds.observe(seconds)
         return fp
@@ -263,9 +265,8 @@ class Worker:
                 return await asyncio.wrap_future(pool.submit(fingerprint_query, data, self.max_pixels,
                                                                self.keypoints and self.matcher is None))
             except BrokenProcessPool:
-                # A worker died (a decoder crash, the OOM killer) on this image
-                # or on one beside it: new workers, and one more try, so only
-                # an image that kills a worker twice fails; the rest go on.
+                # A worker died (a decoder crash, the OOM killer) on this image or on one beside it:
+                # new workers, and one more try, so only an image that kills a worker twice fails.
                 if self.processes is pool:
                     log.error("a fingerprint process died; starting new ones")
                     self.processes = _process_pool(self.fingerprint_processes)
