@@ -34,23 +34,28 @@ def small_disk(tmp_path):
 
 
 def fill(where) -> None:
-    with open(where / "fill", "wb") as f:
+    with open(where / "fill", "wb", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+                f.write(b"\0" * 4096)
         except OSError:  # ENOSPC: full
             pass
+
+
+def repost(samples) -> bytes:
+    """A smaller JPEG of a protected picture."""
+    img = Image.open(samples / "library-chelsea.jpg")
+    img.thumbnail((300, 300))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=80)
+    return out.getvalue()
 
 
 @pytest.mark.slow  # a store outage of a few seconds and the pauses after it: ~15 s
 async def test_images_recorded_while_the_disk_is_full_are_recorded_once_it_is_not(small_disk, samples, caplog):
     db = small_disk / "m.sqlite"
     make_library(db, samples)
-    img = Image.open(samples / "library-chelsea.jpg")
-    img.thumbnail((300, 300))
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=80)
+    data = repost(samples)
     posts: list[int] = []
 
     async def feed(request):
@@ -60,7 +65,7 @@ async def test_images_recorded_while_the_disk_is_full_are_recorded_once_it_is_no
 
     async def slow_image(request):  # downloads under way when the disk fills
         await asyncio.sleep(1.0)
-        return web.Response(body=out.getvalue(), content_type="image/jpeg")
+        return web.Response(body=data, content_type="image/jpeg")
     app = web.Application()
     app.router.add_get("/feed.json", feed)
     app.router.add_get("/slow/{n}.jpg", slow_image)
@@ -94,3 +99,87 @@ async def test_images_recorded_while_the_disk_is_full_are_recorded_once_it_is_no
     messages = [r.getMessage() for r in caplog.records]
     assert any("feed json: the store failed" in m for m in messages)  # the polls said so, and went on
     assert not any("unexpected error" in m for m in messages)
+
+
+@pytest.mark.slow  # ~10 s
+async def test_an_alert_delivered_while_the_disk_is_full_is_marked_once_it_is_not(small_disk, samples, caplog):
+    """The webhook answers while the disk is full, so the delivery cannot be marked: the sender
+    says so and tries again (the alert sent again: at least once), and the daemon goes on."""
+    db = small_disk / "m.sqlite"
+    make_library(db, samples)
+    data = repost(samples)
+    received, answering = [], asyncio.Event()
+
+    async def feed(request):
+        return web.json_response({"version": "https://jsonfeed.org/version/1.1", "title": "t", "items": [
+            {"id": "j1", "url": f"http://{request.host}/p/1", "image": f"http://{request.host}/img/1.jpg"}]})
+
+    async def image(request):
+        return web.Response(body=data, content_type="image/jpeg")
+
+    async def hook(request):
+        received.append(await request.json())
+        if len(received) == 1:  # the disk fills while the first delivery is under way
+            answering.set()
+            await asyncio.sleep(1.0)
+        return web.Response(status=200)
+    app = web.Application()
+    app.router.add_get("/feed.json", feed)
+    app.router.add_get("/img/1.jpg", image)
+    app.router.add_post("/hook", hook)
+    caplog.set_level(logging.ERROR, logger="repost_monitor")
+    async with serve(app) as base:
+        cfg = config_for(base, db)
+        cfg = parse_config({**cfg.model_dump(), "feeds": [{"name": "json", "type": "jsonfeed", "interval": 0.5,
+                                                           "url": f"{base}/feed.json"}],
+                            "alerts": [{"name": "hook", "type": "webhook", "url": f"{base}/hook"}]})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, install_signals=False))
+        await until(answering.is_set, 60)
+        fill(small_disk)
+        await asyncio.sleep(3)
+        assert not task.done(), task.exception() if task.done() else None
+        (small_disk / "fill").unlink()
+
+        def delivered():
+            return sqlite3.connect(db).execute("SELECT state FROM alerts").fetchall() == [("delivered",)]
+        await until(delivered, 60)
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    assert {r["alert_id"] for r in received} == {received[0]["alert_id"]} and len(received) >= 2
+    assert any("could not be marked" in r.getMessage() or "the store failed" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.slow  # ~8 s
+async def test_a_post_streamed_while_the_disk_is_full_is_caught_up_once_it_is_not(small_disk, samples, caplog):
+    """A streaming source whose event cannot be recorded reconnects (its position kept in memory
+    where it cannot be stored) and, once the store can be written, catches the post up."""
+    from tests.test_daemon import PhotoSite
+    from tests.test_streaming import Instance, stream_config
+
+    site = PhotoSite(samples)
+    db = small_disk / "m.sqlite"
+    make_library(db, samples)
+    base = [""]
+    instance = Instance(base)
+    records = []
+    async with serve(site.app()) as images, serve(instance.app()) as masto:
+        base[0] = images
+        cfg = stream_config(images, masto, db)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, on_match=records.append, install_signals=False))
+        instance.post(1, ["other-apple.jpg"], live=False)
+        await until(lambda: instance.connections == 1)
+        await until(lambda: sqlite3.connect(db).execute("SELECT COUNT(*) FROM work").fetchone()[0] == 1)
+        fill(small_disk)
+        instance.post(2, ["small-chelsea.jpg"])  # streamed while the disk is full
+        await asyncio.sleep(3)  # the event, then each catch-up, fails: reconnecting
+        assert not task.done() and not records
+        (small_disk / "fill").unlink()
+        await until(lambda: records, 30)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert [r.entry.label for r in records] == ["library-chelsea"]
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM seen_items WHERE feed='live'").fetchone()[0] == 2
+    assert any("feed live: the store failed" in r.getMessage() for r in caplog.records)

@@ -114,6 +114,14 @@ class Instance:
         return app
 
 
+def stream_config(images: str, masto: str, db):
+    """The test config with one feed: the instance's public stream, reconnecting within 0.5 s."""
+    cfg = config_for(images, db)
+    return parse_config({**cfg.model_dump(), "feeds": [{"name": "live", "type": "mastodon_stream",
+                                                        "url": f"{masto}/api/v1/streaming/public",
+                                                        "max_backoff": 0.5}]})
+
+
 @pytest.mark.slow  # ~2 s (a restart): the fast tier keeps under its minute
 async def test_posts_as_they_happen_a_dropped_stream_and_a_restart_lose_and_repeat_nothing(tmp_path, samples):
     site = PhotoSite(samples)
@@ -123,10 +131,7 @@ async def test_posts_as_they_happen_a_dropped_stream_and_a_restart_lose_and_repe
     instance = Instance(base)
     async with serve(site.app()) as images, serve(instance.app()) as masto:
         base[0] = images
-        cfg = config_for(images, db)
-        cfg = parse_config({**cfg.model_dump(), "feeds": [{"name": "live", "type": "mastodon_stream",
-                                                           "url": f"{masto}/api/v1/streaming/public",
-                                                           "max_backoff": 0.5}]})
+        cfg = stream_config(images, masto, db)
         records = []
         stop = asyncio.Event()
         running = {}

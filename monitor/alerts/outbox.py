@@ -27,9 +27,10 @@ from monitor.alerts.sinks import DeliveryError
 from monitor.isotime import iso
 from monitor.metrics import Metrics
 from monitor.records import alerts as alert_rows
-from monitor.records.store import Store
+from monitor.records.store import DatabaseError, Store
 
 log = logging.getLogger("repost_monitor.alerts")
+STORE_PAUSE_MAX = 60.0  # seconds: the longest a sink waits for a failing store before reading its queue again
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,21 @@ class Outbox:
             self.metrics.alerts_in_state.labels(name, state).set(counts.get(state, 0))
 
     async def _send_loop(self, session, sink, rule: SinkRule, stop: asyncio.Event) -> None:
+        """Deliver the sink's queue until ``stop``. A store that fails meanwhile (a full disk, a
+        failover) pauses the sink, 1 s doubling to STORE_PAUSE_MAX, and the queue is read again:
+        an alert delivered but not marked so is sent again (at least once), none is lost."""
+        pause = 1.0
+        while not stop.is_set():
+            try:
+                await self._send_rounds(session, sink, rule, stop)
+            except DatabaseError as exc:
+                self.metrics.errors.labels("store").inc()
+                log.error("sink %s: the store failed (%s); its alerts wait %.0f s (one delivered meanwhile "
+                          "may be sent again)", sink.name, exc, pause, extra={"sink": sink.name})
+                await self._sleep(sink.name, pause, stop)
+                pause = min(STORE_PAUSE_MAX, pause * 2)
+
+    async def _send_rounds(self, session, sink, rule: SinkRule, stop: asyncio.Event) -> None:
         await self._update_gauges(sink.name, force=True)
         batch_size = max(1, getattr(sink, "batch_size", 1))
         while not stop.is_set():

@@ -269,7 +269,16 @@ class Intake:
         return work
 
     async def _resume_pending(self, stop: asyncio.Event) -> None:
-        rows = await asyncio.to_thread(work_rows.pending, self.store)
+        for pause in (1, 2, 4, 8, 16, 30):  # a store failing at the start (a failover): read again
+            try:
+                rows = await asyncio.to_thread(work_rows.pending, self.store)
+                break
+            except DatabaseError as exc:
+                log.error("the work left pending could not be read (%s); again in %d s", exc, pause)
+                await asyncio.sleep(pause)
+        else:
+            log.error("the work left pending is resumed at the next start: the store could not be read")
+            return
         if rows:
             log.info("resuming %d pending images from the last run", len(rows))
         for row in rows:

@@ -13,6 +13,7 @@ from feeds.base import ParsedItems
 from feeds.sse import EventTooLarge, SSEDecoder
 from monitor.fetch import FetchError
 from monitor.records import work as work_rows
+from monitor.records.store import DatabaseError
 
 log = logging.getLogger("repost_monitor.pipeline")
 
@@ -63,6 +64,10 @@ class StreamWatcher:
                 if isinstance(exc, (FetchError, FeedError)):
                     log.warning("feed %s: stream ended (%s); reconnecting in %.1fs", source.name, exc, delay,
                                 extra={"feed": source.name, "reason": exc.reason})
+                elif isinstance(exc, DatabaseError):  # a full disk, a failover: caught up once it is back
+                    self.intake.metrics.errors.labels("store").inc()
+                    log.error("feed %s: the store failed (%s); reconnecting in %.1fs", source.name, exc, delay,
+                              extra={"feed": source.name})
                 else:
                     self.intake.metrics.errors.labels("poll").inc()
                     log.exception("feed %s: stream failed; reconnecting in %.1fs", source.name, delay,
@@ -98,7 +103,11 @@ class StreamWatcher:
         if not cursor or cursor == saved:
             return
         if force or time.monotonic() - when >= CURSOR_SAVE_SECONDS:
-            await asyncio.to_thread(work_rows.set_feed_cursor, self.intake.store, feed, cursor)
+            try:
+                await asyncio.to_thread(work_rows.set_feed_cursor, self.intake.store, feed, cursor)
+            except DatabaseError as exc:  # the store is failing: kept here, stored at the next save
+                log.error("feed %s: its position could not be stored (%s)", feed, exc, extra={"feed": feed})
+                return
             self._saved[feed] = (cursor, time.monotonic())
         elif feed not in self._flushes:  # a stream that goes quiet still gets its position stored
             self._flushes[feed] = asyncio.create_task(self._flush_later(feed))
