@@ -183,3 +183,39 @@ async def test_a_post_streamed_while_the_disk_is_full_is_caught_up_once_it_is_no
     assert [r.entry.label for r in records] == ["library-chelsea"]
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM seen_items WHERE feed='live'").fetchone()[0] == 2
     assert any("feed live: the store failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow  # 35 posts at 5 a second and a restart: ~15 s
+async def test_postgresql_restarted_under_the_one_process_daemon_loses_nothing(postgres_cluster, samples):
+    """The one-process daemon on PostgreSQL, the server restarted mid-stream (a failover): the
+    images whose recording met it are recorded once it is back, every alert delivered once."""
+    from tests.test_scaleout import many_posts
+
+    url, site, hooks, names = many_posts(postgres_cluster, samples)
+
+    def query(sql):
+        from monitor.records.engines import open_store
+        store = open_store(url)
+        try:
+            return store.query(sql)
+        finally:
+            store.close()
+
+    def done():
+        return query("SELECT COUNT(*) FROM work WHERE state != 'pending'")[0][0]
+    async with serve(site.app()) as base, serve(hooks.app()) as recv:
+        cfg = config_for(base, url)
+        cfg = parse_config({**cfg.model_dump(), "limits": {**cfg.limits.model_dump(), "per_host_rate": 5},
+                            "alerts": [{"name": "hook", "type": "webhook", "url": f"{recv}/hook",
+                                        "backoff_base": 0.2}]})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, install_signals=False))
+        await until(lambda: done() >= 8, 60)
+        await asyncio.to_thread(postgres_cluster.restart)
+        await until(lambda: done() == len(names) and len(hooks.alerts) == 15, 120)
+        assert not task.done()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert query("SELECT state, COUNT(*) FROM work GROUP BY state") == [("done", len(names))]
+    rows = query("SELECT image_url, entry_id FROM matches")
+    assert len(rows) == len(set(rows)) == 15
