@@ -219,3 +219,33 @@ async def test_postgresql_restarted_under_the_one_process_daemon_loses_nothing(p
     assert query("SELECT state, COUNT(*) FROM work GROUP BY state") == [("done", len(names))]
     rows = query("SELECT image_url, entry_id FROM matches")
     assert len(rows) == len(set(rows)) == 15
+
+
+@pytest.mark.slow  # ~5 s
+async def test_the_api_answers_503_with_retry_after_while_the_disk_is_full(small_disk, samples):
+    """An ingest the store cannot take is refused as retryable (503, Retry-After), not a 500,
+    and taken once the disk has room again."""
+    import aiohttp
+
+    db = small_disk / "m.sqlite"
+    make_library(db, samples)
+    running = {}
+    async with serve(web.Application()) as base:
+        cfg = config_for(base, db)
+        cfg = parse_config({**cfg.model_dump(), "feeds": []})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(cfg, stop=stop, install_signals=False,
+                                              on_ready=lambda r: running.update(r=r)))
+        await until(lambda: running, 60)
+        api = f"http://127.0.0.1:{running['r'].port}/v1/ingest"
+        body = {"source": "uploads", "image_urls": [f"{base}/a.jpg"], "id": "x1"}
+        async with aiohttp.ClientSession() as session:
+            fill(small_disk)
+            async with session.post(api, json=body) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+                assert (await resp.json())["error"]["code"] == "store_unavailable"
+            (small_disk / "fill").unlink()
+            async with session.post(api, json=body) as resp:
+                assert resp.status in (200, 202), await resp.text()
+        stop.set()
+        await asyncio.wait_for(task, 30)

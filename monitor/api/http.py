@@ -28,7 +28,7 @@ from monitor.metrics import Metrics
 from monitor.pipeline import Pipeline
 from monitor.records import work as work_rows
 from monitor.records.library import Library
-from monitor.records.store import Store
+from monitor.records.store import DatabaseError, Store
 from monitor.search.matcher import Matcher
 
 log = logging.getLogger("repost_monitor.server")
@@ -40,6 +40,7 @@ MAX_PARTS = 64                       # multipart parts in all (files and fields)
 MAX_FILES = 20                       # image files per multipart request
 MAX_FIELD_BYTES = 16 * 1024          # one text field of a form
 BODY_SECONDS = 30.0                  # a body that takes longer to arrive is refused (slow drip)
+STORE_RETRY_AFTER = 5                # seconds a caller is told to wait while the store is failing
 UNAUTHENTICATED_BODIES = 4           # signed bodies read at once before their signature is checked
 # Uploads read, decoded and matched at once; the rest wait in their sockets (TCP holds the bytes
 # back) for UPLOAD_WAIT seconds at most, then get 503. 300 callers' 8 MB uploads at once held
@@ -143,6 +144,10 @@ async def json_errors(request: web.Request, handler):
         raise web.HTTPBadRequest() from None
     except TimeoutError:
         return _json_error(408, "body_timeout", f"the body did not arrive within {BODY_SECONDS:g} s")
+    except DatabaseError as exc:  # a full disk, a failover: nothing was taken, the caller retries
+        log.error("%s %s: the store failed (%s); answered 503", request.method, request.path, exc)
+        return _json_error(503, "store_unavailable", "the daemon's store cannot be written or read now; retry",
+                           {"Retry-After": str(STORE_RETRY_AFTER)})
     except Exception:  # noqa: BLE001 - a bug: logged once with its traceback, answered plainly
         log.exception("internal error answering %s %s", request.method, request.path)
         return _json_error(500, "internal_error", "internal error; the daemon log has the details")

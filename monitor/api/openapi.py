@@ -146,7 +146,8 @@ def build() -> dict:
         if path.startswith(("/v1", "/review")):
             responses.setdefault("401", {"description": "missing or wrong credentials",
                                          "content": _content(m.Error)})
-            responses.setdefault("503", {"description": "starting: the kernels are compiling",
+            responses.setdefault("503", {"description": "starting (the kernels are compiling), or the store is "
+                                                        "failing (store_unavailable, with Retry-After)",
                                          "content": _content(m.Error)})
         if "body" in op:
             for status, desc in STATE_CHANGING.items():
