@@ -523,6 +523,53 @@ async def test_a_slow_image_host_holds_a_few_downloads_of_each_worker_not_the_st
     assert len(tarpit.requests) >= 20
 
 
+async def test_rows_claimed_from_a_dead_worker_keep_their_delivery_count_past_a_full_share(services, samples):
+    """A worker that died held 20 of a tarpit's rows; the live worker's share of that host is
+    full, so the rows it reads fresh go back to the stream's end. The dead one's, claimed, are
+    kept instead: put back, they would be new messages whose delivery count starts again (a row
+    that kills its workers could outlive max_deliveries); kept, they stay pending, counted on."""
+    from monitor.scaleout.roles import WORKERS_GROUP
+    from monitor.scaleout.streams import WORK, RedisStreams
+    from tests.hosts import Tarpit
+    from tests.test_daemon import jpeg
+    pg, rd = services
+    url = pg.create_database(f"c_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    tarpit = Tarpit(jpeg(Image.open(samples / "other-apple.jpg")), 400)
+    async with tarpit.serve() as tarpit_base:
+        cfg = scaled_config("http://127.0.0.1:9", "http://127.0.0.1:9", url, rd.url, shards=1)
+        cfg = parse_config({**cfg.model_dump(),
+                            "feeds": [{"name": "tarpit", "type": "jsonfeed", "url": f"{tarpit_base}/feed.json",
+                                       "interval": 600}],
+                            "limits": {**cfg.limits.model_dump(), "per_host_rate": 1000.0, "read_timeout": 5,
+                                       "per_host_workers": 1, "concurrency": 2}})
+        streams = RedisStreams(rd.url, cfg.transport.prefix, claim_idle=2.0)
+        streams.consumer = "dead"
+        stop = asyncio.Event()
+        intake = asyncio.create_task(run_node(cfg, parse_roles("intake", 1), stop=stop, install_signals=False))
+        await until(lambda: query(url, "SELECT COUNT(*) FROM work")[0][0] == 400, 30)
+        await streams.ensure_group(WORK, WORKERS_GROUP)
+        held = [mid for mid, _ in await streams.read(WORK, WORKERS_GROUP, 20, 0)]  # and dies
+        worker = asyncio.create_task(run_node(cfg, parse_roles("worker", 1), stop=stop, install_signals=False))
+
+        async def pending():
+            return {e["message_id"]: e for e in await streams.redis.xpending_range(
+                streams.key(WORK), WORKERS_GROUP, min="-", max="+", count=1000)}
+        await asyncio.sleep(2.5)  # the worker's share filled; the dead one's rows idle past claim_idle
+        for _ in range(50):  # claimed a batch at a time, between the laps' pauses: some of them
+            now = await pending()
+            if sum(now.get(mid, {}).get("consumer") not in (None, b"dead") for mid in held) >= 8:
+                break
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(intake, worker), 30)
+        await streams.close()
+    assert len(held) == 20
+    assert all(mid in now for mid in held), "a claimed row was put back: a new message, counted from 1"
+    claimed = [now[mid] for mid in held if now[mid]["consumer"] != b"dead"]
+    assert len(claimed) >= 8 and all(e["times_delivered"] >= 2 for e in claimed), claimed
+
+
 async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_path, samples):
     """Two intake processes: each feed is watched by one (a lease). The holder is SIGKILLed;
     within a few seconds the other polls its feeds, and the posts made meanwhile are recorded,

@@ -60,11 +60,11 @@ class InProcessTransport:
         while not self.offer(work):
             await self.room()
 
-    def offer(self, work: WorkItem) -> bool:
+    def offer(self, work: WorkItem, force: bool = False) -> bool:
         """Queue the row if there is room for it (in all, and beside its host's rows waiting);
-        False, and nothing queued, where there is not."""
+        False, and nothing queued, where there is not. ``force``: queued all the same."""
         host = _host(work)
-        if self._count >= self.size or len(self._waiting.get(host, ())) >= self.host_size:
+        if not force and (self._count >= self.size or len(self._waiting.get(host, ())) >= self.host_size):
             return False
         if host not in self._waiting:
             self._waiting[host] = deque()

@@ -87,18 +87,20 @@ class FetchRole:
                 await _first(self.queue.moved(), stop, 1.0)
                 continue
             count = min(wanted + self.batch, self.queue.size - self.queue.depth())
-            batch = await with_retry("read work", lambda n=count: self.streams.read(WORK, WORKERS_GROUP, n, 1.0),
-                                     stop) or []
+            batch, claimed = await with_retry(
+                "read work", lambda n=count: self.streams.read_claims(WORK, WORKERS_GROUP, n, 1.0), stop) or ([], False)
             rows = [(mid, fields, work) for mid, fields in batch
                     if mid not in self._held and (work := await self._readable(mid, fields, stop)) is not None]
             if rows:
-                await self._queue(rows, stop)
+                await self._queue(rows, stop, claimed)
 
-    async def _queue(self, rows: list[tuple[bytes, dict, WorkItem]], stop: asyncio.Event) -> None:
+    async def _queue(self, rows: list[tuple[bytes, dict, WorkItem]], stop: asyncio.Event, claimed: bool) -> None:
+        """Rows into the local queue, or back to the stream's end past their host's share; not
+        rows claimed from a consumer that died (delivered before: their count must go on)."""
         known = await self._known([work for *_, work in rows])
         later = []
         for mid, fields, work in rows:
-            if self.queue.offer(work):
+            if self.queue.offer(work, force=claimed):
                 self._held[mid] = work
                 self._queued[id(work)] = (mid, known.get(work.image_url, LOOK_UP))
             else:

@@ -153,6 +153,13 @@ class RedisStreams:
     async def read(self, stream: str, group: str, count: int, block: float) -> list[tuple[bytes, dict]]:
         """Messages for this consumer: first those other consumers held too long (claimed),
         then new ones, waiting up to ``block`` seconds (0: not at all)."""
+        return (await self.read_claims(stream, group, count, block))[0]
+
+    async def read_claims(self, stream: str, group: str, count: int,
+                          block: float) -> tuple[list[tuple[bytes, dict]], bool]:
+        """:meth:`read`, and whether the messages were claimed: delivered before, so not to be
+        put back at the stream's end (:meth:`requeue`), where their delivery count would start
+        again and a message that kills its consumers could outlive ``max_deliveries``."""
         # Claiming is a sweep over the pending list: a few times per claim_idle, not per read.
         last = self._claimed_at.get((stream, group), 0.0)
         if time.monotonic() - last > self.claim_idle_ms / 4000:
@@ -160,12 +167,12 @@ class RedisStreams:
             claimed = await self._claim(stream, group, count)
             if claimed:
                 self._claimed_at[(stream, group)] = 0.0  # more may be waiting: look again next read
-                return claimed
+                return claimed, True
         # No BLOCK for 0: Redis ends a short block only when its event loop next wakes, up to
         # 1/hz (100 ms) later on an idle server, which made a 1 ms look cost ~50 ms a hop.
         got = await self.redis.xreadgroup(group, self.consumer, {self.key(stream): ">"}, count=count,
                                           block=max(1, int(block * 1000)) if block > 0 else None)
-        return [(mid, fields) for _, messages in got or [] for mid, fields in messages if fields is not None]
+        return [(mid, fields) for _, messages in got or [] for mid, fields in messages if fields is not None], False
 
     async def ack(self, stream: str, group: str, *ids: bytes) -> None:
         if ids:
