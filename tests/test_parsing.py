@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LARGE_BODY = b"x" * (LARGE + 1)
 
 
-def dense_feed(items: int) -> bytes:
-    entries = "".join(f"<item><guid>g{k}</guid><title>t{k}</title><link>http://example.org/{k}</link>"
+def dense_feed(items: int, extra: str = "") -> bytes:
+    entries = extra + "".join(f"<item><guid>g{k}</guid><title>t{k}</title><link>http://example.org/{k}</link>"
                       f"<enclosure url='http://img.example/{k}.jpg' type='image/jpeg'/></item>"
                       for k in range(items))
     return f"<?xml version='1.0'?><rss version='2.0'><channel><title>x</title>{entries}</channel></rss>".encode()
@@ -40,11 +40,12 @@ def parsers_stopped_after():
 
 async def test_a_large_feed_is_parsed_in_another_process_and_a_small_one_here():
     source = make_source("rss", "big", "http://example.org/feed.xml")
-    body = dense_feed(2500)
+    body = dense_feed(2500, "<item><guid>bad</guid><enclosure url='ftp://x/y.jpg' type='image/jpeg'/></item>")
     assert len(body) > LARGE
     items, seconds = await parsed_timed(source.parse, body, "application/rss+xml")
-    assert [i.id for i in items[:2]] == ["g0", "g1"] and len(items) == 2500
-    assert items[0].image_urls == ("http://img.example/0.jpg",)
+    assert [i.id for i in items[:3]] == ["bad", "g0", "g1"] and len(items) == 2501  # and what was skipped
+    assert items[0].image_urls == () and [reason for reason, _ in items.skipped] == ["bad_url"]
+    assert items[1].image_urls == ("http://img.example/0.jpg",)
     assert 0 < seconds < 60  # the parse's CPU, told from its process
     assert await parsed(process_id, LARGE_BODY) != os.getpid()
     assert await parsed(process_id, b"small") == os.getpid()
