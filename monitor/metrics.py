@@ -184,7 +184,7 @@ class Metrics:
             self.alert_latency_seconds.labels(sink)
         for tier in tiers:
             self.matches.labels(tier)
-        for stage in ("poll", "process"):
+        for stage in ("poll", "process", "store"):
             self.errors.labels(stage)
         for view in ("upright", "mirrored"):
             self.keypoint_searches.labels(view)

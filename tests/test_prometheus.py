@@ -126,11 +126,11 @@ def test_every_dashboard_query_returns_data(scraped):
 
 def test_every_rule_expression_returns_data(scraped):
     parts = rule_exprs()
-    assert len({name for name, _ in parts}) == 12
+    assert len({name for name, _ in parts}) == 13
     empty = [(n, e) for n, e in parts if not query(scraped["api"], e)]
     assert not empty, empty
     rules = json.loads(get(scraped["api"] + "/rules"))["data"]["groups"][0]["rules"]
-    assert len(rules) == 12 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 13 and all(r["health"] == "ok" for r in rules), rules
 
 
 def test_promtool_accepts_rules_and_metrics(scraped):
