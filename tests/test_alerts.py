@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from aiohttp import web
@@ -127,6 +128,35 @@ async def test_alerts_reach_every_sink_once_with_signatures(store_location, tmp_
 
 
 @pytest.mark.slow  # a sink retried until it gives up: seconds of backoff
+async def test_a_receivers_retry_after_is_honoured_up_to_an_hour(tmp_path, samples, monkeypatch):
+    """A receiver that answers 429 with Retry-After: a year (a bug, a quota misread) is asked again
+    after RETRY_AFTER_MAX (an hour; half a second here), not a year later: the sink's queue,
+    delivered in order, would have stalled that long."""
+    from monitor.alerts import outbox
+    monkeypatch.setattr(outbox, "RETRY_AFTER_MAX", 0.5)
+    site, asked = PhotoSite(samples), []
+    site.post("rss", 1, ["small-chelsea.jpg"])
+    db = tmp_path / "m.sqlite"
+    make_library(db, samples)
+
+    async def later(request):
+        asked.append(time.monotonic())
+        if len(asked) == 1:
+            return web.Response(status=429, headers={"Retry-After": "31536000"}, text="slow down")
+        return web.Response(text="ok")
+    app = web.Application()
+    app.router.add_post("/later", later)
+    async with serve(site.app()) as feeds, serve(app) as receiver:
+        sinks = [{"name": "later", "type": "webhook", "url": f"{receiver}/later", "backoff_base": 0.05}]
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_daemon(alert_config(feeds, receiver, db, tmp_path, alerts=sinks),
+                                              stop=stop, install_signals=False))
+        await until(lambda: Store(db).query("SELECT state FROM alerts") == [("delivered",)], 20)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert len(asked) == 2 and asked[1] - asked[0] >= 0.45
+
+
 async def test_dead_letters_are_kept_and_resendable(tmp_path, samples):
     site, recv = PhotoSite(samples), Receivers()
     site.post("rss", 1, ["small-chelsea.jpg"])

@@ -30,6 +30,7 @@ from monitor.records import alerts as alert_rows
 from monitor.records.store import DatabaseError, Store
 
 log = logging.getLogger("repost_monitor.alerts")
+RETRY_AFTER_MAX = 3600.0  # seconds: the longest Retry-After a sink's receiver is granted
 STORE_PAUSE_MAX = 60.0  # seconds: the longest a sink waits for a failing store before reading its queue again
 
 
@@ -241,7 +242,9 @@ class Outbox:
         alert_id = alert_ids[0]
         dead = attempts >= rule.max_attempts
         if exc.retry_after is not None:
-            delay = exc.retry_after
+            # honoured up to RETRY_AFTER_MAX: a receiver's "come back in a year" (a bug, a quota
+            # misread) would otherwise stall its sink's whole queue, delivered in order, for a year
+            delay = min(exc.retry_after, RETRY_AFTER_MAX)
         else:
             delay = min(rule.backoff_max, rule.backoff_base * 2 ** (attempts - 1))
             delay *= random.uniform(0.5, 1.0)
