@@ -8,6 +8,7 @@ full source), gallery media_metadata, or a direct image link. Without
 from __future__ import annotations
 
 import html
+import math
 from datetime import UTC, datetime
 
 from .base import (
@@ -25,6 +26,7 @@ from .base import (
 from .jsonfeed import load_json
 
 THUMB_WIDTH = 320
+RATE_WINDOW = 600.0  # seconds: Reddit's rate-limit window (X-Ratelimit-Reset counts down within it)
 
 
 def _pick(source: dict, resolutions: list) -> str | None:
@@ -112,10 +114,11 @@ class RedditAPI(RedditListing):
         return {"User-Agent": agent}
 
     def wait_hint(self, headers) -> float | None:
-        """Out of requests for this window: wait for it to reset."""
+        """Out of requests for this window: wait for it to reset (at most a window: a reset
+        a year away, or infinite, would silence the feed for that long)."""
         try:
             remaining = float(headers.get("X-Ratelimit-Remaining", "inf"))
             reset = float(headers.get("X-Ratelimit-Reset", "0"))
         except ValueError:
             return None
-        return reset + 1 if remaining < 1 else None
+        return min(max(reset, 0.0), RATE_WINDOW) + 1 if remaining < 1 and math.isfinite(reset) else None

@@ -64,6 +64,17 @@ def test_reddit_gallery_post_page():
     assert len(post.image_urls) >= 3  # every gallery image, not only the first
 
 
+@pytest.mark.parametrize("remaining, reset, wait", [
+    ("0.0", "42", 43.0), ("5", "42", None),                # spent: until the window resets; left: no wait
+    ("0", "31536000", 601.0), ("0", "-5", 1.0),           # a reset past Reddit's 10-minute window, or gone
+    ("0", "inf", None), ("0", "nan", None), ("0", "soon", None)])
+def test_reddit_rate_limit_waits_at_most_a_window(remaining, reset, wait):
+    """X-Ratelimit-Reset is honoured up to Reddit's 10-minute window: a year, or infinity,
+    from a proxy or a bug, would silence the feed for that long."""
+    source = make_source("reddit_api", "r", "https://oauth.reddit.com/r/pics/new")
+    assert source.wait_hint({"X-Ratelimit-Remaining": remaining, "X-Ratelimit-Reset": reset}) == wait
+
+
 def test_mastodon_reblogs_and_media():
     items = parse("mastodon", "mastodon/mastodon-api__timeline_home_2016-10.json")
     assert len(items) == 20 and all(i.author for i in items)
