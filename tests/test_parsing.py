@@ -38,6 +38,7 @@ def parsers_stopped_after():
     parsing.stop_parsers()
 
 
+@pytest.mark.slow  # a process started, a feed of 2,500 items parsed: ~2 s
 async def test_a_large_feed_is_parsed_in_another_process_and_a_small_one_here():
     source = make_source("rss", "big", "http://example.org/feed.xml")
     body = dense_feed(2500, "<item><guid>bad</guid><enclosure url='ftp://x/y.jpg' type='image/jpeg'/></item>")
@@ -55,6 +56,7 @@ async def test_a_large_feed_is_parsed_in_another_process_and_a_small_one_here():
     assert refused.value.reason and refused.value.parse_seconds > 0
 
 
+@pytest.mark.slow  # ~1 s
 async def test_a_parse_past_the_limit_is_stopped_and_the_next_goes_on(monkeypatch):
     monkeypatch.setattr(parsing, "PARSE_LIMIT", 1.0)
     started = time.monotonic()

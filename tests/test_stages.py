@@ -619,6 +619,7 @@ async def test_an_entry_added_while_no_daemon_ran_is_retro_matched_at_the_next_s
     assert "change log was pruned past the last retro-match" in caplog.text
 
 
+@pytest.mark.slow  # 2,500 items polled four times: ~1 s
 async def test_a_poll_records_at_most_max_new_items_and_the_next_polls_take_the_rest(store_location):
     """A feed that suddenly lists thousands of new items (an archive, rotating ids) is taken
     max_new_items a poll, the first listed first; the rest are listed again by the next

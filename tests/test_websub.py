@@ -25,6 +25,7 @@ class Hub:
         self.lease = lease
         self.subscriptions: list[dict] = []   # every subscribe request, in order
         self.verified: list[bool] = []
+        self.forged: list[int] = []           # what the forged verification after each real one got
 
     def app(self):
         app = web.Application()
@@ -53,6 +54,12 @@ class Hub:
             async with http.get(sub["hub.callback"], params={
                     "hub.mode": "subscribe", "hub.topic": "https://evil.example/feed", "hub.challenge": "x"}) as resp:
                 assert resp.status == 404
+            # and one for the feed's own topic, now that no request awaits verification: a lease of a
+            # year taken would stop the renewals (and the pushes once the hub's own lease ended)
+            async with http.get(sub["hub.callback"], params={
+                    "hub.mode": "subscribe", "hub.topic": sub["hub.topic"], "hub.challenge": "y",
+                    "hub.lease_seconds": "31536000"}) as resp:
+                self.forged.append(resp.status)
 
     async def publish(self, body: bytes, secret: str | None = None) -> str:
         sub = self.subscriptions[-1]
@@ -134,6 +141,7 @@ async def test_pushed_posts_are_recorded_signed_only_and_the_lease_is_renewed(tm
             assert hub.subscriptions[1]["hub.secret"] == sub["hub.secret"]  # pushes in flight stay valid
             assert await hub.publish(rss(images, [("p4", "q30-coffee.jpg")])) == "recorded"
             await until(lambda: len(records) == 2)
+            assert hub.forged and set(hub.forged) == {404}, hub.forged  # the lease stayed the hub's: renewed
             metrics = running["r"].metrics.render().decode()
             stop.set()
             await asyncio.wait_for(task, 30)

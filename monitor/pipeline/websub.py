@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from urllib.parse import urljoin
@@ -37,7 +38,8 @@ from monitor.records.subscriptions import Subscription
 
 log = logging.getLogger("repost_monitor.websub")
 
-LEASE_ASKED = 86_400          # seconds of lease asked for; the hub decides
+LEASE_ASKED = 86_400          # seconds of lease asked for; the hub decides...
+LEASE_MAX = 7 * 86_400        # ... up to this: one granted longer is renewed as if it were this
 RENEW_AT = 0.8                # of the lease granted
 VERIFY_WAIT = 300.0           # a hub that has not verified a request by then is asked again
 HUB_REDIRECTS = 3             # 307/308 from a hub that moved (websub.rocks tests 203, 204)
@@ -115,8 +117,9 @@ class WebSub:
             # Renewals keep the secret: pushes signed with it stay valid while the hub verifies.
             sub = Subscription(source.name, hub, topic, secrets.token_hex(32), time.time())
             self.subscriptions[source.name] = sub
-            await asyncio.to_thread(subscription_rows.save, self.intake.store, sub)
-        self._pending[source.name] = time.time()
+        # stored before it is sent: the hub's verification may reach another process
+        sub.requested_at = self._pending[source.name] = time.time()
+        await asyncio.to_thread(subscription_rows.save, self.intake.store, sub)
         form = {"hub.mode": "subscribe", "hub.topic": topic, "hub.callback": f"{self.public_url}/websub/{source.name}",
                 "hub.secret": sub.secret, "hub.lease_seconds": str(LEASE_ASKED)}
         try:
@@ -156,9 +159,9 @@ class WebSub:
         return sub
 
     def _asked(self, feed: str, sub: Subscription) -> bool:
-        """A request of ours awaits the hub's verification (asked by this process, or by
-        another one recently: the stored row's ``asked_at``)."""
-        return feed in self._pending or time.time() - sub.asked_at < VERIFY_WAIT
+        """A request of ours, sent within VERIFY_WAIT, awaits the hub's verification (sent by
+        this process, or by another one: the stored row's ``requested_at``, 0 once verified)."""
+        return time.time() - max(self._pending.get(feed, 0.0), sub.requested_at) < VERIFY_WAIT
 
     # -- the hub's requests (routed from /websub/{feed}) -----------------------------------
     async def verify(self, feed: str, query) -> str | None:
@@ -167,7 +170,7 @@ class WebSub:
         if not self.public_url:
             return None
         sub = self.subscriptions.get(feed)
-        if sub is None or not sub.verified or query.get("hub.topic") != sub.topic:
+        if sub is None or not self._asked(feed, sub) or query.get("hub.topic") != sub.topic:
             sub = await self._refresh(feed)
         mode, topic = query.get("hub.mode"), query.get("hub.topic")
         if sub is None or topic != sub.topic:
@@ -179,14 +182,14 @@ class WebSub:
             self._pending.pop(feed, None)
             await asyncio.to_thread(subscription_rows.delete, self.intake.store, feed)
             return ""
-        if mode != "subscribe" or not query.get("hub.challenge") or (not self._asked(feed, sub) and not sub.verified):
+        # Only a request we sent is verified: anyone can send this GET (the topic is the feed's
+        # public URL), and one verifying a subscription that was not asked for, with a lease of
+        # a year, would stop its renewals and slow the feed to the safety poll's hour.
+        if mode != "subscribe" or not query.get("hub.challenge") or not self._asked(feed, sub):
             return None
-        try:
-            lease = float(query.get("hub.lease_seconds", LEASE_ASKED))
-        except ValueError:
-            lease = LEASE_ASKED
+        lease = _granted(query.get("hub.lease_seconds"))
         now = time.time()
-        sub.verified, sub.asked_at, sub.expires = True, now, now + max(1.0, lease)
+        sub.verified, sub.asked_at, sub.expires, sub.requested_at = True, now, now + lease, 0.0
         self._pending.pop(feed, None)
         await asyncio.to_thread(subscription_rows.save, self.intake.store, sub)
         self.wakeup(feed).set()
@@ -227,3 +230,13 @@ class WebSub:
         work = await asyncio.to_thread(self.intake.record_items, feed, items, time.time())
         await self.intake.queue_work(work)
         return "recorded"
+
+
+def _granted(value) -> float:
+    """The lease a hub granted, in seconds: LEASE_ASKED where it names none (or no number), at
+    least a second, at most LEASE_MAX."""
+    try:
+        lease = float(value) if value is not None else LEASE_ASKED
+    except ValueError:
+        return LEASE_ASKED
+    return min(max(lease, 1.0), LEASE_MAX) if math.isfinite(lease) else LEASE_ASKED

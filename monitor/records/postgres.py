@@ -257,6 +257,9 @@ CREATE INDEX matches_work ON matches (work_id);
 CREATE INDEX seen_items_feed_seen ON seen_items (feed, seen_at);
 INSERT INTO store_meta (key, value) VALUES ('seen_at_listed_since', extract(epoch from now())::text)
 ON CONFLICT (key) DO NOTHING;
+"""), (24, """
+-- when a WebSub subscribe request was last sent, 0 once verified
+ALTER TABLE websub_subscriptions ADD COLUMN requested_at DOUBLE PRECISION NOT NULL DEFAULT 0;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

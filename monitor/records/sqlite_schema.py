@@ -309,6 +309,11 @@ MIGRATIONS: list[str] = [
     INSERT INTO store_meta (key, value) VALUES ('seen_at_listed_since',
         CAST((julianday('now') - 2440587.5) * 86400.0 AS TEXT)) ON CONFLICT (key) DO NOTHING;
     """,
+    # 24: when a WebSub subscribe request (a renewal too) was last sent, 0 once verified: a hub's
+    # verification is taken only for a request we sent, whichever process the hub reaches
+    """
+    ALTER TABLE websub_subscriptions ADD COLUMN requested_at REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 
