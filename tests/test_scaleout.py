@@ -570,6 +570,48 @@ async def test_rows_claimed_from_a_dead_worker_keep_their_delivery_count_past_a_
     assert len(claimed) >= 8 and all(e["times_delivered"] >= 2 for e in claimed), claimed
 
 
+async def test_the_sweeper_queues_again_only_rows_never_queued_or_lost(services, samples):
+    """Three rows pending for 400 s: one never queued (its intake died between storing and queuing
+    it), one queued just now (waiting in the stream behind a slow host), one queued two hours ago
+    (a Redis that came back without it). The sweeper queues the first and the last again, marked
+    queued now; the one waiting in the stream it leaves be (it queued such rows again every 5 min:
+    their copies filled the workers' backlog, and every feed's polls waited behind it)."""
+    from feeds import FeedItem
+    from monitor.records import work as work_rows
+    from monitor.scaleout.streams import WORK, RedisStreams
+    from monitor.scaleout.wire import work_from
+    pg, rd = services
+    url = pg.create_database(f"s_{uuid.uuid4().hex[:12]}")
+    make_library(url, samples)
+    store = open_store(url)
+    now = time.time()
+    rows, _ = work_rows.record_items(store, "f", [FeedItem("f", n, (f"http://127.0.0.1:9/{n}.jpg",))
+                                                  for n in ("died", "waiting", "lost")], now - 400)
+    died, waiting, lost = (w.id for w in rows)
+    work_rows.mark_queued(store, [waiting], now)
+    work_rows.mark_queued(store, [lost], now - 7200)
+    cfg = scaled_config("http://127.0.0.1:9", "http://127.0.0.1:9", url, rd.url, shards=1)
+    cfg = parse_config({**cfg.model_dump(), "feeds": []})
+    streams = RedisStreams(rd.url, cfg.transport.prefix)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_node(cfg, parse_roles("intake", 1), stop=stop, install_signals=False))
+
+    async def queued():
+        return sorted(work_from(fields).id for _, fields in await streams.redis.xrange(streams.key(WORK)))
+    for _ in range(100):
+        if len(await queued()) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    assert await queued() == [died, lost]
+    marks = dict(store.query("SELECT id, queued_at FROM work"))
+    assert marks[died] >= now and marks[lost] >= now and marks[waiting] == pytest.approx(now)
+    store.close()
+    await streams.close()
+
+
 async def test_a_second_intake_takes_over_the_feeds_of_one_killed(services, tmp_path, samples):
     """Two intake processes: each feed is watched by one (a lease). The holder is SIGKILLed;
     within a few seconds the other polls its feeds, and the posts made meanwhile are recorded,

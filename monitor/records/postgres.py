@@ -260,6 +260,9 @@ ON CONFLICT (key) DO NOTHING;
 """), (24, """
 -- when a WebSub subscribe request was last sent, 0 once verified
 ALTER TABLE websub_subscriptions ADD COLUMN requested_at DOUBLE PRECISION NOT NULL DEFAULT 0;
+"""), (25, """
+-- scale-out: when a work row was last added to the work stream
+ALTER TABLE work ADD COLUMN queued_at DOUBLE PRECISION;
 """)]
 _MIGRATION_LOCK = 0x7265706f7374  # pg_advisory_xact_lock key: one process migrates at a time
 

@@ -314,6 +314,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE websub_subscriptions ADD COLUMN requested_at REAL NOT NULL DEFAULT 0;
     """,
+    # 25: scale-out, when a work row was last added to the work stream: the sweeper queues again
+    # only rows never queued (an intake died in between) or queued long ago (a Redis that lost them)
+    """
+    ALTER TABLE work ADD COLUMN queued_at REAL;
+    """,
 ]
 
 

@@ -134,15 +134,32 @@ def record_capped(store: Store, feed: str, items: list[FeedItem], now: float,
     return work, new_items, max(0, len(fresh) - limit)
 
 
-def pending(store: Store, discovered_before: float | None = None) -> list[WorkItem]:
-    """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first; or
-    only the rows discovered before a time."""
-    if discovered_before is None:
-        return [WorkItem(*r) for r in store.query(
-            f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' ORDER BY id")]
+def pending(store: Store) -> list[WorkItem]:
+    """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first."""
     return [WorkItem(*r) for r in store.query(
-        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' AND discovered_at < ? ORDER BY id",
-        (discovered_before,))]
+        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' ORDER BY id")]
+
+
+QUEUED_CHUNK = 500  # ids per statement
+
+
+def mark_queued(store: Store, work_ids: list[int], now: float) -> None:
+    """Scale-out: these rows were added to the work stream now."""
+    with store.transaction() as conn:
+        for start in range(0, len(work_ids), QUEUED_CHUNK):
+            chunk = work_ids[start:start + QUEUED_CHUNK]
+            conn.execute("UPDATE work SET queued_at=? WHERE id IN (" + ",".join(["?"] * len(chunk)) + ")",
+                         (now, *chunk))
+
+
+def unqueued(store: Store, discovered_before: float, queued_before: float, limit: int = 10_000) -> list[WorkItem]:
+    """Scale-out: pending rows never added to the work stream though discovered before
+    ``discovered_before`` (an intake died between storing and queuing them), or added before
+    ``queued_before`` and still pending (a Redis that came back without them), oldest first,
+    ``limit`` at most. A row still waiting in the stream behind a slow host is neither."""
+    return [WorkItem(*r) for r in store.query(
+        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' AND ((queued_at IS NULL AND discovered_at < ?) "
+        "OR queued_at < ?) ORDER BY id LIMIT ?", (discovered_before, queued_before, limit))]
 
 
 def first_for_url(store: Store, url: str) -> WorkItem | None:

@@ -32,6 +32,7 @@ from monitor.records import shard_answers
 from monitor.records import work as work_rows
 from monitor.records.engines import open_store
 from monitor.records.library import Library
+from monitor.records.store import DatabaseError
 from monitor.scaleout import leases
 from monitor.scaleout.api import RolePipeline, ShardedChecks
 from monitor.scaleout.fetching import FetchRole
@@ -45,7 +46,8 @@ from monitor.search.tiers import TIER_NAMES
 log = logging.getLogger("repost_monitor.scaleout")
 
 ROLES = ("intake", "worker", "shard", "recorder", "sender", "api")
-SWEEP_AFTER = 300.0  # a work row pending this long, and not re-queued since, is queued again
+SWEEP_AFTER = 300.0  # s: a work row pending this long and never queued is queued...
+SWEEP_LOST = 3600.0  # ... as one queued this long ago and still pending
 
 
 def parse_roles(text: str, shards: int) -> list[tuple[str, int | None]]:
@@ -223,7 +225,7 @@ class _Node:
             await asyncio.gather(*coros)
 
     async def intake(self) -> None:
-        transport = StreamTransport(self.streams, self.stop, self.config.limits.queue_size)
+        transport = StreamTransport(self.streams, self.stop, self.config.limits.queue_size, self.store)
         sources = configured_sources(self.config)
         async with Fetcher(self.config.limits.fetch_limits(self.local_roots()),
                            observe=self.metrics.observe_fetch) as fetcher:
@@ -239,7 +241,7 @@ class _Node:
     async def api(self) -> None:
         """The handlers' services, over the streams; the library's table without an index."""
         cfg, limits = self.config, self.config.limits
-        transport = StreamTransport(self.streams, self.stop, limits.queue_size)
+        transport = StreamTransport(self.streams, self.stop, limits.queue_size, self.store)
         library = await asyncio.to_thread(Library, self.store, indexed=False)
         checks = ShardedChecks(self.streams, cfg.transport.shards, [t.name for t in cfg.match.tiers],
                                cfg.transport.check_timeout_seconds,
@@ -262,15 +264,21 @@ class _Node:
                 await worker.close()
 
     async def sweep(self, transport: StreamTransport) -> None:
-        """Queue again the work rows pending for long (an intake died between storing and
-        queuing them); a row queued twice is recorded once."""
-        requeued: dict[int, float] = {}
+        """Queue again the work rows pending though never queued (an intake died between storing
+        and queuing them) for SWEEP_AFTER, or queued SWEEP_LOST ago (a Redis that came back
+        without them); a row queued twice is recorded once. Not those waiting in the stream behind
+        a slow host: queued again every SWEEP_AFTER, their copies filled the workers' backlog, and
+        the intake waited for it (every feed's polls held up behind one host)."""
         while not self.stop.is_set():
             now = time.time()
-            for row in await asyncio.to_thread(work_rows.pending, self.store, now - SWEEP_AFTER):
-                if now - requeued.get(row.id, 0.0) > SWEEP_AFTER:
-                    await transport.put(row)
-                    requeued[row.id] = now
+            try:
+                rows = await asyncio.to_thread(work_rows.unqueued, self.store, now - SWEEP_AFTER, now - SWEEP_LOST)
+            except DatabaseError as exc:
+                log.warning("sweeper: the pending work could not be read (%s)", exc)
+                rows = []
+            if rows:
+                log.warning("sweeper: %d work rows pending and not in the work stream, queued again", len(rows))
+                await transport.put_many(rows)  # marked queued: each once per SWEEP_LOST at most
             try:
                 await asyncio.wait_for(self.stop.wait(), 60)
             except TimeoutError:

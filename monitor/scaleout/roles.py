@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from monitor.fingerprints import Fingerprint
 from monitor.metrics import Metrics
+from monitor.records import work as work_rows
 from monitor.records.library import Library
 from monitor.records.store import DatabaseError
 from monitor.records.work import WorkItem
@@ -76,10 +77,11 @@ def shard_group(k: int) -> str:
 
 class StreamTransport:
     """The intake's side of ``work``: add a row, waiting while the workers are more than
-    ``limit`` rows behind (back-pressure across processes, as the in-process queue's bound)."""
+    ``limit`` rows behind (back-pressure across processes, as the in-process queue's bound).
+    With a ``store``, the rows added are marked so (``queued_at``): the sweeper leaves them be."""
 
-    def __init__(self, streams: RedisStreams, stop: asyncio.Event, limit: int = 1000):
-        self.streams, self.stop, self.limit = streams, stop, limit
+    def __init__(self, streams: RedisStreams, stop: asyncio.Event, limit: int = 1000, store=None):
+        self.streams, self.stop, self.limit, self.store = streams, stop, limit, store
         self._backlog = 0
         self._checked = 0.0
 
@@ -93,6 +95,12 @@ class StreamTransport:
             chunk = [work_fields(w) for w in works[start:start + 100]]
             await with_retry("queue work", lambda c=chunk: self.streams.add_many(WORK, c), self.stop)
             self._backlog += len(chunk)
+            if self.store is not None:
+                ids = [w.id for w in works[start:start + 100]]
+                try:
+                    await asyncio.to_thread(work_rows.mark_queued, self.store, ids, time.time())
+                except DatabaseError as exc:  # the sweeper queues them once more: a repeat, recorded once
+                    log.warning("work rows %d..%d queued but not marked so (%s)", ids[0], ids[-1], exc)
 
     async def _room(self) -> None:
         while time.monotonic() - self._checked > 0.5 or self._backlog > self.limit:
