@@ -82,6 +82,7 @@ def alert_config(base_feeds, base_recv, db, tmp_path, **over):
         ])]})
 
 
+@pytest.mark.slow  # a daemon run end to end: ~1-3 s (the fast tier keeps under its minute)
 async def test_alerts_reach_every_sink_once_with_signatures(store_location, tmp_path, samples):
     site, recv = PhotoSite(samples), Receivers()
     site.post("rss", 1, ["small-chelsea.jpg", "other-apple.jpg"])
@@ -157,6 +158,7 @@ async def test_a_receivers_retry_after_is_honoured_up_to_an_hour(tmp_path, sampl
     assert len(asked) == 2 and asked[1] - asked[0] >= 0.45
 
 
+@pytest.mark.slow  # two daemon runs and two CLI processes: ~3 s
 async def test_dead_letters_are_kept_and_resendable(tmp_path, samples):
     site, recv = PhotoSite(samples), Receivers()
     site.post("rss", 1, ["small-chelsea.jpg"])
@@ -332,6 +334,7 @@ def _detect(store, outbox, n_alerts, start=1):
     outbox.committed()
 
 
+@pytest.mark.slow  # a daemon run end to end: ~1-3 s (the fast tier keeps under its minute)
 async def test_a_backlog_after_an_outage_drains_in_ordered_batches(store_location):
     from monitor.alerts.outbox import Outbox, SinkRule
     from monitor.alerts.sinks import SlackSink, WebhookSink

@@ -254,6 +254,7 @@ def _captioned_page(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow  # two library changes and their retro-matches: ~3 s
 async def test_new_library_entries_are_matched_retroactively(daemon, samples):
     site, recv, api = daemon["site"], daemon["recv"], daemon["api"]
     rocket = (samples / "library-rocket.jpg").read_bytes()

@@ -271,6 +271,7 @@ async def test_multipart_ingest_records_every_file(start, samples):
     assert query(d["db"], "SELECT state, COUNT(*) FROM work GROUP BY state") == [("done", 3)]
 
 
+@pytest.mark.slow  # a daemon run end to end: ~1-3 s (the fast tier keeps under its minute)
 async def test_uploads_are_worked_on_a_few_at_once_and_the_rest_wait_then_get_503(start, samples, monkeypatch):
     """Each upload's body, decode and match hold memory (300 callers' 8 MB uploads at once held
     1.3 GB): UPLOAD_SLOTS of them at once; the next waits UPLOAD_WAIT, then hears 503."""

@@ -301,6 +301,7 @@ async def test_feed_headers_from_config_reach_the_host(tmp_path, samples, monkey
     assert query(db, "SELECT consecutive_failures FROM feed_state WHERE feed='mastodon'") == [(0,)]
 
 
+@pytest.mark.slow  # a daemon run end to end: ~1-3 s (the fast tier keeps under its minute)
 async def test_restart_repeats_nothing_and_skips_nothing(store_location, tmp_path, samples):
     site = PhotoSite(samples)
     names = ["small-chelsea.jpg", "flip-rocket.jpg", "q30-coffee.jpg", "other-apple.jpg",
@@ -351,6 +352,7 @@ async def test_a_daemon_cancelled_ends_and_leaves_its_unfinished_work_pending(tm
     assert query(db, "SELECT COUNT(*) FROM work")[0][0] == 4  # done or pending: none lost
 
 
+@pytest.mark.slow  # a daemon run end to end: ~1-3 s (the fast tier keeps under its minute)
 async def test_library_changes_take_effect_without_restart(store_location, tmp_path, samples):
     site = PhotoSite(samples)
     db = store_location

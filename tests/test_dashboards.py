@@ -8,6 +8,7 @@ import json
 import re
 
 import aiohttp
+import pytest
 
 from monitor.daemon import run_daemon
 from tests.conftest import ROOT
@@ -37,6 +38,7 @@ def test_dashboard_json_shape():
             assert p["datasource"]["uid"] == "${datasource}" and p["fieldConfig"]["defaults"]["unit"]
 
 
+@pytest.mark.slow  # a daemon run end to end: ~1-3 s (the fast tier keeps under its minute)
 async def test_every_queried_metric_is_exported(tmp_path, samples):
     site, recv = PhotoSite(samples), Receivers()
     site.post("rss", 1, ["small-chelsea.jpg", "truncated.jpg"])

@@ -101,6 +101,7 @@ def host(jpeg):
     return app, hits
 
 
+@pytest.mark.slow  # a daemon run end to end: ~1-3 s (the fast tier keeps under its minute)
 async def test_good_redirected_and_retried_downloads(jpeg):
     app, hits = host(jpeg)
     async with serve(app) as base, Fetcher(LOOPBACK) as f:

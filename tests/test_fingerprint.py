@@ -47,6 +47,7 @@ def test_hex_round_trips_through_imagehash(samples):
         from_hex("abc")
 
 
+@pytest.mark.slow  # ~1-2 s: the fast tier keeps under its minute
 def test_fast_path_drift_is_small(samples):
     def as_png(path):  # PNG (like every non-JPEG) fast path: a box-filtered reduced copy
         with Image.open(path) as img:
@@ -88,6 +89,7 @@ def test_every_format_hashes_close_to_the_original(picture, fmt, kw):
     assert fp.degenerate is None
 
 
+@pytest.mark.slow  # ~1-2 s: the fast tier keeps under its minute
 def test_gif_uses_first_frame(picture):
     other = Image.new("RGB", picture.size, (10, 200, 30))
     buf = io.BytesIO()

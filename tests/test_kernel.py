@@ -140,6 +140,7 @@ def test_both_radius_kernels_find_the_reference_pairs(queries, lib, radius, name
     assert (pq.tolist(), pl.tolist(), pd.tolist()) == (qi.tolist(), li.tolist(), ref[qi, li].tolist())
 
 
+@pytest.mark.slow  # ~1-2 s: the fast tier keeps under its minute
 def test_the_tiled_radius_search_crosses_its_rounds_blocks_and_sub_blocks():
     """tiled.pairs in more queries than one round (PAIRS_QUERIES) and rows than one block,
     the last sub-block short, dense and sparse radii: numpy's pairs, and the parallel path's."""
