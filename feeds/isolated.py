@@ -1,6 +1,6 @@
 """What a feed-parsing process runs (monitor/pipeline/parsing.py): a parse, timed, inside the
 process's own limits. A light module: a parsing process imports it and the feed adapters, not
-the daemon's matcher, kernels and OpenCV (~40 MB resident, not ~160)."""
+the daemon's matcher, kernels and OpenCV (~30 MB resident, not ~160)."""
 
 from __future__ import annotations
 

@@ -251,10 +251,7 @@ class Intake:
                             max_new: int | None) -> tuple[list[WorkItem], int]:
         """(the work rows of the new items, at most ``max_new`` of them; how many new items
         were left for a later poll)."""
-        if max_new is None:
-            (work, new_items), deferred = work_rows.record_items(self.store, feed, items, now), 0
-        else:
-            work, new_items, deferred = work_rows.record_capped(self.store, feed, items, now, max_new)
+        work, new_items, deferred = work_rows.record_capped(self.store, feed, items, now, max_new)
         self.metrics.items_discovered.labels(self.metrics.feed(feed)).inc(new_items)
         if deferred:
             self.metrics.feed_items_skipped.labels(self.metrics.feed(feed), "deferred").inc(deferred)

@@ -110,22 +110,22 @@ def record_items(store: Store, feed: str, items: list[FeedItem], now: float) -> 
     return work, new_items
 
 
-SEEN_CHUNK = 500  # item ids per look-up of the ones already seen
+ID_CHUNK = 500  # ids per statement that names them (IN (...)): within every engine's bound on parameters
 
 
 def record_capped(store: Store, feed: str, items: list[FeedItem], now: float,
-                  limit: int) -> tuple[list[WorkItem], int, int]:
-    """:func:`record_items` of at most ``limit`` new items (the first listed) and every item
+                  limit: int | None) -> tuple[list[WorkItem], int, int]:
+    """:func:`record_items` of at most ``limit`` new items (None: all; the first listed) and every item
     seen before: (the new rows, how many items were new, how many new ones were left out).
     Those left out are not recorded, so the feed's next poll lists them as new again: a feed
     that suddenly lists 50,000 new items (a misconfigured URL, an archive, rotating ids) is
     taken ``limit`` a poll, and nothing it keeps listing is lost."""
     ids = list(dict.fromkeys(item.id for item in items))
-    if len(ids) <= limit:
+    if limit is None or len(ids) <= limit:
         return (*record_items(store, feed, items, now), 0)
     seen: set[str] = set()
-    for start in range(0, len(ids), SEEN_CHUNK):
-        chunk = ids[start:start + SEEN_CHUNK]
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start:start + ID_CHUNK]
         seen.update(r[0] for r in store.query("SELECT item_id FROM seen_items WHERE feed=? AND item_id IN ("
                                               + ",".join(["?"] * len(chunk)) + ")", (feed, *chunk)))
     fresh = [i for i in ids if i not in seen]
@@ -140,14 +140,11 @@ def pending(store: Store) -> list[WorkItem]:
         f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' ORDER BY id")]
 
 
-QUEUED_CHUNK = 500  # ids per statement
-
-
 def mark_queued(store: Store, work_ids: list[int], now: float) -> None:
     """Scale-out: these rows were added to the work stream now."""
     with store.transaction() as conn:
-        for start in range(0, len(work_ids), QUEUED_CHUNK):
-            chunk = work_ids[start:start + QUEUED_CHUNK]
+        for start in range(0, len(work_ids), ID_CHUNK):
+            chunk = work_ids[start:start + ID_CHUNK]
             conn.execute("UPDATE work SET queued_at=? WHERE id IN (" + ",".join(["?"] * len(chunk)) + ")",
                          (now, *chunk))
 

@@ -92,11 +92,12 @@ class StreamTransport:
         """Add rows in pipelined batches (one round trip per 100), minding the backlog."""
         for start in range(0, len(works), 100):
             await self._room()
-            chunk = [work_fields(w) for w in works[start:start + 100]]
+            part = works[start:start + 100]
+            chunk = [work_fields(w) for w in part]
             await with_retry("queue work", lambda c=chunk: self.streams.add_many(WORK, c), self.stop)
             self._backlog += len(chunk)
             if self.store is not None:
-                ids = [w.id for w in works[start:start + 100]]
+                ids = [w.id for w in part]
                 try:
                     await asyncio.to_thread(work_rows.mark_queued, self.store, ids, time.time())
                 except DatabaseError as exc:  # the sweeper queues them once more: a repeat, recorded once
