@@ -94,34 +94,47 @@ class Keypoints:
 
 
 def warm_up() -> None:
-    words = np.zeros((2, 4), np.uint64)
-    _nearest_two(words, words)
+    _nearest_two(np.zeros((2, 4), np.uint64), np.zeros((4, 2), np.uint64))
 
 
 @njit(cache=True, nogil=True)
-def _nearest_two(query, entry):
+def _nearest_two(query, columns):
     """For each query descriptor: its nearest entry descriptor, that distance and the
-    second nearest's (256-bit Hamming: four XOR + popcount)."""
-    n, m = query.shape[0], entry.shape[0]
+    second nearest's (256-bit Hamming: four XOR + popcount). ``columns``: the entry's
+    descriptors as (4, m) words, so that one query's distances to all of them are one
+    loop LLVM vectorises (VPOPCNTQ where the CPU has it: 2.4x the loop that kept the
+    nearest two as it went, which a branch per pair kept scalar)."""
+    n, m = query.shape[0], columns.shape[1]
     nearest = np.empty(n, np.int64)
     first = np.empty(n, np.int64)
     second = np.empty(n, np.int64)
+    far = 1 << 20
+    d = np.empty(m, np.int64)
+    c0, c1, c2, c3 = columns[0], columns[1], columns[2], columns[3]
     for i in range(n):
-        b1, b2, at = 1 << 20, 1 << 20, -1
+        q0, q1, q2, q3 = query[i, 0], query[i, 1], query[i, 2], query[i, 3]
         for j in range(m):
-            d = (popcount64(query[i, 0] ^ entry[j, 0]) + popcount64(query[i, 1] ^ entry[j, 1])
-                 + popcount64(query[i, 2] ^ entry[j, 2]) + popcount64(query[i, 3] ^ entry[j, 3]))
-            if d < b1:
-                b2, b1, at = b1, d, j
-            elif d < b2:
-                b2 = d
-        nearest[i], first[i], second[i] = at, b1, b2
+            d[j] = (popcount64(q0 ^ c0[j]) + popcount64(q1 ^ c1[j])
+                    + popcount64(q2 ^ c2[j]) + popcount64(q3 ^ c3[j]))
+        b1 = far
+        for j in range(m):
+            b1 = min(b1, d[j])
+        b2, ties = far, 0  # the second nearest: the nearest's own distance where two share it
+        for j in range(m):
+            ties += d[j] == b1
+            b2 = min(b2, d[j] if d[j] != b1 else far)
+        at = -1
+        for j in range(m):
+            if d[j] == b1:
+                at = j
+                break
+        nearest[i], first[i], second[i] = at, b1, b1 if ties > 1 else b2
     return nearest, first, second
 
 
 def _pairs(query: Keypoints, entry: Keypoints) -> tuple[np.ndarray, np.ndarray]:
     """Indices (in query, in entry) of descriptor pairs that pass the ratio test."""
-    nearest, first, second = _nearest_two(query.words, entry.words)
+    nearest, first, second = _nearest_two(query.words, np.ascontiguousarray(entry.words.T))
     keep = np.flatnonzero(first < RATIO * second)
     return keep, nearest[keep]
 
