@@ -372,6 +372,8 @@ def main() -> None:
     ap.add_argument("--random-entries", type=int, default=0, help="also index this many entries of random "
                     "hashes (as many rows each as a real entry, no keypoints): how the nearest candidates "
                     "of the second look crowd as the library grows to millions")
+    ap.add_argument("--look-share", type=float, help="the near tier under the daemon's second-look budget "
+                    "([match] second_look_share, e.g. 0.1), set by the unrelated posts")
     ap.add_argument("--lazy-keypoints", action="store_true", help="find a post's keypoints (and its mirror "
                     "image's) only when it needs a second look, as the one-process daemon does")
     ap.add_argument("--no-keypoints", action="store_true", help="the hashes alone: no second look at the "
@@ -391,6 +393,7 @@ def main() -> None:
 
     from monitor import fingerprint_bytes
     from monitor.fingerprints import KeypointFinder
+    from monitor.search.budget import WARM, LookBudget, Unrecorded
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     from monitor.warmup import warm_up
@@ -453,12 +456,15 @@ def main() -> None:
     results: dict[str, np.ndarray] = {}
     for tier in ("near", "loose"):
         matcher = Matcher(index, PRESETS[tier])
-        found = matcher.match_many(q_fps, q_lazy)
+        # --look-share: the daemon's budget, set by the unrelated posts (most of a feed's), then
+        # each repost decided by it as one rare post among them (not counted in the budget)
+        budget = LookBudget(args.look_share) if args.look_share and tier == "near" else None
+        started = time.perf_counter()
+        d_found = matcher.match_many(d_fps, d_lazy, budget=budget)
+        d_seconds = time.perf_counter() - started
+        found = matcher.match_many(q_fps, q_lazy, budget=budget and Unrecorded(budget))
         hit = np.array([any(m.entry_id == truth[k] for m in ms) for k, ms in enumerate(found)])
         wrong = sum(1 for k, ms in enumerate(found) for m in ms if m.entry_id != truth[k])
-        started = time.perf_counter()
-        d_found = matcher.match_many(d_fps, d_lazy)
-        d_seconds = time.perf_counter() - started
         d_pairs = sum(len(ms) for ms in d_found)
         entries = len(index)
         pairs = len(queries) * (entries - 1) + len(distractors) * entries
@@ -468,6 +474,9 @@ def main() -> None:
               f"{sum(1 for ms in d_found if ms) / len(distractors):.2%}", flush=True)
         if d_lazy is not None and tier == "near":  # the keypoints are found once, on the first tier's run
             looked = sum(1 for finder in d_lazy if finder.searched)
+            if budget is not None:
+                print(f"    second looks at most {args.look_share:.0%} of the posts (after the first {WARM}): "
+                      f"{budget.skipped} unrelated posts' looks skipped", flush=True)
             print(f"    unrelated posts given a second look: {looked / len(distractors):.1%} "
                   f"({sum(finder.searched for finder in d_lazy)} keypoint searches); matcher "
                   f"{d_seconds / len(distractors) * 1e3:.2f} ms per unrelated post", flush=True)

@@ -1,7 +1,7 @@
 """Match-quality benchmark on real images: our matchers vs imagehash dHash/pHash and PDQ.
 
     python3 bench/quality.py ../shared/corpus [--library 100] [--distractors 300] [--seed 1]
-                                             [--cost-unrelated-from OTHER_IMAGES]
+                                             [--cost-unrelated-from OTHER_IMAGES] [--look-share 0.1]
 
 From the corpus (seeded) it picks a protected library and unrelated distractors, makes reposts
 of every library image with transformations people apply (Pillow; augly is not installed here),
@@ -295,15 +295,17 @@ def product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries: list[bytes
 
 
 def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 100_000, sample: int = 300,
-         unrelated_from: str = "the corpus") -> None:
+         unrelated_from: str = "the corpus", share: float | None = None) -> None:
     """Time per incoming image of what the one-process daemon does (all query views, then
     the matcher over a library of ``entries`` entries with all their views, the post's
     keypoints found only if it needs them) against a plain dHash fingerprint and one
     kernel pass over one row per entry, timed in turns on the same images (a shared VM's
     speed drifts). Reposts (each near its entry: many need keypoints) and unrelated posts
     (most of any feed) are timed apart, each also with the hashes alone."""
+    from monitor.config import MatchConfig
     from monitor.fingerprints import Fingerprint, KeypointFinder
     from monitor.search import tiled as kernel
+    from monitor.search.budget import LookBudget, Unrecorded
     from monitor.search.index import LibraryIndex
     from monitor.search.matcher import PRESETS, Matcher
     from monitor.warmup import warm_up
@@ -327,8 +329,16 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
               for kind, pool in (("reposts", queries), ("unrelated posts", distractors))}
     n = min(len(v) for v in picked.values())
     picked = {kind: images[:n] for kind, images in picked.items()}
+    # The daemon's second-look budget, as after a while of a feed's posts (unrelated, most of
+    # them): it has seen these; each repost is decided by it as one rare post among them.
+    share = share or MatchConfig().second_look_share
+    budget = LookBudget(share)
+    unrelated = [fingerprint_bytes(data, views="query") for data in picked["unrelated posts"]]
+    budget.admit([min((c[1] + c[2] for c in a.candidates), default=None) if not a.matches else None
+                  for a in matchers["near"].hash_answers(unrelated, {i: True for i in range(n)})])
+    budgets = {"unrelated posts": budget, "reposts": Unrecorded(budget)}
     spent: dict[tuple, float] = defaultdict(float)
-    searched: dict[str, int] = defaultdict(int)
+    searched: dict[tuple, int] = defaultdict(int)
     clock = time.perf_counter
     # Everything in turns, 8 posts at a time, reposts and unrelated posts alternating: a
     # shared VM's speed drifts by a third within minutes, so each figure is timed beside
@@ -350,12 +360,14 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
                     for fp, data in zip(fps, group, strict=True):
                         matcher.match(fp, KeypointFinder(data) if keypoints else None)
                     spent[kind, name, keypoints] += clock() - t
-            for keypoints in (True, False):  # in batches of 8, as the daemon's match threads take posts under load
+            # in batches of 8, as the daemon's match threads take posts under load: every look, the
+            # daemon's budget, the hashes alone
+            for keypoints in (True, "budget", False):
                 finders = [KeypointFinder(data) for data in group] if keypoints else None
                 t = clock()
-                matchers["near"].match_many(fps, finders)
+                matchers["near"].match_many(fps, finders, budget=budgets[kind] if keypoints == "budget" else None)
                 spent[kind, "near batched", keypoints] += clock() - t
-                searched[kind] += sum(1 for f in finders or () if f.searched)
+                searched[kind, keypoints] += sum(1 for f in finders or () if f.searched)
     ms = {k: v / n * 1e3 for k, v in spent.items()}
     print(f"cost per incoming image, {entries:,}-entry library ({index.rows:,} rows with views), {n} of each kind "
           f"(unrelated posts from {unrelated_from}), against a plain dHash + one kernel pass:", flush=True)
@@ -366,11 +378,13 @@ def cost(queries: list[bytes], distractors: list[bytes], lib_o, entries: int = 1
             print(f"    {kind}, {what}: plain {plain:.2f} ms; ours: all query views {fp:.2f} ms + matcher "
                   f"{near:.2f} ms (near) / {loose:.2f} ms (loose) = {(fp + near) / plain:.2f}x / "
                   f"{(fp + loose) / plain:.2f}x", flush=True)
-        batched = {k: ms[kind, "near batched", k] for k in (True, False)}
+        batched = {k: ms[kind, "near batched", k] for k in (True, "budget", False)}
         print(f"    {kind}, matched in batches of 8 (the daemon under load), near: matcher {batched[True]:.2f} ms "
-              f"with keypoints as needed = {(fp + batched[True]) / plain:.2f}x, {batched[False]:.2f} ms with the "
-              f"hashes alone = {(fp + batched[False]) / plain:.2f}x; {searched[kind] / n:.0%} of them had their "
-              f"keypoints found", flush=True)
+              f"with keypoints as needed = {(fp + batched[True]) / plain:.2f}x ({searched[kind, True] / n:.0%} "
+              f"had their keypoints found); {batched['budget']:.2f} ms with the daemon's budget (looks for at "
+              f"most {share:.0%} of the posts) = {(fp + batched['budget']) / plain:.2f}x "
+              f"({searched[kind, 'budget'] / n:.0%}); {batched[False]:.2f} ms with the hashes alone = "
+              f"{(fp + batched[False]) / plain:.2f}x", flush=True)
     print(f"memory per entry: {per_entry} rows x (8 bytes of bit-planes + 8 of pHash + 4 of id + 1 flag in RAM, "
           f"64 of fine hashes in RAM or a file), keypoints ~9 KB in the store")
 
@@ -394,6 +408,8 @@ def main() -> None:
     ap.add_argument("--cost-unrelated-from", type=Path, help="time the unrelated posts' cost on pictures of this "
                     "folder (another collection: few look like a library entry) instead of the distractors, which "
                     "come from the library's own corpus (its look-alike series: many get the second look)")
+    ap.add_argument("--look-share", type=float, help="the daemon's second-look budget the cost is also timed "
+                    "with ([match] second_look_share; default: the shipped one)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     files = sorted(args.corpus.glob("*.jpg"))
@@ -451,9 +467,10 @@ def main() -> None:
     if args.cost_unrelated_from:
         others = sorted(args.cost_unrelated_from.glob("*.jpg"))
         picked = random.Random(args.seed).sample(others, min(300, len(others)))
-        cost(queries, [enc(load(p), quality=85) for p in picked], lib_o, unrelated_from=str(args.cost_unrelated_from))
+        cost(queries, [enc(load(p), quality=85) for p in picked], lib_o, unrelated_from=str(args.cost_unrelated_from),
+             share=args.look_share)
     else:
-        cost(queries, distractors, lib_o)
+        cost(queries, distractors, lib_o, share=args.look_share)
     truth_a = np.array(truth)
     families = {name: fam for name, (fam, _) in transforms.items()}
     product_tiers(lib_o, q_o, d_o, truth_a, kinds, families, queries, distractors)

@@ -66,10 +66,9 @@ class LibraryConfig(_Model):
     reload_check_seconds: Annotated[float, Field(gt=0)] = 2.0
     # the library's change log keeps this long (a start whose snapshot is older reads the rows)
     change_log_days: Annotated[float, Field(gt=0)] = 30.0
-    # Each index row's fine hashes (64 of its 96 bytes, read only for the few candidates
-    # that pass the dHash and pHash gates): "file" keeps them in an unlinked file in
-    # index_dir (default: the SQLite store's folder, else the system's temp folder), read by
-    # position for those candidates, leaving 21 resident bytes a row; "memory": in RAM.
+    # Each index row's fine hashes (64 of its 96 bytes, read only for the candidates past the dHash
+    # and pHash gates): "file" keeps them in an unlinked file in index_dir (default: the SQLite
+    # store's folder, else the temp folder), read by position, 21 resident bytes a row; "memory": in RAM.
     fine_hashes: Literal["file", "memory"] = "file"
     index_dir: str | None = None
 
@@ -84,13 +83,14 @@ class MatchConfig(_Model):
     # own library and unrelated pictures, and writes here.
     near_score: Annotated[int, Field(ge=0, le=640)] | None = None
     loose_score: Annotated[int, Field(ge=0, le=640)] | None = None
-    # A post that no tier met gets a second look: its keypoints against its four nearest
-    # entries', verified geometrically (crops from one side, shears, warps: held-out
-    # recall 88.8% -> ~98%); and a near or loose match the hashes are unsure of (score
-    # above 40) stands only if the keypoints agree too (false pairs between different
-    # pictures: bench/false_alarms.py). ~3-5 ms more for a post that needs either; false
-    # turns both off (hashes alone, the CPU per post and the false alarms of earlier versions).
+    # A post no tier met gets a second look: its keypoints against its four nearest entries',
+    # verified geometrically (crops from one side, shears, warps: held-out recall 88.8% ->
+    # ~97%); an unsure near or loose match (score above 40) stands only if the keypoints
+    # agree too. ~3-5 ms for a post that needs either; false turns both off (hashes alone).
     keypoints: bool = True
+    # Of the daemon's recent posts, at most this share get a second look, the nearest candidates
+    # first (monitor/search/budget.py: the CPU per post bounded as the library grows; 1: no limit).
+    second_look_share: Annotated[float, Field(gt=0, le=1)] = 0.1
 
     @property
     def tiers(self) -> tuple[Tier, ...]:

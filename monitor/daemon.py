@@ -216,6 +216,7 @@ async def _serve(config: Config, store: Store, metrics: Metrics, ready: dict, se
                             fingerprint_workers=config.limits.fingerprint_threads(),
                             fingerprint_processes=config.limits.fingerprint_processes,
                             max_pixels=config.limits.max_pixels, keypoints=config.match.keypoints,
+                            look_share=config.match.second_look_share,
                             on_match=on_match,
                             library_check_seconds=config.library.reload_check_seconds,
                             change_log_days=config.library.change_log_days,

@@ -92,6 +92,9 @@ class Metrics:
         self.keypoint_searches = Counter(p + "keypoint_searches_total", "Posts' keypoints found (ORB) for a "
                                          "second look or to confirm an unsure match, by view (upright; "
                                          "mirrored: the mirror image's)", ["view"], registry=r)
+        self.second_looks_skipped = Counter(p + "second_looks_skipped_total", "Posts not given the second "
+                                            "look they had candidates for: [match] second_look_share was "
+                                            "spent on posts with nearer candidates", registry=r)
         self.keypoint_search_seconds = Histogram(p + "keypoint_search_duration_seconds", "Time finding one "
                                                  "post's keypoints (decode and ORB, both views where needed)",
                                                  buckets=LATENCY_BUCKETS, registry=r)

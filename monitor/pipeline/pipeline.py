@@ -34,7 +34,7 @@ class Pipeline:
     def __init__(self, store: Store, library: Library, matcher: Matcher, fetcher: Fetcher,
                  metrics: Metrics, *, queue_size: int = 1000, workers: int = 16, per_host_workers: int | None = None,
                  fingerprint_workers: int = 2, fingerprint_processes: int = 0,
-                 max_pixels: int | None = None, keypoints: bool = True,
+                 max_pixels: int | None = None, keypoints: bool = True, look_share: float = 1.0,
                  on_match: OnMatch | None = None, library_check_seconds: float = 2.0,
                  outbox=None, retro_window: float = 72 * 3600, transport: Transport | None = None,
                  public_url: str | None = None, change_log_days: float = 30.0, history_days: float = 0,
@@ -47,7 +47,7 @@ class Pipeline:
         self.worker = Worker(store, fetcher, matcher, self.recorder, metrics, self.transport,
                              workers=workers, fingerprint_workers=fingerprint_workers,
                              fingerprint_processes=fingerprint_processes, max_pixels=max_pixels,
-                             keypoints=keypoints)
+                             keypoints=keypoints, look_share=look_share)
         self.library_watcher = LibraryWatcher(store, library, matcher, self.recorder, metrics,
                                               check_seconds=library_check_seconds, retro_window=retro_window,
                                               fetch_image=fetcher.fetch_image if keypoints else None,

@@ -31,6 +31,7 @@ from monitor.records.matches import MatchRecord
 from monitor.records.store import DatabaseError, Store
 from monitor.records.work import WorkItem
 from monitor.search.batcher import MatchBatcher
+from monitor.search.budget import LookBudget
 from monitor.search.matcher import Match, Matcher
 from monitor.warmup import warm_up
 
@@ -94,7 +95,8 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
 class Worker:
     def __init__(self, store: Store, fetcher: Fetcher, matcher: Matcher, recorder: Recorder,
                  metrics: Metrics, transport: Transport, *, workers: int = 16, fingerprint_workers: int = 2,
-                 fingerprint_processes: int = 0, max_pixels: int | None = None, keypoints: bool = True):
+                 fingerprint_processes: int = 0, max_pixels: int | None = None, keypoints: bool = True,
+                 look_share: float = 1.0):
         self.store, self.fetcher, self.matcher = store, fetcher, matcher
         self._lookups = Grouped(functools.partial(_cached_many, store))
         self.keypoints = keypoints  # [match] keypoints: the second look, for the posts that need one
@@ -102,9 +104,11 @@ class Worker:
         self.retries = StoreRetries(transport, metrics)
         self.workers = workers
         self.executor = ThreadPoolExecutor(fingerprint_workers, thread_name_prefix="fingerprint")
-        # posts matched on threads of their own, every post waiting in one pass (batcher.py)
+        # posts matched on threads of their own, every post waiting in one pass (batcher.py); of them at
+        # most ``look_share`` ([match] second_look_share) get a second look, the likeliest reposts first
         self.batcher = (MatchBatcher(matcher, threads=max(1, fingerprint_workers // 2),
-                                     on_batch=functools.partial(_observe_batch, metrics))
+                                     on_batch=functools.partial(_observe_batch, metrics),
+                                     budget=LookBudget(look_share, metrics.second_looks_skipped.inc))
                         if matcher is not None else None)
         self.fingerprint_processes, self.max_pixels, self.active = fingerprint_processes, max_pixels, 0
         self.processes = _process_pool(fingerprint_processes) if fingerprint_processes else None
@@ -191,9 +195,8 @@ class Worker:
         return fp, matches
 
     async def match(self, fp: Fingerprint, data: bytes | None = None) -> list[Match]:
-        """The fingerprint's matches, in the next batch; with the image's ``data`` (keypoints on),
-        its keypoints are found only if the post needs them (a second look: no tier met it, and
-        some entries are near; or an unsure match to confirm): most posts never pay for them."""
+        """The fingerprint's matches, in the next batch; with the image's ``data`` (keypoints on), its keypoints
+        are found only if the post needs them (a second look, an unsure match): most posts never pay for them."""
         keypoints = None
         if data is not None and self.keypoints and not fp.keypoints:
             keypoints = KeypointFinder(data, **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
@@ -244,16 +247,14 @@ class Worker:
             del self._inflight[work.image_url]
 
     async def fingerprint(self, work: WorkItem, known=LOOK_UP) -> tuple[Fingerprint, bool]:
-        """(the image's fingerprint, whether it was fetched now) without matching: a fetch
-        worker of a scaled-out deployment, whose shards match (``matcher`` None). ``known``:
-        as for :meth:`_fingerprint_url`."""
+        """(the image's fingerprint, whether it was fetched now) without matching: a scaled-out fetch
+        worker's, whose shards match (``matcher`` None). ``known``: as for :meth:`_fingerprint_url`."""
         fp, matches, _ = await self._fingerprint_url(work, known)
         return fp, matches is not None  # None: from the store or another worker's fetch
 
     def _hash(self, data: bytes) -> Fingerprint:
         """Decode and hash on a worker thread."""
-        # Fingerprinted for shards that match elsewhere (no matcher): the copy keypoints are found on, for
-        # the shards to find them only if the post needs them. Here, only if the matcher asks.
+        # For shards that match elsewhere (no matcher): with the copy keypoints are found on, if a post needs them
         fp, seconds = fingerprint_query(data, self.max_pixels, self.keypoints and self.matcher is None)
         self.metrics.fingerprint_seconds.observe(seconds)
         return fp

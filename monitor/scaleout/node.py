@@ -206,7 +206,8 @@ class _Node:
                 role = RecorderRole(self.store, cfg.transport.shards, self.streams, self.recorder(None),
                                     [t.name for t in cfg.match.tiers], keypoints=cfg.match.keypoints,
                                     fetch_image=fetcher.fetch_image if cfg.match.keypoints else None,
-                                    max_pixels=limits.max_pixels, metrics=self.metrics)
+                                    max_pixels=limits.max_pixels, metrics=self.metrics,
+                                    look_share=cfg.match.second_look_share)
                 out.append(("recorder", self._with_fetcher(fetcher, role.run(self.stop))))
             elif name == "api":
                 out.append(("api", self.api()))

@@ -43,6 +43,7 @@ from monitor.search.answers import (
     needs_keypoints,
     second_look_tier,
 )
+from monitor.search.budget import LookBudget
 from monitor.search.index import RecentKeypoints
 
 log = logging.getLogger("repost_monitor.scaleout")
@@ -55,7 +56,7 @@ class RecorderRole:
 
     def __init__(self, store: Store, shards: int, streams: RedisStreams, recorder: Recorder,
                  tier_names: list[str] | None = None, *, keypoints: bool = True, fetch_image=None,
-                 max_pixels: int | None = None, metrics: Metrics | None = None):
+                 max_pixels: int | None = None, metrics: Metrics | None = None, look_share: float = 1.0):
         self.store, self.shards, self.streams, self.recorder = store, shards, streams, recorder
         self.tier_names = list(tier_names or ["exact", "near"])
         self.second_look_tier = second_look_tier(self.tier_names)
@@ -63,6 +64,8 @@ class RecorderRole:
         # an image fetched again where its picture is gone and a match is unsure; None: never
         self.fetch_image, self.max_pixels = fetch_image, max_pixels
         self.metrics = metrics or recorder.metrics
+        # of the posts recorded, at most this share get a second look ([match] second_look_share)
+        self.budget = LookBudget(look_share, self.metrics.second_looks_skipped.inc)
         self._keypoints, self._keypoints_since = None, 0.0
 
     def _entry_keypoints(self) -> RecentKeypoints:
@@ -162,14 +165,15 @@ class RecorderRole:
         data = await fetched_again(merged.matches, work.image_url, self.fetch_image, self.metrics)
         return None if data is None else self._finder(data=data)
 
-    async def _decide(self, undecided: list[tuple]):
-        """The keypoint pass over the posts whose answers need it, then their records."""
+    async def _decide(self, undecided: list[tuple], others: int = 0):
+        """The keypoint pass over the posts whose answers need it, then their records
+        (``others``: the posts recorded beside them without it, which the budget counts)."""
         pictures = await self.streams.pictures([work.id for work, *_ in undecided])
         found = await asyncio.gather(*(self._source(work, fp, pictures.get(work.id), merged)
                                        for work, fp, _, merged in undecided))
         sources = {q: source for q, source in enumerate(found) if source is not None}
         final = await asyncio.to_thread(keypoint_pass, [merged for *_, merged in undecided], sources,
-                                        self._entry_keypoints(), self.second_look_tier)
+                                        self._entry_keypoints(), self.second_look_tier, self.budget, others)
         self._observe(sources)
         return await asyncio.to_thread(self._record_decided, [
             (work, matches, fp, fetched) for (work, fp, fetched, _), matches in zip(undecided, final, strict=True)])
@@ -177,7 +181,7 @@ class RecorderRole:
     async def _handle(self, answers: list[tuple]) -> None:
         records, done, undecided = await asyncio.to_thread(self._store_answers, answers)
         if undecided:
-            more, decided = await self._decide(undecided)
+            more, decided = await self._decide(undecided, len(done))
             records, done = records + more, done + decided
         for rec in records:
             await self.recorder.announce(rec)

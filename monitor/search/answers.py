@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from monitor.search import detective
+from monitor.search.budget import LookBudget
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,18 +86,24 @@ def needs_keypoints(answer: HashAnswer) -> bool:
 
 
 def keypoint_pass(answers: list[HashAnswer], sources: dict, read: Callable[[list[int]], dict[int, bytes]],
-                  second_look_tier: str | None = "near") -> list[list[Match]]:
+                  second_look_tier: str | None = "near", budget: LookBudget | None = None,
+                  others: int = 0) -> list[list[Match]]:
     """Each post's final matches: its unsure hash matches kept where the keypoints agree
     (:func:`detective.confirmed`), and for a post left with none a second look at its
-    candidates but those just rejected. ``sources``: each post's keypoints, or what finds
-    them (a post without any keeps the hashes' answer and gets no second look); ``read``:
-    entries' stored keypoints."""
+    candidates but those just rejected, where the ``budget`` allows it (none: always).
+    ``sources``: each post's keypoints, or what finds them (a post without any keeps the
+    hashes' answer and gets no second look); ``read``: entries' stored keypoints;
+    ``others``: posts of the same batch decided without this pass (the budget counts them)."""
     found = {q: list(a.matches) for q, a in enumerate(answers) if a.matches}
     found, rejected = detective.confirmed(found, sources, read)
     out = [found.get(q, []) for q in range(len(answers))]
     if second_look_tier is not None:
         unmet = {q: [c for c in a.candidates if c[0] not in rejected.get(q, ())]
                  for q, a in enumerate(answers) if a.candidates and not out[q] and q in sources}
+        if budget is not None:
+            allowed = budget.admit([min(c[1] + c[2] for c in unmet[q]) if unmet.get(q) else None
+                                    for q in range(len(answers))] + [None] * others)
+            unmet = {q: chosen for q, chosen in unmet.items() if allowed[q]}
         for query, looked in detective.second_look(sources, unmet, read).items():
             out[query] = out[query] + [Match(e, second_look_tier, d, p, m, inliers=n) for e, d, p, m, n in looked]
     return out

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from monitor.fingerprints import Fingerprint
+from monitor.search.budget import LookBudget
 from monitor.search.matcher import Match, Matcher
 
 log = logging.getLogger("repost_monitor.search")
@@ -37,8 +38,8 @@ class MatchBatcher:
     """
 
     def __init__(self, matcher: Matcher, threads: int = 1, max_batch: int = MAX_BATCH,
-                 on_batch: Callable[[int, float], None] | None = None):
-        self.matcher = matcher
+                 on_batch: Callable[[int, float], None] | None = None, budget: LookBudget | None = None):
+        self.matcher, self.budget = matcher, budget
         self.max_batch = max_batch
         self.on_batch = on_batch
         self._waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -86,7 +87,7 @@ class MatchBatcher:
         start = time.perf_counter()
         try:
             answers: list[list[Match] | BaseException] = list(
-                self.matcher.match_many([fp for fp, _, _ in batch], [k for _, k, _ in batch]))
+                self.matcher.match_many([fp for fp, _, _ in batch], [k for _, k, _ in batch], budget=self.budget))
         except Exception:  # noqa: BLE001 - each post again alone: one failure stays its own
             log.exception("matching a batch of %d posts failed; matching them one by one", len(batch))
             answers = []

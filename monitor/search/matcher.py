@@ -28,6 +28,7 @@ from monitor.fingerprints import Fingerprint, KeypointFinder
 from monitor.fingerprints.fasthash import FINE_WORDS
 from monitor.search import detective
 from monitor.search.answers import HashAnswer, Match, keypoint_pass, second_look_tier
+from monitor.search.budget import LookBudget
 from monitor.search.first_pass import first_pass
 from monitor.search.index import HASH_FIELDS, LibraryIndex
 from monitor.search.popcount import popcount64
@@ -208,15 +209,16 @@ class Matcher:
         return self.match_many([fp], None if keypoints is None else [keypoints])[0]
 
     def match_many(self, fps: list[Fingerprint], keypoints: list[Callable[..., bytes] | None] | None = None,
-                   *, exclude_self: bool = False) -> list[list[Match]]:
+                   *, exclude_self: bool = False, budget: LookBudget | None = None) -> list[list[Match]]:
         """:meth:`match` of each fingerprint, in one pass over the library per kind of
         query (with fine hashes, without): the hashes' answers, then the keypoints' say.
         ``exclude_self``: the library was indexed from these fingerprints (entry id i is
-        ``fps[i]``, a catalog's self-join), and a fingerprint's own entry is no match of it."""
+        ``fps[i]``, a catalog's self-join), and a fingerprint's own entry is no match of it.
+        ``budget``: which posts get a second look (a daemon's stream); none: every one that needs it."""
         sources = {i: source for i, fp in enumerate(fps)
                    if fp.degenerate is None and (source := keypoint_source(fp, (keypoints or [None] * len(fps))[i]))}
         answers = self.hash_answers(fps, {i: callable(s) for i, s in sources.items()}, exclude_self=exclude_self)
-        return keypoint_pass(answers, sources, self.index.keypoints_of, self._second_look_tier)
+        return keypoint_pass(answers, sources, self.index.keypoints_of, self._second_look_tier, budget)
 
     def hash_answers(self, fps: list[Fingerprint], looks: dict[int, bool] | None = None, *,
                      exclude_self: bool = False) -> list[HashAnswer]:
