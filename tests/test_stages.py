@@ -660,3 +660,36 @@ async def test_a_poll_records_at_most_max_new_items_and_the_next_polls_take_the_
             assert [w.item_id for w in await intake.poll_once(source, max_new=2)] == ["n2"]
     finally:
         store.close()
+
+
+async def test_the_last_runs_pending_work_is_resumed_page_by_page_and_once(library):
+    """2,500 rows left pending (2.5 pages), a queue of 100 drained slowly: every row comes back
+    once, oldest first; rows the polls add meanwhile are theirs to queue, not the resume's."""
+    s = Stages(library, "http://127.0.0.1:1")
+    items = [FeedItem("rss", f"i{k}", (f"http://127.0.0.1:1/img/{k}.jpg",)) for k in range(2500)]
+    left = await asyncio.to_thread(lambda: Intake(s.store, None, s.metrics, s.transport).record_items(
+        "rss", items, time.time()))
+    finished = left[:300:3]  # some the last run finished
+    with s.store.transaction() as conn:
+        conn.execute("UPDATE work SET state='done' WHERE id IN (" + ",".join(str(w.id) for w in finished) + ")")
+    intake = s.intake(None)
+    stop = asyncio.Event()
+    [resume] = intake.tasks(stop)
+    got = []
+
+    async def take():
+        work = await asyncio.wait_for(s.transport.get(stop), 10)
+        s.transport.done(work)  # one host's rows: the next is handed out once this one is done
+        got.append(work.id)
+
+    while len(got) < 300:
+        await take()
+    newer = await asyncio.to_thread(intake.record_items, "rss", [FeedItem("rss", "new", ("http://127.0.0.1:1/n.jpg",))],
+                                    time.time())
+    while len(got) < len(left) - len(finished):
+        await take()
+    await asyncio.wait_for(resume, 10)
+    assert got == [w.id for w in left if w not in finished]
+    assert s.transport.depth() == 0 and newer[0].id > got[-1]
+    assert work_rows.pending(s.store, after=left[1000].id, upto=left[1999].id, limit=10) == \
+        [w for w in left[1001:1011] if w not in finished]

@@ -24,6 +24,7 @@ from monitor.records.work import WorkItem
 log = logging.getLogger("repost_monitor.pipeline")
 PARSE_SLOW = 1.0    # seconds of CPU: a parse longer than this spaces the feed's polls...
 PARSE_SHARE = 0.05  # ... so that its parsing takes at most this share of a core
+RESUME_PAGE = 1000  # pending rows read at a time when resuming the last run's work
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,19 +267,30 @@ class Intake:
         return work
 
     async def _resume_pending(self, stop: asyncio.Event) -> None:
+        """Queue again the work the last run left pending, RESUME_PAGE rows at a time (a backlog of
+        millions is never read at once; the queue's bound paces the reads): the rows up to the
+        last id at the start, as the polls queue the newer ones themselves."""
+        top, after, resumed = await self._read_pending(work_rows.last_id), 0, 0
+        while top and not stop.is_set():
+            rows = await self._read_pending(work_rows.pending, after, top, RESUME_PAGE)
+            if not rows:
+                break
+            if not after:
+                log.info("resuming the images left pending by the last run")
+            for row in rows:
+                if stop.is_set():
+                    return
+                await self.transport.put(row)
+            resumed, after = resumed + len(rows), rows[-1].id
+        if resumed:
+            log.info("resumed %d pending images from the last run", resumed)
+
+    async def _read_pending(self, read, *args):
         for pause in (1, 2, 4, 8, 16, 30):  # a store failing at the start (a failover): read again
             try:
-                rows = await asyncio.to_thread(work_rows.pending, self.store)
-                break
+                return await asyncio.to_thread(read, self.store, *args)
             except DatabaseError as exc:
                 log.error("the work left pending could not be read (%s); again in %d s", exc, pause)
                 await asyncio.sleep(pause)
-        else:
-            log.error("the work left pending is resumed at the next start: the store could not be read")
-            return
-        if rows:
-            log.info("resuming %d pending images from the last run", len(rows))
-        for row in rows:
-            if stop.is_set():
-                return
-            await self.transport.put(row)
+        log.error("the work left pending is resumed at the next start: the store could not be read")
+        return None

@@ -134,10 +134,17 @@ def record_capped(store: Store, feed: str, items: list[FeedItem], now: float,
     return work, new_items, max(0, len(fresh) - limit)
 
 
-def pending(store: Store) -> list[WorkItem]:
-    """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first."""
+def pending(store: Store, after: int = 0, upto: int | None = None, limit: int | None = None) -> list[WorkItem]:
+    """Work left unfinished by the last run (a stop, a crash, a kill -9), oldest first: ids
+    after ``after`` up to ``upto``, ``limit`` at most (None: no bound)."""
     return [WorkItem(*r) for r in store.query(
-        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' ORDER BY id")]
+        f"SELECT {_WORK_COLUMNS} FROM work WHERE state='pending' AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+        (after, 2**62 if upto is None else upto, 2**62 if limit is None else limit))]
+
+
+def last_id(store: Store) -> int:
+    """The newest work row's id (0: none yet)."""
+    return store.query("SELECT COALESCE(MAX(id), 0) FROM work")[0][0]
 
 
 def mark_queued(store: Store, work_ids: list[int], now: float) -> None:
