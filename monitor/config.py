@@ -90,7 +90,7 @@ class MatchConfig(_Model):
     keypoints: bool = True
     # Of the daemon's recent posts, at most this share get a second look, the nearest candidates
     # first (monitor/search/budget.py: the CPU per post bounded as the library grows; 1: no limit).
-    second_look_share: Annotated[float, Field(gt=0, le=1)] = 0.1
+    second_look_share: Annotated[float, Field(gt=0, le=1)] = 0.05
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
