@@ -90,7 +90,7 @@ class Intake:
     def tasks(self, stop: asyncio.Event) -> list[asyncio.Task]:
         return [asyncio.create_task((self.streams.run if isinstance(s, StreamSource) else self._watch)(s, cfg, stop),
                                     name=f"watch:{s.name}") for s, cfg in self.sources] + [
-            asyncio.create_task(self._resume_pending(stop), name="resume")]
+            asyncio.create_task(resume_pending(self.store, self.transport, stop), name="resume")]
 
     async def queue_work(self, work: list[WorkItem]) -> None:
         put_many = getattr(self.transport, "put_many", None)  # a stream takes a batch in one round trip
@@ -266,31 +266,33 @@ class Intake:
         await self.queue_work(work)
         return work
 
-    async def _resume_pending(self, stop: asyncio.Event) -> None:
-        """Queue again the work the last run left pending, RESUME_PAGE rows at a time (a backlog of
-        millions is never read at once; the queue's bound paces the reads): the rows up to the
-        last id at the start, as the polls queue the newer ones themselves."""
-        top, after, resumed = await self._read_pending(work_rows.last_id), 0, 0
-        while top and not stop.is_set():
-            rows = await self._read_pending(work_rows.pending, after, top, RESUME_PAGE)
-            if not rows:
-                break
-            if not after:
-                log.info("resuming the images left pending by the last run")
-            for row in rows:
-                if stop.is_set():
-                    return
-                await self.transport.put(row)
-            resumed, after = resumed + len(rows), rows[-1].id
-        if resumed:
-            log.info("resumed %d pending images from the last run", resumed)
 
-    async def _read_pending(self, read, *args):
-        for pause in (1, 2, 4, 8, 16, 30):  # a store failing at the start (a failover): read again
-            try:
-                return await asyncio.to_thread(read, self.store, *args)
-            except DatabaseError as exc:
-                log.error("the work left pending could not be read (%s); again in %d s", exc, pause)
-                await asyncio.sleep(pause)
-        log.error("the work left pending is resumed at the next start: the store could not be read")
-        return None
+async def resume_pending(store: Store, transport: Transport, stop: asyncio.Event) -> None:
+    """Queue again the work the last run left pending, RESUME_PAGE rows at a time (a backlog of
+    millions is never read at once; the queue's bound paces the reads): the rows up to the
+    last id at the start, as the polls queue the newer ones themselves."""
+    top, after, resumed = await _read_pending(store, work_rows.last_id), 0, 0
+    while top and not stop.is_set():
+        rows = await _read_pending(store, work_rows.pending, after, top, RESUME_PAGE)
+        if not rows:
+            break
+        if not after:
+            log.info("resuming the images left pending by the last run")
+        for row in rows:
+            if stop.is_set():
+                return
+            await transport.put(row)
+        resumed, after = resumed + len(rows), rows[-1].id
+    if resumed:
+        log.info("resumed %d pending images from the last run", resumed)
+
+
+async def _read_pending(store: Store, read, *args):
+    for pause in (1, 2, 4, 8, 16, 30):  # a store failing at the start (a failover): read again
+        try:
+            return await asyncio.to_thread(read, store, *args)
+        except DatabaseError as exc:
+            log.error("the work left pending could not be read (%s); again in %d s", exc, pause)
+            await asyncio.sleep(pause)
+    log.error("the work left pending is resumed at the next start: the store could not be read")
+    return None
