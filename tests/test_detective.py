@@ -435,3 +435,25 @@ def test_a_sticker_over_the_middle_leaves_enough_agreement_around_it(library_ima
     ImageDraw.Draw(stickered).ellipse((w * 0.275, h * 0.275, w * 0.725, h * 0.725), fill=(200, 150, 120))
     found = inliers(_keypoints_of(stickered, SECOND_LOOK_KEYPOINTS), _keypoints_of(picture, 256), stretched=True)
     assert found >= MIN_INLIERS, found
+
+
+def test_descriptor_pairing_finds_the_nearest_two_as_a_plain_distance_matrix_does():
+    """The compiled pairing (one vectorised loop per post descriptor) against numpy's whole
+    distance matrix: the nearest entry descriptor (the first where two tie), its distance and
+    the second nearest's (the nearest's own where two share it)."""
+    import numpy as np
+
+    from monitor.search.detective import _nearest_two
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n, m = int(rng.integers(1, 300)), int(rng.integers(2, 300))
+        query = rng.integers(0, 2**63, size=(n, 4), dtype=np.uint64)
+        entry = rng.integers(0, 2**63, size=(m, 4), dtype=np.uint64)
+        k = min(n, m) // 2
+        entry[:k] = query[:k] ^ rng.integers(0, 2**12, size=(k, 4), dtype=np.uint64)  # near pairs
+        entry[m - 1] = entry[0]  # a tie
+        d = np.bitwise_count(query[:, None, :] ^ entry[None, :, :]).sum(axis=2)
+        nearest, first, second = _nearest_two(query, np.ascontiguousarray(entry.T))
+        assert (nearest == d.argmin(axis=1)).all()
+        assert (first == d.min(axis=1)).all()
+        assert (second == np.sort(d, axis=1)[:, 1]).all()
