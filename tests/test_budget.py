@@ -9,6 +9,7 @@ from PIL import Image
 from monitor.config import ConfigError, load_config
 from monitor.fingerprints import KeypointFinder, fingerprint_bytes
 from monitor.search.answers import HashAnswer, keypoint_pass
+from monitor.search.batcher import MatchBatcher
 from monitor.search.budget import ALWAYS, WARM, WINDOW, LookBudget
 from monitor.search.index import LibraryIndex
 from monitor.search.matcher import PRESETS, Matcher
@@ -110,3 +111,32 @@ def test_every_post_of_a_batch_is_counted_also_those_decided_without_the_pass():
     assert budget.seen == 8
     budget.admit([None] * (2 * WINDOW))
     assert budget.seen == WINDOW
+
+
+def test_a_check_someone_asked_for_gets_its_look_when_the_feeds_have_spent_the_budget(library_images):
+    """The daemon's match threads: a feed's post waits on the budget, a check (``budgeted=False``:
+    /v1/check, a checked URL) is looked at whenever it needs it, and spends none of the share."""
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    reposts = [_cut(p) for p in library_images]
+    fps = [fingerprint_bytes(d, views="query") for d in reposts]
+    answers = matcher.hash_answers(fps, {i: True for i in range(len(fps))})
+    far = [i for i, a in enumerate(answers) if a.candidates and not a.matches
+           and min(c[1] + c[2] for c in a.candidates) > ALWAYS]
+    assert far
+    budget = LookBudget(0.05)
+    budget.admit([ALWAYS + 1] * WINDOW)  # feeds full of near look-alikes: the share is spent
+    skipped = budget.skipped
+    batcher = MatchBatcher(matcher, budget=budget)
+    try:
+        for i in far:
+            feed_post = KeypointFinder(reposts[i])
+            assert batcher.submit(fps[i], feed_post).result(30) == [] and not feed_post.searched
+            check = KeypointFinder(reposts[i])
+            assert [m.entry_id for m in batcher.submit(fps[i], check, budgeted=False).result(30)] == [i]
+            assert check.searched
+    finally:
+        batcher.close()
+    assert budget.skipped - skipped == len(far)  # the feeds' posts; the checks skipped nothing

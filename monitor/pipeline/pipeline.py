@@ -95,7 +95,7 @@ class Pipeline:
 
     async def match(self, fp: Fingerprint) -> list:
         """Match now, recording nothing (``/v1/check``)."""
-        return await self.worker.match(fp)
+        return await self.worker.match(fp, budgeted=False)
 
     async def retro_match(self, after_entry_id: int) -> list[MatchRecord]:
         return await self.library_watcher.retro_match(after_entry_id)

@@ -41,6 +41,7 @@ log = logging.getLogger("repost_monitor.pipeline")
 # image reached through another feed is not fetched again.
 RECENT_FETCHES = 256  # results kept after a fetch, for a worker that read the store just before it was written
 
+CHECK_FEED = "check"  # the feed a checked URL is fetched as: its second look is never the budget's to skip
 LOOK_UP = object()  # Worker.fingerprint's ``known`` when the caller has not read the store
 
 PERMANENT_FETCH_ERRORS = {"not_image", "too_large", "http_4xx", "blocked_address", "bad_url",
@@ -188,19 +189,19 @@ class Worker:
             await self.recorder.announce(rec)
         return records
 
-    async def check_url(self, url: str, feed: str = "check") -> tuple[Fingerprint, list[Match]]:
+    async def check_url(self, url: str, feed: str = CHECK_FEED) -> tuple[Fingerprint, list[Match]]:
         """An image URL's fingerprint and matches by the feeds' own path, recording nothing
         but the URL's failure when it fails for good (as a feed's image would)."""
         fp, matches, _, _ = await self._fingerprint_and_match(WorkItem(0, feed, "", url, None, None, None))
         return fp, matches
 
-    async def match(self, fp: Fingerprint, data: bytes | None = None) -> list[Match]:
-        """The fingerprint's matches, in the next batch; with the image's ``data`` (keypoints on), its keypoints
-        are found only if the post needs them (a second look, an unsure match): most posts never pay for them."""
+    async def match(self, fp: Fingerprint, data: bytes | None = None, budgeted: bool = True) -> list[Match]:
+        """The fingerprint's matches, in the next batch; with the image's ``data`` (keypoints on), found only if
+        the post needs them (an unsure match; a second look, the budget's to allow unless ``budgeted`` is false)."""
         keypoints = None
         if data is not None and self.keypoints and not fp.keypoints:
             keypoints = KeypointFinder(data, **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
-        matches = await asyncio.wrap_future(self.batcher.submit(fp, keypoints))
+        matches = await asyncio.wrap_future(self.batcher.submit(fp, keypoints, budgeted))
         self.metrics.observe_keypoint_searches([keypoints] if keypoints is not None else [])
         return matches
 
@@ -298,7 +299,7 @@ class Worker:
             else:
                 fp, seconds = await self._fingerprint_in_process(data)
                 self.metrics.fingerprint_seconds.observe(seconds)
-            matches = await self.match(fp, data) if self.matcher is not None else []
+            matches = await self.match(fp, data, work.feed != CHECK_FEED) if self.matcher is not None else []
         except ImageError as exc:
             self.metrics.image_failures.labels("decode", exc.reason).inc()
             await asyncio.to_thread(work_rows.image_failed, self.store, work.image_url, str(exc), time.time())

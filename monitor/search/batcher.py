@@ -48,9 +48,11 @@ class MatchBatcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, fp: Fingerprint, keypoints: Callable[..., bytes] | None = None) -> Future:
+    def submit(self, fp: Fingerprint, keypoints: Callable[..., bytes] | None = None, budgeted: bool = True) -> Future:
+        """``budgeted``: the post's second look is the budget's to allow (a feed's post); false:
+        it gets one whenever it needs one (a check someone asked for)."""
         future: Future = Future()
-        self._waiting.put((fp, keypoints, future))
+        self._waiting.put((fp, keypoints, future, budgeted))
         return future
 
     def close(self) -> None:
@@ -85,21 +87,36 @@ class MatchBatcher:
         if not batch:
             return
         start = time.perf_counter()
+        exempt = {i for i, item in enumerate(batch) if not item[3]}
+        budget = _Exempting(self.budget, exempt) if self.budget is not None and exempt else self.budget
         try:
             answers: list[list[Match] | BaseException] = list(
-                self.matcher.match_many([fp for fp, _, _ in batch], [k for _, k, _ in batch], budget=self.budget))
+                self.matcher.match_many([item[0] for item in batch], [item[1] for item in batch], budget=budget))
         except Exception:  # noqa: BLE001 - each post again alone: one failure stays its own
             log.exception("matching a batch of %d posts failed; matching them one by one", len(batch))
             answers = []
-            for fp, keypoints, _ in batch:
+            for fp, keypoints, *_ in batch:
                 try:
                     answers.append(self.matcher.match(fp, keypoints))
                 except Exception as exc:  # noqa: BLE001 - handed to the post's caller
                     answers.append(exc)
         if self.on_batch is not None:
             self.on_batch(len(batch), time.perf_counter() - start)
-        for (_, _, future), answer in zip(batch, answers, strict=True):
+        for (_, _, future, _), answer in zip(batch, answers, strict=True):
             if isinstance(answer, BaseException):
                 future.set_exception(answer)
             else:
                 future.set_result(answer)
+
+
+class _Exempting:
+    """A budget for a batch where some posts (``exempt``, by position) get their look whenever
+    they need one: counted as wanting none, so they spend none of the feeds' share."""
+
+    def __init__(self, budget: LookBudget, exempt: set[int]):
+        self.budget, self.exempt = budget, exempt
+
+    def admit(self, nearest: list[int | None]) -> list[bool]:
+        allowed = self.budget.admit([None if i in self.exempt else s for i, s in enumerate(nearest)])
+        return [ok or (i in self.exempt and s is not None)
+                for i, (ok, s) in enumerate(zip(allowed, nearest, strict=True))]
