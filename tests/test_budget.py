@@ -24,6 +24,20 @@ def _cut(path) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module")
+def cut_reposts(library_images):
+    """A matcher over the demo library, cut reposts of each entry (the hashes miss most), their
+    fingerprints and the hashes' answers (with each post's nearest candidates)."""
+    index = LibraryIndex()
+    for i, path in enumerate(library_images):
+        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
+    matcher = Matcher(index, PRESETS["near"])
+    reposts = [_cut(p) for p in library_images]
+    fps = [fingerprint_bytes(d, views="query") for d in reposts]
+    answers = matcher.hash_answers(fps, {i: True for i in range(len(fps))})
+    return matcher, reposts, fps, answers
+
+
 def test_the_budget_keeps_the_looks_to_its_share_the_nearest_first():
     skipped_told = []
     budget = LookBudget(0.1, skipped_told.append)
@@ -63,17 +77,11 @@ def test_the_share_is_a_config_key(tmp_path):
         load_config(path)
 
 
-def test_a_stream_of_posts_spends_the_budget_on_the_nearest(library_images, other_images):
+def test_a_stream_of_posts_spends_the_budget_on_the_nearest(cut_reposts, other_images):
     """Cut reposts the hashes miss, each near its entry by a different dHash + pHash, again
     and again with unrelated posts between: once the budget knows the stream, only the
     nearest of them are looked at (and found); the rest are not searched at all."""
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index, PRESETS["near"])
-    reposts = [_cut(p) for p in library_images]
-    fps = [fingerprint_bytes(d, views="query") for d in reposts]
-    answers = matcher.hash_answers(fps, {i: True for i in range(len(fps))})
+    matcher, reposts, fps, answers = cut_reposts
     nearest = {i: min(c[1] + c[2] for c in a.candidates) for i, a in enumerate(answers)
                if a.candidates and not a.matches}
     assert len(nearest) >= 3, nearest  # reposts that need the look
@@ -113,16 +121,10 @@ def test_every_post_of_a_batch_is_counted_also_those_decided_without_the_pass():
     assert budget.seen == WINDOW
 
 
-def test_a_check_someone_asked_for_gets_its_look_when_the_feeds_have_spent_the_budget(library_images):
+def test_a_check_someone_asked_for_gets_its_look_when_the_feeds_have_spent_the_budget(cut_reposts):
     """The daemon's match threads: a feed's post waits on the budget, a check (``budgeted=False``:
     /v1/check, a checked URL) is looked at whenever it needs it, and spends none of the share."""
-    index = LibraryIndex()
-    for i, path in enumerate(library_images):
-        index.add(i, fingerprint_bytes(path.read_bytes(), views="library"))
-    matcher = Matcher(index, PRESETS["near"])
-    reposts = [_cut(p) for p in library_images]
-    fps = [fingerprint_bytes(d, views="query") for d in reposts]
-    answers = matcher.hash_answers(fps, {i: True for i in range(len(fps))})
+    matcher, reposts, fps, answers = cut_reposts
     far = [i for i, a in enumerate(answers) if a.candidates and not a.matches
            and min(c[1] + c[2] for c in a.candidates) > ALWAYS]
     assert far
