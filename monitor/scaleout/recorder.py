@@ -183,6 +183,8 @@ class RecorderRole:
         if undecided:
             more, decided = await self._decide(undecided, len(done))
             records, done = records + more, done + decided
+        elif done:  # decided by the hashes alone: counted among the posts the look share is of
+            self.budget.admit([None] * len(done))
         for rec in records:
             await self.recorder.announce(rec)
         try:

@@ -31,8 +31,8 @@ _NONE = CANDIDATE_SUM + 1  # a post with no candidate (no look wanted)
 
 class LookBudget:
     """Which posts with candidates get their second look. ``share``: of the last WINDOW
-    posts (with or without candidates), at most this share looked at beyond those within
-    ALWAYS; 1.0 allows every look."""
+    posts (with or without candidates), at most this share looked at (those within ALWAYS
+    always are, and count against it); 1.0 allows every look."""
 
     def __init__(self, share: float, on_skip: Callable[[int], None] | None = None):
         if not 0 < share <= 1:
@@ -50,9 +50,10 @@ class LookBudget:
         out = []
         with self._lock:
             for sums in nearest:
-                out.append(sums is not None and self._allowed(min(int(sums), _NONE - 1)))
+                bucket = _NONE if sums is None else min(int(sums), _NONE - 1)
+                out.append(sums is not None and self._allowed(bucket))
                 if record:
-                    self._see(_NONE if sums is None else min(int(sums), _NONE - 1))
+                    self._see(bucket)
             skipped = sum(1 for sums, ok in zip(nearest, out, strict=True) if sums is not None and not ok)
             self.skipped += skipped
         if skipped and self.on_skip is not None:
